@@ -1,0 +1,191 @@
+//! Fine-tuning hyperparameters: the notebook's values as defaults, validated field by field.
+
+use serde::{Deserialize, Serialize};
+
+pub const TARGET_MODULES: [&str; 7] =
+    ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraHyperparameters {
+    /// LoRA rank.
+    pub r: usize,
+    /// LoRA alpha; the update is scaled by alpha / r.
+    pub alpha: f64,
+    /// Dropout on the LoRA input during training.
+    pub dropout: f64,
+    /// Linear layers that get an adapter.
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraHyperparameters {
+    fn default() -> Self {
+        Self {
+            r: 16,
+            alpha: 8.0,
+            dropout: 0.05,
+            target_modules: ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).to_vec(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct Hyperparameters {
+    pub epochs: usize,
+    /// Rows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation: usize,
+    pub learning_rate: f64,
+    pub warmup_steps: usize,
+    pub lr_schedule: LrSchedule,
+    pub weight_decay: f64,
+    /// Gradient-norm clipping threshold (0 disables clipping).
+    pub max_grad_norm: f64,
+    /// Maximum tokens per row (balanced truncation keeps a share of prompt, A and B).
+    pub max_length: usize,
+    pub lora: LoraHyperparameters,
+    /// Cross-entropy class weights in the order A, B, tie; null for unweighted.
+    pub class_weights: Option<[f64; 3]>,
+    /// Also train on every row with A and B swapped (labels swapped).
+    pub swap_augmentation: bool,
+    pub seed: u64,
+    /// Evaluate every N optimizer steps (0: only at each epoch end).
+    pub eval_every_steps: usize,
+    /// Write a checkpoint every N optimizer steps (0: only at each epoch end).
+    pub checkpoint_every_steps: usize,
+    /// Fit a temperature on the validation split after training.
+    pub calibrate: bool,
+}
+
+impl Default for Hyperparameters {
+    fn default() -> Self {
+        Self {
+            epochs: 1,
+            batch_size: 8,
+            gradient_accumulation: 1,
+            learning_rate: 1e-4,
+            warmup_steps: 0,
+            lr_schedule: LrSchedule::Linear,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            max_length: 1024,
+            lora: LoraHyperparameters::default(),
+            class_weights: None,
+            swap_augmentation: false,
+            seed: 42,
+            eval_every_steps: 0,
+            checkpoint_every_steps: 50,
+            calibrate: true,
+        }
+    }
+}
+
+/// A field that failed validation, named by its JSON path (`hyperparameters.lora.r`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl Hyperparameters {
+    /// Every problem found, each naming its field under `hyperparameters.`.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errs = Vec::new();
+        let mut bad = |field: &str, reason: String| {
+            errs.push(FieldError { field: format!("hyperparameters.{field}"), reason })
+        };
+        if !(1..=100).contains(&self.epochs) {
+            bad("epochs", format!("must be between 1 and 100, got {}", self.epochs));
+        }
+        if !(1..=1024).contains(&self.batch_size) {
+            bad("batch_size", format!("must be between 1 and 1024, got {}", self.batch_size));
+        }
+        if !(1..=1024).contains(&self.gradient_accumulation) {
+            bad(
+                "gradient_accumulation",
+                format!("must be between 1 and 1024, got {}", self.gradient_accumulation),
+            );
+        }
+        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= 1.0) {
+            bad("learning_rate", format!("must be in (0, 1], got {}", self.learning_rate));
+        }
+        if self.warmup_steps > 1_000_000 {
+            bad("warmup_steps", format!("must be at most 1000000, got {}", self.warmup_steps));
+        }
+        if !(self.weight_decay.is_finite() && (0.0..=1.0).contains(&self.weight_decay)) {
+            bad("weight_decay", format!("must be in [0, 1], got {}", self.weight_decay));
+        }
+        if !(self.max_grad_norm.is_finite() && self.max_grad_norm >= 0.0) {
+            bad("max_grad_norm", format!("must be a finite number >= 0, got {}", self.max_grad_norm));
+        }
+        if !(16..=32768).contains(&self.max_length) {
+            bad("max_length", format!("must be between 16 and 32768, got {}", self.max_length));
+        }
+        if !(1..=1024).contains(&self.lora.r) {
+            bad("lora.r", format!("must be between 1 and 1024, got {}", self.lora.r));
+        }
+        if !(self.lora.alpha.is_finite() && self.lora.alpha > 0.0 && self.lora.alpha <= 1e6) {
+            bad("lora.alpha", format!("must be a positive finite number, got {}", self.lora.alpha));
+        }
+        if !(self.lora.dropout.is_finite() && (0.0..1.0).contains(&self.lora.dropout)) {
+            bad("lora.dropout", format!("must be in [0, 1), got {}", self.lora.dropout));
+        }
+        if self.lora.target_modules.is_empty() {
+            bad("lora.target_modules", "must name at least one module".into());
+        }
+        for m in &self.lora.target_modules {
+            if !TARGET_MODULES.contains(&m.as_str()) {
+                bad(
+                    "lora.target_modules",
+                    format!("unknown module {m:?}; expected some of {}", TARGET_MODULES.join(", ")),
+                );
+            }
+        }
+        if let Some(w) = self.class_weights {
+            if w.iter().any(|x| !(x.is_finite() && *x > 0.0 && *x <= 1e6)) {
+                bad("class_weights", format!("must be three positive finite numbers, got {w:?}"));
+            }
+        }
+        errs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_notebook_recipe_and_valid() {
+        let h = Hyperparameters::default();
+        assert_eq!((h.lora.r, h.lora.alpha, h.batch_size, h.max_length), (16, 8.0, 8, 1024));
+        assert!(h.validate().is_empty());
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let h: Hyperparameters = serde_json::from_str(
+            r#"{"learning_rate": -1, "lora": {"r": 0, "target_modules": ["qq"]}}"#,
+        )
+        .unwrap();
+        let fields: Vec<_> = h.validate().into_iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            ["hyperparameters.learning_rate", "hyperparameters.lora.r", "hyperparameters.lora.target_modules"]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        assert!(serde_json::from_str::<Hyperparameters>(r#"{"epochz": 1}"#).is_err());
+    }
+}

@@ -1,0 +1,2 @@
+//! jobs
+pub mod trainer;

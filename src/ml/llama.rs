@@ -1,0 +1,622 @@
+//! Llama-family backbone over frozen weights: RoPE, GQA, RMSNorm, SwiGLU, causal attention
+//! with per-row valid spans (left or right padding), returning hidden states rather than
+//! next-token logits, with LoRA deltas added on the target linears.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use serde::Deserialize;
+
+use super::lora::{Lora, LoraCtx};
+use super::ops::{self, FrozenLinear};
+use super::MlError;
+
+/// The seven linear layers of a Llama block, named as in Hugging Face checkpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Proj::Q => "q_proj",
+            Proj::K => "k_proj",
+            Proj::V => "v_proj",
+            Proj::O => "o_proj",
+            Proj::Gate => "gate_proj",
+            Proj::Up => "up_proj",
+            Proj::Down => "down_proj",
+        }
+    }
+
+    /// Module path under `model.layers.{i}.`.
+    pub fn hf_path(self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    fn gguf_name(self) -> &'static str {
+        match self {
+            Proj::Q => "attn_q",
+            Proj::K => "attn_k",
+            Proj::V => "attn_v",
+            Proj::O => "attn_output",
+            Proj::Gate => "ffn_gate",
+            Proj::Up => "ffn_up",
+            Proj::Down => "ffn_down",
+        }
+    }
+
+    pub fn from_hf_name(name: &str) -> Option<Proj> {
+        Self::ALL.into_iter().find(|p| p.hf_name() == name)
+    }
+}
+
+/// `config.json` of a Hugging Face Llama checkpoint (the fields we use).
+#[derive(Debug, Clone, Deserialize)]
+pub struct HfLlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: Option<usize>,
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    pub vocab_size: usize,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub _name_or_path: Option<String>,
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_max_pos() -> usize {
+    4096
+}
+
+/// Runtime configuration of the backbone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+    /// GGUF files store Q/K rows permuted for interleaved RoPE; HF checkpoints do not.
+    pub rope_interleaved: bool,
+}
+
+impl Config {
+    pub fn from_hf(c: &HfLlamaConfig) -> Config {
+        Config {
+            hidden_size: c.hidden_size,
+            intermediate_size: c.intermediate_size,
+            num_layers: c.num_hidden_layers,
+            num_heads: c.num_attention_heads,
+            num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
+            head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
+            rms_norm_eps: c.rms_norm_eps,
+            rope_theta: c.rope_theta,
+            vocab_size: c.vocab_size,
+            max_position_embeddings: c.max_position_embeddings,
+            rope_interleaved: false,
+        }
+    }
+
+    /// Input and output features of a projection.
+    pub fn proj_shape(&self, p: Proj) -> (usize, usize) {
+        let (h, i) = (self.hidden_size, self.intermediate_size);
+        let (q, kv) = (self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim);
+        match p {
+            Proj::Q => (h, q),
+            Proj::K | Proj::V => (h, kv),
+            Proj::O => (q, h),
+            Proj::Gate | Proj::Up => (h, i),
+            Proj::Down => (i, h),
+        }
+    }
+
+    /// Frozen-base parameter count (embeddings included).
+    pub fn param_count(&self) -> usize {
+        let per_layer: usize = Proj::ALL.iter().map(|p| {
+            let (i, o) = self.proj_shape(*p);
+            i * o
+        }).sum::<usize>() + 2 * self.hidden_size;
+        self.vocab_size * self.hidden_size + self.num_layers * per_layer + self.hidden_size
+    }
+}
+
+/// How the frozen linear weights are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// Dense weights of this dtype (GGUF weights are dequantized at load).
+    Dense(DType),
+    /// GGML block-quantized weights (GGUF weights kept as stored when `None`, otherwise
+    /// re-quantized to the given type; dense checkpoints are quantized at load).
+    Quantized(Option<GgmlDType>),
+}
+
+struct Block {
+    attn_norm: Tensor,
+    ffn_norm: Tensor,
+    proj: [FrozenLinear; 7],
+}
+
+/// The frozen backbone.
+pub struct Llama {
+    cfg: Config,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    lm_head: FrozenLinear,
+    inv_freq: Vec<f32>,
+    device: Device,
+    dtype: DType,
+}
+
+/// A batch of token rows. Row `i`'s tokens occupy `spans[i] = (start, end)` of its padded row;
+/// everything outside is padding (right padding: start 0; left padding: end = width).
+pub struct Batch {
+    pub ids: Tensor,
+    pub spans: Vec<(usize, usize)>,
+}
+
+impl Batch {
+    /// Right-padded batch of the given rows.
+    pub fn right_padded(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Batch, MlError> {
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if width == 0 || rows.iter().any(Vec::is_empty) {
+            return Err(MlError::Input("every row needs at least one token".into()));
+        }
+        let mut flat = Vec::with_capacity(rows.len() * width);
+        let mut spans = Vec::with_capacity(rows.len());
+        for r in rows {
+            flat.extend_from_slice(r);
+            flat.extend(std::iter::repeat_n(pad_id, width - r.len()));
+            spans.push((0, r.len()));
+        }
+        let ids = Tensor::from_vec(flat, (rows.len(), width), device)?;
+        Ok(Batch { ids, spans })
+    }
+
+    /// Left-padded batch of the given rows.
+    pub fn left_padded(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Batch, MlError> {
+        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if width == 0 || rows.iter().any(Vec::is_empty) {
+            return Err(MlError::Input("every row needs at least one token".into()));
+        }
+        let mut flat = Vec::with_capacity(rows.len() * width);
+        let mut spans = Vec::with_capacity(rows.len());
+        for r in rows {
+            flat.extend(std::iter::repeat_n(pad_id, width - r.len()));
+            flat.extend_from_slice(r);
+            spans.push((width - r.len(), width));
+        }
+        let ids = Tensor::from_vec(flat, (rows.len(), width), device)?;
+        Ok(Batch { ids, spans })
+    }
+
+    pub fn tokens(&self) -> usize {
+        self.spans.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+fn gguf_u32(ct: &gguf_file::Content, key: &str) -> Result<usize, MlError> {
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| MlError::Model(format!("GGUF metadata lacks `{key}`")))?
+        .to_u32()
+        .map(|v| v as usize)
+        .map_err(|e| MlError::Model(format!("GGUF metadata `{key}`: {e}")))
+}
+
+fn gguf_f32(ct: &gguf_file::Content, key: &str) -> Option<f64> {
+    ct.metadata.get(key).and_then(|v| v.to_f32().ok()).map(f64::from)
+}
+
+impl Llama {
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Activation dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes held by the frozen weights.
+    pub fn weight_bytes(&self) -> usize {
+        let lin: usize = self.blocks.iter().flat_map(|b| b.proj.iter()).map(|l| l.weight_bytes()).sum();
+        lin + self.embed.elem_count() * self.embed.dtype().size_in_bytes()
+    }
+
+    pub fn proj(&self, layer: usize, p: Proj) -> &FrozenLinear {
+        &self.blocks[layer].proj[p as usize]
+    }
+
+    /// Load a GGUF file (Llama architecture).
+    pub fn from_gguf(
+        ct: &gguf_file::Content,
+        reader: &mut std::fs::File,
+        format: WeightFormat,
+        device: &Device,
+    ) -> Result<Llama, MlError> {
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned()
+            .unwrap_or_default();
+        if arch != "llama" {
+            return Err(MlError::Model(format!("unsupported GGUF architecture {arch:?} (expected llama)")));
+        }
+        let hidden = gguf_u32(ct, "llama.embedding_length")?;
+        let num_heads = gguf_u32(ct, "llama.attention.head_count")?;
+        let num_kv_heads = gguf_u32(ct, "llama.attention.head_count_kv").unwrap_or(num_heads);
+        let head_dim = gguf_u32(ct, "llama.rope.dimension_count").unwrap_or(hidden / num_heads);
+        let embed_q = ct.tensor(reader, "token_embd.weight", device)?;
+        let vocab_size = embed_q.shape().dims2()?.0;
+        let cfg = Config {
+            hidden_size: hidden,
+            intermediate_size: gguf_u32(ct, "llama.feed_forward_length")?,
+            num_layers: gguf_u32(ct, "llama.block_count")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: gguf_f32(ct, "llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+            rope_theta: gguf_f32(ct, "llama.rope.freq_base").unwrap_or(10_000.0),
+            vocab_size,
+            max_position_embeddings: gguf_u32(ct, "llama.context_length").unwrap_or(2048),
+            rope_interleaved: true,
+        };
+        let act_dtype = match format {
+            WeightFormat::Dense(d) => d,
+            WeightFormat::Quantized(_) => DType::F32,
+        };
+        let linear = |q: QTensor| -> Result<FrozenLinear, MlError> {
+            Ok(match format {
+                WeightFormat::Dense(d) => FrozenLinear::dense(q.dequantize(device)?.to_dtype(d)?)?,
+                WeightFormat::Quantized(None) => FrozenLinear::quantized(Arc::new(q))?,
+                WeightFormat::Quantized(Some(t)) if t == q.dtype() => FrozenLinear::quantized(Arc::new(q))?,
+                WeightFormat::Quantized(Some(t)) => {
+                    FrozenLinear::quantized(Arc::new(QTensor::quantize(&q.dequantize(device)?, t)?))?
+                }
+            })
+        };
+        let norm = |name: &str, reader: &mut std::fs::File| -> Result<Tensor, MlError> {
+            Ok(ct.tensor(reader, name, device)?.dequantize(device)?.to_dtype(act_dtype)?)
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let mut proj = Vec::with_capacity(7);
+            for p in Proj::ALL {
+                proj.push(linear(ct.tensor(reader, &format!("blk.{i}.{}.weight", p.gguf_name()), device)?)?);
+            }
+            blocks.push(Block {
+                attn_norm: norm(&format!("blk.{i}.attn_norm.weight"), reader)?,
+                ffn_norm: norm(&format!("blk.{i}.ffn_norm.weight"), reader)?,
+                proj: proj.try_into().map_err(|_| MlError::Model("block has 7 projections".into()))?,
+            });
+        }
+        let embed = embed_q.dequantize(device)?.to_dtype(act_dtype)?;
+        let lm_head = match ct.tensor(reader, "output.weight", device) {
+            Ok(q) => linear(q)?,
+            // tied embeddings: no separate output matrix
+            Err(_) => FrozenLinear::dense(embed.clone())?,
+        };
+        let norm_w = norm("output_norm.weight", reader)?;
+        Ok(Self::assemble(cfg, embed, blocks, norm_w, lm_head, device, act_dtype))
+    }
+
+    /// Load a Hugging Face model directory (`config.json`, `*.safetensors`).
+    pub fn from_hf_dir(dir: &Path, format: WeightFormat, device: &Device) -> Result<Llama, MlError> {
+        let cfg_text = std::fs::read_to_string(dir.join("config.json"))
+            .map_err(|e| MlError::Model(format!("{}: {e}", dir.join("config.json").display())))?;
+        let hf: HfLlamaConfig = serde_json::from_str(&cfg_text)
+            .map_err(|e| MlError::Model(format!("config.json: {e}")))?;
+        let cfg = Config::from_hf(&hf);
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .map_err(|e| MlError::Model(format!("{}: {e}", dir.display())))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            return Err(MlError::Model(format!("no *.safetensors in {}", dir.display())));
+        }
+        // SAFETY: the files are memory-mapped read-only and not modified while loaded.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
+        let act_dtype = match format {
+            WeightFormat::Dense(d) => d,
+            WeightFormat::Quantized(_) => DType::F32,
+        };
+        let get = |name: &str| -> Result<Tensor, MlError> {
+            st.load(name, device).map_err(|e| MlError::Model(format!("tensor {name}: {e}")))
+        };
+        let linear = |name: &str| -> Result<FrozenLinear, MlError> {
+            let w = get(name)?;
+            Ok(match format {
+                WeightFormat::Dense(d) => FrozenLinear::dense(w.to_dtype(d)?)?,
+                WeightFormat::Quantized(t) => {
+                    let t = t.unwrap_or(GgmlDType::Q4_0);
+                    FrozenLinear::quantized(Arc::new(QTensor::quantize(&w.to_dtype(DType::F32)?, t)?))?
+                }
+            })
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let mut proj = Vec::with_capacity(7);
+            for p in Proj::ALL {
+                proj.push(linear(&format!("model.layers.{i}.{}.weight", p.hf_path()))?);
+            }
+            blocks.push(Block {
+                attn_norm: get(&format!("model.layers.{i}.input_layernorm.weight"))?.to_dtype(act_dtype)?,
+                ffn_norm: get(&format!("model.layers.{i}.post_attention_layernorm.weight"))?.to_dtype(act_dtype)?,
+                proj: proj.try_into().map_err(|_| MlError::Model("block has 7 projections".into()))?,
+            });
+        }
+        let embed = get("model.embed_tokens.weight")?.to_dtype(act_dtype)?;
+        let lm_head = if hf.tie_word_embeddings {
+            FrozenLinear::dense(embed.clone())?
+        } else {
+            match get("lm_head.weight") {
+                Ok(w) => FrozenLinear::dense(w.to_dtype(act_dtype)?)?,
+                Err(_) => FrozenLinear::dense(embed.clone())?,
+            }
+        };
+        let norm = get("model.norm.weight")?.to_dtype(act_dtype)?;
+        Ok(Self::assemble(cfg, embed, blocks, norm, lm_head, device, act_dtype))
+    }
+
+    /// Random weights of a given shape (benchmarks and tests), dense of `dtype`.
+    pub fn random(cfg: Config, dtype: DType, seed: u64, device: &Device) -> Result<Llama, MlError> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut randn = |shape: (usize, usize), std: f32| -> Result<Tensor, MlError> {
+            // uniform with the given standard deviation: cheap and good enough for shapes
+            let n = shape.0 * shape.1;
+            let a = std * 3f32.sqrt();
+            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+        };
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for _ in 0..cfg.num_layers {
+            let mut proj = Vec::with_capacity(7);
+            for p in Proj::ALL {
+                let (i, o) = cfg.proj_shape(p);
+                proj.push(FrozenLinear::dense(randn((o, i), 0.02)?)?);
+            }
+            blocks.push(Block {
+                attn_norm: Tensor::ones(cfg.hidden_size, dtype, device)?,
+                ffn_norm: Tensor::ones(cfg.hidden_size, dtype, device)?,
+                proj: proj.try_into().map_err(|_| MlError::Model("block has 7 projections".into()))?,
+            });
+        }
+        let embed = randn((cfg.vocab_size, cfg.hidden_size), 0.02)?;
+        let lm_head = FrozenLinear::dense(embed.clone())?;
+        let norm = Tensor::ones(cfg.hidden_size, dtype, device)?;
+        Ok(Self::assemble(cfg, embed, blocks, norm, lm_head, device, dtype))
+    }
+
+    fn assemble(
+        cfg: Config,
+        embed: Tensor,
+        blocks: Vec<Block>,
+        norm: Tensor,
+        lm_head: FrozenLinear,
+        device: &Device,
+        dtype: DType,
+    ) -> Llama {
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        Llama { cfg, embed, blocks, norm, lm_head, inv_freq, device: device.clone(), dtype }
+    }
+
+    /// cos/sin tables for the batch: `[t, d/2]` when every row starts at 0, else `[b, t, d/2]`.
+    fn rope_tables(&self, batch: &Batch, t: usize) -> Result<(Tensor, Tensor), MlError> {
+        let half = self.inv_freq.len();
+        let same = batch.spans.iter().all(|(s, _)| *s == 0);
+        let starts: Vec<usize> = if same { vec![0] } else { batch.spans.iter().map(|(s, _)| *s).collect() };
+        let mut ang = Vec::with_capacity(starts.len() * t * half);
+        for s in &starts {
+            for pos in 0..t {
+                let p = pos.saturating_sub(*s) as f32;
+                ang.extend(self.inv_freq.iter().map(|f| p * f));
+            }
+        }
+        let ang = if same {
+            Tensor::from_vec(ang, (t, half), &self.device)?
+        } else {
+            Tensor::from_vec(ang, (starts.len(), t, half), &self.device)?
+        };
+        Ok((ang.cos()?.to_dtype(self.dtype)?, ang.sin()?.to_dtype(self.dtype)?))
+    }
+
+    /// Additive attention mask `[b, 1, t, t]`: key j is visible to query i iff start <= j <= i.
+    fn mask(&self, batch: &Batch, t: usize) -> Result<Tensor, MlError> {
+        let b = batch.spans.len();
+        let mut m = vec![0f32; b * t * t];
+        for (r, (s, _)) in batch.spans.iter().enumerate() {
+            for i in 0..t {
+                for j in 0..t {
+                    if j > i || j < *s {
+                        m[(r * t + i) * t + j] = f32::NEG_INFINITY;
+                    }
+                }
+                // a padding query before the span sees nothing: let it see itself so its
+                // softmax stays finite (its output is never used)
+                if i < *s {
+                    m[(r * t + i) * t + i] = 0.0;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(m, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    fn linear(
+        &self,
+        layer: usize,
+        p: Proj,
+        x: &Tensor,
+        lora: Option<(&Lora, &LoraCtx)>,
+    ) -> candle_core::Result<Tensor> {
+        let y = self.blocks[layer].proj[p as usize].forward(x)?;
+        match lora {
+            Some((l, ctx)) => match l.delta(layer, p, x, ctx)? {
+                Some(d) => {
+                    let d = d.to_dtype(y.dtype())?;
+                    y + d
+                }
+                None => Ok(y),
+            },
+            None => Ok(y),
+        }
+    }
+
+    /// Final-norm hidden states `[b, t, hidden]` for every position, or only the last valid
+    /// position of each row (`[b, hidden]`) when `last_only`.
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        lora: Option<(&Lora, &LoraCtx)>,
+        last_only: bool,
+    ) -> Result<Tensor, MlError> {
+        let _span = tracing::trace_span!("llama").entered();
+        let (b, t) = batch.ids.dims2()?;
+        let cfg = &self.cfg;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (cos, sin) = self.rope_tables(batch, t)?;
+        let mask = if t > 1 { Some(self.mask(batch, t)?) } else { None };
+        let eps = cfg.rms_norm_eps as f32;
+        let mut x = self.embed.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
+        for (li, blk) in self.blocks.iter().enumerate() {
+            let _span = tracing::trace_span!("block", layer = li).entered();
+            let h = ops::rms_norm(&x, &blk.attn_norm, eps)?;
+            let q = self.linear(li, Proj::Q, &h, lora)?;
+            let k = self.linear(li, Proj::K, &h, lora)?;
+            let v = self.linear(li, Proj::V, &h, lora)?;
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = ops::rope(&q, &cos, &sin, cfg.rope_interleaved)?;
+            let k = ops::rope(&k, &cos, &sin, cfg.rope_interleaved)?;
+            // GQA: each group of nh/nkv query heads shares one key/value head
+            let rep = nh / nkv;
+            let q = q.reshape((b, nkv, rep * t, hd))?;
+            let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+            let att = att.reshape((b, nh, t, t))?;
+            let att = match &mask {
+                Some(m) => att.broadcast_add(m)?,
+                None => att,
+            };
+            let att = ops::softmax_last_dim(&att)?;
+            let y = att.reshape((b, nkv, rep * t, t))?.matmul(&v)?;
+            let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let y = self.linear(li, Proj::O, &y, lora)?;
+            x = (x + y)?;
+            let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
+            let g = ops::silu(&self.linear(li, Proj::Gate, &h, lora)?)?;
+            let u = self.linear(li, Proj::Up, &h, lora)?;
+            let y = self.linear(li, Proj::Down, &(g * u)?, lora)?;
+            x = (x + y)?;
+        }
+        if last_only {
+            let idx: Vec<u32> = batch.spans.iter().enumerate().map(|(r, (_, e))| (r * t + e - 1) as u32).collect();
+            let idx = Tensor::from_vec(idx, b, &self.device)?;
+            let last = x.reshape((b * t, cfg.hidden_size))?.index_select(&idx, 0)?;
+            Ok(ops::rms_norm(&last, &self.norm, eps)?)
+        } else {
+            Ok(ops::rms_norm(&x, &self.norm, eps)?)
+        }
+    }
+
+    /// Next-token logits at the last valid position of each row: `[b, vocab]` (f32).
+    pub fn next_token_logits(&self, batch: &Batch) -> Result<Tensor, MlError> {
+        let h = self.forward(batch, None, true)?;
+        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+    }
+
+    /// Convert this model's Q/K LoRA-B rows (output features) between the GGUF interleaved
+    /// layout and the Hugging Face layout. `to_hf` selects the direction.
+    pub fn permute_qk_rows(&self, p: Proj, b: &Tensor, to_hf: bool) -> candle_core::Result<Tensor> {
+        if !self.cfg.rope_interleaved || !matches!(p, Proj::Q | Proj::K) {
+            return Ok(b.clone());
+        }
+        let heads = if p == Proj::Q { self.cfg.num_heads } else { self.cfg.num_kv_heads };
+        let (rows, cols) = b.dims2()?;
+        let hd = rows / heads;
+        if to_hf {
+            // GGUF row (h, i, j) with i in 0..hd/2, j in 0..2 -> HF row (h, j, i)
+            b.reshape((heads, hd / 2, 2, cols))?.transpose(1, 2)?.reshape((rows, cols))
+        } else {
+            b.reshape((heads, 2, hd / 2, cols))?.transpose(1, 2)?.reshape((rows, cols))
+        }
+    }
+
+    /// Index of a tensor dimension used by tests.
+    pub fn embed_row(&self, token: u32) -> candle_core::Result<Tensor> {
+        self.embed.i(token as usize)
+    }
+}
+
+/// Shapes of well-known Llama-family models, for benchmarks with random weights.
+pub fn known_shape(name: &str) -> Option<Config> {
+    let base = |hidden, inter, layers, heads, kv, vocab, theta| Config {
+        hidden_size: hidden,
+        intermediate_size: inter,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv,
+        head_dim: hidden / heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: theta,
+        vocab_size: vocab,
+        max_position_embeddings: 8192,
+        rope_interleaved: false,
+    };
+    match name {
+        "llama3-8b" => Some(base(4096, 14336, 32, 32, 8, 128_256, 500_000.0)),
+        "smollm2-135m" => Some(base(576, 1536, 30, 9, 3, 49_152, 100_000.0)),
+        _ => None,
+    }
+}
+

@@ -1,0 +1,214 @@
+//! LoRA adapters on the frozen linears: `y = W x + (alpha / r) * B A dropout(x)`, A random
+//! (PEFT's Kaiming-uniform bound 1/sqrt(in)), B zero, so a fresh adapter changes nothing.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+use super::llama::{Config, Proj};
+use super::MlError;
+
+/// Shape of an adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub targets: Vec<Proj>,
+}
+
+impl LoraConfig {
+    pub fn scale(&self) -> f64 {
+        self.alpha / self.r as f64
+    }
+
+    pub fn from_names(r: usize, alpha: f64, dropout: f64, names: &[String]) -> Result<LoraConfig, MlError> {
+        let mut targets = Vec::new();
+        for n in names {
+            let p = Proj::from_hf_name(n)
+                .ok_or_else(|| MlError::Config(format!("unknown LoRA target module {n:?}")))?;
+            if !targets.contains(&p) {
+                targets.push(p);
+            }
+        }
+        targets.sort();
+        if targets.is_empty() || r == 0 {
+            return Err(MlError::Config("LoRA needs r >= 1 and at least one target module".into()));
+        }
+        Ok(LoraConfig { r, alpha, dropout, targets })
+    }
+}
+
+/// PEFT tensor name of a LoRA factor (`lora_A` or `lora_B`).
+pub fn peft_name(layer: usize, p: Proj, factor: &str) -> String {
+    format!("base_model.model.model.layers.{layer}.{}.{factor}.weight", p.hf_path())
+}
+
+/// Per-forward LoRA settings: dropout probability and the seed its masks derive from
+/// (`None` at inference).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoraCtx {
+    pub dropout: Option<(f32, u64)>,
+}
+
+/// The A and B factors of every adapted linear.
+pub struct Lora {
+    cfg: LoraConfig,
+    scale: f64,
+    factors: BTreeMap<(usize, Proj), (Tensor, Tensor)>,
+}
+
+impl Lora {
+    pub fn config(&self) -> &LoraConfig {
+        &self.cfg
+    }
+
+    /// Fresh trainable factors registered as variables under their PEFT names.
+    pub fn init(
+        cfg: LoraConfig,
+        model: &Config,
+        seed: u64,
+        device: &Device,
+        vars: &mut Vec<(String, Var)>,
+    ) -> Result<Lora, MlError> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut factors = BTreeMap::new();
+        for layer in 0..model.num_layers {
+            for &p in &cfg.targets {
+                let (fan_in, fan_out) = model.proj_shape(p);
+                let bound = 1.0 / (fan_in as f32).sqrt();
+                let a: Vec<f32> = (0..cfg.r * fan_in).map(|_| rng.random_range(-bound..bound)).collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (cfg.r, fan_in), device)?)?;
+                let b = Var::zeros((fan_out, cfg.r), DType::F32, device)?;
+                factors.insert((layer, p), (a.as_tensor().clone(), b.as_tensor().clone()));
+                vars.push((peft_name(layer, p, "lora_A"), a));
+                vars.push((peft_name(layer, p, "lora_B"), b));
+            }
+        }
+        let scale = cfg.scale();
+        Ok(Lora { cfg, scale, factors })
+    }
+
+    /// Factors from tensors keyed by PEFT name (a loaded adapter or checkpoint). With `vars`,
+    /// the factors become trainable variables registered there.
+    pub fn from_named(
+        cfg: LoraConfig,
+        model: &Config,
+        tensors: &BTreeMap<String, Tensor>,
+        device: &Device,
+        mut vars: Option<&mut Vec<(String, Var)>>,
+    ) -> Result<Lora, MlError> {
+        let mut factors = BTreeMap::new();
+        for layer in 0..model.num_layers {
+            for &p in &cfg.targets {
+                let (fan_in, fan_out) = model.proj_shape(p);
+                let mut get = |factor: &str, shape: (usize, usize)| -> Result<Tensor, MlError> {
+                    let name = peft_name(layer, p, factor);
+                    let t = tensors
+                        .get(&name)
+                        .ok_or_else(|| MlError::Adapter(format!("missing tensor {name}")))?;
+                    if t.dims() != [shape.0, shape.1] {
+                        return Err(MlError::Adapter(format!(
+                            "tensor {name} has shape {:?}, the base model needs {shape:?}",
+                            t.dims()
+                        )));
+                    }
+                    let t = t.to_device(device)?.to_dtype(DType::F32)?;
+                    Ok(match vars.as_deref_mut() {
+                        Some(v) => {
+                            let var = Var::from_tensor(&t)?;
+                            v.push((name, var.clone()));
+                            var.as_tensor().clone()
+                        }
+                        None => t,
+                    })
+                };
+                let a = get("lora_A", (cfg.r, fan_in))?;
+                let b = get("lora_B", (fan_out, cfg.r))?;
+                factors.insert((layer, p), (a, b));
+            }
+        }
+        let scale = cfg.scale();
+        Ok(Lora { cfg, scale, factors })
+    }
+
+    /// Factors converted to `dtype` (inference in bf16, say).
+    pub fn to_dtype(&self, dtype: DType) -> Result<Lora, MlError> {
+        let mut factors = BTreeMap::new();
+        for (k, (a, b)) in &self.factors {
+            factors.insert(*k, (a.to_dtype(dtype)?, b.to_dtype(dtype)?));
+        }
+        Ok(Lora { cfg: self.cfg.clone(), scale: self.scale, factors })
+    }
+
+    pub fn factors(&self) -> impl Iterator<Item = (&(usize, Proj), &(Tensor, Tensor))> {
+        self.factors.iter()
+    }
+
+    /// The LoRA term for `x` at one linear, or `None` when that linear has no adapter.
+    pub fn delta(&self, layer: usize, p: Proj, x: &Tensor, ctx: &LoraCtx) -> candle_core::Result<Option<Tensor>> {
+        let Some((a, b)) = self.factors.get(&(layer, p)) else {
+            return Ok(None);
+        };
+        let x = if x.dtype() != a.dtype() { x.to_dtype(a.dtype())? } else { x.clone() };
+        let x = match ctx.dropout {
+            Some((prob, seed)) if prob > 0.0 => {
+                let mask = dropout_mask(x.dims(), prob, mix(seed, layer as u64, p as u64), x.device())?;
+                (x * mask.to_dtype(a.dtype())?)?
+            }
+            _ => x,
+        };
+        let h = x.broadcast_matmul(&a.t()?)?;
+        let y = h.broadcast_matmul(&b.t()?)?;
+        Ok(Some((y * self.scale)?))
+    }
+}
+
+fn mix(a: u64, b: u64, c: u64) -> u64 {
+    splitmix(splitmix(a ^ 0x9e37_79b9_7f4a_7c15).wrapping_add(b) ^ c.rotate_left(32))
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// Inverted-dropout mask: 0 with probability `p`, else 1/(1-p); a pure function of the seed.
+fn dropout_mask(shape: &[usize], p: f32, seed: u64, device: &Device) -> candle_core::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let keep = 1.0 / (1.0 - p);
+    let threshold = (p as f64 * u32::MAX as f64) as u32;
+    let mut v = Vec::with_capacity(n);
+    let mut state = seed;
+    let mut i = 0;
+    while i < n {
+        state = splitmix(state);
+        for half in [state as u32, (state >> 32) as u32] {
+            if i < n {
+                v.push(if half < threshold { 0.0f32 } else { keep });
+                i += 1;
+            }
+        }
+    }
+    Tensor::from_vec(v, shape, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_mask_is_deterministic_with_the_right_rate() -> candle_core::Result<()> {
+        let m1 = dropout_mask(&[100, 100], 0.1, 7, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let m2 = dropout_mask(&[100, 100], 0.1, 7, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(m1, m2);
+        let zeros = m1.iter().filter(|x| **x == 0.0).count() as f64 / m1.len() as f64;
+        assert!((zeros - 0.1).abs() < 0.02, "dropout rate {zeros}");
+        let mean = m1.iter().map(|x| *x as f64).sum::<f64>() / m1.len() as f64;
+        assert!((mean - 1.0).abs() < 0.03, "mask mean {mean}");
+        Ok(())
+    }
+}

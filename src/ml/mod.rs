@@ -1,0 +1,30 @@
+//! Candle code: model loading, tokenizer, LoRA, classifier, training, batched inference,
+//! adapter (de)serialization. Knows nothing of HTTP or SQL.
+
+pub mod llama;
+pub mod lora;
+pub mod observe;
+pub mod ops;
+
+/// Errors of the model layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MlError {
+    /// The model files are missing, malformed or of an unsupported architecture.
+    #[error("model: {0}")]
+    Model(String),
+    /// The adapter files are missing or do not fit the base model.
+    #[error("adapter: {0}")]
+    Adapter(String),
+    /// The caller's input cannot be processed (empty rows, bad shapes...).
+    #[error("input: {0}")]
+    Input(String),
+    /// Hyperparameters that do not fit this model or data.
+    #[error("config: {0}")]
+    Config(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("tensor: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
