@@ -2,6 +2,7 @@
 //! and the fine-tuning hyperparameters. Pure code: no I/O policy, no tensors.
 
 pub mod hyper;
+pub mod template;
 
 use serde::{Deserialize, Serialize};
 

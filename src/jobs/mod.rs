@@ -1,2 +1,3 @@
 //! jobs
 pub mod trainer;
+pub mod qlora;

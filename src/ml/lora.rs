@@ -133,6 +133,26 @@ impl Lora {
         Ok(Lora { cfg, scale, factors })
     }
 
+    /// Factors keyed by PEFT name, used exactly as given (same dtype, same graph nodes).
+    pub fn from_tensors_exact(
+        cfg: LoraConfig,
+        model: &Config,
+        tensors: &BTreeMap<String, Tensor>,
+    ) -> Result<Lora, MlError> {
+        let mut factors = BTreeMap::new();
+        for layer in 0..model.num_layers {
+            for &p in &cfg.targets {
+                let get = |factor: &str| -> Result<Tensor, MlError> {
+                    let name = peft_name(layer, p, factor);
+                    tensors.get(&name).cloned().ok_or_else(|| MlError::Adapter(format!("missing tensor {name}")))
+                };
+                factors.insert((layer, p), (get("lora_A")?, get("lora_B")?));
+            }
+        }
+        let scale = cfg.scale();
+        Ok(Lora { cfg, scale, factors })
+    }
+
     /// Factors converted to `dtype` (inference in bf16, say).
     pub fn to_dtype(&self, dtype: DType) -> Result<Lora, MlError> {
         let mut factors = BTreeMap::new();

@@ -1,10 +1,16 @@
 //! Candle code: model loading, tokenizer, LoRA, classifier, training, batched inference,
 //! adapter (de)serialization. Knows nothing of HTTP or SQL.
 
+pub mod adapter;
+pub mod classifier;
+pub mod fsutil;
 pub mod llama;
+pub mod model;
 pub mod lora;
 pub mod observe;
 pub mod ops;
+pub mod tokenizer;
+pub mod train;
 
 /// Errors of the model layer.
 #[derive(Debug, thiserror::Error)]

@@ -176,7 +176,12 @@ impl FrozenLinear {
 
 /// RMSNorm with a frozen scale: `x / rms(x) * weight`; backward gives the input gradient.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    let y = candle_nn::ops::rms_norm(&x.detach().contiguous()?, weight, eps)?;
+    let xd = x.detach().contiguous()?;
+    let y = if xd.dtype() == DType::F64 {
+        candle_nn::ops::rms_norm_slow(&xd, weight, eps)?
+    } else {
+        candle_nn::ops::rms_norm(&xd, weight, eps)?
+    };
     if !x.track_op() {
         return Ok(y);
     }

@@ -1,0 +1,209 @@
+//! Adapters in the PEFT layout: `adapter_config.json` (LORA, SEQ_CLS) and
+//! `adapter_model.safetensors` with PEFT tensor names and the score head saved as a module,
+//! so the Python stack loads what Arbiter trains and Arbiter serves what PEFT trains.
+//! Arbiter's own extras (calibration temperature, label order, metrics) live beside them in
+//! `arbiter.json`, which PEFT ignores.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::classifier::HEAD_NAME;
+use super::llama::{Llama, Proj};
+use super::lora::{peft_name, Lora, LoraConfig};
+use super::MlError;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub const META_FILE: &str = "arbiter.json";
+
+/// The fields of PEFT's `LoraConfig` we write and read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PeftConfig {
+    pub peft_type: String,
+    pub task_type: Option<String>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default = "bias_none")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub inference_mode: bool,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub init_lora_weights: serde_json::Value,
+}
+
+fn bias_none() -> String {
+    "none".into()
+}
+
+/// PEFT accepts a list of module names or one regex string.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    One(String),
+}
+
+/// Arbiter's extras beside the PEFT files.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct AdapterMeta {
+    /// Class order of the head's rows.
+    pub labels: Vec<String>,
+    /// Softmax temperature fitted on the validation split (1 = uncalibrated).
+    pub temperature: f64,
+    /// Token budget the adapter was trained with (the default for prediction).
+    pub max_length: usize,
+    /// Base model as named in its metadata.
+    pub base_model: String,
+    /// Free-form metrics of the training run.
+    #[serde(default)]
+    pub metrics: serde_json::Value,
+}
+
+/// A loaded adapter, ready for inference.
+pub struct Adapter {
+    pub lora: Lora,
+    pub head: Tensor,
+    pub meta: AdapterMeta,
+    pub config: PeftConfig,
+}
+
+fn labels() -> Vec<String> {
+    crate::data::Label::ALL.iter().map(|l| l.column().to_string()).collect()
+}
+
+/// The adapter's tensors under PEFT names, Q/K rows in the Hugging Face layout.
+pub fn named_tensors(llama: &Llama, lora: &Lora, head: &Tensor) -> Result<HashMap<String, Tensor>, MlError> {
+    let mut out = HashMap::new();
+    for ((layer, p), (a, b)) in lora.factors() {
+        out.insert(peft_name(*layer, *p, "lora_A"), a.to_dtype(DType::F32)?.contiguous()?);
+        let b = llama.permute_qk_rows(*p, &b.to_dtype(DType::F32)?, true)?.contiguous()?;
+        out.insert(peft_name(*layer, *p, "lora_B"), b);
+    }
+    out.insert(HEAD_NAME.to_string(), head.to_dtype(DType::F32)?.contiguous()?);
+    Ok(out)
+}
+
+/// Write an adapter directory atomically: files go to `dir.tmp`, are synced, then renamed.
+pub fn save(dir: &Path, llama: &Llama, lora: &Lora, head: &Tensor, meta: &AdapterMeta) -> Result<(), MlError> {
+    let cfg = lora.config();
+    let peft = PeftConfig {
+        peft_type: "LORA".into(),
+        task_type: Some("SEQ_CLS".into()),
+        r: cfg.r,
+        lora_alpha: cfg.alpha,
+        lora_dropout: cfg.dropout,
+        target_modules: TargetModules::List(cfg.targets.iter().map(|p| p.hf_name().to_string()).collect()),
+        base_model_name_or_path: Some(meta.base_model.clone()),
+        modules_to_save: Some(vec!["score".into()]),
+        bias: "none".into(),
+        fan_in_fan_out: false,
+        inference_mode: true,
+        use_rslora: false,
+        use_dora: false,
+        init_lora_weights: serde_json::Value::Bool(true),
+    };
+    let mut meta = meta.clone();
+    meta.labels = labels();
+    let tensors = named_tensors(llama, lora, head)?;
+    super::fsutil::write_dir_atomically(dir, |tmp| {
+        super::fsutil::write_file_synced(&tmp.join(CONFIG_FILE), &serde_json::to_vec_pretty(&peft).map_err(io)?)?;
+        super::fsutil::write_file_synced(&tmp.join(META_FILE), &serde_json::to_vec_pretty(&meta).map_err(io)?)?;
+        super::fsutil::save_safetensors_synced(&tensors, &tmp.join(WEIGHTS_FILE))
+    })
+}
+
+fn io(e: serde_json::Error) -> MlError {
+    MlError::Io(std::io::Error::other(e))
+}
+
+/// Read every tensor of a safetensors file to the CPU.
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, MlError> {
+    let map = candle_core::safetensors::load(path, &Device::Cpu)
+        .map_err(|e| MlError::Adapter(format!("{}: {e}", path.display())))?;
+    Ok(map.into_iter().collect())
+}
+
+/// Load an adapter directory (made by Arbiter or by PEFT) for a base model.
+pub fn load(dir: &Path, llama: &Llama) -> Result<Adapter, MlError> {
+    let cfg_path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| MlError::Adapter(format!("{}: {e}", cfg_path.display())))?;
+    let config: PeftConfig =
+        serde_json::from_str(&text).map_err(|e| MlError::Adapter(format!("{CONFIG_FILE}: {e}")))?;
+    if config.peft_type != "LORA" {
+        return Err(MlError::Adapter(format!("peft_type {:?} is not supported (LORA only)", config.peft_type)));
+    }
+    if config.use_dora || config.fan_in_fan_out {
+        return Err(MlError::Adapter("DoRA and fan_in_fan_out adapters are not supported".into()));
+    }
+    let targets = match &config.target_modules {
+        TargetModules::List(v) => v.clone(),
+        TargetModules::One(s) => Proj::ALL
+            .iter()
+            .map(|p| p.hf_name().to_string())
+            .filter(|n| s == n || s == "all-linear" || s.contains(n.as_str()))
+            .collect(),
+    };
+    let mut tensors = read_tensors(&dir.join(WEIGHTS_FILE))?;
+    // PEFT may keep the adapter name in keys (`.default.`); strip it
+    tensors = tensors.into_iter().map(|(k, v)| (k.replace(".default.", "."), v)).collect();
+    let lcfg = LoraConfig::from_names(config.r, config.lora_alpha, config.lora_dropout, &targets)?;
+    // only targets that actually have tensors (a regex target may name absent modules)
+    let present: Vec<Proj> =
+        lcfg.targets.iter().copied().filter(|p| tensors.contains_key(&peft_name(0, *p, "lora_A"))).collect();
+    let lcfg = LoraConfig { targets: present, ..lcfg };
+    let mut lora_scale_cfg = lcfg.clone();
+    if config.use_rslora {
+        // rsLoRA scales by alpha/sqrt(r): express it as an equivalent alpha
+        lora_scale_cfg.alpha = config.lora_alpha * (config.r as f64).sqrt();
+    }
+    for &p in &lora_scale_cfg.targets {
+        for layer in 0..llama.config().num_layers {
+            let name = peft_name(layer, p, "lora_B");
+            if let Some(b) = tensors.get(&name) {
+                let b = llama.permute_qk_rows(p, &b.to_dtype(DType::F32)?, false)?;
+                tensors.insert(name, b);
+            }
+        }
+    }
+    let lora = Lora::from_named(lora_scale_cfg, llama.config(), &tensors, llama.device(), None)?;
+    let head = tensors
+        .get(HEAD_NAME)
+        .or_else(|| tensors.get("base_model.model.score.modules_to_save.weight"))
+        .ok_or_else(|| MlError::Adapter(format!("missing score head tensor {HEAD_NAME}")))?;
+    let hidden = llama.config().hidden_size;
+    if head.dims() != [3, hidden] {
+        return Err(MlError::Adapter(format!("score head has shape {:?}, expected [3, {hidden}]", head.dims())));
+    }
+    let head = head.to_device(llama.device())?.to_dtype(DType::F32)?;
+    let meta = match std::fs::read_to_string(dir.join(META_FILE)) {
+        Ok(t) => serde_json::from_str(&t).map_err(|e| MlError::Adapter(format!("{META_FILE}: {e}")))?,
+        Err(_) => AdapterMeta {
+            labels: labels(),
+            temperature: 1.0,
+            max_length: 1024,
+            base_model: config.base_model_name_or_path.clone().unwrap_or_default(),
+            metrics: serde_json::Value::Null,
+        },
+    };
+    if !(meta.temperature.is_finite() && meta.temperature > 0.0) {
+        return Err(MlError::Adapter(format!("temperature {} is not a positive number", meta.temperature)));
+    }
+    Ok(Adapter { lora, head, meta, config })
+}

@@ -1,0 +1,587 @@
+//! LoRA training of the classifier on a frozen base: AdamW with decoupled weight decay,
+//! warm-up then linear/cosine decay, gradient accumulation and clipping, class-weighted
+//! cross-entropy, A/B swap augmentation, seeded data order, periodic evaluation (log loss,
+//! accuracy, balanced accuracy), atomic checkpoints that resume exactly, the best adapter
+//! by validation log loss, and a fitted softmax temperature.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::adapter::{self, AdapterMeta};
+use super::classifier;
+use super::fsutil;
+use super::llama::Batch;
+use super::lora::{Lora, LoraConfig, LoraCtx};
+use super::model::BaseModel;
+use super::observe::{EvalMetrics, TrainObserver};
+use super::MlError;
+use crate::data::hyper::{Hyperparameters, LrSchedule};
+use crate::data::ArenaRow;
+
+/// Why training ended without an adapter.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainFailure {
+    #[error("training stopped before completion")]
+    Stopped,
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<MlError> for TrainFailure {
+    fn from(e: MlError) -> Self {
+        TrainFailure::Failed(e.to_string())
+    }
+}
+
+impl From<candle_core::Error> for TrainFailure {
+    fn from(e: candle_core::Error) -> Self {
+        TrainFailure::Failed(format!("tensor error: {e}"))
+    }
+}
+
+/// What a finished run produced.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub adapter_dir: PathBuf,
+    pub steps: u64,
+    pub train_rows: usize,
+    pub validation_rows: usize,
+    pub final_train_loss: Option<f64>,
+    pub best_step: Option<u64>,
+    pub best_eval: Option<EvalMetrics>,
+    /// Validation log loss before and after temperature calibration.
+    pub calibration: Option<Calibration>,
+    pub temperature: f64,
+    pub tokens_seen: u64,
+    pub train_seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Calibration {
+    pub temperature: f64,
+    pub log_loss_before: f64,
+    pub log_loss_after: f64,
+}
+
+/// One training run's inputs.
+pub struct TrainSpec<'a> {
+    pub base: &'a BaseModel,
+    pub hp: &'a Hyperparameters,
+    pub train_rows: &'a [ArenaRow],
+    pub validation_rows: &'a [ArenaRow],
+    /// Checkpoints go to `work_dir/checkpoints/step-N`, the adapter to `work_dir/adapter`.
+    pub work_dir: &'a Path,
+    pub resume_from: Option<&'a Path>,
+}
+
+/// Saved with every checkpoint; with the seed it fixes the data order and dropout masks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainState {
+    step: u64,
+    total_steps: u64,
+    tokens_seen: u64,
+    best: Option<(u64, EvalMetrics)>,
+    last_loss: Option<f64>,
+    hyperparameters: Hyperparameters,
+}
+
+const TRAINABLE_FILE: &str = "trainable.safetensors";
+const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const STATE_FILE: &str = "state.json";
+
+struct Example {
+    ids: Vec<u32>,
+    label: usize,
+}
+
+/// AdamW (decoupled weight decay, bias-corrected moments) over named variables.
+struct AdamW {
+    vars: Vec<(String, Var)>,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    t: u64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    weight_decay: f64,
+}
+
+impl AdamW {
+    fn new(vars: Vec<(String, Var)>, weight_decay: f64) -> candle_core::Result<AdamW> {
+        let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(AdamW { vars, m, v, t: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
+    }
+
+    fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+        self.t += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        for (i, g) in grads.iter().enumerate() {
+            let (_, var) = &self.vars[i];
+            self.m[i] = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
+            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+            let m_hat = (&self.m[i] / bc1)?;
+            let v_hat = (&self.v[i] / bc2)?;
+            let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
+            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
+            var.set(&(decayed - (update * lr)?)?)?;
+        }
+        Ok(())
+    }
+
+    fn state_tensors(&self) -> HashMap<String, Tensor> {
+        let mut out = HashMap::new();
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            out.insert(format!("{name}.exp_avg"), self.m[i].clone());
+            out.insert(format!("{name}.exp_avg_sq"), self.v[i].clone());
+        }
+        out
+    }
+
+    fn load_state(&mut self, t: u64, tensors: &HashMap<String, Tensor>, device: &Device) -> Result<(), MlError> {
+        for (i, (name, _)) in self.vars.iter().enumerate() {
+            let get = |suffix: &str| -> Result<Tensor, MlError> {
+                let k = format!("{name}.{suffix}");
+                Ok(tensors
+                    .get(&k)
+                    .ok_or_else(|| MlError::Model(format!("checkpoint lacks optimizer tensor {k}")))?
+                    .to_device(device)?)
+            };
+            self.m[i] = get("exp_avg")?;
+            self.v[i] = get("exp_avg_sq")?;
+        }
+        self.t = t;
+        Ok(())
+    }
+}
+
+/// Learning rate at optimizer step `step` (0-based) of `total`.
+pub fn learning_rate(hp: &Hyperparameters, step: u64, total: u64) -> f64 {
+    let warm = hp.warmup_steps as u64;
+    if step < warm {
+        return hp.learning_rate * (step + 1) as f64 / warm as f64;
+    }
+    let span = total.saturating_sub(warm).max(1) as f64;
+    let progress = ((step - warm) as f64 / span).clamp(0.0, 1.0);
+    match hp.lr_schedule {
+        LrSchedule::Constant => hp.learning_rate,
+        LrSchedule::Linear => hp.learning_rate * (1.0 - progress),
+        LrSchedule::Cosine => hp.learning_rate * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+    }
+}
+
+/// Micro-batches of one epoch: a seeded shuffle, length-sorted within windows of 50 batches to
+/// cut padding, then the batches themselves shuffled. A pure function of (seed, epoch).
+fn epoch_batches(lengths: &[usize], batch_size: usize, seed: u64, epoch: usize) -> Vec<Vec<usize>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    order.shuffle(&mut rng);
+    let mut batches = Vec::new();
+    for window in order.chunks(batch_size * 50) {
+        let mut w = window.to_vec();
+        w.sort_by_key(|i| std::cmp::Reverse(lengths[*i]));
+        batches.extend(w.chunks(batch_size).map(<[usize]>::to_vec));
+    }
+    batches.shuffle(&mut rng);
+    batches
+}
+
+/// Class-weighted mean cross-entropy of `[b, 3]` logits (torch's `CrossEntropyLoss(weight)`).
+fn weighted_ce(logits: &Tensor, labels: &[usize], weights: [f64; 3]) -> candle_core::Result<Tensor> {
+    let b = labels.len();
+    let mut onehot = vec![0f32; b * 3];
+    let mut wsum = 0.0;
+    for (i, &y) in labels.iter().enumerate() {
+        onehot[i * 3 + y] = weights[y] as f32;
+        wsum += weights[y];
+    }
+    let onehot = Tensor::from_vec(onehot, (b, 3), logits.device())?;
+    let logp = candle_nn::ops::log_softmax(logits, 1)?;
+    (logp * onehot)?.sum_all()?.affine(-1.0 / wsum, 0.0)
+}
+
+/// Log loss, accuracy and balanced accuracy of probability rows against labels.
+pub fn metrics(probs: &[[f32; 3]], labels: &[usize]) -> EvalMetrics {
+    let n = labels.len().max(1) as f64;
+    let mut ll = 0.0;
+    let mut correct = 0usize;
+    let mut per_class = [(0usize, 0usize); 3];
+    for (p, &y) in probs.iter().zip(labels) {
+        ll -= (p[y] as f64).clamp(1e-15, 1.0).ln();
+        let pred = (0..3).max_by(|a, b| p[*a].total_cmp(&p[*b])).unwrap_or(0);
+        per_class[y].1 += 1;
+        if pred == y {
+            correct += 1;
+            per_class[y].0 += 1;
+        }
+    }
+    let recalls: Vec<f64> =
+        per_class.iter().filter(|(_, t)| *t > 0).map(|(c, t)| *c as f64 / *t as f64).collect();
+    EvalMetrics {
+        log_loss: ll / n,
+        accuracy: correct as f64 / n,
+        balanced_accuracy: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
+        rows: labels.len(),
+    }
+}
+
+/// Fit one softmax temperature minimising log loss (golden-section search on log T).
+pub fn fit_temperature(logits: &[[f32; 3]], labels: &[usize]) -> Calibration {
+    let loss = |t: f64| -> f64 {
+        let probs: Vec<[f32; 3]> = logits.iter().map(|l| classifier::softmax3(l, t)).collect();
+        metrics(&probs, labels).log_loss
+    };
+    let (mut lo, mut hi) = ((0.05f64).ln(), (20.0f64).ln());
+    let g = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut c, mut d) = (hi - g * (hi - lo), lo + g * (hi - lo));
+    let (mut fc, mut fd) = (loss(c.exp()), loss(d.exp()));
+    for _ in 0..60 {
+        if fc < fd {
+            hi = d;
+            d = c;
+            fd = fc;
+            c = hi - g * (hi - lo);
+            fc = loss(c.exp());
+        } else {
+            lo = c;
+            c = d;
+            fc = fd;
+            d = lo + g * (hi - lo);
+            fd = loss(d.exp());
+        }
+    }
+    let t = ((lo + hi) / 2.0).exp();
+    Calibration { temperature: t, log_loss_before: loss(1.0), log_loss_after: loss(t) }
+}
+
+/// Score rows in length-sorted micro-batches (no dropout): logits per row, in input order.
+pub fn predict_logits(
+    base: &BaseModel,
+    lora: Option<&Lora>,
+    head: &Tensor,
+    encoded: &[Vec<u32>],
+    batch_size: usize,
+) -> Result<Vec<[f32; 3]>, MlError> {
+    let mut order: Vec<usize> = (0..encoded.len()).collect();
+    order.sort_by_key(|i| std::cmp::Reverse(encoded[*i].len()));
+    let mut out = vec![[0f32; 3]; encoded.len()];
+    let ctx = LoraCtx::default();
+    for chunk in order.chunks(batch_size.max(1)) {
+        let rows: Vec<Vec<u32>> = chunk.iter().map(|i| encoded[*i].clone()).collect();
+        let batch = Batch::right_padded(&rows, base.pad_id, base.llama.device())?;
+        let logits = classifier::logits(&base.llama, lora.map(|l| (l, &ctx)), head, &batch)?;
+        for (j, row) in logits.to_vec2::<f32>()?.into_iter().enumerate() {
+            out[chunk[j]] = [row[0], row[1], row[2]];
+        }
+    }
+    Ok(out)
+}
+
+fn checkpoint_dir(work_dir: &Path, step: u64) -> PathBuf {
+    work_dir.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+fn encode_all(base: &BaseModel, rows: &[ArenaRow], max_length: usize, swap: bool) -> Vec<Example> {
+    let mut out = Vec::with_capacity(rows.len() * if swap { 2 } else { 1 });
+    for r in rows {
+        let Some(label) = r.label else { continue };
+        out.push(Example { ids: base.encode_row(r, max_length).ids, label: label.index() });
+        if swap {
+            let s = r.swapped();
+            out.push(Example { ids: base.encode_row(&s, max_length).ids, label: label.swapped().index() });
+        }
+    }
+    out
+}
+
+/// Train, checkpointing under `work_dir`; returns the adapter directory and metrics.
+pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSummary, TrainFailure> {
+    let hp = spec.hp;
+    let errs = hp.validate();
+    if let Some(e) = errs.first() {
+        return Err(TrainFailure::Failed(format!("{}: {}", e.field, e.reason)));
+    }
+    let base = spec.base;
+    let device = base.llama.device().clone();
+    let started = std::time::Instant::now();
+    let train = encode_all(base, spec.train_rows, hp.max_length, hp.swap_augmentation);
+    let val = encode_all(base, spec.validation_rows, hp.max_length, false);
+    if train.is_empty() {
+        return Err(TrainFailure::Failed("the training split has no labelled rows".into()));
+    }
+    let lengths: Vec<usize> = train.iter().map(|e| e.ids.len()).collect();
+    let micro_per_epoch = train.len().div_ceil(hp.batch_size);
+    let steps_per_epoch = micro_per_epoch.div_ceil(hp.gradient_accumulation) as u64;
+    let total_steps = steps_per_epoch * hp.epochs as u64;
+    obs.on_log(&format!(
+        "training on {} examples ({} rows{}), {} validation rows, {} steps of {} x {} rows, max_length {}",
+        train.len(),
+        spec.train_rows.len(),
+        if hp.swap_augmentation { ", with A/B swaps" } else { "" },
+        val.len(),
+        total_steps,
+        hp.batch_size,
+        hp.gradient_accumulation,
+        hp.max_length
+    ));
+
+    let lcfg = LoraConfig::from_names(hp.lora.r, hp.lora.alpha, hp.lora.dropout, &hp.lora.target_modules)?;
+    let mcfg = base.llama.config().clone();
+    let mut vars: Vec<(String, Var)> = Vec::new();
+    let mut state = TrainState {
+        step: 0,
+        total_steps,
+        tokens_seen: 0,
+        best: None,
+        last_loss: None,
+        hyperparameters: hp.clone(),
+    };
+    let (lora, head, mut opt) = match spec.resume_from {
+        Some(dir) => {
+            let st: TrainState = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(MlError::Io)?)
+                .map_err(|e| TrainFailure::Failed(format!("checkpoint state: {e}")))?;
+            if st.hyperparameters != *hp {
+                return Err(TrainFailure::Failed("checkpoint was written with other hyperparameters".into()));
+            }
+            let tensors = adapter::read_tensors(&dir.join(TRAINABLE_FILE))?;
+            let lora = Lora::from_named(lcfg, &mcfg, &tensors, &device, Some(&mut vars))?;
+            let head_t = tensors
+                .get(classifier::HEAD_NAME)
+                .ok_or_else(|| TrainFailure::Failed("checkpoint lacks the score head".into()))?;
+            let head = Var::from_tensor(&head_t.to_device(&device)?)?;
+            vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
+            let mut opt = AdamW::new(vars.clone(), hp.weight_decay)?;
+            let ot: HashMap<String, Tensor> = adapter::read_tensors(&dir.join(OPTIMIZER_FILE))?.into_iter().collect();
+            opt.load_state(st.step, &ot, &device)?;
+            obs.on_log(&format!("resumed from checkpoint at step {}", st.step));
+            state = st;
+            (lora, head, opt)
+        }
+        None => {
+            let lora = Lora::init(lcfg, &mcfg, hp.seed, &device, &mut vars)?;
+            // score head: normal(0, 0.02) as transformers initialises it
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(hp.seed ^ 0x5c0e);
+            let init: Vec<f32> = (0..3 * mcfg.hidden_size)
+                .map(|_| {
+                    let (u1, u2): (f32, f32) = (rng.random_range(1e-7..1.0), rng.random());
+                    0.02 * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f32::consts::PI * u2).cos()
+                })
+                .collect();
+            let head = Var::from_tensor(&Tensor::from_vec(init, (3, mcfg.hidden_size), &device)?)?;
+            vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
+            let opt = AdamW::new(vars.clone(), hp.weight_decay)?;
+            (lora, head, opt)
+        }
+    };
+    let class_weights = hp.class_weights.unwrap_or([1.0; 3]);
+    let dropout = hp.lora.dropout as f32;
+
+    let evaluate = |lora: &Lora, head: &Tensor| -> Result<(EvalMetrics, Vec<[f32; 3]>), MlError> {
+        let ids: Vec<Vec<u32>> = val.iter().map(|e| e.ids.clone()).collect();
+        let logits = predict_logits(base, Some(lora), head, &ids, hp.batch_size)?;
+        let probs: Vec<[f32; 3]> = logits.iter().map(|l| classifier::softmax3(l, 1.0)).collect();
+        let labels: Vec<usize> = val.iter().map(|e| e.label).collect();
+        Ok((metrics(&probs, &labels), logits))
+    };
+    let save_checkpoint = |state: &TrainState, opt: &AdamW| -> Result<PathBuf, MlError> {
+        let dir = checkpoint_dir(spec.work_dir, state.step);
+        let trainable: HashMap<String, Tensor> =
+            opt.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+        fsutil::write_dir_atomically(&dir, |tmp| {
+            fsutil::save_safetensors_synced(&trainable, &tmp.join(TRAINABLE_FILE))?;
+            fsutil::save_safetensors_synced(&opt.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
+            fsutil::write_file_synced(
+                &tmp.join(STATE_FILE),
+                &serde_json::to_vec_pretty(state).map_err(|e| MlError::Io(std::io::Error::other(e)))?,
+            )
+        })?;
+        Ok(dir)
+    };
+
+    let head_t = head.as_tensor().clone();
+    let mut step_losses: Vec<f64> = Vec::new();
+    while state.step < total_steps {
+        let epoch = (state.step / steps_per_epoch) as usize;
+        let step_in_epoch = (state.step % steps_per_epoch) as usize;
+        let batches = epoch_batches(&lengths, hp.batch_size, hp.seed, epoch);
+        let group: Vec<&Vec<usize>> = batches
+            .iter()
+            .skip(step_in_epoch * hp.gradient_accumulation)
+            .take(hp.gradient_accumulation)
+            .collect();
+        let group_rows: usize = group.iter().map(|b| b.len()).sum();
+        let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars.len()];
+        let mut loss_sum = 0.0;
+        let _span = tracing::debug_span!("step", step = state.step + 1).entered();
+        for (mi, idx) in group.iter().enumerate() {
+            if obs.should_stop() {
+                return Err(TrainFailure::Stopped);
+            }
+            let rows: Vec<Vec<u32>> = idx.iter().map(|i| train[*i].ids.clone()).collect();
+            let labels: Vec<usize> = idx.iter().map(|i| train[*i].label).collect();
+            let batch = Batch::right_padded(&rows, base.pad_id, &device)?;
+            state.tokens_seen += batch.tokens() as u64;
+            let micro_seed = hp.seed ^ (state.step * 1024 + mi as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
+            let ctx = LoraCtx { dropout: Some((dropout, micro_seed)) };
+            let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
+            let loss = weighted_ce(&logits, &labels, class_weights)?;
+            let lv = loss.to_scalar::<f32>()? as f64;
+            if !lv.is_finite() {
+                return Err(TrainFailure::Failed(format!("loss is {lv} at step {}", state.step + 1)));
+            }
+            // each micro-batch weighs by its share of the group's rows
+            let share = idx.len() as f64 / group_rows as f64;
+            loss_sum += lv * share;
+            let gs = (loss * share)?.backward()?;
+            for (i, (_, v)) in opt.vars.iter().enumerate() {
+                if let Some(g) = gs.get(v.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        Some(acc) => (acc + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let mut grads: Vec<Tensor> = grads
+            .into_iter()
+            .zip(opt.vars.iter())
+            .map(|(g, (_, v))| g.map_or_else(|| v.zeros_like(), Ok))
+            .collect::<candle_core::Result<_>>()?;
+        if hp.max_grad_norm > 0.0 {
+            let mut sq = 0.0;
+            for g in &grads {
+                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+            let norm = sq.sqrt();
+            if norm > hp.max_grad_norm {
+                let c = hp.max_grad_norm / (norm + 1e-6);
+                grads = grads.iter().map(|g| g * c).collect::<candle_core::Result<_>>()?;
+            }
+        }
+        let lr = learning_rate(hp, state.step, total_steps);
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        state.last_loss = Some(loss_sum);
+        step_losses.push(loss_sum);
+        let epoch_f = state.step as f64 / steps_per_epoch as f64;
+        obs.on_step(state.step, total_steps, epoch_f, loss_sum, lr);
+
+        let epoch_end = state.step % steps_per_epoch == 0;
+        let eval_due = !val.is_empty()
+            && (epoch_end || (hp.eval_every_steps > 0 && state.step % hp.eval_every_steps as u64 == 0));
+        let mut eval = None;
+        if eval_due {
+            let (m, _) = evaluate(&lora, &head_t)?;
+            obs.on_eval(state.step, &m);
+            if state.best.as_ref().is_none_or(|(_, b)| m.log_loss < b.log_loss) {
+                state.best = Some((state.step, m));
+            }
+            eval = Some(m);
+        }
+        let ckpt_due = epoch_end
+            || eval.is_some()
+            || (hp.checkpoint_every_steps > 0 && state.step % hp.checkpoint_every_steps as u64 == 0);
+        if ckpt_due {
+            let dir = save_checkpoint(&state, &opt)?;
+            obs.on_checkpoint(state.step, &dir, eval.as_ref());
+        }
+    }
+
+    // the adapter: the best checkpoint by validation log loss, else the final weights
+    let (lora, head_t, best_eval, best_step) = match state.best {
+        Some((step, m)) if step != state.step => {
+            let dir = checkpoint_dir(spec.work_dir, step);
+            let tensors = adapter::read_tensors(&dir.join(TRAINABLE_FILE))?;
+            let lcfg = lora.config().clone();
+            let best = Lora::from_named(lcfg, &mcfg, &tensors, &device, None)?;
+            let h = tensors
+                .get(classifier::HEAD_NAME)
+                .ok_or_else(|| TrainFailure::Failed("checkpoint lacks the score head".into()))?
+                .to_device(&device)?;
+            obs.on_log(&format!("using the best checkpoint, step {step} (validation log loss {:.4})", m.log_loss));
+            (best, h, Some(m), Some(step))
+        }
+        Some((step, m)) => (lora, head_t, Some(m), Some(step)),
+        None => (lora, head_t, None, None),
+    };
+    let calibration = if hp.calibrate && !val.is_empty() {
+        let (_, logits) = evaluate(&lora, &head_t)?;
+        let labels: Vec<usize> = val.iter().map(|e| e.label).collect();
+        let c = fit_temperature(&logits, &labels);
+        obs.on_log(&format!(
+            "calibration: temperature {:.3}, validation log loss {:.4} -> {:.4}",
+            c.temperature, c.log_loss_before, c.log_loss_after
+        ));
+        Some(c)
+    } else {
+        None
+    };
+    let temperature = calibration.map_or(1.0, |c| c.temperature);
+    let adapter_dir = spec.work_dir.join("adapter");
+    let summary = TrainSummary {
+        adapter_dir: adapter_dir.clone(),
+        steps: state.step,
+        train_rows: spec.train_rows.len(),
+        validation_rows: val.len(),
+        final_train_loss: state.last_loss,
+        best_step,
+        best_eval,
+        calibration,
+        temperature,
+        tokens_seen: state.tokens_seen,
+        train_seconds: started.elapsed().as_secs_f64(),
+    };
+    let meta = AdapterMeta {
+        labels: Vec::new(),
+        temperature,
+        max_length: hp.max_length,
+        base_model: base.name.clone(),
+        metrics: serde_json::to_value(&summary).unwrap_or(serde_json::Value::Null),
+    };
+    adapter::save(&adapter_dir, &base.llama, &lora, &head_t, &meta)?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let hp = Hyperparameters { warmup_steps: 2, learning_rate: 1.0, ..Default::default() };
+        assert_eq!(learning_rate(&hp, 0, 10), 0.5);
+        assert_eq!(learning_rate(&hp, 1, 10), 1.0);
+        assert!((learning_rate(&hp, 6, 10) - 0.5).abs() < 1e-12);
+        let cos = Hyperparameters { lr_schedule: LrSchedule::Cosine, ..hp };
+        assert!((learning_rate(&cos, 6, 10) - 0.5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn metrics_and_temperature() {
+        let probs = [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]];
+        let m = metrics(&probs, &[0, 1, 2, 1]);
+        assert_eq!(m.accuracy, 0.75);
+        assert!((m.balanced_accuracy - (1.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12);
+        // overconfident logits: calibration must lower the log loss
+        let logits = [[8.0, 0.0, 0.0], [0.0, 8.0, 0.0], [8.0, 0.0, 0.0], [0.0, 0.0, 8.0]];
+        let c = fit_temperature(&logits, &[0, 1, 1, 2]);
+        assert!(c.temperature > 1.0 && c.log_loss_after < c.log_loss_before);
+    }
+
+    #[test]
+    fn epoch_order_is_seeded_and_covers_every_row() {
+        let lengths: Vec<usize> = (0..103).map(|i| i % 17).collect();
+        let a = epoch_batches(&lengths, 8, 1, 0);
+        assert_eq!(a, epoch_batches(&lengths, 8, 1, 0));
+        assert_ne!(a, epoch_batches(&lengths, 8, 1, 1));
+        let mut all: Vec<usize> = a.concat();
+        all.sort();
+        assert_eq!(all, (0..103).collect::<Vec<_>>());
+    }
+}
