@@ -405,23 +405,21 @@ impl Llama {
         Ok(Self::assemble(cfg, embed, blocks, norm, lm_head, device, act_dtype))
     }
 
-    /// Random weights of a given shape (benchmarks and tests), dense of `dtype`.
+    /// Random weights of a given shape (benchmarks and tests), dense of `dtype`, drawn on the
+    /// device (uniform with standard deviation 0.02).
     pub fn random(cfg: Config, dtype: DType, seed: u64, device: &Device) -> Result<Llama, MlError> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let mut randn = |shape: (usize, usize), std: f32| -> Result<Tensor, MlError> {
-            // uniform with the given standard deviation: cheap and good enough for shapes
-            let n = shape.0 * shape.1;
-            let a = std * 3f32.sqrt();
-            let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
-            Ok(Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?)
+        // CPU has no seedable generator in candle: CPU draws are unseeded (benchmarks only)
+        let _ = device.set_seed(seed);
+        let a = 0.02 * 3f64.sqrt();
+        let randn = |shape: (usize, usize)| -> Result<Tensor, MlError> {
+            Ok(Tensor::rand(-a as f32, a as f32, shape, device)?.to_dtype(dtype)?)
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
             let mut proj = Vec::with_capacity(7);
             for p in Proj::ALL {
                 let (i, o) = cfg.proj_shape(p);
-                proj.push(FrozenLinear::dense(randn((o, i), 0.02)?)?);
+                proj.push(FrozenLinear::dense(randn((o, i))?)?);
             }
             blocks.push(Block {
                 attn_norm: Tensor::ones(cfg.hidden_size, dtype, device)?,
@@ -429,7 +427,7 @@ impl Llama {
                 proj: proj.try_into().map_err(|_| MlError::Model("block has 7 projections".into()))?,
             });
         }
-        let embed = randn((cfg.vocab_size, cfg.hidden_size), 0.02)?;
+        let embed = randn((cfg.vocab_size, cfg.hidden_size))?;
         let lm_head = FrozenLinear::dense(embed.clone())?;
         let norm = Tensor::ones(cfg.hidden_size, dtype, device)?;
         Ok(Self::assemble(cfg, embed, blocks, norm, lm_head, device, dtype))
@@ -542,13 +540,8 @@ impl Llama {
             // GQA: each group of nh/nkv query heads shares one key/value head
             let rep = nh / nkv;
             let q = q.reshape((b, nkv, rep * t, hd))?;
-            let att = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
-            let att = att.reshape((b, nh, t, t))?;
-            let att = match &mask {
-                Some(m) => att.broadcast_add(m)?,
-                None => att,
-            };
-            let att = ops::softmax_last_dim(&att)?;
+            let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
+            let att = ops::masked_softmax(&att, mask.as_ref(), 1.0 / (hd as f64).sqrt())?;
             let y = att.reshape((b, nkv, rep * t, t))?.matmul(&v)?;
             let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             let y = self.linear(li, Proj::O, &y, lora)?;

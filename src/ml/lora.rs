@@ -171,13 +171,15 @@ impl Lora {
         let Some((a, b)) = self.factors.get(&(layer, p)) else {
             return Ok(None);
         };
-        let x = if x.dtype() != a.dtype() { x.to_dtype(a.dtype())? } else { x.clone() };
+        // the factors are kept in f32; the matmuls run in the activations' dtype (as under
+        // autocast), and the casts pass gradients back to the f32 factors
+        let (a, b) = if x.dtype() != a.dtype() { (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?) } else { (a.clone(), b.clone()) };
         let x = match ctx.dropout {
             Some((prob, seed)) if prob > 0.0 => {
                 let mask = dropout_mask(x.dims(), prob, mix(seed, layer as u64, p as u64), x.device())?;
-                (x * mask.to_dtype(a.dtype())?)?
+                (x * mask.to_dtype(x.dtype())?)?
             }
-            _ => x,
+            _ => x.clone(),
         };
         let h = x.broadcast_matmul(&a.t()?)?;
         let y = h.broadcast_matmul(&b.t()?)?;
@@ -196,8 +198,14 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Inverted-dropout mask: 0 with probability `p`, else 1/(1-p); a pure function of the seed.
+/// Inverted-dropout mask: 0 with probability `p`, else 1/(1-p). On the CPU a pure function of
+/// the seed; on accelerators drawn from the device generator (seeded per micro-batch by the
+/// trainer).
 fn dropout_mask(shape: &[usize], p: f32, seed: u64, device: &Device) -> candle_core::Result<Tensor> {
+    if !device.is_cpu() {
+        let u = Tensor::rand(0f32, 1f32, shape, device)?;
+        return u.ge(p)?.to_dtype(DType::F32)? * (1.0 / (1.0 - p as f64));
+    }
     let n: usize = shape.iter().product();
     let keep = 1.0 / (1.0 - p);
     let threshold = (p as f64 * u32::MAX as f64) as u32;

@@ -240,6 +240,27 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// `softmax(x * scale + mask)` over the last dimension, `mask` broadcast onto `x` (additive,
+/// `-inf` hides a key). Only the input and the output stay alive for the backward
+/// (`scale * y * (g - sum(g*y))`), not the scaled and masked intermediates.
+pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+    let xd = (x.detach() * scale)?;
+    let xd = match mask {
+        Some(m) => xd.broadcast_add(&m.to_dtype(xd.dtype())?)?,
+        None => xd,
+    };
+    let y = candle_nn::ops::softmax_last_dim(&xd.contiguous()?)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    let ys = y.clone();
+    with_grad("masked-softmax", x, y, move |grad| {
+        let gy = (grad * &ys)?;
+        let s = gy.sum_keepdim(D::Minus1)?;
+        (gy - ys.broadcast_mul(&s)?)? * scale
+    })
+}
+
 /// SiLU (x * sigmoid(x)); backward `g * s * (1 + x * (1 - s))`.
 pub fn silu(x: &Tensor) -> Result<Tensor> {
     let y = candle_nn::ops::silu(&x.detach())?;
@@ -306,7 +327,9 @@ mod tests {
     #[test]
     fn softmax_and_silu_gradients_match_finite_differences() -> Result<()> {
         finite_diff_check(softmax_last_dim, &[2, 3, 5], 1e-6)?;
-        finite_diff_check(silu, &[2, 7], 1e-6)
+        finite_diff_check(silu, &[2, 7], 1e-6)?;
+        let mask = Tensor::new(&[[0f64, f64::NEG_INFINITY, 0.0, 0.0, -1.0]], &Device::Cpu)?;
+        finite_diff_check(|x| masked_softmax(x, Some(&mask), 0.7), &[2, 3, 5], 1e-6)
     }
 
     #[test]

@@ -429,6 +429,11 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             state.tokens_seen += batch.tokens() as u64;
             let micro_seed = hp.seed ^ (state.step * 1024 + mi as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
             let ctx = LoraCtx { dropout: Some((dropout, micro_seed)) };
+            // accelerators draw dropout masks from the device generator: seed it per micro-batch
+            // so a resumed run replays the same masks (the CPU path needs no device seed)
+            if !device.is_cpu() {
+                device.set_seed(micro_seed)?;
+            }
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             let loss = weighted_ce(&logits, &labels, class_weights)?;
             let lv = loss.to_scalar::<f32>()? as f64;

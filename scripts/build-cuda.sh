@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Build the CUDA binary on a machine without a GPU: CUDA 13.0 compiler, headers and libraries
+# come from PyPI wheels (scripts/setup-cuda-toolkit.sh). Output: target/cuda/release/arbiter
+# and its xz-compressed copy target-ship/arbiter-cuda.xz, ready to carry to a GPU machine.
+# Usage: scripts/build-cuda.sh [toolkit prefix, default /opt/arbiter-cuda]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PREFIX=${1:-/opt/arbiter-cuda}
+CU="$PREFIX/nvidia/cu13"
+if [ ! -x "$CU/bin/nvcc" ]; then
+  scripts/setup-cuda-toolkit.sh "$PREFIX"
+fi
+export PATH="$CU/bin:$PATH" CUDA_HOME="$CU" CUDA_PATH="$CU" NVCC="$CU/bin/nvcc" CUDA_COMPUTE_CAP=90
+export LIBRARY_PATH="$CU/lib:$CU/lib/stubs:${LIBRARY_PATH:-}"
+export CARGO_TARGET_DIR=target/cuda
+cargo build --release --features cuda --bin arbiter
+mkdir -p target-ship
+strip -o target-ship/arbiter-cuda target/cuda/release/arbiter
+xz -T2 -6 -f target-ship/arbiter-cuda
+ls -la target-ship/
