@@ -181,8 +181,8 @@ impl Lora {
             }
             _ => x.clone(),
         };
-        let h = x.broadcast_matmul(&a.t()?)?;
-        let y = h.broadcast_matmul(&b.t()?)?;
+        let h = super::ops::linear_nt(&x, &a)?;
+        let y = super::ops::linear_nt(&h, &b)?;
         Ok(Some((y * self.scale)?))
     }
 }

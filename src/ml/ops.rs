@@ -79,6 +79,34 @@ pub fn with_grad(
     x.apply_op1(WithGrad { name, value: Mutex::new(Some(value)), backward: Box::new(backward) })
 }
 
+/// `x @ w^T` for `x` of any rank `[.., in]` and `w` `[out, in]`, as one 2-D GEMM.
+pub fn linear_nt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
+    let rows = x.elem_count() / k.max(1);
+    let out = w.dim(0)?;
+    let y = x.reshape((rows, k))?.matmul(&w.t()?)?;
+    let mut shape = dims;
+    if let Some(last) = shape.last_mut() {
+        *last = out;
+    }
+    y.reshape(shape)
+}
+
+/// `x @ w` for `x` of any rank `[.., k]` and `w` `[k, n]`, as one 2-D GEMM.
+pub fn linear_nn(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let k = *dims.last().ok_or_else(|| candle_core::Error::Msg("linear on a scalar".into()))?;
+    let rows = x.elem_count() / k.max(1);
+    let n = w.dim(1)?;
+    let y = x.reshape((rows, k))?.matmul(w)?;
+    let mut shape = dims;
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    y.reshape(shape)
+}
+
 /// A frozen weight `[out, in]`: dense (f32/bf16/f16) or kept quantized in a GGML type.
 #[derive(Clone, Debug)]
 pub enum FrozenWeight {
@@ -149,7 +177,7 @@ impl FrozenLinear {
         match &self.weight {
             FrozenWeight::Dense(w) => {
                 let x = if x.dtype() != w.dtype() { x.to_dtype(w.dtype())? } else { x.clone() };
-                x.broadcast_matmul(&w.t()?)
+                linear_nt(&x, w)
             }
             FrozenWeight::Quantized(_) => {
                 let dtype = x.dtype();
@@ -169,7 +197,7 @@ impl FrozenLinear {
         let in_dtype = x.dtype();
         with_grad("frozen-linear", x, y, move |grad| {
             let w = this.dense_weight(grad.dtype())?;
-            grad.broadcast_matmul(&w)?.to_dtype(in_dtype)
+            linear_nn(grad, &w)?.to_dtype(in_dtype)
         })
     }
 }

@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""One table: Arbiter (bench JSON lines) vs PEFT (reference JSON), with ratios."""
+import json, sys
+
+arb = [json.loads(l) for l in open(sys.argv[1]) if l.strip().startswith("{")]
+try:
+    peft = json.load(open(sys.argv[2]))["results"]
+except Exception:
+    peft = []
+
+def peft_row(config, kind, batch, ckpt=False, variant=None):
+    for r in peft:
+        if r["config"] == config and r["kind"] == kind and r["batch"] == batch and r.get("ckpt") == ckpt \
+                and (variant is None or r["variant"] == variant) and "error" not in r:
+            return r
+    return None
+
+print("| shape | mode | batch | Arbiter | PEFT | ratio | Arbiter peak GiB | PEFT peak GiB |")
+print("|---|---|---|---|---|---|---|---|")
+for a in arb:
+    shape, mode, b = a["shape"], a["mode"], a["batch_size"]
+    if mode == "train":
+        p = peft_row(shape, "train", b, ckpt=False)
+        av, pv, unit = a["tokens_per_s"], (p or {}).get("tokens_per_s"), "tok/s"
+    else:
+        p = peft_row(shape, "infer", b, variant="merged-bf16")
+        av, pv, unit = a["sequences_per_s"], (p or {}).get("seq_per_s"), "seq/s"
+    ratio = f"{av / pv:.2f}x" if pv else "n/a"
+    ag = (a.get("peak_gpu_bytes") or 0) / 2**30
+    pg = (p or {}).get("peak_gib")
+    pv_s = f"{pv:,.1f} {unit}" if pv else "n/a"
+    pg_s = f"{pg:.1f}" if pg is not None else "n/a"
+    print(f"| {shape} | {mode} | {b} | {av:,.1f} {unit} | {pv_s} | {ratio} | {ag:.1f} | {pg_s} |")
