@@ -1,5 +1,6 @@
 //! Arbiter: an HTTP training-and-inference service for pairwise preference prediction.
 
+pub mod bench;
 pub mod config;
 pub mod data;
 pub mod http;

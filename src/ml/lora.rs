@@ -153,6 +153,13 @@ impl Lora {
         Ok(Lora { cfg, scale, factors })
     }
 
+    /// The same factors outside any autograd graph (shared storage), for inference: a forward
+    /// through trainable variables would otherwise record a graph and keep every activation.
+    pub fn detached(&self) -> Lora {
+        let factors = self.factors.iter().map(|(k, (a, b))| (*k, (a.detach(), b.detach()))).collect();
+        Lora { cfg: self.cfg.clone(), scale: self.scale, factors }
+    }
+
     /// Factors converted to `dtype` (inference in bf16, say).
     pub fn to_dtype(&self, dtype: DType) -> Result<Lora, MlError> {
         let mut factors = BTreeMap::new();

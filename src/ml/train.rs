@@ -272,10 +272,13 @@ pub fn predict_logits(
     order.sort_by_key(|i| std::cmp::Reverse(encoded[*i].len()));
     let mut out = vec![[0f32; 3]; encoded.len()];
     let ctx = LoraCtx::default();
+    // inference: no autograd graph, even when the factors are trainable variables
+    let lora = lora.map(Lora::detached);
+    let head = head.detach();
     for chunk in order.chunks(batch_size.max(1)) {
         let rows: Vec<Vec<u32>> = chunk.iter().map(|i| encoded[*i].clone()).collect();
         let batch = Batch::right_padded(&rows, base.pad_id, base.llama.device())?;
-        let logits = classifier::logits(&base.llama, lora.map(|l| (l, &ctx)), head, &batch)?;
+        let logits = classifier::logits(&base.llama, lora.as_ref().map(|l| (l, &ctx)), &head, &batch)?;
         for (j, row) in logits.to_vec2::<f32>()?.into_iter().enumerate() {
             out[chunk[j]] = [row[0], row[1], row[2]];
         }

@@ -1,0 +1,191 @@
+//! `arbiter bench`: training and inference throughput, peak memory and achieved TFLOP/s on
+//! random data, with random weights of a known shape or a real model, printed as JSON lines.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor, Var};
+use clap::{Args, Subcommand};
+
+use crate::ml::classifier;
+use crate::ml::llama::{known_shape, Batch, Llama};
+use crate::ml::lora::{Lora, LoraConfig, LoraCtx};
+use crate::ml::model::{BaseFormat, BaseModel};
+
+/// Parse `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> anyhow::Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = s.strip_prefix("cuda:").map_or(Ok(0), str::parse)?;
+            if !candle_core::utils::cuda_is_available() {
+                anyhow::bail!("device {s}: this binary was built without CUDA (cargo build --features cuda)");
+            }
+            Ok(Device::new_cuda(n)?)
+        }
+        other => anyhow::bail!("unknown device {other:?}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// LoRA training steps (forward, backward, AdamW) on random data.
+    Train(BenchArgs),
+    /// Classifier forward passes on random data.
+    Predict(BenchArgs),
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Model shape: llama3-8b or smollm2-135m.
+    #[arg(long, default_value = "smollm2-135m")]
+    pub shape: String,
+    /// Random weights (no model files needed). Without it, `--model` is loaded.
+    #[arg(long)]
+    pub random_init: bool,
+    #[arg(long, env = "ARBITER_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub base_format: BaseFormat,
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Comma-separated batch sizes; each is measured.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub batch_size: Vec<usize>,
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
+    pub lora_target_modules: Vec<String>,
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), bytes.
+fn peak_rss() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Device memory in use now (CUDA: total - free, which includes the allocator's cached pool).
+fn gpu_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let (free, total) = d.cuda_stream().context().mem_get_info().ok()?;
+        return Some((total - free) as u64);
+    }
+    let _ = device;
+    None
+}
+
+fn sync(device: &Device) -> anyhow::Result<()> {
+    device.synchronize()?;
+    Ok(())
+}
+
+pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
+    let (args, training) = match cmd {
+        BenchCommand::Train(a) => (a, true),
+        BenchCommand::Predict(a) => (a, false),
+    };
+    let device = parse_device(&args.device)?;
+    let fmt = args.base_format.weight_format(&device);
+    let llama = if args.random_init {
+        let cfg = known_shape(&args.shape).ok_or_else(|| anyhow::anyhow!("unknown shape {:?}", args.shape))?;
+        let dtype = match fmt {
+            crate::ml::llama::WeightFormat::Dense(d) => d,
+            crate::ml::llama::WeightFormat::Quantized(_) => DType::F32,
+        };
+        Llama::random(cfg, dtype, 1, &device)?
+    } else {
+        BaseModel::load(&args.model, args.base_format, &device)?.llama
+    };
+    let cfg = llama.config().clone();
+    let mut vars = Vec::new();
+    let lcfg = LoraConfig::from_names(args.lora_r, 2.0 * args.lora_r as f64, 0.0, &args.lora_target_modules)?;
+    let lora = Lora::init(lcfg, &cfg, 1, &device, &mut vars)?;
+    let head = Var::zeros((3, cfg.hidden_size), DType::F32, &device)?;
+    vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
+    let frozen_lora = lora.detached();
+    for &b in &args.batch_size {
+        let ids: Vec<Vec<u32>> = (0..b)
+            .map(|i| (0..args.seq_len).map(|j| ((i * 7919 + j * 104_729) % (cfg.vocab_size - 1) + 1) as u32).collect())
+            .collect();
+        let batch = Batch::right_padded(&ids, 0, &device)?;
+        let ctx = LoraCtx { dropout: Some((0.05, 1)) };
+        let peak_gpu = std::cell::Cell::new(gpu_used(&device).unwrap_or(0));
+        let sample = || {
+            if let Some(u) = gpu_used(&device) {
+                peak_gpu.set(peak_gpu.get().max(u));
+            }
+        };
+        let run = |training: bool| -> anyhow::Result<()> {
+            if training {
+                let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), &batch)?;
+                sync(&device)?;
+                sample();
+                let labels = Tensor::from_vec((0..b as u32).map(|i| i % 3).collect::<Vec<_>>(), b, &device)?;
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+                let grads = loss.backward()?;
+                let lr = 1e-4;
+                for (_, v) in &vars {
+                    if let Some(g) = grads.get(v.as_tensor()) {
+                        v.set(&(v.as_tensor() - (g * lr)?)?)?;
+                    }
+                }
+            } else {
+                let infer = LoraCtx::default();
+                let logits = classifier::logits(&llama, Some((&frozen_lora, &infer)), &head.as_tensor().detach(), &batch)?;
+                let _ = logits.to_vec2::<f32>()?;
+            }
+            sample();
+            Ok(())
+        };
+        for _ in 0..args.warmup {
+            run(training)?;
+        }
+        sync(&device)?;
+        let t0 = Instant::now();
+        for _ in 0..args.steps {
+            run(training)?;
+        }
+        sync(&device)?;
+        let secs = t0.elapsed().as_secs_f64();
+        let tokens = (b * args.seq_len * args.steps) as f64;
+        // the reference benchmark's FLOP model: N = matmul parameters (blocks + score head);
+        // causal attention averages T/2 keys; frozen-base LoRA training = fwd 2N + input-grad
+        // bwd 2N, attention and LoRA fwd + 2x bwd
+        let (d, l) = (cfg.hidden_size as f64, cfg.num_layers as f64);
+        let (qd, kvd) = ((cfg.num_heads * cfg.head_dim) as f64, (cfg.num_kv_heads * cfg.head_dim) as f64);
+        let n_mm = l * (2.0 * d * qd + 2.0 * d * kvd + 3.0 * d * cfg.intermediate_size as f64) + 3.0 * d;
+        let attn = l * 2.0 * 2.0 * (args.seq_len as f64 / 2.0) * qd;
+        let lora_fwd = l * 2.0 * args.lora_r as f64 * ((d + qd) * 2.0 + (d + kvd) * 2.0);
+        let flops_per_token =
+            if training { 4.0 * n_mm + 3.0 * attn + 3.0 * lora_fwd } else { 2.0 * n_mm + attn + lora_fwd };
+        let report = serde_json::json!({
+            "mode": if training { "train" } else { "predict" },
+            "shape": if args.random_init { args.shape.clone() } else { args.model.display().to_string() },
+            "device": args.device,
+            "base_format": format!("{:?}", fmt),
+            "seq_len": args.seq_len,
+            "batch_size": b,
+            "steps": args.steps,
+            "seconds": secs,
+            "tokens_per_s": tokens / secs,
+            "sequences_per_s": (b * args.steps) as f64 / secs,
+            "ms_per_step": secs * 1000.0 / args.steps as f64,
+            "tflops": flops_per_token * tokens / secs / 1e12,
+            "mfu_vs_790": flops_per_token * tokens / secs / 790e12,
+            "peak_rss_bytes": peak_rss(),
+            "peak_gpu_bytes": gpu_used(&device).map(|_| peak_gpu.get()),
+            "weight_bytes": llama.weight_bytes(),
+        });
+        println!("{report}");
+    }
+    Ok(())
+}
