@@ -469,27 +469,6 @@ impl Llama {
         Ok((ang.cos()?.to_dtype(self.dtype)?, ang.sin()?.to_dtype(self.dtype)?))
     }
 
-    /// Additive attention mask `[b, 1, t, t]`: key j is visible to query i iff start <= j <= i.
-    fn mask(&self, batch: &Batch, t: usize) -> Result<Tensor, MlError> {
-        let b = batch.spans.len();
-        let mut m = vec![0f32; b * t * t];
-        for (r, (s, _)) in batch.spans.iter().enumerate() {
-            for i in 0..t {
-                for j in 0..t {
-                    if j > i || j < *s {
-                        m[(r * t + i) * t + j] = f32::NEG_INFINITY;
-                    }
-                }
-                // a padding query before the span sees nothing: let it see itself so its
-                // softmax stays finite (its output is never used)
-                if i < *s {
-                    m[(r * t + i) * t + i] = 0.0;
-                }
-            }
-        }
-        Ok(Tensor::from_vec(m, (b, 1, t, t), &self.device)?.to_dtype(self.dtype)?)
-    }
-
     fn linear(
         &self,
         layer: usize,
@@ -523,7 +502,11 @@ impl Llama {
         let cfg = &self.cfg;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let (cos, sin) = self.rope_tables(batch, t)?;
-        let mask = if t > 1 { Some(self.mask(batch, t)?) } else { None };
+        let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
+        // query chunks small enough that one chunk's scores stay around 256 MB
+        let elem = self.dtype.size_in_bytes();
+        let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, t.max(16)).min(t);
+        let masks = ops::causal_mask_chunks(&starts, t, chunk, self.dtype, &self.device)?;
         let eps = cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
         for (li, blk) in self.blocks.iter().enumerate() {
@@ -539,11 +522,14 @@ impl Llama {
             let k = ops::rope(&k, &cos, &sin, cfg.rope_interleaved)?;
             // GQA: each group of nh/nkv query heads shares one key/value head
             let rep = nh / nkv;
-            let q = q.reshape((b, nkv, rep * t, hd))?;
-            let att = q.matmul(&k.t()?)?.reshape((b, nh, t, t))?;
-            let att = ops::masked_softmax(&att, mask.as_ref(), 1.0 / (hd as f64).sqrt())?;
-            let y = att.reshape((b, nkv, rep * t, t))?.matmul(&v)?;
-            let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+            let (k, v) = if rep > 1 {
+                let expand = |x: &Tensor| x.unsqueeze(2)?.broadcast_as((b, nkv, rep, t, hd))?.reshape((b, nh, t, hd));
+                (expand(&k)?, expand(&v)?)
+            } else {
+                (k, v)
+            };
+            let y = ops::causal_attention(&q, &k, &v, &masks, chunk, 1.0 / (hd as f64).sqrt())?;
+            let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             let y = self.linear(li, Proj::O, &y, lora)?;
             x = (x + y)?;
             let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;

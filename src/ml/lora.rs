@@ -184,7 +184,7 @@ impl Lora {
         let x = match ctx.dropout {
             Some((prob, seed)) if prob > 0.0 => {
                 let mask = dropout_mask(x.dims(), prob, mix(seed, layer as u64, p as u64), x.device())?;
-                (x * mask.to_dtype(x.dtype())?)?
+                super::ops::dropout_with_mask(x, mask, 1.0 / (1.0 - prob as f64))?
             }
             _ => x.clone(),
         };
@@ -205,26 +205,22 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Inverted-dropout mask: 0 with probability `p`, else 1/(1-p). On the CPU a pure function of
-/// the seed; on accelerators drawn from the device generator (seeded per micro-batch by the
-/// trainer).
+/// Dropout keep-mask, one byte per element (0 drop, 1 keep, drop probability `p`). On the CPU
+/// a pure function of the seed; on accelerators drawn from the device generator (seeded per
+/// micro-batch by the trainer).
 fn dropout_mask(shape: &[usize], p: f32, seed: u64, device: &Device) -> candle_core::Result<Tensor> {
     if !device.is_cpu() {
-        let u = Tensor::rand(0f32, 1f32, shape, device)?;
-        return u.ge(p)?.to_dtype(DType::F32)? * (1.0 / (1.0 - p as f64));
+        return Tensor::rand(0f32, 1f32, shape, device)?.ge(p);
     }
     let n: usize = shape.iter().product();
-    let keep = 1.0 / (1.0 - p);
     let threshold = (p as f64 * u32::MAX as f64) as u32;
     let mut v = Vec::with_capacity(n);
     let mut state = seed;
-    let mut i = 0;
-    while i < n {
+    while v.len() < n {
         state = splitmix(state);
         for half in [state as u32, (state >> 32) as u32] {
-            if i < n {
-                v.push(if half < threshold { 0.0f32 } else { keep });
-                i += 1;
+            if v.len() < n {
+                v.push(u8::from(half >= threshold));
             }
         }
     }
@@ -237,13 +233,11 @@ mod tests {
 
     #[test]
     fn dropout_mask_is_deterministic_with_the_right_rate() -> candle_core::Result<()> {
-        let m1 = dropout_mask(&[100, 100], 0.1, 7, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
-        let m2 = dropout_mask(&[100, 100], 0.1, 7, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let m1 = dropout_mask(&[100, 100], 0.1, 7, &Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
+        let m2 = dropout_mask(&[100, 100], 0.1, 7, &Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
         assert_eq!(m1, m2);
-        let zeros = m1.iter().filter(|x| **x == 0.0).count() as f64 / m1.len() as f64;
+        let zeros = m1.iter().filter(|x| **x == 0).count() as f64 / m1.len() as f64;
         assert!((zeros - 0.1).abs() < 0.02, "dropout rate {zeros}");
-        let mean = m1.iter().map(|x| *x as f64).sum::<f64>() / m1.len() as f64;
-        assert!((mean - 1.0).abs() < 0.03, "mask mean {mean}");
         Ok(())
     }
 }

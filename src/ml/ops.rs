@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QMatMul, QTensor};
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 
-type Backward = Box<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Backward3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
 
 /// Attaches a backward function to a value computed outside the graph: the result equals
 /// `value` and, in backprop, `grad(x) = backward(grad(result))`.
@@ -40,37 +41,99 @@ impl CustomOp1 for WithGrad {
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        let value = self.take_value()?;
-        let shape = value.shape().clone();
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, shape)),
-            _ => candle_core::bail!("{}: value is not on the cpu", self.name),
-        }
+        clone_value_cpu(self.name, self.take_value()?)
     }
 
     fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        let value = self.take_value()?;
-        let shape = value.shape().clone();
-        let (storage, layout) = value.storage_and_layout();
-        match &*storage {
-            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
-            _ => candle_core::bail!("{}: value is not on a cuda device", self.name),
-        }
+        clone_value_cuda(self.name, self.take_value()?)
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        (self.backward)(grad_res).map(Some)
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        (self.backward)(arg, res, grad_res).map(Some)
     }
 }
 
-/// `value` (computed from `x.detach()`) as a node of `x`'s graph with the given backward.
-/// When `x` is not tracked, `value` is returned as is.
+fn clone_value_cpu(name: &str, value: Tensor) -> Result<(CpuStorage, Shape)> {
+    let shape = value.shape().clone();
+    let (storage, layout) = value.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(s) => Ok((s.try_clone(layout)?, shape)),
+        _ => candle_core::bail!("{name}: value is not on the cpu"),
+    }
+}
+
+fn clone_value_cuda(name: &str, value: Tensor) -> Result<(CudaStorage, Shape)> {
+    let shape = value.shape().clone();
+    let (storage, layout) = value.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, shape)),
+        _ => candle_core::bail!("{name}: value is not on a cuda device"),
+    }
+}
+
+/// Like `WithGrad` for ops of three inputs.
+struct WithGrad3 {
+    name: &'static str,
+    value: Mutex<Option<Tensor>>,
+    backward: Backward3,
+}
+
+impl CustomOp3 for WithGrad3 {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        clone_value_cpu(self.name, take(&self.value, self.name)?)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        clone_value_cuda(self.name, take(&self.value, self.name)?)
+    }
+
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [g1, g2, g3] = (self.backward)([a1, a2, a3], res, grad_res)?;
+        Ok((Some(g1), Some(g2), Some(g3)))
+    }
+}
+
+fn take(value: &Mutex<Option<Tensor>>, name: &str) -> Result<Tensor> {
+    let mut guard = value.lock().map_err(|_| candle_core::Error::Msg(format!("{name}: poisoned value lock")))?;
+    guard.take().ok_or_else(|| candle_core::Error::Msg(format!("{name}: forward ran twice")))
+}
+
+/// `value` (computed from `x.detach()`) as a node of `x`'s graph with the given backward,
+/// called as `backward(x, result, grad_of_result)`. When `x` is not tracked, `value` is
+/// returned as is. The backward should read `x` and the result from its arguments rather than
+/// capture copies, so nothing is kept twice.
 pub fn with_grad(
     name: &'static str,
     x: &Tensor,
     value: Tensor,
-    backward: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(value);
@@ -195,7 +258,7 @@ impl FrozenLinear {
         }
         let this = self.clone();
         let in_dtype = x.dtype();
-        with_grad("frozen-linear", x, y, move |grad| {
+        with_grad("frozen-linear", x, y, move |_, _, grad| {
             let w = this.dense_weight(grad.dtype())?;
             linear_nn(grad, &w)?.to_dtype(in_dtype)
         })
@@ -213,9 +276,8 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    let xs = x.detach();
     let weight = weight.clone();
-    with_grad("rms-norm", x, y, move |grad| {
+    with_grad("rms-norm", x, y, move |xs, _, grad| {
         // r = 1/sqrt(mean(x²)+eps); u = g*w; dx = r*u - x * r³ * mean(u*x)
         let x = xs.to_dtype(DType::F32)?;
         let g = grad.to_dtype(DType::F32)?;
@@ -244,7 +306,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
         return Ok(y);
     }
     let (cos, neg_sin) = (cos.clone(), sin.neg()?);
-    with_grad("rope", x, y, move |grad| {
+    with_grad("rope", x, y, move |_, _, grad| {
         let g = grad.contiguous()?;
         if interleaved {
             candle_nn::rotary_emb::rope_i(&g, &cos, &neg_sin)
@@ -260,9 +322,8 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    let ys = y.clone();
-    with_grad("softmax", x, y, move |grad| {
-        let gy = (grad * &ys)?;
+    with_grad("softmax", x, y, move |_, ys, grad| {
+        let gy = (grad * ys)?;
         let s = gy.sum_keepdim(D::Minus1)?;
         gy - ys.broadcast_mul(&s)?
     })
@@ -281,12 +342,112 @@ pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<T
     if !x.track_op() {
         return Ok(y);
     }
-    let ys = y.clone();
-    with_grad("masked-softmax", x, y, move |grad| {
-        let gy = (grad * &ys)?;
+    with_grad("masked-softmax", x, y, move |_, ys, grad| {
+        let gy = (grad * ys)?;
         let s = gy.sum_keepdim(D::Minus1)?;
         (gy - ys.broadcast_mul(&s)?)? * scale
     })
+}
+
+/// Multiply by a dropout mask kept as one byte per element (0 drop, 1 keep), scaled by `keep`.
+pub fn dropout_with_mask(x: &Tensor, mask_u8: Tensor, keep: f64) -> Result<Tensor> {
+    let y = (x.detach() * (mask_u8.to_dtype(x.dtype())? * keep)?)?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    with_grad("dropout", x, y, move |xs, _, grad| {
+        (grad * (mask_u8.to_dtype(grad.dtype())? * keep)?)?.to_dtype(xs.dtype())
+    })
+}
+
+/// Additive causal mask chunks for `causal_attention`: chunk `i` covers queries
+/// `[i*chunk, min((i+1)*chunk, t))` against keys `[0, end)`, shape `[b or 1, 1, rows, end]`;
+/// key j is visible to query i of row r iff `starts[r] <= j <= i`.
+pub fn causal_mask_chunks(starts: &[usize], t: usize, chunk: usize, dtype: DType, device: &candle_core::Device) -> Result<Vec<Tensor>> {
+    let same = starts.iter().all(|s| *s == 0);
+    let rows_b = if same { 1 } else { starts.len() };
+    let mut out = Vec::new();
+    let mut c0 = 0;
+    while c0 < t {
+        let c1 = (c0 + chunk).min(t);
+        let mut m = vec![0f32; rows_b * (c1 - c0) * c1];
+        for r in 0..rows_b {
+            let s = if same { 0 } else { starts[r] };
+            for i in c0..c1 {
+                let row = &mut m[(r * (c1 - c0) + (i - c0)) * c1..][..c1];
+                for (j, v) in row.iter_mut().enumerate() {
+                    if j > i || j < s {
+                        *v = f32::NEG_INFINITY;
+                    }
+                }
+                // a padding query before the span sees only itself (its output is unused)
+                if i < s {
+                    row[i] = 0.0;
+                }
+            }
+        }
+        out.push(Tensor::from_vec(m, (rows_b, 1, c1 - c0, c1), device)?.to_dtype(dtype)?);
+        c0 = c1;
+    }
+    Ok(out)
+}
+
+/// Causal attention `softmax(q k^T * scale + mask) v` over `[b, h, t, d]` inputs, computed in
+/// query chunks so no `[t, t]` score matrix is ever kept: the backward recomputes each chunk's
+/// probabilities (as FlashAttention does) and needs only q, k, v and the output. Chunk `i`
+/// only reads keys up to its last query (causal skipping).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, masks: &[Tensor], chunk: usize, scale: f64) -> Result<Tensor> {
+    let t = q.dim(2)?;
+    let probs = move |qc: &Tensor, kc: &Tensor, mask: &Tensor| -> Result<Tensor> {
+        let s = (qc.matmul(&kc.t()?)? * scale)?.broadcast_add(mask)?;
+        candle_nn::ops::softmax_last_dim(&s)
+    };
+    let forward = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+        let mut outs = Vec::with_capacity(masks.len());
+        for (i, mask) in masks.iter().enumerate() {
+            let c0 = i * chunk;
+            let c1 = (c0 + chunk).min(t);
+            let qc = q.narrow(2, c0, c1 - c0)?.contiguous()?;
+            let kc = k.narrow(2, 0, c1)?.contiguous()?;
+            let vc = v.narrow(2, 0, c1)?.contiguous()?;
+            outs.push(probs(&qc, &kc, mask)?.matmul(&vc)?);
+        }
+        Tensor::cat(&outs, 2)
+    };
+    let out = forward(&q.detach(), &k.detach(), &v.detach())?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(out);
+    }
+    let masks: Vec<Tensor> = masks.to_vec();
+    let backward = move |[q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor| -> Result<[Tensor; 3]> {
+        let dtype = q.dtype();
+        let d_o = d_o.to_dtype(dtype)?.contiguous()?;
+        // D_i = sum_d dO_id * O_id
+        let dsum = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+        let mut dqs = Vec::with_capacity(masks.len());
+        let mut dk = k.zeros_like()?.to_dtype(DType::F32)?;
+        let mut dv = v.zeros_like()?.to_dtype(DType::F32)?;
+        for (i, mask) in masks.iter().enumerate() {
+            let c0 = i * chunk;
+            let c1 = (c0 + chunk).min(t);
+            let qc = q.narrow(2, c0, c1 - c0)?.contiguous()?;
+            let kc = k.narrow(2, 0, c1)?.contiguous()?;
+            let vc = v.narrow(2, 0, c1)?.contiguous()?;
+            let doc = d_o.narrow(2, c0, c1 - c0)?.contiguous()?;
+            let p = probs(&qc, &kc, mask)?;
+            let dvc = p.t()?.matmul(&doc)?;
+            let dp = doc.matmul(&vc.t()?)?;
+            let dc = dsum.narrow(2, c0, c1 - c0)?.to_dtype(dtype)?;
+            let ds = ((p * dp.broadcast_sub(&dc)?)? * scale)?;
+            dqs.push(ds.matmul(&kc)?);
+            let dkc = ds.t()?.matmul(&qc)?;
+            dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - c1)?)?;
+            dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - c1)?)?;
+        }
+        Ok([Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?])
+    };
+    let out = out.contiguous()?;
+    q.apply_op3(k, v, WithGrad3 { name: "causal-attention", value: Mutex::new(Some(out)), backward: Box::new(backward) })
 }
 
 /// SiLU (x * sigmoid(x)); backward `g * s * (1 + x * (1 - s))`.
@@ -295,11 +456,10 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    let xs = x.detach();
-    with_grad("silu", x, y, move |grad| {
-        let s = candle_nn::ops::sigmoid(&xs)?;
+    with_grad("silu", x, y, move |xs, _, grad| {
+        let s = candle_nn::ops::sigmoid(xs)?;
         let one_minus = s.affine(-1.0, 1.0)?;
-        let inner = ((&xs * one_minus)? + 1.0)?;
+        let inner = ((xs * one_minus)? + 1.0)?;
         grad * (s * inner)?
     })
 }
@@ -358,6 +518,25 @@ mod tests {
         finite_diff_check(silu, &[2, 7], 1e-6)?;
         let mask = Tensor::new(&[[0f64, f64::NEG_INFINITY, 0.0, 0.0, -1.0]], &Device::Cpu)?;
         finite_diff_check(|x| masked_softmax(x, Some(&mask), 0.7), &[2, 3, 5], 1e-6)
+    }
+
+    #[test]
+    fn chunked_attention_matches_plain_attention_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, t, d) = (2, 2, 7, 4);
+        let starts = [0usize, 2];
+        let k = Tensor::randn(0f64, 1.0, (b, h, t, d), &dev)?;
+        let v = Tensor::randn(0f64, 1.0, (b, h, t, d), &dev)?;
+        let masks = causal_mask_chunks(&starts, t, 3, DType::F64, &dev)?;
+        let full = causal_mask_chunks(&starts, t, t, DType::F64, &dev)?;
+        let q0 = Tensor::randn(0f64, 1.0, (b, h, t, d), &dev)?;
+        let plain = masked_softmax(&q0.matmul(&k.t()?)?, Some(&full[0]), 0.5)?.matmul(&v)?;
+        let chunked = causal_attention(&q0, &k, &v, &masks, 3, 0.5)?;
+        let diff = (plain - &chunked)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        assert!(diff < 1e-12, "chunked attention differs by {diff}");
+        finite_diff_check(|q| causal_attention(q, &k, &v, &masks, 3, 0.5), &[b, h, t, d], 1e-6)?;
+        finite_diff_check(|k| causal_attention(&q0, k, &v, &masks, 3, 0.5), &[b, h, t, d], 1e-6)?;
+        finite_diff_check(|v| causal_attention(&q0, &k, v, &masks, 3, 0.5), &[b, h, t, d], 1e-6)
     }
 
     #[test]
