@@ -315,7 +315,11 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
     assert.equal(status, 'succeeded', `job finished: ${summary}`);
     // Final state: bar full, evaluation drawn, checkpoints listed with download links.
     await page.waitForFunction(() => !document.querySelector('#cancel-job'));
-    assert.equal(await progress.getAttribute('aria-valuenow'), await progress.getAttribute('aria-valuemax'));
+    const total = Number(await progress.getAttribute('aria-valuemax'));
+    assert.equal(Number(await progress.getAttribute('aria-valuenow')), total);
+    // Every step's loss is an event: the chart holds exactly one point per step.
+    await page.waitForFunction((n) => (document.querySelector('#loss-panel svg')?.getAttribute('aria-label') || '').includes(`loss: ${n} points`)
+      || (document.querySelector('#loss-panel svg')?.getAttribute('aria-label') || '').includes(`loss (smoothed): ${n} points`), total);
     const evalLabel = await page.locator('#eval-panel svg').first().getAttribute('aria-label');
     assert.match(evalLabel, /\d+ points/, `eval chart has points: ${evalLabel}`);
     assert.ok(await page.locator('#event-log li').count() >= 3, 'event log filled');

@@ -108,9 +108,16 @@ const server = http.createServer(async (req, res) => {
       return send(res, 200, { ...pub, status: 'cancelled', finished_at: j.finished_at });
     }
     if (m[2] === '/events') {
-      const after = Number(url.searchParams.get('after') || 0);
-      const ev = events.get(j.id).filter((e) => e.id > after);
-      return send(res, 200, { data: ev, has_more: false });
+      // MOCK_NEWEST_FIRST=1 pages like OpenAI's API: newest first, `after` goes back in time.
+      const all = events.get(j.id);
+      const limit = Number(url.searchParams.get('limit') || 20);
+      const after = url.searchParams.get('after');
+      if (process.env.MOCK_NEWEST_FIRST === '1') {
+        const older = all.filter((e) => after === null || e.id < Number(after)).reverse();
+        return send(res, 200, { data: older.slice(0, limit), has_more: older.length > limit });
+      }
+      const ev = all.filter((e) => e.id > Number(after || 0));
+      return send(res, 200, { data: ev.slice(0, limit), has_more: ev.length > limit });
     }
     if (m[2] === '/checkpoints') return send(res, 200, { data: checkpoints.get(j.id).slice().reverse() });
   }

@@ -6,6 +6,7 @@
   const KEY_STORAGE = 'arbiter.apiKey';
   const POLL_MS = 2000;
   const IDLE_POLL_MS = 10000;
+  const EVENTS_PAGE = 500;
   const TERMINAL = new Set(['succeeded', 'failed', 'cancelled']);
   const main = document.getElementById('main');
   const conn = document.getElementById('conn');
@@ -563,7 +564,8 @@
         h('section', { class: 'panel', 'aria-labelledby': 'h-hyper' }, h('h2', { id: 'h-hyper' }, 'Hyperparameters'), hyper)),
       h('section', { class: 'panel', 'aria-labelledby': 'h-log' }, h('h2', { id: 'h-log' }, 'Event log'), logNote, log));
 
-    const train = [], evals = [];
+    // Keyed by step: a job resumed from a checkpoint repeats steps, the latest value wins.
+    const trainByStep = new Map(), evalByStep = new Map();
     const seenEvents = new Set();
     let after = null;
     let lastJob = null;
@@ -571,8 +573,8 @@
     let renderedHead = '';
 
     function redrawCharts() {
-      train.sort((a, b) => a[0] - b[0]);
-      evals.sort((a, b) => a.step - b.step);
+      const train = [...trainByStep].sort((a, b) => a[0] - b[0]);
+      const evals = [...evalByStep.values()].sort((a, b) => a.step - b.step);
       const raw = { name: 'loss', cls: 's1 raw', points: train.slice(), hideLegend: train.length > 20 };
       lossChart.set(train.length > 20 ? [raw, { name: 'loss (smoothed)', cls: 'smooth', points: ema(train, 0.15) }] : [{ ...raw, cls: 's1' }]);
       evalChart.set([{ name: 'log loss', cls: 's2', points: evals.map((e) => [e.step, e.log_loss]), markers: true }]);
@@ -640,46 +642,51 @@
       }
     }
 
+    // Events arrive in pages. Whether the server lists them oldest first (then `after` pages
+    // forward) or newest first (then `after` pages back in time, as OpenAI's API does) is
+    // detected from the first page; either way only unseen events are added, in time order.
+    let newestFirst = null;
+    function evCompare(a, b) {
+      const na = num(first(a.seq, a.id)), nb = num(first(b.seq, b.id));
+      if (na !== null && nb !== null) return na - nb;
+      const ta = toDate(first(a.created_at, a.time)), tb = toDate(first(b.created_at, b.time));
+      if (ta && tb && ta.getTime() !== tb.getTime()) return ta - tb;
+      return String(first(a.id, '')).localeCompare(String(first(b.id, '')));
+    }
+    const evKey = (ev) => String(first(ev.id, ev.seq, JSON.stringify(ev)));
     async function loadEvents() {
-      let added = false;
-      let newestFirst = null;
-      for (let page = 0; page < 20; page++) {
-        const q = new URLSearchParams({ limit: '500' });
-        if (after !== null) q.set('after', after);
+      const incoming = [];
+      let cursor = newestFirst ? null : after;
+      for (let page = 0; page < 50; page++) {
+        const q = new URLSearchParams({ limit: String(EVENTS_PAGE) });
+        if (cursor !== null) q.set('after', cursor);
         const res = await api(`/v1/fine-tuning/jobs/${encodeURIComponent(id)}/events?${q}`);
         const evs = listOf(res);
         if (!evs.length) break;
-        // Keep the log chronological whichever order the server pages in.
-        if (newestFirst === null && evs.length > 1) {
-          const a = first(evs[0].seq, evs[0].id), b = first(evs[evs.length - 1].seq, evs[evs.length - 1].id);
-          newestFirst = typeof a === 'number' && typeof b === 'number' ? a > b : false;
-        }
-        const ordered = newestFirst ? evs.slice().reverse() : evs;
-        let fresh = 0;
-        for (const ev of ordered) {
-          const evKey = first(ev.id, ev.seq, JSON.stringify(ev));
-          if (seenEvents.has(evKey)) continue;
-          seenEvents.add(evKey);
-          fresh++;
-          for (const p of pointsOf(ev)) {
-            if (p.kind === 'train') train.push([p.step, p.loss]);
-            else evals.push(p);
-          }
-          const lvl = String(first(ev.level, 'info')).toLowerCase();
-          log.append(h('li', { class: `lvl-${lvl}` }, clockEl(first(ev.created_at, ev.time, ev.ts)), h('span', {}, eventText(ev))));
-        }
-        added = added || fresh > 0;
-        const cursor = first(res && res.next_cursor, res && res.last_id, ordered.length ? first(ordered[ordered.length - 1].id, ordered[ordered.length - 1].seq) : null);
-        if (cursor !== null && cursor !== undefined) after = cursor;
-        if (!(res && res.has_more) || fresh === 0) break;
+        if (newestFirst === null && evs.length > 1) newestFirst = evCompare(evs[0], evs[evs.length - 1]) > 0;
+        const fresh = evs.filter((ev) => !seenEvents.has(evKey(ev)));
+        for (const ev of fresh) seenEvents.add(evKey(ev));
+        incoming.push(...fresh);
+        const next = first(res && res.next_cursor, res && res.last_id, first(evs[evs.length - 1].id, evs[evs.length - 1].seq));
+        if (!newestFirst) after = next;
+        cursor = next;
+        if (!(res && res.has_more) || fresh.length < evs.length) break;
       }
-      if (added) {
-        const nearBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-        while (log.children.length > 1000) log.firstChild.remove();
-        logNote.hidden = true;
-        redrawCharts();
-        if (nearBottom) log.scrollTop = log.scrollHeight;
+      if (!incoming.length) return;
+      incoming.sort(evCompare);
+      for (const ev of incoming) {
+        for (const p of pointsOf(ev)) {
+          if (p.kind === 'train') trainByStep.set(p.step, p.loss);
+          else evalByStep.set(p.step, p);
+        }
+        const lvl = String(first(ev.level, 'info')).toLowerCase();
+        log.append(h('li', { class: `lvl-${lvl}` }, clockEl(first(ev.created_at, ev.time, ev.ts)), h('span', {}, eventText(ev))));
       }
+      const nearBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+      while (log.children.length > 1000) log.firstChild.remove();
+      logNote.hidden = true;
+      redrawCharts();
+      if (nearBottom) log.scrollTop = log.scrollHeight;
     }
 
     async function loadCheckpoints(force) {
@@ -800,6 +807,18 @@
     }
     return a;
   }
+  /** [field, reason] pairs named by an error body: `error.field` and any list of `{field, reason}`. */
+  function fieldErrors(err) {
+    const d = (err && err.detail) || {};
+    const out = [];
+    const f = first(d.field, d.path, d.param);
+    if (f) out.push([String(f), err.message]);
+    for (const v of Object.values(d)) {
+      if (!Array.isArray(v)) continue;
+      for (const it of v) if (it && typeof it === 'object' && first(it.field, it.path)) out.push([String(first(it.field, it.path)), String(first(it.reason, it.message, err.message))]);
+    }
+    return out;
+  }
   function clearFieldErrors(form) {
     for (const el of form.querySelectorAll('[aria-invalid="true"]')) { el.removeAttribute('aria-invalid'); el.removeAttribute('aria-describedby'); }
     for (const el of form.querySelectorAll('.field-error.inline')) el.remove();
@@ -809,6 +828,8 @@
     const el = [...form.querySelectorAll('[data-field]')].find((x) => names.includes(x.dataset.field));
     if (!el) return false;
     const id = `${el.id}-err`;
+    const existing = document.getElementById(id);
+    if (existing) { if (!existing.textContent.includes(message)) existing.append(` ${message}`); return el; }
     el.setAttribute('aria-invalid', 'true');
     el.setAttribute('aria-describedby', id);
     el.closest('.field').append(h('p', { class: 'field-error inline', id }, message));
@@ -850,10 +871,10 @@
     } catch (err) {
       btn.disabled = false;
       btn.textContent = 'Start training';
-      const field = err.detail && first(err.detail.field, err.detail.path, err.detail.fields && err.detail.fields[0] && err.detail.fields[0].field);
-      const el = field ? markField(form, String(field), err.message) : null;
+      let firstEl = null;
+      for (const [field, reason] of fieldErrors(err)) { const el = markField(form, field, reason); firstEl = firstEl || el; }
       replace(errSlot, errorBox(err, 'The job was not created'));
-      (el || errSlot).focus && (el || btn).focus();
+      (firstEl || btn).focus();
     }
   }
 
@@ -1009,7 +1030,7 @@
         h('div', { class: 'probs', id: 'probs' }, probs.map(([cls, name, val]) => {
           const fill = h('span', {});
           fill.style.width = `${((val ?? 0) * 100).toFixed(1)}%`;
-          return h('div', { class: `prob ${cls}${val === top ? ' top' : ''}`, 'data-class': cls, 'data-prob': val },
+          return h('div', { class: `prob ${cls}${val === top ? ' winner' : ''}`, 'data-class': cls, 'data-prob': val },
             h('span', { class: 'name' }, name),
             h('div', { class: 'bar', role: 'meter', 'aria-valuemin': 0, 'aria-valuemax': 100, 'aria-valuenow': Math.round((val ?? 0) * 100), 'aria-label': name }, fill),
             h('span', { class: 'pct' }, pct(val)));
@@ -1019,8 +1040,7 @@
           ` · ${Math.round(performance.now() - t0)} ms`,
           p.truncated || (res.usage && res.usage.truncated) ? ' · text was truncated to fit the model' : ''));
     } catch (err) {
-      const field = err.detail && first(err.detail.field, null);
-      if (field) markField(form, String(field).replace(/^pairs\[\d+\]\./, ''), err.message);
+      for (const [field, reason] of fieldErrors(err)) markField(form, field.replace(/^pairs\[\d+\]\.|^pairs\.\d+\./, ''), reason);
       replace(errSlot, errorBox(err, err.status === 429 || err.status === 503 ? 'The predictor is busy, try again in a moment' : 'No prediction'));
     } finally {
       btn.disabled = false;
