@@ -368,6 +368,11 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
     await page.setViewportSize({ width: 390, height: 844 });
     await screenshot('phone-playground');
     await page.setViewportSize({ width: 1280, height: 900 });
+    await page.emulateMedia({ colorScheme: 'dark' });
+    await go(`#/jobs/${encodeURIComponent(jobId)}`);
+    await page.locator('#event-log li').first().waitFor();
+    await screenshot('dark-job');
+    await page.emulateMedia({ colorScheme: 'light' });
   });
 
   await step('keyboard: the navigation and forms are reachable with Tab, focus is visible', async () => {

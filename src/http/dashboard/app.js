@@ -749,8 +749,8 @@
     { name: 'max_length', label: 'Max length (tokens)', def: 1024, step: 1, min: 16 },
     { name: 'lora.r', label: 'LoRA rank r', def: 16, step: 1, min: 1 },
     { name: 'lora.alpha', label: 'LoRA alpha', def: 8, step: 'any', min: 0 },
-    { name: 'eval_every_steps', label: 'Evaluate every N steps', def: 0, step: 1, min: 0, hint: '0: at each epoch end' },
-    { name: 'checkpoint_every_steps', label: 'Checkpoint every N steps', def: 50, step: 1, min: 0 },
+    { name: 'eval_every_steps', label: 'Eval every (steps)', def: 0, step: 1, min: 0, hint: '0: at each epoch end' },
+    { name: 'checkpoint_every_steps', label: 'Checkpoint every (steps)', def: 50, step: 1, min: 0, hint: '0: at each epoch end' },
   ];
   const fieldId = (name) => `f-${name.replace(/[^a-z0-9_]+/gi, '-')}`;
 
@@ -765,15 +765,15 @@
         return;
       }
       const pre = params.get('dataset');
-      const opt = (d) => h('option', { value: d.id, selected: d.id === pre }, `${dataset.name(d) ? `${dataset.name(d)} · ` : ''}${shortId(d.id)} · ${fmt(dataset.rows(d))} rows`);
+      const opt = (d, sel) => h('option', { value: d.id, selected: sel && d.id === pre }, `${dataset.name(d) ? `${dataset.name(d)} · ` : ''}${shortId(d.id)} · ${fmt(dataset.rows(d))} rows`);
       const err = h('div', { id: 'new-job-error' });
       replace(form,
         h('fieldset', {}, h('legend', {}, 'Data'),
           h('div', { class: 'field-grid' },
             h('div', { class: 'field' }, h('label', { for: 'f-dataset_id' }, 'Training dataset'),
-              h('select', { id: 'f-dataset_id', name: 'dataset_id', required: true, 'data-field': 'dataset_id' }, sets.map(opt))),
+              h('select', { id: 'f-dataset_id', name: 'dataset_id', required: true, 'data-field': 'dataset_id' }, sets.map((d) => opt(d, true)))),
             h('div', { class: 'field' }, h('label', { for: 'f-validation_dataset_id' }, 'Validation dataset'),
-              h('select', { id: 'f-validation_dataset_id', name: 'validation_dataset_id', 'data-field': 'validation_dataset_id' }, h('option', { value: '' }, 'hold out a fraction'), sets.map((d) => opt({ ...d, id: d.id })))),
+              h('select', { id: 'f-validation_dataset_id', name: 'validation_dataset_id', 'data-field': 'validation_dataset_id' }, h('option', { value: '' }, 'none: hold out a fraction'), sets.map((d) => opt(d, false)))),
             h('div', { class: 'field' }, h('label', { for: 'f-validation_fraction' }, 'Validation fraction'),
               h('input', { id: 'f-validation_fraction', name: 'validation_fraction', type: 'number', step: 'any', min: 0, max: 0.9, value: '0.1', 'data-field': 'validation_fraction' }),
               h('span', { class: 'hint' }, 'Share of training rows held out'))),
@@ -1024,7 +1024,7 @@
         pairs: [{ id: 'playground', prompt: v('prompt'), response_a: v('response_a'), response_b: v('response_b') }],
       } });
       const p = listOf(first(res && res.predictions, []))[0] || {};
-      const probs = [['a', 'A is better', num(p.winner_model_a)], ['b', 'B is better', num(p.winner_model_b)], ['tie', 'Tie', num(p.winner_tie)]];
+      const probs = [['a', 'Response A', num(p.winner_model_a)], ['b', 'Response B', num(p.winner_model_b)], ['tie', 'Tie', num(p.winner_tie)]];
       const top = Math.max(...probs.map((x) => x[2] ?? -1));
       replace(out, h('h2', { id: 'h-pred' }, 'Prediction'),
         h('div', { class: 'probs', id: 'probs' }, probs.map(([cls, name, val]) => {
