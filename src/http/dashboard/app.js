@@ -488,16 +488,22 @@
 
   // ---------------------------------------------------------------- view: jobs
 
-  function viewJobs() {
+  function viewJobs(params) {
+    const status = params.get('status') || '';
     const body = h('div', { class: 'panel' }, h('p', { class: 'muted' }, 'Loading jobs…'));
+    const filter = h('select', { id: 'f-status', 'aria-label': 'Show jobs with status', onchange: () => { location.hash = filter.value ? `#/jobs?status=${filter.value}` : '#/jobs'; } },
+      ['', 'queued', 'running', 'succeeded', 'failed', 'cancelled'].map((st) => h('option', { value: st, selected: st === status }, st || 'all statuses')));
     replace(main,
       pageHead('Fine-tuning jobs', 'LoRA fine-tuning runs, newest first. Running jobs refresh every 2 s.',
-        h('a', { class: 'button primary', href: '#/jobs/new' }, 'New job')),
+        filter, h('a', { class: 'button primary', href: '#/jobs/new' }, 'New job')),
       body);
     poll(async () => {
-      const res = await api('/v1/fine-tuning/jobs?limit=100');
+      const q = new URLSearchParams({ limit: '100' });
+      if (status) q.set('status', status);
+      const res = await api(`/v1/fine-tuning/jobs?${q}`);
       const jobs = listOf(res);
-      renderJobsTable(body, jobs);
+      renderJobsTable(body, jobs, status);
+      if (res && res.has_more) body.append(h('p', { class: 'muted' }, 'Showing the newest 100 jobs.'));
       return jobs;
     }, (jobs, err) => {
       if (err) { replace(body, errorBox(err, 'Could not load jobs')); return err.status === 401 ? null : IDLE_POLL_MS; }
@@ -505,7 +511,11 @@
     });
   }
 
-  function renderJobsTable(body, jobs) {
+  function renderJobsTable(body, jobs, status) {
+    if (!jobs.length && status) {
+      replace(body, h('p', { class: 'empty' }, `No ${status} jobs. `, h('a', { href: '#/jobs' }, 'Show all jobs')));
+      return;
+    }
     if (!jobs.length) {
       replace(body, h('div', { class: 'empty' },
         h('strong', {}, 'No jobs yet.'),
@@ -1067,7 +1077,7 @@
     else if (section === 'jobs' && parts[1]) { document.title = `Job ${shortId(parts[1])} · Arbiter`; viewJob(parts[1]); }
     else if (section === 'datasets') viewDatasets();
     else if (section === 'playground') viewPlayground(params);
-    else viewJobs();
+    else viewJobs(params);
     if (routedOnce) focusMain();
     routedOnce = true;
   }
