@@ -21,8 +21,10 @@ const events = new Map();
 const checkpoints = new Map();
 const adapters = [];
 
+// The same policy src/http/dashboard.rs sends, so a violation shows up here too.
+const CSP = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'";
 function send(res, status, body, type = 'application/json') {
-  res.writeHead(status, { 'Content-Type': type, 'Cache-Control': 'no-cache' });
+  res.writeHead(status, { 'Content-Type': type, 'Cache-Control': 'no-cache', ...(type.startsWith('text/html') ? { 'Content-Security-Policy': CSP } : {}) });
   res.end(type === 'application/json' ? JSON.stringify(body) : body);
 }
 const fail = (res, status, code, message, extra = {}) => send(res, status, { error: { code, message, ...extra } });

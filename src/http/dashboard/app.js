@@ -882,7 +882,14 @@
       btn.disabled = false;
       btn.textContent = 'Start training';
       let firstEl = null;
-      for (const [field, reason] of fieldErrors(err)) { const el = markField(form, field, reason); firstEl = firstEl || el; }
+      let named = fieldErrors(err);
+      if (!named.length) {
+        // No structured field: mark the form field the message names, longest name first.
+        const names = [...form.querySelectorAll('[data-field]')].map((x) => x.dataset.field).sort((a, b) => b.length - a.length);
+        const hit = names.find((n) => n.includes('.') && err.message.includes(n)) || names.find((n) => new RegExp(`\\b${n.replace(/^hyperparameters\./, '').replace(/\./g, '\\.')}\\b`).test(err.message));
+        if (hit) named = [[hit, err.message]];
+      }
+      for (const [field, reason] of named) { const el = markField(form, field, reason); firstEl = firstEl || el; }
       replace(errSlot, errorBox(err, 'The job was not created'));
       (firstEl || btn).focus();
     }
