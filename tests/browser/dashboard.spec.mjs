@@ -325,6 +325,14 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
     assert.ok(await page.locator('#event-log li').count() >= 3, 'event log filled');
     if (await page.locator('#checkpoints-table').count()) {
       assert.ok(await page.locator('#checkpoints-table tbody tr').count() >= 1);
+      const link = page.locator('#checkpoints-table a', { hasText: 'Download' }).first();
+      if (await link.count()) {
+        const [download] = await Promise.all([page.waitForEvent('download'), link.click()]);
+        const file = path.join(artifacts, 'checkpoint-download');
+        await download.saveAs(file);
+        assert.ok(readFileSync(file).length > 0, `checkpoint ${download.suggestedFilename()} downloaded`);
+        rmSync(file);
+      }
     }
     await screenshot('job-succeeded');
   });

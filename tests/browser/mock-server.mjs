@@ -122,6 +122,11 @@ const server = http.createServer(async (req, res) => {
       return send(res, 200, { data: ev.slice(0, limit), has_more: ev.length > limit });
     }
     if (m[2] === '/checkpoints') return send(res, 200, { data: checkpoints.get(j.id).slice().reverse() });
+    const dl = m[2].match(/^\/checkpoints\/([^/]+)\/download$/);
+    if (dl) {
+      res.writeHead(200, { 'Content-Type': 'application/gzip', 'Content-Disposition': `attachment; filename="${j.id}-${dl[1]}.tar.gz"` });
+      return res.end(Buffer.from('not really a tarball'));
+    }
   }
   if (p === '/v1/adapters') return send(res, 200, { data: adapters });
   if (p === '/v1/predict' && req.method === 'POST') {

@@ -478,6 +478,32 @@
   function authHeaderLine() {
     return localStorage.getItem(KEY_STORAGE) ? ["-H 'Authorization: Bearer $ARBITER_API_KEY'"] : [];
   }
+  /** A download link that also works with auth on: with a stored key the file is fetched with
+   *  the Authorization header and handed to the browser as a blob. */
+  function downloadLink(url, name) {
+    const href = url.replace(/^\//, '');
+    const a = h('a', { href, download: '' }, 'Download');
+    a.addEventListener('click', async (e) => {
+      if (!localStorage.getItem(KEY_STORAGE)) return;
+      e.preventDefault();
+      a.textContent = 'Downloading…';
+      try {
+        const res = await api(href, { raw: true });
+        const disp = res.headers.get('Content-Disposition') || '';
+        const file = (disp.match(/filename="?([^";]+)"?/) || [])[1] || name;
+        const blobUrl = URL.createObjectURL(await res.blob());
+        const tmp = h('a', { href: blobUrl, download: file });
+        document.body.append(tmp);
+        tmp.click();
+        tmp.remove();
+        setTimeout(() => URL.revokeObjectURL(blobUrl), 10_000);
+        a.textContent = 'Download';
+      } catch (err) {
+        a.textContent = `Download failed (${err.message})`;
+      }
+    });
+    return a;
+  }
   function pageHead(title, sub, ...right) {
     return h('div', { class: 'page-head' }, h('div', {}, h('h1', {}, title), sub ? h('p', { class: 'sub' }, sub) : null), right.length ? h('div', { class: 'actions' }, right) : null);
   }
@@ -721,7 +747,7 @@
             h('td', { 'data-label': 'Eval log loss', class: 'num' }, fmt(first(cm.log_loss, cm.eval_log_loss))),
             h('td', { 'data-label': 'Accuracy', class: 'num' }, pct(first(cm.accuracy, cm.eval_accuracy))),
             h('td', { 'data-label': 'Created' }, timeEl(c.created_at)),
-            h('td', { 'data-label': 'Download' }, url ? h('a', { href: String(url).replace(/^\//, ''), download: '' }, 'Download') : h('span', { class: 'muted' }, '—')));
+            h('td', { 'data-label': 'Download' }, url ? downloadLink(String(url), `checkpoint-step-${first(c.step, c.step_number, c.id)}`) : h('span', { class: 'muted' }, '—')));
         })))));
     }
 
