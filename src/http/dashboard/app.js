@@ -96,6 +96,11 @@
   // Field names follow openapi.yaml; the alternatives keep the page working across versions.
 
   const first = (...vals) => vals.find((v) => v !== undefined && v !== null);
+  /** An object field that may arrive as JSON text. */
+  function obj(v) {
+    if (typeof v === 'string') { try { v = JSON.parse(v); } catch (_) { return {}; } }
+    return v && typeof v === 'object' ? v : {};
+  }
   const listOf = (body) => (Array.isArray(body) ? body : first(body && body.data, body && body.items, []));
 
   const job = {
@@ -103,7 +108,7 @@
     step: (j) => num(first(j.progress && j.progress.step, j.step, j.trained_steps)) ?? 0,
     total: (j) => num(first(j.progress && j.progress.total_steps, j.progress && j.progress.total, j.total_steps)),
     epoch: (j) => num(first(j.progress && j.progress.epoch, j.epoch)),
-    metrics: (j) => first(j.metrics, j.latest_metrics, j.result_metrics, {}) || {},
+    metrics: (j) => obj(first(j.metrics, j.latest_metrics, j.result_metrics, {})),
     trainLoss(j) {
       const m = job.metrics(j);
       return num(first(m.train_loss, m.loss, m.training_loss, m.train && m.train.loss, j.train_loss));
@@ -152,7 +157,8 @@
 
   /** Metric points from one job event: [{kind:'train', step, loss, lr} | {kind:'eval', step, log_loss, accuracy, ...}]. */
   function pointsOf(ev) {
-    const d = first(ev.data, ev.metrics, ev.payload, ev) || {};
+    let d = first(ev.data, ev.metrics, ev.payload, ev) || {};
+    if (typeof d === 'string') { try { d = JSON.parse(d); } catch (_) { d = {}; } }
     const kind = String(first(ev.type, ev.kind, ev.event, '')).toLowerCase();
     const step = num(first(d.step, ev.step));
     const out = [];
@@ -658,7 +664,7 @@
           h('dt', {}, 'Started'), h('dd', {}, timeEl(job.started(j))),
           h('dt', {}, 'Finished'), h('dd', {}, timeEl(job.finished(j)))));
       summary.querySelector('dl').style.marginTop = '1rem';
-      const hp = first(j.hyperparameters, {});
+      const hp = obj(first(j.hyperparameters, {}));
       replace(hyper, Object.keys(hp).length ? h('dl', { class: 'kv', id: 'hyperparameters' }, flatten(hp).map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])) : h('p', { class: 'muted' }, 'Defaults.'));
       // Seed the curves from the job's latest metrics when the events hold none yet.
       void m;
@@ -740,7 +746,7 @@
         h('thead', {}, h('tr', {}, h('th', { scope: 'col', class: 'num' }, 'Step'), h('th', { scope: 'col', class: 'num' }, 'Eval log loss'),
           h('th', { scope: 'col', class: 'num' }, 'Accuracy'), h('th', { scope: 'col' }, 'Created'), h('th', { scope: 'col' }, 'Download'))),
         h('tbody', {}, list.map((c) => {
-          const cm = first(c.metrics, c.eval_metrics, {}) || {};
+          const cm = obj(first(c.metrics, c.eval_metrics, {}));
           const url = first(c.download_url, c.url, c.links && c.links.download);
           return h('tr', {},
             h('td', { 'data-label': 'Step', class: 'num' }, fmt(first(c.step, c.step_number))),
