@@ -1,3 +1,10 @@
-//! jobs
-pub mod trainer;
+//! Jobs: the queue semantics (claim, lease, heartbeat, cancel, resume, reaper) and the runner
+//! that drives a `Trainer` for each claimed job.
+
+pub mod observer;
 pub mod qlora;
+pub mod runner;
+pub mod trainer;
+
+pub use runner::{Runner, RunnerConfig};
+pub use trainer::{TrainError, TrainOutcome, TrainRequest, Trainer};

@@ -1,0 +1,423 @@
+//! The job runner: claims queued jobs, holds their lease by heartbeat, drives the `Trainer` on
+//! a blocking thread, and records the outcome. Also reaps the jobs of silent workers.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{field::Empty, Instrument, Span};
+
+use super::observer::{write_reports, JobObserver, StopFlags};
+use super::trainer::{TrainError, TrainOutcome, TrainRequest, Trainer};
+use crate::config::QueueArgs;
+use crate::data::hyper::Hyperparameters;
+use crate::data::ArenaRow;
+use crate::store::files::{self, DataDir};
+use crate::store::{now_ms, JobRecord, JobStatus, NewAdapter, NewEvent, Store};
+
+/// Why a job is waiting, shown on `GET /v1/fine-tuning/jobs/{id}` while it is queued and no
+/// runner in this process can take it.
+pub const NO_TRAINER_REASON: &str =
+    "no trainer is available in this build of the service: the job stays queued until a worker with a trainer claims it";
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub worker_id: String,
+    pub lease: Duration,
+    pub heartbeat: Duration,
+    pub poll: Duration,
+}
+
+impl RunnerConfig {
+    pub fn from_args(args: &QueueArgs) -> RunnerConfig {
+        let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
+        RunnerConfig { worker_id, lease: args.lease(), heartbeat: args.heartbeat(), poll: args.poll() }
+    }
+}
+
+fn default_worker_id() -> String {
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "worker".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..8])
+}
+
+/// One worker: a loop of reap, claim, train.
+pub struct Runner {
+    store: Store,
+    dirs: DataDir,
+    trainer: Option<Arc<dyn Trainer>>,
+    config: RunnerConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PrepareError {
+    #[error("{0}")]
+    User(String),
+}
+
+impl Runner {
+    pub fn new(store: Store, dirs: DataDir, trainer: Option<Arc<dyn Trainer>>, config: RunnerConfig) -> Runner {
+        Runner { store, dirs, trainer, config }
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.config.worker_id
+    }
+
+    /// Runs until `shutdown` is cancelled. Without a trainer it claims nothing (jobs wait, and
+    /// say why) but still reaps expired leases.
+    pub async fn run(self, shutdown: CancellationToken) {
+        tracing::info!(worker = %self.config.worker_id, trainer = self.trainer.is_some(), "job runner started");
+        if self.trainer.is_none() {
+            tracing::warn!("{NO_TRAINER_REASON}");
+        }
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            self.reap().await;
+            if let Some(trainer) = &self.trainer {
+                match self.store.claim_job(&self.config.worker_id, now_ms(), self.lease_ms()).await {
+                    Ok(Some(job)) => {
+                        self.run_job(trainer.clone(), job, &shutdown).await;
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "claiming a job failed"),
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(self.config.poll) => {}
+            }
+        }
+        tracing::info!(worker = %self.config.worker_id, "job runner stopped");
+    }
+
+    fn lease_ms(&self) -> i64 {
+        self.config.lease.as_millis().min(i64::MAX as u128) as i64
+    }
+
+    async fn event(&self, job_id: &str, attempt: i64, level: &'static str, message: String) {
+        let e = NewEvent { job_id: job_id.to_string(), attempt, level, kind: "status", message, data: None };
+        if let Err(err) = self.store.insert_event(&e, now_ms()).await {
+            tracing::warn!(error = %err, job_id, "could not record job event");
+        }
+    }
+
+    async fn reap(&self) {
+        match self.store.reap_expired_jobs(now_ms()).await {
+            Ok(reaped) => {
+                for r in reaped {
+                    let msg = if r.status == JobStatus::Failed.as_str() {
+                        format!("lease of attempt {} expired; no attempts left ({} allowed): failed", r.attempt, r.max_attempts)
+                    } else {
+                        format!("lease of attempt {} expired (worker silent); back in the queue", r.attempt)
+                    };
+                    tracing::warn!(job_id = %r.id, attempt = r.attempt, status = %r.status, "reaped expired lease");
+                    let level = if r.status == JobStatus::Failed.as_str() { "error" } else { "warn" };
+                    self.event(&r.id, r.attempt, level, msg).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reaping expired leases failed"),
+        }
+    }
+
+    #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempt, worker = %self.config.worker_id, outcome = Empty))]
+    async fn run_job(&self, trainer: Arc<dyn Trainer>, job: JobRecord, shutdown: &CancellationToken) {
+        let worker = self.config.worker_id.clone();
+        self.event(&job.id, job.attempt, "info", format!("attempt {} of {} started on worker {worker}", job.attempt, job.max_attempts))
+            .await;
+
+        let request = match self.prepare(&job).await {
+            Ok(r) => r,
+            Err(PrepareError::User(message)) => {
+                Span::current().record("outcome", "failed");
+                tracing::warn!(%message, "job cannot start");
+                if let Err(e) = self.store.fail_job(&job.id, &worker, &message, now_ms()).await {
+                    tracing::error!(error = %e, "could not mark job failed");
+                }
+                self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await;
+                return;
+            }
+        };
+        if let Some(from) = &request.resume_from {
+            self.event(&job.id, job.attempt, "info", format!("resuming from checkpoint {}", from.display())).await;
+        }
+
+        let flags = Arc::new(StopFlags::default());
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(
+            write_reports(self.store.clone(), job.id.clone(), worker.clone(), job.attempt, flags.clone(), rx)
+                .instrument(Span::current()),
+        );
+        let beat_stop = CancellationToken::new();
+        let heartbeat = tokio::spawn(
+            heartbeat(
+                self.store.clone(),
+                job.id.clone(),
+                worker.clone(),
+                self.config.heartbeat,
+                self.lease_ms(),
+                flags.clone(),
+                beat_stop.clone(),
+            )
+            .instrument(Span::current()),
+        );
+
+        let observer = JobObserver { tx, flags: flags.clone(), shutdown: shutdown.clone() };
+        let span = Span::current();
+        let result = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            trainer.train(request, &observer)
+        })
+        .await;
+        // The observer (and its sender) is dropped with the closure: the writer drains and ends.
+        if let Err(e) = writer.await {
+            tracing::error!(error = %e, "report writer task failed");
+        }
+        beat_stop.cancel();
+        let _ = heartbeat.await;
+
+        let lost = flags.lease_lost.load(Ordering::Relaxed);
+        match result {
+            Ok(Ok(outcome)) if !lost => self.succeed(&job, outcome).await,
+            Ok(Ok(_)) | Ok(Err(TrainError::Stopped)) if lost => {
+                Span::current().record("outcome", "lease_lost");
+                let why = match self.store.get_job(&job.id).await {
+                    Ok(Some(j)) if j.status() == JobStatus::Cancelled => "the job was cancelled",
+                    _ => "the lease was lost",
+                };
+                self.event(&job.id, job.attempt, "warn", format!("attempt {} stopped: {why}", job.attempt)).await;
+            }
+            Ok(Ok(_)) | Ok(Err(TrainError::Stopped)) => {
+                // Shutdown: give the job back so that another worker resumes it.
+                Span::current().record("outcome", "released");
+                match self.store.release_job(&job.id, &worker, now_ms()).await {
+                    Ok(true) => {
+                        self.event(
+                            &job.id,
+                            job.attempt,
+                            "warn",
+                            "worker shutting down: job back in the queue, it resumes from its last checkpoint".into(),
+                        )
+                        .await
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "could not release job"),
+                }
+            }
+            Ok(Err(TrainError::Failed(message))) => {
+                Span::current().record("outcome", "failed");
+                match self.store.fail_job(&job.id, &worker, &message, now_ms()).await {
+                    Ok(true) => self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await,
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "could not mark job failed"),
+                }
+            }
+            Err(join) => {
+                Span::current().record("outcome", "crashed");
+                tracing::error!(error = %join, "trainer panicked");
+                let message = "training crashed unexpectedly; the cause is in the server log";
+                match self.store.fail_job(&job.id, &worker, message, now_ms()).await {
+                    Ok(true) => self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await,
+                    Ok(false) => {}
+                    Err(e) => tracing::error!(error = %e, "could not mark job failed"),
+                }
+            }
+        }
+    }
+
+    /// Loads the rows, splits validation, finds the checkpoint to resume from.
+    async fn prepare(&self, job: &JobRecord) -> Result<TrainRequest, PrepareError> {
+        let hyperparameters: Hyperparameters = serde_json::from_str(&job.hyperparameters)
+            .map_err(|e| PrepareError::User(format!("stored hyperparameters are unreadable: {e}")))?;
+        let train = self.load_rows(&job.dataset_id).await?;
+        let (train_rows, validation_rows) = match (&job.validation_dataset_id, job.validation_fraction) {
+            (Some(v), _) => (train, self.load_rows(v).await?),
+            (None, Some(f)) => split(train, f, hyperparameters.seed),
+            (None, None) => (train, Vec::new()),
+        };
+        if train_rows.is_empty() {
+            return Err(PrepareError::User("no training rows left after the validation split".into()));
+        }
+        let work_dir = self.dirs.job_dir(&job.id);
+        tokio::fs::create_dir_all(&work_dir)
+            .await
+            .map_err(|e| PrepareError::User(format!("cannot create the job directory: {e}")))?;
+        let resume_from = match self.store.list_checkpoints(&job.id).await {
+            Ok(list) => list.into_iter().map(|c| PathBuf::from(c.path)).find(|p| p.is_dir()),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list checkpoints; starting from scratch");
+                None
+            }
+        };
+        Ok(TrainRequest {
+            job_id: job.id.clone(),
+            attempt: job.attempt,
+            base_model: PathBuf::from(&job.base_model),
+            hyperparameters,
+            train_rows,
+            validation_rows,
+            work_dir,
+            resume_from,
+        })
+    }
+
+    async fn load_rows(&self, dataset_id: &str) -> Result<Vec<ArenaRow>, PrepareError> {
+        let rec = match self.store.get_dataset(dataset_id).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return Err(PrepareError::User(format!("dataset {dataset_id} no longer exists"))),
+            Err(e) => return Err(PrepareError::User(format!("cannot read dataset {dataset_id}: {e}"))),
+        };
+        let path = PathBuf::from(rec.path);
+        tokio::task::spawn_blocking(move || files::read_rows(&path))
+            .await
+            .map_err(|e| PrepareError::User(format!("reading dataset {dataset_id} failed: {e}")))?
+            .map_err(|e| {
+                tracing::error!(error = %e, "dataset file unreadable");
+                PrepareError::User(format!("the rows of dataset {dataset_id} cannot be read"))
+            })
+    }
+
+    async fn succeed(&self, job: &JobRecord, outcome: TrainOutcome) {
+        let worker = &self.config.worker_id;
+        let adapter_id = uuid::Uuid::now_v7().to_string();
+        let dest = self.dirs.adapter_dir(&adapter_id);
+        let from = outcome.adapter_dir.clone();
+        let to = dest.clone();
+        let moved = tokio::task::spawn_blocking(move || files::move_dir(&from, &to)).await;
+        if !matches!(moved, Ok(Ok(()))) {
+            tracing::error!(?moved, "could not move the adapter into place");
+            let message = "the trained adapter could not be stored; the cause is in the server log";
+            let _ = self.store.fail_job(&job.id, worker, message, now_ms()).await;
+            self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await;
+            return;
+        }
+        let base_name = job.name.clone().unwrap_or_else(|| {
+            let stem = std::path::Path::new(&job.base_model)
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "base".into());
+            let suffix = job.suffix.as_deref().map(|s| format!(":{s}")).unwrap_or_default();
+            format!("ft:{stem}{suffix}:{}", &job.id[..8.min(job.id.len())])
+        });
+        let mut adapter = NewAdapter {
+            id: adapter_id.clone(),
+            name: base_name.clone(),
+            job_id: Some(job.id.clone()),
+            base_model: job.base_model.clone(),
+            path: dest.to_string_lossy().into_owned(),
+            metrics: outcome.metrics.clone(),
+        };
+        let final_metrics = json!({ "final": outcome.metrics });
+        let mut result = self.store.succeed_job(&job.id, worker, &adapter, &final_metrics, now_ms()).await;
+        if matches!(&result, Err(e) if e.is_unique_violation()) {
+            adapter.name = format!("{base_name}-{}", &adapter_id[adapter_id.len() - 8..]);
+            result = self.store.succeed_job(&job.id, worker, &adapter, &final_metrics, now_ms()).await;
+        }
+        match result {
+            Ok(Some(a)) => {
+                Span::current().record("outcome", "succeeded");
+                tracing::info!(adapter_id = %a.id, "job succeeded");
+                self.event(&job.id, job.attempt, "info", format!("succeeded: adapter {} ({})", a.name, a.id)).await;
+            }
+            Ok(None) => {
+                Span::current().record("outcome", "lease_lost");
+                let _ = tokio::fs::remove_dir_all(&dest).await;
+                self.event(&job.id, job.attempt, "warn", "finished after its lease was lost; result discarded".into()).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not record the job's success");
+                let _ = tokio::fs::remove_dir_all(&dest).await;
+            }
+        }
+    }
+}
+
+/// Renews the lease every `every` until stopped; on a lost lease (reaped, cancelled) raises the
+/// flag the trainer polls. Store errors are retried until the lease would have expired.
+async fn heartbeat(
+    store: Store,
+    job_id: String,
+    worker: String,
+    every: Duration,
+    lease_ms: i64,
+    flags: Arc<StopFlags>,
+    stop: CancellationToken,
+) {
+    let mut last_ok = now_ms();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let now = now_ms();
+        match store.heartbeat_job(&job_id, &worker, now, lease_ms).await {
+            Ok(true) => last_ok = now,
+            Ok(false) => {
+                tracing::warn!("lease lost (job cancelled or reclaimed); stopping the trainer");
+                flags.lease_lost.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                if now - last_ok >= lease_ms {
+                    flags.lease_lost.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A deterministic split: `fraction` of the rows (at least one, leaving at least one) for
+/// validation, chosen by a shuffle seeded with the job's seed.
+fn split(rows: Vec<ArenaRow>, fraction: f64, seed: u64) -> (Vec<ArenaRow>, Vec<ArenaRow>) {
+    if rows.len() < 2 {
+        return (rows, Vec::new());
+    }
+    let n_val = ((rows.len() as f64 * fraction).round() as usize).clamp(1, rows.len() - 1);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let mut is_val = vec![false; rows.len()];
+    for &i in &order[..n_val] {
+        is_val[i] = true;
+    }
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (row, v) in rows.into_iter().zip(is_val) {
+        if v {
+            val.push(row);
+        } else {
+            train.push(row);
+        }
+    }
+    (train, val)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(n: usize) -> Vec<ArenaRow> {
+        (0..n)
+            .map(|i| ArenaRow { id: i.to_string(), prompt: vec![], response_a: vec![], response_b: vec![], label: None })
+            .collect()
+    }
+
+    #[test]
+    fn split_is_deterministic_and_keeps_every_row() {
+        let (t, v) = split(rows(100), 0.1, 7);
+        assert_eq!((t.len(), v.len()), (90, 10));
+        let (t2, v2) = split(rows(100), 0.1, 7);
+        assert_eq!((t, v), (t2, v2));
+        let (t, v) = split(rows(3), 0.01, 7);
+        assert_eq!((t.len(), v.len()), (2, 1));
+    }
+}

@@ -1,0 +1,103 @@
+//! The `datasets` table: one row per uploaded, validated dataset; rows live in a JSONL file.
+
+use sqlx::FromRow;
+
+use super::{Result, Store};
+
+#[derive(Debug, Clone, FromRow)]
+pub struct DatasetRecord {
+    pub id: String,
+    pub name: Option<String>,
+    pub format: String,
+    pub row_count: i64,
+    pub dropped_rows: i64,
+    pub count_a: i64,
+    pub count_b: i64,
+    pub count_tie: i64,
+    pub bytes: i64,
+    pub path: String,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDataset {
+    pub id: String,
+    pub name: Option<String>,
+    pub format: String,
+    pub row_count: i64,
+    pub dropped_rows: i64,
+    pub label_counts: [i64; 3],
+    pub bytes: i64,
+    pub path: String,
+}
+
+/// What `delete_dataset` did.
+#[derive(Debug)]
+pub enum DeleteDataset {
+    /// Deleted; the path of its rows file, to remove.
+    Deleted(String),
+    /// A queued or running job uses it.
+    InUse,
+    NotFound,
+}
+
+const COLUMNS: &str =
+    "id, name, format, row_count, dropped_rows, count_a, count_b, count_tie, bytes, path, created_at";
+
+impl Store {
+    pub async fn insert_dataset(&self, d: &NewDataset, now: i64) -> Result<DatasetRecord> {
+        let sql = format!(
+            "INSERT INTO datasets ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+        );
+        let rec = sqlx::query_as::<_, DatasetRecord>(&sql)
+            .bind(&d.id)
+            .bind(&d.name)
+            .bind(&d.format)
+            .bind(d.row_count)
+            .bind(d.dropped_rows)
+            .bind(d.label_counts[0])
+            .bind(d.label_counts[1])
+            .bind(d.label_counts[2])
+            .bind(d.bytes)
+            .bind(&d.path)
+            .bind(now)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(rec)
+    }
+
+    pub async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRecord>> {
+        let sql = format!("SELECT {COLUMNS} FROM datasets WHERE id = ?");
+        Ok(sqlx::query_as::<_, DatasetRecord>(&sql).bind(id).fetch_optional(&self.pool).await?)
+    }
+
+    /// Newest first; `after` is the id of the last dataset of the previous page.
+    pub async fn list_datasets(&self, after: Option<&str>, limit: i64) -> Result<Vec<DatasetRecord>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM datasets \
+             WHERE (?1 IS NULL OR rowid < (SELECT rowid FROM datasets WHERE id = ?1)) \
+             ORDER BY rowid DESC LIMIT ?2"
+        );
+        Ok(sqlx::query_as::<_, DatasetRecord>(&sql).bind(after).bind(limit).fetch_all(&self.pool).await?)
+    }
+
+    /// Deletes the row in one statement unless a queued or running job uses the dataset.
+    pub async fn delete_dataset(&self, id: &str) -> Result<DeleteDataset> {
+        let deleted: Option<(String,)> = sqlx::query_as(
+            "DELETE FROM datasets WHERE id = ?1 AND NOT EXISTS (\
+                SELECT 1 FROM jobs WHERE (dataset_id = ?1 OR validation_dataset_id = ?1) \
+                AND status IN ('queued', 'running')) \
+             RETURNING path",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some((path,)) = deleted {
+            return Ok(DeleteDataset::Deleted(path));
+        }
+        Ok(match self.get_dataset(id).await? {
+            Some(_) => DeleteDataset::InUse,
+            None => DeleteDataset::NotFound,
+        })
+    }
+}

@@ -1,0 +1,61 @@
+//! The `job_events` table: log lines and metric points of a job, in insertion order.
+
+use sqlx::FromRow;
+
+use super::{Result, Store};
+
+#[derive(Debug, Clone, FromRow)]
+pub struct EventRecord {
+    pub id: i64,
+    pub job_id: String,
+    pub attempt: i64,
+    pub level: String,
+    pub kind: String,
+    pub message: String,
+    /// JSON document (metric values), if any.
+    pub data: Option<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub job_id: String,
+    pub attempt: i64,
+    pub level: &'static str,
+    pub kind: &'static str,
+    pub message: String,
+    pub data: Option<serde_json::Value>,
+}
+
+impl Store {
+    pub async fn insert_event(&self, e: &NewEvent, now: i64) -> Result<i64> {
+        let data = e.data.as_ref().map(serde_json::to_string).transpose()?;
+        let (id,): (i64,) = sqlx::query_as(
+            "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&e.job_id)
+        .bind(e.attempt)
+        .bind(e.level)
+        .bind(e.kind)
+        .bind(&e.message)
+        .bind(data)
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(id)
+    }
+
+    /// Events of a job with id greater than `after`, oldest first.
+    pub async fn list_events(&self, job_id: &str, after: i64, limit: i64) -> Result<Vec<EventRecord>> {
+        Ok(sqlx::query_as::<_, EventRecord>(
+            "SELECT id, job_id, attempt, level, kind, message, data, created_at FROM job_events \
+             WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(job_id)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

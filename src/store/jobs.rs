@@ -1,0 +1,321 @@
+//! The `jobs` table and its queue semantics: claim, lease, heartbeat, release, reap.
+//! Every update by a worker says `WHERE id = ? AND lock_by = ?`, so a worker that lost its
+//! lease changes nothing.
+
+use sqlx::FromRow;
+
+use super::adapters::{NewAdapter, COLUMNS as ADAPTER_COLUMNS};
+use super::{AdapterRecord, Result, Store};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobStatus {
+    pub const ALL: [JobStatus; 5] =
+        [JobStatus::Queued, JobStatus::Running, JobStatus::Succeeded, JobStatus::Failed, JobStatus::Cancelled];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct JobRecord {
+    pub id: String,
+    pub status: String,
+    pub dataset_id: String,
+    pub validation_dataset_id: Option<String>,
+    pub validation_fraction: Option<f64>,
+    pub base_model: String,
+    /// JSON document: `data::hyper::Hyperparameters`.
+    pub hyperparameters: String,
+    pub name: Option<String>,
+    pub suffix: Option<String>,
+    pub attempt: i64,
+    pub max_attempts: i64,
+    pub run_at: i64,
+    pub lock_by: Option<String>,
+    pub lock_at: Option<i64>,
+    pub lease_expires_at: Option<i64>,
+    pub step: i64,
+    pub total_steps: Option<i64>,
+    pub epoch: Option<f64>,
+    /// JSON object: latest metrics (train_loss, eval_log_loss, ...).
+    pub metrics: String,
+    pub error: Option<String>,
+    pub adapter_id: Option<String>,
+    pub created_at: i64,
+    pub started_at: Option<i64>,
+    pub finished_at: Option<i64>,
+    pub updated_at: i64,
+}
+
+impl JobRecord {
+    pub fn status(&self) -> JobStatus {
+        JobStatus::parse(&self.status).unwrap_or(JobStatus::Failed)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub dataset_id: String,
+    pub validation_dataset_id: Option<String>,
+    pub validation_fraction: Option<f64>,
+    pub base_model: String,
+    pub hyperparameters: serde_json::Value,
+    pub name: Option<String>,
+    pub suffix: Option<String>,
+    pub max_attempts: i64,
+}
+
+#[derive(Debug)]
+pub enum CancelOutcome {
+    Cancelled(JobRecord),
+    AlreadyFinished(JobRecord),
+    NotFound,
+}
+
+#[derive(Debug, Clone, FromRow)]
+pub struct ReapedJob {
+    pub id: String,
+    pub status: String,
+    pub attempt: i64,
+    pub max_attempts: i64,
+}
+
+/// Why `insert_job` refused.
+#[derive(Debug)]
+pub enum InsertJob {
+    Inserted(JobRecord),
+    /// The training or validation dataset does not exist (any more); the field that names it.
+    MissingDataset(&'static str),
+}
+
+impl Store {
+    /// Inserts a queued job; the dataset check and the insert are one statement, so a dataset
+    /// deleted concurrently cannot leave a job pointing at nothing.
+    pub async fn insert_job(&self, j: &NewJob, now: i64) -> Result<InsertJob> {
+        let inserted = sqlx::query_as::<_, JobRecord>(
+            "INSERT INTO jobs (id, status, dataset_id, validation_dataset_id, validation_fraction, base_model, \
+                               hyperparameters, name, suffix, max_attempts, run_at, created_at, updated_at) \
+             SELECT ?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10 \
+             WHERE EXISTS (SELECT 1 FROM datasets WHERE id = ?2) \
+               AND (?3 IS NULL OR EXISTS (SELECT 1 FROM datasets WHERE id = ?3)) \
+             RETURNING *",
+        )
+        .bind(&j.id)
+        .bind(&j.dataset_id)
+        .bind(&j.validation_dataset_id)
+        .bind(j.validation_fraction)
+        .bind(&j.base_model)
+        .bind(serde_json::to_string(&j.hyperparameters)?)
+        .bind(&j.name)
+        .bind(&j.suffix)
+        .bind(j.max_attempts)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(job) = inserted {
+            return Ok(InsertJob::Inserted(job));
+        }
+        if self.get_dataset(&j.dataset_id).await?.is_none() {
+            return Ok(InsertJob::MissingDataset("dataset_id"));
+        }
+        Ok(InsertJob::MissingDataset("validation_dataset_id"))
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
+        Ok(sqlx::query_as::<_, JobRecord>("SELECT * FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Newest first, optionally one status; `after` is the id of the last job of the previous
+    /// page.
+    pub async fn list_jobs(&self, status: Option<JobStatus>, after: Option<&str>, limit: i64) -> Result<Vec<JobRecord>> {
+        Ok(sqlx::query_as::<_, JobRecord>(
+            "SELECT * FROM jobs \
+             WHERE (?1 IS NULL OR status = ?1) \
+               AND (?2 IS NULL OR rowid < (SELECT rowid FROM jobs WHERE id = ?2)) \
+             ORDER BY rowid DESC LIMIT ?3",
+        )
+        .bind(status.map(JobStatus::as_str))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn cancel_job(&self, id: &str, now: i64) -> Result<CancelOutcome> {
+        let cancelled = sqlx::query_as::<_, JobRecord>(include_str!("sqlite/cancel_job.sql"))
+            .bind(id)
+            .bind(now)
+            .fetch_optional(&self.pool)
+            .await?;
+        if let Some(job) = cancelled {
+            return Ok(CancelOutcome::Cancelled(job));
+        }
+        Ok(match self.get_job(id).await? {
+            Some(job) => CancelOutcome::AlreadyFinished(job),
+            None => CancelOutcome::NotFound,
+        })
+    }
+
+    /// Claims the oldest runnable job for `worker` with a lease of `lease_ms`.
+    pub async fn claim_job(&self, worker: &str, now: i64, lease_ms: i64) -> Result<Option<JobRecord>> {
+        Ok(sqlx::query_as::<_, JobRecord>(include_str!("sqlite/claim_job.sql"))
+            .bind(worker)
+            .bind(now)
+            .bind(now + lease_ms)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    /// Renews the lease; false when it was lost (reaped, cancelled, claimed by another worker).
+    pub async fn heartbeat_job(&self, id: &str, worker: &str, now: i64, lease_ms: i64) -> Result<bool> {
+        let done = sqlx::query(include_str!("sqlite/heartbeat_job.sql"))
+            .bind(id)
+            .bind(worker)
+            .bind(now + lease_ms)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Requeues (or fails, out of attempts) the running jobs whose lease expired before `now`.
+    pub async fn reap_expired_jobs(&self, now: i64) -> Result<Vec<ReapedJob>> {
+        Ok(sqlx::query_as::<_, ReapedJob>(include_str!("sqlite/reap_expired.sql"))
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn update_job_progress(
+        &self,
+        id: &str,
+        worker: &str,
+        step: i64,
+        total_steps: i64,
+        epoch: f64,
+        metrics: &serde_json::Value,
+        now: i64,
+    ) -> Result<bool> {
+        let done = sqlx::query(include_str!("sqlite/update_progress.sql"))
+            .bind(id)
+            .bind(worker)
+            .bind(step)
+            .bind(total_steps)
+            .bind(epoch)
+            .bind(serde_json::to_string(metrics)?)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Merges `metrics` into the job's latest metrics (no progress change).
+    pub async fn merge_job_metrics(&self, id: &str, worker: &str, metrics: &serde_json::Value, now: i64) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE jobs SET metrics = json_patch(metrics, ?3), updated_at = ?4 \
+             WHERE id = ?1 AND lock_by = ?2 AND status = 'running'",
+        )
+        .bind(id)
+        .bind(worker)
+        .bind(serde_json::to_string(metrics)?)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn release_job(&self, id: &str, worker: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query(include_str!("sqlite/release_job.sql"))
+            .bind(id)
+            .bind(worker)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    pub async fn fail_job(&self, id: &str, worker: &str, error: &str, now: i64) -> Result<bool> {
+        let done = sqlx::query(include_str!("sqlite/fail_job.sql"))
+            .bind(id)
+            .bind(worker)
+            .bind(error)
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Registers the adapter and marks the job succeeded, in one transaction: both or neither
+    /// (None when the worker no longer holds the job).
+    pub async fn succeed_job(
+        &self,
+        id: &str,
+        worker: &str,
+        adapter: &NewAdapter,
+        metrics: &serde_json::Value,
+        now: i64,
+    ) -> Result<Option<AdapterRecord>> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(include_str!("sqlite/succeed_job.sql"))
+            .bind(id)
+            .bind(worker)
+            .bind(&adapter.id)
+            .bind(serde_json::to_string(metrics)?)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(None);
+        }
+        let sql = format!(
+            "INSERT INTO adapters ({ADAPTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {ADAPTER_COLUMNS}"
+        );
+        let rec = sqlx::query_as::<_, AdapterRecord>(&sql)
+            .bind(&adapter.id)
+            .bind(&adapter.name)
+            .bind(&adapter.job_id)
+            .bind(&adapter.base_model)
+            .bind(&adapter.path)
+            .bind(serde_json::to_string(&adapter.metrics)?)
+            .bind(now)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(rec))
+    }
+
+    /// Number of jobs per status (statuses without jobs are absent).
+    pub async fn count_jobs_by_status(&self) -> Result<Vec<(String, i64)>> {
+        Ok(sqlx::query_as::<_, (String, i64)>("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+}

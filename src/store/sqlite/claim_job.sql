@@ -1,0 +1,18 @@
+-- Claim the oldest runnable queued job for worker ?1 at time ?2 with a lease until ?3.
+-- One statement: SQLite serialises writers, so two workers can never both match the row.
+UPDATE jobs
+SET status = 'running',
+    lock_by = ?1,
+    lock_at = ?2,
+    lease_expires_at = ?3,
+    attempt = attempt + 1,
+    started_at = COALESCE(started_at, ?2),
+    updated_at = ?2
+WHERE rowid IN (
+    SELECT rowid FROM jobs
+    WHERE status = 'queued' AND run_at <= ?2
+    ORDER BY run_at, rowid
+    LIMIT 1
+)
+AND status = 'queued'
+RETURNING *
