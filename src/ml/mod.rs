@@ -9,6 +9,7 @@ pub mod model;
 pub mod lora;
 pub mod observe;
 pub mod ops;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 
