@@ -507,6 +507,7 @@ impl Llama {
         let elem = self.dtype.size_in_bytes();
         let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, t.max(16)).min(t);
         let masks = ops::causal_mask_chunks(&starts, t, chunk, self.dtype, &self.device)?;
+        let masks = ops::expand_masks(&masks, b, nkv, nh / nkv)?;
         let eps = cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
         for (li, blk) in self.blocks.iter().enumerate() {
@@ -520,14 +521,6 @@ impl Llama {
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let q = ops::rope(&q, &cos, &sin, cfg.rope_interleaved)?;
             let k = ops::rope(&k, &cos, &sin, cfg.rope_interleaved)?;
-            // GQA: each group of nh/nkv query heads shares one key/value head
-            let rep = nh / nkv;
-            let (k, v) = if rep > 1 {
-                let expand = |x: &Tensor| x.unsqueeze(2)?.broadcast_as((b, nkv, rep, t, hd))?.reshape((b, nh, t, hd));
-                (expand(&k)?, expand(&v)?)
-            } else {
-                (k, v)
-            };
             let y = ops::causal_attention(&q, &k, &v, &masks, chunk, 1.0 / (hd as f64).sqrt())?;
             let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
             let y = self.linear(li, Proj::O, &y, lora)?;

@@ -188,9 +188,9 @@ impl Lora {
             }
             _ => x.clone(),
         };
+        // the scale goes on the small B factor, not on the [tokens, out] product
         let h = super::ops::linear_nt(&x, &a)?;
-        let y = super::ops::linear_nt(&h, &b)?;
-        Ok(Some((y * self.scale)?))
+        Ok(Some(super::ops::linear_nt(&h, &(b * self.scale)?)?))
     }
 }
 

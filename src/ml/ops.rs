@@ -392,25 +392,46 @@ pub fn causal_mask_chunks(starts: &[usize], t: usize, chunk: usize, dtype: DType
     Ok(out)
 }
 
-/// Causal attention `softmax(q k^T * scale + mask) v` over `[b, h, t, d]` inputs, computed in
-/// query chunks so no `[t, t]` score matrix is ever kept: the backward recomputes each chunk's
-/// probabilities (as FlashAttention does) and needs only q, k, v and the output. Chunk `i`
-/// only reads keys up to its last query (causal skipping).
+/// Expand `causal_mask_chunks` output to the grouped-query layout `causal_attention` uses:
+/// `[b, kv_heads, rep * rows, end]`, contiguous, so adding it to the scores is a plain
+/// element-wise add (computed once per forward, shared by every layer).
+pub fn expand_masks(masks: &[Tensor], b: usize, kv_heads: usize, rep: usize) -> Result<Vec<Tensor>> {
+    masks
+        .iter()
+        .map(|m| {
+            let (_, _, c, end) = m.dims4()?;
+            m.unsqueeze(2)?.broadcast_as((b, kv_heads, rep, c, end))?.reshape((b, kv_heads, rep * c, end))
+        })
+        .collect()
+}
+
+/// Causal grouped-query attention `softmax(q k^T * scale + mask) v`: q `[b, h, t, d]`,
+/// k and v `[b, kv_heads, t, d]` (each kv head serves `h / kv_heads` query heads), masks from
+/// `expand_masks`. Computed in query chunks so no `[t, t]` score matrix is kept: the backward
+/// recomputes each chunk's probabilities (as FlashAttention does) from q, k, v and the output.
+/// Chunk `i` reads keys only up to its last query (causal skipping); the key and value
+/// gradients of a group's heads are summed by the chunk matmuls themselves.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, masks: &[Tensor], chunk: usize, scale: f64) -> Result<Tensor> {
-    let t = q.dim(2)?;
+    let (b, h, t, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let rep = h / kvh;
+    // q chunk [b, h, c, d] -> [b, kvh, rep * c, d]
+    let group = move |x: &Tensor, c0: usize, c: usize| -> Result<Tensor> {
+        x.narrow(2, c0, c)?.reshape((b, kvh, rep * c, x.dim(3)?))
+    };
     let probs = move |qc: &Tensor, kc: &Tensor, mask: &Tensor| -> Result<Tensor> {
-        let s = (qc.matmul(&kc.t()?)? * scale)?.broadcast_add(mask)?;
-        candle_nn::ops::softmax_last_dim(&s)
+        candle_nn::ops::softmax_last_dim(&(qc.matmul(&kc.t()?)? + mask)?)
     };
     let forward = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
+        let qs = (q * scale)?;
         let mut outs = Vec::with_capacity(masks.len());
         for (i, mask) in masks.iter().enumerate() {
             let c0 = i * chunk;
-            let c1 = (c0 + chunk).min(t);
-            let qc = q.narrow(2, c0, c1 - c0)?.contiguous()?;
-            let kc = k.narrow(2, 0, c1)?.contiguous()?;
-            let vc = v.narrow(2, 0, c1)?.contiguous()?;
-            outs.push(probs(&qc, &kc, mask)?.matmul(&vc)?);
+            let c = (c0 + chunk).min(t) - c0;
+            let qc = group(&qs, c0, c)?;
+            let kc = k.narrow(2, 0, c0 + c)?;
+            let vc = v.narrow(2, 0, c0 + c)?;
+            outs.push(probs(&qc, &kc, mask)?.matmul(&vc)?.reshape((b, h, c, d))?);
         }
         Tensor::cat(&outs, 2)
     };
@@ -422,27 +443,29 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, masks: &[Tensor], ch
     let backward = move |[q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor| -> Result<[Tensor; 3]> {
         let dtype = q.dtype();
         let d_o = d_o.to_dtype(dtype)?.contiguous()?;
+        let qs = (q * scale)?;
         // D_i = sum_d dO_id * O_id
-        let dsum = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+        let dsum = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?.to_dtype(dtype)?;
         let mut dqs = Vec::with_capacity(masks.len());
-        let mut dk = k.zeros_like()?.to_dtype(DType::F32)?;
-        let mut dv = v.zeros_like()?.to_dtype(DType::F32)?;
+        let mut dk = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
+        let mut dv = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
         for (i, mask) in masks.iter().enumerate() {
             let c0 = i * chunk;
-            let c1 = (c0 + chunk).min(t);
-            let qc = q.narrow(2, c0, c1 - c0)?.contiguous()?;
-            let kc = k.narrow(2, 0, c1)?.contiguous()?;
-            let vc = v.narrow(2, 0, c1)?.contiguous()?;
-            let doc = d_o.narrow(2, c0, c1 - c0)?.contiguous()?;
+            let c = (c0 + chunk).min(t) - c0;
+            let end = c0 + c;
+            let qc = group(&qs, c0, c)?;
+            let kc = k.narrow(2, 0, end)?;
+            let vc = v.narrow(2, 0, end)?;
+            let doc = group(&d_o, c0, c)?;
+            let dc = group(&dsum, c0, c)?;
             let p = probs(&qc, &kc, mask)?;
             let dvc = p.t()?.matmul(&doc)?;
             let dp = doc.matmul(&vc.t()?)?;
-            let dc = dsum.narrow(2, c0, c1 - c0)?.to_dtype(dtype)?;
-            let ds = ((p * dp.broadcast_sub(&dc)?)? * scale)?;
-            dqs.push(ds.matmul(&kc)?);
+            let ds = (p * dp.broadcast_sub(&dc)?)?;
+            dqs.push((ds.matmul(&kc)? * scale)?.reshape((b, h, c, d))?);
             let dkc = ds.t()?.matmul(&qc)?;
-            dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - c1)?)?;
-            dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - c1)?)?;
+            dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
+            dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
         }
         Ok([Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?])
     };
@@ -523,20 +546,22 @@ mod tests {
     #[test]
     fn chunked_attention_matches_plain_attention_and_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
-        let (b, h, t, d) = (2, 2, 7, 4);
+        let (b, h, kvh, t, d) = (2, 4, 2, 7, 4);
         let starts = [0usize, 2];
-        let k = Tensor::randn(0f64, 1.0, (b, h, t, d), &dev)?;
-        let v = Tensor::randn(0f64, 1.0, (b, h, t, d), &dev)?;
-        let masks = causal_mask_chunks(&starts, t, 3, DType::F64, &dev)?;
+        let k = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev)?;
+        let v = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev)?;
+        let masks = expand_masks(&causal_mask_chunks(&starts, t, 3, DType::F64, &dev)?, b, kvh, 2)?;
         let full = causal_mask_chunks(&starts, t, t, DType::F64, &dev)?;
         let q0 = Tensor::randn(0f64, 1.0, (b, h, t, d), &dev)?;
-        let plain = masked_softmax(&q0.matmul(&k.t()?)?, Some(&full[0]), 0.5)?.matmul(&v)?;
+        // reference: heads 2g and 2g+1 read kv head g
+        let rep = |x: &Tensor| x.unsqueeze(2)?.broadcast_as((b, kvh, 2, t, d))?.reshape((b, h, t, d));
+        let plain = masked_softmax(&q0.matmul(&rep(&k)?.t()?)?, Some(&full[0]), 0.5)?.matmul(&rep(&v)?)?;
         let chunked = causal_attention(&q0, &k, &v, &masks, 3, 0.5)?;
         let diff = (plain - &chunked)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "chunked attention differs by {diff}");
         finite_diff_check(|q| causal_attention(q, &k, &v, &masks, 3, 0.5), &[b, h, t, d], 1e-6)?;
-        finite_diff_check(|k| causal_attention(&q0, k, &v, &masks, 3, 0.5), &[b, h, t, d], 1e-6)?;
-        finite_diff_check(|v| causal_attention(&q0, &k, v, &masks, 3, 0.5), &[b, h, t, d], 1e-6)
+        finite_diff_check(|k| causal_attention(&q0, k, &v, &masks, 3, 0.5), &[b, kvh, t, d], 1e-6)?;
+        finite_diff_check(|v| causal_attention(&q0, &k, v, &masks, 3, 0.5), &[b, kvh, t, d], 1e-6)
     }
 
     #[test]
