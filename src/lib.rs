@@ -7,3 +7,180 @@ pub mod http;
 pub mod jobs;
 pub mod ml;
 pub mod store;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Command, ServeArgs, Settings, StoreArgs, WorkerArgs};
+use crate::http::{AppState, Limits};
+use crate::jobs::runner::NO_TRAINER_REASON;
+use crate::jobs::{Runner, RunnerConfig, Trainer};
+use crate::store::files::DataDir;
+use crate::store::Store;
+
+/// Logs to stderr; `RUST_LOG` filters (default: info, quieter sqlx).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn,tower_http=info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// The trainer the service and the worker use. None until the production trainer is wired in:
+/// then the runner claims nothing and queued jobs say why.
+pub fn default_trainer(_store: &StoreArgs) -> Option<Arc<dyn Trainer>> {
+    None
+}
+
+/// Runs one command until it finishes or a shutdown signal arrives.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    match settings.command {
+        Command::Serve(args) => {
+            let trainer = default_trainer(&args.store);
+            let app = App::build(args, trainer).await?;
+            let token = app.shutdown_token();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                token.cancel();
+            });
+            app.run().await
+        }
+        Command::Worker(args) => {
+            let trainer = default_trainer(&args.store);
+            let token = CancellationToken::new();
+            let t = token.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                t.cancel();
+            });
+            run_worker(args, trainer, token).await
+        }
+    }
+}
+
+/// Opens the store (creating the data directory and applying migrations).
+pub async fn open_store(args: &StoreArgs) -> anyhow::Result<(Store, DataDir)> {
+    let dirs = DataDir::new(&args.data_dir);
+    dirs.create().context("creating the data directory")?;
+    let url = args.database_url();
+    let store = Store::connect(&url)
+        .await
+        .with_context(|| format!("opening the database {}", store::redact_url(&url)))?;
+    Ok((store, dirs))
+}
+
+/// `arbiter worker`: the job runner alone, until `shutdown`.
+pub async fn run_worker(args: WorkerArgs, trainer: Option<Arc<dyn Trainer>>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let (store, dirs) = open_store(&args.store).await?;
+    let runner = Runner::new(store.clone(), dirs, trainer, RunnerConfig::from_args(&args.queue));
+    runner.run(shutdown).await;
+    store.close().await;
+    Ok(())
+}
+
+/// The service, built and bound but not yet serving. Tests build it with port 0 and read the
+/// bound address; `run` serves until the shutdown token is cancelled.
+pub struct App {
+    listener: TcpListener,
+    router: axum::Router,
+    store: Store,
+    runner: Option<Runner>,
+    shutdown: CancellationToken,
+}
+
+impl App {
+    pub async fn build(args: ServeArgs, trainer: Option<Arc<dyn Trainer>>) -> anyhow::Result<App> {
+        let (store, dirs) = open_store(&args.store).await?;
+        let shutdown = CancellationToken::new();
+        let queued_reason: Option<Arc<str>> = if args.no_worker {
+            Some("this server runs no worker (--no-worker): a separate `arbiter worker` claims queued jobs".into())
+        } else if trainer.is_none() {
+            Some(NO_TRAINER_REASON.into())
+        } else {
+            None
+        };
+        let state = AppState {
+            store: store.clone(),
+            dirs: dirs.clone(),
+            limits: Limits {
+                max_body_bytes: args.max_body_bytes,
+                request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+            },
+            default_model: args.store.model.clone(),
+            queued_reason,
+            metrics: Arc::default(),
+            max_attempts: i64::from(args.queue.max_attempts.max(1)),
+            shutdown: shutdown.clone(),
+        };
+        let runner = (!args.no_worker)
+            .then(|| Runner::new(store.clone(), dirs, trainer, RunnerConfig::from_args(&args.queue)));
+        let listener = TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
+        Ok(App { listener, router: http::router(state), store, runner, shutdown })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Cancel it to stop: the server drains in-flight requests and the worker stops at a safe
+    /// point, giving its job back to the queue.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub async fn run(self) -> anyhow::Result<()> {
+        let addr = self.listener.local_addr()?;
+        tracing::info!(%addr, worker = self.runner.is_some(), "arbiter listening");
+        let worker = self.runner.map(|r| tokio::spawn(r.run(self.shutdown.clone())));
+        let token = self.shutdown.clone();
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await;
+        self.shutdown.cancel();
+        if let Some(worker) = worker {
+            if tokio::time::timeout(Duration::from_secs(60), worker).await.is_err() {
+                tracing::warn!("the worker did not stop within 60 s; exiting anyway");
+            }
+        }
+        self.store.close().await;
+        tracing::info!("arbiter stopped");
+        served.context("serving HTTP")
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+    tracing::info!("shutdown signal received");
+}
