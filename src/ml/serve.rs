@@ -1,28 +1,28 @@
-//! The inference engine: one thread owns the forward passes of the frozen base and is reached
-//! through a channel.
+//! The inference engine: one thread owns the forward passes and is reached through a channel.
 //!
 //! - **Requests** carry already-tokenized rows, the adapter to score them with and a oneshot
 //!   reply. Tokenizing happens in the caller (the HTTP handler, on the blocking pool): it is
 //!   CPU work that needs no model weights, so it runs in parallel with the forward pass of the
-//!   previous batch instead of stalling the one thread that owns the model. The caller also
-//!   needs the token counts before it submits (for the queue bound and `usage`).
-//! - **Dynamic batching**: the engine waits at most `max_wait` after the oldest pending
-//!   request for more to arrive, then takes requests in arrival order until their tokens fill
-//!   `batch_tokens`. The rows of one round are grouped by adapter, sorted by length (to cut
-//!   padding) and packed into micro-batches whose *padded* size stays under `batch_tokens`.
-//!   Every request gets its own rows' logits back, in its own order, as soon as its last
-//!   micro-batch is done. With batching off, requests are run one at a time (a request's own
-//!   rows still share forwards), which is the baseline of the load benchmark.
+//!   batch before instead of stalling the one thread that owns the model, and the caller needs
+//!   the token counts anyway (truncation flags, `usage`, the queue bound).
+//! - **Dynamic batching**: the engine waits at most `max_wait` after it first sees a request
+//!   for more to arrive (less when `batch_tokens` are already waiting), then takes requests in
+//!   arrival order until their tokens fill `batch_tokens`. The rows of one round are grouped
+//!   by adapter, sorted by length (to cut padding) and packed into micro-batches whose
+//!   *padded* size stays under `batch_tokens`. Every request gets its own rows' logits back,
+//!   in its own order, as soon as its last micro-batch is done. With batching off, requests
+//!   are run one at a time (a request's own rows still share forwards): the baseline of the
+//!   load benchmark.
 //! - **Back-pressure**: the rows waiting or running are counted; a request that would push the
-//!   count over `queue_rows` is refused at once with [`ServeError::Overloaded`], which carries
-//!   a retry hint from the measured throughput. Memory never grows without bound.
-//! - **Adapters**: an LRU cache of loaded adapters (`adapter_cache` of them hot at once),
-//!   loaded on first use from the directory given by the caller, off the engine thread. A
-//!   request holds its adapter through an `Arc`, so an eviction never pulls an adapter from
-//!   under a running batch. The base model is loaded once (on the engine thread, so the
-//!   server can bind while it loads) and shared.
-//! - **Errors** are `Clone`: when a micro-batch fails every request in it gets the error.
-//!   A panic inside a forward is caught; its requests get an internal error and the engine
+//!   count over `queue_rows` is refused at once with [`ServeError::Overloaded`], with a retry
+//!   hint from the measured throughput. Memory never grows without bound.
+//! - **Models**: base models are loaded once per path, on first use (or ahead with
+//!   [`Engine::preload`]), and shared by every adapter trained on them; an LRU cache keeps
+//!   `adapter_cache` adapters hot, loaded on first use from the directory the caller names,
+//!   off the engine thread. A request holds its adapter (and so its base) through an `Arc`,
+//!   so an eviction never pulls weights from under a running batch.
+//! - **Errors** are `Clone`: when a micro-batch fails every request in it gets the error. A
+//!   panic inside a forward is caught; its requests get an internal error and the engine
 //!   keeps serving.
 
 use std::collections::{HashMap, VecDeque};
@@ -30,7 +30,7 @@ use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, TryRecvError};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use candle_core::Tensor;
@@ -51,12 +51,14 @@ pub struct EngineConfig {
     /// Padded tokens (rows x longest row) per forward pass; also how many waiting tokens
     /// end the batching window early.
     pub batch_tokens: usize,
-    /// Longest wait after the oldest pending request for others to join its batch.
+    /// Longest wait after a request is first seen for others to join its batch.
     pub max_wait: Duration,
     /// Rows waiting or running at once; beyond it requests are refused as overloaded.
     pub queue_rows: usize,
     /// Adapters kept loaded at once (least recently used evicted first).
     pub adapter_cache: usize,
+    /// Base models kept loaded at once (least recently used evicted first, with its adapters).
+    pub base_cache: usize,
     /// Merge requests into shared batches (off: one request at a time).
     pub batching: bool,
 }
@@ -68,6 +70,7 @@ impl Default for EngineConfig {
             max_wait: Duration::from_millis(5),
             queue_rows: 1024,
             adapter_cache: 4,
+            base_cache: 1,
             batching: true,
         }
     }
@@ -79,14 +82,14 @@ pub enum ServeError {
     /// The queue is full; try again after about `retry_after_s` seconds.
     #[error("the predictor is overloaded; retry after {retry_after_s} s")]
     Overloaded { retry_after_s: u64 },
-    /// The base model is still loading.
-    #[error("the model is still loading")]
-    Loading,
-    /// The base model failed to load or the engine has stopped.
+    /// The adapter's base model cannot be loaded (the cause is logged).
+    #[error("the base model of this adapter cannot be loaded")]
+    BaseModel,
+    /// The engine has stopped.
     #[error("the predictor is unavailable")]
     Unavailable,
-    /// The adapter's files are missing, unreadable or do not fit the base model.
-    #[error("adapter {key} cannot be loaded for this base model")]
+    /// The adapter's files are missing, unreadable or do not fit its base model.
+    #[error("adapter {key} cannot be loaded for its base model")]
     Adapter { key: String },
     /// The request cannot be scored as given (empty row, more rows than the queue holds).
     #[error("{0}")]
@@ -96,14 +99,23 @@ pub enum ServeError {
     Internal,
 }
 
-/// An adapter ready for inference (factors detached from any autograd graph).
+/// An adapter ready for inference (factors detached from any autograd graph), with its base.
 pub struct LoadedAdapter {
     /// The caller's key (the adapter's id in the store).
     pub key: String,
     pub dir: PathBuf,
     pub meta: AdapterMeta,
+    pub base: Arc<BaseModel>,
     lora: Lora,
     head: Tensor,
+}
+
+impl LoadedAdapter {
+    /// Encode one arena row with the base's tokenizer and template (CPU work: call it from a
+    /// blocking context).
+    pub fn encode(&self, row: &ArenaRow, max_length: usize) -> Encoded {
+        self.base.encode_row(row, max_length)
+    }
 }
 
 impl std::fmt::Debug for LoadedAdapter {
@@ -115,9 +127,11 @@ impl std::fmt::Debug for LoadedAdapter {
 /// Logits `[a, b, tie]` of each row of a request, in the request's order.
 pub type Logits = Vec<[f32; 3]>;
 
+/// Loads a base model from a path (a GGUF file or a Hugging Face directory).
+pub type BaseLoader = dyn Fn(&Path) -> Result<BaseModel, MlError> + Send + Sync;
+
 /// Counters shared by the handle and the engine thread.
 struct Shared {
-    base: OnceLock<Result<Arc<BaseModel>, ServeError>>,
     queued_rows: AtomicUsize,
     queued_tokens: AtomicUsize,
     /// Exponential moving average of padded tokens per second (f64 bits; 0 = unknown).
@@ -172,37 +186,47 @@ struct Job {
     _permit: Permit,
 }
 
-struct AdapterCache {
+/// A small LRU map (entries stamped with a use counter; eviction scans, as the maps hold a
+/// handful of models).
+struct Lru<V> {
     capacity: usize,
     tick: u64,
-    entries: HashMap<String, (u64, Arc<LoadedAdapter>)>,
+    entries: HashMap<String, (u64, V)>,
 }
 
-impl AdapterCache {
-    fn get(&mut self, key: &str, dir: &Path) -> Option<Arc<LoadedAdapter>> {
-        self.tick += 1;
-        let tick = self.tick;
-        match self.entries.get_mut(key) {
-            Some((used, a)) if a.dir == dir => {
-                *used = tick;
-                Some(a.clone())
-            }
-            _ => None,
-        }
+impl<V: Clone> Lru<V> {
+    fn new(capacity: usize) -> Lru<V> {
+        Lru { capacity: capacity.max(1), tick: 0, entries: HashMap::new() }
     }
 
-    fn insert(&mut self, a: Arc<LoadedAdapter>) {
+    fn get(&mut self, key: &str) -> Option<V> {
         self.tick += 1;
-        self.entries.insert(a.key.clone(), (self.tick, a));
-        while self.entries.len() > self.capacity.max(1) {
+        let tick = self.tick;
+        self.entries.get_mut(key).map(|(used, v)| {
+            *used = tick;
+            v.clone()
+        })
+    }
+
+    /// Insert, returning what was evicted.
+    fn insert(&mut self, key: String, v: V) -> Vec<V> {
+        self.tick += 1;
+        self.entries.insert(key, (self.tick, v));
+        let mut evicted = Vec::new();
+        while self.entries.len() > self.capacity {
             let oldest = self.entries.iter().min_by_key(|(_, (used, _))| *used).map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => {
-                    self.entries.remove(&k);
-                }
+            match oldest.and_then(|k| self.entries.remove(&k)) {
+                Some((_, v)) => evicted.push(v),
                 None => break,
             }
         }
+        evicted
+    }
+
+    fn keys_by_recency(&self) -> Vec<String> {
+        let mut v: Vec<(u64, &String)> = self.entries.iter().map(|(k, (t, _))| (*t, k)).collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0));
+        v.into_iter().map(|(_, k)| k.clone()).collect()
     }
 }
 
@@ -217,40 +241,32 @@ struct Handle {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Job>,
     cfg: EngineConfig,
-    cache: Mutex<AdapterCache>,
-    /// Serializes adapter loads so a burst of requests for a cold adapter loads it once.
+    loader: Box<BaseLoader>,
+    bases: Mutex<Lru<Arc<BaseModel>>>,
+    adapters: Mutex<Lru<Arc<LoadedAdapter>>>,
+    /// Serializes model loads so a burst of requests for a cold model loads it once.
     loading: Mutex<()>,
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // the guarded maps stay consistent even if a holder panicked
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn path_key(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
 impl Engine {
-    /// Start the engine thread; it first runs `load` to get the base model. Until that
-    /// finishes requests are answered with [`ServeError::Loading`].
-    pub fn start<F>(cfg: EngineConfig, load: F) -> Result<Engine, MlError>
+    /// Start the engine thread. Base models are loaded with `loader` on first use.
+    pub fn new<F>(cfg: EngineConfig, loader: F) -> Result<Engine, MlError>
     where
-        F: FnOnce() -> Result<BaseModel, MlError> + Send + 'static,
+        F: Fn(&Path) -> Result<BaseModel, MlError> + Send + Sync + 'static,
     {
-        Self::start_shared(cfg, move || load().map(Arc::new))
-    }
-
-    /// Start the engine on a base model that is already loaded (and maybe shared).
-    pub fn with_model(cfg: EngineConfig, base: Arc<BaseModel>) -> Result<Engine, MlError> {
-        let engine = Self::start_shared(cfg, move || Ok(base))?;
-        // loading is immediate: wait for it so the first request never sees `Loading`
-        while engine.inner.shared.base.get().is_none() {
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        Ok(engine)
-    }
-
-    fn start_shared<F>(cfg: EngineConfig, load: F) -> Result<Engine, MlError>
-    where
-        F: FnOnce() -> Result<Arc<BaseModel>, MlError> + Send + 'static,
-    {
-        if cfg.batch_tokens == 0 || cfg.queue_rows == 0 || cfg.adapter_cache == 0 {
-            return Err(MlError::Config("batch tokens, queue rows and adapter cache must be at least 1".into()));
+        if cfg.batch_tokens == 0 || cfg.queue_rows == 0 || cfg.adapter_cache == 0 || cfg.base_cache == 0 {
+            return Err(MlError::Config("batch tokens, queue rows and cache sizes must be at least 1".into()));
         }
         let shared = Arc::new(Shared {
-            base: OnceLock::new(),
             queued_rows: AtomicUsize::new(0),
             queued_tokens: AtomicUsize::new(0),
             tokens_per_s: AtomicU64::new(0),
@@ -260,59 +276,86 @@ impl Engine {
         let (tx, rx) = mpsc::channel::<Job>();
         let thread_shared = shared.clone();
         let thread_cfg = cfg.clone();
-        std::thread::Builder::new().name("arbiter-engine".into()).spawn(move || {
-            let started = Instant::now();
-            let base = match load() {
-                Ok(b) => {
-                    tracing::info!(model = %b.name, seconds = started.elapsed().as_secs_f64(), "inference engine ready");
-                    Ok(b)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "the inference engine cannot load its base model");
-                    Err(ServeError::Unavailable)
-                }
-            };
-            let base = thread_shared.base.get_or_init(|| base).clone();
-            match base {
-                Ok(b) => run_engine(&b, &thread_cfg, &thread_shared, rx),
-                // answer whatever is sent with the load error until every handle is gone
-                Err(e) => {
-                    while let Ok(job) = rx.recv() {
-                        let _ = job.reply.send(Err(e.clone()));
-                    }
-                }
-            }
-        })?;
-        let cache = AdapterCache { capacity: cfg.adapter_cache, tick: 0, entries: HashMap::new() };
-        Ok(Engine { inner: Arc::new(Handle { shared, tx, cfg, cache: Mutex::new(cache), loading: Mutex::new(()) }) })
+        std::thread::Builder::new()
+            .name("arbiter-engine".into())
+            .spawn(move || run_engine(&thread_cfg, &thread_shared, rx))?;
+        Ok(Engine {
+            inner: Arc::new(Handle {
+                shared,
+                tx,
+                bases: Mutex::new(Lru::new(cfg.base_cache)),
+                adapters: Mutex::new(Lru::new(cfg.adapter_cache)),
+                cfg,
+                loader: Box::new(loader),
+                loading: Mutex::new(()),
+            }),
+        })
     }
 
     pub fn config(&self) -> &EngineConfig {
         &self.inner.cfg
     }
 
-    /// The base model, once loaded.
-    pub fn base(&self) -> Result<Arc<BaseModel>, ServeError> {
-        match self.inner.shared.base.get() {
-            Some(r) => r.clone(),
-            None => Err(ServeError::Loading),
+    /// Make an already loaded base model the one served for `path` (sharing its weights).
+    pub fn insert_base(&self, path: &Path, base: Arc<BaseModel>) {
+        self.evict_bases(lock(&self.inner.bases).insert(path_key(path), base));
+    }
+
+    /// Load the base at `path` on a background thread, so the first request does not wait.
+    pub fn preload(&self, path: &Path) {
+        let engine = self.clone();
+        let path = path.to_path_buf();
+        let spawned = std::thread::Builder::new().name("arbiter-preload".into()).spawn(move || {
+            if engine.base(&path).is_err() {
+                tracing::warn!("preloading the base model failed; it will be retried on first use");
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the preload thread");
         }
     }
 
-    /// Encode one arena row with the base model's tokenizer and template (CPU work: call it
-    /// from a blocking context).
-    pub fn encode(&self, row: &ArenaRow, max_length: usize) -> Result<Encoded, ServeError> {
-        Ok(self.base()?.encode_row(row, max_length))
+    /// The base model at `path`, loading it on first use (blocking: seconds for a real model).
+    /// A failed load is not remembered: the next request tries again.
+    pub fn base(&self, path: &Path) -> Result<Arc<BaseModel>, ServeError> {
+        let key = path_key(path);
+        if let Some(b) = lock(&self.inner.bases).get(&key) {
+            return Ok(b);
+        }
+        let _loading = lock(&self.inner.loading);
+        if let Some(b) = lock(&self.inner.bases).get(&key) {
+            return Ok(b);
+        }
+        let started = Instant::now();
+        let base = (self.inner.loader)(path).map_err(|e| {
+            tracing::error!(model = %path.display(), error = %e, "cannot load base model");
+            ServeError::BaseModel
+        })?;
+        let base = Arc::new(base);
+        tracing::info!(model = %base.name, seconds = started.elapsed().as_secs_f64(), "base model loaded for serving");
+        self.evict_bases(lock(&self.inner.bases).insert(key, base.clone()));
+        Ok(base)
     }
 
-    /// The adapter under `key`, loading it from `dir` on first use (blocking: file reads).
-    pub fn adapter(&self, key: &str, dir: &Path) -> Result<Arc<LoadedAdapter>, ServeError> {
-        let base = self.base()?;
-        if let Some(a) = self.lock_cache().get(key, dir) {
+    /// Adapters of evicted bases go too, so the base's memory is freed once in-flight
+    /// requests finish.
+    fn evict_bases(&self, evicted: Vec<Arc<BaseModel>>) {
+        if evicted.is_empty() {
+            return;
+        }
+        let mut adapters = lock(&self.inner.adapters);
+        adapters.entries.retain(|_, (_, a)| !evicted.iter().any(|b| Arc::ptr_eq(b, &a.base)));
+    }
+
+    /// The adapter under `key`, loading it (and its base) on first use (blocking: file reads).
+    pub fn adapter(&self, key: &str, dir: &Path, base_path: &Path) -> Result<Arc<LoadedAdapter>, ServeError> {
+        let fresh = |a: &Arc<LoadedAdapter>| a.dir == dir && a.base.path == base_path;
+        if let Some(a) = lock(&self.inner.adapters).get(key).filter(fresh) {
             return Ok(a);
         }
-        let _loading = self.inner.loading.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(a) = self.lock_cache().get(key, dir) {
+        let base = self.base(base_path)?;
+        let _loading = lock(&self.inner.loading);
+        if let Some(a) = lock(&self.inner.adapters).get(key).filter(fresh) {
             return Ok(a);
         }
         let started = Instant::now();
@@ -324,24 +367,18 @@ impl Engine {
             key: key.to_string(),
             dir: dir.to_path_buf(),
             meta: loaded.meta,
+            base,
             lora: loaded.lora.detached(),
             head: loaded.head.detach(),
         });
         tracing::info!(adapter = key, seconds = started.elapsed().as_secs_f64(), "adapter loaded");
-        self.lock_cache().insert(a.clone());
+        lock(&self.inner.adapters).insert(key.to_string(), a.clone());
         Ok(a)
     }
 
     /// Keys of the adapters loaded now, most recently used first.
     pub fn hot_adapters(&self) -> Vec<String> {
-        let cache = self.lock_cache();
-        let mut v: Vec<(u64, String)> = cache.entries.iter().map(|(k, (t, _))| (*t, k.clone())).collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0));
-        v.into_iter().map(|(_, k)| k).collect()
-    }
-
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, AdapterCache> {
-        self.inner.cache.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.inner.adapters).keys_by_recency()
     }
 
     /// Queue `rows` for scoring with `adapter`; fails at once when the queue is full. The
@@ -351,7 +388,6 @@ impl Engine {
         adapter: Arc<LoadedAdapter>,
         rows: Vec<Vec<u32>>,
     ) -> Result<impl std::future::Future<Output = Result<Logits, ServeError>>, ServeError> {
-        self.base()?;
         if rows.is_empty() {
             return Err(ServeError::Input("nothing to score".into()));
         }
@@ -409,7 +445,7 @@ impl Engine {
 }
 
 /// The engine thread's loop: gather a round of requests, score it, repeat.
-fn run_engine(base: &BaseModel, cfg: &EngineConfig, shared: &Shared, rx: mpsc::Receiver<Job>) {
+fn run_engine(cfg: &EngineConfig, shared: &Shared, rx: mpsc::Receiver<Job>) {
     let mut backlog: VecDeque<Job> = VecDeque::new();
     let mut backlog_tokens = 0usize;
     let mut open = true;
@@ -468,12 +504,12 @@ fn run_engine(base: &BaseModel, cfg: &EngineConfig, shared: &Shared, rx: mpsc::R
             backlog_tokens -= j.tokens;
             round.extend(backlog.pop_front());
         }
-        run_round(base, cfg, shared, round);
+        run_round(cfg, shared, round);
     }
 }
 
 /// Score every request of a round, answering each as soon as its rows are done.
-fn run_round(base: &BaseModel, cfg: &EngineConfig, shared: &Shared, round: Vec<Job>) {
+fn run_round(cfg: &EngineConfig, shared: &Shared, round: Vec<Job>) {
     // requests whose caller has gone (timeout, disconnect) are not scored
     let mut jobs: Vec<Option<Job>> = round.into_iter().filter(|j| !j.reply.is_closed()).map(Some).collect();
     let mut results: Vec<Vec<[f32; 3]>> = jobs
@@ -519,7 +555,7 @@ fn run_round(base: &BaseModel, cfg: &EngineConfig, shared: &Shared, round: Vec<J
                 chunk.iter().filter_map(|&(ji, ri)| jobs[ji].as_ref().map(|j| j.rows[ri].clone())).collect();
             let padded = ids.len() * ids.iter().map(Vec::len).max().unwrap_or(0);
             let t0 = Instant::now();
-            let out = std::panic::catch_unwind(AssertUnwindSafe(|| forward(base, &adapter, &ids)))
+            let out = std::panic::catch_unwind(AssertUnwindSafe(|| forward(&adapter, &ids)))
                 .unwrap_or_else(|_| Err(MlError::Model("panic in the forward pass".into())));
             batches += 1;
             shared.batches.fetch_add(1, Ordering::Relaxed);
@@ -554,7 +590,8 @@ fn run_round(base: &BaseModel, cfg: &EngineConfig, shared: &Shared, round: Vec<J
     round_span.record("batches", batches);
 }
 
-fn forward(base: &BaseModel, adapter: &LoadedAdapter, ids: &[Vec<u32>]) -> Result<Vec<[f32; 3]>, MlError> {
+fn forward(adapter: &LoadedAdapter, ids: &[Vec<u32>]) -> Result<Vec<[f32; 3]>, MlError> {
+    let base = &adapter.base;
     let batch = Batch::right_padded(ids, base.pad_id, base.llama.device())?;
     let ctx = LoraCtx::default();
     let logits = classifier::logits(&base.llama, Some((&adapter.lora, &ctx)), &adapter.head, &batch)?;
@@ -567,31 +604,12 @@ mod tests {
 
     #[test]
     fn lru_evicts_the_least_recently_used() {
-        let mk = |k: &str| {
-            Arc::new(LoadedAdapter {
-                key: k.into(),
-                dir: PathBuf::from(k),
-                meta: AdapterMeta::default(),
-                lora: Lora::from_tensors_exact(
-                    super::super::lora::LoraConfig { r: 1, alpha: 1.0, dropout: 0.0, targets: vec![] },
-                    &super::super::llama::Config::from_hf(&serde_json::from_value(serde_json::json!({
-                        "hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 1,
-                        "num_attention_heads": 1, "num_key_value_heads": 1, "vocab_size": 8
-                    })).expect("config literal")),
-                    &Default::default(),
-                )
-                .expect("empty lora"),
-                head: Tensor::zeros((3, 4), candle_core::DType::F32, &candle_core::Device::Cpu).expect("zeros"),
-            })
-        };
-        let mut c = AdapterCache { capacity: 2, tick: 0, entries: HashMap::new() };
-        c.insert(mk("a"));
-        c.insert(mk("b"));
-        assert!(c.get("a", Path::new("a")).is_some());
-        c.insert(mk("c"));
-        assert!(c.get("b", Path::new("b")).is_none(), "b was least recently used");
-        assert!(c.get("a", Path::new("a")).is_some());
-        assert!(c.get("c", Path::new("c")).is_some());
-        assert!(c.get("a", Path::new("elsewhere")).is_none(), "a different directory is a miss");
+        let mut c: Lru<u32> = Lru::new(2);
+        assert!(c.insert("a".into(), 1).is_empty());
+        assert!(c.insert("b".into(), 2).is_empty());
+        assert_eq!(c.get("a"), Some(1));
+        assert_eq!(c.insert("c".into(), 3), vec![2], "b was least recently used");
+        assert_eq!(c.get("b"), None);
+        assert_eq!(c.keys_by_recency(), vec!["c".to_string(), "a".to_string()]);
     }
 }
