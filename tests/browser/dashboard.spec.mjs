@@ -119,6 +119,7 @@ let context = null;
 let page = null;
 let profile = null;
 const problems = [];
+const requests = { stream: 0, eventPolls: 0 };
 let shot = 0;
 
 async function screenshot(name) {
@@ -148,6 +149,7 @@ before(async () => {
     if (m.type() === 'error' && !/status of (401|404|409|413|422)/.test(m.text())) problems.push(`console: ${m.text()}`);
   });
   page.on('requestfailed', (r) => { if (!r.url().startsWith(baseUrl)) problems.push(`off-origin request: ${r.url()}`); });
+  page.on('request', (r) => { if (r.url().includes('/events/stream')) requests.stream += 1; else if (/\/events\?/.test(r.url())) requests.eventPolls += 1; });
   page.on('request', (r) => { if (!r.url().startsWith(baseUrl) && !r.url().startsWith('data:')) problems.push(`off-origin request: ${r.url()}`); });
 });
 
@@ -335,6 +337,7 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
       }
     }
     await screenshot('job-succeeded');
+    log(`event stream requests: ${requests.stream}, event page requests: ${requests.eventPolls}`);
   });
 
   await step('a running job can be cancelled from its page', async () => {

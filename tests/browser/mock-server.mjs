@@ -109,6 +109,23 @@ const server = http.createServer(async (req, res) => {
       events.get(j.id).push({ id: events.get(j.id).length + 1, created_at: now(), level: 'warn', type: 'status', message: 'cancelled by request' });
       return send(res, 200, { ...pub, status: 'cancelled', finished_at: j.finished_at });
     }
+    if (m[2] === '/events/stream' && process.env.MOCK_NO_STREAM !== '1') {
+      res.writeHead(200, { 'Content-Type': 'text/event-stream', 'Cache-Control': 'no-cache' });
+      let after = Number(url.searchParams.get('after') || req.headers['last-event-id'] || 0);
+      const pump = () => {
+        for (const e of events.get(j.id).filter((x) => x.id > after)) {
+          res.write(`id: ${e.id}\nevent: ${e.type}\ndata: ${JSON.stringify(e)}\n\n`);
+          after = e.id;
+        }
+        if (['succeeded', 'failed', 'cancelled'].includes(j.status)) {
+          res.end(`event: end\ndata: {"status":"${j.status}"}\n\n`);
+          clearInterval(t);
+        }
+      };
+      const t = setInterval(pump, 300);
+      req.on('close', () => clearInterval(t));
+      return pump();
+    }
     if (m[2] === '/events') {
       // MOCK_NEWEST_FIRST=1 pages like OpenAI's API: newest first, `after` goes back in time.
       const all = events.get(j.id);

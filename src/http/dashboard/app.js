@@ -200,7 +200,7 @@
   let keyPrompt = null; // one shared prompt, however many requests got 401 at once
   let keyDeclined = false;
 
-  async function api(path, { method = 'GET', body, json, headers = {}, raw = false } = {}) {
+  async function api(path, { method = 'GET', body, json, headers = {}, raw = false, signal } = {}) {
     for (let attempt = 0; ; attempt++) {
       const hdrs = new Headers(headers);
       const key = localStorage.getItem(KEY_STORAGE);
@@ -209,8 +209,9 @@
       if (!raw) hdrs.set('Accept', 'application/json');
       let res;
       try {
-        res = await fetch(path.replace(/^\//, ''), { method, body, headers: hdrs, cache: 'no-store' });
+        res = await fetch(path.replace(/^\//, ''), { method, body, headers: hdrs, cache: 'no-store', signal });
       } catch (err) {
+        if (signal && signal.aborted) throw err;
         setConn(false);
         throw new ApiError(0, { error: { message: 'Cannot reach the server.' } });
       }
@@ -696,6 +697,28 @@
       return String(first(a.id, '')).localeCompare(String(first(b.id, '')));
     }
     const evKey = (ev) => String(first(ev.id, ev.seq, JSON.stringify(ev)));
+    /** Adds unseen events to the log and the charts, in time order. */
+    function ingest(events) {
+      const incoming = events.filter((ev) => !seenEvents.has(evKey(ev)));
+      if (!incoming.length) return;
+      for (const ev of incoming) seenEvents.add(evKey(ev));
+      incoming.sort(evCompare);
+      for (const ev of incoming) {
+        for (const p of pointsOf(ev)) {
+          if (p.kind === 'train') trainByStep.set(p.step, p.loss);
+          else evalByStep.set(p.step, p);
+        }
+        if (String(first(ev.type, ev.kind, '')) === 'checkpoint') ckptCount = -1; // refresh the table
+        const lvl = String(first(ev.level, 'info')).toLowerCase();
+        log.append(h('li', { class: `lvl-${lvl}` }, clockEl(first(ev.created_at, ev.time, ev.ts)), h('span', {}, eventText(ev))));
+      }
+      const nearBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
+      while (log.children.length > 1000) log.firstChild.remove();
+      logNote.hidden = true;
+      redrawCharts();
+      if (nearBottom) log.scrollTop = log.scrollHeight;
+    }
+
     async function loadEvents() {
       const incoming = [];
       let cursor = newestFirst ? null : after;
@@ -707,28 +730,63 @@
         if (!evs.length) break;
         if (newestFirst === null && evs.length > 1) newestFirst = evCompare(evs[0], evs[evs.length - 1]) > 0;
         const fresh = evs.filter((ev) => !seenEvents.has(evKey(ev)));
-        for (const ev of fresh) seenEvents.add(evKey(ev));
         incoming.push(...fresh);
         const next = first(res && res.next_cursor, res && res.last_id, first(evs[evs.length - 1].id, evs[evs.length - 1].seq));
         if (!newestFirst) after = next;
         cursor = next;
         if (!(res && res.has_more) || fresh.length < evs.length) break;
       }
-      if (!incoming.length) return;
-      incoming.sort(evCompare);
-      for (const ev of incoming) {
-        for (const p of pointsOf(ev)) {
-          if (p.kind === 'train') trainByStep.set(p.step, p.loss);
-          else evalByStep.set(p.step, p);
+      ingest(incoming);
+    }
+
+    // Live events: the server's Server-Sent Events stream, read with fetch so the API key
+    // header goes along (EventSource cannot send one). Polling takes over when the stream is
+    // missing or breaks.
+    let streaming = false;
+    let streamFailed = false;
+    const streamAbort = new AbortController();
+    viewTimers.push(() => streamAbort.abort());
+    async function follow() {
+      streaming = true;
+      let pending = [];
+      let flush = null;
+      try {
+        const q = after !== null && after !== undefined ? `?after=${encodeURIComponent(after)}` : '';
+        const res = await api(`/v1/fine-tuning/jobs/${encodeURIComponent(id)}/events/stream${q}`, { raw: true, headers: { Accept: 'text/event-stream' }, signal: streamAbort.signal });
+        if (!String(res.headers.get('Content-Type')).startsWith('text/event-stream') || !res.body) throw new Error('not an event stream');
+        const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+        let buf = '';
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buf += value.replace(/\r\n?/g, '\n');
+          let cut;
+          while ((cut = buf.indexOf('\n\n')) >= 0) {
+            const block = buf.slice(0, cut);
+            buf = buf.slice(cut + 2);
+            let name = 'message', data = '';
+            for (const line of block.split('\n')) {
+              if (line.startsWith('event:')) name = line.slice(6).trim();
+              else if (line.startsWith('data:')) data += (data ? '\n' : '') + line.slice(5).replace(/^ /, '');
+            }
+            if (name === 'end') { streaming = false; return; }
+            if (!data) continue;
+            try {
+              const ev = JSON.parse(data);
+              pending.push(ev);
+              const evId = num(ev.id);
+              if (evId !== null && (after === null || evId > after)) after = evId;
+            } catch (_) { continue; }
+            if (!flush) flush = setTimeout(() => { flush = null; const b = pending; pending = []; ingest(b); }, 150);
+          }
         }
-        const lvl = String(first(ev.level, 'info')).toLowerCase();
-        log.append(h('li', { class: `lvl-${lvl}` }, clockEl(first(ev.created_at, ev.time, ev.ts)), h('span', {}, eventText(ev))));
+      } catch (err) {
+        if (!streamAbort.signal.aborted) streamFailed = true;
+      } finally {
+        if (flush) { clearTimeout(flush); }
+        ingest(pending);
+        streaming = false;
       }
-      const nearBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
-      while (log.children.length > 1000) log.firstChild.remove();
-      logNote.hidden = true;
-      redrawCharts();
-      if (nearBottom) log.scrollTop = log.scrollHeight;
     }
 
     async function loadCheckpoints(force) {
@@ -761,7 +819,10 @@
     poll(async () => {
       const j = await api(`/v1/fine-tuning/jobs/${encodeURIComponent(id)}`);
       renderJob(j);
-      await loadEvents();
+      if (!streaming) {
+        await loadEvents(); // catches up (and, after a stream ended, picks up the last words)
+        if (!streamFailed && !TERMINAL.has(job.status(j))) follow();
+      }
       await loadCheckpoints(false).catch(() => {});
       return j;
     }, (j, err) => {
