@@ -20,6 +20,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a job worker only, against the same database as the API.
     Worker(WorkerArgs),
+    /// Measure training or inference throughput, memory and TFLOP/s (JSON lines).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 /// Settings shared by every command that touches the database and the data directory.
@@ -34,6 +37,13 @@ pub struct StoreArgs {
     /// Default base model: a GGUF file or a Hugging Face model directory.
     #[arg(long, env = "ARBITER_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub model: PathBuf,
+    /// Device the worker trains on: cpu, cuda or cuda:N.
+    #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// How the frozen base weights are held (auto: dense f32 on CPU, bf16 on GPUs; q4/q4_1/q8:
+    /// block-quantized, the QLoRA base).
+    #[arg(long, env = "ARBITER_BASE_FORMAT", value_enum, default_value = "auto")]
+    pub base_format: crate::ml::model::BaseFormat,
 }
 
 impl StoreArgs {
@@ -52,6 +62,8 @@ impl std::fmt::Debug for StoreArgs {
             .field("data_dir", &self.data_dir)
             .field("database_url", &self.database_url.as_deref().map(crate::store::redact_url))
             .field("model", &self.model)
+            .field("device", &self.device)
+            .field("base_format", &self.base_format)
             .finish()
     }
 }
@@ -106,6 +118,46 @@ pub struct ServeArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub queue: QueueArgs,
+    #[command(flatten)]
+    pub predict: PredictArgs,
+}
+
+/// The prediction engine: dynamic batching, back-pressure, adapter cache, request limits.
+#[derive(Debug, Clone, Args)]
+pub struct PredictArgs {
+    /// Padded tokens (rows x longest row) per forward pass of the prediction engine.
+    #[arg(long, env = "ARBITER_PREDICT_BATCH_TOKENS", default_value_t = 2048)]
+    pub predict_batch_tokens: usize,
+    /// Longest wait, in milliseconds, for other requests to join a prediction batch.
+    #[arg(long, env = "ARBITER_PREDICT_MAX_WAIT_MS", default_value_t = 5)]
+    pub predict_max_wait_ms: u64,
+    /// Rows (pairs, twice for symmetric ones) waiting or running at once; more is answered 429.
+    #[arg(long, env = "ARBITER_PREDICT_QUEUE_ROWS", default_value_t = 512)]
+    pub predict_queue_rows: usize,
+    /// Adapters kept loaded at once (least recently used evicted).
+    #[arg(long, env = "ARBITER_PREDICT_ADAPTER_CACHE", default_value_t = 4)]
+    pub predict_adapter_cache: usize,
+    /// Base models kept loaded for prediction at once.
+    #[arg(long, env = "ARBITER_PREDICT_BASE_CACHE", default_value_t = 1)]
+    pub predict_base_cache: usize,
+    /// Merge concurrent requests into shared batches (false: one request at a time).
+    #[arg(long, env = "ARBITER_PREDICT_BATCHING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub predict_batching: bool,
+    /// Pairs per prediction request.
+    #[arg(long, env = "ARBITER_PREDICT_MAX_PAIRS", default_value_t = 64)]
+    pub predict_max_pairs: usize,
+    /// Largest token budget per pair (longer pairs are truncated, and the answer says so).
+    #[arg(long, env = "ARBITER_PREDICT_MAX_LENGTH", default_value_t = 2048)]
+    pub predict_max_length: usize,
+    /// Rows of a CSV sent to /v1/predict/file.
+    #[arg(long, env = "ARBITER_PREDICT_MAX_FILE_ROWS", default_value_t = 10_000)]
+    pub predict_max_file_rows: usize,
+    /// Adapter (id or name) for requests that name none; default: the newest adapter.
+    #[arg(long, env = "ARBITER_DEFAULT_ADAPTER")]
+    pub default_adapter: Option<String>,
+    /// Load the default base model for prediction at startup instead of on first use.
+    #[arg(long, env = "ARBITER_PREDICT_PRELOAD")]
+    pub predict_preload: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -30,17 +30,19 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
 
-/// The trainer the service and the worker use. None until the production trainer is wired in:
-/// then the runner claims nothing and queued jobs say why.
-pub fn default_trainer(_store: &StoreArgs) -> Option<Arc<dyn Trainer>> {
-    None
+/// The trainer the service and the worker use: LoRA on the frozen base, on the configured
+/// device. The base model is loaded by the first job, not at start.
+pub fn default_trainer(store: &StoreArgs) -> anyhow::Result<Option<Arc<dyn Trainer>>> {
+    let device = bench::parse_device(&store.device)?;
+    Ok(Some(Arc::new(jobs::qlora::QloraTrainer::new(device, store.base_format))))
 }
 
 /// Runs one command until it finishes or a shutdown signal arrives.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     match settings.command {
+        Command::Bench(cmd) => tokio::task::spawn_blocking(move || bench::bench(&cmd)).await?,
         Command::Serve(args) => {
-            let trainer = default_trainer(&args.store);
+            let trainer = default_trainer(&args.store)?;
             let app = App::build(args, trainer).await?;
             let token = app.shutdown_token();
             tokio::spawn(async move {
@@ -50,7 +52,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             app.run().await
         }
         Command::Worker(args) => {
-            let trainer = default_trainer(&args.store);
+            let trainer = default_trainer(&args.store)?;
             let token = CancellationToken::new();
             let t = token.clone();
             tokio::spawn(async move {
@@ -115,6 +117,7 @@ impl App {
             metrics: Arc::default(),
             max_attempts: i64::from(args.queue.max_attempts.max(1)),
             shutdown: shutdown.clone(),
+            predictor: http::predict::Predictor::from_args(&args)?,
         };
         let runner = (!args.no_worker)
             .then(|| Runner::new(store.clone(), dirs, trainer, RunnerConfig::from_args(&args.queue)));
