@@ -336,6 +336,11 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
         rmSync(file);
       }
     }
+    // The trained adapter's files can be downloaded from the job page.
+    const adapterLink = page.locator('#adapter-files a[download]').first();
+    await adapterLink.waitFor();
+    const [adapterFile] = await Promise.all([page.waitForEvent('download'), adapterLink.click()]);
+    assert.ok(adapterFile.suggestedFilename(), 'adapter file downloaded');
     await screenshot('job-succeeded');
     log(`event stream requests: ${requests.stream}, event page requests: ${requests.eventPolls}`);
   });

@@ -146,10 +146,17 @@ const server = http.createServer(async (req, res) => {
     }
   }
   if (p === '/v1/adapters') return send(res, 200, { data: adapters });
+  if ((m = p.match(/^\/v1\/adapters\/([^/]+)(?:\/files\/([^/]+))?$/))) {
+    const a = adapters.find((x) => x.id === m[1]);
+    if (!a) return fail(res, 404, 'not_found', `adapter ${m[1]} not found`);
+    if (!m[2]) return send(res, 200, { ...a, files: ['adapter_config.json', 'adapter_model.safetensors', 'arbiter.json'] });
+    res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Disposition': `attachment; filename="${m[2]}"` });
+    return res.end('{}');
+  }
   if (p === '/v1/predict' && req.method === 'POST') {
     const b = JSON.parse(raw || '{}');
     if (!adapters.some((a) => a.id === b.adapter)) return fail(res, 404, 'not_found', `adapter ${b.adapter} not found`, { field: 'adapter' });
-    return send(res, 200, { adapter: b.adapter, predictions: b.pairs.map((x) => ({ id: x.id, winner_model_a: 0.52, winner_model_b: 0.31, winner_tie: 0.17 })), usage: { tokens: 57 } });
+    return send(res, 200, { adapter: { id: b.adapter, name: adapters.find((a) => a.id === b.adapter).name }, predictions: b.pairs.map((x) => ({ id: x.id, winner_model_a: 0.52, winner_model_b: 0.31, winner_tie: 0.17 })), usage: { tokens: 57 } });
   }
   return fail(res, 404, 'not_found', 'no such route');
 });

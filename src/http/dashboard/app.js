@@ -290,11 +290,14 @@
       return parts.join(', ');
     };
     const single = whereOf(d);
+    const msg = String(err.message);
+    // Details that only repeat the message are left out.
+    const extra = items.filter((it) => !(items.length === 1 && typeof it === 'object' && it && msg.includes(String(first(it.reason, it.message, '\u0000')))));
     return h('div', { class: 'error-box', role: 'alert' },
       h('strong', {}, title || (err.status ? `Error ${err.status}${err.code ? ` (${err.code})` : ''}` : 'Error')), ' ',
-      single ? h('span', { class: 'where' }, `${single}: `) : null,
-      err.message,
-      items.length ? h('ul', {}, items.slice(0, 20).map((it) => {
+      single && !msg.includes(single) ? h('span', { class: 'where' }, `${single}: `) : null,
+      msg,
+      extra.length ? h('ul', {}, extra.slice(0, 20).map((it) => {
         if (typeof it !== 'object' || it === null) return h('li', {}, String(it));
         const where = whereOf(it);
         return h('li', {}, where ? h('code', {}, where) : null, where ? ': ' : '', first(it.reason, it.message, JSON.stringify(it)));
@@ -382,7 +385,8 @@
       if (yRange) { ymin = Math.min(ymin, yRange[0]); ymax = Math.max(ymax, yRange[1]); }
       const yt = niceTicks(ymin, ymax, 4);
       const xt = niceTicks(xmin, xmax, Math.max(2, Math.floor((W - m.l - m.r) / 90)));
-      const xlo = Math.min(xt.lo, xmin), xhi = Math.max(xt.hi, xmax);
+      const single = Math.min(...xs) === Math.max(...xs);
+      const xlo = single ? xmin : Math.min(...xs), xhi = single ? xmax : Math.max(...xs);
       const X = (v) => m.l + ((v - xlo) / (xhi - xlo || 1)) * (W - m.l - m.r);
       const Y = (v) => m.t + (1 - (v - yt.lo) / (yt.hi - yt.lo || 1)) * (H - m.t - m.b);
       const ystep = yt.ticks[1] - yt.ticks[0];
@@ -487,9 +491,9 @@
   }
   /** A download link that also works with auth on: with a stored key the file is fetched with
    *  the Authorization header and handed to the browser as a blob. */
-  function downloadLink(url, name) {
+  function downloadLink(url, name, label = 'Download') {
     const href = url.replace(/^\//, '');
-    const a = h('a', { href, download: '' }, 'Download');
+    const a = h('a', { href, download: '' }, label);
     a.addEventListener('click', async (e) => {
       if (!localStorage.getItem(KEY_STORAGE)) return;
       e.preventDefault();
@@ -504,7 +508,7 @@
         tmp.click();
         tmp.remove();
         setTimeout(() => URL.revokeObjectURL(blobUrl), 10_000);
-        a.textContent = 'Download';
+        a.textContent = label;
       } catch (err) {
         a.textContent = `Download failed (${err.message})`;
       }
@@ -595,6 +599,23 @@
     const accChart = makeChart({ title: 'Evaluation accuracy', xLabel: 'step', yFormat: (v) => `${Math.round(v * 100)}%`, yRange: [0, 1], emptyText: 'No evaluation yet' });
     const hyper = h('div', {}, h('p', { class: 'muted' }, '—'));
     const ckpts = h('div', {}, h('p', { class: 'muted' }, 'No checkpoints yet.'));
+    const adapterBox = h('div', { id: 'adapter-files' });
+    let adapterShown = null;
+    /** The trained adapter's files (PEFT layout), once the job has produced one. */
+    async function loadAdapter(adapterId) {
+      if (!adapterId || adapterShown === adapterId) return;
+      adapterShown = adapterId;
+      let a;
+      try { a = await api(`/v1/adapters/${encodeURIComponent(adapterId)}`); } catch (_) { adapterShown = null; return; }
+      const files = Array.isArray(a.files) ? a.files : [];
+      const m = obj(a.metrics);
+      replace(adapterBox, h('h3', { class: 'adapter-head' }, 'Trained adapter'),
+        h('p', {}, h('span', { class: 'id' }, first(a.name, a.id)), ' · ',
+          h('a', { href: `#/playground?adapter=${encodeURIComponent(a.id)}` }, 'Try it in the playground'),
+          num(first(m.eval_log_loss, m.log_loss)) !== null ? ` · eval log loss ${fmt(first(m.eval_log_loss, m.log_loss))}` : ''),
+        files.length ? h('ul', { class: 'files' }, files.map((f) => h('li', {},
+          downloadLink(`v1/adapters/${encodeURIComponent(a.id)}/files/${encodeURIComponent(f)}`, f, f)))) : null);
+    }
     const log = h('ol', { class: 'log', id: 'event-log', 'aria-label': 'Event log' });
     const logNote = h('p', { class: 'muted' }, 'No events yet.');
     replace(main, head, summary,
@@ -603,7 +624,7 @@
         h('section', { class: 'panel', 'aria-labelledby': 'h-eval', id: 'eval-panel' }, h('h2', { id: 'h-eval' }, 'Evaluation'),
           h('h3', {}, 'Log loss'), evalChart.el, h('h3', {}, 'Accuracy'), accChart.el)),
       h('div', { class: 'grid' },
-        h('section', { class: 'panel', 'aria-labelledby': 'h-ckpt' }, h('h2', { id: 'h-ckpt' }, 'Checkpoints'), ckpts),
+        h('section', { class: 'panel', 'aria-labelledby': 'h-ckpt' }, h('h2', { id: 'h-ckpt' }, 'Checkpoints'), ckpts, adapterBox),
         h('section', { class: 'panel', 'aria-labelledby': 'h-hyper' }, h('h2', { id: 'h-hyper' }, 'Hyperparameters'), hyper)),
       h('section', { class: 'panel', 'aria-labelledby': 'h-log' }, h('h2', { id: 'h-log' }, 'Event log'), logNote, log));
 
@@ -665,6 +686,7 @@
           h('dt', {}, 'Started'), h('dd', {}, timeEl(job.started(j))),
           h('dt', {}, 'Finished'), h('dd', {}, timeEl(job.finished(j)))));
       summary.querySelector('dl').style.marginTop = '1rem';
+      loadAdapter(first(j.adapter_id, j.fine_tuned_model));
       const hp = obj(first(j.hyperparameters, {}));
       replace(hyper, Object.keys(hp).length ? h('dl', { class: 'kv', id: 'hyperparameters' }, flatten(hp).map(([k, v]) => [h('dt', {}, k), h('dd', {}, v)])) : h('p', { class: 'muted' }, 'Defaults.'));
       // Seed the curves from the job's latest metrics when the events hold none yet.
@@ -800,18 +822,20 @@
       ckptCount = list.length;
       if (!list.length) { replace(ckpts, h('p', { class: 'muted' }, 'No checkpoints yet.')); return; }
       list.sort((a, b) => (num(first(b.step, b.step_number)) ?? 0) - (num(first(a.step, a.step_number)) ?? 0));
+      const urlOf = (c) => first(c.download_url, c.url, c.links && c.links.download);
+      const downloads = list.some(urlOf);
       replace(ckpts, h('div', { class: 'table-wrap' }, h('table', { class: 'cards', id: 'checkpoints-table' },
         h('thead', {}, h('tr', {}, h('th', { scope: 'col', class: 'num' }, 'Step'), h('th', { scope: 'col', class: 'num' }, 'Eval log loss'),
-          h('th', { scope: 'col', class: 'num' }, 'Accuracy'), h('th', { scope: 'col' }, 'Created'), h('th', { scope: 'col' }, 'Download'))),
+          h('th', { scope: 'col', class: 'num' }, 'Accuracy'), h('th', { scope: 'col' }, 'Created'), downloads ? h('th', { scope: 'col' }, 'Download') : null)),
         h('tbody', {}, list.map((c) => {
           const cm = obj(first(c.metrics, c.eval_metrics, {}));
-          const url = first(c.download_url, c.url, c.links && c.links.download);
+          const url = urlOf(c);
           return h('tr', {},
             h('td', { 'data-label': 'Step', class: 'num' }, fmt(first(c.step, c.step_number))),
             h('td', { 'data-label': 'Eval log loss', class: 'num' }, fmt(first(cm.log_loss, cm.eval_log_loss))),
             h('td', { 'data-label': 'Accuracy', class: 'num' }, pct(first(cm.accuracy, cm.eval_accuracy))),
             h('td', { 'data-label': 'Created' }, timeEl(c.created_at)),
-            h('td', { 'data-label': 'Download' }, url ? downloadLink(String(url), `checkpoint-step-${first(c.step, c.step_number, c.id)}`) : h('span', { class: 'muted' }, '—')));
+            !downloads ? null : h('td', { 'data-label': 'Download' }, url ? downloadLink(String(url), `checkpoint-step-${first(c.step, c.step_number, c.id)}`) : h('span', { class: 'muted' }, '—')));
         })))));
     }
 
@@ -852,8 +876,8 @@
     { name: 'max_length', label: 'Max length (tokens)', def: 1024, step: 1, min: 16 },
     { name: 'lora.r', label: 'LoRA rank r', def: 16, step: 1, min: 1 },
     { name: 'lora.alpha', label: 'LoRA alpha', def: 8, step: 'any', min: 0 },
-    { name: 'eval_every_steps', label: 'Eval every (steps)', def: 0, step: 1, min: 0, hint: '0: at each epoch end' },
-    { name: 'checkpoint_every_steps', label: 'Checkpoint every (steps)', def: 50, step: 1, min: 0, hint: '0: at each epoch end' },
+    { name: 'eval_every_steps', label: 'Evaluate every', def: 0, step: 1, min: 0, hint: 'steps; 0: at each epoch end' },
+    { name: 'checkpoint_every_steps', label: 'Checkpoint every', def: 50, step: 1, min: 0, hint: 'steps; 0: at each epoch end' },
   ];
   const fieldId = (name) => `f-${name.replace(/[^a-z0-9_]+/gi, '-')}`;
 
@@ -914,12 +938,12 @@
   function fieldErrors(err) {
     const d = (err && err.detail) || {};
     const out = [];
-    const f = first(d.field, d.path, d.param);
-    if (f) out.push([String(f), err.message]);
     for (const v of Object.values(d)) {
       if (!Array.isArray(v)) continue;
       for (const it of v) if (it && typeof it === 'object' && first(it.field, it.path)) out.push([String(first(it.field, it.path)), String(first(it.reason, it.message, err.message))]);
     }
+    const f = first(d.field, d.path, d.param);
+    if (f && !out.length) out.push([String(f), String(err.message).replace(`${f}: `, '')]);
     return out;
   }
   function clearFieldErrors(form) {
@@ -1103,7 +1127,7 @@
         h('div', { class: 'field' }, h('label', { for: 'f-adapter' }, 'Adapter'),
           h('select', { id: 'f-adapter', name: 'adapter', 'data-field': 'adapter' }, adapters.map((a) => {
             const aid = first(a.id, a.name);
-            const label = [first(a.name, null), shortId(aid), a.job_id ? `job ${shortId(a.job_id)}` : null, a.created_at ? when(a.created_at) : null].filter(Boolean).join(' · ');
+            const label = [first(a.name, null), a.name ? null : shortId(aid), a.job_id ? `job ${shortId(a.job_id)}` : null, a.created_at ? when(a.created_at) : null, a.hot ? 'loaded' : null].filter(Boolean).join(' · ');
             return h('option', { value: aid, selected: pre && (pre === a.id || pre === a.name) }, label);
           }))),
         ta('f-prompt', 'Prompt', 'What is the capital of Australia?'),
@@ -1114,6 +1138,11 @@
         h('div', { class: 'actions' }, h('button', { type: 'submit', class: 'primary', id: 'predict-button' }, 'Predict')));
       form.addEventListener('submit', (e) => { e.preventDefault(); predict(form, out); });
     }).catch((err) => replace(form, errorBox(err, 'Could not load adapters')));
+  }
+
+  function adapterLabel(a) {
+    if (!a || typeof a !== 'object') return String(a);
+    return a.name && a.name !== a.id ? `${a.name} (${shortId(a.id)})` : String(first(a.id, a.name));
   }
 
   async function predict(form, out) {
@@ -1145,7 +1174,7 @@
             h('div', { class: 'bar', role: 'meter', 'aria-valuemin': 0, 'aria-valuemax': 100, 'aria-valuenow': Math.round((val ?? 0) * 100), 'aria-label': name }, fill),
             h('span', { class: 'pct' }, pct(val)));
         })),
-        h('p', { class: 'muted' }, `Adapter ${first(res.adapter, v('adapter'))}`,
+        h('p', { class: 'muted' }, `Adapter ${adapterLabel(first(res.adapter, v('adapter')))}`,
           res.usage && res.usage.tokens ? ` · ${res.usage.tokens} tokens` : '',
           ` · ${Math.round(performance.now() - t0)} ms`,
           p.truncated || (res.usage && res.usage.truncated) ? ' · text was truncated to fit the model' : ''));
