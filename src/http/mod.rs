@@ -2,6 +2,7 @@
 //! its own `router()` and OpenAPI fragment (`ApiDoc`), merged here and in `openapi.rs`.
 
 mod arena_compat;
+pub mod adapters;
 pub mod dashboard;
 pub mod datasets;
 pub mod error;
@@ -10,6 +11,7 @@ pub mod health;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
+pub mod predict;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +50,8 @@ pub struct AppState {
     pub max_attempts: i64,
     /// Cancelled on shutdown; long-lived responses (event streams) end with it.
     pub shutdown: CancellationToken,
+    /// The inference engine and the prediction limits.
+    pub predictor: predict::Predictor,
 }
 
 /// The whole application: routes first, then layers (so the layers see every route).
@@ -57,6 +61,8 @@ pub fn router(state: AppState) -> Router {
         .merge(jobs::router())
         .merge(health::router())
         // Resources added by other modules merge here, e.g. `.merge(predict::router())`.
+        .merge(predict::router())
+        .merge(adapters::router())
         .merge(dashboard::router())
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed);

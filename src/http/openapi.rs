@@ -23,6 +23,8 @@ pub fn spec() -> utoipa::openapi::OpenApi {
     doc.merge(super::datasets::ApiDoc::openapi());
     doc.merge(super::jobs::ApiDoc::openapi());
     doc.merge(super::health::ApiDoc::openapi());
+    doc.merge(super::predict::ApiDoc::openapi());
+    doc.merge(super::adapters::ApiDoc::openapi());
     // Other resources: doc.merge(super::predict::ApiDoc::openapi()); ...
     doc
 }

@@ -1,0 +1,645 @@
+//! `/v1/predict` (and `/predict`, the same): A/B/tie probabilities of prompt/response pairs
+//! from a chosen adapter; `/v1/predict/file`: an arena test CSV in, a submission CSV out.
+//!
+//! The handler resolves the adapter (id or name) through the store, then on the blocking pool
+//! loads it into the engine's cache if it is cold and tokenizes the pairs (so the engine
+//! thread only runs forward passes), submits the rows to the engine and awaits its answer.
+//! Probabilities are the softmax of the logits at the adapter's calibration temperature;
+//! `symmetric` also scores every pair with A and B swapped and averages the two with the A/B
+//! probabilities swapped back, so the answer is exactly symmetric.
+//!
+//! `/predict` also takes a TEI-style body `{"inputs": [[prompt, response_a, response_b], ...]}`
+//! and answers TEI-style `[[{"label", "score"}, ...], ...]` (labels sorted by score).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::header::{CONTENT_DISPOSITION, CONTENT_TYPE, RETRY_AFTER};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use utoipa::{OpenApi, ToSchema};
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{parse_json, read_body, Json, Query};
+use super::AppState;
+use crate::data::{ArenaRow, Label};
+use crate::ml::classifier;
+use crate::ml::serve::{Engine, LoadedAdapter, ServeError};
+use crate::store::AdapterRecord;
+
+#[derive(OpenApi)]
+#[openapi(
+    paths(predict, predict_compat, predict_file),
+    components(schemas(PredictRequest, Pair, Text, PredictResponse, Prediction, Usage, AdapterRef, TeiRequest, TeiScore)),
+    tags((name = "predict", description = "A/B/tie probabilities from a trained adapter"))
+)]
+pub struct ApiDoc;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/predict", post(predict))
+        .route("/predict", post(predict_compat))
+        .route("/v1/predict/file", post(predict_file))
+}
+
+/// Limits of the prediction endpoints.
+#[derive(Debug, Clone)]
+pub struct PredictLimits {
+    /// Pairs per request (a symmetric pair counts once).
+    pub max_pairs: usize,
+    /// Largest token budget per pair a request may ask for (and the cap on an adapter's own).
+    pub max_length: usize,
+    /// Rows of a CSV sent to `/v1/predict/file`.
+    pub max_file_rows: usize,
+    /// Adapter used when a request names none; else the newest adapter.
+    pub default_adapter: Option<String>,
+}
+
+/// The prediction side of the application state.
+#[derive(Clone)]
+pub struct Predictor {
+    pub engine: Engine,
+    pub limits: Arc<PredictLimits>,
+}
+
+/// A text field: one string or a list of turns (`null` turns count as empty).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Text {
+    One(String),
+    Turns(Vec<Option<String>>),
+}
+
+impl Text {
+    fn turns(self) -> Vec<String> {
+        match self {
+            Text::One(s) => vec![s],
+            Text::Turns(v) => v.into_iter().map(Option::unwrap_or_default).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Pair {
+    /// Echoed back; the pair's position when absent.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub id: Option<serde_json::Value>,
+    pub prompt: Text,
+    pub response_a: Text,
+    pub response_b: Text,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PredictRequest {
+    /// Adapter id or name; the server's default (or the newest adapter) when absent.
+    #[serde(default)]
+    pub adapter: Option<String>,
+    pub pairs: Vec<Pair>,
+    /// Also score every pair with A and B swapped and average.
+    #[serde(default)]
+    pub symmetric: bool,
+    /// Token budget per pair (balanced truncation); the adapter's training length when absent.
+    #[serde(default)]
+    pub max_length: Option<usize>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdapterRef {
+    pub id: String,
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Prediction {
+    #[schema(value_type = Object)]
+    pub id: serde_json::Value,
+    pub winner_model_a: f32,
+    pub winner_model_b: f32,
+    pub winner_tie: f32,
+    /// The pair was longer than the token budget and was cut.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    /// Tokens scored (both directions when symmetric).
+    pub tokens: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PredictResponse {
+    pub adapter: AdapterRef,
+    pub predictions: Vec<Prediction>,
+    pub usage: Usage,
+}
+
+/// TEI-style body of `/predict`: each input is `[prompt, response_a, response_b]`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct TeiRequest {
+    pub inputs: TeiInputs,
+    #[serde(default)]
+    pub adapter: Option<String>,
+    /// Scores are the calibrated logits instead of probabilities.
+    #[serde(default)]
+    pub raw_scores: bool,
+    /// Accepted for compatibility: long inputs are always truncated.
+    #[serde(default)]
+    pub truncate: Option<bool>,
+    #[serde(default)]
+    pub symmetric: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum TeiInputs {
+    One([Text; 3]),
+    Many(Vec<[Text; 3]>),
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TeiScore {
+    pub label: String,
+    pub score: f32,
+}
+
+/// An `ApiError`, with `Retry-After` when the client should come back.
+pub struct Rejection {
+    error: ApiError,
+    retry_after_s: Option<u64>,
+}
+
+impl From<ApiError> for Rejection {
+    fn from(error: ApiError) -> Rejection {
+        Rejection { error, retry_after_s: None }
+    }
+}
+
+impl From<crate::store::StoreError> for Rejection {
+    fn from(e: crate::store::StoreError) -> Rejection {
+        ApiError::from(e).into()
+    }
+}
+
+impl From<ServeError> for Rejection {
+    fn from(e: ServeError) -> Rejection {
+        let (error, retry) = match &e {
+            ServeError::Overloaded { retry_after_s } => (
+                ApiError::new(StatusCode::TOO_MANY_REQUESTS, "overloaded", "the predictor's queue is full; retry later"),
+                Some(*retry_after_s),
+            ),
+            ServeError::BaseModel => (
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "model_unavailable", "the adapter's base model cannot be loaded"),
+                Some(30),
+            ),
+            ServeError::Unavailable => (
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "predictor_unavailable", "the predictor is not running"),
+                Some(30),
+            ),
+            ServeError::Adapter { key } => (
+                ApiError::conflict("adapter_unusable", format!("adapter {key} cannot be loaded for its base model"))
+                    .with_field("adapter"),
+                None,
+            ),
+            ServeError::Input(m) => (ApiError::unprocessable("invalid_request", m.clone()), None),
+            ServeError::Internal => (ApiError::internal("inference failed (cause logged by the engine)"), None),
+        };
+        Rejection { error, retry_after_s: retry }
+    }
+}
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        let mut res = self.error.into_response();
+        if let Some(s) = self.retry_after_s {
+            res.headers_mut().insert(RETRY_AFTER, HeaderValue::from(s));
+        }
+        res
+    }
+}
+
+fn predictor(state: &AppState) -> &Predictor {
+    &state.predictor
+}
+
+/// Resolve the adapter a request names (or the default) to its stored record.
+async fn resolve_adapter(state: &AppState, name: Option<&str>) -> Result<AdapterRecord, Rejection> {
+    let limits = &predictor(state).limits;
+    let wanted = name.map(str::to_string).or_else(|| limits.default_adapter.clone());
+    match wanted {
+        Some(n) => {
+            if n.trim().is_empty() {
+                return Err(ApiError::unprocessable("invalid_request", "adapter must not be empty").with_field("adapter").into());
+            }
+            state.store.find_adapter(&n).await?.ok_or_else(|| {
+                ApiError::new(StatusCode::NOT_FOUND, "adapter_not_found", format!("no adapter with id or name {n:?}"))
+                    .with_field("adapter")
+                    .into()
+            })
+        }
+        None => state.store.list_adapters().await?.into_iter().next().ok_or_else(|| {
+            ApiError::new(StatusCode::NOT_FOUND, "adapter_not_found", "no adapter is registered yet; train one first")
+                .with_field("adapter")
+                .into()
+        }),
+    }
+}
+
+/// Pairs to score, already validated.
+struct Scoring {
+    rows: Vec<ArenaRow>,
+    symmetric: bool,
+    max_length: Option<usize>,
+}
+
+/// What the engine gave back, per pair.
+struct Scored {
+    adapter: Arc<LoadedAdapter>,
+    /// Logits per pair and, when symmetric, of the swapped pair.
+    logits: Vec<([f32; 3], Option<[f32; 3]>)>,
+    truncated: Vec<bool>,
+    tokens: usize,
+}
+
+impl Scored {
+    fn probabilities(&self) -> Vec<[f32; 3]> {
+        let t = self.adapter.meta.temperature;
+        self.logits
+            .iter()
+            .map(|(p, q)| {
+                let p = classifier::softmax3(p, t);
+                match q {
+                    Some(q) => classifier::symmetric(p, classifier::softmax3(q, t)),
+                    None => p,
+                }
+            })
+            .collect()
+    }
+}
+
+fn check_max_length(limits: &PredictLimits, max_length: Option<usize>) -> Result<(), Rejection> {
+    match max_length {
+        Some(n) if n < 8 || n > limits.max_length => Err(ApiError::unprocessable(
+            "invalid_request",
+            format!("max_length must be between 8 and {}, got {n}", limits.max_length),
+        )
+        .with_field("max_length")
+        .into()),
+        _ => Ok(()),
+    }
+}
+
+fn check_pairs(limits: &PredictLimits, n: usize, field: &str) -> Result<(), Rejection> {
+    if n == 0 {
+        return Err(ApiError::unprocessable("invalid_request", format!("{field} must hold at least one pair")).with_field(field).into());
+    }
+    if n > limits.max_pairs {
+        return Err(ApiError::unprocessable(
+            "too_many_pairs",
+            format!("{n} pairs exceed the limit of {} per request", limits.max_pairs),
+        )
+        .with_field(field)
+        .with("limit", limits.max_pairs)
+        .into());
+    }
+    Ok(())
+}
+
+/// Load the adapter (if cold), tokenize, score.
+async fn score(state: &AppState, record: &AdapterRecord, job: Scoring) -> Result<Scored, Rejection> {
+    let p = predictor(state).clone();
+    let key = record.id.clone();
+    let dir = PathBuf::from(&record.path);
+    let base_path = PathBuf::from(&record.base_model);
+    let n = job.rows.len();
+    let prepared = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+        let adapter = p.engine.adapter(&key, &dir, &base_path)?;
+        let cap = p.limits.max_length;
+        let max_length = job.max_length.unwrap_or(adapter.meta.max_length).clamp(1, cap);
+        let mut ids = Vec::with_capacity(n * if job.symmetric { 2 } else { 1 });
+        let mut truncated = Vec::with_capacity(n);
+        for r in &job.rows {
+            let e = adapter.encode(r, max_length);
+            truncated.push(e.truncated);
+            ids.push(e.ids);
+        }
+        if job.symmetric {
+            for r in &job.rows {
+                let e = adapter.encode(&r.swapped(), max_length);
+                ids.push(e.ids);
+            }
+        }
+        Ok((adapter, ids, truncated))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("tokenizing task failed: {e}")))?;
+    let (adapter, ids, truncated) = prepared?;
+    let tokens = ids.iter().map(Vec::len).sum();
+    let logits = predictor(state).engine.submit(adapter.clone(), ids)?.await?;
+    let logits = if job.symmetric {
+        logits[..n].iter().zip(&logits[n..]).map(|(p, q)| (*p, Some(*q))).collect()
+    } else {
+        logits.into_iter().map(|p| (p, None)).collect()
+    };
+    Ok(Scored { adapter, logits, truncated, tokens })
+}
+
+fn row_of(i: usize, prompt: Text, a: Text, b: Text) -> ArenaRow {
+    ArenaRow { id: i.to_string(), prompt: prompt.turns(), response_a: a.turns(), response_b: b.turns(), label: None }
+}
+
+async fn predict_native(state: &AppState, body: PredictRequest) -> Result<PredictResponse, Rejection> {
+    let limits = &predictor(state).limits;
+    check_pairs(limits, body.pairs.len(), "pairs")?;
+    check_max_length(limits, body.max_length)?;
+    let record = resolve_adapter(state, body.adapter.as_deref()).await?;
+    let mut ids = Vec::with_capacity(body.pairs.len());
+    let mut rows = Vec::with_capacity(body.pairs.len());
+    for (i, p) in body.pairs.into_iter().enumerate() {
+        ids.push(p.id.unwrap_or(serde_json::Value::from(i)));
+        rows.push(row_of(i, p.prompt, p.response_a, p.response_b));
+    }
+    let scored = score(state, &record, Scoring { rows, symmetric: body.symmetric, max_length: body.max_length }).await?;
+    let predictions = scored
+        .probabilities()
+        .into_iter()
+        .zip(ids)
+        .zip(&scored.truncated)
+        .map(|((p, id), t)| Prediction { id, winner_model_a: p[0], winner_model_b: p[1], winner_tie: p[2], truncated: *t })
+        .collect();
+    Ok(PredictResponse {
+        adapter: AdapterRef { id: record.id, name: record.name },
+        predictions,
+        usage: Usage { tokens: scored.tokens },
+    })
+}
+
+/// Predict A/B/tie probabilities for prompt/response pairs.
+#[utoipa::path(
+    post,
+    path = "/v1/predict",
+    tag = "predict",
+    request_body = PredictRequest,
+    responses(
+        (status = 200, description = "One prediction per pair, in order", body = PredictResponse),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 404, description = "No adapter with that id or name", body = ErrorBody),
+        (status = 409, description = "The adapter's files cannot be loaded for its base model", body = ErrorBody),
+        (status = 422, description = "A field is missing or invalid (named in `field`)", body = ErrorBody),
+        (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The base model cannot be loaded; see Retry-After", body = ErrorBody),
+    )
+)]
+pub async fn predict(State(state): State<AppState>, Json(body): Json<PredictRequest>) -> Result<axum::Json<PredictResponse>, Rejection> {
+    Ok(axum::Json(predict_native(&state, body).await?))
+}
+
+#[derive(Deserialize)]
+struct Peek {
+    #[serde(default)]
+    inputs: Option<serde::de::IgnoredAny>,
+}
+
+/// `/v1/predict` under its short path; a TEI-style `{"inputs": ...}` body gets a TEI answer.
+#[utoipa::path(
+    post,
+    path = "/predict",
+    tag = "predict",
+    request_body(content = PredictRequest, description = "The `/v1/predict` body, or a TEI body `{\"inputs\": [[prompt, response_a, response_b], ...]}`"),
+    responses(
+        (status = 200, description = "As `/v1/predict`; for a TEI body, one list of `{label, score}` per input (sorted by score)", body = PredictResponse),
+        (status = 400, description = "The body is not JSON", body = ErrorBody),
+        (status = 404, description = "No adapter with that id or name", body = ErrorBody),
+        (status = 422, description = "A field is missing or invalid (named in `field`)", body = ErrorBody),
+        (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
+    )
+)]
+pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Result<Response, Rejection> {
+    let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let json = ct.parse::<mime::Mime>().is_ok_and(|m| m.type_() == mime::APPLICATION && (m.subtype() == mime::JSON || m.suffix() == Some(mime::JSON)));
+    if !json {
+        return Err(ApiError::unsupported_media_type(format!(
+            "expected a JSON body with Content-Type: application/json, got {:?}",
+            if ct.is_empty() { "nothing" } else { &ct }
+        ))
+        .into());
+    }
+    let bytes = read_body(req, &state).await?;
+    let tei = serde_json::from_slice::<Peek>(&bytes).map(|p| p.inputs.is_some()).unwrap_or(false);
+    if !tei {
+        let body: PredictRequest = parse_json(&bytes)?;
+        return Ok(axum::Json(predict_native(&state, body).await?).into_response());
+    }
+    let body: TeiRequest = parse_json(&bytes)?;
+    let limits = &predictor(&state).limits;
+    let (inputs, single) = match body.inputs {
+        TeiInputs::One(t) => (vec![t], true),
+        TeiInputs::Many(v) => (v, false),
+    };
+    check_pairs(limits, inputs.len(), "inputs")?;
+    let record = resolve_adapter(&state, body.adapter.as_deref()).await?;
+    let rows = inputs.into_iter().enumerate().map(|(i, [p, a, b])| row_of(i, p, a, b)).collect();
+    let scored = score(&state, &record, Scoring { rows, symmetric: body.symmetric, max_length: None }).await?;
+    let t = scored.adapter.meta.temperature as f32;
+    let scores: Vec<[f32; 3]> = if body.raw_scores {
+        scored.logits.iter().map(|(p, _)| [p[0] / t, p[1] / t, p[2] / t]).collect()
+    } else {
+        scored.probabilities()
+    };
+    let out: Vec<Vec<TeiScore>> = scores
+        .into_iter()
+        .map(|s| {
+            let mut v: Vec<TeiScore> =
+                Label::ALL.iter().map(|l| TeiScore { label: l.column().to_string(), score: s[l.index()] }).collect();
+            v.sort_by(|a, b| b.score.total_cmp(&a.score));
+            v
+        })
+        .collect();
+    if single {
+        let first = out.into_iter().next().unwrap_or_default();
+        Ok(axum::Json(first).into_response())
+    } else {
+        Ok(axum::Json(out).into_response())
+    }
+}
+
+/// Query parameters of `/v1/predict/file`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct FileParams {
+    /// Adapter id or name; the default (or newest) when absent.
+    pub adapter: Option<String>,
+    #[serde(default)]
+    pub symmetric: bool,
+    pub max_length: Option<usize>,
+}
+
+/// Parse an arena CSV in the test layout (`id,prompt,response_a,response_b`; other columns
+/// ignored). Cells holding a JSON list of turns are read as such, others as one turn.
+fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiError> {
+    let bad = |line: usize, column: Option<&str>, reason: String| {
+        let mut e = ApiError::unprocessable("invalid_csv", format!("line {line}: {reason}")).with("line", line);
+        if let Some(c) = column {
+            e = e.with("column", c);
+        }
+        e
+    };
+    let mut r = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
+    let headers = r.headers().map_err(|e| bad(1, None, format!("not a CSV header: {e}")))?.clone();
+    let col = |n: &'static str| {
+        headers.iter().position(|h| h.trim_start_matches('\u{feff}') == n).ok_or_else(|| bad(1, Some(n), format!("column {n} is missing")))
+    };
+    let idx = [col("id")?, col("prompt")?, col("response_a")?, col("response_b")?];
+    let turns = |cell: &str| -> Vec<String> {
+        match serde_json::from_str::<Vec<Option<String>>>(cell) {
+            Ok(v) => v.into_iter().map(Option::unwrap_or_default).collect(),
+            Err(_) => vec![cell.to_string()],
+        }
+    };
+    let mut rows = Vec::new();
+    for (i, rec) in r.records().enumerate() {
+        let line = i + 2;
+        let rec = rec.map_err(|e| bad(line, None, format!("not a CSV record: {e}")))?;
+        if rows.len() == max_rows {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_many_rows",
+                format!("the file has more than {max_rows} rows; split it"),
+            )
+            .with("limit", max_rows));
+        }
+        let get = |k: usize| rec.get(idx[k]).unwrap_or("");
+        rows.push(ArenaRow {
+            id: get(0).to_string(),
+            prompt: turns(get(1)),
+            response_a: turns(get(2)),
+            response_b: turns(get(3)),
+            label: None,
+        });
+    }
+    if rows.is_empty() {
+        return Err(bad(2, None, "the file has no rows".into()));
+    }
+    Ok(rows)
+}
+
+/// Score an arena test CSV; answer a submission CSV.
+#[utoipa::path(
+    post,
+    path = "/v1/predict/file",
+    tag = "predict",
+    params(FileParams),
+    request_body(content = String, content_type = "text/csv", description = "Arena CSV with `id,prompt,response_a,response_b` (raw, or multipart field `file`)"),
+    responses(
+        (status = 200, description = "Submission CSV `id,winner_model_a,winner_model_b,winner_tie`", body = String, content_type = "text/csv"),
+        (status = 404, description = "No adapter with that id or name", body = ErrorBody),
+        (status = 413, description = "Too many rows", body = ErrorBody),
+        (status = 422, description = "Not a valid arena CSV (line and column named)", body = ErrorBody),
+        (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
+    )
+)]
+pub async fn predict_file(State(state): State<AppState>, Query(params): Query<FileParams>, req: Request) -> Result<Response, Rejection> {
+    let limits = predictor(&state).limits.clone();
+    check_max_length(&limits, params.max_length)?;
+    let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let bytes: Bytes = if ct.starts_with("multipart/form-data") {
+        let mut mp = Multipart::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+        let mut found = None;
+        while let Some(field) = mp.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))? {
+            if field.name() == Some("file") {
+                found = Some(field.bytes().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?);
+                break;
+            }
+        }
+        found.ok_or_else(|| ApiError::unprocessable("invalid_request", "the multipart body has no `file` field").with_field("file"))?
+    } else {
+        read_body(req, &state).await?
+    };
+    let rows = parse_test_csv(&bytes, limits.max_file_rows)?;
+    let record = resolve_adapter(&state, params.adapter.as_deref()).await?;
+    let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+    // chunks of the per-request pair limit, two in flight so the engine never waits for the
+    // next chunk's tokenization
+    use futures::StreamExt;
+    let chunks: Vec<Vec<ArenaRow>> = rows.chunks(limits.max_pairs.max(1)).map(<[ArenaRow]>::to_vec).collect();
+    let results: Vec<Result<Vec<[f32; 3]>, Rejection>> = futures::stream::iter(chunks)
+        .map(|chunk| {
+            let state = &state;
+            let record = &record;
+            async move {
+                let job = Scoring { rows: chunk, symmetric: params.symmetric, max_length: params.max_length };
+                score(state, record, job).await.map(|s| s.probabilities())
+            }
+        })
+        .buffered(2)
+        .collect()
+        .await;
+    let mut out = String::from("id,winner_model_a,winner_model_b,winner_tie\n");
+    let mut i = 0;
+    for r in results {
+        for p in r? {
+            let id = ids.get(i).map(String::as_str).unwrap_or("");
+            let id = if id.contains([',', '"', '\n', '\r']) { format!("\"{}\"", id.replace('"', "\"\"")) } else { id.to_string() };
+            out.push_str(&format!("{id},{},{},{}\n", p[0], p[1], p[2]));
+            i += 1;
+        }
+    }
+    Ok((
+        [
+            (CONTENT_TYPE, HeaderValue::from_static("text/csv; charset=utf-8")),
+            (CONTENT_DISPOSITION, HeaderValue::from_static("attachment; filename=\"submission.csv\"")),
+        ],
+        out,
+    )
+        .into_response())
+}
+
+impl Predictor {
+    /// The engine and limits from the settings. Base models load on first use (the default
+    /// one at start with `--predict-preload`).
+    pub fn from_args(args: &crate::config::ServeArgs) -> anyhow::Result<Predictor> {
+        let p = &args.predict;
+        let device = crate::bench::parse_device(&args.store.device)?;
+        let format = args.store.base_format;
+        let cfg = crate::ml::serve::EngineConfig {
+            batch_tokens: p.predict_batch_tokens,
+            max_wait: std::time::Duration::from_millis(p.predict_max_wait_ms),
+            queue_rows: p.predict_queue_rows,
+            adapter_cache: p.predict_adapter_cache,
+            base_cache: p.predict_base_cache,
+            batching: p.predict_batching,
+        };
+        let symmetric_rows = 2 * p.predict_max_pairs;
+        if p.predict_queue_rows < symmetric_rows {
+            anyhow::bail!(
+                "--predict-queue-rows ({}) must hold at least one full symmetric request (2 x --predict-max-pairs = {symmetric_rows})",
+                p.predict_queue_rows
+            );
+        }
+        let engine = Engine::new(cfg, move |path: &std::path::Path| {
+            crate::ml::model::BaseModel::load(path, format, &device)
+        })?;
+        if p.predict_preload {
+            engine.preload(&args.store.model);
+        }
+        Ok(Predictor {
+            engine,
+            limits: Arc::new(PredictLimits {
+                max_pairs: p.predict_max_pairs.max(1),
+                max_length: p.predict_max_length.max(8),
+                max_file_rows: p.predict_max_file_rows.max(1),
+                default_adapter: p.default_adapter.clone(),
+            }),
+        })
+    }
+}
