@@ -102,13 +102,13 @@ impl Spawn {
             dir.path().display().to_string(),
             "--model".into(),
             model.display().to_string(),
-            "--lease-ms".into(),
-            "3000".into(),
-            "--heartbeat-ms".into(),
-            "100".into(),
-            "--poll-ms".into(),
-            "50".into(),
         ];
+        // Short leases and polls so that queue tests run in seconds; a test may override them.
+        for (flag, value) in [("--lease-ms", "3000"), ("--heartbeat-ms", "100"), ("--poll-ms", "50")] {
+            if !self.args.iter().any(|a| a == flag) {
+                argv.extend([flag.to_string(), value.to_string()]);
+            }
+        }
         argv.extend(self.args);
         let settings = Settings::try_parse_from(&argv).expect("test settings parse");
         let Command::Serve(args) = settings.command else { panic!("serve expected") };
@@ -125,6 +125,10 @@ impl Spawn {
 impl TestApp {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn database_url(&self) -> String {
+        format!("sqlite://{}", self.dir.path().join("arbiter.db").display())
     }
 
     pub fn data_dir(&self) -> PathBuf {
