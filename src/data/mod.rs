@@ -1,6 +1,8 @@
 //! Arena data: parsing and validation, the prompt template, balanced truncation, batching,
 //! and the fine-tuning hyperparameters. Pure code: no I/O policy, no tensors.
 
+pub mod arena;
+pub mod batch;
 pub mod hyper;
 pub mod template;
 

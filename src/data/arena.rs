@@ -1,0 +1,724 @@
+//! Parsing and validation of arena datasets (CSV and JSONL).
+//!
+//! # CSV
+//! Columns `id, prompt, response_a, response_b, winner_model_a, winner_model_b, winner_tie`
+//! in any order; `model_a`, `model_b` and any other column are ignored. A file without any
+//! `winner_*` column is a test-layout file: every row gets `label: None` and
+//! [`ParsedDataset::labelled`] is `false`. A file with only some `winner_*` columns is an error.
+//!
+//! `prompt` / `response_*` cells hold a JSON list of strings, one per turn
+//! (`["hi","and then?"]`). A cell whose first non-blank character is `[` must be such a list
+//! (an unparsable one is the row error "malformed JSON list"); any other cell is taken verbatim
+//! as one turn. `null` entries become empty strings, so turns stay aligned across the prompt
+//! and both responses.
+//!
+//! # JSONL
+//! One JSON object per line (blank lines are skipped) with the same field names. `id` is a
+//! string or an integer; `prompt` / `response_*` are a string (taken verbatim as one turn, not
+//! decoded again) or a list of strings and `null`s. The label is either the three one-hot fields
+//! (numbers `0`/`1`, `0.0`/`1.0`, booleans, or the strings `"0"`/`"1"`) or
+//! `"label": "winner_model_a" | "winner_model_b" | "winner_tie"`. A file where no line has a
+//! label is unlabelled; once one line has a label, every line must.
+//!
+//! # Row numbers
+//! [`RowError::row`] is 1-based as a spreadsheet shows the file: in a CSV the header is row 1
+//! and the first data row is row 2 (rows are CSV records, so a quoted cell spanning several
+//! lines is still one row). In a JSONL file the row is the line number (1-based).
+//!
+//! # Rows that are dropped
+//! A row whose two responses are both empty (every turn `null` or `""`) is dropped and counted
+//! in [`ParsedDataset::dropped_rows`]; it is still validated (id, label) first, and its id still
+//! counts for uniqueness.
+
+use std::collections::HashSet;
+
+use serde_json::Value;
+
+use super::{ArenaRow, Label};
+
+/// At most this many row errors are kept; [`DatasetError::Rows::total`] counts all of them.
+pub const MAX_ROW_ERRORS: usize = 20;
+
+const LABEL_COLUMNS: [&str; 3] = ["winner_model_a", "winner_model_b", "winner_tie"];
+const TEXT_COLUMNS: [&str; 4] = ["id", "prompt", "response_a", "response_b"];
+
+/// The rows of a valid dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParsedDataset {
+    /// Kept rows, in file order.
+    pub rows: Vec<ArenaRow>,
+    /// Rows dropped because both responses were empty.
+    pub dropped_rows: usize,
+    /// Kept rows per class, indexed by [`Label::index`] (all zero when unlabelled).
+    pub label_counts: [usize; 3],
+    /// Whether the file has labels (`false` for a test-layout / prediction file).
+    pub labelled: bool,
+}
+
+/// One problem in one row.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RowError {
+    /// 1-based row as a spreadsheet shows it (CSV: header is row 1; JSONL: line number).
+    pub row: usize,
+    /// The offending column or field, when one is to blame.
+    pub column: Option<String>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for RowError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.column {
+            Some(c) => write!(f, "row {}, column {c}: {}", self.row, self.reason),
+            None => write!(f, "row {}: {}", self.row, self.reason),
+        }
+    }
+}
+
+/// Why a dataset was rejected.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DatasetError {
+    /// Nothing to read: zero bytes, only blanks, or a header without data rows.
+    #[error("the dataset is empty (no data rows)")]
+    Empty,
+    /// The bytes are not UTF-8. `byte_offset` is the first invalid byte of the file;
+    /// `row` the row holding it (`None` when it is in the CSV header).
+    #[error("not UTF-8: invalid byte at offset {byte_offset}{}", .row.map(|r| format!(" (row {r})")).unwrap_or_default())]
+    NotUtf8 { byte_offset: usize, row: Option<usize> },
+    /// The bytes are not a CSV file this parser can read (no arena header, ragged rows...).
+    #[error("not a readable CSV file{}: {reason}", .row.map(|r| format!(" at row {r}")).unwrap_or_default())]
+    Unreadable { row: Option<usize>, reason: String },
+    /// Required columns are absent from the header.
+    #[error("missing required column(s): {}", .0.join(", "))]
+    MissingColumns(Vec<String>),
+    /// Row-level problems: the first [`MAX_ROW_ERRORS`] of them, and how many there were.
+    #[error("{}", display_rows(.errors, *.total))]
+    Rows { errors: Vec<RowError>, total: usize },
+}
+
+fn display_rows(errors: &[RowError], total: usize) -> String {
+    match errors.first() {
+        Some(first) if total > 1 => format!("{first} (and {} more row errors)", total - 1),
+        Some(first) => first.to_string(),
+        None => "invalid rows".to_string(),
+    }
+}
+
+impl DatasetError {
+    /// The error as a list of row errors, for callers that report every failure that way:
+    /// whole-file problems get row 0 (or their row when known) and no column.
+    pub fn row_errors(&self) -> Vec<RowError> {
+        match self {
+            DatasetError::Rows { errors, .. } => errors.clone(),
+            DatasetError::NotUtf8 { row, .. } | DatasetError::Unreadable { row, .. } => {
+                vec![RowError { row: row.unwrap_or(0), column: None, reason: self.to_string() }]
+            }
+            DatasetError::MissingColumns(cols) => cols
+                .iter()
+                .map(|c| RowError { row: 1, column: Some(c.clone()), reason: "missing required column".into() })
+                .collect(),
+            DatasetError::Empty => vec![RowError { row: 0, column: None, reason: self.to_string() }],
+        }
+    }
+}
+
+/// Collects row errors (first [`MAX_ROW_ERRORS`]) and the rows that passed.
+struct Collector {
+    out: ParsedDataset,
+    errors: Vec<RowError>,
+    total_errors: usize,
+    ids: HashSet<String>,
+}
+
+impl Collector {
+    fn new(labelled: bool) -> Self {
+        Collector {
+            out: ParsedDataset { rows: Vec::new(), dropped_rows: 0, label_counts: [0; 3], labelled },
+            errors: Vec::new(),
+            total_errors: 0,
+            ids: HashSet::new(),
+        }
+    }
+
+    fn error(&mut self, row: usize, column: Option<&str>, reason: impl Into<String>) {
+        self.total_errors += 1;
+        if self.errors.len() < MAX_ROW_ERRORS {
+            self.errors.push(RowError { row, column: column.map(String::from), reason: reason.into() });
+        }
+    }
+
+    /// Check id uniqueness, then keep or drop the row.
+    fn push(&mut self, row_no: usize, row: ArenaRow) {
+        if row.id.trim().is_empty() {
+            self.error(row_no, Some("id"), "id is empty");
+            return;
+        }
+        if !self.ids.insert(row.id.clone()) {
+            self.error(row_no, Some("id"), format!("duplicate id {:?}", row.id));
+            return;
+        }
+        if all_empty(&row.response_a) && all_empty(&row.response_b) {
+            self.out.dropped_rows += 1;
+            return;
+        }
+        if let Some(l) = row.label {
+            self.out.label_counts[l.index()] += 1;
+        }
+        self.out.rows.push(row);
+    }
+
+    fn finish(self) -> Result<ParsedDataset, DatasetError> {
+        if self.total_errors > 0 {
+            return Err(DatasetError::Rows { errors: self.errors, total: self.total_errors });
+        }
+        if self.out.rows.is_empty() && self.out.dropped_rows == 0 {
+            return Err(DatasetError::Empty);
+        }
+        Ok(self.out)
+    }
+}
+
+fn all_empty(turns: &[String]) -> bool {
+    turns.iter().all(|t| t.is_empty())
+}
+
+/// Turns of a prompt/response cell. See the module docs for the rules.
+fn parse_turns(cell: &str) -> Result<Vec<String>, String> {
+    if !cell.trim_start().starts_with('[') {
+        return Ok(vec![cell.to_string()]);
+    }
+    match serde_json::from_str::<Vec<Option<String>>>(cell) {
+        Ok(turns) => Ok(turns.into_iter().map(Option::unwrap_or_default).collect()),
+        Err(e) => match serde_json::from_str::<Value>(cell) {
+            Ok(Value::Array(_)) => Err("malformed JSON list: entries must be strings or null".to_string()),
+            _ => Err(format!("malformed JSON list: {e}")),
+        },
+    }
+}
+
+/// A one-hot value: `0`, `1`, `0.0`, `1.0` (surrounding blanks allowed).
+fn parse_one_hot(s: &str) -> Option<bool> {
+    match s.trim() {
+        "1" => Some(true),
+        "0" => Some(false),
+        t => match t.parse::<f64>() {
+            Ok(v) if v == 1.0 => Some(true),
+            Ok(v) if v == 0.0 => Some(false),
+            _ => None,
+        },
+    }
+}
+
+fn label_from_one_hot(v: [bool; 3]) -> Result<Label, String> {
+    let ones: Vec<usize> = (0..3).filter(|&i| v[i]).collect();
+    match ones.as_slice() {
+        [i] => Label::from_index(*i).ok_or_else(|| "label index out of range".to_string()),
+        _ => Err(format!(
+            "the one-hot label (winner_model_a, winner_model_b, winner_tie) = ({}, {}, {}) must have exactly one 1, found {}",
+            v[0] as u8,
+            v[1] as u8,
+            v[2] as u8,
+            ones.len()
+        )),
+    }
+}
+
+/// Offset of the first byte that is not UTF-8, if any.
+fn utf8_error_offset(bytes: &[u8]) -> Option<usize> {
+    std::str::from_utf8(bytes).err().map(|e| e.valid_up_to())
+}
+
+/// Parse an arena CSV. Row numbers in errors count the header as row 1 (see module docs).
+pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(DatasetError::Empty);
+    }
+    let bad_utf8 = utf8_error_offset(bytes);
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).flexible(false).from_reader(bytes);
+    let header = reader
+        .byte_headers()
+        .map_err(|e| DatasetError::Unreadable { row: Some(1), reason: e.to_string() })?
+        .clone();
+    let mut names = Vec::with_capacity(header.len());
+    for field in header.iter() {
+        match std::str::from_utf8(field) {
+            Ok(s) => names.push(s.trim().to_string()),
+            Err(_) => return Err(DatasetError::NotUtf8 { byte_offset: bad_utf8.unwrap_or(0), row: None }),
+        }
+    }
+    let col = |name: &str| names.iter().position(|n| n == name);
+    let known = TEXT_COLUMNS.iter().chain(LABEL_COLUMNS.iter()).filter(|c| col(c).is_some()).count();
+    if known == 0 {
+        return Err(DatasetError::Unreadable {
+            row: Some(1),
+            reason: format!(
+                "the first row is not an arena header (expected columns {}, {})",
+                TEXT_COLUMNS.join(", "),
+                LABEL_COLUMNS.join(", ")
+            ),
+        });
+    }
+    let label_present: Vec<bool> = LABEL_COLUMNS.iter().map(|c| col(c).is_some()).collect();
+    let labelled = label_present.iter().any(|&p| p);
+    let mut missing: Vec<String> = TEXT_COLUMNS.iter().filter(|c| col(c).is_none()).map(|c| c.to_string()).collect();
+    if labelled {
+        missing.extend(LABEL_COLUMNS.iter().filter(|c| col(c).is_none()).map(|c| c.to_string()));
+    }
+    if !missing.is_empty() {
+        return Err(DatasetError::MissingColumns(missing));
+    }
+    // Every index below exists: the columns were checked above.
+    let idx = |name: &str| col(name).unwrap_or(usize::MAX);
+    let (i_id, i_p, i_a, i_b) = (idx("id"), idx("prompt"), idx("response_a"), idx("response_b"));
+    let i_lab = [idx(LABEL_COLUMNS[0]), idx(LABEL_COLUMNS[1]), idx(LABEL_COLUMNS[2])];
+
+    let mut c = Collector::new(labelled);
+    let mut record = csv::ByteRecord::new();
+    let mut row_no = 1;
+    loop {
+        match reader.read_byte_record(&mut record) {
+            Ok(false) => break,
+            Ok(true) => {}
+            Err(e) => {
+                let row = Some(row_no + 1);
+                let reason = match e.kind() {
+                    csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+                        format!("the row has {len} fields, the header has {expected_len}")
+                    }
+                    _ => e.to_string(),
+                };
+                return Err(DatasetError::Unreadable { row, reason });
+            }
+        }
+        row_no += 1;
+        let mut fields: Vec<&str> = Vec::with_capacity(record.len());
+        for field in record.iter() {
+            match std::str::from_utf8(field) {
+                Ok(s) => fields.push(s),
+                Err(_) => return Err(DatasetError::NotUtf8 { byte_offset: bad_utf8.unwrap_or(0), row: Some(row_no) }),
+            }
+        }
+        let get = |i: usize| fields.get(i).copied().unwrap_or("");
+        let mut ok = true;
+        let mut text = |c: &mut Collector, i: usize, name: &str| match parse_turns(get(i)) {
+            Ok(t) => t,
+            Err(reason) => {
+                c.error(row_no, Some(name), reason);
+                ok = false;
+                Vec::new()
+            }
+        };
+        let prompt = text(&mut c, i_p, "prompt");
+        let response_a = text(&mut c, i_a, "response_a");
+        let response_b = text(&mut c, i_b, "response_b");
+        let label = if labelled {
+            let mut v = [false; 3];
+            for k in 0..3 {
+                match parse_one_hot(get(i_lab[k])) {
+                    Some(b) => v[k] = b,
+                    None => {
+                        c.error(row_no, Some(LABEL_COLUMNS[k]), format!("expected 0 or 1, found {:?}", get(i_lab[k])));
+                        ok = false;
+                    }
+                }
+            }
+            if ok {
+                match label_from_one_hot(v) {
+                    Ok(l) => Some(l),
+                    Err(reason) => {
+                        c.error(row_no, None, reason);
+                        ok = false;
+                        None
+                    }
+                }
+            } else {
+                None
+            }
+        } else {
+            None
+        };
+        if ok {
+            c.push(row_no, ArenaRow { id: get(i_id).trim().to_string(), prompt, response_a, response_b, label });
+        }
+    }
+    c.finish()
+}
+
+/// Parse an arena JSONL file. Row numbers in errors are line numbers (see module docs).
+pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(DatasetError::Empty);
+    }
+    let text = match std::str::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let off = e.valid_up_to();
+            let line = bytes[..off].iter().filter(|&&b| b == b'\n').count() + 1;
+            return Err(DatasetError::NotUtf8 { byte_offset: off, row: Some(line) });
+        }
+    };
+    let mut objects = Vec::new();
+    let mut c = Collector::new(false);
+    for (i, line) in text.lines().enumerate() {
+        let row_no = i + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(map)) => objects.push((row_no, map)),
+            Ok(_) => c.error(row_no, None, "the line is not a JSON object"),
+            Err(e) => c.error(row_no, None, format!("the line is not valid JSON: {e}")),
+        }
+    }
+    let has_label = |m: &serde_json::Map<String, Value>| {
+        m.contains_key("label") || LABEL_COLUMNS.iter().any(|k| m.contains_key(*k))
+    };
+    let labelled = objects.iter().any(|(_, m)| has_label(m));
+    c.out.labelled = labelled;
+    for (row_no, m) in objects {
+        let mut ok = true;
+        let id = match m.get("id") {
+            Some(Value::String(s)) => s.trim().to_string(),
+            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
+            Some(_) => {
+                c.error(row_no, Some("id"), "id must be a string or an integer");
+                ok = false;
+                String::new()
+            }
+            None => {
+                c.error(row_no, Some("id"), "missing field");
+                ok = false;
+                String::new()
+            }
+        };
+        let mut text = |c: &mut Collector, name: &str| match json_turns(m.get(name)) {
+            Ok(t) => t,
+            Err(reason) => {
+                c.error(row_no, Some(name), reason);
+                ok = false;
+                Vec::new()
+            }
+        };
+        let prompt = text(&mut c, "prompt");
+        let response_a = text(&mut c, "response_a");
+        let response_b = text(&mut c, "response_b");
+        let label = if labelled {
+            match json_label(&m) {
+                Ok(l) => Some(l),
+                Err((column, reason)) => {
+                    c.error(row_no, column, reason);
+                    ok = false;
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        if ok {
+            c.push(row_no, ArenaRow { id, prompt, response_a, response_b, label });
+        }
+    }
+    c.finish()
+}
+
+fn json_turns(v: Option<&Value>) -> Result<Vec<String>, String> {
+    match v {
+        None => Err("missing field".into()),
+        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        Some(Value::Null) => Ok(vec![String::new()]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|t| match t {
+                Value::String(s) => Ok(s.clone()),
+                Value::Null => Ok(String::new()),
+                _ => Err("list entries must be strings or null".to_string()),
+            })
+            .collect(),
+        Some(_) => Err("must be a string or a list of strings".into()),
+    }
+}
+
+fn json_one_hot(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => n.as_f64().and_then(|f| parse_one_hot(&f.to_string())),
+        Value::String(s) => parse_one_hot(s),
+        _ => None,
+    }
+}
+
+fn json_label(m: &serde_json::Map<String, Value>) -> Result<Label, (Option<&'static str>, String)> {
+    let present: Vec<&str> = LABEL_COLUMNS.iter().copied().filter(|k| m.contains_key(*k)).collect();
+    if let Some(l) = m.get("label") {
+        if !present.is_empty() {
+            return Err((Some("label"), "give either `label` or the one-hot fields, not both".into()));
+        }
+        return match l.as_str().and_then(|s| LABEL_COLUMNS.iter().position(|c| *c == s)).and_then(Label::from_index) {
+            Some(label) => Ok(label),
+            None => Err((Some("label"), format!("expected \"winner_model_a\", \"winner_model_b\" or \"winner_tie\", found {l}"))),
+        };
+    }
+    if present.is_empty() {
+        return Err((None, "missing label (other rows have one)".into()));
+    }
+    let mut v = [false; 3];
+    for (k, name) in LABEL_COLUMNS.iter().enumerate() {
+        match m.get(*name) {
+            None => return Err((Some(name), "missing field".into())),
+            Some(x) => match json_one_hot(x) {
+                Some(b) => v[k] = b,
+                None => return Err((Some(name), format!("expected 0 or 1, found {x}"))),
+            },
+        }
+    }
+    label_from_one_hot(v).map_err(|r| (None, r))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
+
+    fn csv_of(rows: &[&str]) -> Vec<u8> {
+        let mut s = HEADER.to_string();
+        for r in rows {
+            s.push_str(r);
+            s.push('\n');
+        }
+        s.into_bytes()
+    }
+
+    fn rows_err(e: DatasetError) -> Vec<RowError> {
+        match e {
+            DatasetError::Rows { errors, .. } => errors,
+            other => panic!("expected row errors, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_a_plain_row() {
+        let b = csv_of(&[r#"1,m1,m2,"[""hi"",""and then?""]","[""a1"",""a2""]","[""b1"",""b2""]",0,1,0"#]);
+        let p = parse_csv(&b).unwrap();
+        assert!(p.labelled);
+        assert_eq!(p.rows.len(), 1);
+        let r = &p.rows[0];
+        assert_eq!(r.id, "1");
+        assert_eq!(r.prompt, vec!["hi", "and then?"]);
+        assert_eq!(r.response_a, vec!["a1", "a2"]);
+        assert_eq!(r.label, Some(Label::WinnerModelB));
+        assert_eq!(p.label_counts, [0, 1, 0]);
+    }
+
+    #[test]
+    fn escapes_quotes_and_unicode_survive() {
+        // The cell holds a JSON list whose strings contain `","`, escaped quotes, brackets,
+        // a backslash, a newline escape and \u escapes; the notebook's split mangles all of them.
+        let cell = r#"["say \"hi\", then [stop]","a\",\"b","caf\u00e9 \ud83d\ude00 \\n","line1\nline2"]"#;
+        let quoted = format!("\"{}\"", cell.replace('"', "\"\""));
+        let row = format!("7,m1,m2,{quoted},\"[\"\"ok\"\"]\",\"[\"\"日本語 ✓\"\"]\",1,0,0");
+        let p = parse_csv(&csv_of(&[&row])).unwrap();
+        let r = &p.rows[0];
+        assert_eq!(r.prompt, vec!["say \"hi\", then [stop]", "a\",\"b", "café 😀 \\n", "line1\nline2"]);
+        assert_eq!(r.response_b, vec!["日本語 ✓"]);
+    }
+
+    #[test]
+    fn raw_text_cell_is_one_turn_and_null_is_empty() {
+        let b = csv_of(&[r#"1,m1,m2,just text,"[null,""x""]","[""y"",null]",0,0,1"#]);
+        let r = &parse_csv(&b).unwrap().rows[0];
+        assert_eq!(r.prompt, vec!["just text"]);
+        assert_eq!(r.response_a, vec!["", "x"]);
+        assert_eq!(r.response_b, vec!["y", ""]);
+    }
+
+    #[test]
+    fn both_responses_empty_is_dropped() {
+        let b = csv_of(&[
+            r#"1,m1,m2,"[""p""]","[null]","[null]",0,0,1"#,
+            r#"2,m1,m2,"[""p""]","[""""]","[]",1,0,0"#,
+            r#"3,m1,m2,"[""p""]","[""a""]","[null]",1,0,0"#,
+        ]);
+        let p = parse_csv(&b).unwrap();
+        assert_eq!(p.dropped_rows, 2);
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.label_counts, [1, 0, 0]);
+    }
+
+    #[test]
+    fn float_one_hot_is_tolerated() {
+        let b = csv_of(&[r#"1,m1,m2,"[""p""]","[""a""]","[""b""]",0.0,1.0,0.0"#]);
+        assert_eq!(parse_csv(&b).unwrap().rows[0].label, Some(Label::WinnerModelB));
+    }
+
+    #[test]
+    fn zero_and_two_ones_are_row_errors() {
+        let b = csv_of(&[
+            r#"1,m1,m2,"[""p""]","[""a""]","[""b""]",0,0,0"#,
+            r#"2,m1,m2,"[""p""]","[""a""]","[""b""]",1,1,0"#,
+            r#"3,m1,m2,"[""p""]","[""a""]","[""b""]",1,0,0"#,
+            r#"4,m1,m2,"[""p""]","[""a""]","[""b""]",yes,0,0"#,
+        ]);
+        let errs = rows_err(parse_csv(&b).unwrap_err());
+        assert_eq!(errs.len(), 3);
+        assert_eq!(errs[0].row, 2);
+        assert!(errs[0].reason.contains("found 0"), "{}", errs[0].reason);
+        assert_eq!(errs[1].row, 3);
+        assert!(errs[1].reason.contains("found 2"), "{}", errs[1].reason);
+        assert_eq!((errs[2].row, errs[2].column.as_deref()), (5, Some("winner_model_a")));
+    }
+
+    #[test]
+    fn malformed_json_list_is_a_row_error() {
+        let b = csv_of(&[
+            r#"1,m1,m2,"[""p""]","[""a""]","[""b""]",1,0,0"#,
+            r#"2,m1,m2,"[""p""]","[""unterminated]","[""b""]",1,0,0"#,
+            r#"3,m1,m2,"[1, 2]","[""a""]","[""b""]",1,0,0"#,
+        ]);
+        let errs = rows_err(parse_csv(&b).unwrap_err());
+        assert_eq!(errs.len(), 2);
+        assert_eq!((errs[0].row, errs[0].column.as_deref()), (3, Some("response_a")));
+        assert!(errs[0].reason.starts_with("malformed JSON list"));
+        assert_eq!((errs[1].row, errs[1].column.as_deref()), (4, Some("prompt")));
+        assert!(errs[1].reason.starts_with("malformed JSON list"));
+    }
+
+    #[test]
+    fn duplicate_and_empty_ids_are_row_errors() {
+        let b = csv_of(&[
+            r#"1,m1,m2,"[""p""]","[""a""]","[""b""]",1,0,0"#,
+            r#"1,m1,m2,"[""p""]","[""a""]","[""b""]",1,0,0"#,
+            r#",m1,m2,"[""p""]","[""a""]","[""b""]",1,0,0"#,
+        ]);
+        let errs = rows_err(parse_csv(&b).unwrap_err());
+        assert_eq!(errs.len(), 2);
+        assert_eq!((errs[0].row, errs[0].column.as_deref()), (3, Some("id")));
+        assert!(errs[0].reason.contains("duplicate"));
+        assert_eq!((errs[1].row, errs[1].column.as_deref()), (4, Some("id")));
+    }
+
+    #[test]
+    fn only_the_first_errors_are_kept() {
+        let rows: Vec<String> = (0..50).map(|i| format!(r#"{i},m1,m2,p,a,b,1,1,1"#)).collect();
+        let refs: Vec<&str> = rows.iter().map(String::as_str).collect();
+        match parse_csv(&csv_of(&refs)).unwrap_err() {
+            DatasetError::Rows { errors, total } => {
+                assert_eq!(errors.len(), MAX_ROW_ERRORS);
+                assert_eq!(total, 50);
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_input() {
+        assert_eq!(parse_csv(b""), Err(DatasetError::Empty));
+        assert_eq!(parse_csv(b"  \n"), Err(DatasetError::Empty));
+        assert_eq!(parse_csv(HEADER.as_bytes()), Err(DatasetError::Empty));
+        assert_eq!(parse_jsonl(b"\n\n"), Err(DatasetError::Empty));
+    }
+
+    #[test]
+    fn non_utf8_reports_offset_and_row() {
+        let mut b = csv_of(&[r#"1,m1,m2,p,a,b,1,0,0"#]);
+        let off = b.len() + 9;
+        b.extend_from_slice(b"2,m1,m2,p\xff,a,b,1,0,0\n");
+        assert_eq!(parse_csv(&b), Err(DatasetError::NotUtf8 { byte_offset: off, row: Some(3) }));
+        let j = b"{\"id\":1}\n{\"id\":\"\xc3\x28\"}\n";
+        assert_eq!(parse_jsonl(j), Err(DatasetError::NotUtf8 { byte_offset: 16, row: Some(2) }));
+    }
+
+    #[test]
+    fn not_csv() {
+        // Binary-ish or JSON content has no arena header.
+        assert!(matches!(parse_csv(b"{\"id\": 1, \"prompt\": \"x\"}\n"), Err(DatasetError::Unreadable { .. })));
+        // Ragged rows.
+        let b = csv_of(&[r#"1,m1,m2,p,a,b,1,0,0"#, r#"2,m1,m2,p,a"#]);
+        assert_eq!(
+            parse_csv(&b),
+            Err(DatasetError::Unreadable { row: Some(3), reason: "the row has 5 fields, the header has 9".into() })
+        );
+    }
+
+    #[test]
+    fn missing_columns() {
+        let b = b"id,prompt,response_a,winner_model_a,winner_tie\n1,p,a,1,0\n";
+        assert_eq!(
+            parse_csv(b),
+            Err(DatasetError::MissingColumns(vec!["response_b".into(), "winner_model_b".into()]))
+        );
+    }
+
+    #[test]
+    fn test_layout_is_unlabelled() {
+        let b = b"id,prompt,response_a,response_b\n1,\"[\"\"p\"\"]\",\"[\"\"a\"\"]\",\"[\"\"b\"\"]\"\n";
+        let p = parse_csv(b).unwrap();
+        assert!(!p.labelled);
+        assert_eq!(p.rows[0].label, None);
+        assert_eq!(p.label_counts, [0, 0, 0]);
+    }
+
+    #[test]
+    fn jsonl_both_label_styles_and_strings() {
+        let j = concat!(
+            r#"{"id": 1, "prompt": ["p1", null], "response_a": "a", "response_b": ["b"], "winner_model_a": 0, "winner_model_b": 0, "winner_tie": 1}"#,
+            "\n\n",
+            r#"{"id": "x", "prompt": "[not a list", "response_a": "a", "response_b": "b", "label": "winner_model_a"}"#,
+            "\n"
+        );
+        let p = parse_jsonl(j.as_bytes()).unwrap();
+        assert!(p.labelled);
+        assert_eq!(p.rows[0].prompt, vec!["p1", ""]);
+        assert_eq!(p.rows[0].label, Some(Label::WinnerTie));
+        assert_eq!(p.rows[1].prompt, vec!["[not a list"]);
+        assert_eq!(p.rows[1].label, Some(Label::WinnerModelA));
+        assert_eq!(p.label_counts, [1, 0, 1]);
+    }
+
+    #[test]
+    fn jsonl_errors_name_the_line() {
+        let j = concat!(
+            r#"{"id": 1, "prompt": "p", "response_a": "a", "response_b": "b", "label": "winner_model_b"}"#,
+            "\n",
+            "not json\n",
+            r#"{"id": 1, "prompt": "p", "response_a": "a", "response_b": "b", "label": "winner_model_b"}"#,
+            "\n",
+            r#"{"id": 3, "prompt": "p", "response_a": "a", "response_b": "b"}"#,
+            "\n",
+            r#"{"id": 4, "prompt": "p", "response_a": "a", "response_b": "b", "winner_model_a": 1, "winner_model_b": 1, "winner_tie": 0}"#,
+            "\n",
+        );
+        let errs = rows_err(parse_jsonl(j.as_bytes()).unwrap_err());
+        let rows: Vec<usize> = errs.iter().map(|e| e.row).collect();
+        assert_eq!(rows, vec![2, 3, 4, 5]);
+        assert!(errs[1].reason.contains("duplicate"));
+    }
+
+    #[test]
+    fn jsonl_unlabelled() {
+        let j = r#"{"id": 1, "prompt": "p", "response_a": "a", "response_b": "b"}"#;
+        let p = parse_jsonl(j.as_bytes()).unwrap();
+        assert!(!p.labelled);
+        assert_eq!(p.rows[0].label, None);
+    }
+
+    /// Counts computed independently with Python's `csv` and `json` modules:
+    /// 999 data rows, 1 dropped (`[null]` on both sides), 998 kept, labels 352 / 352 / 294.
+    #[test]
+    fn real_sample_counts() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data/arena-sample.csv");
+        let Ok(bytes) = std::fs::read(path) else {
+            println!("skipped: {path} is absent");
+            return;
+        };
+        let p = parse_csv(&bytes).unwrap();
+        assert!(p.labelled);
+        assert_eq!(p.rows.len(), 998);
+        assert_eq!(p.dropped_rows, 1);
+        assert_eq!(p.label_counts, [352, 352, 294]);
+        assert_eq!(p.rows[0].id, "30192");
+        assert_eq!(p.rows[0].prompt.len(), 2);
+        assert!(p.rows.iter().all(|r| r.id != "57180984"));
+    }
+}
