@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Interop with transformers + PEFT on the default GGUF base, both ways (CPU, f32). Installs a
+# Python with torch, transformers, peft and gguf into VENV (default /opt/peft-venv; ~3 GB, not
+# part of CI), then runs tests/peft_interop.rs against it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-/opt/peft-venv}
+scripts/fetch-model.sh
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transformers, peft, gguf' 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q torch transformers peft gguf safetensors
+fi
+"$VENV/bin/python" -c 'import torch, transformers, peft, gguf; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "gguf", gguf.__version__)'
+ARBITER_PEFT_PYTHON="$VENV/bin/python" cargo test --release --test peft_interop -- --nocapture 2>&1 | grep -E "max \|dp\||test result|panicked"
