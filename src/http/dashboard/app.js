@@ -711,6 +711,7 @@
     // forward) or newest first (then `after` pages back in time, as OpenAI's API does) is
     // detected from the first page; either way only unseen events are added, in time order.
     let newestFirst = null;
+    let ingested = 0;
     function evCompare(a, b) {
       const na = num(first(a.seq, a.id)), nb = num(first(b.seq, b.id));
       if (na !== null && nb !== null) return na - nb;
@@ -723,6 +724,7 @@
     function ingest(events) {
       const incoming = events.filter((ev) => !seenEvents.has(evKey(ev)));
       if (!incoming.length) return;
+      ingested += incoming.length;
       for (const ev of incoming) seenEvents.add(evKey(ev));
       incoming.sort(evCompare);
       for (const ev of incoming) {
@@ -839,7 +841,8 @@
         })))));
     }
 
-    let finalDone = false;
+    let finalPasses = 0;
+    let ingestedAtLastPass = -1;
     poll(async () => {
       const j = await api(`/v1/fine-tuning/jobs/${encodeURIComponent(id)}`);
       renderJob(j);
@@ -857,9 +860,12 @@
         return err.status === 401 ? null : IDLE_POLL_MS;
       }
       if (TERMINAL.has(job.status(j))) {
-        // One more pass after the end to catch the last events and checkpoints, then stop.
-        if (finalDone) return null;
-        finalDone = true;
+        // A few passes after the end catch the runner's last events and checkpoints; stop once
+        // a pass brings nothing new.
+        const quiet = ingested === ingestedAtLastPass;
+        ingestedAtLastPass = ingested;
+        finalPasses += 1;
+        if ((quiet && finalPasses > 1) || finalPasses > 5) return null;
         return POLL_MS;
       }
       return POLL_MS;
