@@ -16,7 +16,7 @@ use utoipa::{OpenApi, ToSchema};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{read_body, Query};
 use super::{timestamp, AppState, Page};
-use super::arena_compat::{self as arena, DatasetError, ParsedDataset};
+use crate::data::arena::{self, DatasetError, ParsedDataset};
 use crate::store::datasets::DeleteDataset;
 use crate::store::{files, now_ms, DatasetRecord, NewDataset};
 
@@ -214,6 +214,14 @@ pub async fn create_dataset(
     .map_err(ApiError::internal)?
     .map_err(|e| dataset_error(e, format))?;
 
+    if !parsed.labelled {
+        return Err(ApiError::unprocessable(
+            "missing_column",
+            "the file has no winner_model_a, winner_model_b, winner_tie columns: training data needs labels",
+        )
+        .with("column", "winner_model_a")
+        .with("row", 1));
+    }
     if parsed.rows.is_empty() {
         return Err(ApiError::unprocessable(
             "no_rows",
@@ -255,24 +263,37 @@ async fn read_multipart(req: Request, state: &AppState) -> Result<(Vec<u8>, Opti
 }
 
 fn dataset_error(e: DatasetError, format: Format) -> ApiError {
-    let errors: Vec<_> = e
-        .errors
-        .iter()
-        .take(20)
-        .map(|r| serde_json::json!({ "row": r.row, "column": r.column, "reason": r.reason }))
-        .collect();
     let what = match format {
         Format::Csv => "CSV",
         Format::Jsonl => "JSONL",
     };
-    let mut err = ApiError::unprocessable("invalid_dataset", format!("not a valid arena {what} dataset: {e}"));
-    if let Some(first) = e.errors.first() {
-        err = err.with("row", first.row);
-        if let Some(col) = &first.column {
-            err = err.with("column", col);
+    let rows = e.row_errors();
+    let err = match &e {
+        DatasetError::Empty => ApiError::unprocessable("empty_file", format!("the uploaded file has no data rows: {e}")),
+        DatasetError::NotUtf8 { byte_offset, row } => {
+            ApiError::unprocessable("invalid_encoding", format!("the file is not UTF-8 text: {e}"))
+                .with("byte_offset", byte_offset)
+                .with("row", row)
         }
-    }
-    err.with("format", format.as_str()).with("errors", errors)
+        DatasetError::Unreadable { row, .. } => {
+            ApiError::unprocessable("unreadable_file", format!("not a readable arena {what} file: {e}")).with("row", row)
+        }
+        DatasetError::MissingColumns(cols) => ApiError::unprocessable("missing_column", format!("{e}"))
+            .with("column", cols.first())
+            .with("row", 1),
+        DatasetError::Rows { errors, total } => {
+            let mut err = ApiError::unprocessable("invalid_rows", format!("{total} invalid row(s); the first: {e}"))
+                .with("total_errors", total);
+            if let Some(first) = errors.first() {
+                err = err.with("row", first.row);
+                if let Some(col) = &first.column {
+                    err = err.with("column", col);
+                }
+            }
+            err
+        }
+    };
+    err.with("format", format.as_str()).with("errors", rows)
 }
 
 async fn store_dataset(

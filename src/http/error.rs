@@ -26,7 +26,7 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorObject {
-    /// Stable machine-readable code, e.g. `not_found`, `invalid_dataset`.
+    /// Stable machine-readable code, e.g. `not_found`, `invalid_rows`.
     pub code: String,
     /// What went wrong, for people.
     pub message: String,
@@ -113,7 +113,7 @@ impl IntoResponse for ApiError {
         let mut obj = Map::new();
         obj.insert("code".into(), Value::String(self.code.into()));
         obj.insert("message".into(), Value::String(self.message));
-        if !self.status.is_server_error() {
+        if self.status != StatusCode::INTERNAL_SERVER_ERROR {
             for (k, v) in self.details {
                 obj.entry(k).or_insert(v);
             }

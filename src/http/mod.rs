@@ -1,7 +1,6 @@
 //! HTTP: the axum router, shared state, the error type and one file per resource, each with
 //! its own `router()` and OpenAPI fragment (`ApiDoc`), merged here and in `openapi.rs`.
 
-mod arena_compat;
 pub mod adapters;
 pub mod dashboard;
 pub mod datasets;

@@ -100,11 +100,11 @@ impl Spawn {
             "127.0.0.1:0".into(),
             "--data-dir".into(),
             dir.path().display().to_string(),
-            "--model".into(),
-            model.display().to_string(),
         ];
-        // Short leases and polls so that queue tests run in seconds; a test may override them.
-        for (flag, value) in [("--lease-ms", "3000"), ("--heartbeat-ms", "100"), ("--poll-ms", "50")] {
+        // A model file for readiness, and short leases and polls so that queue tests run in
+        // seconds; a test may override any of them.
+        let model = model.display().to_string();
+        for (flag, value) in [("--model", model.as_str()), ("--lease-ms", "3000"), ("--heartbeat-ms", "100"), ("--poll-ms", "50")] {
             if !self.args.iter().any(|a| a == flag) {
                 argv.extend([flag.to_string(), value.to_string()]);
             }
