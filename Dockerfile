@@ -9,7 +9,8 @@
 # /opt/arbiter/models. To use other bases, mount them and point ARBITER_MODEL (or a job's
 # base_model) at them, e.g. `-v /srv/models:/models:ro -e ARBITER_MODEL=/models/llama-3-8b`.
 
-FROM rust:1.91-slim-bookworm AS build
+# The toolchain the lock file is tested with; build and runtime share Debian bookworm (glibc).
+FROM rust:1.95-slim-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-pip ca-certificates \
  && rm -rf /var/lib/apt/lists/*
