@@ -125,6 +125,7 @@ let shot = 0;
 async function screenshot(name) {
   shot += 1;
   const file = path.join(artifacts, `${String(shot).padStart(2, '0')}-${name}.png`);
+  await page.evaluate(() => window.scrollTo(0, 0)); // the sticky header belongs at the top
   await page.screenshot({ path: file, fullPage: true });
   log(`screenshot ${path.relative(root, file)}`);
 }

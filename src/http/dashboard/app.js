@@ -725,6 +725,7 @@
       const incoming = events.filter((ev) => !seenEvents.has(evKey(ev)));
       if (!incoming.length) return;
       ingested += incoming.length;
+      const nearBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
       for (const ev of incoming) seenEvents.add(evKey(ev));
       incoming.sort(evCompare);
       for (const ev of incoming) {
@@ -736,7 +737,6 @@
         const lvl = String(first(ev.level, 'info')).toLowerCase();
         log.append(h('li', { class: `lvl-${lvl}` }, clockEl(first(ev.created_at, ev.time, ev.ts)), h('span', {}, eventText(ev))));
       }
-      const nearBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 40;
       while (log.children.length > 1000) log.firstChild.remove();
       logNote.hidden = true;
       redrawCharts();
