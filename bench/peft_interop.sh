@@ -10,5 +10,5 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import torch, transfo
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q torch transformers peft gguf safetensors
 fi
-"$VENV/bin/python" -c 'import torch, transformers, peft, gguf; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__, "gguf", gguf.__version__)'
+"$VENV/bin/python" -c 'import torch, transformers, peft, gguf; import importlib.metadata as m; print(*[f'{p} {m.version(p)}' for p in ('torch','transformers','peft','gguf')])'
 ARBITER_PEFT_PYTHON="$VENV/bin/python" cargo test --release --test peft_interop -- --nocapture 2>&1 | grep -E "max \|dp\||test result|panicked"

@@ -20,6 +20,10 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run a job worker only, against the same database as the API.
     Worker(WorkerArgs),
+    /// Fine-tune an adapter from a CSV without a server (progress bar, PEFT-layout output).
+    Train(crate::cli::TrainArgs),
+    /// Score an arena CSV with an adapter and write a Kaggle submission CSV.
+    Predict(crate::cli::PredictArgs),
     /// Measure training or inference throughput, memory and TFLOP/s (JSON lines).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),

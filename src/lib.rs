@@ -1,6 +1,7 @@
 //! Arbiter: an HTTP training-and-inference service for pairwise preference prediction.
 
 pub mod bench;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod http;
@@ -40,6 +41,8 @@ pub fn default_trainer(store: &StoreArgs) -> anyhow::Result<Option<Arc<dyn Train
 /// Runs one command until it finishes or a shutdown signal arrives.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     match settings.command {
+        Command::Train(args) => tokio::task::spawn_blocking(move || cli::train(&args)).await?,
+        Command::Predict(args) => tokio::task::spawn_blocking(move || cli::predict(&args)).await?,
         Command::Bench(cmd) => tokio::task::spawn_blocking(move || bench::bench(&cmd)).await?,
         Command::Serve(args) => {
             let trainer = default_trainer(&args.store)?;

@@ -1,0 +1,297 @@
+//! Offline commands for notebook users and benchmarks: `arbiter train`, `arbiter predict`,
+//! `arbiter bench`. They use the same `data` and `ml` code as the service, with progress bars.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::data::hyper::{Hyperparameters, LoraHyperparameters, LrSchedule};
+use crate::data::ArenaRow;
+use crate::ml::classifier;
+use crate::ml::model::{BaseFormat, BaseModel};
+use crate::ml::observe::{EvalMetrics, TrainObserver};
+use crate::ml::train::{self, TrainSpec};
+
+pub use crate::bench::parse_device;
+
+/// `arbiter train`: fine-tune an adapter from a CSV, no server.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Training data: an arena CSV (or JSONL).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Validation data; without it, `--validation-fraction` of the training rows is held out.
+    #[arg(long)]
+    pub validation_data: Option<PathBuf>,
+    /// Share of the training rows held out for validation when no validation file is given.
+    #[arg(long, default_value_t = 0.1)]
+    pub validation_fraction: f64,
+    /// Output directory: the adapter (PEFT layout) and checkpoints.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Base model: a GGUF file or a Hugging Face model directory.
+    #[arg(long, env = "ARBITER_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    /// How to hold the frozen base weights.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub base_format: BaseFormat,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Resume from this checkpoint directory (`OUT/checkpoints/step-N`).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: usize,
+    #[arg(long, value_enum, default_value = "linear")]
+    pub lr_schedule: Schedule,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: usize,
+    #[arg(long, default_value_t = 16)]
+    pub lora_r: usize,
+    #[arg(long, default_value_t = 8.0)]
+    pub lora_alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f64,
+    /// Comma-separated LoRA targets.
+    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
+    pub lora_target_modules: Vec<String>,
+    /// Three comma-separated cross-entropy weights (A, B, tie).
+    #[arg(long, value_delimiter = ',')]
+    pub class_weights: Option<Vec<f64>>,
+    /// Also train on every row with A and B swapped.
+    #[arg(long)]
+    pub swap_augmentation: bool,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 0)]
+    pub eval_every_steps: usize,
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every_steps: usize,
+    /// Skip fitting the softmax temperature on the validation split.
+    #[arg(long)]
+    pub no_calibrate: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Schedule {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+impl TrainArgs {
+    pub fn hyperparameters(&self) -> anyhow::Result<Hyperparameters> {
+        let class_weights = match &self.class_weights {
+            None => None,
+            Some(w) if w.len() == 3 => Some([w[0], w[1], w[2]]),
+            Some(w) => anyhow::bail!("--class-weights needs 3 numbers, got {}", w.len()),
+        };
+        let hp = Hyperparameters {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            gradient_accumulation: self.gradient_accumulation,
+            learning_rate: self.learning_rate,
+            warmup_steps: self.warmup_steps,
+            lr_schedule: match self.lr_schedule {
+                Schedule::Linear => LrSchedule::Linear,
+                Schedule::Cosine => LrSchedule::Cosine,
+                Schedule::Constant => LrSchedule::Constant,
+            },
+            weight_decay: self.weight_decay,
+            max_grad_norm: self.max_grad_norm,
+            max_length: self.max_length,
+            lora: LoraHyperparameters {
+                r: self.lora_r,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                target_modules: self.lora_target_modules.clone(),
+            },
+            class_weights,
+            swap_augmentation: self.swap_augmentation,
+            seed: self.seed,
+            eval_every_steps: self.eval_every_steps,
+            checkpoint_every_steps: self.checkpoint_every_steps,
+            calibrate: !self.no_calibrate,
+        };
+        if let Some(e) = hp.validate().first() {
+            anyhow::bail!("--{}: {}", e.field.trim_start_matches("hyperparameters.").replace(['_', '.'], "-"), e.reason);
+        }
+        Ok(hp)
+    }
+}
+
+/// Read an arena CSV or JSONL file (by extension) into rows.
+pub fn read_rows(path: &Path) -> anyhow::Result<Vec<ArenaRow>> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let is_jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "ndjson");
+    let parsed = if is_jsonl { crate::data::arena::parse_jsonl(&bytes) } else { crate::data::arena::parse_csv(&bytes) };
+    parsed.map(|p| p.rows).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Deterministic split: every row whose seeded hash falls under `fraction` is held out.
+pub fn split_rows(rows: Vec<ArenaRow>, fraction: f64, seed: u64) -> (Vec<ArenaRow>, Vec<ArenaRow>) {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut idx: Vec<usize> = (0..rows.len()).collect();
+    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
+    let n_val = ((rows.len() as f64) * fraction).round() as usize;
+    let held: std::collections::HashSet<usize> = idx[..n_val.min(rows.len())].iter().copied().collect();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, r) in rows.into_iter().enumerate() {
+        if held.contains(&i) {
+            val.push(r);
+        } else {
+            train.push(r);
+        }
+    }
+    (train, val)
+}
+
+struct BarObserver {
+    bar: ProgressBar,
+    last_eval: Mutex<Option<EvalMetrics>>,
+}
+
+impl TrainObserver for BarObserver {
+    fn on_step(&self, step: u64, total: u64, epoch: f64, loss: f64, lr: f64) {
+        self.bar.set_length(total);
+        self.bar.set_position(step);
+        let eval = self.last_eval.lock().ok().and_then(|g| *g);
+        let eval = eval.map(|m| format!(" | val log loss {:.4} acc {:.3}", m.log_loss, m.accuracy)).unwrap_or_default();
+        self.bar.set_message(format!("epoch {epoch:.2} loss {loss:.4} lr {lr:.2e}{eval}"));
+    }
+    fn on_eval(&self, step: u64, m: &EvalMetrics) {
+        if let Ok(mut g) = self.last_eval.lock() {
+            *g = Some(*m);
+        }
+        self.bar.println(format!(
+            "step {step}: validation log loss {:.4}, accuracy {:.3}, balanced accuracy {:.3} ({} rows)",
+            m.log_loss, m.accuracy, m.balanced_accuracy, m.rows
+        ));
+    }
+    fn on_checkpoint(&self, step: u64, path: &Path, _: Option<&EvalMetrics>) {
+        self.bar.println(format!("step {step}: checkpoint {}", path.display()));
+    }
+    fn on_log(&self, message: &str) {
+        self.bar.println(message);
+    }
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
+    let hp = args.hyperparameters()?;
+    let device = parse_device(&args.device)?;
+    let rows = read_rows(&args.data)?;
+    let (train_rows, val_rows) = match &args.validation_data {
+        Some(p) => (rows, read_rows(p)?),
+        None => split_rows(rows, args.validation_fraction, hp.seed),
+    };
+    eprintln!("loading {} ...", args.model.display());
+    let base = BaseModel::load(&args.model, args.base_format, &device)?;
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (ETA {eta}) {msg}")
+            .map_err(|e| anyhow::anyhow!("progress style: {e}"))?,
+    );
+    let obs = BarObserver { bar, last_eval: Mutex::new(None) };
+    let spec = TrainSpec {
+        base: &base,
+        hp: &hp,
+        train_rows: &train_rows,
+        validation_rows: &val_rows,
+        work_dir: &args.out,
+        resume_from: args.resume.as_deref(),
+    };
+    let summary = train::train(&spec, &obs).map_err(|e| anyhow::anyhow!("{e}"))?;
+    obs.bar.finish_and_clear();
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    eprintln!("adapter written to {}", summary.adapter_dir.display());
+    Ok(())
+}
+
+/// `arbiter predict`: score an arena CSV with an adapter, write a submission CSV.
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    /// Adapter directory (PEFT layout).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Rows to score: an arena CSV (test layout `id,prompt,response_a,response_b` is enough).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Submission CSV to write (`id,winner_model_a,winner_model_b,winner_tie`).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, env = "ARBITER_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub base_format: BaseFormat,
+    #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Token budget per row (default: the adapter's training max_length).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Also score every pair with A and B swapped and average.
+    #[arg(long)]
+    pub symmetric: bool,
+    /// Ignore the adapter's fitted temperature (softmax at temperature 1).
+    #[arg(long)]
+    pub no_calibration: bool,
+}
+
+pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
+    let device = parse_device(&args.device)?;
+    let rows = read_rows(&args.data)?;
+    let base = BaseModel::load(&args.model, args.base_format, &device)?;
+    let adapter = crate::ml::adapter::load(&args.adapter, &base.llama)?;
+    let max_length = args.max_length.unwrap_or(adapter.meta.max_length);
+    let bar = ProgressBar::new(rows.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows (ETA {eta})")
+            .map_err(|e| anyhow::anyhow!("progress style: {e}"))?,
+    );
+    let mut out = csv::Writer::from_path(&args.out)?;
+    out.write_record(["id", "winner_model_a", "winner_model_b", "winner_tie"])?;
+    let t = if args.no_calibration { 1.0 } else { adapter.meta.temperature };
+    for chunk in rows.chunks(args.batch_size.max(1) * 8) {
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|r| base.encode_row(r, max_length).ids).collect();
+        let logits = train::predict_logits(&base, Some(&adapter.lora), &adapter.head, &ids, args.batch_size)?;
+        let swapped = if args.symmetric {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|r| base.encode_row(&r.swapped(), max_length).ids).collect();
+            Some(train::predict_logits(&base, Some(&adapter.lora), &adapter.head, &ids, args.batch_size)?)
+        } else {
+            None
+        };
+        for (i, r) in chunk.iter().enumerate() {
+            let mut p = classifier::softmax3(&logits[i], t);
+            if let Some(s) = &swapped {
+                p = classifier::symmetric(p, classifier::softmax3(&s[i], t));
+            }
+            out.write_record([r.id.clone(), p[0].to_string(), p[1].to_string(), p[2].to_string()])?;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    out.flush()?;
+    bar.finish_and_clear();
+    eprintln!("{} predictions written to {}", rows.len(), args.out.display());
+    Ok(())
+}
+
