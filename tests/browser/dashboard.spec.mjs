@@ -298,6 +298,11 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
         await go('#/jobs');
         await page.locator('#jobs-table').waitFor();
         await screenshot('jobs-running');
+        // The table refreshes every 2 s; keyboard focus stays on the job link through it.
+        const href = `#/jobs/${encodeURIComponent(jobId)}`;
+        await page.locator(`#jobs-table a[href="${href}"]`).focus();
+        await sleep(2600);
+        assert.equal(await page.evaluate(() => document.activeElement.getAttribute('href')), href, 'focus survives a refresh');
         await page.setViewportSize({ width: 390, height: 844 });
         await screenshot('phone-jobs');
         await go(`#/jobs/${encodeURIComponent(jobId)}`);

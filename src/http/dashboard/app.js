@@ -42,6 +42,19 @@
     return el;
   }
   function replace(el, ...children) { el.replaceChildren(); return append(el, children); }
+  /** Re-renders `container` keeping keyboard focus on the same control (by id or link target),
+   *  so a refresh every 2 s does not throw a keyboard user back to the top. */
+  function keepFocus(container, render) {
+    const a = document.activeElement;
+    let sel = null;
+    if (a && a !== document.body && container.contains(a)) {
+      if (a.id) sel = `#${CSS.escape(a.id)}`;
+      else if (a.getAttribute('href')) sel = `a[href="${CSS.escape(a.getAttribute('href'))}"]`;
+    }
+    render();
+    const el = sel && container.querySelector(sel);
+    if (el) el.focus({ preventScroll: true });
+  }
 
   // ---------------------------------------------------------------- formatting
 
@@ -539,7 +552,7 @@
       if (status) q.set('status', status);
       const res = await api(`/v1/fine-tuning/jobs?${q}`);
       const jobs = listOf(res);
-      renderJobsTable(body, jobs, status);
+      keepFocus(body, () => renderJobsTable(body, jobs, status));
       if (res && res.has_more) body.append(h('p', { class: 'muted' }, 'Showing the newest 100 jobs.'));
       return jobs;
     }, (jobs, err) => {
@@ -663,7 +676,7 @@
       const m = job.metrics(j);
       const err = job.error(j);
       const ds = first(j.dataset_id, j.training_file, j.dataset);
-      replace(summary,
+      keepFocus(summary, () => replace(summary,
         progressBar(j, true),
         err ? h('div', { class: 'error-box', role: 'alert' }, h('strong', {}, st === 'failed' ? 'Failed: ' : 'Note: '), err) : null,
         j.status_reason || j.message ? h('p', { class: 'muted' }, first(j.status_reason, j.message)) : null,
@@ -684,7 +697,7 @@
           j.adapter_id || j.fine_tuned_model ? [h('dt', {}, 'Adapter'), h('dd', {}, h('a', { href: `#/playground?adapter=${encodeURIComponent(first(j.adapter_id, j.fine_tuned_model))}` }, first(j.adapter_id, j.fine_tuned_model)))] : null,
           h('dt', {}, 'Created'), h('dd', {}, timeEl(job.created(j))),
           h('dt', {}, 'Started'), h('dd', {}, timeEl(job.started(j))),
-          h('dt', {}, 'Finished'), h('dd', {}, timeEl(job.finished(j)))));
+          h('dt', {}, 'Finished'), h('dd', {}, timeEl(job.finished(j))))));
       summary.querySelector('dl').style.marginTop = '1rem';
       loadAdapter(first(j.adapter_id, j.fine_tuned_model));
       const hp = obj(first(j.hyperparameters, {}));
