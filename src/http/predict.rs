@@ -432,7 +432,11 @@ pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Resu
         .into());
     }
     let bytes = read_body(req, &state).await?;
-    let tei = serde_json::from_slice::<Peek>(&bytes).map(|p| p.inputs.is_some()).unwrap_or(false);
+    let tei = match serde_json::from_slice::<Peek>(&bytes) {
+        Ok(p) => p.inputs.is_some(),
+        // not JSON at all: the 400 with line and column
+        Err(_) => parse_json::<serde::de::IgnoredAny>(&bytes).map(|_| false)?,
+    };
     if !tei {
         let body: PredictRequest = parse_json(&bytes)?;
         return Ok(axum::Json(predict_native(&state, body).await?).into_response());

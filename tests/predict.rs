@@ -1,0 +1,622 @@
+//! Prediction over HTTP on the real server: adapters trained here on a tiny random Llama
+//! (config.json + safetensors + a word-level tokenizer) in well under a second, registered in
+//! the store, then scored through `/v1/predict`, `/predict` (TEI bodies too) and
+//! `/v1/predict/file`; adapter listing and file downloads; back-pressure; and one run on the
+//! real default GGUF model when it has been fetched.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use arbiter::data::hyper::{Hyperparameters, LoraHyperparameters, LrSchedule};
+use arbiter::data::{ArenaRow, Label};
+use arbiter::ml::model::{BaseFormat, BaseModel};
+use arbiter::ml::observe::{EvalMetrics, TrainObserver};
+use arbiter::ml::train::{self, TrainSpec};
+use arbiter::store::{now_ms, NewAdapter};
+use candle_core::{Device, Tensor};
+use common::{error_of, spawn, TestApp};
+use serde_json::{json, Value};
+
+const HIDDEN: usize = 64;
+const VOCAB: usize = 96;
+
+fn vocab() -> Vec<String> {
+    let mut v: Vec<String> = ["<pad>", "<unk>", "User", "prompt:", "Model", "A", ":", "B:", "--------"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for i in 0..(VOCAB - v.len()) {
+        v.push(format!("w{i}"));
+    }
+    v
+}
+
+fn write_tiny_model(dir: &Path, seed: u64) {
+    let cfg = json!({
+        "hidden_size": HIDDEN, "intermediate_size": 96, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "vocab_size": VOCAB, "max_position_embeddings": 512,
+        "tie_word_embeddings": true
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let dev = Device::Cpu;
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut randn = |shape: &[usize], std: f64| {
+        let n: usize = shape.iter().product();
+        let a = (std * 3f64.sqrt()) as f32;
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+        Tensor::from_vec(v, shape, &dev).unwrap()
+    };
+    t.insert("model.embed_tokens.weight".into(), randn(&[VOCAB, HIDDEN], 1.0));
+    t.insert("model.norm.weight".into(), (randn(&[HIDDEN], 0.1) + 1.0).unwrap());
+    for l in 0..2 {
+        let p = format!("model.layers.{l}");
+        for (name, o, i) in [
+            ("self_attn.q_proj", 64, 64),
+            ("self_attn.k_proj", 32, 64),
+            ("self_attn.v_proj", 32, 64),
+            ("self_attn.o_proj", 64, 64),
+            ("mlp.gate_proj", 96, 64),
+            ("mlp.up_proj", 96, 64),
+            ("mlp.down_proj", 64, 96),
+        ] {
+            t.insert(format!("{p}.{name}.weight"), randn(&[o, i], 0.15));
+        }
+        t.insert(format!("{p}.input_layernorm.weight"), (randn(&[HIDDEN], 0.1) + 1.0).unwrap());
+        t.insert(format!("{p}.post_attention_layernorm.weight"), (randn(&[HIDDEN], 0.1) + 1.0).unwrap());
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let vocab: serde_json::Map<String, Value> = vocab().into_iter().enumerate().map(|(i, w)| (w, json!(i))).collect();
+    let tok = json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
+
+struct Quiet;
+
+impl TrainObserver for Quiet {
+    fn on_step(&self, _: u64, _: u64, _: f64, _: f64, _: f64) {}
+    fn on_eval(&self, _: u64, _: &EvalMetrics) {}
+    fn on_checkpoint(&self, _: u64, _: &Path, _: Option<&EvalMetrics>) {}
+    fn on_log(&self, _: &str) {}
+    fn should_stop(&self) -> bool {
+        false
+    }
+}
+
+/// A learnable task: the prompt holds a marker word (`w1`: A wins, `w2`: B wins, `w3`: tie);
+/// `flip` swaps the A and B labels, so a second adapter learns the opposite answer.
+fn synthetic_rows(n: usize, seed: u64, flip: bool) -> Vec<ArenaRow> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| {
+            let mut filler = |k: usize| -> Vec<String> { (0..k).map(|_| format!("w{}", rng.random_range(10..70))).collect() };
+            let (mut prompt, a, b) = (filler(4), filler(4), filler(4));
+            let label = Label::from_index(rng.random_range(0..3)).unwrap();
+            prompt.insert(rng.random_range(0..5), format!("w{}", label.index() + 1));
+            let label = if flip { label.swapped() } else { label };
+            ArenaRow {
+                id: format!("r{i}"),
+                prompt: vec![prompt.join(" ")],
+                response_a: vec![a.join(" ")],
+                response_b: vec![b.join(" ")],
+                label: Some(label),
+            }
+        })
+        .collect()
+}
+
+/// The tiny model and two adapters trained on it, made once per test binary.
+struct Fixture {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    adapters: [PathBuf; 2],
+}
+
+fn fixture() -> &'static Fixture {
+    static F: OnceLock<Fixture> = OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny");
+        std::fs::create_dir_all(&model).unwrap();
+        write_tiny_model(&model, 1);
+        let base = BaseModel::load(&model, BaseFormat::F32, &Device::Cpu).unwrap();
+        let mut adapters = Vec::new();
+        for (k, flip) in [false, true].into_iter().enumerate() {
+            let hp = Hyperparameters {
+                epochs: 3,
+                batch_size: 8,
+                learning_rate: 5e-3,
+                max_length: 64,
+                lr_schedule: LrSchedule::Linear,
+                lora: LoraHyperparameters { r: 4, alpha: 8.0, dropout: 0.0, target_modules: vec!["q_proj".into(), "v_proj".into()] },
+                eval_every_steps: 0,
+                checkpoint_every_steps: 0,
+                seed: 7 + k as u64,
+                ..Default::default()
+            };
+            let rows = synthetic_rows(64, 1 + k as u64, flip);
+            let val = synthetic_rows(16, 100 + k as u64, flip);
+            let work = dir.path().join(format!("work{k}"));
+            let spec = TrainSpec { base: &base, hp: &hp, train_rows: &rows, validation_rows: &val, work_dir: &work, resume_from: None };
+            adapters.push(train::train(&spec, &Quiet).unwrap().adapter_dir);
+        }
+        let adapters = [adapters[0].clone(), adapters[1].clone()];
+        Fixture { _dir: dir, model, adapters }
+    })
+}
+
+async fn register(app: &TestApp, id: &str, name: &str, base: &Path, dir: &Path) {
+    let a = NewAdapter {
+        id: id.into(),
+        name: name.into(),
+        job_id: None,
+        base_model: base.display().to_string(),
+        path: dir.display().to_string(),
+        metrics: json!({"note": "test"}),
+    };
+    app.store.insert_adapter(&a, now_ms()).await.unwrap();
+}
+
+/// A server with the two tiny adapters registered as `ad-a` (`first`) and `ad-b` (`second`).
+async fn app_with(extra: &[(&str, &str)]) -> TestApp {
+    let f = fixture();
+    let mut s = spawn();
+    for (k, v) in extra {
+        s = s.arg(k, v);
+    }
+    let app = s.start().await;
+    register(&app, "ad-a", "first", &f.model, &f.adapters[0]).await;
+    register(&app, "ad-b", "second", &f.model, &f.adapters[1]).await;
+    app
+}
+
+fn pair(marker: usize, filler: &[usize], extra: usize) -> Value {
+    let words = |off: usize, n: usize| -> String {
+        (0..n).map(|i| format!("w{}", 10 + (filler[i % filler.len()] + off + i) % 60)).collect::<Vec<_>>().join(" ")
+    };
+    json!({
+        "prompt": format!("{} w{marker} {}", words(0, 2), words(5, extra)),
+        "response_a": words(11, 3 + extra % 4),
+        "response_b": [words(23, 2), null, words(31, 1 + extra % 3)],
+    })
+}
+
+fn probs(p: &Value) -> [f64; 3] {
+    [p["winner_model_a"].as_f64().unwrap(), p["winner_model_b"].as_f64().unwrap(), p["winner_tie"].as_f64().unwrap()]
+}
+
+async fn predict_ok(app: &TestApp, body: &Value) -> Value {
+    let res = app.post_json("/v1/predict", body).await;
+    let status = res.status();
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    v
+}
+
+fn assert_well_formed(p: [f64; 3]) {
+    for x in p {
+        assert!(x.is_finite() && (0.0..=1.0).contains(&x), "probability {x} out of range in {p:?}");
+    }
+    let s: f64 = p.iter().sum();
+    assert!((s - 1.0).abs() < 1e-5, "probabilities sum to {s}");
+}
+
+fn max_diff(a: [f64; 3], b: [f64; 3]) -> f64 {
+    (0..3).map(|i| (a[i] - b[i]).abs()).fold(0.0, f64::max)
+}
+
+#[tokio::test]
+async fn predictions_are_well_formed_and_use_the_calibration_temperature() {
+    let app = app_with(&[]).await;
+    let body = json!({
+        "adapter": "first",
+        "pairs": [
+            {"id": "x1", "prompt": "w5 w1 w20", "response_a": "w30 w31", "response_b": "w40"},
+            {"id": 7, "prompt": ["w2 w12", "w13"], "response_a": ["w33"], "response_b": ["w44", null]},
+            pair(3, &[1, 2, 3], 2),
+        ]
+    });
+    let v = predict_ok(&app, &body).await;
+    assert_eq!(v["adapter"]["id"], "ad-a");
+    assert_eq!(v["adapter"]["name"], "first");
+    let preds = v["predictions"].as_array().unwrap();
+    assert_eq!(preds.len(), 3);
+    assert_eq!(preds[0]["id"], "x1");
+    assert_eq!(preds[1]["id"], 7);
+    assert_eq!(preds[2]["id"], 2, "a pair without id gets its position");
+    for p in preds {
+        assert_well_formed(probs(p));
+        assert_eq!(p["truncated"], false);
+    }
+    assert!(v["usage"]["tokens"].as_u64().unwrap() > 10);
+
+    // `/predict` answers the same; by id the same as by name
+    let res = app.post_json("/predict", &body).await;
+    assert_eq!(res.status(), 200);
+    let w: Value = res.json().await.unwrap();
+    assert_eq!(w["predictions"], v["predictions"]);
+    let mut by_id = body.clone();
+    by_id["adapter"] = json!("ad-a");
+    assert_eq!(predict_ok(&app, &by_id).await["predictions"], v["predictions"]);
+
+    // the same adapter with temperature 2: log-odds halve
+    let f = fixture();
+    let hot = app.data_dir().join("hot-adapter");
+    std::fs::create_dir_all(&hot).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors", "arbiter.json"] {
+        std::fs::copy(f.adapters[0].join(file), hot.join(file)).unwrap();
+    }
+    let mut meta: Value = serde_json::from_str(&std::fs::read_to_string(hot.join("arbiter.json")).unwrap()).unwrap();
+    let t1 = meta["temperature"].as_f64().unwrap();
+    meta["temperature"] = json!(2.0 * t1);
+    std::fs::write(hot.join("arbiter.json"), meta.to_string()).unwrap();
+    register(&app, "ad-hot", "hot", &f.model, &hot).await;
+    by_id["adapter"] = json!("hot");
+    let h = predict_ok(&app, &by_id).await;
+    for (p, q) in preds.iter().zip(h["predictions"].as_array().unwrap()) {
+        let (p, q) = (probs(p), probs(q));
+        for (i, j) in [(0, 1), (0, 2), (1, 2)] {
+            let lp = (p[i] / p[j]).ln();
+            let lq = (q[i] / q[j]).ln();
+            assert!((lq - lp / 2.0).abs() < 1e-4, "log-odds {lq} should be half of {lp}");
+        }
+    }
+
+    // a short budget truncates and says so
+    let mut short = body.clone();
+    short["max_length"] = json!(8);
+    let s = predict_ok(&app, &short).await;
+    assert!(s["predictions"].as_array().unwrap().iter().all(|p| p["truncated"] == true));
+    app.assert_up().await;
+}
+
+#[tokio::test]
+async fn a_pair_scores_the_same_alone_and_inside_large_concurrent_batches() {
+    let app = app_with(&[]).await;
+    let target = pair(2, &[4, 9, 17], 3);
+    let alone = predict_ok(&app, &json!({"adapter": "first", "pairs": [target.clone()]})).await;
+    let alone = probs(&alone["predictions"][0]);
+    assert_well_formed(alone);
+
+    // 24 concurrent requests of 1..16 pairs of varied lengths, with the target in some of them
+    let mut handles = Vec::new();
+    for r in 0..24usize {
+        let client = app.client.clone();
+        let url = app.url("/v1/predict");
+        let n = 1 + (r * 7) % 16;
+        let mut pairs: Vec<Value> = (0..n).map(|i| pair(1 + (i + r) % 3, &[r, i, 3], (i * 5 + r) % 14)).collect();
+        let pos = if r % 3 == 0 {
+            let pos = r % n;
+            pairs.insert(pos, target.clone());
+            Some(pos)
+        } else {
+            None
+        };
+        handles.push(tokio::spawn(async move {
+            let res = client.post(url).json(&json!({"adapter": "first", "pairs": pairs})).send().await.unwrap();
+            assert_eq!(res.status(), 200);
+            let v: Value = res.json().await.unwrap();
+            (pos, v, n + usize::from(pos.is_some()))
+        }));
+    }
+    let mut seen = 0;
+    for h in handles {
+        let (pos, v, n) = h.await.unwrap();
+        let preds = v["predictions"].as_array().unwrap();
+        assert_eq!(preds.len(), n, "one prediction per pair");
+        preds.iter().for_each(|p| assert_well_formed(probs(p)));
+        if let Some(pos) = pos {
+            let d = max_diff(probs(&preds[pos]), alone);
+            assert!(d < 1e-4, "the pair scored {d} apart inside a batch");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 8);
+    app.assert_up().await;
+}
+
+#[tokio::test]
+async fn symmetric_scoring_is_exactly_symmetric() {
+    let app = app_with(&[]).await;
+    let pairs: Vec<Value> = (0..5).map(|i| pair(1 + i % 3, &[i, 2 * i + 1], i * 2)).collect();
+    let swapped: Vec<Value> = pairs
+        .iter()
+        .map(|p| json!({"prompt": p["prompt"], "response_a": p["response_b"], "response_b": p["response_a"]}))
+        .collect();
+    let v = predict_ok(&app, &json!({"adapter": "first", "pairs": pairs, "symmetric": true})).await;
+    let w = predict_ok(&app, &json!({"adapter": "first", "pairs": swapped, "symmetric": true})).await;
+    let plain = predict_ok(&app, &json!({"adapter": "first", "pairs": pairs})).await;
+    assert!(v["usage"]["tokens"].as_u64().unwrap() > plain["usage"]["tokens"].as_u64().unwrap(), "both directions are scored");
+    for (p, q) in v["predictions"].as_array().unwrap().iter().zip(w["predictions"].as_array().unwrap()) {
+        let (p, q) = (probs(p), probs(q));
+        assert_well_formed(p);
+        assert!((p[0] - q[1]).abs() <= 1e-6 && (p[1] - q[0]).abs() <= 1e-6 && (p[2] - q[2]).abs() <= 1e-6, "{p:?} vs swapped {q:?}");
+    }
+}
+
+#[tokio::test]
+async fn two_adapters_served_concurrently_each_answer_their_own() {
+    let app = app_with(&[]).await;
+    let pairs: Vec<Value> = (0..6).map(|i| pair(1 + i % 2, &[i + 3, 5], i)).collect();
+    let mut reference = HashMap::new();
+    for name in ["first", "second"] {
+        let v = predict_ok(&app, &json!({"adapter": name, "pairs": pairs})).await;
+        reference.insert(name, v["predictions"].as_array().unwrap().iter().map(probs).collect::<Vec<_>>());
+    }
+    let apart = reference["first"].iter().zip(&reference["second"]).map(|(a, b)| max_diff(*a, *b)).fold(0.0, f64::max);
+    assert!(apart > 1e-2, "the two adapters should disagree (max difference {apart})");
+
+    let mut handles = Vec::new();
+    for r in 0..20 {
+        let name = if r % 2 == 0 { "first" } else { "second" };
+        let client = app.client.clone();
+        let url = app.url("/v1/predict");
+        let body = json!({"adapter": name, "pairs": pairs});
+        handles.push(tokio::spawn(async move {
+            let v: Value = client.post(url).json(&body).send().await.unwrap().json().await.unwrap();
+            (name, v)
+        }));
+    }
+    for h in handles {
+        let (name, v) = h.await.unwrap();
+        assert_eq!(v["adapter"]["name"], name);
+        for (p, want) in v["predictions"].as_array().unwrap().iter().zip(&reference[name]) {
+            let d = max_diff(probs(p), *want);
+            assert!(d < 1e-4, "{name}: answer {d} away from its own adapter's");
+        }
+    }
+    // both are hot in the engine's cache now
+    let list = app.get_json("/v1/adapters").await;
+    let hot: Vec<bool> = list["data"].as_array().unwrap().iter().map(|a| a["hot"].as_bool().unwrap()).collect();
+    assert_eq!(hot, vec![true, true]);
+}
+
+#[tokio::test]
+async fn bad_requests_get_4xx_naming_the_field_and_the_server_stays_up() {
+    let app = app_with(&[("--predict-max-pairs", "4")]).await;
+    let ok_pair = pair(1, &[1], 1);
+
+    let err = error_of(app.post_json("/v1/predict", &json!({"adapter": "nope", "pairs": [ok_pair]})).await, 404).await;
+    assert_eq!(err["code"], "adapter_not_found");
+    assert_eq!(err["field"], "adapter");
+
+    let err = error_of(app.post_json("/v1/predict", &json!({"adapter": "first"})).await, 422).await;
+    assert!(err["message"].as_str().unwrap().contains("pairs"), "{err}");
+
+    let err = error_of(app.post_json("/v1/predict", &json!({"adapter": "first", "pairs": []})).await, 422).await;
+    assert_eq!(err["field"], "pairs");
+
+    let bad = json!({"adapter": "first", "pairs": [ok_pair, {"prompt": 5, "response_a": "a", "response_b": "b"}]});
+    let err = error_of(app.post_json("/v1/predict", &bad).await, 422).await;
+    assert_eq!(err["field"], "pairs[1].prompt");
+
+    let bad = json!({"adapter": "first", "pairs": [{"prompt": "p", "response_a": "a"}]});
+    let err = error_of(app.post_json("/v1/predict", &bad).await, 422).await;
+    assert!(err["message"].as_str().unwrap().contains("response_b"), "{err}");
+
+    let bad = json!({"adapter": "first", "pairs": [ok_pair], "colour": 1});
+    let err = error_of(app.post_json("/v1/predict", &bad).await, 422).await;
+    assert!(err["message"].as_str().unwrap().contains("colour"), "{err}");
+
+    let five: Vec<Value> = (0..5).map(|_| ok_pair.clone()).collect();
+    let err = error_of(app.post_json("/v1/predict", &json!({"adapter": "first", "pairs": five})).await, 422).await;
+    assert_eq!(err["code"], "too_many_pairs");
+    assert_eq!(err["field"], "pairs");
+
+    for n in [0, 3, 1_000_000] {
+        let err = error_of(app.post_json("/v1/predict", &json!({"adapter": "first", "pairs": [ok_pair], "max_length": n})).await, 422).await;
+        assert_eq!(err["field"], "max_length");
+    }
+
+    let err = error_of(app.post_raw("/v1/predict", "application/json", "{\"pairs\": [").await, 400).await;
+    assert_eq!(err["code"], "invalid_json");
+    let err = error_of(app.post_raw("/predict", "application/json", "{\"inputs\": [").await, 400).await;
+    assert_eq!(err["code"], "invalid_json");
+    error_of(app.post_raw("/v1/predict", "text/plain", "hello").await, 415).await;
+    error_of(app.post_raw("/predict", "text/plain", "hello").await, 415).await;
+    let err = error_of(app.post_json("/predict", &json!({"inputs": [["a", "b"]]})).await, 422).await;
+    assert!(err["field"].as_str().unwrap_or("").starts_with("inputs") || err["message"].as_str().unwrap().contains("inputs"), "{err}");
+
+    // an adapter whose files are gone: 409, not 5xx
+    register(&app, "ad-gone", "gone", &fixture().model, &app.data_dir().join("missing")).await;
+    let err = error_of(app.post_json("/v1/predict", &json!({"adapter": "gone", "pairs": [ok_pair]})).await, 409).await;
+    assert_eq!(err["code"], "adapter_unusable");
+    // an adapter whose base model is gone: 503 with Retry-After
+    register(&app, "ad-nobase", "nobase", &app.data_dir().join("no-model"), &fixture().adapters[0]).await;
+    let res = app.post_json("/v1/predict", &json!({"adapter": "nobase", "pairs": [ok_pair]})).await;
+    assert!(res.headers().get("retry-after").is_some());
+    let err = error_of(res, 503).await;
+    assert_eq!(err["code"], "model_unavailable");
+
+    app.assert_up().await;
+    predict_ok(&app, &json!({"adapter": "first", "pairs": [ok_pair]})).await;
+}
+
+#[tokio::test]
+async fn tei_bodies_get_tei_answers() {
+    let app = app_with(&[("--default-adapter", "second")]).await;
+    let v = predict_ok(&app, &json!({"adapter": "second", "pairs": [
+        {"prompt": "w1 w20", "response_a": "w30", "response_b": "w40"},
+        {"prompt": "w3 w21", "response_a": "w31", "response_b": "w41 w42"},
+    ]}))
+    .await;
+    let res = app.post_json("/predict", &json!({"inputs": [["w1 w20", "w30", "w40"], ["w3 w21", "w31", "w41 w42"]]})).await;
+    assert_eq!(res.status(), 200);
+    let t: Value = res.json().await.unwrap();
+    let lists = t.as_array().unwrap();
+    assert_eq!(lists.len(), 2);
+    for (list, p) in lists.iter().zip(v["predictions"].as_array().unwrap()) {
+        let scores: Vec<f64> = list.as_array().unwrap().iter().map(|s| s["score"].as_f64().unwrap()).collect();
+        assert!(scores.windows(2).all(|w| w[0] >= w[1]), "sorted by score: {scores:?}");
+        let by_label: HashMap<String, f64> =
+            list.as_array().unwrap().iter().map(|s| (s["label"].as_str().unwrap().to_string(), s["score"].as_f64().unwrap())).collect();
+        let want = probs(p);
+        assert!((by_label["winner_model_a"] - want[0]).abs() < 1e-6);
+        assert!((by_label["winner_model_b"] - want[1]).abs() < 1e-6);
+        assert!((by_label["winner_tie"] - want[2]).abs() < 1e-6);
+    }
+    // one input: one flat list
+    let res = app.post_json("/predict", &json!({"inputs": ["w1 w20", "w30", "w40"]})).await;
+    let one: Value = res.json().await.unwrap();
+    assert_eq!(one.as_array().unwrap().len(), 3);
+    assert!(one[0]["label"].is_string());
+}
+
+#[tokio::test]
+async fn a_test_csv_becomes_a_submission_csv() {
+    let app = app_with(&[]).await;
+    let csv = "id,prompt,response_a,response_b\n\
+               11,\"[\"\"w1 w20\"\"]\",\"[\"\"w30\"\"]\",\"[\"\"w40\"\"]\"\n\
+               12,\"[\"\"w2 w21\"\", null]\",\"[null]\",\"[null]\"\n\
+               13,plain w3 text,\"[\"\"w31\"\"]\",w41\n";
+    let res = app.post_raw("/v1/predict/file?adapter=first&symmetric=true", "text/csv", csv).await;
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    let text = res.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "id,winner_model_a,winner_model_b,winner_tie");
+    assert_eq!(lines.len(), 4, "every row is scored, even one with two empty responses: {text}");
+    let v = predict_ok(&app, &json!({"adapter": "first", "symmetric": true, "pairs": [{"prompt": ["w1 w20"], "response_a": ["w30"], "response_b": ["w40"]}]})).await;
+    let cells: Vec<f64> = lines[1].split(',').skip(1).map(|c| c.parse().unwrap()).collect();
+    assert!(lines[1].starts_with("11,"));
+    assert!(max_diff([cells[0], cells[1], cells[2]], probs(&v["predictions"][0])) < 1e-6);
+    for l in &lines[1..] {
+        let c: Vec<f64> = l.split(',').skip(1).map(|c| c.parse().unwrap()).collect();
+        assert_well_formed([c[0], c[1], c[2]]);
+    }
+    // multipart works too; a file without the prompt column names it
+    let part = reqwest::multipart::Part::bytes(csv.as_bytes().to_vec()).file_name("test.csv");
+    let form = reqwest::multipart::Form::new().part("file", part);
+    let res = app.client.post(app.url("/v1/predict/file?adapter=first")).multipart(form).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    let err = error_of(app.post_raw("/v1/predict/file?adapter=first", "text/csv", "id,response_a,response_b\n1,a,b\n").await, 422).await;
+    assert_eq!(err["column"], "prompt");
+}
+
+#[tokio::test]
+async fn adapters_are_listed_newest_first_and_their_files_download() {
+    let app = app_with(&[]).await;
+    let list = app.get_json("/v1/adapters").await;
+    let names: Vec<&str> = list["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
+    assert_eq!(names, vec!["second", "first"], "newest first");
+    assert!(list["data"][0].get("path").is_none(), "server paths are not shown");
+
+    let one = app.get_json("/v1/adapters/ad-a").await;
+    assert_eq!(one["name"], "first");
+    assert!(one["temperature"].as_f64().unwrap() > 0.0);
+    assert_eq!(one["max_length"], 64);
+    assert_eq!(one["files"].as_array().unwrap().len(), 3);
+    assert_eq!(app.get_json("/v1/adapters/second").await["id"], "ad-b", "by name too");
+    error_of(app.get("/v1/adapters/nope").await, 404).await;
+
+    for name in ["adapter_config.json", "adapter_model.safetensors", "arbiter.json"] {
+        let res = app.get(&format!("/v1/adapters/ad-a/files/{name}")).await;
+        assert_eq!(res.status(), 200, "{name}");
+        let bytes = res.bytes().await.unwrap();
+        assert_eq!(bytes.as_ref(), std::fs::read(fixture().adapters[0].join(name)).unwrap().as_slice(), "{name}");
+    }
+    for bad in ["..%2F..%2Fetc%2Fpasswd", "..", "trainable.safetensors", "%2Fetc%2Fpasswd"] {
+        let res = app.get(&format!("/v1/adapters/ad-a/files/{bad}")).await;
+        assert_eq!(res.status(), 404, "{bad}");
+    }
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after_and_nothing_else_fails() {
+    let app = app_with(&[("--predict-max-pairs", "2"), ("--predict-queue-rows", "4"), ("--predict-batching", "false")]).await;
+    let pairs: Vec<Value> = (0..2).map(|i| pair(1, &[i, 4, 9], 60)).collect();
+    let body = json!({"adapter": "first", "pairs": pairs, "symmetric": true});
+    predict_ok(&app, &body).await; // warm: adapter loaded
+    let mut handles = Vec::new();
+    for _ in 0..40 {
+        let client = app.client.clone();
+        let url = app.url("/v1/predict");
+        let body = body.clone();
+        handles.push(tokio::spawn(async move {
+            let res = client.post(url).json(&body).send().await.unwrap();
+            let retry = res.headers().get("retry-after").map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            (res.status().as_u16(), retry, res.json::<Value>().await.unwrap())
+        }));
+    }
+    let (mut ok, mut busy) = (0, 0);
+    for h in handles {
+        let (status, retry, body) = h.await.unwrap();
+        match status {
+            200 => ok += 1,
+            429 => {
+                busy += 1;
+                assert!(retry.is_some_and(|s| s >= 1), "429 without Retry-After");
+                assert_eq!(body["error"]["code"], "overloaded");
+            }
+            s => panic!("unexpected status {s}: {body}"),
+        }
+    }
+    assert!(ok >= 1 && busy >= 1, "ok {ok}, refused {busy}");
+    app.assert_up().await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    predict_ok(&app, &body).await;
+}
+
+/// The real default model (SmolLM2-135M GGUF), when `scripts/fetch-model.sh` has fetched it: an
+/// adapter with random LoRA factors and head on the real base, scored over HTTP.
+#[tokio::test]
+async fn the_real_default_model_scores_short_pairs() {
+    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        eprintln!("skipped: {} is missing (run scripts/fetch-model.sh)", gguf.display());
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let adapter_dir = work.path().join("real-adapter");
+    {
+        // only shapes and the Q/K layout matter for writing the adapter: keep weights 4-bit
+        let base = BaseModel::load(&gguf, BaseFormat::Q4_1, &Device::Cpu).unwrap();
+        let cfg = arbiter::ml::lora::LoraConfig::from_names(4, 8.0, 0.0, &["q_proj".into(), "v_proj".into()]).unwrap();
+        let mut vars = Vec::new();
+        let lora = arbiter::ml::lora::Lora::init(cfg, base.llama.config(), 3, &Device::Cpu, &mut vars).unwrap();
+        for (name, v) in &vars {
+            if name.contains("lora_B") {
+                v.set(&Tensor::randn(0f32, 0.02, v.dims(), &Device::Cpu).unwrap()).unwrap();
+            }
+        }
+        let hidden = base.llama.config().hidden_size;
+        let head = Tensor::randn(0f32, 0.05, (3, hidden), &Device::Cpu).unwrap();
+        let meta = arbiter::ml::adapter::AdapterMeta {
+            labels: vec![],
+            temperature: 1.0,
+            max_length: 256,
+            base_model: base.name.clone(),
+            metrics: Value::Null,
+        };
+        arbiter::ml::adapter::save(&adapter_dir, &base.llama, &lora, &head, &meta).unwrap();
+    }
+    let app = spawn().start().await;
+    register(&app, "real", "real", &gguf, &adapter_dir).await;
+    let pairs = json!([
+        {"prompt": "What is the capital of France?", "response_a": "Paris.", "response_b": "It is Paris, on the Seine."},
+        {"prompt": "Say hi", "response_a": "Hi!", "response_b": "Hello there, how can I help?"},
+        {"prompt": ["Two plus two?", "And times three?"], "response_a": ["4", "12"], "response_b": ["5", "15"]},
+    ]);
+    let v = predict_ok(&app, &json!({"adapter": "real", "pairs": pairs, "symmetric": true})).await;
+    let preds: Vec<[f64; 3]> = v["predictions"].as_array().unwrap().iter().map(probs).collect();
+    preds.iter().for_each(|p| assert_well_formed(*p));
+    // each alone gives the same answer as inside the batch
+    for (i, p) in pairs.as_array().unwrap().iter().enumerate() {
+        let one = predict_ok(&app, &json!({"adapter": "real", "pairs": [p], "symmetric": true})).await;
+        let d = max_diff(probs(&one["predictions"][0]), preds[i]);
+        assert!(d < 1e-4, "pair {i}: {d} apart alone and in a batch");
+    }
+    app.assert_up().await;
+}
