@@ -113,3 +113,30 @@ async fn graceful_shutdown_gives_the_running_job_back() {
     let events = store.list_events(&id, 0, 1000).await.unwrap();
     assert!(events.iter().any(|e| e.message.contains("back in the queue")));
 }
+
+#[tokio::test]
+async fn a_standalone_worker_process_runs_jobs_queued_through_the_api() {
+    let api = spawn().flag("--no-worker").start().await;
+    let id = queued_jobs(&api, 1).await.remove(0);
+    let job = api.get_json(&format!("/v1/fine-tuning/jobs/{id}")).await;
+    assert!(job["status_reason"].as_str().unwrap().contains("--no-worker"), "{job}");
+
+    // `arbiter worker` against the same data directory and database.
+    let dir = api.data_dir().display().to_string();
+    let settings = <arbiter::config::Settings as clap::Parser>::try_parse_from([
+        "arbiter", "worker", "--data-dir", &dir, "--poll-ms", "20", "--heartbeat-ms", "100", "--worker-id", "standalone",
+    ])
+    .unwrap();
+    let arbiter::config::Command::Worker(args) = settings.command else { panic!("worker expected") };
+    let trainer = Arc::new(ScriptedTrainer::new(3, Duration::from_millis(10)));
+    let token = tokio_util::sync::CancellationToken::new();
+    let worker = tokio::spawn(arbiter::run_worker(args, Some(trainer.clone()), token.clone()));
+
+    let done = api.wait_status(&id, "succeeded", WAIT).await;
+    assert_eq!(done["progress"]["step"], 3);
+    assert_eq!(trainer.seen().len(), 1);
+    token.cancel();
+    tokio::time::timeout(WAIT, worker).await.expect("worker stops").unwrap().unwrap();
+    let events = api.events(&id).await;
+    assert!(events.iter().any(|e| e["message"].as_str().unwrap().contains("on worker standalone")));
+}
