@@ -201,8 +201,8 @@ fn parse_one_hot(s: &str) -> Option<bool> {
         "1" => Some(true),
         "0" => Some(false),
         t => match t.parse::<f64>() {
-            Ok(v) if v == 1.0 => Some(true),
-            Ok(v) if v == 0.0 => Some(false),
+            Ok(1.0) => Some(true),
+            Ok(0.0) => Some(false),
             _ => None,
         },
     }
