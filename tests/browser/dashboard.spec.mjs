@@ -366,6 +366,8 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
     await page.waitForFunction(() => document.querySelector('main .page-head .status')?.dataset.status === 'cancelled', null, { timeout: 60_000 });
     const { body } = await apiGet(`/v1/fine-tuning/jobs/${second}`);
     assert.equal(body.status, 'cancelled');
+    // The cancellation itself reaches the event log (stream or final polls).
+    await page.waitForFunction(() => /cancel/i.test(document.querySelector('#event-log')?.textContent || ''), null, { timeout: 30_000 });
     await screenshot('job-cancelled');
     await go('#/jobs');
     await page.locator(`#jobs-table tr[data-job-id="${second}"][data-status="cancelled"]`).waitFor();
