@@ -473,8 +473,8 @@
 
   // ---------------------------------------------------------------- small view parts
 
-  function statusBadge(status) {
-    return h('span', { class: `status ${status}`, 'data-status': status }, status);
+  function statusBadge(status, reason) {
+    return h('span', { class: `status ${status}`, 'data-status': status, title: reason || null }, status);
   }
   function progressBar(j, big) {
     const st = job.status(j), step = job.step(j), total = job.total(j);
@@ -579,7 +579,7 @@
       const href = `#/jobs/${encodeURIComponent(j.id)}`;
       return h('tr', { 'data-job-id': j.id, 'data-status': job.status(j) },
         h('td', { 'data-label': 'Job' }, h('a', { href, class: 'id', title: j.id }, shortId(j.id))),
-        h('td', { 'data-label': 'Status' }, statusBadge(job.status(j))),
+        h('td', { 'data-label': 'Status' }, statusBadge(job.status(j), first(j.status_reason, job.error(j)))),
         h('td', { 'data-label': 'Progress' }, progressBar(j)),
         h('td', { 'data-label': 'Elapsed · ETA' }, timing(j)),
         h('td', { 'data-label': 'Train loss', class: 'num' }, fmt(job.trainLoss(j))),
