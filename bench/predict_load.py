@@ -6,7 +6,7 @@ Subcommands:
                             small factors, random score head) for SmolLM2-135M into DIR
   register DB ID DIR BASE   insert it into the server's SQLite `adapters` table
   load URL ADAPTER          many concurrent keep-alive clients for a bounded time; prints one
-                            JSON line: requests, errors, pairs/s, p50/p90/p99 latency
+                            JSON line: requests, errors, pairs/s, tokens/s, p50/p90/p99 latency
 
 Every 200 answer is checked (one prediction per pair, probabilities summing to 1); a non-200
 or a malformed answer counts as an error.
@@ -159,7 +159,9 @@ async def client(idx, host, port, adapter, pairs_per_request, deadline, out):
             ok = False
             if status == 200:
                 try:
-                    preds = json.loads(data)["predictions"]
+                    answer = json.loads(data)
+                    preds = answer["predictions"]
+                    out["tokens"] += answer["usage"]["tokens"]
                     ok = len(preds) == pairs_per_request and all(
                         abs(p["winner_model_a"] + p["winner_model_b"] + p["winner_tie"] - 1) < 1e-4 for p in preds
                     )
@@ -184,7 +186,7 @@ def pct(sorted_vals, q):
 async def load(url, adapter, clients, seconds, pairs_per_request, label):
     hostport = url.split("://", 1)[-1].rstrip("/")
     host, port = hostport.rsplit(":", 1)
-    out = {"latencies": [], "errors": [], "pairs": 0}
+    out = {"latencies": [], "errors": [], "pairs": 0, "tokens": 0}
     start = time.monotonic()
     deadline = start + seconds
     tasks = [client(i, host, int(port), adapter, pairs_per_request, deadline, out) for i in range(clients)]
@@ -200,6 +202,8 @@ async def load(url, adapter, clients, seconds, pairs_per_request, label):
         "requests": len(lat),
         "errors": len(out["errors"]),
         "pairs_per_s": round(out["pairs"] / elapsed, 2),
+        "tokens_per_pair": round(out["tokens"] / max(out["pairs"], 1), 1),
+        "tokens_per_s": round(out["tokens"] / elapsed, 1),
         "p50_ms": round(pct(lat, 0.50) * 1000, 1) if lat else None,
         "p90_ms": round(pct(lat, 0.90) * 1000, 1) if lat else None,
         "p99_ms": round(pct(lat, 0.99) * 1000, 1) if lat else None,
