@@ -10,18 +10,21 @@ SEQ=${SEQ:-1024}
 mkdir -p "$OUT"
 CU=$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0])' 2>/dev/null || true)
 [ -n "$CU" ] && export LD_LIBRARY_PATH="$CU/lib:${LD_LIBRARY_PATH:-}"
-BIN=/tmp/arbiter-cuda
-python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' target-ship/arbiter-cuda.xz $BIN
+# the service binary (`arbiter bench ...`) or the stand-alone bench example (`bench ...`)
+XZ=${BENCH_XZ:-target-ship/arbiter-cuda.xz}
+BIN=/tmp/arbiter-bench
+python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$XZ" $BIN
 chmod +x $BIN
+case "$XZ" in *arbiter-cuda.xz) BIN="$BIN bench" ;; esac
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 : > "$OUT/arbiter.jsonl"
 IFS=, read -ra NAMES <<< "$CONFIGS"
 for shape in "${NAMES[@]}"; do
   bs=32; [ "$shape" = llama3-8b ] && bs=8
-  $BIN bench train --shape "$shape" --random-init --device cuda --base-format bf16 \
+  $BIN train --shape "$shape" --random-init --device cuda --base-format bf16 \
     --seq-len "$SEQ" --batch-size $bs --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter.err" | tee -a "$OUT/arbiter.jsonl"
-  $BIN bench predict --shape "$shape" --random-init --device cuda --base-format bf16 \
+  $BIN predict --shape "$shape" --random-init --device cuda --base-format bf16 \
     --seq-len "$SEQ" --batch-size 1,8,32 --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter.err" | tee -a "$OUT/arbiter.jsonl"
 done
 tail -5 "$OUT/arbiter.err"

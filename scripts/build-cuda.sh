@@ -12,9 +12,10 @@ if [ ! -x "$CU/bin/nvcc" ]; then
 fi
 export PATH="$CU/bin:$PATH" CUDA_HOME="$CU" CUDA_PATH="$CU" NVCC="$CU/bin/nvcc" CUDA_COMPUTE_CAP=90
 export LIBRARY_PATH="$CU/lib:$CU/lib/stubs:${LIBRARY_PATH:-}"
-export CARGO_TARGET_DIR=target/cuda
-cargo build --release --features cuda --bin arbiter
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
+cargo build --release --features cuda --bin arbiter --example bench
 mkdir -p target-ship
-strip -o target-ship/arbiter-cuda target/cuda/release/arbiter
-xz -T2 -6 -f target-ship/arbiter-cuda
+strip -o target-ship/arbiter-cuda "$CARGO_TARGET_DIR/release/arbiter"
+strip -o target-ship/bench-cuda "$CARGO_TARGET_DIR/release/examples/bench"
+xz -T2 -6 -f target-ship/arbiter-cuda target-ship/bench-cuda
 ls -la target-ship/

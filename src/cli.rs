@@ -167,6 +167,17 @@ struct BarObserver {
     last_eval: Mutex<Option<EvalMetrics>>,
 }
 
+impl BarObserver {
+    /// A line above the bar, or on stderr when there is no terminal to draw the bar on.
+    fn say(&self, line: String) {
+        if self.bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+    }
+}
+
 impl TrainObserver for BarObserver {
     fn on_step(&self, step: u64, total: u64, epoch: f64, loss: f64, lr: f64) {
         self.bar.set_length(total);
@@ -174,21 +185,24 @@ impl TrainObserver for BarObserver {
         let eval = self.last_eval.lock().ok().and_then(|g| *g);
         let eval = eval.map(|m| format!(" | val log loss {:.4} acc {:.3}", m.log_loss, m.accuracy)).unwrap_or_default();
         self.bar.set_message(format!("epoch {epoch:.2} loss {loss:.4} lr {lr:.2e}{eval}"));
+        if self.bar.is_hidden() {
+            eprintln!("step {step}/{total} epoch {epoch:.2} loss {loss:.4} lr {lr:.2e}");
+        }
     }
     fn on_eval(&self, step: u64, m: &EvalMetrics) {
         if let Ok(mut g) = self.last_eval.lock() {
             *g = Some(*m);
         }
-        self.bar.println(format!(
+        self.say(format!(
             "step {step}: validation log loss {:.4}, accuracy {:.3}, balanced accuracy {:.3} ({} rows)",
             m.log_loss, m.accuracy, m.balanced_accuracy, m.rows
         ));
     }
     fn on_checkpoint(&self, step: u64, path: &Path, _: Option<&EvalMetrics>) {
-        self.bar.println(format!("step {step}: checkpoint {}", path.display()));
+        self.say(format!("step {step}: checkpoint {}", path.display()));
     }
     fn on_log(&self, message: &str) {
-        self.bar.println(message);
+        self.say(message.to_string());
     }
     fn should_stop(&self) -> bool {
         false

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Per-kernel GPU time of one Arbiter bench step (Nsight Compute, clocks left alone), summed by
+# kernel name. Usage: bench/profile_gpu.sh OUTDIR "<bench args>"
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench/out}; ARGS=${2:-"predict --shape llama3-8b --random-init --device cuda --base-format bf16 --seq-len 1024 --batch-size 8 --steps 1 --warmup 0"}
+CU=$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+[ -n "$CU" ] && export LD_LIBRARY_PATH="$CU/lib:${LD_LIBRARY_PATH:-}"
+XZ=${BENCH_XZ:-target-ship/bench-cuda.xz}
+BIN=/tmp/arbiter-bench
+[ -x $BIN ] || { python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$XZ" $BIN; chmod +x $BIN; }
+case "$XZ" in *arbiter-cuda.xz) BIN="$BIN bench" ;; esac
+NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+name=$(echo "$ARGS" | tr ' ' '\n' | grep -A1 -- --shape | tail -1)-$(echo "$ARGS" | cut -d' ' -f1)
+$NCU --clock-control none --metrics gpu__time_duration.sum --csv --page raw $BIN $ARGS > "$OUT/ncu-$name.csv" 2> "$OUT/ncu-$name.err"
+python3 - "$OUT/ncu-$name.csv" <<'PY' | tee "$OUT/profile-$name.txt"
+import csv, sys, collections
+rows = [l for l in open(sys.argv[1]) if l.startswith('"')]
+r = csv.DictReader(rows)
+tot = collections.Counter(); cnt = collections.Counter()
+for row in r:
+    try:
+        t = float(row["gpu__time_duration.sum"])
+    except (KeyError, ValueError):
+        continue
+    k = row.get("Kernel Name", "?").split("(")[0][:70]
+    tot[k] += t; cnt[k] += 1
+s = sum(tot.values())
+print(f"total kernel time {s/1e6:.2f} ms over {sum(cnt.values())} launches")
+for k, t in tot.most_common(25):
+    print(f"{t/1e6:9.2f} ms {100*t/s:5.1f}% {cnt[k]:6d}x  {k}")
+PY
