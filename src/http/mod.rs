@@ -86,8 +86,19 @@ pub fn router(state: AppState) -> Router {
                 }),
         )
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.limits.request_timeout))
+        .layer(axum::middleware::map_response(timeout_as_json))
         .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
         .with_state(state)
+}
+
+/// The timeout layer answers 408 with an empty body; give it the JSON error shape.
+async fn timeout_as_json(res: axum::response::Response) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if res.status() == StatusCode::REQUEST_TIMEOUT && !res.headers().contains_key(axum::http::header::CONTENT_TYPE) {
+        return error::ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", "the request took too long and was abandoned")
+            .into_response();
+    }
+    res
 }
 
 /// Unix milliseconds as RFC 3339 (UTC, milliseconds).
