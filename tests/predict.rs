@@ -491,6 +491,7 @@ async fn a_test_csv_becomes_a_submission_csv() {
     let v = predict_ok(&app, &json!({"adapter": "first", "symmetric": true, "pairs": [{"prompt": ["w1 w20"], "response_a": ["w30"], "response_b": ["w40"]}]})).await;
     let cells: Vec<f64> = lines[1].split(',').skip(1).map(|c| c.parse().unwrap()).collect();
     assert!(lines[1].starts_with("11,"));
+    assert!(lines[2].starts_with("12,") && lines[3].starts_with("13,"), "file order: {text}");
     assert!(max_diff([cells[0], cells[1], cells[2]], probs(&v["predictions"][0])) < 1e-6);
     for l in &lines[1..] {
         let c: Vec<f64> = l.split(',').skip(1).map(|c| c.parse().unwrap()).collect();

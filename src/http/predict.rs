@@ -486,51 +486,72 @@ pub struct FileParams {
     pub max_length: Option<usize>,
 }
 
-/// Parse an arena CSV in the test layout (`id,prompt,response_a,response_b`; other columns
-/// ignored). Cells holding a JSON list of turns are read as such, others as one turn.
+/// Parse an arena CSV (test layout `id,prompt,response_a,response_b`; a labelled file is
+/// fine too, its labels are ignored) with the dataset parser, so both endpoints accept and
+/// refuse the same files. That parser drops rows whose two responses are empty (they cannot
+/// train), but a submission needs every id: such rows are put back, in file order, and scored
+/// with their empty responses.
 fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiError> {
-    let bad = |line: usize, column: Option<&str>, reason: String| {
-        let mut e = ApiError::unprocessable("invalid_csv", format!("line {line}: {reason}")).with("line", line);
-        if let Some(c) = column {
-            e = e.with("column", c);
+    use crate::data::arena::{self, DatasetError};
+    let parsed = arena::parse_csv(bytes).map_err(|e| {
+        let mut err = ApiError::unprocessable("invalid_csv", format!("not a valid arena CSV: {e}"));
+        match &e {
+            DatasetError::MissingColumns(cols) => {
+                err = err.with("column", cols.first().cloned().unwrap_or_default()).with("columns", cols);
+            }
+            DatasetError::Rows { errors, .. } => {
+                if let Some(first) = errors.first() {
+                    err = err.with("row", first.row);
+                    if let Some(c) = &first.column {
+                        err = err.with("column", c);
+                    }
+                }
+                err = err.with("errors", errors);
+            }
+            DatasetError::Unreadable { row: Some(r), .. } | DatasetError::NotUtf8 { row: Some(r), .. } => {
+                err = err.with("row", r);
+            }
+            _ => {}
         }
-        e
-    };
-    let mut r = csv::ReaderBuilder::new().flexible(false).from_reader(bytes);
-    let headers = r.headers().map_err(|e| bad(1, None, format!("not a CSV header: {e}")))?.clone();
-    let col = |n: &'static str| {
-        headers.iter().position(|h| h.trim_start_matches('\u{feff}') == n).ok_or_else(|| bad(1, Some(n), format!("column {n} is missing")))
-    };
-    let idx = [col("id")?, col("prompt")?, col("response_a")?, col("response_b")?];
-    let turns = |cell: &str| -> Vec<String> {
-        match serde_json::from_str::<Vec<Option<String>>>(cell) {
-            Ok(v) => v.into_iter().map(Option::unwrap_or_default).collect(),
-            Err(_) => vec![cell.to_string()],
-        }
-    };
-    let mut rows = Vec::new();
-    for (i, rec) in r.records().enumerate() {
-        let line = i + 2;
-        let rec = rec.map_err(|e| bad(line, None, format!("not a CSV record: {e}")))?;
-        if rows.len() == max_rows {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_many_rows",
-                format!("the file has more than {max_rows} rows; split it"),
-            )
-            .with("limit", max_rows));
-        }
-        let get = |k: usize| rec.get(idx[k]).unwrap_or("");
-        rows.push(ArenaRow {
-            id: get(0).to_string(),
-            prompt: turns(get(1)),
-            response_a: turns(get(2)),
-            response_b: turns(get(3)),
-            label: None,
-        });
+        err
+    })?;
+    let total = parsed.rows.len() + parsed.dropped_rows;
+    if total > max_rows {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_rows",
+            format!("the file has {total} rows, more than the limit of {max_rows}; split it"),
+        )
+        .with("limit", max_rows));
     }
-    if rows.is_empty() {
-        return Err(bad(2, None, "the file has no rows".into()));
+    if parsed.dropped_rows == 0 {
+        return Ok(parsed.rows);
+    }
+    // the file parsed, so it has a header with `id` and `prompt`, and unique ids
+    let mut kept: std::collections::HashMap<String, ArenaRow> =
+        parsed.rows.into_iter().map(|r| (r.id.clone(), r)).collect();
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
+    let mut r = csv::ReaderBuilder::new().from_reader(bytes);
+    let headers = r.headers().map_err(|e| ApiError::unprocessable("invalid_csv", e.to_string()))?.clone();
+    let col = |n: &str| headers.iter().position(|h| h.trim() == n);
+    let (Some(i_id), Some(i_prompt)) = (col("id"), col("prompt")) else {
+        return Err(ApiError::internal("a parsed arena CSV lost its id or prompt column"));
+    };
+    let mut rows = Vec::with_capacity(total);
+    for rec in r.records() {
+        let rec = rec.map_err(|e| ApiError::unprocessable("invalid_csv", e.to_string()))?;
+        let id = rec.get(i_id).unwrap_or("").trim().to_string();
+        match kept.remove(&id) {
+            Some(row) => rows.push(row),
+            None => {
+                let cell = rec.get(i_prompt).unwrap_or("");
+                let prompt = match serde_json::from_str::<Vec<Option<String>>>(cell) {
+                    Ok(v) => v.into_iter().map(Option::unwrap_or_default).collect(),
+                    Err(_) => vec![cell.to_string()],
+                };
+                rows.push(ArenaRow { id, prompt, response_a: vec![String::new()], response_b: vec![String::new()], label: None });
+            }
+        }
     }
     Ok(rows)
 }
