@@ -621,3 +621,58 @@ async fn the_real_default_model_scores_short_pairs() {
     }
     app.assert_up().await;
 }
+
+/// The engine itself: concurrent requests are merged into few forwards when batching is on and
+/// run one per forward when it is off, with the same logits; a full queue refuses at once.
+#[tokio::test]
+async fn the_engine_merges_concurrent_requests_and_bounds_its_queue() {
+    use arbiter::ml::serve::{Engine, EngineConfig, ServeError};
+    let f = fixture();
+    let mut answers = Vec::new();
+    for batching in [true, false] {
+        let cfg = EngineConfig { batching, max_wait: Duration::from_millis(20), ..EngineConfig::default() };
+        let engine = Engine::new(cfg, |p: &Path| BaseModel::load(p, BaseFormat::F32, &Device::Cpu)).unwrap();
+        let adapter = engine.adapter("a", &f.adapters[0], &f.model).unwrap();
+        let rows = synthetic_rows(20, 55, false);
+        let mut pending = Vec::new();
+        for r in &rows {
+            // requests of one or two rows of different lengths, all queued before any answer
+            let ids = vec![adapter.encode(r, 64).ids, adapter.encode(&r.swapped(), 40).ids];
+            pending.push(engine.submit(adapter.clone(), ids).unwrap());
+        }
+        let mut logits = Vec::new();
+        for p in pending {
+            logits.push(p.await.unwrap());
+        }
+        let (batches, scored) = engine.counters();
+        assert_eq!(scored, 40);
+        if batching {
+            assert!(batches <= 3, "20 queued requests took {batches} forwards with batching on");
+        } else {
+            assert_eq!(batches, 20, "one forward per request with batching off");
+        }
+        answers.push(logits);
+    }
+    for (a, b) in answers[0].iter().flatten().zip(answers[1].iter().flatten()) {
+        for i in 0..3 {
+            assert!((a[i] - b[i]).abs() < 1e-4, "batched {a:?} vs alone {b:?}");
+        }
+    }
+
+    // a queue of 4 rows: two requests of 2 rows fit, the third is refused at once
+    let cfg = EngineConfig { queue_rows: 4, max_wait: Duration::from_millis(200), ..EngineConfig::default() };
+    let engine = Engine::new(cfg, |p: &Path| BaseModel::load(p, BaseFormat::F32, &Device::Cpu)).unwrap();
+    let adapter = engine.adapter("a", &f.adapters[0], &f.model).unwrap();
+    let row = adapter.encode(&synthetic_rows(1, 3, false)[0], 64).ids;
+    let first = engine.submit(adapter.clone(), vec![row.clone(), row.clone()]).unwrap();
+    let second = engine.submit(adapter.clone(), vec![row.clone(), row.clone()]).unwrap();
+    match engine.submit(adapter.clone(), vec![row.clone()]) {
+        Err(ServeError::Overloaded { retry_after_s }) => assert!(retry_after_s >= 1),
+        Err(e) => panic!("expected overloaded, got {e}"),
+        Ok(_) => panic!("expected overloaded, the request was queued"),
+    }
+    first.await.unwrap();
+    second.await.unwrap();
+    assert_eq!(engine.queued_rows(), 0, "answered requests give their room back");
+    engine.score(adapter, vec![row]).await.unwrap();
+}

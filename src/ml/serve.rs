@@ -568,7 +568,7 @@ fn run_round(cfg: &EngineConfig, shared: &Shared, round: Vec<Job>) {
                         remaining[ji] -= 1;
                         if remaining[ji] == 0 {
                             if let Some(j) = jobs[ji].take() {
-                                let _ = j.reply.send(Ok(std::mem::take(&mut results[ji])));
+                                answer(j, Ok(std::mem::take(&mut results[ji])));
                             }
                         }
                     }
@@ -580,7 +580,7 @@ fn run_round(cfg: &EngineConfig, shared: &Shared, round: Vec<Job>) {
                     }
                     for &(ji, _) in &chunk {
                         if let Some(j) = jobs[ji].take() {
-                            let _ = j.reply.send(Err(ServeError::Internal));
+                            answer(j, Err(ServeError::Internal));
                         }
                     }
                 }
@@ -588,6 +588,15 @@ fn run_round(cfg: &EngineConfig, shared: &Shared, round: Vec<Job>) {
         }
     }
     round_span.record("batches", batches);
+}
+
+/// Give the request's queue room back, then answer it (so a caller that sees the answer also
+/// sees the room).
+fn answer(job: Job, result: Result<Logits, ServeError>) {
+    let Job { reply, _permit, .. } = job;
+    drop(_permit);
+    // the caller may have gone (timeout, disconnect): nothing to do then
+    let _ = reply.send(result);
 }
 
 fn forward(adapter: &LoadedAdapter, ids: &[Vec<u32>]) -> Result<Vec<[f32; 3]>, MlError> {
