@@ -225,7 +225,7 @@ impl<V: Clone> Lru<V> {
 
     fn keys_by_recency(&self) -> Vec<String> {
         let mut v: Vec<(u64, &String)> = self.entries.iter().map(|(k, (t, _))| (*t, k)).collect();
-        v.sort_by(|a, b| b.0.cmp(&a.0));
+        v.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
         v.into_iter().map(|(_, k)| k.clone()).collect()
     }
 }
@@ -517,8 +517,9 @@ fn run_round(cfg: &EngineConfig, shared: &Shared, round: Vec<Job>) {
         .map(|j| j.as_ref().map(|j| vec![[0f32; 3]; j.rows.len()]).unwrap_or_default())
         .collect();
     let mut remaining: Vec<usize> = jobs.iter().map(|j| j.as_ref().map_or(0, |j| j.rows.len())).collect();
-    // group the rows by adapter, in order of first appearance
-    let mut groups: Vec<(Arc<LoadedAdapter>, Vec<(usize, usize, usize)>)> = Vec::new();
+    // group the rows (length, request, row) by adapter, in order of first appearance
+    type Rows = Vec<(usize, usize, usize)>;
+    let mut groups: Vec<(Arc<LoadedAdapter>, Rows)> = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
         let Some(j) = j else { continue };
         let gi = match groups.iter().position(|(a, _)| Arc::ptr_eq(a, &j.adapter)) {
