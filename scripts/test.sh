@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite from a clean clone: fetch the default model, run the Rust
-# tests (unit, HTTP black-box, model parity), then the browser and contract tests.
+# tests (unit, HTTP black-box on the real server, model parity, training), then the dashboard's
+# end-to-end test in headless Chromium (which installs chromium and playwright-core itself).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
 cargo test --no-fail-fast "$@"
+tests/browser/run.sh
