@@ -279,6 +279,11 @@ async fn predictions_are_well_formed_and_use_the_calibration_temperature() {
     short["max_length"] = json!(8);
     let s = predict_ok(&app, &short).await;
     assert!(s["predictions"].as_array().unwrap().iter().all(|p| p["truncated"] == true));
+    // a huge text is cut (first to a bounded number of characters, then by the policy)
+    let huge = json!({"adapter": "first", "pairs": [{"prompt": "w1", "response_a": "w30 ".repeat(100_000), "response_b": ["w40", "w41 ".repeat(50_000)]}]});
+    let h = predict_ok(&app, &huge).await;
+    assert_eq!(h["predictions"][0]["truncated"], true);
+    assert!(h["usage"]["tokens"].as_u64().unwrap() <= 64);
     app.assert_up().await;
 }
 

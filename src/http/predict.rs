@@ -323,15 +323,28 @@ async fn score(state: &AppState, record: &AdapterRecord, job: Scoring) -> Result
         let adapter = p.engine.adapter(&key, &dir, &base_path)?;
         let cap = p.limits.max_length;
         let max_length = job.max_length.unwrap_or(adapter.meta.max_length).clamp(1, cap);
+        // texts are cut at the end by the truncation policy: a text far longer than the token
+        // budget is cut first to bound the tokenizer's work (no token spans 64 characters)
+        let max_chars = max_length.saturating_mul(MAX_CHARS_PER_TOKEN);
+        let mut rows = job.rows;
+        let clipped: Vec<bool> = rows
+            .iter_mut()
+            .map(|r| {
+                let p = clip_turns(&mut r.prompt, max_chars);
+                let a = clip_turns(&mut r.response_a, max_chars);
+                let b = clip_turns(&mut r.response_b, max_chars);
+                p || a || b
+            })
+            .collect();
         let mut ids = Vec::with_capacity(n * if job.symmetric { 2 } else { 1 });
         let mut truncated = Vec::with_capacity(n);
-        for r in &job.rows {
+        for (r, clipped) in rows.iter().zip(clipped) {
             let e = adapter.encode(r, max_length);
-            truncated.push(e.truncated);
+            truncated.push(e.truncated || clipped);
             ids.push(e.ids);
         }
         if job.symmetric {
-            for r in &job.rows {
+            for r in &rows {
                 let e = adapter.encode(&r.swapped(), max_length);
                 ids.push(e.ids);
             }
@@ -349,6 +362,29 @@ async fn score(state: &AppState, record: &AdapterRecord, job: Scoring) -> Result
         logits.into_iter().map(|p| (p, None)).collect()
     };
     Ok(Scored { adapter, logits, truncated, tokens })
+}
+
+/// Characters per token that a text is cut to before tokenizing (far above any tokenizer's).
+const MAX_CHARS_PER_TOKEN: usize = 64;
+
+/// Keep the first `max_chars` characters of a text given as turns (joined by a two-character
+/// separator); true when something was cut.
+fn clip_turns(turns: &mut Vec<String>, max_chars: usize) -> bool {
+    let mut left = max_chars;
+    for i in 0..turns.len() {
+        let t = &mut turns[i];
+        if let Some((cut, _)) = t.char_indices().nth(left) {
+            t.truncate(cut);
+            turns.truncate(i + 1);
+            return true;
+        }
+        left = left.saturating_sub(t.chars().count() + 2);
+        if left == 0 && turns[i + 1..].iter().any(|t| !t.is_empty()) {
+            turns.truncate(i + 1);
+            return true;
+        }
+    }
+    false
 }
 
 fn row_of(i: usize, prompt: Text, a: Text, b: Text) -> ArenaRow {
@@ -666,5 +702,27 @@ impl Predictor {
                 default_adapter: p.default_adapter.clone(),
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_texts_are_clipped_at_the_end() {
+        let mut t = vec!["abcdef".to_string(), "ghi".to_string()];
+        assert!(!clip_turns(&mut t, 11));
+        assert_eq!(t, ["abcdef", "ghi"]);
+        assert!(clip_turns(&mut t, 9));
+        assert_eq!(t, ["abcdef", "g"]);
+        let mut t = vec!["ééééé".to_string()];
+        assert!(clip_turns(&mut t, 2));
+        assert_eq!(t, ["éé"]);
+        let mut t = vec!["ab".to_string(), "cd".to_string()];
+        assert!(clip_turns(&mut t, 3));
+        assert_eq!(t, ["ab"]);
+        let mut t = vec!["ab".to_string(), String::new()];
+        assert!(!clip_turns(&mut t, 2));
     }
 }
