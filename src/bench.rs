@@ -58,6 +58,7 @@ pub struct BenchArgs {
     pub warmup: usize,
     #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// LoRA rank (0: no adapter, prediction only).
     #[arg(long, default_value_t = 16)]
     pub lora_r: usize,
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
@@ -107,8 +108,12 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
     };
     let cfg = llama.config().clone();
     let mut vars = Vec::new();
-    let lcfg = LoraConfig::from_names(args.lora_r, 2.0 * args.lora_r as f64, 0.0, &args.lora_target_modules)?;
+    // --lora-r 0 measures the classifier without an adapter (prediction only)
+    let lcfg = LoraConfig::from_names(args.lora_r.max(1), 2.0 * args.lora_r.max(1) as f64, 0.0, &args.lora_target_modules)?;
     let lora = Lora::init(lcfg, &cfg, 1, &device, &mut vars)?;
+    if args.lora_r == 0 && training {
+        anyhow::bail!("--lora-r 0 is for `bench predict`: training needs an adapter");
+    }
     let head = Var::zeros((3, cfg.hidden_size), DType::F32, &device)?;
     vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
     let frozen_lora = lora.detached();
@@ -140,7 +145,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 }
             } else {
                 let infer = LoraCtx::default();
-                let logits = classifier::logits(&llama, Some((&frozen_lora, &infer)), &head.as_tensor().detach(), &batch)?;
+                let adapter = (args.lora_r > 0).then_some((&frozen_lora, &infer));
+                let logits = classifier::logits(&llama, adapter, &head.as_tensor().detach(), &batch)?;
                 let _ = logits.to_vec2::<f32>()?;
             }
             sample();
