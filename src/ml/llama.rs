@@ -505,7 +505,8 @@ impl Llama {
         let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
         // query chunks small enough that one chunk's scores stay around 256 MB
         let elem = self.dtype.size_in_bytes();
-        let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, t.max(16)).min(t);
+        // (at most 256 queries, so later chunks skip the keys after their last query)
+        let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, 256).min(t);
         let masks = ops::causal_mask_chunks(&starts, t, chunk, self.dtype, &self.device)?;
         let masks = ops::expand_masks(&masks, b, nkv, nh / nkv)?;
         let eps = cfg.rms_norm_eps as f32;
