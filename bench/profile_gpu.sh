@@ -12,16 +12,16 @@ BIN=/tmp/arbiter-bench
 case "$XZ" in *arbiter-cuda.xz) BIN="$BIN bench" ;; esac
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 name=$(echo "$ARGS" | tr ' ' '\n' | grep -A1 -- --shape | tail -1)-$(echo "$ARGS" | cut -d' ' -f1)
-$NCU --clock-control none --metrics gpu__time_duration.sum --csv --page raw $BIN $ARGS > "$OUT/ncu-$name.csv" 2> "$OUT/ncu-$name.err"
-python3 - "$OUT/ncu-$name.csv" <<'PY' | tee "$OUT/profile-$name.txt"
+$NCU --clock-control none --metrics gpu__time_duration.sum --csv --page raw $BIN $ARGS > "/tmp/ncu-$name.csv" 2> "$OUT/ncu-$name.err"
+python3 - "/tmp/ncu-$name.csv" <<'PY' | tee "$OUT/profile-$name.txt"
 import csv, sys, collections
 rows = [l for l in open(sys.argv[1]) if l.startswith('"')]
 r = csv.DictReader(rows)
 tot = collections.Counter(); cnt = collections.Counter()
 for row in r:
     try:
-        t = float(row["gpu__time_duration.sum"])
-    except (KeyError, ValueError):
+        t = float(row["gpu__time_duration.sum"].replace(",", ""))
+    except (KeyError, ValueError, AttributeError):
         continue
     k = row.get("Kernel Name", "?").split("(")[0][:70]
     tot[k] += t; cnt[k] += 1
