@@ -197,23 +197,15 @@ pub struct Batch {
 impl Batch {
     /// Right-padded batch of the given rows.
     pub fn right_padded(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Batch, MlError> {
-        let width = rows.iter().map(Vec::len).max().unwrap_or(0);
-        if width == 0 || rows.iter().any(Vec::is_empty) {
-            return Err(MlError::Input("every row needs at least one token".into()));
-        }
-        let mut flat = Vec::with_capacity(rows.len() * width);
-        let mut spans = Vec::with_capacity(rows.len());
-        for r in rows {
-            flat.extend_from_slice(r);
-            flat.extend(std::iter::repeat_n(pad_id, width - r.len()));
-            spans.push((0, r.len()));
-        }
-        let ids = Tensor::from_vec(flat, (rows.len(), width), device)?;
-        Ok(Batch { ids, spans })
+        Self::padded(rows, pad_id, device, false)
     }
 
     /// Left-padded batch of the given rows.
     pub fn left_padded(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Batch, MlError> {
+        Self::padded(rows, pad_id, device, true)
+    }
+
+    fn padded(rows: &[Vec<u32>], pad_id: u32, device: &Device, left: bool) -> Result<Batch, MlError> {
         let width = rows.iter().map(Vec::len).max().unwrap_or(0);
         if width == 0 || rows.iter().any(Vec::is_empty) {
             return Err(MlError::Input("every row needs at least one token".into()));
@@ -221,9 +213,16 @@ impl Batch {
         let mut flat = Vec::with_capacity(rows.len() * width);
         let mut spans = Vec::with_capacity(rows.len());
         for r in rows {
-            flat.extend(std::iter::repeat_n(pad_id, width - r.len()));
-            flat.extend_from_slice(r);
-            spans.push((width - r.len(), width));
+            let pad = std::iter::repeat_n(pad_id, width - r.len());
+            if left {
+                flat.extend(pad);
+                flat.extend_from_slice(r);
+                spans.push((width - r.len(), width));
+            } else {
+                flat.extend_from_slice(r);
+                flat.extend(pad);
+                spans.push((0, r.len()));
+            }
         }
         let ids = Tensor::from_vec(flat, (rows.len(), width), device)?;
         Ok(Batch { ids, spans })
