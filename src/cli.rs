@@ -16,6 +16,28 @@ use crate::ml::train::{self, TrainSpec};
 
 pub use crate::bench::parse_device;
 
+/// The base model and where it runs, shared by the offline commands.
+#[derive(Debug, Args)]
+pub struct BaseArgs {
+    /// Base model: a GGUF file or a Hugging Face model directory.
+    #[arg(long, env = "ARBITER_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
+    pub model: PathBuf,
+    /// How to hold the frozen base weights.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub base_format: BaseFormat,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
+    pub device: String,
+}
+
+impl BaseArgs {
+    pub fn load(&self) -> anyhow::Result<BaseModel> {
+        let device = parse_device(&self.device)?;
+        eprintln!("loading {} ...", self.model.display());
+        Ok(BaseModel::load(&self.model, self.base_format, &device)?)
+    }
+}
+
 /// `arbiter train`: fine-tune an adapter from a CSV, no server.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -31,15 +53,8 @@ pub struct TrainArgs {
     /// Output directory: the adapter (PEFT layout) and checkpoints.
     #[arg(long)]
     pub out: PathBuf,
-    /// Base model: a GGUF file or a Hugging Face model directory.
-    #[arg(long, env = "ARBITER_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    pub model: PathBuf,
-    /// How to hold the frozen base weights.
-    #[arg(long, value_enum, default_value = "auto")]
-    pub base_format: BaseFormat,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub base: BaseArgs,
     /// Resume from this checkpoint directory (`OUT/checkpoints/step-N`).
     #[arg(long)]
     pub resume: Option<PathBuf>,
@@ -211,14 +226,12 @@ impl TrainObserver for BarObserver {
 
 pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let hp = args.hyperparameters()?;
-    let device = parse_device(&args.device)?;
     let rows = read_rows(&args.data)?;
     let (train_rows, val_rows) = match &args.validation_data {
         Some(p) => (rows, read_rows(p)?),
         None => split_rows(rows, args.validation_fraction, hp.seed),
     };
-    eprintln!("loading {} ...", args.model.display());
-    let base = BaseModel::load(&args.model, args.base_format, &device)?;
+    let base = args.base.load()?;
     let bar = ProgressBar::new(1);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps (ETA {eta}) {msg}")
@@ -252,12 +265,8 @@ pub struct PredictArgs {
     /// Submission CSV to write (`id,winner_model_a,winner_model_b,winner_tie`).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, env = "ARBITER_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
-    pub model: PathBuf,
-    #[arg(long, value_enum, default_value = "auto")]
-    pub base_format: BaseFormat,
-    #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub base: BaseArgs,
     /// Token budget per row (default: the adapter's training max_length).
     #[arg(long)]
     pub max_length: Option<usize>,
@@ -272,9 +281,8 @@ pub struct PredictArgs {
 }
 
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
-    let device = parse_device(&args.device)?;
     let rows = read_rows(&args.data)?;
-    let base = BaseModel::load(&args.model, args.base_format, &device)?;
+    let base = args.base.load()?;
     let adapter = crate::ml::adapter::load(&args.adapter, &base.llama)?;
     let max_length = args.max_length.unwrap_or(adapter.meta.max_length);
     let bar = ProgressBar::new(rows.len() as u64);
