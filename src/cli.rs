@@ -150,12 +150,17 @@ impl TrainArgs {
     }
 }
 
-/// Read an arena CSV or JSONL file (by extension) into rows.
-pub fn read_rows(path: &Path) -> anyhow::Result<Vec<ArenaRow>> {
+/// Read an arena CSV or JSONL file (by extension).
+pub fn read_dataset(path: &Path) -> anyhow::Result<crate::data::arena::ParsedDataset> {
     let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let is_jsonl = path.extension().is_some_and(|e| e == "jsonl" || e == "ndjson");
     let parsed = if is_jsonl { crate::data::arena::parse_jsonl(&bytes) } else { crate::data::arena::parse_csv(&bytes) };
-    parsed.map(|p| p.rows).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    parsed.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// The rows of an arena file that can train (both-empty rows dropped).
+pub fn read_rows(path: &Path) -> anyhow::Result<Vec<ArenaRow>> {
+    Ok(read_dataset(path)?.rows)
 }
 
 /// Deterministic split: every row whose seeded hash falls under `fraction` is held out.
@@ -281,7 +286,8 @@ pub struct PredictArgs {
 }
 
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
-    let rows = read_rows(&args.data)?;
+    // every id gets a prediction, also those whose two responses are empty
+    let rows = read_dataset(&args.data)?.into_all_rows();
     let base = args.base.load()?;
     let adapter = crate::ml::adapter::load(&args.adapter, &base.llama)?;
     let max_length = args.max_length.unwrap_or(adapter.meta.max_length);

@@ -47,12 +47,30 @@ const TEXT_COLUMNS: [&str; 4] = ["id", "prompt", "response_a", "response_b"];
 pub struct ParsedDataset {
     /// Kept rows, in file order.
     pub rows: Vec<ArenaRow>,
-    /// Rows dropped because both responses were empty.
-    pub dropped_rows: usize,
+    /// Rows dropped because both responses were empty, each with its position among all the
+    /// valid rows of the file (they cannot train, but a prediction file still needs them).
+    pub dropped: Vec<(usize, ArenaRow)>,
     /// Kept rows per class, indexed by [`Label::index`] (all zero when unlabelled).
     pub label_counts: [usize; 3],
     /// Whether the file has labels (`false` for a test-layout / prediction file).
     pub labelled: bool,
+}
+
+impl ParsedDataset {
+    /// How many rows were dropped because both responses were empty.
+    pub fn dropped_rows(&self) -> usize {
+        self.dropped.len()
+    }
+
+    /// Every valid row in file order, the dropped ones included (for scoring, where each id
+    /// needs an answer).
+    pub fn into_all_rows(self) -> Vec<ArenaRow> {
+        let mut all = self.rows;
+        for (position, row) in self.dropped {
+            all.insert(position, row);
+        }
+        all
+    }
 }
 
 /// One problem in one row.
@@ -132,7 +150,7 @@ struct Collector {
 impl Collector {
     fn new(labelled: bool) -> Self {
         Collector {
-            out: ParsedDataset { rows: Vec::new(), dropped_rows: 0, label_counts: [0; 3], labelled },
+            out: ParsedDataset { rows: Vec::new(), dropped: Vec::new(), label_counts: [0; 3], labelled },
             errors: Vec::new(),
             total_errors: 0,
             ids: HashSet::new(),
@@ -157,7 +175,8 @@ impl Collector {
             return;
         }
         if all_empty(&row.response_a) && all_empty(&row.response_b) {
-            self.out.dropped_rows += 1;
+            let position = self.out.rows.len() + self.out.dropped.len();
+            self.out.dropped.push((position, row));
             return;
         }
         if let Some(l) = row.label {
@@ -170,7 +189,7 @@ impl Collector {
         if self.total_errors > 0 {
             return Err(DatasetError::Rows { errors: self.errors, total: self.total_errors });
         }
-        if self.out.rows.is_empty() && self.out.dropped_rows == 0 {
+        if self.out.rows.is_empty() && self.out.dropped.is_empty() {
             return Err(DatasetError::Empty);
         }
         Ok(self.out)
@@ -541,9 +560,24 @@ mod tests {
             r#"3,m1,m2,"[""p""]","[""a""]","[null]",1,0,0"#,
         ]);
         let p = parse_csv(&b).unwrap();
-        assert_eq!(p.dropped_rows, 2);
+        assert_eq!(p.dropped_rows(), 2);
         assert_eq!(p.rows.len(), 1);
         assert_eq!(p.label_counts, [1, 0, 0]);
+    }
+
+    #[test]
+    fn all_rows_keep_file_order_with_the_dropped_ones() {
+        let b = csv_of(&[
+            r#"1,m1,m2,"[""p""]","[null]","[null]",0,0,1"#,
+            r#"2,m1,m2,"[""p""]","[""a""]","[null]",1,0,0"#,
+            r#"3,m1,m2,"[""p""]","[""""]","[]",1,0,0"#,
+            r#"4,m1,m2,"[""p""]","[""a""]","[""b""]",0,1,0"#,
+            r#"5,m1,m2,"[""p""]","[null]","[""""]",0,1,0"#,
+        ]);
+        let p = parse_csv(&b).unwrap();
+        assert_eq!(p.rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["2", "4"]);
+        let all = p.into_all_rows();
+        assert_eq!(all.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["1", "2", "3", "4", "5"]);
     }
 
     #[test]
@@ -715,7 +749,7 @@ mod tests {
         let p = parse_csv(&bytes).unwrap();
         assert!(p.labelled);
         assert_eq!(p.rows.len(), 998);
-        assert_eq!(p.dropped_rows, 1);
+        assert_eq!(p.dropped_rows(), 1);
         assert_eq!(p.label_counts, [352, 352, 294]);
         assert_eq!(p.rows[0].id, "30192");
         assert_eq!(p.rows[0].prompt.len(), 2);

@@ -225,7 +225,7 @@ pub async fn create_dataset(
     if parsed.rows.is_empty() {
         return Err(ApiError::unprocessable(
             "no_rows",
-            format!("no rows left to train on ({} dropped because both responses were empty)", parsed.dropped_rows),
+            format!("no rows left to train on ({} dropped because both responses were empty)", parsed.dropped_rows()),
         ));
     }
     let name = params.name.or(file_name).map(|n| n.chars().take(200).collect::<String>());
@@ -304,6 +304,7 @@ async fn store_dataset(
 ) -> Result<DatasetRecord, ApiError> {
     let id = uuid::Uuid::now_v7().to_string();
     let path = state.dirs.dataset_file(&id);
+    let dropped_rows = parsed.dropped_rows() as i64;
     let rows = parsed.rows;
     let write_path = path.clone();
     let bytes = tokio::task::spawn_blocking(move || files::write_rows_atomic(&write_path, &rows).map(|b| (b, rows.len())))
@@ -315,7 +316,7 @@ async fn store_dataset(
         name,
         format: format.as_str().into(),
         row_count: bytes.1 as i64,
-        dropped_rows: parsed.dropped_rows as i64,
+        dropped_rows,
         label_counts: parsed.label_counts.map(|c| c as i64),
         bytes: bytes.0 as i64,
         path: path.to_string_lossy().into_owned(),

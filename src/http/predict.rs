@@ -524,9 +524,8 @@ pub struct FileParams {
 
 /// Parse an arena CSV (test layout `id,prompt,response_a,response_b`; a labelled file is
 /// fine too, its labels are ignored) with the dataset parser, so both endpoints accept and
-/// refuse the same files. That parser drops rows whose two responses are empty (they cannot
-/// train), but a submission needs every id: such rows are put back, in file order, and scored
-/// with their empty responses.
+/// refuse the same files. Rows whose two responses are empty (which a training set drops) are
+/// kept and scored with their empty responses: a submission needs every id.
 fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiError> {
     use crate::data::arena::{self, DatasetError};
     let parsed = arena::parse_csv(bytes).map_err(|e| {
@@ -551,43 +550,14 @@ fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiErr
         }
         err
     })?;
-    let total = parsed.rows.len() + parsed.dropped_rows;
-    if total > max_rows {
+    let rows = parsed.into_all_rows();
+    if rows.len() > max_rows {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_rows",
-            format!("the file has {total} rows, more than the limit of {max_rows}; split it"),
+            format!("the file has {} rows, more than the limit of {max_rows}; split it", rows.len()),
         )
         .with("limit", max_rows));
-    }
-    if parsed.dropped_rows == 0 {
-        return Ok(parsed.rows);
-    }
-    // the file parsed, so it has a header with `id` and `prompt`, and unique ids
-    let mut kept: std::collections::HashMap<String, ArenaRow> =
-        parsed.rows.into_iter().map(|r| (r.id.clone(), r)).collect();
-    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
-    let mut r = csv::ReaderBuilder::new().from_reader(bytes);
-    let headers = r.headers().map_err(|e| ApiError::unprocessable("invalid_csv", e.to_string()))?.clone();
-    let col = |n: &str| headers.iter().position(|h| h.trim() == n);
-    let (Some(i_id), Some(i_prompt)) = (col("id"), col("prompt")) else {
-        return Err(ApiError::internal("a parsed arena CSV lost its id or prompt column"));
-    };
-    let mut rows = Vec::with_capacity(total);
-    for rec in r.records() {
-        let rec = rec.map_err(|e| ApiError::unprocessable("invalid_csv", e.to_string()))?;
-        let id = rec.get(i_id).unwrap_or("").trim().to_string();
-        match kept.remove(&id) {
-            Some(row) => rows.push(row),
-            None => {
-                let cell = rec.get(i_prompt).unwrap_or("");
-                let prompt = match serde_json::from_str::<Vec<Option<String>>>(cell) {
-                    Ok(v) => v.into_iter().map(Option::unwrap_or_default).collect(),
-                    Err(_) => vec![cell.to_string()],
-                };
-                rows.push(ArenaRow { id, prompt, response_a: vec![String::new()], response_b: vec![String::new()], label: None });
-            }
-        }
     }
     Ok(rows)
 }
