@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite from a clean clone: fetch the default model, run the Rust
-# tests (unit, HTTP black-box on the real server, model parity, training), then the dashboard's
-# end-to-end test in headless Chromium (which installs chromium and playwright-core itself).
+# Set up and run the whole test suite from a clean clone: fetch the default model, start a
+# throwaway PostgreSQL server on loopback (the queue suite and the multi-process test run on
+# SQLite and on Postgres), run the Rust tests (unit, HTTP black-box on the real server, model
+# parity, training), then the dashboard's end-to-end test in headless Chromium (which installs
+# chromium and playwright-core itself). The Postgres server is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
+eval "$(scripts/postgres-test-server.sh start)"
+trap 'scripts/postgres-test-server.sh stop "$ARBITER_TEST_POSTGRES_DIR"' EXIT
+# Tests that need Postgres fail, rather than skip, when the URL is missing.
+export ARBITER_TEST_REQUIRE_POSTGRES=1
 cargo test --no-fail-fast "$@"
 tests/browser/run.sh
