@@ -52,6 +52,19 @@ impl Db {
         }
     }
 
+    /// The database of apps that do not choose one: SQLite, or Postgres when
+    /// `ARBITER_TEST_DATABASE=postgres` (to run any HTTP test file against Postgres).
+    pub fn default_for_tests() -> Db {
+        match std::env::var("ARBITER_TEST_DATABASE").as_deref() {
+            Ok("postgres") => match std::env::var("ARBITER_TEST_POSTGRES_URL") {
+                Ok(url) if !url.is_empty() => Db::Postgres(url),
+                _ => panic!("ARBITER_TEST_DATABASE=postgres needs ARBITER_TEST_POSTGRES_URL"),
+            },
+            Ok("sqlite") | Err(_) => Db::Sqlite,
+            Ok(other) => panic!("ARBITER_TEST_DATABASE={other:?}: use sqlite or postgres"),
+        }
+    }
+
     /// A database URL for a new app: a file in `dir` for SQLite; for Postgres a newly created,
     /// empty database on the server.
     pub async fn fresh_url(&self, dir: &std::path::Path) -> String {
@@ -110,7 +123,7 @@ pub struct Spawn {
 }
 
 pub fn spawn() -> Spawn {
-    Spawn { args: Vec::new(), trainer: None, dir: None, db: Db::Sqlite, database_url: None }
+    Spawn { args: Vec::new(), trainer: None, dir: None, db: Db::default_for_tests(), database_url: None }
 }
 
 pub async fn spawn_app() -> TestApp {
