@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up and run the whole test suite from a clean clone: fetch the default model, start a
-# throwaway PostgreSQL server on loopback (the queue suite and the multi-process test run on
-# SQLite and on Postgres; the HTTP suites run a second time on Postgres), run the Rust tests (unit, HTTP black-box on the real server, model
-# parity, training), then the dashboard's end-to-end test in headless Chromium (which installs
-# chromium and playwright-core itself). The Postgres server is stopped at the end.
+# throwaway PostgreSQL server on loopback, run the Rust tests (unit, HTTP black-box on the real
+# server, model parity, training; the queue suite and the multi-process test on SQLite and on
+# Postgres), the HTTP suites a second time on Postgres, then the dashboard's end-to-end test in
+# headless Chromium (which installs chromium and playwright-core itself). The Postgres server
+# is stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
