@@ -90,6 +90,10 @@ pub struct QueueArgs {
     /// Name of this worker in job leases; defaults to host name, process id and a random suffix.
     #[arg(long, env = "ARBITER_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Device memory this worker offers jobs, in GB (jobs may require a least amount); default:
+    /// detected (RAM, or the container's memory limit, for cpu; the GPU's total for cuda).
+    #[arg(long, env = "ARBITER_DEVICE_MEMORY_GB")]
+    pub device_memory_gb: Option<f64>,
 }
 
 impl QueueArgs {

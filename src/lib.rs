@@ -81,8 +81,9 @@ pub async fn open_store(args: &StoreArgs) -> anyhow::Result<(Store, DataDir)> {
 
 /// `arbiter worker`: the job runner alone, until `shutdown`.
 pub async fn run_worker(args: WorkerArgs, trainer: Option<Arc<dyn Trainer>>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = RunnerConfig::from_args(&args.queue, &args.store)?;
     let (store, dirs) = open_store(&args.store).await?;
-    let runner = Runner::new(store.clone(), dirs, trainer, RunnerConfig::from_args(&args.queue));
+    let runner = Runner::new(store.clone(), dirs, trainer, config);
     runner.run(shutdown).await;
     store.close().await;
     Ok(())
@@ -120,11 +121,14 @@ impl App {
             queued_reason,
             metrics: Arc::default(),
             max_attempts: i64::from(args.queue.max_attempts.max(1)),
+            worker_ttl_ms: args.queue.lease_ms.min(i64::MAX as u64) as i64,
             shutdown: shutdown.clone(),
             predictor: http::predict::Predictor::from_args(&args)?,
         };
-        let runner = (!args.no_worker)
-            .then(|| Runner::new(store.clone(), dirs, trainer, RunnerConfig::from_args(&args.queue)));
+        let runner = match args.no_worker {
+            true => None,
+            false => Some(Runner::new(store.clone(), dirs, trainer, RunnerConfig::from_args(&args.queue, &args.store)?)),
+        };
         let listener = TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
         Ok(App { listener, router: http::router(state), store, runner, shutdown })
     }

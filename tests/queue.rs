@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter::store::{now_ms, Store};
+use arbiter::store::{now_ms, Store, WorkerDevice};
 use common::trainer::ScriptedTrainer;
 use common::{spawn, Db, TestApp};
 
@@ -45,7 +45,14 @@ on_both_backends!(
     graceful_shutdown_gives_the_running_job_back,
     a_standalone_worker_process_runs_jobs_queued_through_the_api,
     a_lost_lease_changes_nothing_for_the_old_worker,
+    claims_go_only_to_workers_whose_device_meets_the_job,
+    a_worker_advertises_its_device_and_leaves_jobs_it_cannot_run_queued,
 );
+
+/// A worker device that can run any job without requirements.
+fn any_device() -> WorkerDevice {
+    WorkerDevice { kind: "cpu".into(), name: "cpu".into(), memory_bytes: Some(1 << 34) }
+}
 
 /// Creates a dataset and `n` queued jobs through an app with no worker.
 async fn queued_jobs(app: &TestApp, n: usize) -> Vec<String> {
@@ -89,7 +96,7 @@ async fn concurrent_claims_from_separate_pools_hand_out_each_job_once(db: Db) {
         let store = Store::connect(&api.database_url()).await.unwrap();
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
-            while let Some(job) = store.claim_job(&format!("claimer-{w}"), now_ms(), 60_000).await.unwrap() {
+            while let Some(job) = store.claim_job(&format!("claimer-{w}"), &any_device(), now_ms(), 60_000).await.unwrap() {
                 assert_eq!(job.lock_by.as_deref(), Some(format!("claimer-{w}").as_str()));
                 assert_eq!(job.attempt, 1);
                 got.push(job.id);
@@ -117,7 +124,7 @@ async fn an_expired_lease_is_claimed_again_as_attempt_two_and_resumes(db: Db) {
     let id = queued_jobs(&api, 1).await.remove(0);
 
     // A worker claims the job, writes a checkpoint at step 2, and dies: no more heartbeats.
-    let claimed = api.store.claim_job("doomed-worker", now_ms(), 300).await.unwrap().expect("claimed");
+    let claimed = api.store.claim_job("doomed-worker", &any_device(), now_ms(), 300).await.unwrap().expect("claimed");
     assert_eq!(claimed.id, id);
     assert_eq!(claimed.attempt, 1);
     let ckpt = api.data_dir().join("jobs").join(&id).join("checkpoints").join("step-2");
@@ -142,7 +149,7 @@ async fn an_expired_lease_is_claimed_again_as_attempt_two_and_resumes(db: Db) {
 async fn a_job_fails_once_its_attempts_are_spent(db: Db) {
     let api = spawn().on(&db).flag("--no-worker").arg("--max-attempts", "1").start().await;
     let id = queued_jobs(&api, 1).await.remove(0);
-    api.store.claim_job("doomed-worker", now_ms(), 200).await.unwrap().expect("claimed");
+    api.store.claim_job("doomed-worker", &any_device(), now_ms(), 200).await.unwrap().expect("claimed");
     // Any runner reaps; this one has no trainer, so it claims nothing itself.
     let _reaper = spawn().same_data_as(&api).start().await;
     let job = api.wait_status(&id, "failed", WAIT).await;
@@ -207,9 +214,9 @@ async fn a_lost_lease_changes_nothing_for_the_old_worker(db: Db) {
     let id = queued_jobs(&api, 1).await.remove(0);
     let store = &api.store;
     let t0 = now_ms();
-    let first = store.claim_job("old", t0, 100).await.unwrap().expect("claimed");
+    let first = store.claim_job("old", &any_device(), t0, 100).await.unwrap().expect("claimed");
     assert_eq!((first.attempt, first.status.as_str()), (1, "running"));
-    assert!(store.claim_job("other", t0, 100).await.unwrap().is_none(), "a running job is not claimable");
+    assert!(store.claim_job("other", &any_device(), t0, 100).await.unwrap().is_none(), "a running job is not claimable");
     assert!(store.heartbeat_job(&id, "old", t0 + 10, 100).await.unwrap(), "the holder renews");
     assert!(!store.heartbeat_job(&id, "stranger", t0 + 10, 100).await.unwrap(), "only the holder renews");
 
@@ -220,7 +227,7 @@ async fn a_lost_lease_changes_nothing_for_the_old_worker(db: Db) {
     assert_eq!((reaped[0].id.as_str(), reaped[0].status.as_str(), reaped[0].attempt), (id.as_str(), "queued", 1));
     assert!(store.reap_expired_jobs(t0 + 600).await.unwrap().is_empty(), "reaped once");
 
-    let second = store.claim_job("new", t0 + 600, 60_000).await.unwrap().expect("claimed again");
+    let second = store.claim_job("new", &any_device(), t0 + 600, 60_000).await.unwrap().expect("claimed again");
     assert_eq!((second.attempt, second.lock_by.as_deref()), (2, Some("new")));
     // The old worker's updates all miss: heartbeat, progress, metrics, failure, release, success.
     let now = t0 + 700;
@@ -255,4 +262,89 @@ async fn a_lost_lease_changes_nothing_for_the_old_worker(db: Db) {
     let metrics: serde_json::Value = serde_json::from_str(&job.metrics).unwrap();
     assert_eq!(metrics["final"]["log_loss"], 0.9);
     assert_eq!(metrics["train_loss"], 0.7, "earlier metrics kept");
+}
+
+/// Submits a job with `resources` through the API; returns its id.
+async fn job_needing(app: &TestApp, dataset: &str, resources: serde_json::Value) -> String {
+    let body = serde_json::json!({ "dataset_id": dataset, "resources": resources });
+    let res = app.post_json("/v1/fine-tuning/jobs", &body).await;
+    assert_eq!(res.status(), 201, "{body}");
+    let job: serde_json::Value = res.json().await.unwrap();
+    job["id"].as_str().unwrap().to_string()
+}
+
+async fn claims_go_only_to_workers_whose_device_meets_the_job(db: Db) {
+    let api = spawn().on(&db).flag("--no-worker").start().await;
+    let ds = api.create_dataset(4).await;
+    let any = job_needing(&api, &ds, serde_json::json!({})).await;
+    let cpu = job_needing(&api, &ds, serde_json::json!({ "device": "cpu" })).await;
+    let cuda = job_needing(&api, &ds, serde_json::json!({ "device": "cuda" })).await;
+    let cuda_40 = job_needing(&api, &ds, serde_json::json!({ "device": "cuda", "min_memory_gb": 40 })).await;
+    let any_8 = job_needing(&api, &ds, serde_json::json!({ "min_memory_gb": 8 })).await;
+    let job = api.get_json(&format!("/v1/fine-tuning/jobs/{cuda_40}")).await;
+    assert_eq!(job["resources"], serde_json::json!({ "device": "cuda", "min_memory_gb": 40.0 }));
+
+    let gb = 1_i64 << 30;
+    let device = |kind: &str, memory: Option<i64>| WorkerDevice { kind: kind.into(), name: kind.into(), memory_bytes: memory };
+    let store = &api.store;
+    let claim_all = async |worker: &str, d: WorkerDevice| {
+        let mut got = Vec::new();
+        while let Some(job) = store.claim_job(worker, &d, now_ms(), 60_000).await.unwrap() {
+            got.push(job.id);
+        }
+        got
+    };
+    assert_eq!(claim_all("cpu-4gb", device("cpu", Some(4 * gb))).await, [any, cpu], "oldest first, within its means");
+    assert_eq!(claim_all("gpu-unknown", device("cuda", None)).await, [cuda], "memory unknown: no job that needs an amount");
+    assert_eq!(claim_all("gpu-24gb", device("cuda", Some(24 * gb))).await, [any_8]);
+    assert_eq!(claim_all("gpu-80gb", device("cuda", Some(80 * gb))).await, [cuda_40]);
+}
+
+async fn a_worker_advertises_its_device_and_leaves_jobs_it_cannot_run_queued(db: Db) {
+    let api = spawn().on(&db).flag("--no-worker").start().await;
+    let ds = api.create_dataset(4).await;
+    for (resources, field) in [
+        (serde_json::json!({ "device": "tpu" }), "resources.device"),
+        (serde_json::json!({ "min_memory_gb": -1 }), "resources.min_memory_gb"),
+    ] {
+        let res = api.post_json("/v1/fine-tuning/jobs", &serde_json::json!({ "dataset_id": ds, "resources": resources })).await;
+        assert_eq!(common::error_of(res, 422).await["field"], field);
+    }
+    let gpu_job = job_needing(&api, &ds, serde_json::json!({ "device": "cuda" })).await;
+    let plain = api.create_job(&ds).await["id"].as_str().unwrap().to_string();
+    let job = api.get_json(&format!("/v1/fine-tuning/jobs/{gpu_job}")).await;
+    assert_eq!(
+        job["status_reason"], "no live worker can run it: it needs a cuda device; no worker is live",
+        "{job}"
+    );
+    assert_eq!(api.get_json("/v1/workers").await["data"], serde_json::json!([]));
+
+    let trainer = Arc::new(ScriptedTrainer::new(2, Duration::from_millis(10)));
+    let worker = spawn()
+        .same_data_as(&api)
+        .arg("--worker-id", "cpu-worker")
+        .arg("--device-memory-gb", "6")
+        .trainer(trainer.clone())
+        .start()
+        .await;
+    api.wait_status(&plain, "succeeded", WAIT).await;
+    let workers = api.get_json("/v1/workers").await;
+    let w = &workers["data"][0];
+    assert_eq!(workers["data"].as_array().unwrap().len(), 1, "{workers}");
+    assert_eq!((w["id"].as_str(), w["device"].as_str(), w["device_name"].as_str()), (Some("cpu-worker"), Some("cpu"), Some("cpu")));
+    assert_eq!(w["memory_bytes"], 6_i64 << 30);
+
+    // The GPU job stays queued, and says why.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let job = api.get_json(&format!("/v1/fine-tuning/jobs/{gpu_job}")).await;
+    assert_eq!(job["status"], "queued");
+    assert_eq!(
+        job["status_reason"],
+        "no live worker can run it: it needs a cuda device; live workers: cpu-worker (cpu, 6.0 GB)"
+    );
+    assert_eq!(trainer.seen().len(), 1, "only the plain job ran");
+
+    // A worker that stops removes its registration.
+    worker.shutdown().await;
+    assert_eq!(api.get_json("/v1/workers").await["data"], serde_json::json!([]));
 }

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod openapi;
 pub mod predict;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -47,6 +48,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Attempts a new job gets before a lost lease fails it.
     pub max_attempts: i64,
+    /// A worker seen within this many milliseconds counts as live (the lease length).
+    pub worker_ttl_ms: i64,
     /// Cancelled on shutdown; long-lived responses (event streams) end with it.
     pub shutdown: CancellationToken,
     /// The inference engine and the prediction limits.
@@ -62,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         // Resources added by other modules merge here, e.g. `.merge(predict::router())`.
         .merge(predict::router())
         .merge(adapters::router())
+        .merge(workers::router())
         .merge(dashboard::router())
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed);

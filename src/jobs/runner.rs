@@ -1,5 +1,7 @@
-//! The job runner: claims queued jobs, holds their lease by heartbeat, drives the `Trainer` on
-//! a blocking thread, and records the outcome. Also reaps the jobs of silent workers.
+//! The job runner: claims queued jobs its device can run, holds their lease by heartbeat,
+//! drives the `Trainer` on a blocking thread, and records the outcome. Also reaps the jobs of
+//! silent workers. A runner with a trainer advertises its device in the `workers` table while
+//! it runs.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,11 +17,12 @@ use tracing::{field::Empty, Instrument, Span};
 
 use super::observer::{write_reports, JobObserver, StopFlags};
 use super::trainer::{TrainError, TrainOutcome, TrainRequest, Trainer};
-use crate::config::QueueArgs;
+use super::device::{self, DeviceError};
+use crate::config::{QueueArgs, StoreArgs};
 use crate::data::hyper::Hyperparameters;
 use crate::data::ArenaRow;
 use crate::store::files::{self, DataDir};
-use crate::store::{now_ms, JobRecord, JobStatus, NewAdapter, NewEvent, Store};
+use crate::store::{now_ms, JobRecord, JobStatus, NewAdapter, NewEvent, Store, WorkerDevice};
 
 /// Why a job is waiting, shown on `GET /v1/fine-tuning/jobs/{id}` while it is queued and no
 /// runner in this process can take it.
@@ -32,12 +35,15 @@ pub struct RunnerConfig {
     pub lease: Duration,
     pub heartbeat: Duration,
     pub poll: Duration,
+    /// What this worker runs jobs on; it claims only jobs this device can run.
+    pub device: WorkerDevice,
 }
 
 impl RunnerConfig {
-    pub fn from_args(args: &QueueArgs) -> RunnerConfig {
+    pub fn from_args(args: &QueueArgs, store: &StoreArgs) -> Result<RunnerConfig, DeviceError> {
         let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
-        RunnerConfig { worker_id, lease: args.lease(), heartbeat: args.heartbeat(), poll: args.poll() }
+        let device = device::advertised(&store.device, args.device_memory_gb)?;
+        Ok(RunnerConfig { worker_id, lease: args.lease(), heartbeat: args.heartbeat(), poll: args.poll(), device })
     }
 }
 
@@ -73,17 +79,34 @@ impl Runner {
     /// Runs until `shutdown` is cancelled. Without a trainer it claims nothing (jobs wait, and
     /// say why) but still reaps expired leases.
     pub async fn run(self, shutdown: CancellationToken) {
-        tracing::info!(worker = %self.config.worker_id, trainer = self.trainer.is_some(), "job runner started");
+        let d = &self.config.device;
+        tracing::info!(
+            worker = %self.config.worker_id,
+            trainer = self.trainer.is_some(),
+            device = %d.name,
+            memory = %d.memory_bytes.map(device::gb).unwrap_or_else(|| "unknown".into()),
+            "job runner started"
+        );
         if self.trainer.is_none() {
             tracing::warn!("{NO_TRAINER_REASON}");
         }
+        let presence_stop = CancellationToken::new();
+        let presence = self.trainer.is_some().then(|| {
+            tokio::spawn(advertise(
+                self.store.clone(),
+                self.config.worker_id.clone(),
+                self.config.device.clone(),
+                self.config.heartbeat,
+                presence_stop.clone(),
+            ))
+        });
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             self.reap().await;
             if let Some(trainer) = &self.trainer {
-                match self.store.claim_job(&self.config.worker_id, now_ms(), self.lease_ms()).await {
+                match self.store.claim_job(&self.config.worker_id, &self.config.device, now_ms(), self.lease_ms()).await {
                     Ok(Some(job)) => {
                         self.run_job(trainer.clone(), job, &shutdown).await;
                         continue;
@@ -96,6 +119,10 @@ impl Runner {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(self.config.poll) => {}
             }
+        }
+        presence_stop.cancel();
+        if let Some(p) = presence {
+            let _ = p.await;
         }
         tracing::info!(worker = %self.config.worker_id, "job runner stopped");
     }
@@ -126,6 +153,11 @@ impl Runner {
                 }
             }
             Err(e) => tracing::warn!(error = %e, "reaping expired leases failed"),
+        }
+        // Registrations of workers gone silent for ten leases (at least ten minutes).
+        let stale = self.lease_ms().saturating_mul(10).max(600_000);
+        if let Err(e) = self.store.forget_workers(now_ms() - stale).await {
+            tracing::warn!(error = %e, "forgetting silent workers failed");
         }
     }
 
@@ -338,6 +370,24 @@ impl Runner {
                 let _ = tokio::fs::remove_dir_all(&dest).await;
             }
         }
+    }
+}
+
+/// Keeps this worker's registration (device, memory, last seen) fresh every `every` until
+/// stopped, then removes it.
+async fn advertise(store: Store, worker: String, device: WorkerDevice, every: Duration, stop: CancellationToken) {
+    let started = now_ms();
+    loop {
+        if let Err(e) = store.register_worker(&worker, &device, started, now_ms()).await {
+            tracing::warn!(error = %e, "could not advertise this worker");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    if let Err(e) = store.remove_worker(&worker).await {
+        tracing::warn!(error = %e, "could not remove this worker's registration");
     }
 }
 

@@ -6,7 +6,7 @@
 use sqlx::FromRow;
 
 use super::adapters::{NewAdapter, COLUMNS as ADAPTER_COLUMNS};
-use super::{AdapterRecord, Result, Store};
+use super::{AdapterRecord, Result, Store, WorkerDevice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobStatus {
@@ -69,6 +69,10 @@ pub struct JobRecord {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub updated_at: i64,
+    /// `cpu` or `cuda`: only a worker with that device kind claims the job.
+    pub required_device: Option<String>,
+    /// Only a worker whose device has at least this much memory claims the job.
+    pub required_memory_bytes: Option<i64>,
 }
 
 impl JobRecord {
@@ -88,6 +92,8 @@ pub struct NewJob {
     pub name: Option<String>,
     pub suffix: Option<String>,
     pub max_attempts: i64,
+    pub required_device: Option<String>,
+    pub required_memory_bytes: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -118,8 +124,9 @@ impl Store {
     /// deleted concurrently cannot leave a job pointing at nothing.
     pub async fn insert_job(&self, j: &NewJob, now: i64) -> Result<InsertJob> {
         let sql = "INSERT INTO jobs (id, status, dataset_id, validation_dataset_id, validation_fraction, base_model, \
-                               hyperparameters, name, suffix, max_attempts, run_at, created_at, updated_at) \
-             SELECT $1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10 \
+                               hyperparameters, name, suffix, max_attempts, run_at, created_at, updated_at, \
+                               required_device, required_memory_bytes) \
+             SELECT $1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12 \
              WHERE EXISTS (SELECT 1 FROM datasets WHERE id = $2) \
                AND ($3 IS NULL OR EXISTS (SELECT 1 FROM datasets WHERE id = $3)) \
              RETURNING *";
@@ -135,6 +142,8 @@ impl Store {
             .bind(&j.suffix)
             .bind(j.max_attempts)
             .bind(now)
+            .bind(&j.required_device)
+            .bind(j.required_memory_bytes)
             .fetch_optional(pool)
             .await)?;
         if let Some(job) = inserted {
@@ -185,13 +194,22 @@ impl Store {
         })
     }
 
-    /// Claims the oldest runnable job for `worker` with a lease of `lease_ms`.
-    pub async fn claim_job(&self, worker: &str, now: i64, lease_ms: i64) -> Result<Option<JobRecord>> {
+    /// Claims the oldest runnable job that `device` can run for `worker`, with a lease of
+    /// `lease_ms`.
+    pub async fn claim_job(
+        &self,
+        worker: &str,
+        device: &WorkerDevice,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<Option<JobRecord>> {
         let sql = self.sql(include_str!("sqlite/claim_job.sql"), include_str!("postgres/claim_job.sql"));
         Ok(with_pool!(self, pool => sqlx::query_as::<_, JobRecord>(sql)
             .bind(worker)
             .bind(now)
             .bind(now + lease_ms)
+            .bind(&device.kind)
+            .bind(device.memory_bytes)
             .fetch_optional(pool)
             .await)?)
     }

@@ -27,6 +27,7 @@ pub mod datasets;
 pub mod files;
 pub mod job_events;
 pub mod jobs;
+pub mod workers;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -40,6 +41,7 @@ pub use checkpoints::CheckpointRecord;
 pub use datasets::{DatasetRecord, NewDataset};
 pub use job_events::{EventRecord, NewEvent};
 pub use jobs::{CancelOutcome, JobRecord, JobStatus, NewJob, ReapedJob};
+pub use workers::{WorkerDevice, WorkerRecord};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
