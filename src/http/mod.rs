@@ -25,6 +25,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::field::Empty;
 
+use crate::store::artifacts::Artifacts;
 use crate::store::files::DataDir;
 use crate::store::Store;
 
@@ -40,6 +41,9 @@ pub struct Limits {
 pub struct AppState {
     pub store: Store,
     pub dirs: DataDir,
+    /// The shared artifact store, if any: what this node writes is published there, what it
+    /// lacks is fetched from there.
+    pub artifacts: Artifacts,
     pub limits: Limits,
     /// Base model for jobs that name none; `/readyz` checks that it exists.
     pub default_model: PathBuf,

@@ -21,6 +21,7 @@ use super::device::{self, DeviceError};
 use crate::config::{QueueArgs, StoreArgs};
 use crate::data::hyper::Hyperparameters;
 use crate::data::ArenaRow;
+use crate::store::artifacts::Artifacts;
 use crate::store::files::{self, DataDir};
 use crate::store::{now_ms, JobRecord, JobStatus, NewAdapter, NewEvent, Store, WorkerDevice};
 
@@ -57,6 +58,7 @@ fn default_worker_id() -> String {
 pub struct Runner {
     store: Store,
     dirs: DataDir,
+    artifacts: Artifacts,
     trainer: Option<Arc<dyn Trainer>>,
     config: RunnerConfig,
 }
@@ -68,8 +70,14 @@ enum PrepareError {
 }
 
 impl Runner {
-    pub fn new(store: Store, dirs: DataDir, trainer: Option<Arc<dyn Trainer>>, config: RunnerConfig) -> Runner {
-        Runner { store, dirs, trainer, config }
+    pub fn new(
+        store: Store,
+        dirs: DataDir,
+        artifacts: Artifacts,
+        trainer: Option<Arc<dyn Trainer>>,
+        config: RunnerConfig,
+    ) -> Runner {
+        Runner { store, dirs, artifacts, trainer, config }
     }
 
     pub fn worker_id(&self) -> &str {
@@ -186,7 +194,15 @@ impl Runner {
         let flags = Arc::new(StopFlags::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(
-            write_reports(self.store.clone(), job.id.clone(), worker.clone(), job.attempt, flags.clone(), rx)
+            write_reports(
+                self.store.clone(),
+                self.artifacts.clone(),
+                job.id.clone(),
+                worker.clone(),
+                job.attempt,
+                flags.clone(),
+                rx,
+            )
                 .instrument(Span::current()),
         );
         let beat_stop = CancellationToken::new();
@@ -284,7 +300,20 @@ impl Runner {
             .await
             .map_err(|e| PrepareError::User(format!("cannot create the job directory: {e}")))?;
         let resume_from = match self.store.list_checkpoints(&job.id).await {
-            Ok(list) => list.into_iter().map(|c| PathBuf::from(c.path)).find(|p| p.is_dir()),
+            Ok(list) => {
+                let mut found = None;
+                for c in list {
+                    match self.artifacts.checkpoint_dir(&job.id, &c.path).await {
+                        Ok(Some(dir)) => {
+                            found = Some(dir);
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, step = c.step, "could not fetch a checkpoint; trying an older one"),
+                    }
+                }
+                found
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not list checkpoints; starting from scratch");
                 None
@@ -308,7 +337,10 @@ impl Runner {
             Ok(None) => return Err(PrepareError::User(format!("dataset {dataset_id} no longer exists"))),
             Err(e) => return Err(PrepareError::User(format!("cannot read dataset {dataset_id}: {e}"))),
         };
-        let path = PathBuf::from(rec.path);
+        let path = self.artifacts.dataset_file(&rec.id, &rec.path).await.map_err(|e| {
+            tracing::error!(error = %e, "dataset file unavailable");
+            PrepareError::User(format!("the rows of dataset {dataset_id} cannot be read"))
+        })?;
         tokio::task::spawn_blocking(move || files::read_rows(&path))
             .await
             .map_err(|e| PrepareError::User(format!("reading dataset {dataset_id} failed: {e}")))?
@@ -325,8 +357,12 @@ impl Runner {
         let from = outcome.adapter_dir.clone();
         let to = dest.clone();
         let moved = tokio::task::spawn_blocking(move || files::move_dir(&from, &to)).await;
-        if !matches!(moved, Ok(Ok(()))) {
-            tracing::error!(?moved, "could not move the adapter into place");
+        let stored = match moved {
+            Ok(Ok(())) => self.artifacts.publish(&dest).await.map_err(|e| format!("{e}")),
+            other => Err(format!("{other:?}")),
+        };
+        if let Err(moved) = stored {
+            tracing::error!(error = %moved, "could not store the adapter");
             let message = "the trained adapter could not be stored; the cause is in the server log";
             let _ = self.store.fail_job(&job.id, worker, message, now_ms()).await;
             self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await;

@@ -22,6 +22,7 @@ macro_rules! with_pool {
 }
 
 pub mod adapters;
+pub mod artifacts;
 pub mod checkpoints;
 pub mod datasets;
 pub mod files;

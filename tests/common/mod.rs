@@ -153,6 +153,12 @@ impl Spawn {
         self
     }
 
+    /// Share the database of `other`, with a data directory of its own (another machine).
+    pub fn same_database_as(mut self, other: &TestApp) -> Spawn {
+        self.database_url = Some(other.database_url.clone());
+        self
+    }
+
     /// Share the data directory and the database of `other`.
     pub fn same_data_as(mut self, other: &TestApp) -> Spawn {
         self.dir = Some(other.dir.clone());
