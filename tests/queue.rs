@@ -47,6 +47,7 @@ on_both_backends!(
     a_lost_lease_changes_nothing_for_the_old_worker,
     claims_go_only_to_workers_whose_device_meets_the_job,
     a_worker_advertises_its_device_and_leaves_jobs_it_cannot_run_queued,
+    worker_registrations_are_listed_while_fresh_and_forgotten_when_silent,
 );
 
 /// A worker device that can run any job without requirements.
@@ -347,4 +348,23 @@ async fn a_worker_advertises_its_device_and_leaves_jobs_it_cannot_run_queued(db:
     // A worker that stops removes its registration.
     worker.shutdown().await;
     assert_eq!(api.get_json("/v1/workers").await["data"], serde_json::json!([]));
+}
+
+async fn worker_registrations_are_listed_while_fresh_and_forgotten_when_silent(db: Db) {
+    let api = spawn().on(&db).flag("--no-worker").start().await;
+    let store = &api.store;
+    let d = any_device();
+    store.register_worker("old", &d, 1_000, 2_000).await.unwrap();
+    store.register_worker("new", &d, 1_000, 5_000).await.unwrap();
+    // Registering again renews (and may change what it advertises).
+    let unknown = WorkerDevice { memory_bytes: None, ..d.clone() };
+    store.register_worker("new", &unknown, 1_000, 9_000).await.unwrap();
+    let live = store.list_workers(3_000).await.unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!((live[0].id.as_str(), live[0].last_seen_at, live[0].memory_bytes), ("new", 9_000, None));
+    assert_eq!(live[0].job_id, None);
+    assert_eq!(store.forget_workers(3_000).await.unwrap(), 1, "the silent one");
+    assert_eq!(store.list_workers(0).await.unwrap().len(), 1);
+    store.remove_worker("new").await.unwrap();
+    assert!(store.list_workers(0).await.unwrap().is_empty());
 }

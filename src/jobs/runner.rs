@@ -108,11 +108,16 @@ impl Runner {
                 presence_stop.clone(),
             ))
         });
+        let mut forgot_at: Option<std::time::Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             self.reap().await;
+            if forgot_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                self.forget_silent_workers().await;
+                forgot_at = Some(std::time::Instant::now());
+            }
             if let Some(trainer) = &self.trainer {
                 match self.store.claim_job(&self.config.worker_id, &self.config.device, now_ms(), self.lease_ms()).await {
                     Ok(Some(job)) => {
@@ -162,7 +167,10 @@ impl Runner {
             }
             Err(e) => tracing::warn!(error = %e, "reaping expired leases failed"),
         }
-        // Registrations of workers gone silent for ten leases (at least ten minutes).
+    }
+
+    /// Drops the registrations of workers gone silent for ten leases (at least ten minutes).
+    async fn forget_silent_workers(&self) {
         let stale = self.lease_ms().saturating_mul(10).max(600_000);
         if let Err(e) = self.store.forget_workers(now_ms() - stale).await {
             tracing::warn!(error = %e, "forgetting silent workers failed");
