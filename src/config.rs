@@ -38,6 +38,11 @@ pub struct StoreArgs {
     /// Database URL; defaults to the SQLite file `arbiter.db` in the data directory.
     #[arg(long, env = "ARBITER_DATABASE_URL")]
     pub database_url: Option<String>,
+    /// Shared artifact store for datasets, checkpoints and adapters, for API nodes and workers
+    /// on different machines: s3://bucket/prefix (settings from AWS_* variables, AWS_ENDPOINT
+    /// for S3-compatible servers) or file:///shared/dir; default: the data directory only.
+    #[arg(long, env = "ARBITER_ARTIFACT_STORE")]
+    pub artifact_store: Option<String>,
     /// Default base model: a GGUF file or a Hugging Face model directory.
     #[arg(long, env = "ARBITER_MODEL", default_value = "models/SmolLM2-135M-Instruct.Q4_1.gguf")]
     pub model: PathBuf,
@@ -65,6 +70,7 @@ impl std::fmt::Debug for StoreArgs {
         f.debug_struct("StoreArgs")
             .field("data_dir", &self.data_dir)
             .field("database_url", &self.database_url.as_deref().map(crate::store::redact_url))
+            .field("artifact_store", &self.artifact_store)
             .field("model", &self.model)
             .field("device", &self.device)
             .field("base_format", &self.base_format)
@@ -90,6 +96,10 @@ pub struct QueueArgs {
     /// Name of this worker in job leases; defaults to host name, process id and a random suffix.
     #[arg(long, env = "ARBITER_WORKER_ID")]
     pub worker_id: Option<String>,
+    /// Device memory this worker offers jobs, in GB (jobs may require a least amount); default:
+    /// detected (RAM, or the container's memory limit, for cpu; the GPU's total for cuda).
+    #[arg(long, env = "ARBITER_DEVICE_MEMORY_GB")]
+    pub device_memory_gb: Option<f64>,
 }
 
 impl QueueArgs {

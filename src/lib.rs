@@ -21,6 +21,7 @@ use crate::config::{Command, ServeArgs, Settings, StoreArgs, WorkerArgs};
 use crate::http::{AppState, Limits};
 use crate::jobs::runner::NO_TRAINER_REASON;
 use crate::jobs::{Runner, RunnerConfig, Trainer};
+use crate::store::artifacts::Artifacts;
 use crate::store::files::DataDir;
 use crate::store::Store;
 
@@ -68,21 +69,25 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     }
 }
 
-/// Opens the store (creating the data directory and applying migrations).
-pub async fn open_store(args: &StoreArgs) -> anyhow::Result<(Store, DataDir)> {
+/// Opens the store (creating the data directory and applying migrations) and the artifact
+/// store.
+pub async fn open_store(args: &StoreArgs) -> anyhow::Result<(Store, DataDir, Artifacts)> {
     let dirs = DataDir::new(&args.data_dir);
     dirs.create().context("creating the data directory")?;
+    let artifacts = Artifacts::open(args.artifact_store.as_deref(), dirs.root())?;
+    tracing::info!(artifacts = %artifacts.describe(), "artifact store");
     let url = args.database_url();
     let store = Store::connect(&url)
         .await
         .with_context(|| format!("opening the database {}", store::redact_url(&url)))?;
-    Ok((store, dirs))
+    Ok((store, dirs, artifacts))
 }
 
 /// `arbiter worker`: the job runner alone, until `shutdown`.
 pub async fn run_worker(args: WorkerArgs, trainer: Option<Arc<dyn Trainer>>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (store, dirs) = open_store(&args.store).await?;
-    let runner = Runner::new(store.clone(), dirs, trainer, RunnerConfig::from_args(&args.queue));
+    let config = RunnerConfig::from_args(&args.queue, &args.store)?;
+    let (store, dirs, artifacts) = open_store(&args.store).await?;
+    let runner = Runner::new(store.clone(), dirs, artifacts, trainer, config);
     runner.run(shutdown).await;
     store.close().await;
     Ok(())
@@ -100,7 +105,7 @@ pub struct App {
 
 impl App {
     pub async fn build(args: ServeArgs, trainer: Option<Arc<dyn Trainer>>) -> anyhow::Result<App> {
-        let (store, dirs) = open_store(&args.store).await?;
+        let (store, dirs, artifacts) = open_store(&args.store).await?;
         let shutdown = CancellationToken::new();
         let queued_reason: Option<Arc<str>> = if args.no_worker {
             Some("this server runs no worker (--no-worker): a separate `arbiter worker` claims queued jobs".into())
@@ -112,6 +117,7 @@ impl App {
         let state = AppState {
             store: store.clone(),
             dirs: dirs.clone(),
+            artifacts: artifacts.clone(),
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
@@ -120,11 +126,17 @@ impl App {
             queued_reason,
             metrics: Arc::default(),
             max_attempts: i64::from(args.queue.max_attempts.max(1)),
+            worker_ttl_ms: args.queue.lease_ms.min(i64::MAX as u64) as i64,
             shutdown: shutdown.clone(),
             predictor: http::predict::Predictor::from_args(&args)?,
         };
-        let runner = (!args.no_worker)
-            .then(|| Runner::new(store.clone(), dirs, trainer, RunnerConfig::from_args(&args.queue)));
+        let runner = match args.no_worker {
+            true => None,
+            false => {
+                let config = RunnerConfig::from_args(&args.queue, &args.store)?;
+                Some(Runner::new(store.clone(), dirs, artifacts, trainer, config))
+            }
+        };
         let listener = TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
         Ok(App { listener, router: http::router(state), store, runner, shutdown })
     }

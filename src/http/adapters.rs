@@ -16,6 +16,7 @@ use utoipa::{OpenApi, ToSchema};
 use super::error::{ApiError, ErrorBody};
 use super::{json_doc, timestamp, AppState};
 use crate::ml::adapter::{AdapterMeta, CONFIG_FILE, META_FILE, WEIGHTS_FILE};
+use crate::store::artifacts::ArtifactError;
 use crate::store::AdapterRecord;
 
 #[derive(OpenApi)]
@@ -86,6 +87,15 @@ async fn find(state: &AppState, id: &str) -> Result<AdapterRecord, ApiError> {
     state.store.find_adapter(id).await?.ok_or_else(|| ApiError::not_found("adapter", id))
 }
 
+/// The adapter's directory on this node (fetched from the shared artifact store if need be).
+async fn adapter_dir(state: &AppState, r: &AdapterRecord) -> Result<PathBuf, ApiError> {
+    match state.artifacts.adapter_dir(&r.id, &r.path).await {
+        Ok(dir) => Ok(dir),
+        Err(ArtifactError::Missing(_)) => Err(ApiError::not_found("adapter files of", &r.id)),
+        Err(e) => Err(ApiError::internal(e)),
+    }
+}
+
 /// Adapters, newest first.
 #[utoipa::path(
     get,
@@ -112,7 +122,7 @@ pub async fn list_adapters(State(state): State<AppState>) -> Result<axum::Json<A
 )]
 pub async fn get_adapter(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Adapter>, ApiError> {
     let r = find(&state, &id).await?;
-    let dir = PathBuf::from(&r.path);
+    let dir = adapter_dir(&state, &r).await?;
     let mut a = to_api(r, &state.predictor.engine.hot_adapters());
     let mut files = Vec::new();
     for (name, _) in FILES {
@@ -152,7 +162,7 @@ pub async fn get_adapter_file(State(state): State<AppState>, Path((id, name)): P
             .with("allowed", FILES.iter().map(|(f, _)| *f).collect::<Vec<_>>()));
     };
     let r = find(&state, &id).await?;
-    let path = PathBuf::from(&r.path).join(file);
+    let path = adapter_dir(&state, &r).await?.join(file);
     let f = match tokio::fs::File::open(&path).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ApiError::not_found("adapter file", file)),

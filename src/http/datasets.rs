@@ -311,6 +311,10 @@ async fn store_dataset(
         .await
         .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?;
+    if let Err(e) = state.artifacts.publish(&path).await {
+        let _ = tokio::fs::remove_file(&path).await;
+        return Err(ApiError::internal(e));
+    }
     let new = NewDataset {
         id,
         name,
@@ -380,10 +384,17 @@ pub async fn get_dataset(State(state): State<AppState>, Path(id): Path<String>) 
 pub async fn delete_dataset(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
     match state.store.delete_dataset(&id).await? {
         DeleteDataset::Deleted(path) => {
+            let local = state.dirs.dataset_file(&id);
+            if let Err(e) = state.artifacts.unpublish(&local).await {
+                tracing::warn!(error = %e, "could not remove the shared copy of the dataset");
+            }
             if let Err(e) = tokio::fs::remove_file(&path).await {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     tracing::warn!(error = %e, path, "could not remove dataset file");
                 }
+            }
+            if local != std::path::Path::new(&path) {
+                let _ = tokio::fs::remove_file(&local).await;
             }
             Ok(StatusCode::NO_CONTENT)
         }

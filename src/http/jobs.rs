@@ -21,7 +21,10 @@ use super::extract::{Json, Query};
 use super::{json_doc, timestamp, AppState, Page};
 use crate::data::hyper::Hyperparameters;
 use crate::store::jobs::InsertJob;
-use crate::store::{now_ms, CancelOutcome, CheckpointRecord, EventRecord, JobRecord, JobStatus, NewEvent, NewJob};
+use crate::jobs::device;
+use crate::store::{
+    now_ms, CancelOutcome, CheckpointRecord, EventRecord, JobRecord, JobStatus, NewEvent, NewJob, WorkerRecord,
+};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -62,6 +65,53 @@ pub struct CreateJob {
     pub name: Option<String>,
     /// A short tag put in the generated adapter name.
     pub suffix: Option<String>,
+    /// What a worker needs to run the job; any worker when absent.
+    pub resources: Option<Resources>,
+}
+
+/// Requirements on the worker that runs a job: only a worker whose advertised device matches
+/// claims it (`GET /v1/workers` lists what live workers advertise).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// `cpu` or `cuda`; any when absent.
+    pub device: Option<String>,
+    /// Least device memory (RAM for cpu), in GB (2^30 bytes).
+    pub min_memory_gb: Option<f64>,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+impl Resources {
+    fn validate(&self) -> Result<(Option<String>, Option<i64>), ApiError> {
+        let device = match self.device.as_deref() {
+            None => None,
+            Some(d @ ("cpu" | "cuda")) => Some(d.to_string()),
+            Some(d) => {
+                return Err(ApiError::unprocessable("invalid_request", format!("resources.device must be cpu or cuda, got {d:?}"))
+                    .with_field("resources.device"))
+            }
+        };
+        let memory = match self.min_memory_gb {
+            None => None,
+            Some(gb) if gb.is_finite() && gb > 0.0 && gb < 1e6 => Some((gb * GIB).ceil() as i64),
+            Some(gb) => {
+                return Err(ApiError::unprocessable(
+                    "invalid_request",
+                    format!("resources.min_memory_gb must be a positive number of GB, got {gb}"),
+                )
+                .with_field("resources.min_memory_gb"))
+            }
+        };
+        Ok((device, memory))
+    }
+
+    fn of(r: &JobRecord) -> Option<Resources> {
+        if r.required_device.is_none() && r.required_memory_bytes.is_none() {
+            return None;
+        }
+        Some(Resources { device: r.required_device.clone(), min_memory_gb: r.required_memory_bytes.map(|b| b as f64 / GIB) })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -88,6 +138,8 @@ pub struct Job {
     pub hyperparameters: Hyperparameters,
     pub name: Option<String>,
     pub suffix: Option<String>,
+    /// What the worker that runs it needs, if anything.
+    pub resources: Option<Resources>,
     pub progress: Progress,
     /// Latest metrics: train_loss, learning_rate, eval_log_loss, eval_accuracy, ...
     #[schema(value_type = Object)]
@@ -109,19 +161,59 @@ pub struct Job {
     pub updated_at: String,
 }
 
-fn job_view(state: &AppState, r: JobRecord) -> Job {
+/// Live workers, fetched only when a queued job on the page has requirements (to say when no
+/// live worker meets them).
+async fn live_workers_for(state: &AppState, jobs: &[JobRecord]) -> Option<Vec<WorkerRecord>> {
+    let needed = jobs
+        .iter()
+        .any(|j| j.status() == JobStatus::Queued && (j.required_device.is_some() || j.required_memory_bytes.is_some()));
+    if !needed {
+        return None;
+    }
+    match state.store.list_workers(now_ms() - state.worker_ttl_ms).await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not list workers");
+            None
+        }
+    }
+}
+
+/// Why a queued job with requirements waits, when no live worker meets them.
+fn unmet_requirements(r: &JobRecord, live: &[WorkerRecord]) -> Option<String> {
+    if live.iter().any(|w| w.device().can_run(r.required_device.as_deref(), r.required_memory_bytes)) {
+        return None;
+    }
+    let needs = match (&r.required_device, r.required_memory_bytes) {
+        (Some(d), Some(m)) => format!("a {d} device with at least {}", device::gb(m)),
+        (Some(d), None) => format!("a {d} device"),
+        (None, Some(m)) => format!("a device with at least {}", device::gb(m)),
+        (None, None) => return None,
+    };
+    let seen = if live.is_empty() {
+        "no worker is live".to_string()
+    } else {
+        let list: Vec<String> = live
+            .iter()
+            .map(|w| format!("{} ({}, {})", w.id, w.device_name, w.memory_bytes.map(device::gb).unwrap_or_else(|| "memory unknown".into())))
+            .collect();
+        format!("live workers: {}", list.join(", "))
+    };
+    Some(format!("no live worker can run it: it needs {needs}; {seen}"))
+}
+
+fn job_view(state: &AppState, r: JobRecord, live: Option<&[WorkerRecord]>) -> Job {
     let status = r.status();
     let status_reason = match status {
         JobStatus::Queued => Some(
-            state
-                .queued_reason
-                .as_deref()
-                .map(str::to_string)
+            live.and_then(|l| unmet_requirements(&r, l))
+                .or_else(|| state.queued_reason.as_deref().map(str::to_string))
                 .unwrap_or_else(|| "waiting for a free worker".to_string()),
         ),
         _ => None,
     };
     Job {
+        resources: Resources::of(&r),
         status: status.as_str().to_string(),
         status_reason,
         hyperparameters: serde_json::from_str(&r.hyperparameters).unwrap_or_default(),
@@ -306,6 +398,7 @@ pub async fn create_job(State(state): State<AppState>, Json(body): Json<CreateJo
     if let Some(suffix) = &body.suffix {
         check_name("suffix", suffix, 40)?;
     }
+    let (required_device, required_memory_bytes) = body.resources.clone().unwrap_or_default().validate()?;
     let base_model = match &body.base_model {
         Some(m) if m.trim().is_empty() => {
             return Err(ApiError::unprocessable("invalid_request", "base_model must not be empty").with_field("base_model"))
@@ -333,6 +426,8 @@ pub async fn create_job(State(state): State<AppState>, Json(body): Json<CreateJo
         name: body.name,
         suffix: body.suffix,
         max_attempts: state.max_attempts,
+        required_device,
+        required_memory_bytes,
     };
     let job = match state.store.insert_job(&new, now_ms()).await? {
         InsertJob::Inserted(job) => job,
@@ -352,7 +447,8 @@ pub async fn create_job(State(state): State<AppState>, Json(body): Json<CreateJo
     if let Err(e) = state.store.insert_event(&created, now_ms()).await {
         tracing::warn!(error = %e, "could not record job event");
     }
-    Ok((StatusCode::CREATED, axum::Json(job_view(&state, job))).into_response())
+    let live = live_workers_for(&state, std::slice::from_ref(&job)).await;
+    Ok((StatusCode::CREATED, axum::Json(job_view(&state, job, live.as_deref()))).into_response())
 }
 
 /// List jobs, newest first.
@@ -379,7 +475,9 @@ pub async fn list_jobs(State(state): State<AppState>, Query(q): Query<JobListPar
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);
     let next_cursor = if has_more { rows.last().map(|r| r.id.clone()) } else { None };
-    Ok(axum::Json(JobList { data: rows.into_iter().map(|r| job_view(&state, r)).collect(), has_more, next_cursor }))
+    let live = live_workers_for(&state, &rows).await;
+    let data = rows.into_iter().map(|r| job_view(&state, r, live.as_deref())).collect();
+    Ok(axum::Json(JobList { data, has_more, next_cursor }))
 }
 
 async fn find_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
@@ -396,7 +494,8 @@ async fn find_job(state: &AppState, id: &str) -> Result<JobRecord, ApiError> {
 )]
 pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Job>, ApiError> {
     let job = find_job(&state, &id).await?;
-    Ok(axum::Json(job_view(&state, job)))
+    let live = live_workers_for(&state, std::slice::from_ref(&job)).await;
+    Ok(axum::Json(job_view(&state, job, live.as_deref())))
 }
 
 /// Cancel a job. A queued job is cancelled at once; a running one stops within seconds at a
@@ -426,7 +525,7 @@ pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -
             if let Err(err) = state.store.insert_event(&e, now_ms()).await {
                 tracing::warn!(error = %err, "could not record job event");
             }
-            Ok(axum::Json(job_view(&state, job)))
+            Ok(axum::Json(job_view(&state, job, None)))
         }
         CancelOutcome::AlreadyFinished(job) => Err(ApiError::conflict(
             "job_finished",

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod openapi;
 pub mod predict;
+pub mod workers;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::field::Empty;
 
+use crate::store::artifacts::Artifacts;
 use crate::store::files::DataDir;
 use crate::store::Store;
 
@@ -39,6 +41,9 @@ pub struct Limits {
 pub struct AppState {
     pub store: Store,
     pub dirs: DataDir,
+    /// The shared artifact store, if any: what this node writes is published there, what it
+    /// lacks is fetched from there.
+    pub artifacts: Artifacts,
     pub limits: Limits,
     /// Base model for jobs that name none; `/readyz` checks that it exists.
     pub default_model: PathBuf,
@@ -47,6 +52,8 @@ pub struct AppState {
     pub metrics: Arc<metrics::Metrics>,
     /// Attempts a new job gets before a lost lease fails it.
     pub max_attempts: i64,
+    /// A worker seen within this many milliseconds counts as live (the lease length).
+    pub worker_ttl_ms: i64,
     /// Cancelled on shutdown; long-lived responses (event streams) end with it.
     pub shutdown: CancellationToken,
     /// The inference engine and the prediction limits.
@@ -62,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         // Resources added by other modules merge here, e.g. `.merge(predict::router())`.
         .merge(predict::router())
         .merge(adapters::router())
+        .merge(workers::router())
         .merge(dashboard::router())
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed);

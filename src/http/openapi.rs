@@ -25,6 +25,7 @@ pub fn spec() -> utoipa::openapi::OpenApi {
     doc.merge(super::health::ApiDoc::openapi());
     doc.merge(super::predict::ApiDoc::openapi());
     doc.merge(super::adapters::ApiDoc::openapi());
+    doc.merge(super::workers::ApiDoc::openapi());
     // Other resources: doc.merge(super::predict::ApiDoc::openapi()); ...
     doc
 }

@@ -316,7 +316,7 @@ fn check_pairs(limits: &PredictLimits, n: usize, field: &str) -> Result<(), Reje
 async fn score(state: &AppState, record: &AdapterRecord, job: Scoring) -> Result<Scored, Rejection> {
     let p = predictor(state).clone();
     let key = record.id.clone();
-    let dir = PathBuf::from(&record.path);
+    let dir = state.artifacts.adapter_dir(&record.id, &record.path).await.map_err(ApiError::internal)?;
     let base_path = PathBuf::from(&record.base_model);
     let n = job.rows.len();
     let prepared = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {

@@ -1,6 +1,7 @@
 //! Jobs: the queue semantics (claim, lease, heartbeat, cancel, resume, reaper) and the runner
 //! that drives a `Trainer` for each claimed job.
 
+pub mod device;
 pub mod observer;
 pub mod qlora;
 pub mod runner;

@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::trainer::{EvalMetrics, TrainObserver};
+use crate::store::artifacts::Artifacts;
 use crate::store::{now_ms, NewEvent, Store};
 
 #[derive(Debug)]
@@ -78,6 +79,7 @@ fn eval_json(step: u64, m: &EvalMetrics) -> serde_json::Value {
 /// progress line must not kill a training run; a lost lease stops it.
 pub(crate) async fn write_reports(
     store: Store,
+    artifacts: Artifacts,
     job_id: String,
     worker: String,
     attempt: i64,
@@ -134,6 +136,11 @@ pub(crate) async fn write_reports(
                 }
             }
             Report::Checkpoint { step, path, metrics } => {
+                // Shared before it is recorded: a recorded checkpoint can be resumed anywhere.
+                if let Err(e) = artifacts.publish(&path).await {
+                    tracing::warn!(error = %e, step, "could not publish the checkpoint; not recording it");
+                    continue;
+                }
                 let m = metrics.as_ref().map(|m| eval_json(step, m));
                 let path_str = path.to_string_lossy().into_owned();
                 match store.insert_checkpoint(&job_id, attempt, step as i64, &path_str, m.as_ref(), now).await {

@@ -1,5 +1,7 @@
-//! The job runner: claims queued jobs, holds their lease by heartbeat, drives the `Trainer` on
-//! a blocking thread, and records the outcome. Also reaps the jobs of silent workers.
+//! The job runner: claims queued jobs its device can run, holds their lease by heartbeat,
+//! drives the `Trainer` on a blocking thread, and records the outcome. Also reaps the jobs of
+//! silent workers. A runner with a trainer advertises its device in the `workers` table while
+//! it runs.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -15,11 +17,13 @@ use tracing::{field::Empty, Instrument, Span};
 
 use super::observer::{write_reports, JobObserver, StopFlags};
 use super::trainer::{TrainError, TrainOutcome, TrainRequest, Trainer};
-use crate::config::QueueArgs;
+use super::device::{self, DeviceError};
+use crate::config::{QueueArgs, StoreArgs};
 use crate::data::hyper::Hyperparameters;
 use crate::data::ArenaRow;
+use crate::store::artifacts::Artifacts;
 use crate::store::files::{self, DataDir};
-use crate::store::{now_ms, JobRecord, JobStatus, NewAdapter, NewEvent, Store};
+use crate::store::{now_ms, JobRecord, JobStatus, NewAdapter, NewEvent, Store, WorkerDevice};
 
 /// Why a job is waiting, shown on `GET /v1/fine-tuning/jobs/{id}` while it is queued and no
 /// runner in this process can take it.
@@ -32,12 +36,15 @@ pub struct RunnerConfig {
     pub lease: Duration,
     pub heartbeat: Duration,
     pub poll: Duration,
+    /// What this worker runs jobs on; it claims only jobs this device can run.
+    pub device: WorkerDevice,
 }
 
 impl RunnerConfig {
-    pub fn from_args(args: &QueueArgs) -> RunnerConfig {
+    pub fn from_args(args: &QueueArgs, store: &StoreArgs) -> Result<RunnerConfig, DeviceError> {
         let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
-        RunnerConfig { worker_id, lease: args.lease(), heartbeat: args.heartbeat(), poll: args.poll() }
+        let device = device::advertised(&store.device, args.device_memory_gb)?;
+        Ok(RunnerConfig { worker_id, lease: args.lease(), heartbeat: args.heartbeat(), poll: args.poll(), device })
     }
 }
 
@@ -51,6 +58,7 @@ fn default_worker_id() -> String {
 pub struct Runner {
     store: Store,
     dirs: DataDir,
+    artifacts: Artifacts,
     trainer: Option<Arc<dyn Trainer>>,
     config: RunnerConfig,
 }
@@ -62,8 +70,14 @@ enum PrepareError {
 }
 
 impl Runner {
-    pub fn new(store: Store, dirs: DataDir, trainer: Option<Arc<dyn Trainer>>, config: RunnerConfig) -> Runner {
-        Runner { store, dirs, trainer, config }
+    pub fn new(
+        store: Store,
+        dirs: DataDir,
+        artifacts: Artifacts,
+        trainer: Option<Arc<dyn Trainer>>,
+        config: RunnerConfig,
+    ) -> Runner {
+        Runner { store, dirs, artifacts, trainer, config }
     }
 
     pub fn worker_id(&self) -> &str {
@@ -73,17 +87,39 @@ impl Runner {
     /// Runs until `shutdown` is cancelled. Without a trainer it claims nothing (jobs wait, and
     /// say why) but still reaps expired leases.
     pub async fn run(self, shutdown: CancellationToken) {
-        tracing::info!(worker = %self.config.worker_id, trainer = self.trainer.is_some(), "job runner started");
+        let d = &self.config.device;
+        tracing::info!(
+            worker = %self.config.worker_id,
+            trainer = self.trainer.is_some(),
+            device = %d.name,
+            memory = %d.memory_bytes.map(device::gb).unwrap_or_else(|| "unknown".into()),
+            "job runner started"
+        );
         if self.trainer.is_none() {
             tracing::warn!("{NO_TRAINER_REASON}");
         }
+        let presence_stop = CancellationToken::new();
+        let presence = self.trainer.is_some().then(|| {
+            tokio::spawn(advertise(
+                self.store.clone(),
+                self.config.worker_id.clone(),
+                self.config.device.clone(),
+                self.config.heartbeat,
+                presence_stop.clone(),
+            ))
+        });
+        let mut forgot_at: Option<std::time::Instant> = None;
         loop {
             if shutdown.is_cancelled() {
                 break;
             }
             self.reap().await;
+            if forgot_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                self.forget_silent_workers().await;
+                forgot_at = Some(std::time::Instant::now());
+            }
             if let Some(trainer) = &self.trainer {
-                match self.store.claim_job(&self.config.worker_id, now_ms(), self.lease_ms()).await {
+                match self.store.claim_job(&self.config.worker_id, &self.config.device, now_ms(), self.lease_ms()).await {
                     Ok(Some(job)) => {
                         self.run_job(trainer.clone(), job, &shutdown).await;
                         continue;
@@ -96,6 +132,10 @@ impl Runner {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(self.config.poll) => {}
             }
+        }
+        presence_stop.cancel();
+        if let Some(p) = presence {
+            let _ = p.await;
         }
         tracing::info!(worker = %self.config.worker_id, "job runner stopped");
     }
@@ -129,6 +169,14 @@ impl Runner {
         }
     }
 
+    /// Drops the registrations of workers gone silent for ten leases (at least ten minutes).
+    async fn forget_silent_workers(&self) {
+        let stale = self.lease_ms().saturating_mul(10).max(600_000);
+        if let Err(e) = self.store.forget_workers(now_ms() - stale).await {
+            tracing::warn!(error = %e, "forgetting silent workers failed");
+        }
+    }
+
     #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempt, worker = %self.config.worker_id, outcome = Empty))]
     async fn run_job(&self, trainer: Arc<dyn Trainer>, job: JobRecord, shutdown: &CancellationToken) {
         let worker = self.config.worker_id.clone();
@@ -154,7 +202,15 @@ impl Runner {
         let flags = Arc::new(StopFlags::default());
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(
-            write_reports(self.store.clone(), job.id.clone(), worker.clone(), job.attempt, flags.clone(), rx)
+            write_reports(
+                self.store.clone(),
+                self.artifacts.clone(),
+                job.id.clone(),
+                worker.clone(),
+                job.attempt,
+                flags.clone(),
+                rx,
+            )
                 .instrument(Span::current()),
         );
         let beat_stop = CancellationToken::new();
@@ -252,7 +308,20 @@ impl Runner {
             .await
             .map_err(|e| PrepareError::User(format!("cannot create the job directory: {e}")))?;
         let resume_from = match self.store.list_checkpoints(&job.id).await {
-            Ok(list) => list.into_iter().map(|c| PathBuf::from(c.path)).find(|p| p.is_dir()),
+            Ok(list) => {
+                let mut found = None;
+                for c in list {
+                    match self.artifacts.checkpoint_dir(&job.id, &c.path).await {
+                        Ok(Some(dir)) => {
+                            found = Some(dir);
+                            break;
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, step = c.step, "could not fetch a checkpoint; trying an older one"),
+                    }
+                }
+                found
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "could not list checkpoints; starting from scratch");
                 None
@@ -276,7 +345,10 @@ impl Runner {
             Ok(None) => return Err(PrepareError::User(format!("dataset {dataset_id} no longer exists"))),
             Err(e) => return Err(PrepareError::User(format!("cannot read dataset {dataset_id}: {e}"))),
         };
-        let path = PathBuf::from(rec.path);
+        let path = self.artifacts.dataset_file(&rec.id, &rec.path).await.map_err(|e| {
+            tracing::error!(error = %e, "dataset file unavailable");
+            PrepareError::User(format!("the rows of dataset {dataset_id} cannot be read"))
+        })?;
         tokio::task::spawn_blocking(move || files::read_rows(&path))
             .await
             .map_err(|e| PrepareError::User(format!("reading dataset {dataset_id} failed: {e}")))?
@@ -293,8 +365,12 @@ impl Runner {
         let from = outcome.adapter_dir.clone();
         let to = dest.clone();
         let moved = tokio::task::spawn_blocking(move || files::move_dir(&from, &to)).await;
-        if !matches!(moved, Ok(Ok(()))) {
-            tracing::error!(?moved, "could not move the adapter into place");
+        let stored = match moved {
+            Ok(Ok(())) => self.artifacts.publish(&dest).await.map_err(|e| format!("{e}")),
+            other => Err(format!("{other:?}")),
+        };
+        if let Err(moved) = stored {
+            tracing::error!(error = %moved, "could not store the adapter");
             let message = "the trained adapter could not be stored; the cause is in the server log";
             let _ = self.store.fail_job(&job.id, worker, message, now_ms()).await;
             self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await;
@@ -338,6 +414,24 @@ impl Runner {
                 let _ = tokio::fs::remove_dir_all(&dest).await;
             }
         }
+    }
+}
+
+/// Keeps this worker's registration (device, memory, last seen) fresh every `every` until
+/// stopped, then removes it.
+async fn advertise(store: Store, worker: String, device: WorkerDevice, every: Duration, stop: CancellationToken) {
+    let started = now_ms();
+    loop {
+        if let Err(e) = store.register_worker(&worker, &device, started, now_ms()).await {
+            tracing::warn!(error = %e, "could not advertise this worker");
+        }
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+    if let Err(e) = store.remove_worker(&worker).await {
+        tracing::warn!(error = %e, "could not remove this worker's registration");
     }
 }
 

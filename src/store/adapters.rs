@@ -32,43 +32,45 @@ pub(super) const COLUMNS: &str = "id, name, job_id, base_model, path, metrics, c
 impl Store {
     /// Registers an adapter that was not trained by a job here (e.g. imported from PEFT).
     pub async fn insert_adapter(&self, a: &NewAdapter, now: i64) -> Result<AdapterRecord> {
-        let sql = format!("INSERT INTO adapters ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}");
-        Ok(sqlx::query_as::<_, AdapterRecord>(&sql)
+        let sql = format!("INSERT INTO adapters ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}");
+        let metrics = serde_json::to_string(&a.metrics)?;
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, AdapterRecord>(&sql)
             .bind(&a.id)
             .bind(&a.name)
             .bind(&a.job_id)
             .bind(&a.base_model)
             .bind(&a.path)
-            .bind(serde_json::to_string(&a.metrics)?)
+            .bind(&metrics)
             .bind(now)
-            .fetch_one(&self.pool)
-            .await?)
+            .fetch_one(pool)
+            .await)?)
     }
 
     pub async fn get_adapter(&self, id: &str) -> Result<Option<AdapterRecord>> {
-        let sql = format!("SELECT {COLUMNS} FROM adapters WHERE id = ?");
-        Ok(sqlx::query_as::<_, AdapterRecord>(&sql).bind(id).fetch_optional(&self.pool).await?)
+        let sql = format!("SELECT {COLUMNS} FROM adapters WHERE id = $1");
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, AdapterRecord>(&sql).bind(id).fetch_optional(pool).await)?)
     }
 
     pub async fn get_adapter_by_name(&self, name: &str) -> Result<Option<AdapterRecord>> {
-        let sql = format!("SELECT {COLUMNS} FROM adapters WHERE name = ?");
-        Ok(sqlx::query_as::<_, AdapterRecord>(&sql).bind(name).fetch_optional(&self.pool).await?)
+        let sql = format!("SELECT {COLUMNS} FROM adapters WHERE name = $1");
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, AdapterRecord>(&sql).bind(name).fetch_optional(pool).await)?)
     }
 
     /// An adapter by id, or else by name: what `/v1/predict` accepts as `adapter`.
     pub async fn find_adapter(&self, id_or_name: &str) -> Result<Option<AdapterRecord>> {
-        let sql = format!("SELECT {COLUMNS} FROM adapters WHERE id = ?1 OR name = ?1 ORDER BY id = ?1 DESC LIMIT 1");
-        Ok(sqlx::query_as::<_, AdapterRecord>(&sql).bind(id_or_name).fetch_optional(&self.pool).await?)
+        let sql = format!("SELECT {COLUMNS} FROM adapters WHERE id = $1 OR name = $1 ORDER BY id = $1 DESC LIMIT 1");
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, AdapterRecord>(&sql).bind(id_or_name).fetch_optional(pool).await)?)
     }
 
-    /// Newest first.
+    /// Newest first (ties in insertion order: SQLite's rowid, Postgres's `seq`).
     pub async fn list_adapters(&self) -> Result<Vec<AdapterRecord>> {
-        let sql = format!("SELECT {COLUMNS} FROM adapters ORDER BY created_at DESC, rowid DESC");
-        Ok(sqlx::query_as::<_, AdapterRecord>(&sql).fetch_all(&self.pool).await?)
+        let order = self.sql("rowid", "seq");
+        let sql = format!("SELECT {COLUMNS} FROM adapters ORDER BY created_at DESC, {order} DESC");
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, AdapterRecord>(&sql).fetch_all(pool).await)?)
     }
 
     pub async fn delete_adapter(&self, id: &str) -> Result<Option<AdapterRecord>> {
-        let sql = format!("DELETE FROM adapters WHERE id = ? RETURNING {COLUMNS}");
-        Ok(sqlx::query_as::<_, AdapterRecord>(&sql).bind(id).fetch_optional(&self.pool).await?)
+        let sql = format!("DELETE FROM adapters WHERE id = $1 RETURNING {COLUMNS}");
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, AdapterRecord>(&sql).bind(id).fetch_optional(pool).await)?)
     }
 }

@@ -29,22 +29,24 @@ impl Store {
         now: i64,
     ) -> Result<CheckpointRecord> {
         let metrics = metrics.map(serde_json::to_string).transpose()?;
-        let sql = format!("INSERT INTO checkpoints ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}");
-        Ok(sqlx::query_as::<_, CheckpointRecord>(&sql)
-            .bind(uuid::Uuid::now_v7().to_string())
+        let sql = format!("INSERT INTO checkpoints ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}");
+        let id = uuid::Uuid::now_v7().to_string();
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, CheckpointRecord>(&sql)
+            .bind(&id)
             .bind(job_id)
             .bind(attempt)
             .bind(step)
             .bind(path)
-            .bind(metrics)
+            .bind(&metrics)
             .bind(now)
-            .fetch_one(&self.pool)
-            .await?)
+            .fetch_one(pool)
+            .await)?)
     }
 
     /// All checkpoints of a job, newest (highest step) first.
     pub async fn list_checkpoints(&self, job_id: &str) -> Result<Vec<CheckpointRecord>> {
-        let sql = format!("SELECT {COLUMNS} FROM checkpoints WHERE job_id = ? ORDER BY step DESC, rowid DESC");
-        Ok(sqlx::query_as::<_, CheckpointRecord>(&sql).bind(job_id).fetch_all(&self.pool).await?)
+        let order = self.sql("rowid", "seq");
+        let sql = format!("SELECT {COLUMNS} FROM checkpoints WHERE job_id = $1 ORDER BY step DESC, {order} DESC");
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, CheckpointRecord>(&sql).bind(job_id).fetch_all(pool).await)?)
     }
 }

@@ -47,9 +47,9 @@ const COLUMNS: &str =
 impl Store {
     pub async fn insert_dataset(&self, d: &NewDataset, now: i64) -> Result<DatasetRecord> {
         let sql = format!(
-            "INSERT INTO datasets ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {COLUMNS}"
+            "INSERT INTO datasets ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING {COLUMNS}"
         );
-        let rec = sqlx::query_as::<_, DatasetRecord>(&sql)
+        let rec = with_pool!(self, pool => sqlx::query_as::<_, DatasetRecord>(&sql)
             .bind(&d.id)
             .bind(&d.name)
             .bind(&d.format)
@@ -61,37 +61,36 @@ impl Store {
             .bind(d.bytes)
             .bind(&d.path)
             .bind(now)
-            .fetch_one(&self.pool)
-            .await?;
+            .fetch_one(pool)
+            .await)?;
         Ok(rec)
     }
 
     pub async fn get_dataset(&self, id: &str) -> Result<Option<DatasetRecord>> {
-        let sql = format!("SELECT {COLUMNS} FROM datasets WHERE id = ?");
-        Ok(sqlx::query_as::<_, DatasetRecord>(&sql).bind(id).fetch_optional(&self.pool).await?)
+        let sql = format!("SELECT {COLUMNS} FROM datasets WHERE id = $1");
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, DatasetRecord>(&sql).bind(id).fetch_optional(pool).await)?)
     }
 
     /// Newest first; `after` is the id of the last dataset of the previous page.
     pub async fn list_datasets(&self, after: Option<&str>, limit: i64) -> Result<Vec<DatasetRecord>> {
+        // Insertion order: SQLite's rowid, Postgres's `seq`.
+        let order = self.sql("rowid", "seq");
         let sql = format!(
             "SELECT {COLUMNS} FROM datasets \
-             WHERE (?1 IS NULL OR rowid < (SELECT rowid FROM datasets WHERE id = ?1)) \
-             ORDER BY rowid DESC LIMIT ?2"
+             WHERE ($1 IS NULL OR {order} < (SELECT {order} FROM datasets WHERE id = $1)) \
+             ORDER BY {order} DESC LIMIT $2"
         );
-        Ok(sqlx::query_as::<_, DatasetRecord>(&sql).bind(after).bind(limit).fetch_all(&self.pool).await?)
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, DatasetRecord>(&sql).bind(after).bind(limit).fetch_all(pool).await)?)
     }
 
     /// Deletes the row in one statement unless a queued or running job uses the dataset.
     pub async fn delete_dataset(&self, id: &str) -> Result<DeleteDataset> {
-        let deleted: Option<(String,)> = sqlx::query_as(
-            "DELETE FROM datasets WHERE id = ?1 AND NOT EXISTS (\
-                SELECT 1 FROM jobs WHERE (dataset_id = ?1 OR validation_dataset_id = ?1) \
+        let sql = "DELETE FROM datasets WHERE id = $1 AND NOT EXISTS (\
+                SELECT 1 FROM jobs WHERE (dataset_id = $1 OR validation_dataset_id = $1) \
                 AND status IN ('queued', 'running')) \
-             RETURNING path",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+             RETURNING path";
+        let deleted: Option<(String,)> =
+            with_pool!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)?;
         if let Some((path,)) = deleted {
             return Ok(DeleteDataset::Deleted(path));
         }

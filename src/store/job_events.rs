@@ -30,32 +30,30 @@ pub struct NewEvent {
 impl Store {
     pub async fn insert_event(&self, e: &NewEvent, now: i64) -> Result<i64> {
         let data = e.data.as_ref().map(serde_json::to_string).transpose()?;
-        let (id,): (i64,) = sqlx::query_as(
-            "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(&e.job_id)
-        .bind(e.attempt)
-        .bind(e.level)
-        .bind(e.kind)
-        .bind(&e.message)
-        .bind(data)
-        .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
+        let sql = "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
+        let (id,): (i64,) = with_pool!(self, pool => sqlx::query_as(sql)
+            .bind(&e.job_id)
+            .bind(e.attempt)
+            .bind(e.level)
+            .bind(e.kind)
+            .bind(&e.message)
+            .bind(&data)
+            .bind(now)
+            .fetch_one(pool)
+            .await)?;
         Ok(id)
     }
 
     /// Events of a job with id greater than `after`, oldest first.
     pub async fn list_events(&self, job_id: &str, after: i64, limit: i64) -> Result<Vec<EventRecord>> {
-        Ok(sqlx::query_as::<_, EventRecord>(
-            "SELECT id, job_id, attempt, level, kind, message, data, created_at FROM job_events \
-             WHERE job_id = ? AND id > ? ORDER BY id LIMIT ?",
-        )
-        .bind(job_id)
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        let sql = "SELECT id, job_id, attempt, level, kind, message, data, created_at FROM job_events \
+                   WHERE job_id = $1 AND id > $2 ORDER BY id LIMIT $3";
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, EventRecord>(sql)
+            .bind(job_id)
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?)
     }
 }

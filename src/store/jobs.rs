@@ -1,11 +1,12 @@
 //! The `jobs` table and its queue semantics: claim, lease, heartbeat, release, reap.
 //! Every update by a worker says `WHERE id = ? AND lock_by = ?`, so a worker that lost its
-//! lease changes nothing.
+//! lease changes nothing. Queue statements have one text per backend (`sqlite/*.sql`,
+//! `postgres/*.sql`) with the same parameters in the same order.
 
 use sqlx::FromRow;
 
 use super::adapters::{NewAdapter, COLUMNS as ADAPTER_COLUMNS};
-use super::{AdapterRecord, Result, Store};
+use super::{AdapterRecord, Result, Store, WorkerDevice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobStatus {
@@ -68,6 +69,10 @@ pub struct JobRecord {
     pub started_at: Option<i64>,
     pub finished_at: Option<i64>,
     pub updated_at: i64,
+    /// `cpu` or `cuda`: only a worker with that device kind claims the job.
+    pub required_device: Option<String>,
+    /// Only a worker whose device has at least this much memory claims the job.
+    pub required_memory_bytes: Option<i64>,
 }
 
 impl JobRecord {
@@ -87,6 +92,8 @@ pub struct NewJob {
     pub name: Option<String>,
     pub suffix: Option<String>,
     pub max_attempts: i64,
+    pub required_device: Option<String>,
+    pub required_memory_bytes: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -116,26 +123,29 @@ impl Store {
     /// Inserts a queued job; the dataset check and the insert are one statement, so a dataset
     /// deleted concurrently cannot leave a job pointing at nothing.
     pub async fn insert_job(&self, j: &NewJob, now: i64) -> Result<InsertJob> {
-        let inserted = sqlx::query_as::<_, JobRecord>(
-            "INSERT INTO jobs (id, status, dataset_id, validation_dataset_id, validation_fraction, base_model, \
-                               hyperparameters, name, suffix, max_attempts, run_at, created_at, updated_at) \
-             SELECT ?1, 'queued', ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?10, ?10 \
-             WHERE EXISTS (SELECT 1 FROM datasets WHERE id = ?2) \
-               AND (?3 IS NULL OR EXISTS (SELECT 1 FROM datasets WHERE id = ?3)) \
-             RETURNING *",
-        )
-        .bind(&j.id)
-        .bind(&j.dataset_id)
-        .bind(&j.validation_dataset_id)
-        .bind(j.validation_fraction)
-        .bind(&j.base_model)
-        .bind(serde_json::to_string(&j.hyperparameters)?)
-        .bind(&j.name)
-        .bind(&j.suffix)
-        .bind(j.max_attempts)
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
+        let sql = "INSERT INTO jobs (id, status, dataset_id, validation_dataset_id, validation_fraction, base_model, \
+                               hyperparameters, name, suffix, max_attempts, run_at, created_at, updated_at, \
+                               required_device, required_memory_bytes) \
+             SELECT $1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12 \
+             WHERE EXISTS (SELECT 1 FROM datasets WHERE id = $2) \
+               AND ($3 IS NULL OR EXISTS (SELECT 1 FROM datasets WHERE id = $3)) \
+             RETURNING *";
+        let hyperparameters = serde_json::to_string(&j.hyperparameters)?;
+        let inserted = with_pool!(self, pool => sqlx::query_as::<_, JobRecord>(sql)
+            .bind(&j.id)
+            .bind(&j.dataset_id)
+            .bind(&j.validation_dataset_id)
+            .bind(j.validation_fraction)
+            .bind(&j.base_model)
+            .bind(&hyperparameters)
+            .bind(&j.name)
+            .bind(&j.suffix)
+            .bind(j.max_attempts)
+            .bind(now)
+            .bind(&j.required_device)
+            .bind(j.required_memory_bytes)
+            .fetch_optional(pool)
+            .await)?;
         if let Some(job) = inserted {
             return Ok(InsertJob::Inserted(job));
         }
@@ -146,34 +156,35 @@ impl Store {
     }
 
     pub async fn get_job(&self, id: &str) -> Result<Option<JobRecord>> {
-        Ok(sqlx::query_as::<_, JobRecord>("SELECT * FROM jobs WHERE id = ?")
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, JobRecord>("SELECT * FROM jobs WHERE id = $1")
             .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+            .fetch_optional(pool)
+            .await)?)
     }
 
     /// Newest first, optionally one status; `after` is the id of the last job of the previous
     /// page.
     pub async fn list_jobs(&self, status: Option<JobStatus>, after: Option<&str>, limit: i64) -> Result<Vec<JobRecord>> {
-        Ok(sqlx::query_as::<_, JobRecord>(
+        // Insertion order: SQLite's rowid, Postgres's `seq`.
+        let order = self.sql("rowid", "seq");
+        let sql = format!(
             "SELECT * FROM jobs \
-             WHERE (?1 IS NULL OR status = ?1) \
-               AND (?2 IS NULL OR rowid < (SELECT rowid FROM jobs WHERE id = ?2)) \
-             ORDER BY rowid DESC LIMIT ?3",
-        )
-        .bind(status.map(JobStatus::as_str))
-        .bind(after)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+             WHERE ($1 IS NULL OR status = $1) \
+               AND ($2 IS NULL OR {order} < (SELECT {order} FROM jobs WHERE id = $2)) \
+             ORDER BY {order} DESC LIMIT $3"
+        );
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, JobRecord>(&sql)
+            .bind(status.map(JobStatus::as_str))
+            .bind(after)
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?)
     }
 
     pub async fn cancel_job(&self, id: &str, now: i64) -> Result<CancelOutcome> {
-        let cancelled = sqlx::query_as::<_, JobRecord>(include_str!("sqlite/cancel_job.sql"))
-            .bind(id)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await?;
+        let sql = self.sql(include_str!("sqlite/cancel_job.sql"), include_str!("postgres/cancel_job.sql"));
+        let cancelled =
+            with_pool!(self, pool => sqlx::query_as::<_, JobRecord>(sql).bind(id).bind(now).fetch_optional(pool).await)?;
         if let Some(job) = cancelled {
             return Ok(CancelOutcome::Cancelled(job));
         }
@@ -183,34 +194,44 @@ impl Store {
         })
     }
 
-    /// Claims the oldest runnable job for `worker` with a lease of `lease_ms`.
-    pub async fn claim_job(&self, worker: &str, now: i64, lease_ms: i64) -> Result<Option<JobRecord>> {
-        Ok(sqlx::query_as::<_, JobRecord>(include_str!("sqlite/claim_job.sql"))
+    /// Claims the oldest runnable job that `device` can run for `worker`, with a lease of
+    /// `lease_ms`.
+    pub async fn claim_job(
+        &self,
+        worker: &str,
+        device: &WorkerDevice,
+        now: i64,
+        lease_ms: i64,
+    ) -> Result<Option<JobRecord>> {
+        let sql = self.sql(include_str!("sqlite/claim_job.sql"), include_str!("postgres/claim_job.sql"));
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, JobRecord>(sql)
             .bind(worker)
             .bind(now)
             .bind(now + lease_ms)
-            .fetch_optional(&self.pool)
-            .await?)
+            .bind(&device.kind)
+            .bind(device.memory_bytes)
+            .fetch_optional(pool)
+            .await)?)
     }
 
     /// Renews the lease; false when it was lost (reaped, cancelled, claimed by another worker).
     pub async fn heartbeat_job(&self, id: &str, worker: &str, now: i64, lease_ms: i64) -> Result<bool> {
-        let done = sqlx::query(include_str!("sqlite/heartbeat_job.sql"))
+        let sql = self.sql(include_str!("sqlite/heartbeat_job.sql"), include_str!("postgres/heartbeat_job.sql"));
+        let done = with_pool!(self, pool => sqlx::query(sql)
             .bind(id)
             .bind(worker)
             .bind(now + lease_ms)
             .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
     }
 
     /// Requeues (or fails, out of attempts) the running jobs whose lease expired before `now`.
     pub async fn reap_expired_jobs(&self, now: i64) -> Result<Vec<ReapedJob>> {
-        Ok(sqlx::query_as::<_, ReapedJob>(include_str!("sqlite/reap_expired.sql"))
-            .bind(now)
-            .fetch_all(&self.pool)
-            .await?)
+        let sql = self.sql(include_str!("sqlite/reap_expired.sql"), include_str!("postgres/reap_expired.sql"));
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, ReapedJob>(sql).bind(now).fetch_all(pool).await)?)
     }
 
     pub async fn update_job_progress(
@@ -223,53 +244,61 @@ impl Store {
         metrics: &serde_json::Value,
         now: i64,
     ) -> Result<bool> {
-        let done = sqlx::query(include_str!("sqlite/update_progress.sql"))
+        let sql = self.sql(include_str!("sqlite/update_progress.sql"), include_str!("postgres/update_progress.sql"));
+        let metrics = serde_json::to_string(metrics)?;
+        let done = with_pool!(self, pool => sqlx::query(sql)
             .bind(id)
             .bind(worker)
             .bind(step)
             .bind(total_steps)
             .bind(epoch)
-            .bind(serde_json::to_string(metrics)?)
+            .bind(&metrics)
             .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
     }
 
     /// Merges `metrics` into the job's latest metrics (no progress change).
     pub async fn merge_job_metrics(&self, id: &str, worker: &str, metrics: &serde_json::Value, now: i64) -> Result<bool> {
-        let done = sqlx::query(
-            "UPDATE jobs SET metrics = json_patch(metrics, ?3), updated_at = ?4 \
-             WHERE id = ?1 AND lock_by = ?2 AND status = 'running'",
-        )
-        .bind(id)
-        .bind(worker)
-        .bind(serde_json::to_string(metrics)?)
-        .bind(now)
-        .execute(&self.pool)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        let sql = "UPDATE jobs SET metrics = json_patch(metrics, $3), updated_at = $4 \
+                   WHERE id = $1 AND lock_by = $2 AND status = 'running'";
+        let metrics = serde_json::to_string(metrics)?;
+        let done = with_pool!(self, pool => sqlx::query(sql)
+            .bind(id)
+            .bind(worker)
+            .bind(&metrics)
+            .bind(now)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
     }
 
     pub async fn release_job(&self, id: &str, worker: &str, now: i64) -> Result<bool> {
-        let done = sqlx::query(include_str!("sqlite/release_job.sql"))
+        let sql = self.sql(include_str!("sqlite/release_job.sql"), include_str!("postgres/release_job.sql"));
+        let done = with_pool!(self, pool => sqlx::query(sql)
             .bind(id)
             .bind(worker)
             .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
     }
 
     pub async fn fail_job(&self, id: &str, worker: &str, error: &str, now: i64) -> Result<bool> {
-        let done = sqlx::query(include_str!("sqlite/fail_job.sql"))
+        let sql = self.sql(include_str!("sqlite/fail_job.sql"), include_str!("postgres/fail_job.sql"));
+        let done = with_pool!(self, pool => sqlx::query(sql)
             .bind(id)
             .bind(worker)
             .bind(error)
             .bind(now)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() == 1)
+            .execute(pool)
+            .await
+            .map(|r| r.rows_affected()))?;
+        Ok(done == 1)
     }
 
     /// Registers the adapter and marks the job succeeded, in one transaction: both or neither
@@ -282,40 +311,44 @@ impl Store {
         metrics: &serde_json::Value,
         now: i64,
     ) -> Result<Option<AdapterRecord>> {
-        let mut tx = self.pool.begin().await?;
-        let done = sqlx::query(include_str!("sqlite/succeed_job.sql"))
-            .bind(id)
-            .bind(worker)
-            .bind(&adapter.id)
-            .bind(serde_json::to_string(metrics)?)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-        if done.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(None);
-        }
-        let sql = format!(
-            "INSERT INTO adapters ({ADAPTER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING {ADAPTER_COLUMNS}"
+        let succeed = self.sql(include_str!("sqlite/succeed_job.sql"), include_str!("postgres/succeed_job.sql"));
+        let insert = format!(
+            "INSERT INTO adapters ({ADAPTER_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {ADAPTER_COLUMNS}"
         );
-        let rec = sqlx::query_as::<_, AdapterRecord>(&sql)
-            .bind(&adapter.id)
-            .bind(&adapter.name)
-            .bind(&adapter.job_id)
-            .bind(&adapter.base_model)
-            .bind(&adapter.path)
-            .bind(serde_json::to_string(&adapter.metrics)?)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Some(rec))
+        let metrics = serde_json::to_string(metrics)?;
+        let adapter_metrics = serde_json::to_string(&adapter.metrics)?;
+        with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let done = sqlx::query(succeed)
+                .bind(id)
+                .bind(worker)
+                .bind(&adapter.id)
+                .bind(&metrics)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() != 1 {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            let rec = sqlx::query_as::<_, AdapterRecord>(&insert)
+                .bind(&adapter.id)
+                .bind(&adapter.name)
+                .bind(&adapter.job_id)
+                .bind(&adapter.base_model)
+                .bind(&adapter.path)
+                .bind(&adapter_metrics)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(Some(rec))
+        })
     }
 
     /// Number of jobs per status (statuses without jobs are absent).
     pub async fn count_jobs_by_status(&self) -> Result<Vec<(String, i64)>> {
-        Ok(sqlx::query_as::<_, (String, i64)>("SELECT status, COUNT(*) FROM jobs GROUP BY status")
-            .fetch_all(&self.pool)
-            .await?)
+        let sql = "SELECT status, COUNT(*) FROM jobs GROUP BY status";
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, (String, i64)>(sql).fetch_all(pool).await)?)
     }
 }

@@ -1,6 +1,7 @@
-//! Test harness: the real server on port 0 with a fresh temporary data directory and SQLite
-//! file, a reqwest client, and helpers. Tracing is set up once and silent (set `TEST_LOG=1`
-//! to see it).
+//! Test harness: the real server on port 0 with a fresh temporary data directory and database
+//! (a SQLite file, or a fresh database on the Postgres server named by
+//! `ARBITER_TEST_POSTGRES_URL`), a reqwest client, and helpers. Tracing is set up once and
+//! silent (set `TEST_LOG=1` to see it).
 #![allow(dead_code)]
 
 pub mod trainer;
@@ -18,6 +19,70 @@ use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
 static TRACING: Once = Once::new();
+
+/// Which database a test app runs on.
+#[derive(Debug, Clone)]
+pub enum Db {
+    /// A SQLite file in the app's temporary data directory.
+    Sqlite,
+    /// A fresh database on the Postgres server at this URL.
+    Postgres(String),
+}
+
+impl Db {
+    /// The Postgres server for tests, from `ARBITER_TEST_POSTGRES_URL`. Without it the test is
+    /// skipped with a message, unless `ARBITER_TEST_REQUIRE_POSTGRES` (set by scripts/test.sh)
+    /// or `CI` is set: then a missing server is a failure, never a silent pass.
+    pub fn postgres() -> Option<Db> {
+        match std::env::var("ARBITER_TEST_POSTGRES_URL") {
+            Ok(url) if !url.is_empty() => Some(Db::Postgres(url)),
+            _ => {
+                let required = ["ARBITER_TEST_REQUIRE_POSTGRES", "CI"].iter().any(|v| std::env::var_os(v).is_some());
+                assert!(
+                    !required,
+                    "ARBITER_TEST_POSTGRES_URL is not set but Postgres tests are required here \
+                     (scripts/test.sh starts a server and sets it)"
+                );
+                eprintln!(
+                    "SKIPPED: this test needs PostgreSQL; set ARBITER_TEST_POSTGRES_URL \
+                     (or run scripts/test.sh, which starts a throwaway server)"
+                );
+                None
+            }
+        }
+    }
+
+    /// The database of apps that do not choose one: SQLite, or Postgres when
+    /// `ARBITER_TEST_DATABASE=postgres` (to run any HTTP test file against Postgres).
+    pub fn default_for_tests() -> Db {
+        match std::env::var("ARBITER_TEST_DATABASE").as_deref() {
+            Ok("postgres") => match std::env::var("ARBITER_TEST_POSTGRES_URL") {
+                Ok(url) if !url.is_empty() => Db::Postgres(url),
+                _ => panic!("ARBITER_TEST_DATABASE=postgres needs ARBITER_TEST_POSTGRES_URL"),
+            },
+            Ok("sqlite") | Err(_) => Db::Sqlite,
+            Ok(other) => panic!("ARBITER_TEST_DATABASE={other:?}: use sqlite or postgres"),
+        }
+    }
+
+    /// A database URL for a new app: a file in `dir` for SQLite; for Postgres a newly created,
+    /// empty database on the server.
+    pub async fn fresh_url(&self, dir: &std::path::Path) -> String {
+        match self {
+            Db::Sqlite => format!("sqlite://{}", dir.join("arbiter.db").display()),
+            Db::Postgres(server) => {
+                use sqlx::Connection;
+                let name = format!("arbiter_test_{}", uuid::Uuid::new_v4().simple());
+                let mut conn = sqlx::PgConnection::connect(server).await.expect("connect to the test Postgres server");
+                sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create test database");
+                conn.close().await.expect("close");
+                let mut url = reqwest::Url::parse(server).expect("ARBITER_TEST_POSTGRES_URL is a URL");
+                url.set_path(&format!("/{name}"));
+                url.to_string()
+            }
+        }
+    }
+}
 
 fn init_tracing() {
     TRACING.call_once(|| {
@@ -37,6 +102,7 @@ pub struct TestApp {
     /// The same database the server uses, for queue tests that play a second worker.
     pub store: Store,
     pub dir: Arc<TempDir>,
+    database_url: String,
     token: CancellationToken,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -52,10 +118,12 @@ pub struct Spawn {
     args: Vec<String>,
     trainer: Option<Arc<dyn Trainer>>,
     dir: Option<Arc<TempDir>>,
+    db: Db,
+    database_url: Option<String>,
 }
 
 pub fn spawn() -> Spawn {
-    Spawn { args: Vec::new(), trainer: None, dir: None }
+    Spawn { args: Vec::new(), trainer: None, dir: None, db: Db::default_for_tests(), database_url: None }
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -79,9 +147,22 @@ impl Spawn {
         self
     }
 
-    /// Share the data directory (and so the SQLite database) of `other`.
+    /// Run on this database (default: SQLite).
+    pub fn on(mut self, db: &Db) -> Spawn {
+        self.db = db.clone();
+        self
+    }
+
+    /// Share the database of `other`, with a data directory of its own (another machine).
+    pub fn same_database_as(mut self, other: &TestApp) -> Spawn {
+        self.database_url = Some(other.database_url.clone());
+        self
+    }
+
+    /// Share the data directory and the database of `other`.
     pub fn same_data_as(mut self, other: &TestApp) -> Spawn {
         self.dir = Some(other.dir.clone());
+        self.database_url = Some(other.database_url.clone());
         self
     }
 
@@ -90,6 +171,10 @@ impl Spawn {
         let dir = match self.dir {
             Some(d) => d,
             None => Arc::new(tempfile::tempdir().expect("temp dir")),
+        };
+        let database_url = match self.database_url {
+            Some(url) => url,
+            None => self.db.fresh_url(dir.path()).await,
         };
         let model = dir.path().join("model.gguf");
         std::fs::write(&model, b"stand-in model file").expect("write model file");
@@ -100,6 +185,8 @@ impl Spawn {
             "127.0.0.1:0".into(),
             "--data-dir".into(),
             dir.path().display().to_string(),
+            "--database-url".into(),
+            database_url.clone(),
         ];
         // A model file for readiness, and short leases and polls so that queue tests run in
         // seconds; a test may override any of them.
@@ -118,7 +205,7 @@ impl Spawn {
         let token = app.shutdown_token();
         let handle = tokio::spawn(app.run());
         let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
-        TestApp { addr, client, store, dir, token, handle: Some(handle) }
+        TestApp { addr, client, store, dir, database_url, token, handle: Some(handle) }
     }
 }
 
@@ -128,7 +215,7 @@ impl TestApp {
     }
 
     pub fn database_url(&self) -> String {
-        format!("sqlite://{}", self.dir.path().join("arbiter.db").display())
+        self.database_url.clone()
     }
 
     pub fn data_dir(&self) -> PathBuf {

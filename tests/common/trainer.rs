@@ -1,6 +1,8 @@
 //! A scripted stand-in for the real trainer: steps on a timer, writes checkpoint and adapter
-//! directories, honours `should_stop` and `resume_from`, and records what it was asked.
+//! directories, honours `should_stop` and `resume_from`, and records what it was asked (in
+//! memory, and optionally as lines appended to a journal file shared by several processes).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -24,11 +26,35 @@ pub struct ScriptedTrainer {
     /// Fail with this message instead of finishing.
     pub fail_with: Option<String>,
     pub seen: Mutex<Vec<Seen>>,
+    /// A file and a label: appends `start LABEL JOB ATTEMPT RESUME_STEP` when a run starts and
+    /// `done LABEL JOB ATTEMPT` when it finishes (one `write` per line, `O_APPEND`).
+    pub journal: Option<(PathBuf, String)>,
 }
 
 impl ScriptedTrainer {
     pub fn new(steps: u64, step_delay: Duration) -> ScriptedTrainer {
-        ScriptedTrainer { steps, step_delay, checkpoint_every: 2, fail_with: None, seen: Mutex::new(Vec::new()) }
+        ScriptedTrainer {
+            steps,
+            step_delay,
+            checkpoint_every: 2,
+            fail_with: None,
+            seen: Mutex::new(Vec::new()),
+            journal: None,
+        }
+    }
+
+    fn journal(&self, line: String) -> Result<(), TrainError> {
+        let Some((path, _)) = &self.journal else { return Ok(()) };
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| TrainError::Failed(e.to_string()))?;
+        f.write_all(format!("{line}\n").as_bytes()).map_err(|e| TrainError::Failed(e.to_string()))
+    }
+
+    fn label(&self) -> &str {
+        self.journal.as_ref().map(|(_, l)| l.as_str()).unwrap_or("")
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -50,6 +76,7 @@ impl Trainer for ScriptedTrainer {
             validation_rows: req.validation_rows.len(),
         });
         let start = req.resume_from.as_deref().and_then(step_of).unwrap_or(0);
+        self.journal(format!("start {} {} {} {start}", self.label(), req.job_id, req.attempt))?;
         obs.on_log(&format!("scripted trainer: {} rows, starting after step {start}", req.train_rows.len()));
         for step in start + 1..=self.steps {
             if obs.should_stop() {
@@ -75,6 +102,7 @@ impl Trainer for ScriptedTrainer {
         std::fs::create_dir_all(&adapter).map_err(|e| TrainError::Failed(e.to_string()))?;
         std::fs::write(adapter.join("adapter_config.json"), "{\"peft_type\":\"LORA\"}")
             .map_err(|e| TrainError::Failed(e.to_string()))?;
+        self.journal(format!("done {} {} {}", self.label(), req.job_id, req.attempt))?;
         Ok(TrainOutcome { adapter_dir: adapter, metrics: json!({ "log_loss": 0.9, "steps": self.steps }) })
     }
 }

@@ -1,4 +1,6 @@
--- Claim the oldest runnable queued job for worker ?1 at time ?2 with a lease until ?3.
+-- Claim the oldest runnable queued job for worker ?1 at time ?2 with a lease until ?3, among
+-- the jobs the worker's device can run: its kind ?4 (cpu or cuda) and memory ?5 in bytes (NULL
+-- when unknown: then no job that requires an amount).
 -- One statement: SQLite serialises writers, so two workers can never both match the row.
 UPDATE jobs
 SET status = 'running',
@@ -11,6 +13,8 @@ SET status = 'running',
 WHERE rowid IN (
     SELECT rowid FROM jobs
     WHERE status = 'queued' AND run_at <= ?2
+      AND (required_device IS NULL OR required_device = ?4)
+      AND (required_memory_bytes IS NULL OR required_memory_bytes <= ?5)
     ORDER BY run_at, rowid
     LIMIT 1
 )
