@@ -419,3 +419,25 @@ async fn events_written_from_several_pools_are_read_once_each_in_order(db: Db) {
     assert!(read.windows(2).all(|w| w[0] < w[1]), "in order");
     assert_eq!(read, written, "every event read exactly once");
 }
+
+/// Postgres only: a claim skips a job another transaction has locked instead of waiting for it.
+#[tokio::test]
+async fn postgres_claim_skips_a_locked_job_instead_of_waiting() {
+    use sqlx::{Connection, Row};
+    let Some(db) = Db::postgres() else { return };
+    let api = spawn().on(&db).flag("--no-worker").start().await;
+    let ids = queued_jobs(&api, 2).await;
+    // Another claimer, mid-claim: the oldest job's row locked in an open transaction.
+    let mut conn = sqlx::PgConnection::connect(&api.database_url()).await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let locked = sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE").bind(&ids[0]).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(locked.get::<String, _>("id"), ids[0]);
+
+    let device = any_device();
+    let claim = api.store.claim_job("w", &device, now_ms(), 60_000);
+    let job = tokio::time::timeout(Duration::from_secs(5), claim).await.expect("no waiting on the lock").unwrap();
+    assert_eq!(job.expect("the unlocked job").id, ids[1]);
+    tx.rollback().await.unwrap();
+    let job = api.store.claim_job("w", &any_device(), now_ms(), 60_000).await.unwrap();
+    assert_eq!(job.expect("free again").id, ids[0]);
+}
