@@ -22,6 +22,7 @@ eval "$s3_env"
 # Tests that need these servers fail, rather than skip, when their address is missing.
 export ARBITER_TEST_REQUIRE_POSTGRES=1 ARBITER_TEST_REQUIRE_S3=1
 cargo test --no-fail-fast "$@"
-# The HTTP black-box suites that go through the store, again with every app on Postgres.
-ARBITER_TEST_DATABASE=postgres cargo test --no-fail-fast --test jobs --test datasets --test health --test predict "$@"
+# The HTTP black-box suites that go through the store (and the artifact-store suite), again with
+# every app on Postgres.
+ARBITER_TEST_DATABASE=postgres cargo test --no-fail-fast --test jobs --test datasets --test health --test predict --test artifacts "$@"
 tests/browser/run.sh

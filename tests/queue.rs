@@ -48,6 +48,7 @@ on_both_backends!(
     claims_go_only_to_workers_whose_device_meets_the_job,
     a_worker_advertises_its_device_and_leaves_jobs_it_cannot_run_queued,
     worker_registrations_are_listed_while_fresh_and_forgotten_when_silent,
+    events_written_from_several_pools_are_read_once_each_in_order,
 );
 
 /// A worker device that can run any job without requirements.
@@ -367,4 +368,76 @@ async fn worker_registrations_are_listed_while_fresh_and_forgotten_when_silent(d
     assert_eq!(store.list_workers(0).await.unwrap().len(), 1);
     store.remove_worker("new").await.unwrap();
     assert!(store.list_workers(0).await.unwrap().is_empty());
+}
+
+async fn events_written_from_several_pools_are_read_once_each_in_order(db: Db) {
+    let api = spawn().on(&db).flag("--no-worker").start().await;
+    let id = queued_jobs(&api, 1).await.remove(0);
+    let before = api.store.list_events(&id, 0, 1000).await.unwrap();
+    let mut after = before.last().map_or(0, |e| e.id);
+    // Four writers, each with its own pool (as separate processes), and a reader following
+    // with the `after` cursor the events API uses: no event may be passed over.
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let store = Store::connect(&api.database_url()).await.unwrap();
+        let job_id = id.clone();
+        writers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..60 {
+                let e = arbiter::store::NewEvent {
+                    job_id: job_id.clone(),
+                    attempt: 1,
+                    level: "info",
+                    kind: "log",
+                    message: format!("writer {w} event {i}"),
+                    data: None,
+                };
+                ids.push(store.insert_event(&e, now_ms()).await.unwrap());
+            }
+            store.close().await;
+            ids
+        }));
+    }
+    let mut read = Vec::new();
+    loop {
+        let done = writers.iter().all(|w| w.is_finished());
+        let page = api.store.list_events(&id, after, 1000).await.unwrap();
+        if let Some(last) = page.last() {
+            after = last.id;
+        }
+        read.extend(page.into_iter().map(|e| e.id));
+        if done && api.store.list_events(&id, after, 1000).await.unwrap().is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let mut written = Vec::new();
+    for w in writers {
+        written.extend(w.await.unwrap());
+    }
+    written.sort();
+    assert!(read.windows(2).all(|w| w[0] < w[1]), "in order");
+    assert_eq!(read, written, "every event read exactly once");
+}
+
+/// Postgres only: a claim skips a job another transaction has locked instead of waiting for it.
+#[tokio::test]
+async fn postgres_claim_skips_a_locked_job_instead_of_waiting() {
+    use sqlx::{Connection, Row};
+    let Some(db) = Db::postgres() else { return };
+    let api = spawn().on(&db).flag("--no-worker").start().await;
+    let ids = queued_jobs(&api, 2).await;
+    // Another claimer, mid-claim: the oldest job's row locked in an open transaction.
+    let mut conn = sqlx::PgConnection::connect(&api.database_url()).await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let locked = sqlx::query("SELECT id FROM jobs WHERE id = $1 FOR UPDATE").bind(&ids[0]).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!(locked.get::<String, _>("id"), ids[0]);
+
+    let device = any_device();
+    let claim = api.store.claim_job("w", &device, now_ms(), 60_000);
+    let job = tokio::time::timeout(Duration::from_secs(5), claim).await.expect("no waiting on the lock").unwrap();
+    assert_eq!(job.expect("the unlocked job").id, ids[1]);
+    tx.rollback().await.unwrap();
+    let job = api.store.claim_job("w", &any_device(), now_ms(), 60_000).await.unwrap();
+    assert_eq!(job.expect("free again").id, ids[0]);
 }

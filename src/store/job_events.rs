@@ -2,7 +2,7 @@
 
 use sqlx::FromRow;
 
-use super::{Result, Store};
+use super::{Pool, Result, Store};
 
 #[derive(Debug, Clone, FromRow)]
 pub struct EventRecord {
@@ -32,16 +32,40 @@ impl Store {
         let data = e.data.as_ref().map(serde_json::to_string).transpose()?;
         let sql = "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
                    VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
-        let (id,): (i64,) = with_pool!(self, pool => sqlx::query_as(sql)
-            .bind(&e.job_id)
-            .bind(e.attempt)
-            .bind(e.level)
-            .bind(e.kind)
-            .bind(&e.message)
-            .bind(&data)
-            .bind(now)
-            .fetch_one(pool)
-            .await)?;
+        let (id,): (i64,) = match &self.pool {
+            Pool::Sqlite(pool) => {
+                sqlx::query_as(sql)
+                    .bind(&e.job_id)
+                    .bind(e.attempt)
+                    .bind(e.level)
+                    .bind(e.kind)
+                    .bind(&e.message)
+                    .bind(&data)
+                    .bind(now)
+                    .fetch_one(pool)
+                    .await?
+            }
+            Pool::Postgres(pool) => {
+                // Ids come from a sequence and several processes may write events of one job
+                // at once (a worker's progress, an API node's cancel): a per-job lock held to
+                // commit makes a job's ids commit in order, so a reader's `id > after` cursor
+                // never passes an id that commits later. (SQLite serialises all writers.)
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&e.job_id).execute(&mut *tx).await?;
+                let row = sqlx::query_as(sql)
+                    .bind(&e.job_id)
+                    .bind(e.attempt)
+                    .bind(e.level)
+                    .bind(e.kind)
+                    .bind(&e.message)
+                    .bind(&data)
+                    .bind(now)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                row
+            }
+        };
         Ok(id)
     }
 
