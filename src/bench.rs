@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use crate::ml::classifier;
 use crate::ml::llama::{known_shape, Batch, Llama};
-use crate::ml::lora::{Lora, LoraConfig, LoraCtx};
+use crate::ml::lora::{CheckpointGrads, Lora, LoraConfig, LoraCtx};
 use crate::ml::model::{BaseFormat, BaseModel};
 
 /// Parse `cpu`, `cuda` or `cuda:N`.
@@ -63,6 +63,9 @@ pub struct BenchArgs {
     pub lora_r: usize,
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
     pub lora_target_modules: Vec<String>,
+    /// Activation checkpointing in `bench train` (each decoder block recomputed in the backward).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), bytes.
@@ -122,7 +125,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             .map(|i| (0..args.seq_len).map(|j| ((i * 7919 + j * 104_729) % (cfg.vocab_size - 1) + 1) as u32).collect())
             .collect();
         let batch = Batch::right_padded(&ids, 0, &device)?;
-        let ctx = LoraCtx { dropout: Some((0.05, 1)) };
+        let side = args.gradient_checkpointing.then(CheckpointGrads::default);
+        let ctx = LoraCtx { dropout: Some((0.05, 1)), checkpoint: side.clone() };
         let peak_gpu = std::cell::Cell::new(gpu_used(&device).unwrap_or(0));
         let sample = || {
             if let Some(u) = gpu_used(&device) {
@@ -139,7 +143,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 let grads = loss.backward()?;
                 let lr = 1e-4;
                 for (_, v) in &vars {
-                    if let Some(g) = grads.get(v.as_tensor()) {
+                    let g = grads.get(v.as_tensor()).cloned().or_else(|| side.as_ref().and_then(|s| s.take(v.as_tensor())));
+                    if let Some(g) = g {
                         v.set(&(v.as_tensor() - (g * lr)?)?)?;
                     }
                 }
@@ -178,6 +183,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             "shape": if args.random_init { args.shape.clone() } else { args.model.display().to_string() },
             "device": args.device,
             "base_format": format!("{:?}", fmt),
+            "gradient_checkpointing": training && args.gradient_checkpointing,
             "seq_len": args.seq_len,
             "batch_size": b,
             "steps": args.steps,

@@ -100,6 +100,9 @@ pub struct TrainArgs {
     /// Skip fitting the softmax temperature on the validation split.
     #[arg(long)]
     pub no_calibrate: bool,
+    /// Activation checkpointing: recompute each decoder block in the backward (less memory).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -142,6 +145,7 @@ impl TrainArgs {
             eval_every_steps: self.eval_every_steps,
             checkpoint_every_steps: self.checkpoint_every_steps,
             calibrate: !self.no_calibrate,
+            gradient_checkpointing: self.gradient_checkpointing,
         };
         if let Some(e) = hp.validate().first() {
             anyhow::bail!("--{}: {}", e.field.trim_start_matches("hyperparameters.").replace(['_', '.'], "-"), e.reason);

@@ -65,6 +65,9 @@ pub struct Hyperparameters {
     pub checkpoint_every_steps: usize,
     /// Fit a temperature on the validation split after training.
     pub calibrate: bool,
+    /// Activation checkpointing: keep only each decoder block's input in the forward and
+    /// recompute the block in the backward (less memory, about one more forward of time).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for Hyperparameters {
@@ -86,6 +89,7 @@ impl Default for Hyperparameters {
             eval_every_steps: 0,
             checkpoint_every_steps: 50,
             calibrate: true,
+            gradient_checkpointing: false,
         }
     }
 }

@@ -6,10 +6,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use serde::Deserialize;
 
-use super::lora::{Lora, LoraCtx};
+use super::lora::{CheckpointGrads, Lora, LoraCtx};
 use super::ops::{self, FrozenLinear};
 use super::MlError;
 
@@ -169,6 +169,7 @@ pub enum WeightFormat {
     Quantized(Option<GgmlDType>),
 }
 
+#[derive(Clone)]
 struct Block {
     attn_norm: Tensor,
     ffn_norm: Tensor,
@@ -468,26 +469,6 @@ impl Llama {
         Ok((ang.cos()?.to_dtype(self.dtype)?, ang.sin()?.to_dtype(self.dtype)?))
     }
 
-    fn linear(
-        &self,
-        layer: usize,
-        p: Proj,
-        x: &Tensor,
-        lora: Option<(&Lora, &LoraCtx)>,
-    ) -> candle_core::Result<Tensor> {
-        let y = self.blocks[layer].proj[p as usize].forward(x)?;
-        match lora {
-            Some((l, ctx)) => match l.delta(layer, p, x, ctx)? {
-                Some(d) => {
-                    let d = d.to_dtype(y.dtype())?;
-                    y + d
-                }
-                None => Ok(y),
-            },
-            None => Ok(y),
-        }
-    }
-
     /// Final-norm hidden states `[b, t, hidden]` for every position, or only the last valid
     /// position of each row (`[b, hidden]`) when `last_only`.
     pub fn forward(
@@ -499,7 +480,7 @@ impl Llama {
         let _span = tracing::trace_span!("llama").entered();
         let (b, t) = batch.ids.dims2()?;
         let cfg = &self.cfg;
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
         let (cos, sin) = self.rope_tables(batch, t)?;
         let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
         // query chunks small enough that one chunk's scores stay around 256 MB
@@ -510,26 +491,18 @@ impl Llama {
         let masks = ops::expand_masks(&masks, b, nkv, nh / nkv)?;
         let eps = cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
+        let inputs = Arc::new(BlockInputs { cfg: cfg.clone(), b, t, cos, sin, masks, chunk });
+        let checkpoint = lora.and_then(|(l, ctx)| ctx.checkpoint.clone().map(|side| (l, ctx, side)));
+        if checkpoint.is_some() {
+            // the first block's input must be tracked for its checkpoint node to be recorded
+            x = Var::from_tensor(&x)?.as_tensor().clone();
+        }
         for (li, blk) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", layer = li).entered();
-            let h = ops::rms_norm(&x, &blk.attn_norm, eps)?;
-            let q = self.linear(li, Proj::Q, &h, lora)?;
-            let k = self.linear(li, Proj::K, &h, lora)?;
-            let v = self.linear(li, Proj::V, &h, lora)?;
-            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-            let q = ops::rope(&q, &cos, &sin, cfg.rope_interleaved)?;
-            let k = ops::rope(&k, &cos, &sin, cfg.rope_interleaved)?;
-            let y = ops::causal_attention(&q, &k, &v, &masks, chunk, 1.0 / (hd as f64).sqrt())?;
-            let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
-            let y = self.linear(li, Proj::O, &y, lora)?;
-            x = (x + y)?;
-            let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
-            let g = ops::silu(&self.linear(li, Proj::Gate, &h, lora)?)?;
-            let u = self.linear(li, Proj::Up, &h, lora)?;
-            let y = self.linear(li, Proj::Down, &(g * u)?, lora)?;
-            x = (x + y)?;
+            x = match &checkpoint {
+                None => block(blk, li, &x, lora, &inputs)?,
+                Some((l, ctx, side)) => checkpointed_block(blk, li, &x, l, ctx, side, &inputs)?,
+            };
         }
         if last_only {
             let idx: Vec<u32> = batch.spans.iter().enumerate().map(|(r, (_, e))| (r * t + e - 1) as u32).collect();
@@ -568,6 +541,93 @@ impl Llama {
     pub fn embed_row(&self, token: u32) -> candle_core::Result<Tensor> {
         self.embed.i(token as usize)
     }
+}
+
+/// What every decoder block of one forward shares.
+struct BlockInputs {
+    cfg: Config,
+    b: usize,
+    t: usize,
+    cos: Tensor,
+    sin: Tensor,
+    masks: Vec<Tensor>,
+    chunk: usize,
+}
+
+fn linear(blk: &Block, layer: usize, p: Proj, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>) -> candle_core::Result<Tensor> {
+    let y = blk.proj[p as usize].forward(x)?;
+    match lora {
+        Some((l, ctx)) => match l.delta(layer, p, x, ctx)? {
+            Some(d) => {
+                let d = d.to_dtype(y.dtype())?;
+                y + d
+            }
+            None => Ok(y),
+        },
+        None => Ok(y),
+    }
+}
+
+/// One decoder block: attention and MLP, each pre-normed and residual.
+fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, inp: &BlockInputs) -> candle_core::Result<Tensor> {
+    let cfg = &inp.cfg;
+    let (b, t) = (inp.b, inp.t);
+    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let eps = cfg.rms_norm_eps as f32;
+    let h = ops::rms_norm(x, &blk.attn_norm, eps)?;
+    let q = linear(blk, li, Proj::Q, &h, lora)?;
+    let k = linear(blk, li, Proj::K, &h, lora)?;
+    let v = linear(blk, li, Proj::V, &h, lora)?;
+    let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+    let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let q = ops::rope(&q, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
+    let k = ops::rope(&k, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
+    let y = ops::causal_attention(&q, &k, &v, &inp.masks, inp.chunk, 1.0 / (hd as f64).sqrt())?;
+    let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    let y = linear(blk, li, Proj::O, &y, lora)?;
+    let x = (x + y)?;
+    let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
+    let g = ops::silu(&linear(blk, li, Proj::Gate, &h, lora)?)?;
+    let u = linear(blk, li, Proj::Up, &h, lora)?;
+    let y = linear(blk, li, Proj::Down, &(g * u)?, lora)?;
+    x + y
+}
+
+/// A block under activation checkpointing: the forward runs untracked and keeps nothing but
+/// the block's input (held by the graph node); the backward recomputes the block with its
+/// LoRA factors tracked, back-propagates the incoming gradient through it, leaves the factors'
+/// gradients in `side` and returns the input's. Dropout masks are pure functions of their
+/// seed, so the recomputation sees the same ones.
+fn checkpointed_block(
+    blk: &Block,
+    li: usize,
+    x: &Tensor,
+    lora: &Lora,
+    ctx: &LoraCtx,
+    side: &CheckpointGrads,
+    inp: &Arc<BlockInputs>,
+) -> candle_core::Result<Tensor> {
+    let layer = lora.layer(li);
+    let inner = LoraCtx { dropout: ctx.dropout, checkpoint: None };
+    let y = block(blk, li, &x.detach(), Some((&layer.detached(), &inner)), inp)?;
+    let (blk, inp, side) = (blk.clone(), inp.clone(), side.clone());
+    ops::with_grad("checkpointed_block", x, y, move |xs, _, grad| {
+        let xv = Var::from_tensor(&xs.detach())?;
+        let y = block(&blk, li, xv.as_tensor(), Some((&layer, &inner)), &inp)?;
+        let grads = (y * grad)?.sum_all()?.backward()?;
+        for (_, (a, b)) in layer.factors() {
+            for f in [a, b] {
+                if let Some(g) = grads.get(f) {
+                    side.add(f, g)?;
+                }
+            }
+        }
+        match grads.get(xv.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => xs.zeros_like(),
+        }
+    })
 }
 
 /// Shapes of well-known Llama-family models, for benchmarks with random weights.

@@ -1,9 +1,10 @@
 //! LoRA adapters on the frozen linears: `y = W x + (alpha / r) * B A dropout(x)`, A random
 //! (PEFT's Kaiming-uniform bound 1/sqrt(in)), B zero, so a fresh adapter changes nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, TensorId, Var};
 use rand::{Rng, SeedableRng};
 
 use super::llama::{Config, Proj};
@@ -46,10 +47,35 @@ pub fn peft_name(layer: usize, p: Proj, factor: &str) -> String {
 }
 
 /// Per-forward LoRA settings: dropout probability and the seed its masks derive from
-/// (`None` at inference).
-#[derive(Debug, Clone, Copy, Default)]
+/// (`None` at inference), and where checkpointed blocks leave their factors' gradients.
+#[derive(Debug, Clone, Default)]
 pub struct LoraCtx {
     pub dropout: Option<(f32, u64)>,
+    /// Activation checkpointing: when set, each decoder block keeps only its input during the
+    /// forward and recomputes its activations in the backward; the gradients of the LoRA
+    /// factors inside it are not in the backward's `GradStore` but here.
+    pub checkpoint: Option<CheckpointGrads>,
+}
+
+/// Gradients of LoRA factors computed inside checkpointed blocks, by tensor id, summed.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+
+impl CheckpointGrads {
+    pub fn add(&self, of: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
+        let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("checkpoint gradients poisoned".into()))?;
+        let sum = match map.remove(&of.id()) {
+            Some(acc) => (acc + grad)?,
+            None => grad.clone(),
+        };
+        map.insert(of.id(), sum);
+        Ok(())
+    }
+
+    /// The summed gradient of `of`, removed from the store.
+    pub fn take(&self, of: &Tensor) -> Option<Tensor> {
+        self.0.lock().ok()?.remove(&of.id())
+    }
 }
 
 /// The A and B factors of every adapted linear.
@@ -160,6 +186,12 @@ impl Lora {
         Lora { cfg: self.cfg.clone(), scale: self.scale, factors }
     }
 
+    /// The factors of one layer only (the same tensors, so gradients still reach them).
+    pub fn layer(&self, layer: usize) -> Lora {
+        let factors = self.factors.iter().filter(|(k, _)| k.0 == layer).map(|(k, f)| (*k, f.clone())).collect();
+        Lora { cfg: self.cfg.clone(), scale: self.scale, factors }
+    }
+
     /// Factors converted to `dtype` (inference in bf16, say).
     pub fn to_dtype(&self, dtype: DType) -> Result<Lora, MlError> {
         let mut factors = BTreeMap::new();
@@ -205,11 +237,12 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Dropout keep-mask, one byte per element (0 drop, 1 keep, drop probability `p`). On the CPU
-/// a pure function of the seed; on accelerators drawn from the device generator (seeded per
-/// micro-batch by the trainer).
+/// Dropout keep-mask, one byte per element (0 drop, 1 keep, drop probability `p`), a pure
+/// function of the seed: on the CPU by construction, on accelerators by seeding the device
+/// generator with it first (a checkpointed block redraws the same masks in its backward).
 fn dropout_mask(shape: &[usize], p: f32, seed: u64, device: &Device) -> candle_core::Result<Tensor> {
     if !device.is_cpu() {
+        device.set_seed(seed)?;
         return Tensor::rand(0f32, 1f32, shape, device)?.ge(p);
     }
     let n: usize = shape.iter().product();

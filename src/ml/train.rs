@@ -16,7 +16,7 @@ use super::adapter::{self, AdapterMeta};
 use super::classifier;
 use super::fsutil;
 use super::llama::Batch;
-use super::lora::{Lora, LoraConfig, LoraCtx};
+use super::lora::{CheckpointGrads, Lora, LoraConfig, LoraCtx};
 use super::model::BaseModel;
 use super::observe::{EvalMetrics, TrainObserver};
 use super::MlError;
@@ -431,12 +431,8 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             let batch = Batch::right_padded(&rows, base.pad_id, &device)?;
             state.tokens_seen += batch.tokens() as u64;
             let micro_seed = hp.seed ^ (state.step * 1024 + mi as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-            let ctx = LoraCtx { dropout: Some((dropout, micro_seed)) };
-            // accelerators draw dropout masks from the device generator: seed it per micro-batch
-            // so a resumed run replays the same masks (the CPU path needs no device seed)
-            if !device.is_cpu() {
-                device.set_seed(micro_seed)?;
-            }
+            let side = hp.gradient_checkpointing.then(CheckpointGrads::default);
+            let ctx = LoraCtx { dropout: Some((dropout, micro_seed)), checkpoint: side.clone() };
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             let loss = weighted_ce(&logits, &labels, class_weights)?;
             let lv = loss.to_scalar::<f32>()? as f64;
@@ -448,10 +444,11 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             loss_sum += lv * share;
             let gs = (loss * share)?.backward()?;
             for (i, (_, v)) in opt.vars.iter().enumerate() {
-                if let Some(g) = gs.get(v.as_tensor()) {
+                let g = gs.get(v.as_tensor()).cloned().or_else(|| side.as_ref().and_then(|s| s.take(v.as_tensor())));
+                if let Some(g) = g {
                     grads[i] = Some(match grads[i].take() {
                         Some(acc) => (acc + g)?,
-                        None => g.clone(),
+                        None => g,
                     });
                 }
             }
