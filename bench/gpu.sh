@@ -22,8 +22,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 IFS=, read -ra NAMES <<< "$CONFIGS"
 for shape in "${NAMES[@]}"; do
   bs=32; [ "$shape" = llama3-8b ] && bs=8
-  $BIN train --shape "$shape" --random-init --device cuda --base-format bf16 \
-    --seq-len "$SEQ" --batch-size $bs --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter.err" | tee -a "$OUT/arbiter.jsonl"
+  for ckpt in "" --gradient-checkpointing; do
+    $BIN train --shape "$shape" --random-init --device cuda --base-format bf16 $ckpt \
+      --seq-len "$SEQ" --batch-size $bs --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter.err" | tee -a "$OUT/arbiter.jsonl"
+  done
   $BIN predict --shape "$shape" --random-init --device cuda --base-format bf16 \
     --seq-len "$SEQ" --batch-size 1,8,32 --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter.err" | tee -a "$OUT/arbiter.jsonl"
 done

@@ -15,12 +15,13 @@ def peft_row(config, kind, batch, ckpt=False, variant=None):
             return r
     return None
 
-print("| shape | mode | batch | Arbiter | PEFT | ratio | Arbiter peak GiB | PEFT peak GiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("| shape | mode | batch | checkpointing | Arbiter | PEFT | ratio | Arbiter peak GiB | PEFT peak GiB |")
+print("|---|---|---|---|---|---|---|---|---|")
 for a in arb:
     shape, mode, b = a["shape"], a["mode"], a["batch_size"]
     if mode == "train":
-        p = peft_row(shape, "train", b, ckpt=False)
+        ckpt = bool(a.get("gradient_checkpointing"))
+        p = peft_row(shape, "train", b, ckpt=ckpt)
         av, pv, unit = a["tokens_per_s"], (p or {}).get("tokens_per_s"), "tok/s"
     else:
         p = peft_row(shape, "infer", b, variant="merged-bf16")
@@ -30,4 +31,5 @@ for a in arb:
     pg = (p or {}).get("peak_gib")
     pv_s = f"{pv:,.1f} {unit}" if pv else "n/a"
     pg_s = f"{pg:.1f}" if pg is not None else "n/a"
-    print(f"| {shape} | {mode} | {b} | {av:,.1f} {unit} | {pv_s} | {ratio} | {ag:.1f} | {pg_s} |")
+    ck = ("on" if a.get("gradient_checkpointing") else "off") if mode == "train" else ""
+    print(f"| {shape} | {mode} | {b} | {ck} | {av:,.1f} {unit} | {pv_s} | {ratio} | {ag:.1f} | {pg_s} |")
