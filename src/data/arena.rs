@@ -25,6 +25,13 @@
 //! and the first data row is row 2 (rows are CSV records, so a quoted cell spanning several
 //! lines is still one row). In a JSONL file the row is the line number (1-based).
 //!
+//! # Limits and hostile input
+//! [`ParseLimits`] bounds the rows of a file and the characters of one text (a cell, or the
+//! turns of a JSONL field together); the first breach ends parsing. Ids are at most
+//! [`MAX_ID_CHARS`] characters without control characters, and an id that a spreadsheet would
+//! run as a formula (starting with `=`, `+`, `-`, `@`, unless it is a number) is a row error:
+//! ids are written back into submission CSVs (CSV injection).
+//!
 //! # Rows that are dropped
 //! A row whose two responses are both empty (every turn `null` or `""`) is dropped and counted
 //! in [`ParsedDataset::dropped_rows`]; it is still validated (id, label) first, and its id still
@@ -38,6 +45,30 @@ use super::{ArenaRow, Label};
 
 /// At most this many row errors are kept; [`DatasetError::Rows::total`] counts all of them.
 pub const MAX_ROW_ERRORS: usize = 20;
+
+/// Longest id, in characters.
+pub const MAX_ID_CHARS: usize = 256;
+
+/// Bounds on what one file may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseLimits {
+    /// Data rows (dropped and invalid rows count too).
+    pub max_rows: usize,
+    /// Characters of one prompt or response (a CSV cell as written; a JSONL field's turns together).
+    pub max_text_chars: usize,
+}
+
+impl Default for ParseLimits {
+    /// No limits.
+    fn default() -> Self {
+        ParseLimits { max_rows: usize::MAX, max_text_chars: usize::MAX }
+    }
+}
+
+/// Whether `s` has at most `max` characters.
+fn chars_within(s: &str, max: usize) -> bool {
+    s.len() <= max || s.chars().count() <= max
+}
 
 const LABEL_COLUMNS: [&str; 3] = ["winner_model_a", "winner_model_b", "winner_tie"];
 const TEXT_COLUMNS: [&str; 4] = ["id", "prompt", "response_a", "response_b"];
@@ -93,6 +124,12 @@ pub enum DatasetError {
     /// Row-level problems: the first [`MAX_ROW_ERRORS`] of them, and how many there were.
     #[error("{}", display_rows(.errors, *.total))]
     Rows { errors: Vec<RowError>, total: usize },
+    /// More data rows than [`ParseLimits::max_rows`]; `row` is the first one over.
+    #[error("more than {limit} data rows (row {row} is over the limit)")]
+    TooManyRows { limit: usize, row: usize },
+    /// A text longer than [`ParseLimits::max_text_chars`].
+    #[error("row {row}, column {column}: the text is longer than the limit of {limit} characters")]
+    TextTooLong { row: usize, column: String, limit: usize },
 }
 
 fn display_rows(errors: &[RowError], total: usize) -> String {
@@ -117,6 +154,10 @@ impl DatasetError {
                 .map(|c| RowError { row: 1, column: Some(c.clone()), reason: "missing required column".into() })
                 .collect(),
             DatasetError::Empty => vec![RowError { row: 0, column: None, reason: self.to_string() }],
+            DatasetError::TooManyRows { row, .. } => vec![RowError { row: *row, column: None, reason: self.to_string() }],
+            DatasetError::TextTooLong { row, column, .. } => {
+                vec![RowError { row: *row, column: Some(column.clone()), reason: self.to_string() }]
+            }
         }
     }
 }
@@ -152,6 +193,10 @@ impl Collector {
             self.error(row_no, Some("id"), "id is empty");
             return;
         }
+        if let Err(reason) = check_id(&row.id) {
+            self.error(row_no, Some("id"), reason);
+            return;
+        }
         if !self.ids.insert(row.id.clone()) {
             self.error(row_no, Some("id"), format!("duplicate id {:?}", row.id));
             return;
@@ -175,6 +220,25 @@ impl Collector {
         }
         Ok(self.out)
     }
+}
+
+/// Length, characters and formula-injection rules for ids (see the module docs).
+fn check_id(id: &str) -> Result<(), String> {
+    if !chars_within(id, MAX_ID_CHARS) {
+        return Err(format!("id is longer than {MAX_ID_CHARS} characters"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("id contains a control character".into());
+    }
+    let first = id.chars().next().unwrap_or(' ');
+    if "=+-@".contains(first) && id.parse::<f64>().map_or(true, |f| !f.is_finite()) {
+        return Err(format!(
+            "id {:?} starts with {first:?}: spreadsheets run such cells as formulas (CSV injection); \
+             ids must not start with =, +, - or @ unless they are numbers",
+            id.chars().take(40).collect::<String>()
+        ));
+    }
+    Ok(())
 }
 
 fn all_empty(turns: &[String]) -> bool {
@@ -229,6 +293,11 @@ fn utf8_error_offset(bytes: &[u8]) -> Option<usize> {
 
 /// Parse an arena CSV. Row numbers in errors count the header as row 1 (see module docs).
 pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
+    parse_csv_limited(bytes, &ParseLimits::default())
+}
+
+/// [`parse_csv`] within `limits`.
+pub fn parse_csv_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedDataset, DatasetError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(DatasetError::Empty);
@@ -291,6 +360,9 @@ pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
             }
         }
         row_no += 1;
+        if row_no - 1 > limits.max_rows {
+            return Err(DatasetError::TooManyRows { limit: limits.max_rows, row: row_no });
+        }
         let mut fields: Vec<&str> = Vec::with_capacity(record.len());
         for field in record.iter() {
             match std::str::from_utf8(field) {
@@ -299,6 +371,11 @@ pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
             }
         }
         let get = |i: usize| fields.get(i).copied().unwrap_or("");
+        for (i, name) in [(i_p, "prompt"), (i_a, "response_a"), (i_b, "response_b")] {
+            if !chars_within(get(i), limits.max_text_chars) {
+                return Err(DatasetError::TextTooLong { row: row_no, column: name.into(), limit: limits.max_text_chars });
+            }
+        }
         let mut ok = true;
         let mut text = |c: &mut Collector, i: usize, name: &str| match parse_turns(get(i)) {
             Ok(t) => t,
@@ -346,6 +423,11 @@ pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
 
 /// Parse an arena JSONL file. Row numbers in errors are line numbers (see module docs).
 pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
+    parse_jsonl_limited(bytes, &ParseLimits::default())
+}
+
+/// [`parse_jsonl`] within `limits`.
+pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedDataset, DatasetError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(DatasetError::Empty);
@@ -360,10 +442,15 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
     };
     let mut objects = Vec::new();
     let mut c = Collector::new(false);
+    let mut data_rows = 0usize;
     for (i, line) in text.lines().enumerate() {
         let row_no = i + 1;
         if line.trim().is_empty() {
             continue;
+        }
+        data_rows += 1;
+        if data_rows > limits.max_rows {
+            return Err(DatasetError::TooManyRows { limit: limits.max_rows, row: row_no });
         }
         match serde_json::from_str::<Value>(line) {
             Ok(Value::Object(map)) => objects.push((row_no, map)),
@@ -403,6 +490,14 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
         let prompt = text(&mut c, "prompt");
         let response_a = text(&mut c, "response_a");
         let response_b = text(&mut c, "response_b");
+        for (name, turns) in [("prompt", &prompt), ("response_a", &response_a), ("response_b", &response_b)] {
+            let bytes: usize = turns.iter().map(String::len).sum();
+            let over = bytes > limits.max_text_chars
+                && turns.iter().map(|t| t.chars().count()).sum::<usize>() > limits.max_text_chars;
+            if over {
+                return Err(DatasetError::TextTooLong { row: row_no, column: name.into(), limit: limits.max_text_chars });
+            }
+        }
         let label = if labelled {
             match json_label(&m) {
                 Ok(l) => Some(l),

@@ -167,7 +167,7 @@ fn mime_essence(ct: &str) -> String {
     responses(
         (status = 201, description = "Stored", body = Dataset),
         (status = 400, description = "Malformed multipart body", body = ErrorBody),
-        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 413, description = "Body over the size limit, or more rows than the limit per dataset", body = ErrorBody),
         (status = 415, description = "Unsupported content type", body = ErrorBody),
         (status = 422, description = "Not a valid arena dataset", body = ErrorBody),
     )
@@ -206,9 +206,10 @@ pub async fn create_dataset(
     }
     let format = declared.or_else(|| file_name.as_deref().and_then(Format::from_file_name)).unwrap_or_else(|| Format::sniff(&bytes));
 
+    let limits = arena::ParseLimits { max_rows: state.limits.max_dataset_rows, max_text_chars: state.limits.max_text_chars };
     let parsed = tokio::task::spawn_blocking(move || match format {
-        Format::Csv => arena::parse_csv(&bytes),
-        Format::Jsonl => arena::parse_jsonl(&bytes),
+        Format::Csv => arena::parse_csv_limited(&bytes, &limits),
+        Format::Jsonl => arena::parse_jsonl_limited(&bytes, &limits),
     })
     .await
     .map_err(ApiError::internal)?
@@ -281,6 +282,16 @@ fn dataset_error(e: DatasetError, format: Format) -> ApiError {
         DatasetError::MissingColumns(cols) => ApiError::unprocessable("missing_column", format!("{e}"))
             .with("column", cols.first())
             .with("row", 1),
+        DatasetError::TooManyRows { limit, row } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_rows",
+            format!("the file has more than {limit} data rows, the limit per dataset; split it"),
+        )
+        .with("limit", limit)
+        .with("row", row),
+        DatasetError::TextTooLong { row, column, limit } => {
+            ApiError::unprocessable("text_too_long", format!("{e}")).with("row", row).with("column", column).with("limit", limit)
+        }
         DatasetError::Rows { errors, total } => {
             let mut err = ApiError::unprocessable("invalid_rows", format!("{total} invalid row(s); the first: {e}"))
                 .with("total_errors", total);

@@ -56,6 +56,8 @@ pub struct PredictLimits {
     pub max_length: usize,
     /// Rows of a CSV sent to `/v1/predict/file`.
     pub max_file_rows: usize,
+    /// Characters of one prompt or response (its turns together).
+    pub max_text_chars: usize,
     /// Adapter used when a request names none; else the newest adapter.
     pub default_adapter: Option<String>,
 }
@@ -296,6 +298,26 @@ fn check_max_length(limits: &PredictLimits, max_length: Option<usize>) -> Result
     }
 }
 
+/// Every prompt and response within the text limit; the error names the first one over it.
+fn check_texts(limits: &PredictLimits, rows: &[ArenaRow], name: impl Fn(usize, &str) -> String) -> Result<(), Rejection> {
+    let max = limits.max_text_chars;
+    for (i, r) in rows.iter().enumerate() {
+        for (field, turns) in [("prompt", &r.prompt), ("response_a", &r.response_a), ("response_b", &r.response_b)] {
+            let bytes: usize = turns.iter().map(String::len).sum();
+            if bytes > max && turns.iter().map(|t| t.chars().count()).sum::<usize>() > max {
+                return Err(ApiError::unprocessable(
+                    "text_too_long",
+                    format!("{} is longer than the limit of {max} characters", name(i, field)),
+                )
+                .with_field(name(i, field))
+                .with("limit", max)
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_pairs(limits: &PredictLimits, n: usize, field: &str) -> Result<(), Rejection> {
     if n == 0 {
         return Err(ApiError::unprocessable("invalid_request", format!("{field} must hold at least one pair")).with_field(field).into());
@@ -402,6 +424,7 @@ async fn predict_native(state: &AppState, body: PredictRequest) -> Result<Predic
         ids.push(p.id.unwrap_or(serde_json::Value::from(i)));
         rows.push(row_of(i, p.prompt, p.response_a, p.response_b));
     }
+    check_texts(limits, &rows, |i, field| format!("pairs[{i}].{field}"))?;
     let scored = score(state, &record, Scoring { rows, symmetric: body.symmetric, max_length: body.max_length }).await?;
     let predictions = scored
         .probabilities()
@@ -485,7 +508,15 @@ pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Resu
     };
     check_pairs(limits, inputs.len(), "inputs")?;
     let record = resolve_adapter(&state, body.adapter.as_deref()).await?;
-    let rows = inputs.into_iter().enumerate().map(|(i, [p, a, b])| row_of(i, p, a, b)).collect();
+    let rows: Vec<ArenaRow> = inputs.into_iter().enumerate().map(|(i, [p, a, b])| row_of(i, p, a, b)).collect();
+    check_texts(limits, &rows, |i, field| {
+        let k = match field {
+            "prompt" => 0,
+            "response_a" => 1,
+            _ => 2,
+        };
+        format!("inputs[{i}][{k}]")
+    })?;
     let scored = score(&state, &record, Scoring { rows, symmetric: body.symmetric, max_length: None }).await?;
     let t = scored.adapter.meta.temperature as f32;
     let scores: Vec<[f32; 3]> = if body.raw_scores {
@@ -527,9 +558,11 @@ pub struct FileParams {
 /// refuse the same files. That parser drops rows whose two responses are empty (they cannot
 /// train), but a submission needs every id: such rows are put back, in file order, and scored
 /// with their empty responses.
-fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiError> {
-    use crate::data::arena::{self, DatasetError};
-    let parsed = arena::parse_csv(bytes).map_err(|e| {
+fn parse_test_csv(bytes: &[u8], max_rows: usize, max_text_chars: usize) -> Result<Vec<ArenaRow>, ApiError> {
+    use crate::data::arena::{self, DatasetError, ParseLimits};
+    // One row over the limit is enough to know the file is too long (answered below).
+    let limits = ParseLimits { max_rows: max_rows.saturating_add(1), max_text_chars };
+    let parsed = arena::parse_csv_limited(bytes, &limits).map_err(|e| {
         let mut err = ApiError::unprocessable("invalid_csv", format!("not a valid arena CSV: {e}"));
         match &e {
             DatasetError::MissingColumns(cols) => {
@@ -546,6 +579,20 @@ fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiErr
             }
             DatasetError::Unreadable { row: Some(r), .. } | DatasetError::NotUtf8 { row: Some(r), .. } => {
                 err = err.with("row", r);
+            }
+            DatasetError::TooManyRows { .. } => {
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_many_rows",
+                    format!("the file has more than {max_rows} rows, the limit; split it"),
+                )
+                .with("limit", max_rows);
+            }
+            DatasetError::TextTooLong { row, column, limit } => {
+                return ApiError::unprocessable("text_too_long", format!("{e}"))
+                    .with("row", row)
+                    .with("column", column)
+                    .with("limit", limit);
             }
             _ => {}
         }
@@ -626,7 +673,7 @@ pub async fn predict_file(State(state): State<AppState>, Query(params): Query<Fi
     } else {
         read_body(req, &state).await?
     };
-    let rows = parse_test_csv(&bytes, limits.max_file_rows)?;
+    let rows = parse_test_csv(&bytes, limits.max_file_rows, limits.max_text_chars)?;
     let record = resolve_adapter(&state, params.adapter.as_deref()).await?;
     let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
     // chunks of the per-request pair limit, two in flight so the engine never waits for the
@@ -699,6 +746,7 @@ impl Predictor {
                 max_pairs: p.predict_max_pairs.max(1),
                 max_length: p.predict_max_length.max(8),
                 max_file_rows: p.predict_max_file_rows.max(1),
+                max_text_chars: args.max_text_chars.max(1),
                 default_adapter: p.default_adapter.clone(),
             }),
         })

@@ -252,7 +252,11 @@ impl Runner {
             .await
             .map_err(|e| PrepareError::User(format!("cannot create the job directory: {e}")))?;
         let resume_from = match self.store.list_checkpoints(&job.id).await {
-            Ok(list) => list.into_iter().map(|c| PathBuf::from(c.path)).find(|p| p.is_dir()),
+            Ok(list) => list
+                .into_iter()
+                .filter(|c| c.file_missing_at.is_none())
+                .map(|c| PathBuf::from(c.path))
+                .find(|p| p.is_dir()),
             Err(e) => {
                 tracing::warn!(error = %e, "could not list checkpoints; starting from scratch");
                 None

@@ -6,11 +6,13 @@
 //! milliseconds; JSON documents are stored as TEXT.
 
 pub mod adapters;
+pub mod api_keys;
 pub mod checkpoints;
 pub mod datasets;
 pub mod files;
 pub mod job_events;
 pub mod jobs;
+pub mod reconcile;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::SqlitePool;
 
 pub use adapters::{AdapterRecord, NewAdapter};
+pub use api_keys::{ApiKeyRecord, Scope};
 pub use checkpoints::CheckpointRecord;
 pub use datasets::{DatasetRecord, NewDataset};
 pub use job_events::{EventRecord, NewEvent};
