@@ -576,6 +576,53 @@ mod tests {
 
     const HEADER: &str = "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
 
+    #[test]
+    fn limits_stop_at_the_first_row_or_text_over_them() {
+        let rows = |n: usize| {
+            let mut s = HEADER.to_string();
+            for i in 0..n {
+                s.push_str(&format!("{i},m,m,q,a,b,1,0,0\n"));
+            }
+            s
+        };
+        let limits = ParseLimits { max_rows: 3, max_text_chars: 5 };
+        assert_eq!(parse_csv_limited(rows(3).as_bytes(), &limits).unwrap().rows.len(), 3);
+        assert_eq!(parse_csv_limited(rows(4).as_bytes(), &limits), Err(DatasetError::TooManyRows { limit: 3, row: 5 }));
+        let long = format!("{HEADER}1,m,m,q,a,b,1,0,0\n2,m,m,q,a,\"bbbbbé\",1,0,0\n");
+        assert_eq!(
+            parse_csv_limited(long.as_bytes(), &limits),
+            Err(DatasetError::TextTooLong { row: 3, column: "response_b".into(), limit: 5 })
+        );
+        // Five characters (six bytes) is within the limit.
+        let ok = format!("{HEADER}1,m,m,q,a,\"bbbbé\",1,0,0\n");
+        assert!(parse_csv_limited(ok.as_bytes(), &limits).is_ok());
+        let jsonl = "{\"id\":1,\"prompt\":[\"abc\",\"def\"],\"response_a\":\"a\",\"response_b\":\"b\"}\n";
+        assert_eq!(
+            parse_jsonl_limited(jsonl.as_bytes(), &limits),
+            Err(DatasetError::TextTooLong { row: 1, column: "prompt".into(), limit: 5 })
+        );
+        let two = "{\"id\":1,\"prompt\":\"p\",\"response_a\":\"a\",\"response_b\":\"b\"}\n".repeat(2);
+        let one_row = ParseLimits { max_rows: 1, max_text_chars: 5 };
+        assert_eq!(parse_jsonl_limited(two.as_bytes(), &one_row), Err(DatasetError::TooManyRows { limit: 1, row: 2 }));
+    }
+
+    #[test]
+    fn formula_and_control_ids_are_row_errors() {
+        for (id, ok) in [("=1+1", false), ("@A1", false), ("+x", false), ("-x", false), ("-12", true), ("+3.5", true), ("a=b", true), ("a\u{1}b", false)] {
+            let csv = format!("{HEADER}\"{id}\",m,m,q,a,b,1,0,0\n");
+            match parse_csv(csv.as_bytes()) {
+                Ok(_) => assert!(ok, "{id:?} accepted"),
+                Err(DatasetError::Rows { errors, .. }) => {
+                    assert!(!ok, "{id:?} refused: {errors:?}");
+                    assert_eq!((errors[0].row, errors[0].column.as_deref()), (2, Some("id")));
+                }
+                Err(e) => panic!("{id:?}: {e}"),
+            }
+        }
+        let long = "x".repeat(MAX_ID_CHARS + 1);
+        assert!(parse_csv(format!("{HEADER}{long},m,m,q,a,b,1,0,0\n").as_bytes()).is_err());
+    }
+
     fn csv_of(rows: &[&str]) -> Vec<u8> {
         let mut s = HEADER.to_string();
         for r in rows {

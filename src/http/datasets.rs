@@ -85,7 +85,8 @@ pub struct DatasetList {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct UploadParams {
-    /// A name for the dataset (defaults to the uploaded file name).
+    /// A name for the dataset (defaults to the uploaded file name): 1 to 200 characters, no
+    /// control characters, no slash or backslash.
     pub name: Option<String>,
 }
 
@@ -229,9 +230,32 @@ pub async fn create_dataset(
             format!("no rows left to train on ({} dropped because both responses were empty)", parsed.dropped_rows),
         ));
     }
-    let name = params.name.or(file_name).map(|n| n.chars().take(200).collect::<String>());
+    if let Some(n) = &params.name {
+        check_dataset_name(n)?;
+    }
+    // A multipart file name is the client's path: only its last component is kept.
+    let file_name = file_name.map(|f| f.rsplit(['/', '\\']).next().unwrap_or("").chars().take(200).collect::<String>()).filter(|f| check_dataset_name(f).is_ok());
+    let name = params.name.or(file_name);
     let record = store_dataset(&state, parsed, format, name).await?;
     Ok((StatusCode::CREATED, axum::Json(Dataset::from(record))))
+}
+
+/// A dataset name is a label (it never names a file): 1 to 200 characters, no control
+/// characters, no path separators.
+fn check_dataset_name(name: &str) -> Result<(), ApiError> {
+    let bad = name.trim().is_empty()
+        || name.chars().count() > 200
+        || name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
+        || name == "."
+        || name == "..";
+    if bad {
+        return Err(ApiError::unprocessable(
+            "invalid_query",
+            "name must be 1 to 200 characters without control characters, '/' or '\\'",
+        )
+        .with_field("name"));
+    }
+    Ok(())
 }
 
 async fn read_multipart(req: Request, state: &AppState) -> Result<(Vec<u8>, Option<Format>, Option<String>), ApiError> {

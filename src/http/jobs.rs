@@ -249,10 +249,11 @@ pub struct EventParams {
 
 fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), ApiError> {
     let ok_chars = value.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
-    if value.is_empty() || value.len() > max || !ok_chars {
+    let ok_start = value.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if value.is_empty() || value.len() > max || !ok_chars || !ok_start {
         return Err(ApiError::unprocessable(
             "invalid_request",
-            format!("{field} must be 1 to {max} characters of letters, digits, '.', '_', ':' or '-'"),
+            format!("{field} must be 1 to {max} characters of letters, digits, '.', '_', ':' or '-', starting with a letter or digit"),
         )
         .with_field(field));
     }

@@ -417,7 +417,6 @@ async fn predict_native(state: &AppState, body: PredictRequest) -> Result<Predic
     let limits = &predictor(state).limits;
     check_pairs(limits, body.pairs.len(), "pairs")?;
     check_max_length(limits, body.max_length)?;
-    let record = resolve_adapter(state, body.adapter.as_deref()).await?;
     let mut ids = Vec::with_capacity(body.pairs.len());
     let mut rows = Vec::with_capacity(body.pairs.len());
     for (i, p) in body.pairs.into_iter().enumerate() {
@@ -425,6 +424,7 @@ async fn predict_native(state: &AppState, body: PredictRequest) -> Result<Predic
         rows.push(row_of(i, p.prompt, p.response_a, p.response_b));
     }
     check_texts(limits, &rows, |i, field| format!("pairs[{i}].{field}"))?;
+    let record = resolve_adapter(state, body.adapter.as_deref()).await?;
     let scored = score(state, &record, Scoring { rows, symmetric: body.symmetric, max_length: body.max_length }).await?;
     let predictions = scored
         .probabilities()
@@ -507,7 +507,6 @@ pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Resu
         TeiInputs::Many(v) => (v, false),
     };
     check_pairs(limits, inputs.len(), "inputs")?;
-    let record = resolve_adapter(&state, body.adapter.as_deref()).await?;
     let rows: Vec<ArenaRow> = inputs.into_iter().enumerate().map(|(i, [p, a, b])| row_of(i, p, a, b)).collect();
     check_texts(limits, &rows, |i, field| {
         let k = match field {
@@ -517,6 +516,7 @@ pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Resu
         };
         format!("inputs[{i}][{k}]")
     })?;
+    let record = resolve_adapter(&state, body.adapter.as_deref()).await?;
     let scored = score(&state, &record, Scoring { rows, symmetric: body.symmetric, max_length: None }).await?;
     let t = scored.adapter.meta.temperature as f32;
     let scores: Vec<[f32; 3]> = if body.raw_scores {
@@ -659,13 +659,21 @@ pub async fn predict_file(State(state): State<AppState>, Query(params): Query<Fi
     check_max_length(&limits, params.max_length)?;
     let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let bytes: Bytes = if ct.starts_with("multipart/form-data") {
+        let limit = state.limits.max_body_bytes;
+        let multipart_error = |e: axum::extract::multipart::MultipartError| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::payload_too_large(limit)
+            } else {
+                ApiError::bad_request("invalid_multipart", e.body_text())
+            }
+        };
         let mut mp = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
         let mut found = None;
-        while let Some(field) = mp.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))? {
+        while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
             if field.name() == Some("file") {
-                found = Some(field.bytes().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?);
+                found = Some(field.bytes().await.map_err(multipart_error)?);
                 break;
             }
         }
