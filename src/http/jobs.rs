@@ -185,6 +185,18 @@ impl From<EventRecord> for JobEvent {
     }
 }
 
+/// One Server-Sent Event of `/events/stream`, as its fields arrive on the wire.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StreamEvent {
+    /// The event id (absent on the final `end` event).
+    pub id: Option<String>,
+    /// The event type (status, log, train_step, eval, checkpoint), or `end` once the job has
+    /// finished.
+    pub event: Option<String>,
+    /// JSON text: a JobEvent, or `{"status": ...}` on the `end` event.
+    pub data: String,
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct EventList {
     /// Oldest first.
@@ -503,8 +515,9 @@ pub async fn list_events(
     tag = "fine-tuning",
     params(("id" = String, Path, description = "Job id"), EventParams),
     responses(
-        (status = 200, description = "Event stream: `id` is the event id, `event` its type, `data` the JobEvent JSON", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Event stream: `id` is the event id, `event` its type, `data` the JobEvent JSON", content_type = "text/event-stream", body = StreamEvent),
         (status = 404, body = ErrorBody),
+        (status = 422, description = "Bad query parameter", body = ErrorBody),
     )
 )]
 pub async fn stream_events(

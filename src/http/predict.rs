@@ -451,7 +451,9 @@ async fn predict_native(state: &AppState, body: PredictRequest) -> Result<Predic
         (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 404, description = "No adapter with that id or name", body = ErrorBody),
         (status = 409, description = "The adapter's files cannot be loaded for its base model", body = ErrorBody),
-        (status = 422, description = "A field is missing or invalid (named in `field`)", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A field is missing or invalid (named in `field`), or a text is over the length limit", body = ErrorBody),
         (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
         (status = 503, description = "The base model cannot be loaded; see Retry-After", body = ErrorBody),
     )
@@ -476,8 +478,12 @@ struct Peek {
         (status = 200, description = "As `/v1/predict`; for a TEI body, one list of `{label, score}` per input (sorted by score)", body = PredictResponse),
         (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 404, description = "No adapter with that id or name", body = ErrorBody),
-        (status = 422, description = "A field is missing or invalid (named in `field`)", body = ErrorBody),
+        (status = 409, description = "The adapter's files cannot be loaded for its base model", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A field is missing or invalid (named in `field`), or a text is over the length limit", body = ErrorBody),
         (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The base model cannot be loaded; see Retry-After", body = ErrorBody),
     )
 )]
 pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Result<Response, Rejection> {
@@ -648,10 +654,13 @@ fn parse_test_csv(bytes: &[u8], max_rows: usize, max_text_chars: usize) -> Resul
     request_body(content = String, content_type = "text/csv", description = "Arena CSV with `id,prompt,response_a,response_b` (raw, or multipart field `file`)"),
     responses(
         (status = 200, description = "Submission CSV `id,winner_model_a,winner_model_b,winner_tie`", body = String, content_type = "text/csv"),
+        (status = 400, description = "Malformed multipart body", body = ErrorBody),
         (status = 404, description = "No adapter with that id or name", body = ErrorBody),
-        (status = 413, description = "Too many rows", body = ErrorBody),
+        (status = 409, description = "The adapter's files cannot be loaded for its base model", body = ErrorBody),
+        (status = 413, description = "Body over the size limit, or too many rows", body = ErrorBody),
         (status = 422, description = "Not a valid arena CSV (line and column named)", body = ErrorBody),
         (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The base model cannot be loaded; see Retry-After", body = ErrorBody),
     )
 )]
 pub async fn predict_file(State(state): State<AppState>, Query(params): Query<FileParams>, req: Request) -> Result<Response, Rejection> {
