@@ -413,17 +413,61 @@ fn row_of(i: usize, prompt: Text, a: Text, b: Text) -> ArenaRow {
     ArenaRow { id: i.to_string(), prompt: prompt.turns(), response_a: a.turns(), response_b: b.turns(), label: None }
 }
 
-async fn predict_native(state: &AppState, body: PredictRequest) -> Result<PredictResponse, Rejection> {
-    let limits = &predictor(state).limits;
+/// A decoded `/v1/predict` body checked against the limits: the ids to echo and the rows.
+pub fn native_rows(body: &mut PredictRequest, limits: &PredictLimits) -> Result<(Vec<serde_json::Value>, Vec<ArenaRow>), Rejection> {
     check_pairs(limits, body.pairs.len(), "pairs")?;
     check_max_length(limits, body.max_length)?;
     let mut ids = Vec::with_capacity(body.pairs.len());
     let mut rows = Vec::with_capacity(body.pairs.len());
-    for (i, p) in body.pairs.into_iter().enumerate() {
+    for (i, p) in std::mem::take(&mut body.pairs).into_iter().enumerate() {
         ids.push(p.id.unwrap_or(serde_json::Value::from(i)));
         rows.push(row_of(i, p.prompt, p.response_a, p.response_b));
     }
     check_texts(limits, &rows, |i, field| format!("pairs[{i}].{field}"))?;
+    Ok((ids, rows))
+}
+
+/// A decoded `/predict` body: the native shape, or TEI's `{"inputs": ...}`.
+pub enum PredictBody {
+    Native(PredictRequest),
+    Tei(TeiRequest),
+}
+
+/// Decodes a `/predict` body: TEI-style when it has `inputs`, else native. Not JSON at all is
+/// the 400 with line and column; the wrong shape the 422 naming the field.
+pub fn decode_predict_body(bytes: &[u8]) -> Result<PredictBody, ApiError> {
+    let tei = match serde_json::from_slice::<Peek>(bytes) {
+        Ok(p) => p.inputs.is_some(),
+        Err(_) => parse_json::<serde::de::IgnoredAny>(bytes).map(|_| false)?,
+    };
+    if tei {
+        parse_json(bytes).map(PredictBody::Tei)
+    } else {
+        parse_json(bytes).map(PredictBody::Native)
+    }
+}
+
+/// A decoded TEI body checked against the limits: its rows, and whether it was one input.
+pub fn tei_rows(body: &mut TeiRequest, limits: &PredictLimits) -> Result<(Vec<ArenaRow>, bool), Rejection> {
+    let (inputs, single) = match std::mem::replace(&mut body.inputs, TeiInputs::Many(Vec::new())) {
+        TeiInputs::One(t) => (vec![t], true),
+        TeiInputs::Many(v) => (v, false),
+    };
+    check_pairs(limits, inputs.len(), "inputs")?;
+    let rows: Vec<ArenaRow> = inputs.into_iter().enumerate().map(|(i, [p, a, b])| row_of(i, p, a, b)).collect();
+    check_texts(limits, &rows, |i, field| {
+        let k = match field {
+            "prompt" => 0,
+            "response_a" => 1,
+            _ => 2,
+        };
+        format!("inputs[{i}][{k}]")
+    })?;
+    Ok((rows, single))
+}
+
+async fn predict_native(state: &AppState, mut body: PredictRequest) -> Result<PredictResponse, Rejection> {
+    let (ids, rows) = native_rows(&mut body, &predictor(state).limits)?;
     let record = resolve_adapter(state, body.adapter.as_deref()).await?;
     let scored = score(state, &record, Scoring { rows, symmetric: body.symmetric, max_length: body.max_length }).await?;
     let predictions = scored
@@ -497,31 +541,11 @@ pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Resu
         .into());
     }
     let bytes = read_body(req, &state).await?;
-    let tei = match serde_json::from_slice::<Peek>(&bytes) {
-        Ok(p) => p.inputs.is_some(),
-        // not JSON at all: the 400 with line and column
-        Err(_) => parse_json::<serde::de::IgnoredAny>(&bytes).map(|_| false)?,
+    let mut body = match decode_predict_body(&bytes)? {
+        PredictBody::Native(body) => return Ok(axum::Json(predict_native(&state, body).await?).into_response()),
+        PredictBody::Tei(body) => body,
     };
-    if !tei {
-        let body: PredictRequest = parse_json(&bytes)?;
-        return Ok(axum::Json(predict_native(&state, body).await?).into_response());
-    }
-    let body: TeiRequest = parse_json(&bytes)?;
-    let limits = &predictor(&state).limits;
-    let (inputs, single) = match body.inputs {
-        TeiInputs::One(t) => (vec![t], true),
-        TeiInputs::Many(v) => (v, false),
-    };
-    check_pairs(limits, inputs.len(), "inputs")?;
-    let rows: Vec<ArenaRow> = inputs.into_iter().enumerate().map(|(i, [p, a, b])| row_of(i, p, a, b)).collect();
-    check_texts(limits, &rows, |i, field| {
-        let k = match field {
-            "prompt" => 0,
-            "response_a" => 1,
-            _ => 2,
-        };
-        format!("inputs[{i}][{k}]")
-    })?;
+    let (rows, single) = tei_rows(&mut body, &predictor(&state).limits)?;
     let record = resolve_adapter(&state, body.adapter.as_deref()).await?;
     let scored = score(&state, &record, Scoring { rows, symmetric: body.symmetric, max_length: None }).await?;
     let t = scored.adapter.meta.temperature as f32;
