@@ -90,6 +90,7 @@ pub async fn reconcile(store: &Store, dirs: &DataDir) {
             datasets_missing = r.datasets_missing,
             adapters_missing = r.adapters_missing,
             temp_removed = r.temp_removed,
+            unreferenced_removed = r.unreferenced_removed,
             "start-up check of the data directory"
         ),
         Err(e) => tracing::warn!(error = %e, "the start-up check of the data directory failed"),

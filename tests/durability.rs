@@ -1,5 +1,6 @@
 //! Start-up reconciliation through the real server: a restart flags checkpoint rows whose
-//! directory is gone and removes the temporary files an interrupted write left behind.
+//! directory is gone and removes the temporary files an interrupted write left behind, and old
+//! dataset files no row names.
 
 mod common;
 
@@ -38,6 +39,9 @@ async fn a_restart_flags_missing_checkpoints_and_removes_orphan_temporaries() {
     let old_tmp = data.join("datasets").join("0190-old.jsonl.1234.tmp");
     std::fs::write(&old_tmp, b"{\"partial\":").unwrap();
     age(&old_tmp, Duration::from_secs(3600));
+    let unreferenced = data.join("datasets").join("0190-no-row.jsonl");
+    std::fs::write(&unreferenced, b"{}\n").unwrap();
+    age(&unreferenced, Duration::from_secs(3600));
     let young_tmp = data.join("datasets").join("0190-young.jsonl.5678.tmp");
     std::fs::write(&young_tmp, b"{\"partial\":").unwrap();
     let dataset_files: Vec<_> = std::fs::read_dir(data.join("datasets")).unwrap().flatten().map(|e| e.path()).collect();
@@ -52,7 +56,8 @@ async fn a_restart_flags_missing_checkpoints_and_removes_orphan_temporaries() {
     assert!(!old_tmp.exists(), "an old temporary dataset file is removed");
     assert!(young_tmp.exists(), "a young temporary file may be another process's write in progress");
     assert!(kept.exists());
-    for f in dataset_files.iter().filter(|p| !p.to_string_lossy().ends_with(".tmp")) {
+    assert!(!unreferenced.exists(), "an old dataset file that no row names is removed");
+    for f in dataset_files.iter().filter(|p| !p.to_string_lossy().ends_with(".tmp") && **p != unreferenced) {
         assert!(f.exists(), "{} is kept", f.display());
     }
     // The dataset is whole and usable.

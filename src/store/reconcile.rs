@@ -9,7 +9,10 @@
 //! - logs dataset and adapter rows whose files are missing (they answer 404/errors on use);
 //! - removes orphan temporary entries: any under the work directory of a job that is not
 //!   running, and any other one older than [`ORPHAN_AGE`] (another process sharing the data
-//!   directory may be writing a young one right now).
+//!   directory may be writing a young one right now);
+//! - removes dataset files and adapter directories that no row names, older than
+//!   [`ORPHAN_AGE`] (a crash between the rename and the insert; a young one may be an upload
+//!   or a job finishing right now).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -29,6 +32,8 @@ pub struct Reconciled {
     pub datasets_missing: usize,
     pub adapters_missing: usize,
     pub temp_removed: usize,
+    /// Dataset files and adapter directories without a row, removed.
+    pub unreferenced_removed: usize,
 }
 
 impl Store {
@@ -44,13 +49,16 @@ impl Store {
         }
         let datasets: Vec<(String, String)> =
             sqlx::query_as("SELECT id, path FROM datasets").fetch_all(&self.pool).await?;
+        let mut known: HashSet<String> = HashSet::new();
         for (id, path) in datasets {
+            known.extend(file_name(&path));
             if !tokio::fs::try_exists(&path).await.unwrap_or(true) {
                 tracing::warn!(dataset_id = %id, path, "dataset file is missing; jobs on it will fail");
                 out.datasets_missing += 1;
             }
         }
         for a in self.list_adapters().await? {
+            known.extend(file_name(&a.path));
             if !tokio::fs::try_exists(&a.path).await.unwrap_or(true) {
                 tracing::warn!(adapter_id = %a.id, path = a.path, "adapter directory is missing");
                 out.adapters_missing += 1;
@@ -64,33 +72,55 @@ impl Store {
                 .map(|(id,)| id)
                 .collect();
         let root = dirs.root().to_path_buf();
-        out.temp_removed = tokio::task::spawn_blocking(move || remove_orphans(&root, &running, SystemTime::now()))
-            .await
-            .unwrap_or(0);
+        let (temp, unreferenced) =
+            tokio::task::spawn_blocking(move || remove_orphans(&root, &running, &known, SystemTime::now()))
+                .await
+                .unwrap_or((0, 0));
+        out.temp_removed = temp;
+        out.unreferenced_removed = unreferenced;
         Ok(out)
     }
 }
 
-/// Removes orphan temporary entries under the data directory; returns how many.
-fn remove_orphans(root: &Path, running: &HashSet<String>, now: SystemTime) -> usize {
-    let mut removed = 0;
+fn file_name(path: &str) -> Option<String> {
+    Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned())
+}
+
+/// Removes orphan temporary entries, then old dataset files and adapter directories that no
+/// row names (`known` holds the file names rows point at); returns how many of each.
+fn remove_orphans(root: &Path, running: &HashSet<String>, known: &HashSet<String>, now: SystemTime) -> (usize, usize) {
+    let mut temp = 0;
     for dir in ["datasets", "adapters"] {
         for tmp in temp_entries(&root.join(dir), 1) {
             if older_than(&tmp, ORPHAN_AGE, now) {
-                removed += remove(&tmp);
+                temp += remove(&tmp);
             }
         }
     }
-    let Ok(jobs) = std::fs::read_dir(root.join("jobs")) else { return removed };
-    for job in jobs.flatten() {
-        let idle = !running.contains(job.file_name().to_string_lossy().as_ref());
-        for tmp in temp_entries(&job.path(), 3) {
-            if idle || older_than(&tmp, ORPHAN_AGE, now) {
-                removed += remove(&tmp);
+    if let Ok(jobs) = std::fs::read_dir(root.join("jobs")) {
+        for job in jobs.flatten() {
+            let idle = !running.contains(job.file_name().to_string_lossy().as_ref());
+            for tmp in temp_entries(&job.path(), 3) {
+                if idle || older_than(&tmp, ORPHAN_AGE, now) {
+                    temp += remove(&tmp);
+                }
             }
         }
     }
-    removed
+    let mut unreferenced = 0;
+    for (dir, is_ours) in [
+        ("datasets", (|n: &str| n.ends_with(".jsonl")) as fn(&str) -> bool),
+        ("adapters", (|n: &str| !n.ends_with(".tmp")) as fn(&str) -> bool),
+    ] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if is_ours(&name) && !known.contains(&name) && older_than(&e.path(), ORPHAN_AGE, now) {
+                unreferenced += remove(&e.path());
+            }
+        }
+    }
+    (temp, unreferenced)
 }
 
 /// Entries named `*.tmp` under `dir`, looking `depth` levels down (not into the temporaries).
@@ -149,12 +179,17 @@ mod tests {
         std::fs::create_dir_all(&busy_ckpt).unwrap();
         let running: HashSet<String> = ["busy".to_string()].into();
 
-        assert_eq!(remove_orphans(root.path(), &running, SystemTime::now()), 1);
-        assert!(!idle_ckpt.exists() && busy_ckpt.exists() && young_dataset.exists() && kept.exists());
+        let unnamed = d.datasets().join("z.jsonl");
+        std::fs::write(&unnamed, b"{}").unwrap();
+        let known: HashSet<String> = ["y.jsonl".to_string()].into();
 
-        // An hour later every temporary is an orphan; finished files stay.
+        assert_eq!(remove_orphans(root.path(), &running, &known, SystemTime::now()), (1, 0));
+        assert!(!idle_ckpt.exists() && busy_ckpt.exists() && young_dataset.exists() && kept.exists() && unnamed.exists());
+
+        // An hour later every temporary is an orphan, and so is a file no row names; files
+        // rows name stay.
         let later = SystemTime::now() + Duration::from_secs(3600);
-        assert_eq!(remove_orphans(root.path(), &running, later), 2);
-        assert!(!busy_ckpt.exists() && !young_dataset.exists() && kept.exists());
+        assert_eq!(remove_orphans(root.path(), &running, &known, later), (2, 1));
+        assert!(!busy_ckpt.exists() && !young_dataset.exists() && !unnamed.exists() && kept.exists());
     }
 }
