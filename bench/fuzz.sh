@@ -8,7 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${FUZZ_SECONDS:-120}"
-jobs="${FUZZ_JOBS:-1}"
 
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 rustup toolchain list | grep -q nightly || { echo "the nightly toolchain is needed: rustup toolchain install nightly" >&2; exit 1; }
@@ -32,7 +31,7 @@ for target in dataset_parser predict_request; do
   mkdir -p fuzz/artifacts/"$target"
   echo "== $target: ${seconds}s"
   cargo +nightly fuzz run --release "$target" "fuzz/corpus/$target" -- \
-    -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 -timeout=10 -jobs="$jobs" -print_final_stats=1 \
+    -max_total_time="$seconds" -max_len=65536 -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
     2>&1 | tee "$log" | grep -E "^(#[0-9]+\s+DONE|stat::|==[0-9]+==|thread .* panicked|SUMMARY)" || true
   if grep -qE "panicked|ERROR: libFuzzer|SUMMARY: .*Sanitizer" "$log"; then
     echo "$target: a crash was found (see $log and fuzz/artifacts/$target/)" >&2
