@@ -185,8 +185,9 @@ pub struct ServeArgs {
     /// Most rows a dataset upload may have.
     #[arg(long, env = "ARBITER_MAX_DATASET_ROWS", default_value_t = 1_000_000)]
     pub max_dataset_rows: usize,
-    /// Longest text, in characters, of one prompt or response (a dataset cell, a predict field).
-    #[arg(long, env = "ARBITER_MAX_TEXT_CHARS", default_value_t = 200_000)]
+    /// Longest text, in characters, of one prompt or response (a dataset cell, a predict field);
+    /// longer is refused. Prediction cuts shorter texts to the token budget.
+    #[arg(long, env = "ARBITER_MAX_TEXT_CHARS", default_value_t = 1_000_000)]
     pub max_text_chars: usize,
     /// Directory that holds the base models a job may name in `base_model`; default: the
     /// directory of --model. No other path on the server is accepted.
