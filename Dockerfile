@@ -38,4 +38,7 @@ USER arbiter:arbiter
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["arbiter"]
+# Listening on 0.0.0.0 needs API keys: pass ARBITER_API_KEYS=admin:<key>,predict:<key>, or
+# create one first with `docker run -v DATA:/data IMAGE keys create --scope admin`; without
+# any key the server refuses to start on a non-loopback address.
 CMD ["serve", "--addr", "0.0.0.0:8080"]
