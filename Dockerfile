@@ -82,4 +82,7 @@ STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8080/readyz || exit 1
 ENTRYPOINT ["arbiter"]
+# Listening on 0.0.0.0 needs API keys: pass ARBITER_API_KEYS=admin:<key>,predict:<key>, or
+# create one first with `docker run -v DATA:/data IMAGE keys create --scope admin`; without
+# any key the server refuses to start on a non-loopback address.
 CMD ["serve"]

@@ -9,7 +9,9 @@ Subcommands:
                             JSON line: requests, errors, pairs/s, tokens/s, p50/p90/p99 latency
 
 Every 200 answer is checked (one prediction per pair, probabilities summing to 1); a non-200
-or a malformed answer counts as an error.
+or a malformed answer counts as an error. With --accept-429 a 429 (overloaded, with
+Retry-After) is counted apart and is no error: the client backs off 100 ms and goes on. With
+--rss-pid the resident memory of that process is sampled every second (Linux /proc).
 """
 
 import argparse
@@ -102,10 +104,11 @@ def register(db, adapter_id, adapter_dir, base):
     con.close()
 
 
-async def http_post(reader, writer, host, path, body):
+async def http_post(reader, writer, host, path, body, key=None):
+    auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
     writer.write(
-        b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-        % (path.encode(), host.encode(), len(body)) + body
+        b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n%sContent-Length: %d\r\n\r\n"
+        % (path.encode(), host.encode(), auth, len(body)) + body
     )
     await writer.drain()
     status_line = await reader.readline()
@@ -149,13 +152,18 @@ async def client(idx, host, port, adapter, pairs_per_request, deadline, out):
             body = json.dumps({"adapter": adapter, "pairs": pairs}).encode()
             t0 = time.monotonic()
             try:
-                status, data = await http_post(reader, writer, host, "/v1/predict", body)
+                status, data = await http_post(reader, writer, host, "/v1/predict", body, out.get("key"))
             except (ConnectionError, asyncio.IncompleteReadError, ValueError) as e:
                 out["errors"].append("connection: %s" % e)
                 writer.close()
                 reader, writer = await asyncio.open_connection(host, port)
                 continue
             dt = time.monotonic() - t0
+            out["statuses"][status] = out["statuses"].get(status, 0) + 1
+            if status == 429 and out.get("accept_429"):
+                out["rejected"] += 1
+                await asyncio.sleep(0.1)
+                continue
             ok = False
             if status == 200:
                 try:
@@ -183,13 +191,33 @@ def pct(sorted_vals, q):
     return sorted_vals[i]
 
 
-async def load(url, adapter, clients, seconds, pairs_per_request, label):
+def rss_mb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return None
+
+
+async def sample_rss(pid, deadline, samples):
+    start = time.monotonic()
+    while time.monotonic() < deadline:
+        samples.append((round(time.monotonic() - start, 1), round(rss_mb(pid), 1)))
+        await asyncio.sleep(1.0)
+    samples.append((round(time.monotonic() - start, 1), round(rss_mb(pid), 1)))
+
+
+async def load(url, adapter, clients, seconds, pairs_per_request, label, key=None, accept_429=False, rss_pid=None):
     hostport = url.split("://", 1)[-1].rstrip("/")
     host, port = hostport.rsplit(":", 1)
-    out = {"latencies": [], "errors": [], "pairs": 0, "tokens": 0}
+    out = {"latencies": [], "errors": [], "pairs": 0, "tokens": 0, "statuses": {}, "rejected": 0,
+           "key": key, "accept_429": accept_429}
     start = time.monotonic()
     deadline = start + seconds
     tasks = [client(i, host, int(port), adapter, pairs_per_request, deadline, out) for i in range(clients)]
+    rss = []
+    if rss_pid:
+        tasks.append(sample_rss(rss_pid, deadline, rss))
     # requests still in flight at the deadline finish (bounded: 120 s more at most)
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=seconds + 120)
     elapsed = time.monotonic() - start
@@ -208,6 +236,14 @@ async def load(url, adapter, clients, seconds, pairs_per_request, label):
         "p90_ms": round(pct(lat, 0.90) * 1000, 1) if lat else None,
         "p99_ms": round(pct(lat, 0.99) * 1000, 1) if lat else None,
     }
+    res["statuses"] = {str(k): v for k, v in sorted(out["statuses"].items())}
+    if accept_429:
+        res["rejected_429"] = out["rejected"]
+    if rss:
+        values = [v for _, v in rss]
+        res["rss_mb"] = {"first": values[0], "at_10s": next((v for t, v in rss if t >= 10), values[-1]),
+                         "max": max(values), "last": values[-1]}
+        res["rss_samples"] = rss
     if out["errors"]:
         res["first_errors"] = out["errors"][:3]
     print(json.dumps(res), flush=True)
@@ -231,13 +267,17 @@ def main():
     lp.add_argument("--seconds", type=float, default=30)
     lp.add_argument("--pairs-per-request", type=int, default=1)
     lp.add_argument("--label", default="")
+    lp.add_argument("--key", default=None, help="API key sent as a bearer token")
+    lp.add_argument("--accept-429", action="store_true", help="a 429 answer is expected under overload, not an error")
+    lp.add_argument("--rss-pid", type=int, default=None, help="sample this process's RSS every second")
     args = ap.parse_args()
     if args.cmd == "adapter":
         make_adapter(args.dir)
     elif args.cmd == "register":
         register(args.db, args.id, args.dir, args.base)
     else:
-        res = asyncio.run(load(args.url, args.adapter, args.clients, args.seconds, args.pairs_per_request, args.label))
+        res = asyncio.run(load(args.url, args.adapter, args.clients, args.seconds, args.pairs_per_request, args.label,
+                               key=args.key, accept_429=args.accept_429, rss_pid=args.rss_pid))
         sys.exit(1 if res["errors"] else 0)
 
 

@@ -4,8 +4,9 @@
 # (unit, HTTP black-box on the real server, model parity, training; the queue suite and the
 # multi-process test on SQLite and on Postgres; the artifact-store suite on S3 and on a local
 # object store), the HTTP suites a second time on Postgres, then the dashboard's end-to-end test
-# in headless Chromium (which installs chromium and playwright-core itself). The servers are
-# stopped at the end.
+# in headless Chromium (which installs chromium and playwright-core itself), then the contract
+# test: schemathesis against the real binary with openapi.yaml (installed from PyPI into a venv
+# under target/ by the script). The servers are stopped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/fetch-model.sh
@@ -26,3 +27,4 @@ cargo test --no-fail-fast "$@"
 # every app on Postgres.
 ARBITER_TEST_DATABASE=postgres cargo test --no-fail-fast --test jobs --test datasets --test health --test predict --test artifacts "$@"
 tests/browser/run.sh
+scripts/contract.sh

@@ -27,6 +27,62 @@ pub enum Command {
     /// Measure training or inference throughput, memory and TFLOP/s (JSON lines).
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Manage the API keys kept in the database (shared by every API node).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it once (only its hash is stored).
+    Create(KeysCreateArgs),
+    /// List keys: id, scope, name, dates (never the key).
+    List(KeysListArgs),
+    /// Revoke a key by id; requests with it are answered 401 from then on.
+    Revoke(KeysRevokeArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysCreateArgs {
+    /// What the key may do: admin (datasets, jobs, adapters, prediction) or predict.
+    #[arg(long, value_parser = ["admin", "predict"])]
+    pub scope: String,
+    /// A note to recognise the key by in `arbiter keys list`.
+    #[arg(long)]
+    pub name: Option<String>,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysListArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KeysRevokeArgs {
+    /// The key's id (the 16 hex digits after `arb_`, as `arbiter keys list` shows).
+    pub id: String,
+    #[command(flatten)]
+    pub store: StoreArgs,
+}
+
+/// A setting that must not be printed: `Debug` shows `***`.
+#[derive(Clone, Default)]
+pub struct Secret(pub String);
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Secret, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("***")
+    }
 }
 
 /// Settings shared by every command that touches the database and the data directory.
@@ -128,6 +184,25 @@ pub struct ServeArgs {
     /// Longest time a request may take before it is answered 408 (streams excepted once started).
     #[arg(long, env = "ARBITER_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
     pub request_timeout_secs: u64,
+    /// Longest time a client may take to send a request's headers before the connection is closed.
+    #[arg(long, env = "ARBITER_HEADER_TIMEOUT_SECS", default_value_t = 15)]
+    pub header_timeout_secs: u64,
+    /// API keys as `scope:key` pairs, comma separated (scope: admin or predict). With none here
+    /// and none created by `arbiter keys create`, the API is open and only a loopback address
+    /// is allowed. Prefer the environment variable to the flag (the flag shows in `ps`).
+    #[arg(long, env = "ARBITER_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<Secret>,
+    /// Most rows a dataset upload may have.
+    #[arg(long, env = "ARBITER_MAX_DATASET_ROWS", default_value_t = 1_000_000)]
+    pub max_dataset_rows: usize,
+    /// Longest text, in characters, of one prompt or response (a dataset cell, a predict field);
+    /// longer is refused. Prediction cuts shorter texts to the token budget.
+    #[arg(long, env = "ARBITER_MAX_TEXT_CHARS", default_value_t = 1_000_000)]
+    pub max_text_chars: usize,
+    /// Directory that holds the base models a job may name in `base_model`; default: the
+    /// directory of --model. No other path on the server is accepted.
+    #[arg(long, env = "ARBITER_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
@@ -196,6 +271,14 @@ mod tests {
         let Command::Worker(w) = s.command else { panic!("worker expected") };
         assert_eq!(w.queue.max_attempts, 5);
         assert_eq!(w.store.database_url(), "sqlite:///tmp/x/arbiter.db");
+    }
+
+    #[test]
+    fn api_keys_are_not_printed() {
+        let s = Settings::try_parse_from(["arbiter", "serve", "--api-keys", "admin:supersecretkey123456"]).unwrap();
+        let Command::Serve(a) = &s.command else { panic!("serve expected") };
+        assert_eq!(a.api_keys.as_ref().map(|k| k.0.as_str()), Some("admin:supersecretkey123456"));
+        assert!(!format!("{s:?}").contains("supersecret"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod config;
 pub mod data;
 pub mod http;
 pub mod jobs;
+pub mod keys;
 pub mod ml;
 pub mod store;
 
@@ -46,6 +47,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         Command::Train(args) => tokio::task::spawn_blocking(move || cli::train(&args)).await?,
         Command::Predict(args) => tokio::task::spawn_blocking(move || cli::predict(&args)).await?,
         Command::Bench(cmd) => tokio::task::spawn_blocking(move || bench::bench(&cmd)).await?,
+        Command::Keys(cmd) => keys::run(cmd).await,
         Command::Serve(args) => {
             let trainer = default_trainer(&args.store)?;
             let app = App::build(args, trainer).await?;
@@ -83,10 +85,33 @@ pub async fn open_store(args: &StoreArgs) -> anyhow::Result<(Store, DataDir, Art
     Ok((store, dirs, artifacts))
 }
 
+/// The start-up check of rows against files (see `store::reconcile`); problems are logged.
+/// With a shared artifact store the data directory is only a working copy (files a node lacks
+/// are fetched when needed), so the check is skipped.
+pub async fn reconcile(store: &Store, dirs: &DataDir, artifacts: &Artifacts) {
+    if artifacts.is_shared() {
+        tracing::info!("shared artifact store: the data directory is a working copy, no start-up file check");
+        return;
+    }
+    match store.reconcile(dirs, store::now_ms()).await {
+        Ok(r) if r == store::reconcile::Reconciled::default() => {}
+        Ok(r) => tracing::warn!(
+            checkpoints_flagged = r.checkpoints_flagged,
+            datasets_missing = r.datasets_missing,
+            adapters_missing = r.adapters_missing,
+            temp_removed = r.temp_removed,
+            unreferenced_removed = r.unreferenced_removed,
+            "start-up check of the data directory"
+        ),
+        Err(e) => tracing::warn!(error = %e, "the start-up check of the data directory failed"),
+    }
+}
+
 /// `arbiter worker`: the job runner alone, until `shutdown`.
 pub async fn run_worker(args: WorkerArgs, trainer: Option<Arc<dyn Trainer>>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = RunnerConfig::from_args(&args.queue, &args.store)?;
     let (store, dirs, artifacts) = open_store(&args.store).await?;
+    reconcile(&store, &dirs, &artifacts).await;
     let runner = Runner::new(store.clone(), dirs, artifacts, trainer, config);
     runner.run(shutdown).await;
     store.close().await;
@@ -101,11 +126,35 @@ pub struct App {
     store: Store,
     runner: Option<Runner>,
     shutdown: CancellationToken,
+    header_timeout: Duration,
+    drain_timeout: Duration,
 }
 
 impl App {
     pub async fn build(args: ServeArgs, trainer: Option<Arc<dyn Trainer>>) -> anyhow::Result<App> {
         let (store, dirs, artifacts) = open_store(&args.store).await?;
+        reconcile(&store, &dirs, &artifacts).await;
+        let loopback = args.addr.ip().is_loopback();
+        let auth = http::auth::Auth::new(args.api_keys.as_ref().map(|k| k.0.as_str()), store.clone(), loopback)?;
+        if !auth.any_keys().await? {
+            anyhow::ensure!(
+                loopback,
+                "refusing to listen on {} without API keys: set ARBITER_API_KEYS (scope:key pairs) or create one with \
+                 `arbiter keys create --scope admin`, or listen on a loopback address such as 127.0.0.1",
+                args.addr
+            );
+            tracing::warn!(
+                addr = %args.addr,
+                "no API keys are configured: the API is open to every local user (set ARBITER_API_KEYS or run `arbiter keys create`)"
+            );
+        } else {
+            tracing::info!(configured = auth.configured_keys(), "API keys required (Authorization: Bearer)");
+        }
+        let models_dir = args
+            .models_dir
+            .clone()
+            .or_else(|| args.store.model.parent().map(std::path::Path::to_path_buf))
+            .unwrap_or_else(|| std::path::PathBuf::from("."));
         let shutdown = CancellationToken::new();
         let queued_reason: Option<Arc<str>> = if args.no_worker {
             Some("this server runs no worker (--no-worker): a separate `arbiter worker` claims queued jobs".into())
@@ -121,7 +170,12 @@ impl App {
             limits: Limits {
                 max_body_bytes: args.max_body_bytes,
                 request_timeout: Duration::from_secs(args.request_timeout_secs.max(1)),
+                header_timeout: Duration::from_secs(args.header_timeout_secs.max(1)),
+                max_dataset_rows: args.max_dataset_rows.max(1),
+                max_text_chars: args.max_text_chars.max(1),
             },
+            auth,
+            models_dir,
             default_model: args.store.model.clone(),
             queued_reason,
             metrics: Arc::default(),
@@ -138,7 +192,9 @@ impl App {
             }
         };
         let listener = TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
-        Ok(App { listener, router: http::router(state), store, runner, shutdown })
+        let header_timeout = state.limits.header_timeout;
+        let drain_timeout = state.limits.request_timeout;
+        Ok(App { listener, router: http::router(state), store, runner, shutdown, header_timeout, drain_timeout })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -159,10 +215,13 @@ impl App {
         let addr = self.listener.local_addr()?;
         tracing::info!(%addr, worker = self.runner.is_some(), "arbiter listening");
         let worker = self.runner.map(|r| tokio::spawn(r.run(self.shutdown.clone())));
-        let token = self.shutdown.clone();
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move { token.cancelled().await })
-            .await;
+        let served = http::serve::serve(
+            self.listener,
+            self.router,
+            http::serve::ServeConfig { header_timeout: self.header_timeout, drain_timeout: self.drain_timeout },
+            self.shutdown.clone(),
+        )
+        .await;
         self.shutdown.cancel();
         if let Some(worker) = worker {
             if tokio::time::timeout(Duration::from_secs(60), worker).await.is_err() {

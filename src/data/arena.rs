@@ -25,6 +25,13 @@
 //! and the first data row is row 2 (rows are CSV records, so a quoted cell spanning several
 //! lines is still one row). In a JSONL file the row is the line number (1-based).
 //!
+//! # Limits and hostile input
+//! [`ParseLimits`] bounds the rows of a file and the characters of one text (a cell, or the
+//! turns of a JSONL field together); the first breach ends parsing. Ids are at most
+//! [`MAX_ID_CHARS`] characters without control characters, and an id that a spreadsheet would
+//! run as a formula (starting with `=`, `+`, `-`, `@`, unless it is a number) is a row error:
+//! ids are written back into submission CSVs (CSV injection).
+//!
 //! # Rows that are dropped
 //! A row whose two responses are both empty (every turn `null` or `""`) is dropped and counted
 //! in [`ParsedDataset::dropped_rows`]; it is still validated (id, label) first, and its id still
@@ -38,6 +45,30 @@ use super::{ArenaRow, Label};
 
 /// At most this many row errors are kept; [`DatasetError::Rows::total`] counts all of them.
 pub const MAX_ROW_ERRORS: usize = 20;
+
+/// Longest id, in characters.
+pub const MAX_ID_CHARS: usize = 256;
+
+/// Bounds on what one file may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParseLimits {
+    /// Data rows (dropped and invalid rows count too).
+    pub max_rows: usize,
+    /// Characters of one prompt or response (a CSV cell as written; a JSONL field's turns together).
+    pub max_text_chars: usize,
+}
+
+impl Default for ParseLimits {
+    /// No limits.
+    fn default() -> Self {
+        ParseLimits { max_rows: usize::MAX, max_text_chars: usize::MAX }
+    }
+}
+
+/// Whether `s` has at most `max` characters.
+fn chars_within(s: &str, max: usize) -> bool {
+    s.len() <= max || s.chars().count() <= max
+}
 
 const LABEL_COLUMNS: [&str; 3] = ["winner_model_a", "winner_model_b", "winner_tie"];
 const TEXT_COLUMNS: [&str; 4] = ["id", "prompt", "response_a", "response_b"];
@@ -111,6 +142,12 @@ pub enum DatasetError {
     /// Row-level problems: the first [`MAX_ROW_ERRORS`] of them, and how many there were.
     #[error("{}", display_rows(.errors, *.total))]
     Rows { errors: Vec<RowError>, total: usize },
+    /// More data rows than [`ParseLimits::max_rows`]; `row` is the first one over.
+    #[error("more than {limit} data rows (row {row} is over the limit)")]
+    TooManyRows { limit: usize, row: usize },
+    /// A text longer than [`ParseLimits::max_text_chars`].
+    #[error("row {row}, column {column}: the text is longer than the limit of {limit} characters")]
+    TextTooLong { row: usize, column: String, limit: usize },
 }
 
 fn display_rows(errors: &[RowError], total: usize) -> String {
@@ -135,6 +172,10 @@ impl DatasetError {
                 .map(|c| RowError { row: 1, column: Some(c.clone()), reason: "missing required column".into() })
                 .collect(),
             DatasetError::Empty => vec![RowError { row: 0, column: None, reason: self.to_string() }],
+            DatasetError::TooManyRows { row, .. } => vec![RowError { row: *row, column: None, reason: self.to_string() }],
+            DatasetError::TextTooLong { row, column, .. } => {
+                vec![RowError { row: *row, column: Some(column.clone()), reason: self.to_string() }]
+            }
         }
     }
 }
@@ -170,6 +211,10 @@ impl Collector {
             self.error(row_no, Some("id"), "id is empty");
             return;
         }
+        if let Err(reason) = check_id(&row.id) {
+            self.error(row_no, Some("id"), reason);
+            return;
+        }
         if !self.ids.insert(row.id.clone()) {
             self.error(row_no, Some("id"), format!("duplicate id {:?}", row.id));
             return;
@@ -194,6 +239,25 @@ impl Collector {
         }
         Ok(self.out)
     }
+}
+
+/// Length, characters and formula-injection rules for ids (see the module docs).
+fn check_id(id: &str) -> Result<(), String> {
+    if !chars_within(id, MAX_ID_CHARS) {
+        return Err(format!("id is longer than {MAX_ID_CHARS} characters"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("id contains a control character".into());
+    }
+    let first = id.chars().next().unwrap_or(' ');
+    if "=+-@".contains(first) && id.parse::<f64>().map_or(true, |f| !f.is_finite()) {
+        return Err(format!(
+            "id {:?} starts with {first:?}: spreadsheets run such cells as formulas (CSV injection); \
+             ids must not start with =, +, - or @ unless they are numbers",
+            id.chars().take(40).collect::<String>()
+        ));
+    }
+    Ok(())
 }
 
 fn all_empty(turns: &[String]) -> bool {
@@ -248,6 +312,11 @@ fn utf8_error_offset(bytes: &[u8]) -> Option<usize> {
 
 /// Parse an arena CSV. Row numbers in errors count the header as row 1 (see module docs).
 pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
+    parse_csv_limited(bytes, &ParseLimits::default())
+}
+
+/// [`parse_csv`] within `limits`.
+pub fn parse_csv_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedDataset, DatasetError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(DatasetError::Empty);
@@ -310,6 +379,9 @@ pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
             }
         }
         row_no += 1;
+        if row_no - 1 > limits.max_rows {
+            return Err(DatasetError::TooManyRows { limit: limits.max_rows, row: row_no });
+        }
         let mut fields: Vec<&str> = Vec::with_capacity(record.len());
         for field in record.iter() {
             match std::str::from_utf8(field) {
@@ -318,6 +390,11 @@ pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
             }
         }
         let get = |i: usize| fields.get(i).copied().unwrap_or("");
+        for (i, name) in [(i_p, "prompt"), (i_a, "response_a"), (i_b, "response_b")] {
+            if !chars_within(get(i), limits.max_text_chars) {
+                return Err(DatasetError::TextTooLong { row: row_no, column: name.into(), limit: limits.max_text_chars });
+            }
+        }
         let mut ok = true;
         let mut text = |c: &mut Collector, i: usize, name: &str| match parse_turns(get(i)) {
             Ok(t) => t,
@@ -365,6 +442,11 @@ pub fn parse_csv(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
 
 /// Parse an arena JSONL file. Row numbers in errors are line numbers (see module docs).
 pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
+    parse_jsonl_limited(bytes, &ParseLimits::default())
+}
+
+/// [`parse_jsonl`] within `limits`.
+pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedDataset, DatasetError> {
     let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(DatasetError::Empty);
@@ -379,10 +461,15 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
     };
     let mut objects = Vec::new();
     let mut c = Collector::new(false);
+    let mut data_rows = 0usize;
     for (i, line) in text.lines().enumerate() {
         let row_no = i + 1;
         if line.trim().is_empty() {
             continue;
+        }
+        data_rows += 1;
+        if data_rows > limits.max_rows {
+            return Err(DatasetError::TooManyRows { limit: limits.max_rows, row: row_no });
         }
         match serde_json::from_str::<Value>(line) {
             Ok(Value::Object(map)) => objects.push((row_no, map)),
@@ -422,6 +509,14 @@ pub fn parse_jsonl(bytes: &[u8]) -> Result<ParsedDataset, DatasetError> {
         let prompt = text(&mut c, "prompt");
         let response_a = text(&mut c, "response_a");
         let response_b = text(&mut c, "response_b");
+        for (name, turns) in [("prompt", &prompt), ("response_a", &response_a), ("response_b", &response_b)] {
+            let bytes: usize = turns.iter().map(String::len).sum();
+            let over = bytes > limits.max_text_chars
+                && turns.iter().map(|t| t.chars().count()).sum::<usize>() > limits.max_text_chars;
+            if over {
+                return Err(DatasetError::TextTooLong { row: row_no, column: name.into(), limit: limits.max_text_chars });
+            }
+        }
         let label = if labelled {
             match json_label(&m) {
                 Ok(l) => Some(l),
@@ -499,6 +594,53 @@ mod tests {
     use super::*;
 
     const HEADER: &str = "id,model_a,model_b,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n";
+
+    #[test]
+    fn limits_stop_at_the_first_row_or_text_over_them() {
+        let rows = |n: usize| {
+            let mut s = HEADER.to_string();
+            for i in 0..n {
+                s.push_str(&format!("{i},m,m,q,a,b,1,0,0\n"));
+            }
+            s
+        };
+        let limits = ParseLimits { max_rows: 3, max_text_chars: 5 };
+        assert_eq!(parse_csv_limited(rows(3).as_bytes(), &limits).unwrap().rows.len(), 3);
+        assert_eq!(parse_csv_limited(rows(4).as_bytes(), &limits), Err(DatasetError::TooManyRows { limit: 3, row: 5 }));
+        let long = format!("{HEADER}1,m,m,q,a,b,1,0,0\n2,m,m,q,a,\"bbbbbé\",1,0,0\n");
+        assert_eq!(
+            parse_csv_limited(long.as_bytes(), &limits),
+            Err(DatasetError::TextTooLong { row: 3, column: "response_b".into(), limit: 5 })
+        );
+        // Five characters (six bytes) is within the limit.
+        let ok = format!("{HEADER}1,m,m,q,a,\"bbbbé\",1,0,0\n");
+        assert!(parse_csv_limited(ok.as_bytes(), &limits).is_ok());
+        let jsonl = "{\"id\":1,\"prompt\":[\"abc\",\"def\"],\"response_a\":\"a\",\"response_b\":\"b\"}\n";
+        assert_eq!(
+            parse_jsonl_limited(jsonl.as_bytes(), &limits),
+            Err(DatasetError::TextTooLong { row: 1, column: "prompt".into(), limit: 5 })
+        );
+        let two = "{\"id\":1,\"prompt\":\"p\",\"response_a\":\"a\",\"response_b\":\"b\"}\n".repeat(2);
+        let one_row = ParseLimits { max_rows: 1, max_text_chars: 5 };
+        assert_eq!(parse_jsonl_limited(two.as_bytes(), &one_row), Err(DatasetError::TooManyRows { limit: 1, row: 2 }));
+    }
+
+    #[test]
+    fn formula_and_control_ids_are_row_errors() {
+        for (id, ok) in [("=1+1", false), ("@A1", false), ("+x", false), ("-x", false), ("-12", true), ("+3.5", true), ("a=b", true), ("a\u{1}b", false)] {
+            let csv = format!("{HEADER}\"{id}\",m,m,q,a,b,1,0,0\n");
+            match parse_csv(csv.as_bytes()) {
+                Ok(_) => assert!(ok, "{id:?} accepted"),
+                Err(DatasetError::Rows { errors, .. }) => {
+                    assert!(!ok, "{id:?} refused: {errors:?}");
+                    assert_eq!((errors[0].row, errors[0].column.as_deref()), (2, Some("id")));
+                }
+                Err(e) => panic!("{id:?}: {e}"),
+            }
+        }
+        let long = "x".repeat(MAX_ID_CHARS + 1);
+        assert!(parse_csv(format!("{HEADER}{long},m,m,q,a,b,1,0,0\n").as_bytes()).is_err());
+    }
 
     fn csv_of(rows: &[&str]) -> Vec<u8> {
         let mut s = HEADER.to_string();

@@ -85,7 +85,8 @@ pub struct DatasetList {
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct UploadParams {
-    /// A name for the dataset (defaults to the uploaded file name).
+    /// A name for the dataset (defaults to the uploaded file name): 1 to 200 characters, no
+    /// control characters, no slash or backslash.
     pub name: Option<String>,
 }
 
@@ -167,7 +168,7 @@ fn mime_essence(ct: &str) -> String {
     responses(
         (status = 201, description = "Stored", body = Dataset),
         (status = 400, description = "Malformed multipart body", body = ErrorBody),
-        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 413, description = "Body over the size limit, or more rows than the limit per dataset", body = ErrorBody),
         (status = 415, description = "Unsupported content type", body = ErrorBody),
         (status = 422, description = "Not a valid arena dataset", body = ErrorBody),
     )
@@ -206,9 +207,10 @@ pub async fn create_dataset(
     }
     let format = declared.or_else(|| file_name.as_deref().and_then(Format::from_file_name)).unwrap_or_else(|| Format::sniff(&bytes));
 
+    let limits = arena::ParseLimits { max_rows: state.limits.max_dataset_rows, max_text_chars: state.limits.max_text_chars };
     let parsed = tokio::task::spawn_blocking(move || match format {
-        Format::Csv => arena::parse_csv(&bytes),
-        Format::Jsonl => arena::parse_jsonl(&bytes),
+        Format::Csv => arena::parse_csv_limited(&bytes, &limits),
+        Format::Jsonl => arena::parse_jsonl_limited(&bytes, &limits),
     })
     .await
     .map_err(ApiError::internal)?
@@ -228,9 +230,32 @@ pub async fn create_dataset(
             format!("no rows left to train on ({} dropped because both responses were empty)", parsed.dropped_rows()),
         ));
     }
-    let name = params.name.or(file_name).map(|n| n.chars().take(200).collect::<String>());
+    if let Some(n) = &params.name {
+        check_dataset_name(n)?;
+    }
+    // A multipart file name is the client's path: only its last component is kept.
+    let file_name = file_name.map(|f| f.rsplit(['/', '\\']).next().unwrap_or("").chars().take(200).collect::<String>()).filter(|f| check_dataset_name(f).is_ok());
+    let name = params.name.or(file_name);
     let record = store_dataset(&state, parsed, format, name).await?;
     Ok((StatusCode::CREATED, axum::Json(Dataset::from(record))))
+}
+
+/// A dataset name is a label (it never names a file): 1 to 200 characters, no control
+/// characters, no path separators.
+fn check_dataset_name(name: &str) -> Result<(), ApiError> {
+    let bad = name.trim().is_empty()
+        || name.chars().count() > 200
+        || name.chars().any(|c| c.is_control() || c == '/' || c == '\\')
+        || name == "."
+        || name == "..";
+    if bad {
+        return Err(ApiError::unprocessable(
+            "invalid_query",
+            "name must be 1 to 200 characters without control characters, '/' or '\\'",
+        )
+        .with_field("name"));
+    }
+    Ok(())
 }
 
 async fn read_multipart(req: Request, state: &AppState) -> Result<(Vec<u8>, Option<Format>, Option<String>), ApiError> {
@@ -281,6 +306,16 @@ fn dataset_error(e: DatasetError, format: Format) -> ApiError {
         DatasetError::MissingColumns(cols) => ApiError::unprocessable("missing_column", format!("{e}"))
             .with("column", cols.first())
             .with("row", 1),
+        DatasetError::TooManyRows { limit, row } => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_rows",
+            format!("the file has more than {limit} data rows, the limit per dataset; split it"),
+        )
+        .with("limit", limit)
+        .with("row", row),
+        DatasetError::TextTooLong { row, column, limit } => {
+            ApiError::unprocessable("text_too_long", format!("{e}")).with("row", row).with("column", column).with("limit", limit)
+        }
         DatasetError::Rows { errors, total } => {
             let mut err = ApiError::unprocessable("invalid_rows", format!("{total} invalid row(s); the first: {e}"))
                 .with("total_errors", total);

@@ -55,8 +55,8 @@ pub struct CreateJob {
     /// Share of the training rows held out for validation, in (0, 1); 0.1 when neither this nor
     /// `validation_dataset_id` is given.
     pub validation_fraction: Option<f64>,
-    /// Base model path on the server (GGUF file or Hugging Face directory); the server default
-    /// when absent.
+    /// A base model in the server's models directory (GGUF file or Hugging Face directory), by
+    /// path relative to that directory or as a full path; the server default when absent.
     pub base_model: Option<String>,
     /// Training settings; every field has the notebook's value as default.
     #[serde(default)]
@@ -277,6 +277,18 @@ impl From<EventRecord> for JobEvent {
     }
 }
 
+/// One Server-Sent Event of `/events/stream`, as its fields arrive on the wire.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct StreamEvent {
+    /// The event id (absent on the final `end` event).
+    pub id: Option<String>,
+    /// The event type (status, log, train_step, eval, checkpoint), or `end` once the job has
+    /// finished.
+    pub event: Option<String>,
+    /// JSON text: a JobEvent, or `{"status": ...}` on the `end` event.
+    pub data: String,
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct EventList {
     /// Oldest first.
@@ -296,6 +308,8 @@ pub struct Checkpoint {
     pub metrics: Option<serde_json::Value>,
     #[schema(format = DateTime)]
     pub created_at: String,
+    /// The checkpoint's files were found missing at a start-up check; a resume skips it.
+    pub file_missing: bool,
 }
 
 impl From<CheckpointRecord> for Checkpoint {
@@ -306,6 +320,7 @@ impl From<CheckpointRecord> for Checkpoint {
             attempt: c.attempt,
             metrics: c.metrics.as_deref().map(json_doc),
             created_at: timestamp(c.created_at),
+            file_missing: c.file_missing_at.is_some(),
         }
     }
 }
@@ -338,14 +353,37 @@ pub struct EventParams {
 
 fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), ApiError> {
     let ok_chars = value.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
-    if value.is_empty() || value.len() > max || !ok_chars {
+    let ok_start = value.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if value.is_empty() || value.len() > max || !ok_chars || !ok_start {
         return Err(ApiError::unprocessable(
             "invalid_request",
-            format!("{field} must be 1 to {max} characters of letters, digits, '.', '_', ':' or '-'"),
+            format!("{field} must be 1 to {max} characters of letters, digits, '.', '_', ':' or '-', starting with a letter or digit"),
         )
         .with_field(field));
     }
     Ok(())
+}
+
+/// A `base_model` named in a request: a file or directory inside the models directory, given
+/// relative to it or as a full path. The name is checked before it touches the file system
+/// (no `..`, no NUL), and the resolved path (symbolic links followed) must stay inside.
+async fn resolve_base_model(models_dir: &std::path::Path, name: &str) -> Result<String, ApiError> {
+    use std::path::{Component, Path};
+    let invalid = |why: String| ApiError::unprocessable("invalid_request", why).with_field("base_model");
+    let path = Path::new(name);
+    if name.len() > 4096 || name.contains('\0') || path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(invalid("base_model must name a model inside the server's models directory, without `..`".into()));
+    }
+    let root = tokio::fs::canonicalize(models_dir)
+        .await
+        .map_err(|_| invalid("this server has no models directory: only its default base model can be used".into()))?;
+    let candidate = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
+    let not_found = || invalid(format!("base_model {name:?} is not a model file or directory in the server's models directory"));
+    let resolved = tokio::fs::canonicalize(&candidate).await.map_err(|_| not_found())?;
+    if !resolved.starts_with(&root) || resolved == root {
+        return Err(not_found());
+    }
+    Ok(resolved.to_string_lossy().into_owned())
 }
 
 /// Submit a fine-tuning job.
@@ -403,16 +441,8 @@ pub async fn create_job(State(state): State<AppState>, Json(body): Json<CreateJo
         Some(m) if m.trim().is_empty() => {
             return Err(ApiError::unprocessable("invalid_request", "base_model must not be empty").with_field("base_model"))
         }
-        Some(m) => {
-            if !std::path::Path::new(m).exists() {
-                return Err(ApiError::unprocessable(
-                    "invalid_request",
-                    format!("base_model {m:?} is not a model file or directory on the server"),
-                )
-                .with_field("base_model"));
-            }
-            m.clone()
-        }
+        Some(m) if *m == state.default_model.to_string_lossy() => m.clone(),
+        Some(m) => resolve_base_model(&state.models_dir, m).await?,
         None => state.default_model.to_string_lossy().into_owned(),
     };
     let hyperparameters = serde_json::to_value(&body.hyperparameters).map_err(ApiError::internal)?;
@@ -584,8 +614,9 @@ pub async fn list_events(
     tag = "fine-tuning",
     params(("id" = String, Path, description = "Job id"), EventParams),
     responses(
-        (status = 200, description = "Event stream: `id` is the event id, `event` its type, `data` the JobEvent JSON", content_type = "text/event-stream", body = String),
+        (status = 200, description = "Event stream: `id` is the event id, `event` its type, `data` the JobEvent JSON", content_type = "text/event-stream", body = StreamEvent),
         (status = 404, body = ErrorBody),
+        (status = 422, description = "Bad query parameter", body = ErrorBody),
     )
 )]
 pub async fn stream_events(

@@ -2,6 +2,7 @@
 //! its own `router()` and OpenAPI fragment (`ApiDoc`), merged here and in `openapi.rs`.
 
 pub mod adapters;
+pub mod auth;
 pub mod dashboard;
 pub mod datasets;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod jobs;
 pub mod metrics;
 pub mod openapi;
 pub mod predict;
+pub mod serve;
 pub mod workers;
 
 use std::path::PathBuf;
@@ -34,6 +36,12 @@ use crate::store::Store;
 pub struct Limits {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
+    /// Longest time a client may take to send a request's headers.
+    pub header_timeout: Duration,
+    /// Rows per dataset upload.
+    pub max_dataset_rows: usize,
+    /// Characters per prompt or response (a dataset cell, a predict field).
+    pub max_text_chars: usize,
 }
 
 /// What every handler can reach.
@@ -58,18 +66,26 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// The inference engine and the prediction limits.
     pub predictor: predict::Predictor,
+    /// API keys and scopes.
+    pub auth: auth::Auth,
+    /// The only directory a job's `base_model` may name a file or directory in.
+    pub models_dir: PathBuf,
 }
 
-/// The whole application: routes first, then layers (so the layers see every route).
+/// The whole application: routes first, then layers (so the layers see every route). Each
+/// resource asks for its API key scope with a route layer (an unknown path stays a 404);
+/// health, metrics and the dashboard page are open.
 pub fn router(state: AppState) -> Router {
+    use crate::store::Scope;
+    let admin = axum::middleware::from_fn_with_state((state.auth.clone(), Scope::Admin), auth::require);
+    let predict = axum::middleware::from_fn_with_state((state.auth.clone(), Scope::Predict), auth::require);
     let routes = Router::new()
-        .merge(datasets::router())
-        .merge(jobs::router())
+        .merge(datasets::router().route_layer(admin.clone()))
+        .merge(jobs::router().route_layer(admin.clone()))
+        .merge(adapters::router().route_layer(admin.clone()))
+        .merge(workers::router().route_layer(admin))
+        .merge(predict::router().route_layer(predict))
         .merge(health::router())
-        // Resources added by other modules merge here, e.g. `.merge(predict::router())`.
-        .merge(predict::router())
-        .merge(adapters::router())
-        .merge(workers::router())
         .merge(dashboard::router())
         .fallback(error::route_not_found)
         .method_not_allowed_fallback(error::method_not_allowed);

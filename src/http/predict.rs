@@ -56,6 +56,8 @@ pub struct PredictLimits {
     pub max_length: usize,
     /// Rows of a CSV sent to `/v1/predict/file`.
     pub max_file_rows: usize,
+    /// Characters of one prompt or response (its turns together).
+    pub max_text_chars: usize,
     /// Adapter used when a request names none; else the newest adapter.
     pub default_adapter: Option<String>,
 }
@@ -296,6 +298,26 @@ fn check_max_length(limits: &PredictLimits, max_length: Option<usize>) -> Result
     }
 }
 
+/// Every prompt and response within the text limit; the error names the first one over it.
+fn check_texts(limits: &PredictLimits, rows: &[ArenaRow], name: impl Fn(usize, &str) -> String) -> Result<(), Rejection> {
+    let max = limits.max_text_chars;
+    for (i, r) in rows.iter().enumerate() {
+        for (field, turns) in [("prompt", &r.prompt), ("response_a", &r.response_a), ("response_b", &r.response_b)] {
+            let bytes: usize = turns.iter().map(String::len).sum();
+            if bytes > max && turns.iter().map(|t| t.chars().count()).sum::<usize>() > max {
+                return Err(ApiError::unprocessable(
+                    "text_too_long",
+                    format!("{} is longer than the limit of {max} characters", name(i, field)),
+                )
+                .with_field(name(i, field))
+                .with("limit", max)
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
 fn check_pairs(limits: &PredictLimits, n: usize, field: &str) -> Result<(), Rejection> {
     if n == 0 {
         return Err(ApiError::unprocessable("invalid_request", format!("{field} must hold at least one pair")).with_field(field).into());
@@ -391,17 +413,62 @@ fn row_of(i: usize, prompt: Text, a: Text, b: Text) -> ArenaRow {
     ArenaRow { id: i.to_string(), prompt: prompt.turns(), response_a: a.turns(), response_b: b.turns(), label: None }
 }
 
-async fn predict_native(state: &AppState, body: PredictRequest) -> Result<PredictResponse, Rejection> {
-    let limits = &predictor(state).limits;
+/// A decoded `/v1/predict` body checked against the limits: the ids to echo and the rows.
+pub fn native_rows(body: &mut PredictRequest, limits: &PredictLimits) -> Result<(Vec<serde_json::Value>, Vec<ArenaRow>), Rejection> {
     check_pairs(limits, body.pairs.len(), "pairs")?;
     check_max_length(limits, body.max_length)?;
-    let record = resolve_adapter(state, body.adapter.as_deref()).await?;
     let mut ids = Vec::with_capacity(body.pairs.len());
     let mut rows = Vec::with_capacity(body.pairs.len());
-    for (i, p) in body.pairs.into_iter().enumerate() {
+    for (i, p) in std::mem::take(&mut body.pairs).into_iter().enumerate() {
         ids.push(p.id.unwrap_or(serde_json::Value::from(i)));
         rows.push(row_of(i, p.prompt, p.response_a, p.response_b));
     }
+    check_texts(limits, &rows, |i, field| format!("pairs[{i}].{field}"))?;
+    Ok((ids, rows))
+}
+
+/// A decoded `/predict` body: the native shape, or TEI's `{"inputs": ...}`.
+pub enum PredictBody {
+    Native(PredictRequest),
+    Tei(TeiRequest),
+}
+
+/// Decodes a `/predict` body: TEI-style when it has `inputs`, else native. Not JSON at all is
+/// the 400 with line and column; the wrong shape the 422 naming the field.
+pub fn decode_predict_body(bytes: &[u8]) -> Result<PredictBody, ApiError> {
+    let tei = match serde_json::from_slice::<Peek>(bytes) {
+        Ok(p) => p.inputs.is_some(),
+        Err(_) => parse_json::<serde::de::IgnoredAny>(bytes).map(|_| false)?,
+    };
+    if tei {
+        parse_json(bytes).map(PredictBody::Tei)
+    } else {
+        parse_json(bytes).map(PredictBody::Native)
+    }
+}
+
+/// A decoded TEI body checked against the limits: its rows, and whether it was one input.
+pub fn tei_rows(body: &mut TeiRequest, limits: &PredictLimits) -> Result<(Vec<ArenaRow>, bool), Rejection> {
+    let (inputs, single) = match std::mem::replace(&mut body.inputs, TeiInputs::Many(Vec::new())) {
+        TeiInputs::One(t) => (vec![t], true),
+        TeiInputs::Many(v) => (v, false),
+    };
+    check_pairs(limits, inputs.len(), "inputs")?;
+    let rows: Vec<ArenaRow> = inputs.into_iter().enumerate().map(|(i, [p, a, b])| row_of(i, p, a, b)).collect();
+    check_texts(limits, &rows, |i, field| {
+        let k = match field {
+            "prompt" => 0,
+            "response_a" => 1,
+            _ => 2,
+        };
+        format!("inputs[{i}][{k}]")
+    })?;
+    Ok((rows, single))
+}
+
+async fn predict_native(state: &AppState, mut body: PredictRequest) -> Result<PredictResponse, Rejection> {
+    let (ids, rows) = native_rows(&mut body, &predictor(state).limits)?;
+    let record = resolve_adapter(state, body.adapter.as_deref()).await?;
     let scored = score(state, &record, Scoring { rows, symmetric: body.symmetric, max_length: body.max_length }).await?;
     let predictions = scored
         .probabilities()
@@ -428,7 +495,9 @@ async fn predict_native(state: &AppState, body: PredictRequest) -> Result<Predic
         (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 404, description = "No adapter with that id or name", body = ErrorBody),
         (status = 409, description = "The adapter's files cannot be loaded for its base model", body = ErrorBody),
-        (status = 422, description = "A field is missing or invalid (named in `field`)", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A field is missing or invalid (named in `field`), or a text is over the length limit", body = ErrorBody),
         (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
         (status = 503, description = "The base model cannot be loaded; see Retry-After", body = ErrorBody),
     )
@@ -453,8 +522,12 @@ struct Peek {
         (status = 200, description = "As `/v1/predict`; for a TEI body, one list of `{label, score}` per input (sorted by score)", body = PredictResponse),
         (status = 400, description = "The body is not JSON", body = ErrorBody),
         (status = 404, description = "No adapter with that id or name", body = ErrorBody),
-        (status = 422, description = "A field is missing or invalid (named in `field`)", body = ErrorBody),
+        (status = 409, description = "The adapter's files cannot be loaded for its base model", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 415, description = "Not JSON", body = ErrorBody),
+        (status = 422, description = "A field is missing or invalid (named in `field`), or a text is over the length limit", body = ErrorBody),
         (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The base model cannot be loaded; see Retry-After", body = ErrorBody),
     )
 )]
 pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Result<Response, Rejection> {
@@ -468,24 +541,12 @@ pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Resu
         .into());
     }
     let bytes = read_body(req, &state).await?;
-    let tei = match serde_json::from_slice::<Peek>(&bytes) {
-        Ok(p) => p.inputs.is_some(),
-        // not JSON at all: the 400 with line and column
-        Err(_) => parse_json::<serde::de::IgnoredAny>(&bytes).map(|_| false)?,
+    let mut body = match decode_predict_body(&bytes)? {
+        PredictBody::Native(body) => return Ok(axum::Json(predict_native(&state, body).await?).into_response()),
+        PredictBody::Tei(body) => body,
     };
-    if !tei {
-        let body: PredictRequest = parse_json(&bytes)?;
-        return Ok(axum::Json(predict_native(&state, body).await?).into_response());
-    }
-    let body: TeiRequest = parse_json(&bytes)?;
-    let limits = &predictor(&state).limits;
-    let (inputs, single) = match body.inputs {
-        TeiInputs::One(t) => (vec![t], true),
-        TeiInputs::Many(v) => (v, false),
-    };
-    check_pairs(limits, inputs.len(), "inputs")?;
+    let (rows, single) = tei_rows(&mut body, &predictor(&state).limits)?;
     let record = resolve_adapter(&state, body.adapter.as_deref()).await?;
-    let rows = inputs.into_iter().enumerate().map(|(i, [p, a, b])| row_of(i, p, a, b)).collect();
     let scored = score(&state, &record, Scoring { rows, symmetric: body.symmetric, max_length: None }).await?;
     let t = scored.adapter.meta.temperature as f32;
     let scores: Vec<[f32; 3]> = if body.raw_scores {
@@ -526,9 +587,11 @@ pub struct FileParams {
 /// fine too, its labels are ignored) with the dataset parser, so both endpoints accept and
 /// refuse the same files. Rows whose two responses are empty (which a training set drops) are
 /// kept and scored with their empty responses: a submission needs every id.
-fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiError> {
-    use crate::data::arena::{self, DatasetError};
-    let parsed = arena::parse_csv(bytes).map_err(|e| {
+fn parse_test_csv(bytes: &[u8], max_rows: usize, max_text_chars: usize) -> Result<Vec<ArenaRow>, ApiError> {
+    use crate::data::arena::{self, DatasetError, ParseLimits};
+    // One row over the limit is enough to know the file is too long (answered below).
+    let limits = ParseLimits { max_rows: max_rows.saturating_add(1), max_text_chars };
+    let parsed = arena::parse_csv_limited(bytes, &limits).map_err(|e| {
         let mut err = ApiError::unprocessable("invalid_csv", format!("not a valid arena CSV: {e}"));
         match &e {
             DatasetError::MissingColumns(cols) => {
@@ -545,6 +608,20 @@ fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiErr
             }
             DatasetError::Unreadable { row: Some(r), .. } | DatasetError::NotUtf8 { row: Some(r), .. } => {
                 err = err.with("row", r);
+            }
+            DatasetError::TooManyRows { .. } => {
+                return ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_many_rows",
+                    format!("the file has more than {max_rows} rows, the limit; split it"),
+                )
+                .with("limit", max_rows);
+            }
+            DatasetError::TextTooLong { row, column, limit } => {
+                return ApiError::unprocessable("text_too_long", format!("{e}"))
+                    .with("row", row)
+                    .with("column", column)
+                    .with("limit", limit);
             }
             _ => {}
         }
@@ -571,10 +648,13 @@ fn parse_test_csv(bytes: &[u8], max_rows: usize) -> Result<Vec<ArenaRow>, ApiErr
     request_body(content = String, content_type = "text/csv", description = "Arena CSV with `id,prompt,response_a,response_b` (raw, or multipart field `file`)"),
     responses(
         (status = 200, description = "Submission CSV `id,winner_model_a,winner_model_b,winner_tie`", body = String, content_type = "text/csv"),
+        (status = 400, description = "Malformed multipart body", body = ErrorBody),
         (status = 404, description = "No adapter with that id or name", body = ErrorBody),
-        (status = 413, description = "Too many rows", body = ErrorBody),
+        (status = 409, description = "The adapter's files cannot be loaded for its base model", body = ErrorBody),
+        (status = 413, description = "Body over the size limit, or too many rows", body = ErrorBody),
         (status = 422, description = "Not a valid arena CSV (line and column named)", body = ErrorBody),
         (status = 429, description = "The predictor's queue is full; see Retry-After", body = ErrorBody),
+        (status = 503, description = "The base model cannot be loaded; see Retry-After", body = ErrorBody),
     )
 )]
 pub async fn predict_file(State(state): State<AppState>, Query(params): Query<FileParams>, req: Request) -> Result<Response, Rejection> {
@@ -582,13 +662,21 @@ pub async fn predict_file(State(state): State<AppState>, Query(params): Query<Fi
     check_max_length(&limits, params.max_length)?;
     let ct = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     let bytes: Bytes = if ct.starts_with("multipart/form-data") {
+        let limit = state.limits.max_body_bytes;
+        let multipart_error = |e: axum::extract::multipart::MultipartError| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::payload_too_large(limit)
+            } else {
+                ApiError::bad_request("invalid_multipart", e.body_text())
+            }
+        };
         let mut mp = Multipart::from_request(req, &state)
             .await
             .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
         let mut found = None;
-        while let Some(field) = mp.next_field().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))? {
+        while let Some(field) = mp.next_field().await.map_err(multipart_error)? {
             if field.name() == Some("file") {
-                found = Some(field.bytes().await.map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?);
+                found = Some(field.bytes().await.map_err(multipart_error)?);
                 break;
             }
         }
@@ -596,7 +684,7 @@ pub async fn predict_file(State(state): State<AppState>, Query(params): Query<Fi
     } else {
         read_body(req, &state).await?
     };
-    let rows = parse_test_csv(&bytes, limits.max_file_rows)?;
+    let rows = parse_test_csv(&bytes, limits.max_file_rows, limits.max_text_chars)?;
     let record = resolve_adapter(&state, params.adapter.as_deref()).await?;
     let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
     // chunks of the per-request pair limit, two in flight so the engine never waits for the
@@ -669,6 +757,7 @@ impl Predictor {
                 max_pairs: p.predict_max_pairs.max(1),
                 max_length: p.predict_max_length.max(8),
                 max_file_rows: p.predict_max_file_rows.max(1),
+                max_text_chars: args.max_text_chars.max(1),
                 default_adapter: p.default_adapter.clone(),
             }),
         })

@@ -310,7 +310,8 @@ impl Runner {
         let resume_from = match self.store.list_checkpoints(&job.id).await {
             Ok(list) => {
                 let mut found = None;
-                for c in list {
+                // rows flagged at start-up as having lost their files are skipped
+                for c in list.into_iter().filter(|c| c.file_missing_at.is_none()) {
                     match self.artifacts.checkpoint_dir(&job.id, &c.path).await {
                         Ok(Some(dir)) => {
                             found = Some(dir);

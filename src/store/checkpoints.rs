@@ -14,9 +14,12 @@ pub struct CheckpointRecord {
     /// JSON document (evaluation metrics at that step), if any.
     pub metrics: Option<String>,
     pub created_at: i64,
+    /// Set when a start-up check found the directory gone (Unix milliseconds of that check).
+    pub file_missing_at: Option<i64>,
 }
 
-const COLUMNS: &str = "id, job_id, attempt, step, path, metrics, created_at";
+const COLUMNS: &str = "id, job_id, attempt, step, path, metrics, created_at, file_missing_at";
+const INSERT_COLUMNS: &str = "id, job_id, attempt, step, path, metrics, created_at";
 
 impl Store {
     pub async fn insert_checkpoint(
@@ -29,7 +32,7 @@ impl Store {
         now: i64,
     ) -> Result<CheckpointRecord> {
         let metrics = metrics.map(serde_json::to_string).transpose()?;
-        let sql = format!("INSERT INTO checkpoints ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}");
+        let sql = format!("INSERT INTO checkpoints ({INSERT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}");
         let id = uuid::Uuid::now_v7().to_string();
         Ok(with_pool!(self, pool => sqlx::query_as::<_, CheckpointRecord>(&sql)
             .bind(&id)
@@ -48,5 +51,18 @@ impl Store {
         let order = self.sql("rowid", "seq");
         let sql = format!("SELECT {COLUMNS} FROM checkpoints WHERE job_id = $1 ORDER BY step DESC, {order} DESC");
         Ok(with_pool!(self, pool => sqlx::query_as::<_, CheckpointRecord>(&sql).bind(job_id).fetch_all(pool).await)?)
+    }
+
+    /// Every checkpoint not yet flagged as missing (id, path), for the start-up check.
+    pub async fn unflagged_checkpoint_paths(&self) -> Result<Vec<(String, String)>> {
+        let sql = "SELECT id, path FROM checkpoints WHERE file_missing_at IS NULL";
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, (String, String)>(sql).fetch_all(pool).await)?)
+    }
+
+    /// Flags a checkpoint whose directory is gone.
+    pub async fn flag_checkpoint_missing(&self, id: &str, now: i64) -> Result<()> {
+        let sql = "UPDATE checkpoints SET file_missing_at = $1 WHERE id = $2";
+        with_pool!(self, pool => sqlx::query(sql).bind(now).bind(id).execute(pool).await.map(|_| ()))?;
+        Ok(())
     }
 }

@@ -22,12 +22,14 @@ macro_rules! with_pool {
 }
 
 pub mod adapters;
+pub mod api_keys;
 pub mod artifacts;
 pub mod checkpoints;
 pub mod datasets;
 pub mod files;
 pub mod job_events;
 pub mod jobs;
+pub mod reconcile;
 pub mod workers;
 
 use std::str::FromStr;
@@ -38,6 +40,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{PgPool, SqlitePool};
 
 pub use adapters::{AdapterRecord, NewAdapter};
+pub use api_keys::{ApiKeyRecord, Scope};
 pub use checkpoints::CheckpointRecord;
 pub use datasets::{DatasetRecord, NewDataset};
 pub use job_events::{EventRecord, NewEvent};

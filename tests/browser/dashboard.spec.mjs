@@ -91,7 +91,7 @@ async function startServer() {
     assert.ok(existsSync(cmd), `server binary ${cmd} exists (cargo build)`);
     args = ['serve', '--addr', `127.0.0.1:${port}`, '--data-dir', dataDir];
     env.ARBITER_MODEL = process.env.ARBITER_MODEL || path.join(root, 'models/SmolLM2-135M-Instruct.Q4_1.gguf');
-    env.ARBITER_API_KEY = API_KEY; // honoured once the server has auth; ignored before
+    env.ARBITER_API_KEYS = `admin:${API_KEY}`; // auth on: the page must ask for the key and send it
   }
   log(`starting ${path.relative(root, cmd) || cmd} ${args.join(' ')}`);
   server = spawn(cmd, args, { cwd: root, env, stdio: ['ignore', 'pipe', 'pipe'] });
@@ -195,6 +195,9 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
 
   await step('the API key is asked once when the server wants one, then sent', async (st) => {
     const probe = await fetch(`${baseUrl}/v1/fine-tuning/jobs`);
+    if (!process.env.ARBITER_URL) {
+      assert.equal(probe.status, 401, 'the server started here has API keys: /v1 without one is 401');
+    }
     if (probe.status !== 401) {
       st.diagnostic('server answers /v1 without a key: auth is off, the key dialog is not exercised here (MOCK=1 exercises it)');
       return;

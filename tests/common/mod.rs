@@ -159,6 +159,13 @@ impl Spawn {
         self
     }
 
+    /// Use this data directory (e.g. that of a server that was shut down; with SQLite, its
+    /// database too).
+    pub fn in_dir(mut self, dir: Arc<TempDir>) -> Spawn {
+        self.dir = Some(dir);
+        self
+    }
+
     /// Share the data directory and the database of `other`.
     pub fn same_data_as(mut self, other: &TestApp) -> Spawn {
         self.dir = Some(other.dir.clone());
