@@ -110,42 +110,28 @@ def safetensors_ok(path):
     return size == 8 + n + end
 
 
-def lock_holder(data_dir, job_id):
-    """The worker holding a job's lease (the API does not expose it; read the database)."""
+def query(data_dir, sql, args=()):
+    """Rows of a read-only query on the service's SQLite file (what the API does not expose)."""
     db = sqlite3.connect(f"file:{os.path.join(data_dir, 'arbiter.db')}?mode=ro", uri=True, timeout=5)
     try:
-        row = db.execute("SELECT lock_by FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        return row[0] if row else None
+        return db.execute(sql, args).fetchall()
     finally:
         db.close()
+
+
+def lock_holder(data_dir, job_id):
+    """The worker holding a job's lease."""
+    rows = query(data_dir, "SELECT lock_by FROM jobs WHERE id = ?", (job_id,))
+    return rows[0][0] if rows else None
 
 
 def checkpointed_running_job(data_dir):
     """(job, worker, step) of a running attempt that has written a checkpoint, if any."""
-    db = sqlite3.connect(f"file:{os.path.join(data_dir, 'arbiter.db')}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute(
-            "SELECT j.id, j.lock_by, MAX(c.step) FROM jobs j JOIN checkpoints c "
-            "ON c.job_id = j.id AND c.attempt = j.attempt WHERE j.status = 'running' "
-            "GROUP BY j.id, j.lock_by LIMIT 1").fetchone()
-    finally:
-        db.close()
-
-
-def checkpoint_steps(data_dir, job_id):
-    db = sqlite3.connect(f"file:{os.path.join(data_dir, 'arbiter.db')}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute("SELECT attempt, step FROM checkpoints WHERE job_id = ?", (job_id,)).fetchall()
-    finally:
-        db.close()
-
-
-def checkpoint_paths(data_dir, job_id):
-    db = sqlite3.connect(f"file:{os.path.join(data_dir, 'arbiter.db')}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute("SELECT step, path FROM checkpoints WHERE job_id = ?", (job_id,)).fetchall()
-    finally:
-        db.close()
+    rows = query(data_dir,
+                 "SELECT j.id, j.lock_by, MAX(c.step) FROM jobs j JOIN checkpoints c "
+                 "ON c.job_id = j.id AND c.attempt = j.attempt WHERE j.status = 'running' "
+                 "GROUP BY j.id, j.lock_by LIMIT 1")
+    return rows[0] if rows else None
 
 
 def sha256(path):
@@ -306,7 +292,7 @@ def main():
             for e in events:
                 if e["type"] == "train_step" and e.get("data") and e["attempt"] not in first_step:
                     first_step[e["attempt"]] = e["data"].get("step")
-            saved = checkpoint_steps(data_dir, j)
+            saved = query(data_dir, "SELECT attempt, step FROM checkpoints WHERE job_id = ?", (j,))
             resumed, restarts_wrong = 0, []
             for a, s0 in sorted(first_step.items()):
                 before = max((st for at, st in saved if at < a), default=0)
@@ -323,7 +309,7 @@ def main():
                 info["adapter_loadable"] = safetensors_ok(st) and os.path.exists(os.path.join(adapter, "adapter_config.json"))
                 info["adapter_equals_reference"] = sha256(st) == ref_sha
             listed = len(api.get(f"/v1/fine-tuning/jobs/{j}/checkpoints")["data"])
-            ckpts = checkpoint_paths(data_dir, j)
+            ckpts = query(data_dir, "SELECT step, path FROM checkpoints WHERE job_id = ?", (j,))
             bad = []
             for step, path in ckpts:
                 path = path if os.path.isabs(path) else os.path.join(data_dir, path)

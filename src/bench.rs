@@ -125,8 +125,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             .map(|i| (0..args.seq_len).map(|j| ((i * 7919 + j * 104_729) % (cfg.vocab_size - 1) + 1) as u32).collect())
             .collect();
         let batch = Batch::right_padded(&ids, 0, &device)?;
-        let side = args.gradient_checkpointing.then(CheckpointGrads::default);
-        let ctx = LoraCtx { dropout: Some((0.05, 1)), checkpoint: side.clone() };
+        let checkpoint = args.gradient_checkpointing.then(CheckpointGrads::default);
+        let ctx = LoraCtx { dropout: Some((0.05, 1)), checkpoint };
         let peak_gpu = std::cell::Cell::new(gpu_used(&device).unwrap_or(0));
         let sample = || {
             if let Some(u) = gpu_used(&device) {
@@ -143,8 +143,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 let grads = loss.backward()?;
                 let lr = 1e-4;
                 for (_, v) in &vars {
-                    let g = grads.get(v.as_tensor()).cloned().or_else(|| side.as_ref().and_then(|s| s.take(v.as_tensor())));
-                    if let Some(g) = g {
+                    if let Some(g) = ctx.take_grad(&grads, v.as_tensor()) {
                         v.set(&(v.as_tensor() - (g * lr)?)?)?;
                     }
                 }

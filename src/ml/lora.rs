@@ -57,6 +57,15 @@ pub struct LoraCtx {
     pub checkpoint: Option<CheckpointGrads>,
 }
 
+impl LoraCtx {
+    /// The gradient of a trained tensor after a backward through a forward run with this
+    /// context: from `grads`, or, for a factor inside a checkpointed block, from the side store
+    /// (taken out of it).
+    pub fn take_grad(&self, grads: &candle_core::backprop::GradStore, v: &Tensor) -> Option<Tensor> {
+        grads.get(v).cloned().or_else(|| self.checkpoint.as_ref().and_then(|s| s.take(v)))
+    }
+}
+
 /// Gradients of LoRA factors computed inside checkpointed blocks, by tensor id, summed.
 #[derive(Debug, Clone, Default)]
 pub struct CheckpointGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);

@@ -431,8 +431,8 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             let batch = Batch::right_padded(&rows, base.pad_id, &device)?;
             state.tokens_seen += batch.tokens() as u64;
             let micro_seed = hp.seed ^ (state.step * 1024 + mi as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-            let side = hp.gradient_checkpointing.then(CheckpointGrads::default);
-            let ctx = LoraCtx { dropout: Some((dropout, micro_seed)), checkpoint: side.clone() };
+            let checkpoint = hp.gradient_checkpointing.then(CheckpointGrads::default);
+            let ctx = LoraCtx { dropout: Some((dropout, micro_seed)), checkpoint };
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             let loss = weighted_ce(&logits, &labels, class_weights)?;
             let lv = loss.to_scalar::<f32>()? as f64;
@@ -444,8 +444,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             loss_sum += lv * share;
             let gs = (loss * share)?.backward()?;
             for (i, (_, v)) in opt.vars.iter().enumerate() {
-                let g = gs.get(v.as_tensor()).cloned().or_else(|| side.as_ref().and_then(|s| s.take(v.as_tensor())));
-                if let Some(g) = g {
+                if let Some(g) = ctx.take_grad(&gs, v.as_tensor()) {
                     grads[i] = Some(match grads[i].take() {
                         Some(acc) => (acc + g)?,
                         None => g,
