@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train on the real arena sample with the default model and score rows never seen in training
 # or calibration: log loss and accuracy of the adapter uncalibrated (temperature 1, as the
-# notebook scores it), temperature-calibrated, and calibrated + symmetric, against the class
-# prior of the training split.
+# notebook scores it), with its temperature only, with its full calibration (temperature and
+# the stacked response-length model, Arbiter's default), and fully calibrated + symmetric,
+# against the class prior of the training split.
 #
 # Usage: bench/real_data.sh OUTDIR [extra `arbiter train` flags...]
 #   FOLDS=k     k-fold cross-validation: every row is scored once, by the run that did not see it
@@ -57,6 +58,7 @@ run_fold() {
   /usr/bin/time -v "$BIN" train --data "$OUT/fold$k-train.csv" --validation-fraction 0.15 --out "$d/run" "$@" \
     > "$d/train.json" 2> "$d/train.log" || { echo "fold $k failed:"; tail -20 "$d/train.log"; return 1; }
   "$BIN" predict "${PREDICT_FLAGS[@]}" --adapter "$d/run/adapter" --data "$OUT/fold$k-test.csv" --out "$d/uncalibrated.csv" --no-calibration 2>>"$d/predict.log"
+  "$BIN" predict "${PREDICT_FLAGS[@]}" --adapter "$d/run/adapter" --data "$OUT/fold$k-test.csv" --out "$d/temperature.csv" --no-length-calibration 2>>"$d/predict.log"
   "$BIN" predict "${PREDICT_FLAGS[@]}" --adapter "$d/run/adapter" --data "$OUT/fold$k-test.csv" --out "$d/calibrated.csv" 2>>"$d/predict.log"
   "$BIN" predict "${PREDICT_FLAGS[@]}" --adapter "$d/run/adapter" --data "$OUT/fold$k-test.csv" --out "$d/symmetric.csv" --symmetric 2>>"$d/predict.log"
   echo "fold $k: $(grep -E 'Elapsed' "$d/train.log" | sed 's/.*: //') wall, peak RSS $(grep -E 'Maximum resident' "$d/train.log" | sed 's/.*: //') kB"
@@ -78,18 +80,22 @@ out, folds = sys.argv[1], int(sys.argv[2])
 cols = ["winner_model_a", "winner_model_b", "winner_tie"]
 def labels(path):
     return {r["id"]: [int(float(r[c])) for c in cols].index(1) for r in csv.DictReader(open(path, newline=""))}
-scored = {"prior": {}, "uncalibrated": {}, "calibrated": {}, "symmetric": {}}
-truth, temps = {}, []
+names = ["uncalibrated", "temperature", "calibrated", "symmetric"]
+scored = {"prior": {}, **{n: {} for n in names}}
+truth, temps, mix = {}, [], []
 for k in range(folds):
     test, train = labels(f"{out}/fold{k}-test.csv"), labels(f"{out}/fold{k}-train.csv")
     truth.update(test)
     prior = [sum(1 for y in train.values() if y == c) / len(train) for c in range(3)]
     scored["prior"].update({i: prior for i in test})
-    for name in ("uncalibrated", "calibrated", "symmetric"):
+    for name in names:
         for r in csv.DictReader(open(f"{out}/fold{k}/{name}.csv", newline="")):
             scored[name][r["id"]] = [float(r[c]) for c in cols]
     meta = json.load(open(f"{out}/fold{k}/run/adapter/arbiter.json"))
-    temps.append(meta.get("temperature"))
+    temps.append(round(meta.get("temperature"), 2))
+    lc = meta.get("length_calibration")
+    if lc:
+        mix.append((round(lc["logit_scale"], 3), round(lc["length_scale"], 2)))
 def score(probs):
     lls = [-math.log(max(probs[i][y], 1e-15)) for i, y in truth.items()]
     ll = sum(lls) / len(lls)
@@ -101,13 +107,16 @@ def paired(a, b):
     m = sum(d) / len(d)
     return m, math.sqrt(sum((x - m) ** 2 for x in d) / (len(d) - 1) / len(d))
 print(f"{len(truth)} held-out rows over {folds} fold(s); fitted temperatures {temps}")
+if mix:
+    print(f"length calibration (logit weight, length weight) per fold: {mix}")
 print()
 print("| scoring of held-out rows | log loss (± s.e.) | vs prior (± paired s.e.) | accuracy |")
 print("|---|---|---|---|")
 for name, label in (("prior", "class prior of the training split"),
                     ("uncalibrated", "adapter, temperature 1 (as the notebook scores it)"),
-                    ("calibrated", "adapter + fitted temperature"),
-                    ("symmetric", "adapter + temperature + symmetric scoring")):
+                    ("temperature", "adapter + fitted temperature only"),
+                    ("calibrated", "adapter + temperature + length model (default)"),
+                    ("symmetric", "adapter + full calibration + symmetric scoring")):
     ll, se, acc = score(scored[name])
     diff = "" if name == "prior" else "{:+.4f} ± {:.4f}".format(*paired("prior", name))
     print(f"| {label} | {ll:.4f} ± {se:.4f} | {diff} | {acc:.3f} |")

@@ -100,6 +100,9 @@ pub struct TrainArgs {
     /// Skip fitting the softmax temperature on the validation split.
     #[arg(long)]
     pub no_calibrate: bool,
+    /// Calibrate with the temperature only (no response-length model stacked on the logits).
+    #[arg(long)]
+    pub no_length_calibration: bool,
     /// Activation checkpointing: recompute each decoder block in the backward (less memory).
     #[arg(long)]
     pub gradient_checkpointing: bool,
@@ -145,6 +148,7 @@ impl TrainArgs {
             eval_every_steps: self.eval_every_steps,
             checkpoint_every_steps: self.checkpoint_every_steps,
             calibrate: !self.no_calibrate,
+            length_calibration: !self.no_length_calibration,
             gradient_checkpointing: self.gradient_checkpointing,
         };
         if let Some(e) = hp.validate().first() {
@@ -284,9 +288,12 @@ pub struct PredictArgs {
     /// Also score every pair with A and B swapped and average.
     #[arg(long)]
     pub symmetric: bool,
-    /// Ignore the adapter's fitted temperature (softmax at temperature 1).
+    /// Ignore the adapter's calibration (softmax of the raw logits).
     #[arg(long)]
     pub no_calibration: bool,
+    /// Use the adapter's temperature but not its response-length model.
+    #[arg(long)]
+    pub no_length_calibration: bool,
 }
 
 pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
@@ -302,7 +309,13 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     );
     let mut out = csv::Writer::from_path(&args.out)?;
     out.write_record(["id", "winner_model_a", "winner_model_b", "winner_tie"])?;
-    let t = if args.no_calibration { 1.0 } else { adapter.meta.temperature };
+    let mut meta = adapter.meta.clone();
+    if args.no_calibration {
+        meta.temperature = 1.0;
+    }
+    if args.no_calibration || args.no_length_calibration {
+        meta.length_calibration = None;
+    }
     for chunk in rows.chunks(args.batch_size.max(1) * 8) {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|r| base.encode_row(r, max_length).ids).collect();
         let logits = train::predict_logits(&base, Some(&adapter.lora), &adapter.head, &ids, args.batch_size)?;
@@ -313,9 +326,9 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
             None
         };
         for (i, r) in chunk.iter().enumerate() {
-            let mut p = classifier::softmax3(&logits[i], t);
+            let mut p = meta.probabilities(&logits[i], r);
             if let Some(s) = &swapped {
-                p = classifier::symmetric(p, classifier::softmax3(&s[i], t));
+                p = classifier::symmetric(p, meta.probabilities(&s[i], &r.swapped()));
             }
             out.write_record([r.id.clone(), p[0].to_string(), p[1].to_string(), p[2].to_string()])?;
         }

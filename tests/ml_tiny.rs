@@ -327,6 +327,18 @@ fn learns_a_synthetic_task_and_saves_a_reloadable_adapter() {
     let labels: Vec<usize> = val_rows.iter().map(|r| r.label.unwrap().index()).collect();
     let again = train::metrics(&probs, &labels);
     assert!((again.log_loss - best.log_loss).abs() < 1e-4, "reloaded adapter log loss {} vs {}", again.log_loss, best.log_loss);
+
+    // calibration: the stacked length model contains the temperature-only fit (length weight
+    // 0), so on the validation split it is never worse; here the logits carry the label and the
+    // lengths nothing, so the fit leans on the logits
+    let c = summary.calibration.expect("calibrated");
+    let with_lengths = c.log_loss_with_lengths.expect("length model fitted");
+    assert!(with_lengths <= c.log_loss_after + 1e-4, "stacked {with_lengths} vs temperature only {}", c.log_loss_after);
+    let lc = adapter.meta.length_calibration.as_ref().expect("saved with the adapter");
+    assert!(lc.logit_scale > 0.5, "{lc:?}");
+    let calibrated: Vec<[f32; 3]> = logits.iter().zip(&val_rows).map(|(l, r)| adapter.meta.probabilities(l, r)).collect();
+    let served = train::metrics(&calibrated, &labels).log_loss;
+    assert!((served - with_lengths).abs() < 1e-4, "served {served} vs fitted {with_lengths}");
 }
 
 #[test]

@@ -87,6 +87,9 @@ fn fixture() -> &'static Fixture {
                 eval_every_steps: 0,
                 checkpoint_every_steps: 0,
                 seed: 7 + k as u64,
+                // these adapters are calibrated by temperature only; the length model has its
+                // own test below
+                length_calibration: false,
                 ..Default::default()
             };
             let rows = synthetic_rows(64, 1 + k as u64, flip);
@@ -227,6 +230,76 @@ async fn predictions_are_well_formed_and_use_the_calibration_temperature() {
     let h = predict_ok(&app, &huge).await;
     assert_eq!(h["predictions"][0]["truncated"], true);
     assert!(h["usage"]["tokens"].as_u64().unwrap() <= 64);
+    app.assert_up().await;
+}
+
+/// An adapter with a response-length model stacked on its logits: the served probabilities are
+/// `softmax(s·logits + c·length_logits)` with the lengths of the texts as sent (also when a
+/// text is clipped before tokenizing), and symmetric scoring mirrors the features.
+#[tokio::test]
+async fn predictions_apply_the_stacked_length_model_to_the_texts_as_sent() {
+    use arbiter::ml::calibrate::{self, LengthCalibration, LengthModel};
+    let app = app_with(&[]).await;
+    let f = fixture();
+    let dir = app.data_dir().join("length-adapter");
+    std::fs::create_dir_all(&dir).unwrap();
+    for file in ["adapter_config.json", "adapter_model.safetensors", "arbiter.json"] {
+        std::fs::copy(f.adapters[0].join(file), dir.join(file)).unwrap();
+    }
+    let mut meta: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("arbiter.json")).unwrap()).unwrap();
+    let t1 = meta["temperature"].as_f64().unwrap();
+    let lc = LengthCalibration {
+        logit_scale: 0.5,
+        length_scale: 0.8,
+        model: LengthModel {
+            mean: [0.1, 0.8, 4.0],
+            scale: [1.2, 0.7, 1.5],
+            weights: [[0.1, -0.05, 0.2], [0.9, -0.9, 0.0], [-0.3, -0.2, 0.4], [0.05, 0.1, -0.3]],
+        },
+    };
+    meta["length_calibration"] = serde_json::to_value(&lc).unwrap();
+    std::fs::write(dir.join("arbiter.json"), meta.to_string()).unwrap();
+    register(&app, "ad-len", "lengths", &f.model, &dir).await;
+
+    let long = "w30 ".repeat(3_000); // 12,000 characters: clipped to 64 x 64 before tokenizing
+    let pairs = json!([
+        {"prompt": "w5 w1 w20", "response_a": "w30 w31", "response_b": "w40 w41 w42 w43 w44 w45 w46"},
+        {"prompt": "w2", "response_a": long, "response_b": "w44"},
+        {"prompt": ["w2 w12", "w13"], "response_a": ["w33", "w34 w35"], "response_b": ["w44"]},
+    ]);
+    let row = |p: &Value| {
+        let turns = |v: &Value| match v {
+            Value::Array(a) => a.iter().map(|t| t.as_str().unwrap_or("").to_string()).collect(),
+            v => vec![v.as_str().unwrap().to_string()],
+        };
+        ArenaRow { id: String::new(), prompt: turns(&p["prompt"]), response_a: turns(&p["response_a"]), response_b: turns(&p["response_b"]), label: None }
+    };
+    for symmetric in [false, true] {
+        let plain = predict_ok(&app, &json!({"adapter": "first", "pairs": pairs, "symmetric": symmetric})).await;
+        let stacked = predict_ok(&app, &json!({"adapter": "lengths", "pairs": pairs, "symmetric": symmetric})).await;
+        for (i, p) in pairs.as_array().unwrap().iter().enumerate() {
+            let got = probs(&stacked["predictions"][i]);
+            assert_well_formed(got);
+            if symmetric {
+                // the length part alone is symmetric: A's and B's columns trade places with the pair
+                let mut swapped = p.clone();
+                swapped["response_a"] = p["response_b"].clone();
+                swapped["response_b"] = p["response_a"].clone();
+                let s = predict_ok(&app, &json!({"adapter": "lengths", "pairs": [swapped], "symmetric": true})).await;
+                let s = probs(&s["predictions"][0]);
+                assert!(max_diff(got, [s[1], s[0], s[2]]) < 1e-5, "pair {i}: {got:?} vs swapped {s:?}");
+                continue;
+            }
+            // the plain adapter's probabilities give its logits up to a constant: t1 * ln p
+            let q = probs(&plain["predictions"][i]);
+            let logits: [f32; 3] = std::array::from_fn(|k| (t1 * q[k].ln()) as f32);
+            let feats = calibrate::length_features(&row(p));
+            let z = lc.apply(&logits, &feats);
+            let want = arbiter::ml::classifier::softmax3(&z, 1.0).map(f64::from);
+            assert!(max_diff(got, want) < 1e-4, "pair {i}: served {got:?}, expected {want:?}");
+            assert!(max_diff(got, q) > 1e-3, "pair {i}: the length model changed nothing");
+        }
+    }
     app.assert_up().await;
 }
 
@@ -548,6 +621,7 @@ async fn the_real_default_model_scores_short_pairs() {
             max_length: 256,
             base_model: base.name.clone(),
             metrics: Value::Null,
+            length_calibration: None,
         };
         arbiter::ml::adapter::save(&adapter_dir, &base.llama, &lora, &head, &meta).unwrap();
     }

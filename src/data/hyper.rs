@@ -65,6 +65,10 @@ pub struct Hyperparameters {
     pub checkpoint_every_steps: usize,
     /// Fit a temperature on the validation split after training.
     pub calibrate: bool,
+    /// With `calibrate`: also stack a response-length model on the logits (a logistic
+    /// regression on the two responses' lengths fitted on the training rows, mixed with the
+    /// logits by weights fitted on the validation split).
+    pub length_calibration: bool,
     /// Activation checkpointing: keep only each decoder block's input in the forward and
     /// recompute the block in the backward (less memory, about one more forward of time).
     pub gradient_checkpointing: bool,
@@ -89,6 +93,7 @@ impl Default for Hyperparameters {
             eval_every_steps: 0,
             checkpoint_every_steps: 50,
             calibrate: true,
+            length_calibration: true,
             gradient_checkpointing: false,
         }
     }

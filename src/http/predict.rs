@@ -4,8 +4,8 @@
 //! The handler resolves the adapter (id or name) through the store, then on the blocking pool
 //! loads it into the engine's cache if it is cold and tokenizes the pairs (so the engine
 //! thread only runs forward passes), submits the rows to the engine and awaits its answer.
-//! Probabilities are the softmax of the logits at the adapter's calibration temperature;
-//! `symmetric` also scores every pair with A and B swapped and averages the two with the A/B
+//! Probabilities are the softmax of the adapter's calibrated logits (its temperature, or its
+//! response-length model stacked on the logits, computed from the texts as sent); `symmetric` also scores every pair with A and B swapped and averages the two with the A/B
 //! probabilities swapped back, so the answer is exactly symmetric.
 //!
 //! `/predict` also takes a TEI-style body `{"inputs": [[prompt, response_a, response_b], ...]}`
@@ -28,7 +28,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_json, read_body, Json, Query};
 use super::AppState;
 use crate::data::{ArenaRow, Label};
-use crate::ml::classifier;
+use crate::ml::{calibrate, classifier};
 use crate::ml::serve::{Engine, LoadedAdapter, ServeError};
 use crate::store::AdapterRecord;
 
@@ -266,23 +266,32 @@ struct Scored {
     adapter: Arc<LoadedAdapter>,
     /// Logits per pair and, when symmetric, of the swapped pair.
     logits: Vec<([f32; 3], Option<[f32; 3]>)>,
+    /// Each pair's response-length features (of the texts as sent, before any clipping).
+    lengths: Vec<[f64; 3]>,
     truncated: Vec<bool>,
     tokens: usize,
 }
 
 impl Scored {
     fn probabilities(&self) -> Vec<[f32; 3]> {
-        let t = self.adapter.meta.temperature;
+        let meta = &self.adapter.meta;
+        let softmax = |l: &[f32; 3], f: [f64; 3]| classifier::softmax3(&meta.calibrated_logits(l, &f), 1.0);
         self.logits
             .iter()
-            .map(|(p, q)| {
-                let p = classifier::softmax3(p, t);
+            .zip(&self.lengths)
+            .map(|((p, q), f)| {
+                let p = softmax(p, *f);
                 match q {
-                    Some(q) => classifier::symmetric(p, classifier::softmax3(q, t)),
+                    Some(q) => classifier::symmetric(p, softmax(q, calibrate::mirrored(*f))),
                     None => p,
                 }
             })
             .collect()
+    }
+
+    /// Calibrated logits of each pair as sent (the softmax of each is its probabilities).
+    fn calibrated_logits(&self) -> Vec<[f32; 3]> {
+        self.logits.iter().zip(&self.lengths).map(|((p, _), f)| self.adapter.meta.calibrated_logits(p, f)).collect()
     }
 }
 
@@ -349,6 +358,7 @@ async fn score(state: &AppState, record: &AdapterRecord, job: Scoring) -> Result
         // budget is cut first to bound the tokenizer's work (no token spans 64 characters)
         let max_chars = max_length.saturating_mul(MAX_CHARS_PER_TOKEN);
         let mut rows = job.rows;
+        let lengths: Vec<[f64; 3]> = rows.iter().map(calibrate::length_features).collect();
         let clipped: Vec<bool> = rows
             .iter_mut()
             .map(|r| {
@@ -371,11 +381,11 @@ async fn score(state: &AppState, record: &AdapterRecord, job: Scoring) -> Result
                 ids.push(e.ids);
             }
         }
-        Ok((adapter, ids, truncated))
+        Ok((adapter, ids, truncated, lengths))
     })
     .await
     .map_err(|e| ApiError::internal(format!("tokenizing task failed: {e}")))?;
-    let (adapter, ids, truncated) = prepared?;
+    let (adapter, ids, truncated, lengths) = prepared?;
     let tokens = ids.iter().map(Vec::len).sum();
     let logits = predictor(state).engine.submit(adapter.clone(), ids)?.await?;
     let logits = if job.symmetric {
@@ -383,7 +393,7 @@ async fn score(state: &AppState, record: &AdapterRecord, job: Scoring) -> Result
     } else {
         logits.into_iter().map(|p| (p, None)).collect()
     };
-    Ok(Scored { adapter, logits, truncated, tokens })
+    Ok(Scored { adapter, logits, lengths, truncated, tokens })
 }
 
 /// Characters per token that a text is cut to before tokenizing (far above any tokenizer's).
@@ -548,9 +558,8 @@ pub async fn predict_compat(State(state): State<AppState>, req: Request) -> Resu
     let (rows, single) = tei_rows(&mut body, &predictor(&state).limits)?;
     let record = resolve_adapter(&state, body.adapter.as_deref()).await?;
     let scored = score(&state, &record, Scoring { rows, symmetric: body.symmetric, max_length: None }).await?;
-    let t = scored.adapter.meta.temperature as f32;
     let scores: Vec<[f32; 3]> = if body.raw_scores {
-        scored.logits.iter().map(|(p, _)| [p[0] / t, p[1] / t, p[2] / t]).collect()
+        scored.calibrated_logits()
     } else {
         scored.probabilities()
     };

@@ -1,7 +1,7 @@
 //! Adapters in the PEFT layout: `adapter_config.json` (LORA, SEQ_CLS) and
 //! `adapter_model.safetensors` with PEFT tensor names and the score head saved as a module,
 //! so the Python stack loads what Arbiter trains and Arbiter serves what PEFT trains.
-//! Arbiter's own extras (calibration temperature, label order, metrics) live beside them in
+//! Arbiter's own extras (calibration temperature and length model, label order, metrics) live beside them in
 //! `arbiter.json`, which PEFT ignores.
 
 use std::collections::{BTreeMap, HashMap};
@@ -10,10 +10,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::classifier::HEAD_NAME;
+use super::calibrate::{self, LengthCalibration};
+use super::classifier::{self, HEAD_NAME};
 use super::llama::{Llama, Proj};
 use super::lora::{peft_name, Lora, LoraConfig};
 use super::MlError;
+use crate::data::ArenaRow;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -73,6 +75,22 @@ pub struct AdapterMeta {
     /// Free-form metrics of the training run.
     #[serde(default)]
     pub metrics: serde_json::Value,
+    /// Response-length model stacked on the logits (replaces the temperature when present).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub length_calibration: Option<LengthCalibration>,
+}
+
+impl AdapterMeta {
+    /// Calibrated logits of a row, given its [`calibrate::length_features`]: softmax them
+    /// for the adapter's probabilities.
+    pub fn calibrated_logits(&self, logits: &[f32; 3], features: &[f64; 3]) -> [f32; 3] {
+        calibrate::calibrated_logits(self.temperature, self.length_calibration.as_ref(), logits, features)
+    }
+
+    /// Calibrated probabilities of a row.
+    pub fn probabilities(&self, logits: &[f32; 3], row: &ArenaRow) -> [f32; 3] {
+        classifier::softmax3(&self.calibrated_logits(logits, &calibrate::length_features(row)), 1.0)
+    }
 }
 
 /// A loaded adapter, ready for inference.
@@ -200,6 +218,7 @@ pub fn load(dir: &Path, llama: &Llama) -> Result<Adapter, MlError> {
             max_length: 1024,
             base_model: config.base_model_name_or_path.clone().unwrap_or_default(),
             metrics: serde_json::Value::Null,
+            length_calibration: None,
         },
     };
     if !(meta.temperature.is_finite() && meta.temperature > 0.0) {

@@ -2,6 +2,7 @@
 //! adapter (de)serialization. Knows nothing of HTTP or SQL.
 
 pub mod adapter;
+pub mod calibrate;
 pub mod classifier;
 pub mod fsutil;
 pub mod llama;

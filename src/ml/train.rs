@@ -13,6 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::adapter::{self, AdapterMeta};
+use super::calibrate::{self, Calibration, LengthCalibration, LengthModel};
 use super::classifier;
 use super::fsutil;
 use super::llama::Batch;
@@ -59,13 +60,6 @@ pub struct TrainSummary {
     pub temperature: f64,
     pub tokens_seen: u64,
     pub train_seconds: f64,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub struct Calibration {
-    pub temperature: f64,
-    pub log_loss_before: f64,
-    pub log_loss_after: f64,
 }
 
 /// One training run's inputs.
@@ -229,35 +223,6 @@ pub fn metrics(probs: &[[f32; 3]], labels: &[usize]) -> EvalMetrics {
         balanced_accuracy: recalls.iter().sum::<f64>() / recalls.len().max(1) as f64,
         rows: labels.len(),
     }
-}
-
-/// Fit one softmax temperature minimising log loss (golden-section search on log T).
-pub fn fit_temperature(logits: &[[f32; 3]], labels: &[usize]) -> Calibration {
-    let loss = |t: f64| -> f64 {
-        let probs: Vec<[f32; 3]> = logits.iter().map(|l| classifier::softmax3(l, t)).collect();
-        metrics(&probs, labels).log_loss
-    };
-    let (mut lo, mut hi) = ((0.05f64).ln(), (20.0f64).ln());
-    let g = (5f64.sqrt() - 1.0) / 2.0;
-    let (mut c, mut d) = (hi - g * (hi - lo), lo + g * (hi - lo));
-    let (mut fc, mut fd) = (loss(c.exp()), loss(d.exp()));
-    for _ in 0..60 {
-        if fc < fd {
-            hi = d;
-            d = c;
-            fd = fc;
-            c = hi - g * (hi - lo);
-            fc = loss(c.exp());
-        } else {
-            lo = c;
-            c = d;
-            fc = fd;
-            d = lo + g * (hi - lo);
-            fd = loss(d.exp());
-        }
-    }
-    let t = ((lo + hi) / 2.0).exp();
-    Calibration { temperature: t, log_loss_before: loss(1.0), log_loss_after: loss(t) }
 }
 
 /// Score rows in length-sorted micro-batches (no dropout): logits per row, in input order.
@@ -514,17 +479,35 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
         Some((step, m)) => (lora, head_t, Some(m), Some(step)),
         None => (lora, head_t, None, None),
     };
-    let calibration = if hp.calibrate && !val.is_empty() {
+    let (calibration, length_calibration) = if hp.calibrate && !val.is_empty() {
         let (_, logits) = evaluate(&lora, &head_t)?;
         let labels: Vec<usize> = val.iter().map(|e| e.label).collect();
-        let c = fit_temperature(&logits, &labels);
+        let mut c = calibrate::fit_temperature(&logits, &labels);
         obs.on_log(&format!(
             "calibration: temperature {:.3}, validation log loss {:.4} -> {:.4}",
             c.temperature, c.log_loss_before, c.log_loss_after
         ));
-        Some(c)
+        let lengths = if hp.length_calibration {
+            fn labelled(rows: &[ArenaRow]) -> Vec<(&ArenaRow, usize)> {
+                rows.iter().filter_map(|r| r.label.map(|l| (r, l.index()))).collect()
+            }
+            let val_rows = labelled(spec.validation_rows);
+            LengthModel::fit(&labelled(spec.train_rows)).map(|m| {
+                let lc = LengthCalibration::fit(m, &logits, &val_rows);
+                let ll = calibrate::length_log_loss(&lc, &logits, &val_rows);
+                obs.on_log(&format!(
+                    "length calibration: logit weight {:.3}, length weight {:.3}, validation log loss {:.4}",
+                    lc.logit_scale, lc.length_scale, ll
+                ));
+                c.log_loss_with_lengths = Some(ll);
+                lc
+            })
+        } else {
+            None
+        };
+        (Some(c), lengths)
     } else {
-        None
+        (None, None)
     };
     let temperature = calibration.map_or(1.0, |c| c.temperature);
     let adapter_dir = spec.work_dir.join("adapter");
@@ -547,6 +530,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
         max_length: hp.max_length,
         base_model: base.name.clone(),
         metrics: serde_json::to_value(&summary).unwrap_or(serde_json::Value::Null),
+        length_calibration,
     };
     adapter::save(&adapter_dir, &base.llama, &lora, &head_t, &meta)?;
     Ok(summary)
@@ -567,15 +551,11 @@ mod tests {
     }
 
     #[test]
-    fn metrics_and_temperature() {
+    fn eval_metrics() {
         let probs = [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]];
         let m = metrics(&probs, &[0, 1, 2, 1]);
         assert_eq!(m.accuracy, 0.75);
         assert!((m.balanced_accuracy - (1.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12);
-        // overconfident logits: calibration must lower the log loss
-        let logits = [[8.0, 0.0, 0.0], [0.0, 8.0, 0.0], [8.0, 0.0, 0.0], [0.0, 0.0, 8.0]];
-        let c = fit_temperature(&logits, &[0, 1, 1, 2]);
-        assert!(c.temperature > 1.0 && c.log_loss_after < c.log_loss_before);
     }
 
     #[test]
