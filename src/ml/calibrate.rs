@@ -288,9 +288,11 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Option<Vec<f64>> {
         a.swap(col, piv);
         b.swap(col, piv);
         for row in col + 1..n {
-            let f = a[row][col] / a[col][col];
-            for k in col..n {
-                a[row][k] -= f * a[col][k];
+            let (top, bottom) = a.split_at_mut(row);
+            let (pivot, target) = (&top[col], &mut bottom[0]);
+            let f = target[col] / pivot[col];
+            for (x, p) in target[col..].iter_mut().zip(&pivot[col..]) {
+                *x -= f * p;
             }
             b[row] -= f * b[col];
         }

@@ -9,6 +9,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use serde::Deserialize;
 
+use super::causal_softmax::CausalSpans;
 use super::lora::{CheckpointGrads, Lora, LoraCtx};
 use super::ops::{self, FrozenLinear};
 use super::MlError;
@@ -480,18 +481,17 @@ impl Llama {
         let _span = tracing::trace_span!("llama").entered();
         let (b, t) = batch.ids.dims2()?;
         let cfg = &self.cfg;
-        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let nh = cfg.num_heads;
         let (cos, sin) = self.rope_tables(batch, t)?;
         let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
         // query chunks small enough that one chunk's scores stay around 256 MB
         let elem = self.dtype.size_in_bytes();
         // (at most 256 queries, so later chunks skip the keys after their last query)
         let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, 256).min(t);
-        let masks = ops::causal_mask_chunks(&starts, t, chunk, self.dtype, &self.device)?;
-        let masks = ops::expand_masks(&masks, b, nkv, nh / nkv)?;
+        let spans = CausalSpans::new(&starts, &self.device)?;
         let eps = cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
-        let inputs = Arc::new(BlockInputs { cfg: cfg.clone(), b, t, cos, sin, masks, chunk });
+        let inputs = Arc::new(BlockInputs { cfg: cfg.clone(), b, t, cos, sin, spans, chunk });
         let checkpoint = lora.and_then(|(l, ctx)| ctx.checkpoint.clone().map(|side| (l, ctx, side)));
         if checkpoint.is_some() {
             // the first block's input must be tracked for its checkpoint node to be recorded
@@ -550,7 +550,7 @@ struct BlockInputs {
     t: usize,
     cos: Tensor,
     sin: Tensor,
-    masks: Vec<Tensor>,
+    spans: CausalSpans,
     chunk: usize,
 }
 
@@ -583,7 +583,7 @@ fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, in
     let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
     let q = ops::rope(&q, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
     let k = ops::rope(&k, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
-    let y = ops::causal_attention(&q, &k, &v, &inp.masks, inp.chunk, 1.0 / (hd as f64).sqrt())?;
+    let y = ops::causal_attention(&q, &k, &v, &inp.spans, inp.chunk, 1.0 / (hd as f64).sqrt())?;
     let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
     let y = linear(blk, li, Proj::O, &y, lora)?;
     let x = (x + y)?;

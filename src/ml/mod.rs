@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod calibrate;
+pub mod causal_softmax;
 pub mod classifier;
 pub mod fsutil;
 pub mod llama;

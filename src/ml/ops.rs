@@ -12,6 +12,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 
+use super::causal_softmax::{self, CausalSpans};
+
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 type Backward3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
 
@@ -360,78 +362,34 @@ pub fn dropout_with_mask(x: &Tensor, mask_u8: Tensor, keep: f64) -> Result<Tenso
     })
 }
 
-/// Additive causal mask chunks for `causal_attention`: chunk `i` covers queries
-/// `[i*chunk, min((i+1)*chunk, t))` against keys `[0, end)`, shape `[b or 1, 1, rows, end]`;
-/// key j is visible to query i of row r iff `starts[r] <= j <= i`.
-pub fn causal_mask_chunks(starts: &[usize], t: usize, chunk: usize, dtype: DType, device: &candle_core::Device) -> Result<Vec<Tensor>> {
-    let same = starts.iter().all(|s| *s == 0);
-    let rows_b = if same { 1 } else { starts.len() };
-    let mut out = Vec::new();
-    let mut c0 = 0;
-    while c0 < t {
-        let c1 = (c0 + chunk).min(t);
-        let mut m = vec![0f32; rows_b * (c1 - c0) * c1];
-        for r in 0..rows_b {
-            let s = if same { 0 } else { starts[r] };
-            for i in c0..c1 {
-                let row = &mut m[(r * (c1 - c0) + (i - c0)) * c1..][..c1];
-                for (j, v) in row.iter_mut().enumerate() {
-                    if j > i || j < s {
-                        *v = f32::NEG_INFINITY;
-                    }
-                }
-                // a padding query before the span sees only itself (its output is unused)
-                if i < s {
-                    row[i] = 0.0;
-                }
-            }
-        }
-        out.push(Tensor::from_vec(m, (rows_b, 1, c1 - c0, c1), device)?.to_dtype(dtype)?);
-        c0 = c1;
-    }
-    Ok(out)
-}
-
-/// Expand `causal_mask_chunks` output to the grouped-query layout `causal_attention` uses:
-/// `[b, kv_heads, rep * rows, end]`, contiguous, so adding it to the scores is a plain
-/// element-wise add (computed once per forward, shared by every layer).
-pub fn expand_masks(masks: &[Tensor], b: usize, kv_heads: usize, rep: usize) -> Result<Vec<Tensor>> {
-    masks
-        .iter()
-        .map(|m| {
-            let (_, _, c, end) = m.dims4()?;
-            m.unsqueeze(2)?.broadcast_as((b, kv_heads, rep, c, end))?.reshape((b, kv_heads, rep * c, end))
-        })
-        .collect()
-}
-
 /// Causal grouped-query attention `softmax(q k^T * scale + mask) v`: q `[b, h, t, d]`,
-/// k and v `[b, kv_heads, t, d]` (each kv head serves `h / kv_heads` query heads), masks from
-/// `expand_masks`. Computed in query chunks so no `[t, t]` score matrix is kept: the backward
+/// k and v `[b, kv_heads, t, d]` (each kv head serves `h / kv_heads` query heads), the mask
+/// given by `spans`. Computed in query chunks so no `[t, t]` score matrix is kept: the backward
 /// recomputes each chunk's probabilities (as FlashAttention does) from q, k, v and the output.
 /// Chunk `i` reads keys only up to its last query (causal skipping); the key and value
-/// gradients of a group's heads are summed by the chunk matmuls themselves.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, masks: &[Tensor], chunk: usize, scale: f64) -> Result<Tensor> {
+/// gradients of a group's heads are summed by the chunk matmuls themselves. The masked softmax
+/// and its backward are one fused pass each (`causal_softmax`).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, chunk: usize, scale: f64) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let rep = h / kvh;
+    if spans.batch() != b {
+        candle_core::bail!("causal attention: {} spans for a batch of {b}", spans.batch());
+    }
+    let chunks: Vec<(usize, usize)> = (0..t).step_by(chunk.max(1)).map(|c0| (c0, (c0 + chunk).min(t) - c0)).collect();
     // q chunk [b, h, c, d] -> [b, kvh, rep * c, d]
     let group = move |x: &Tensor, c0: usize, c: usize| -> Result<Tensor> {
         x.narrow(2, c0, c)?.reshape((b, kvh, rep * c, x.dim(3)?))
     };
-    let probs = move |qc: &Tensor, kc: &Tensor, mask: &Tensor| -> Result<Tensor> {
-        candle_nn::ops::softmax_last_dim(&(qc.matmul(&kc.t()?)? + mask)?)
-    };
     let forward = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
         let qs = (q * scale)?;
-        let mut outs = Vec::with_capacity(masks.len());
-        for (i, mask) in masks.iter().enumerate() {
-            let c0 = i * chunk;
-            let c = (c0 + chunk).min(t) - c0;
+        let mut outs = Vec::with_capacity(chunks.len());
+        for &(c0, c) in &chunks {
             let qc = group(&qs, c0, c)?;
             let kc = k.narrow(2, 0, c0 + c)?;
             let vc = v.narrow(2, 0, c0 + c)?;
-            outs.push(probs(&qc, &kc, mask)?.matmul(&vc)?.reshape((b, h, c, d))?);
+            let p = causal_softmax::forward(&qc.matmul(&kc.t()?)?, spans, c0, c, 1.0)?;
+            outs.push(p.matmul(&vc)?.reshape((b, h, c, d))?);
         }
         Tensor::cat(&outs, 2)
     };
@@ -439,29 +397,26 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, masks: &[Tensor], ch
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    let masks: Vec<Tensor> = masks.to_vec();
+    let spans = spans.clone();
     let backward = move |[q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor| -> Result<[Tensor; 3]> {
         let dtype = q.dtype();
         let d_o = d_o.to_dtype(dtype)?.contiguous()?;
         let qs = (q * scale)?;
         // D_i = sum_d dO_id * O_id
-        let dsum = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?.to_dtype(dtype)?;
-        let mut dqs = Vec::with_capacity(masks.len());
+        let dsum = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+        let mut dqs = Vec::with_capacity(chunks.len());
         let mut dk = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
         let mut dv = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
-        for (i, mask) in masks.iter().enumerate() {
-            let c0 = i * chunk;
-            let c = (c0 + chunk).min(t) - c0;
+        for &(c0, c) in &chunks {
             let end = c0 + c;
             let qc = group(&qs, c0, c)?;
             let kc = k.narrow(2, 0, end)?;
             let vc = v.narrow(2, 0, end)?;
             let doc = group(&d_o, c0, c)?;
             let dc = group(&dsum, c0, c)?;
-            let p = probs(&qc, &kc, mask)?;
-            let dvc = p.t()?.matmul(&doc)?;
             let dp = doc.matmul(&vc.t()?)?;
-            let ds = (p * dp.broadcast_sub(&dc)?)?;
+            let (p, ds) = causal_softmax::backward(&qc.matmul(&kc.t()?)?, &dp, &dc, &spans, c0, c, 1.0)?;
+            let dvc = p.t()?.matmul(&doc)?;
             dqs.push((ds.matmul(&kc)? * scale)?.reshape((b, h, c, d))?);
             let dkc = ds.t()?.matmul(&qc)?;
             dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
@@ -547,21 +502,20 @@ mod tests {
     fn chunked_attention_matches_plain_attention_and_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
         let (b, h, kvh, t, d) = (2, 4, 2, 7, 4);
-        let starts = [0usize, 2];
+        let spans = CausalSpans::new(&[0, 2], &dev)?;
         let k = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev)?;
         let v = Tensor::randn(0f64, 1.0, (b, kvh, t, d), &dev)?;
-        let masks = expand_masks(&causal_mask_chunks(&starts, t, 3, DType::F64, &dev)?, b, kvh, 2)?;
-        let full = causal_mask_chunks(&starts, t, t, DType::F64, &dev)?;
+        let full = spans.mask(0, t, DType::F64, &dev)?;
         let q0 = Tensor::randn(0f64, 1.0, (b, h, t, d), &dev)?;
         // reference: heads 2g and 2g+1 read kv head g
         let rep = |x: &Tensor| x.unsqueeze(2)?.broadcast_as((b, kvh, 2, t, d))?.reshape((b, h, t, d));
-        let plain = masked_softmax(&q0.matmul(&rep(&k)?.t()?)?, Some(&full[0]), 0.5)?.matmul(&rep(&v)?)?;
-        let chunked = causal_attention(&q0, &k, &v, &masks, 3, 0.5)?;
+        let plain = masked_softmax(&q0.matmul(&rep(&k)?.t()?)?, Some(&full), 0.5)?.matmul(&rep(&v)?)?;
+        let chunked = causal_attention(&q0, &k, &v, &spans, 3, 0.5)?;
         let diff = (plain - &chunked)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         assert!(diff < 1e-12, "chunked attention differs by {diff}");
-        finite_diff_check(|q| causal_attention(q, &k, &v, &masks, 3, 0.5), &[b, h, t, d], 1e-6)?;
-        finite_diff_check(|k| causal_attention(&q0, k, &v, &masks, 3, 0.5), &[b, kvh, t, d], 1e-6)?;
-        finite_diff_check(|v| causal_attention(&q0, &k, v, &masks, 3, 0.5), &[b, kvh, t, d], 1e-6)
+        finite_diff_check(|q| causal_attention(q, &k, &v, &spans, 3, 0.5), &[b, h, t, d], 1e-6)?;
+        finite_diff_check(|k| causal_attention(&q0, k, &v, &spans, 3, 0.5), &[b, kvh, t, d], 1e-6)?;
+        finite_diff_check(|v| causal_attention(&q0, &k, v, &spans, 3, 0.5), &[b, kvh, t, d], 1e-6)
     }
 
     #[test]

@@ -1,0 +1,308 @@
+//! The causal softmax of chunked attention as one fused pass per score row, forward and
+//! backward, with the mask computed from indices instead of read from a mask tensor.
+//!
+//! Unfused, one chunk's forward is `softmax(scores + mask)` (an add over the whole score block,
+//! then the softmax) and its backward `p * (dp - D)` (a broadcast subtract and a multiply over
+//! the block, after recomputing `p` the same way): five passes over the largest tensors of the
+//! step. Fused it is one pass forward and one backward, which returns `p` and `ds` together.
+//! CUDA runs `kernels/causal_softmax.cu`; the CPU runs the same arithmetic row by row (f64).
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Which keys each query of a batch sees: key `j` is visible to query `i` of row `r` iff
+/// `starts[r] <= j <= i`; a padding query before its row's start sees only itself (its output
+/// is never used).
+#[derive(Clone, Debug)]
+pub struct CausalSpans {
+    starts: Vec<u32>,
+    /// The same starts on the tensors' device (read by the CUDA kernel).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device_starts: Tensor,
+}
+
+impl CausalSpans {
+    pub fn new(starts: &[usize], device: &Device) -> Result<CausalSpans> {
+        let starts: Vec<u32> = starts.iter().map(|&s| s as u32).collect();
+        let device_starts = Tensor::new(starts.as_slice(), device)?;
+        Ok(CausalSpans { starts, device_starts })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// The visible keys `lo..=hi` of query `q` of batch row `r`.
+    fn visible(&self, r: usize, q: usize) -> (usize, usize) {
+        let s = self.starts[r] as usize;
+        (if q < s { q } else { s }, q)
+    }
+
+    /// The additive mask of queries `c0..c0 + c` against keys `0..c0 + c`, `[b, 1, c, c0 + c]`
+    /// (0 visible, -inf hidden): what the fused op computes from indices, as a tensor.
+    pub fn mask(&self, c0: usize, c: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let (b, cols) = (self.batch(), c0 + c);
+        let mut m = vec![f32::NEG_INFINITY; b * c * cols];
+        for r in 0..b {
+            for i in 0..c {
+                let (lo, hi) = self.visible(r, c0 + i);
+                m[(r * c + i) * cols..][lo..=hi].fill(0.0);
+            }
+        }
+        Tensor::from_vec(m, (b, 1, c, cols), device)?.to_dtype(dtype)
+    }
+}
+
+/// One chunk's geometry: queries `c0..c0 + c`; score rows are `[b, groups, rep * c]` in
+/// grouped-query order, so row `k` is query `c0 + k % c` of batch row `k / rows_per_batch`.
+struct Chunk<'a> {
+    spans: &'a CausalSpans,
+    c0: usize,
+    c: usize,
+    scale: f32,
+    /// For the backward: `dp` (same shape as the scores) and `D` (one f32 per score row).
+    grad: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+impl Chunk<'_> {
+    /// (rows, cols, rows per batch row) of a score block, checked against the spans.
+    fn geometry(&self, shape: &Shape) -> Result<(usize, usize, usize)> {
+        let cols = shape.dims().last().copied().unwrap_or(0);
+        let rows = shape.elem_count() / cols.max(1);
+        let b = self.spans.batch();
+        if cols != self.c0 + self.c || rows % (b * self.c) != 0 {
+            candle_core::bail!(
+                "causal softmax: scores {shape:?} do not fit {b} rows of queries {}..{}",
+                self.c0,
+                self.c0 + self.c
+            );
+        }
+        Ok((rows, cols, rows / b))
+    }
+
+    fn out_shape(&self, shape: &Shape) -> Shape {
+        match self.grad {
+            None => shape.clone(),
+            Some(_) => {
+                let mut d = vec![2];
+                d.extend_from_slice(shape.dims());
+                Shape::from(d)
+            }
+        }
+    }
+
+    fn cpu<T: WithDType>(&self, s: &[T], shape: &Shape) -> Result<CpuStorage> {
+        let (rows, cols, per_batch) = self.geometry(shape)?;
+        let n = rows * cols;
+        let scale = self.scale as f64;
+        let row_softmax = |k: usize, p: &mut [T]| -> Vec<f64> {
+            let (lo, hi) = self.spans.visible(k / per_batch, self.c0 + k % self.c);
+            let x = &s[k * cols..(k + 1) * cols];
+            let m = x[lo..=hi].iter().map(|v| scale * v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = (0..cols)
+                .map(|j| if (lo..=hi).contains(&j) { (scale * x[j].to_f64() - m).exp() } else { 0.0 })
+                .collect();
+            let inv = 1.0 / e.iter().sum::<f64>();
+            let probs: Vec<f64> = e.iter().map(|v| v * inv).collect();
+            for (o, v) in p.iter_mut().zip(&probs) {
+                *o = T::from_f64(*v);
+            }
+            probs
+        };
+        let mut out = vec![T::from_f64(0.0); n * if self.grad.is_some() { 2 } else { 1 }];
+        match self.grad {
+            None => out.par_chunks_mut(cols).enumerate().for_each(|(k, p)| {
+                row_softmax(k, p);
+            }),
+            Some((dp, dsum)) => {
+                let dp: Vec<f64> = dp.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+                let dsum: Vec<f64> = dsum.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+                if dp.len() != n || dsum.len() != rows {
+                    candle_core::bail!("causal softmax backward: dp has {} values and D {}, expected {n} and {rows}", dp.len(), dsum.len());
+                }
+                let (p_out, ds_out) = out.split_at_mut(n);
+                p_out.par_chunks_mut(cols).zip(ds_out.par_chunks_mut(cols)).enumerate().for_each(|(k, (p, ds))| {
+                    let probs = row_softmax(k, p);
+                    for (j, o) in ds.iter_mut().enumerate() {
+                        *o = T::from_f64(probs[j] * (dp[k * cols + j] - dsum[k]));
+                    }
+                });
+            }
+        }
+        Ok(T::to_cpu_storage_owned(out))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda<T>(&self, s: &candle_core::CudaStorage, layout: &Layout, suffix: &str) -> Result<candle_core::CudaStorage>
+    where
+        T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + WithDType,
+    {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+
+        /// A captured tensor's device slice, checked contiguous (the guard keeps it alive).
+        macro_rules! slice_of {
+            ($guard:ident, $t:expr, $ty:ty) => {{
+                let (o1, o2) = $t
+                    .layout()
+                    .contiguous_offsets()
+                    .ok_or_else(|| candle_core::Error::Msg("causal softmax: input not contiguous".into()))?;
+                match &*$guard {
+                    candle_core::Storage::Cuda(c) => c.as_cuda_slice::<$ty>()?.slice(o1..o2),
+                    _ => candle_core::bail!("causal softmax: input not on the cuda device"),
+                }
+            }};
+        }
+
+        let (rows, cols, per_batch) = self.geometry(layout.shape())?;
+        let (o1, o2) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("causal softmax: scores not contiguous".into()))?;
+        let dev = s.device().clone();
+        let scores = s.as_cuda_slice::<T>()?.slice(o1..o2);
+        let n = rows * cols;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let starts_guard = self.spans.device_starts.storage_and_layout().0;
+        let starts = slice_of!(starts_guard, self.spans.device_starts, u32);
+        let (rows_i, cols_i, c_i, c0_i, per_batch_i) = (rows as i32, cols as i32, self.c as i32, self.c0 as i32, per_batch as i32);
+        match self.grad {
+            None => {
+                let func = dev.get_or_load_custom_func(&format!("causal_softmax_fwd_{suffix}"), "causal_softmax", KERNELS)?;
+                // SAFETY: every element is written by the kernel
+                let out = unsafe { dev.alloc::<T>(n)? };
+                let mut b = func.builder();
+                b.arg(&scores).arg(&out).arg(&rows_i).arg(&cols_i).arg(&c_i).arg(&c0_i).arg(&per_batch_i).arg(&starts).arg(&self.scale);
+                // SAFETY: argument types and order match the kernel's signature
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            Some((dp, dsum)) => {
+                let dp_guard = dp.storage_and_layout().0;
+                let dp_s = slice_of!(dp_guard, dp, T);
+                let dsum_guard = dsum.storage_and_layout().0;
+                let dsum_s = slice_of!(dsum_guard, dsum, f32);
+                if dp_s.len() != n || dsum_s.len() != rows {
+                    candle_core::bail!("causal softmax backward: dp has {} values and D {}, expected {n} and {rows}", dp_s.len(), dsum_s.len());
+                }
+                let func = dev.get_or_load_custom_func(&format!("causal_softmax_bwd_{suffix}"), "causal_softmax", KERNELS)?;
+                // SAFETY: every element of both halves is written by the kernel
+                let out = unsafe { dev.alloc::<T>(2 * n)? };
+                let mut b = func.builder();
+                b.arg(&scores).arg(&dp_s).arg(&dsum_s).arg(&out);
+                b.arg(&rows_i).arg(&cols_i).arg(&c_i).arg(&c0_i).arg(&per_batch_i).arg(&starts).arg(&self.scale);
+                // SAFETY: argument types and order match the kernel's signature
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/causal_softmax.ptx"));
+
+impl CustomOp1 for Chunk<'_> {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (o1, o2) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("causal softmax: scores not contiguous".into()))?;
+        let out = match storage {
+            CpuStorage::F32(v) => self.cpu(&v[o1..o2], layout.shape())?,
+            CpuStorage::F64(v) => self.cpu(&v[o1..o2], layout.shape())?,
+            CpuStorage::BF16(v) => self.cpu(&v[o1..o2], layout.shape())?,
+            CpuStorage::F16(v) => self.cpu(&v[o1..o2], layout.shape())?,
+            other => candle_core::bail!("causal softmax: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
+        };
+        Ok((out, self.out_shape(layout.shape())))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let out = match storage.dtype() {
+            DType::F32 => self.cuda::<f32>(storage, layout, "f32")?,
+            DType::BF16 => self.cuda::<half::bf16>(storage, layout, "bf16")?,
+            d => candle_core::bail!("causal softmax: no CUDA kernel for {d:?}"),
+        };
+        Ok((out, self.out_shape(layout.shape())))
+    }
+}
+
+/// `softmax(scale * scores)` over each query's visible keys (0 elsewhere) for the chunk of
+/// queries `c0..c0 + c`; `scores` is `[b, groups, rep * c, c0 + c]`. No autograd.
+pub fn forward(scores: &Tensor, spans: &CausalSpans, c0: usize, c: usize, scale: f32) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1_no_bwd(&Chunk { spans, c0, c, scale, grad: None })
+}
+
+/// The forward's `p` and the softmax backward `ds = p * (dp - D)` in one pass: `dp` has the
+/// scores' shape and dtype, `dsum` (`D`) one value per score row. No autograd.
+pub fn backward(
+    scores: &Tensor,
+    dp: &Tensor,
+    dsum: &Tensor,
+    spans: &CausalSpans,
+    c0: usize,
+    c: usize,
+    scale: f32,
+) -> Result<(Tensor, Tensor)> {
+    let dp = dp.to_dtype(scores.dtype())?.contiguous()?;
+    // the CUDA kernel reads D as f32; the CPU reads any float type
+    let dsum = if dsum.device().is_cpu() { dsum.contiguous()? } else { dsum.to_dtype(DType::F32)?.contiguous()? };
+    let both = scores.contiguous()?.apply_op1_no_bwd(&Chunk { spans, c0, c, scale, grad: Some((&dp, &dsum)) })?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused ops against the unfused reference: mask tensor, candle's softmax, and the
+    /// backward formula written out, over two query chunks of a grouped layout.
+    #[test]
+    fn fused_matches_mask_then_softmax() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, g, rep) = (2, 2, 3);
+        let spans = CausalSpans::new(&[0, 3], &dev)?;
+        for (c0, c) in [(0, 4), (4, 3)] {
+            let cols = c0 + c;
+            let s = Tensor::randn(0f64, 2.0, (b, g, rep * c, cols), &dev)?;
+            let dp = Tensor::randn(0f64, 1.0, (b, g, rep * c, cols), &dev)?;
+            let dsum = Tensor::randn(0f64, 1.0, (b, g, rep * c, 1), &dev)?;
+            let mask = spans.mask(c0, c, DType::F64, &dev)?;
+            let mask = mask.unsqueeze(2)?.broadcast_as((b, 1, rep, c, cols))?.reshape((b, 1, rep * c, cols))?;
+            let p_ref = candle_nn::ops::softmax_last_dim(&(s.affine(0.5, 0.0)?.broadcast_add(&mask)?))?;
+            let ds_ref = (&p_ref * dp.broadcast_sub(&dsum)?)?;
+            let p = forward(&s, &spans, c0, c, 0.5)?;
+            let (p2, ds) = backward(&s, &dp, &dsum, &spans, c0, c, 0.5)?;
+            let diff = |a: &Tensor, b: &Tensor| -> Result<f64> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>() };
+            assert!(diff(&p, &p_ref)? < 1e-12, "forward, chunk at {c0}");
+            assert!(diff(&p2, &p_ref)? < 1e-12, "backward's p, chunk at {c0}");
+            assert!(diff(&ds, &ds_ref)? < 1e-12, "backward's ds, chunk at {c0}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_padding_query_sees_only_itself() -> Result<()> {
+        let spans = CausalSpans::new(&[2], &Device::Cpu)?;
+        let m = spans.mask(0, 4, DType::F32, &Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let seen: Vec<Vec<usize>> =
+            m.chunks(4).map(|r| (0..4).filter(|&j| r[j] == 0.0).collect()).collect();
+        assert_eq!(seen, vec![vec![0], vec![1], vec![2], vec![2, 3]]);
+        Ok(())
+    }
+
+    #[test]
+    fn misfit_shapes_are_refused() -> Result<()> {
+        let spans = CausalSpans::new(&[0, 0], &Device::Cpu)?;
+        let s = Tensor::zeros((2, 1, 3, 5), DType::F32, &Device::Cpu)?;
+        assert!(forward(&s, &spans, 0, 3, 1.0).is_err(), "5 keys for queries 0..3");
+        assert!(forward(&s, &spans, 2, 3, 1.0).is_ok());
+        Ok(())
+    }
+}
