@@ -33,6 +33,12 @@ pub enum BenchCommand {
     Train(BenchArgs),
     /// Classifier forward passes on random data.
     Predict(BenchArgs),
+    /// Arbiter's own device kernels against the CPU on random inputs: one JSON line per
+    /// comparison; fails when any is beyond its tolerance.
+    Kernels {
+        #[arg(long, env = "ARBITER_DEVICE", default_value = "cuda")]
+        device: String,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -92,10 +98,21 @@ fn sync(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn check_kernels(device: &Device) -> anyhow::Result<()> {
+    let checks = crate::ml::causal_softmax::check_device(device)?;
+    for c in &checks {
+        println!("{}", serde_json::to_string(c)?);
+    }
+    let failed = checks.iter().filter(|c| !c.ok()).count();
+    anyhow::ensure!(failed == 0, "{failed} of {} kernel checks beyond tolerance", checks.len());
+    Ok(())
+}
+
 pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
     let (args, training) = match cmd {
         BenchCommand::Train(a) => (a, true),
         BenchCommand::Predict(a) => (a, false),
+        BenchCommand::Kernels { device } => return check_kernels(&parse_device(device)?),
     };
     let device = parse_device(&args.device)?;
     let fmt = args.base_format.weight_format(&device);
