@@ -99,7 +99,7 @@ fn sync(device: &Device) -> anyhow::Result<()> {
 }
 
 fn check_kernels(device: &Device) -> anyhow::Result<()> {
-    let checks = crate::ml::causal_softmax::check_device(device)?;
+    let checks = crate::ml::check_kernels(device)?;
     for c in &checks {
         println!("{}", serde_json::to_string(c)?);
     }

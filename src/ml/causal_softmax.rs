@@ -10,6 +10,8 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use super::KernelCheck;
+
 /// Which keys each query of a batch sees: key `j` is visible to query `i` of row `r` iff
 /// `starts[r] <= j <= i`; a padding query before its row's start sees only itself (its output
 /// is never used).
@@ -257,23 +259,6 @@ pub fn backward(
     Ok((both.get(0)?, both.get(1)?))
 }
 
-/// One comparison of a device kernel's output with the CPU's on the same inputs.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct KernelCheck {
-    pub kernel: &'static str,
-    pub dtype: String,
-    /// First query of the chunk and its length.
-    pub chunk: (usize, usize),
-    pub max_abs_diff: f32,
-    pub tolerance: f32,
-}
-
-impl KernelCheck {
-    pub fn ok(&self) -> bool {
-        self.max_abs_diff <= self.tolerance
-    }
-}
-
 /// Runs the fused kernels on `device` and on the CPU (f64 arithmetic) with the same random
 /// inputs, in f32 and bf16, over chunk shapes attention uses (rows of up to 1,024 keys, batch
 /// rows padded on the left). Tolerances: 1e-5 absolute in f32; in bf16 one rounding of the
@@ -350,7 +335,7 @@ mod tests {
             eprintln!("no CUDA device: skipped");
             return Ok(());
         };
-        for c in check_device(&gpu)? {
+        for c in super::super::check_kernels(&gpu)? {
             assert!(c.ok(), "{c:?}");
         }
         Ok(())

@@ -223,10 +223,7 @@ impl Lora {
         // autocast), and the casts pass gradients back to the f32 factors
         let (a, b) = if x.dtype() != a.dtype() { (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?) } else { (a.clone(), b.clone()) };
         let x = match ctx.dropout {
-            Some((prob, seed)) if prob > 0.0 => {
-                let mask = dropout_mask(x.dims(), prob, mix(seed, layer as u64, p as u64), x.device())?;
-                super::ops::dropout_with_mask(x, mask, 1.0 / (1.0 - prob as f64))?
-            }
+            Some((prob, seed)) if prob > 0.0 => super::dropout::dropout(x, prob, mix(seed, layer as u64, p as u64))?,
             _ => x.clone(),
         };
         // the scale goes on the small B factor, not on the [tokens, out] product
@@ -244,42 +241,4 @@ fn splitmix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// Dropout keep-mask, one byte per element (0 drop, 1 keep, drop probability `p`), a pure
-/// function of the seed: on the CPU by construction, on accelerators by seeding the device
-/// generator with it first (a checkpointed block redraws the same masks in its backward).
-fn dropout_mask(shape: &[usize], p: f32, seed: u64, device: &Device) -> candle_core::Result<Tensor> {
-    if !device.is_cpu() {
-        device.set_seed(seed)?;
-        return Tensor::rand(0f32, 1f32, shape, device)?.ge(p);
-    }
-    let n: usize = shape.iter().product();
-    let threshold = (p as f64 * u32::MAX as f64) as u32;
-    let mut v = Vec::with_capacity(n);
-    let mut state = seed;
-    while v.len() < n {
-        state = splitmix(state);
-        for half in [state as u32, (state >> 32) as u32] {
-            if v.len() < n {
-                v.push(u8::from(half >= threshold));
-            }
-        }
-    }
-    Tensor::from_vec(v, shape, device)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dropout_mask_is_deterministic_with_the_right_rate() -> candle_core::Result<()> {
-        let m1 = dropout_mask(&[100, 100], 0.1, 7, &Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
-        let m2 = dropout_mask(&[100, 100], 0.1, 7, &Device::Cpu)?.flatten_all()?.to_vec1::<u8>()?;
-        assert_eq!(m1, m2);
-        let zeros = m1.iter().filter(|x| **x == 0).count() as f64 / m1.len() as f64;
-        assert!((zeros - 0.1).abs() < 0.02, "dropout rate {zeros}");
-        Ok(())
-    }
 }

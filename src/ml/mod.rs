@@ -4,6 +4,7 @@
 pub mod adapter;
 pub mod calibrate;
 pub mod causal_softmax;
+pub mod dropout;
 pub mod classifier;
 pub mod fsutil;
 pub mod llama;
@@ -14,6 +15,31 @@ pub mod ops;
 pub mod serve;
 pub mod tokenizer;
 pub mod train;
+
+/// One comparison of a device kernel's output with the CPU's on the same inputs
+/// (`arbiter bench kernels`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KernelCheck {
+    pub kernel: &'static str,
+    pub dtype: String,
+    /// First query of the chunk and its length (attention kernels).
+    pub chunk: (usize, usize),
+    pub max_abs_diff: f32,
+    pub tolerance: f32,
+}
+
+impl KernelCheck {
+    pub fn ok(&self) -> bool {
+        self.max_abs_diff <= self.tolerance
+    }
+}
+
+/// Every device kernel of Arbiter's own against the CPU.
+pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<KernelCheck>> {
+    let mut checks = causal_softmax::check_device(device)?;
+    checks.extend(dropout::check_device(device)?);
+    Ok(checks)
+}
 
 /// Errors of the model layer.
 #[derive(Debug, thiserror::Error)]

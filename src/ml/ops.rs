@@ -351,17 +351,6 @@ pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<T
     })
 }
 
-/// Multiply by a dropout mask kept as one byte per element (0 drop, 1 keep), scaled by `keep`.
-pub fn dropout_with_mask(x: &Tensor, mask_u8: Tensor, keep: f64) -> Result<Tensor> {
-    let y = (x.detach() * (mask_u8.to_dtype(x.dtype())? * keep)?)?;
-    if !x.track_op() {
-        return Ok(y);
-    }
-    with_grad("dropout", x, y, move |xs, _, grad| {
-        (grad * (mask_u8.to_dtype(grad.dtype())? * keep)?)?.to_dtype(xs.dtype())
-    })
-}
-
 /// Causal grouped-query attention `softmax(q k^T * scale + mask) v`: q `[b, h, t, d]`,
 /// k and v `[b, kv_heads, t, d]` (each kv head serves `h / kv_heads` query heads), the mask
 /// given by `spans`. Computed in query chunks so no `[t, t]` score matrix is kept: the backward

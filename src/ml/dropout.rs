@@ -1,0 +1,179 @@
+//! Dropout with a counter-based mask: element `i` is kept iff the upper 32 bits of the `i`-th
+//! output of the SplitMix64 stream seeded with the mask's seed reach `p · 2^32`, and kept
+//! elements are scaled by `1 / (1 - p)`. The mask is a pure function of `(seed, i)`: one pass
+//! forward, the same pass over the gradient backward, no mask tensor drawn, stored or cast,
+//! and the same elements are kept on the CPU and on CUDA (`kernels/dropout.cu`).
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::KernelCheck;
+
+/// Whether element `i` of the mask seeded with `seed` is kept (`threshold = p · 2^32`).
+pub fn keep(seed: u64, i: u64, threshold: u32) -> bool {
+    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 32) as u32 >= threshold
+}
+
+struct Dropout {
+    seed: u64,
+    threshold: u32,
+    scale: f32,
+}
+
+impl Dropout {
+    fn new(p: f32, seed: u64) -> Dropout {
+        let threshold = (p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+        Dropout { seed, threshold, scale: 1.0 / (1.0 - p) }
+    }
+
+    fn cpu<T: WithDType>(&self, x: &[T]) -> CpuStorage {
+        let mut y = vec![T::from_f64(0.0); x.len()];
+        const BLOCK: usize = 1 << 14;
+        y.par_chunks_mut(BLOCK).enumerate().for_each(|(blk, out)| {
+            for (k, o) in out.iter_mut().enumerate() {
+                let i = blk * BLOCK + k;
+                if keep(self.seed, i as u64, self.threshold) {
+                    // the product rounds in f32 as on the GPU
+                    *o = T::from_f64((x[i].to_f64() as f32 * self.scale) as f64);
+                }
+            }
+        });
+        T::to_cpu_storage_owned(y)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda<T>(&self, x: &candle_core::CudaStorage, layout: &Layout, suffix: &str) -> Result<candle_core::CudaStorage>
+    where
+        T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + WithDType,
+    {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (o1, o2) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout: input not contiguous".into()))?;
+        let dev = x.device().clone();
+        let src = x.as_cuda_slice::<T>()?.slice(o1..o2);
+        let n = (o2 - o1) as u64;
+        let blocks = n.div_ceil(256).clamp(1, 1 << 20) as u32;
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let func = dev.get_or_load_custom_func(&format!("dropout_{suffix}"), "dropout", KERNELS)?;
+        // SAFETY: every element is written by the kernel
+        let out = unsafe { dev.alloc::<T>(n as usize)? };
+        let mut b = func.builder();
+        b.arg(&src).arg(&out).arg(&n).arg(&self.seed).arg(&self.threshold).arg(&self.scale);
+        // SAFETY: argument types and order match the kernel's signature
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+#[cfg(feature = "cuda")]
+const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
+
+impl CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "dropout"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (o1, o2) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout: input not contiguous".into()))?;
+        let out = match storage {
+            CpuStorage::F32(v) => self.cpu(&v[o1..o2]),
+            CpuStorage::F64(v) => self.cpu(&v[o1..o2]),
+            CpuStorage::BF16(v) => self.cpu(&v[o1..o2]),
+            CpuStorage::F16(v) => self.cpu(&v[o1..o2]),
+            other => candle_core::bail!("dropout: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let out = match storage.dtype() {
+            DType::F32 => self.cuda::<f32>(storage, layout, "f32")?,
+            DType::BF16 => self.cuda::<half::bf16>(storage, layout, "bf16")?,
+            d => candle_core::bail!("dropout: no CUDA kernel for {d:?}"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+/// The mask applied to `x`, without autograd.
+fn apply(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Dropout::new(p, seed))
+}
+
+/// Dropout of probability `p` in `[0, 1)` with the mask seeded by `seed`; differentiable, the
+/// backward applies the same mask to the gradient.
+pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if !(0.0..1.0).contains(&p) {
+        candle_core::bail!("dropout probability {p} is not in [0, 1)");
+    }
+    let y = apply(&x.detach(), p, seed)?;
+    super::ops::with_grad("dropout", x, y, move |xs, _, grad| apply(&grad.to_dtype(xs.dtype())?, p, seed))
+}
+
+/// The kernel on `device` against the CPU on the same inputs, f32 and bf16: the same elements
+/// kept and the same values (the product rounds in f32 on both), so the tolerance is 0.
+pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
+    let cpu = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (3, 1000, 257), &cpu)?;
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let x = x.to_dtype(dtype)?;
+        let want = apply(&x, 0.1, 12345)?.to_dtype(DType::F32)?;
+        let got = apply(&x.to_device(device)?, 0.1, 12345)?.to_device(&cpu)?.to_dtype(DType::F32)?;
+        let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        out.push(KernelCheck { kernel: "dropout", dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: 0.0 });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn the_mask_is_seeded_and_keeps_the_right_share() -> Result<()> {
+        let x = Tensor::ones((200, 500), DType::F32, &Device::Cpu)?;
+        let a = dropout(&x, 0.1, 7)?.flatten_all()?.to_vec1::<f32>()?;
+        let b = dropout(&x, 0.1, 7)?.flatten_all()?.to_vec1::<f32>()?;
+        let c = dropout(&x, 0.1, 8)?.flatten_all()?.to_vec1::<f32>()?;
+        assert_eq!(a, b, "same seed, same mask");
+        assert_ne!(a, c, "another seed, another mask");
+        let dropped = a.iter().filter(|v| **v == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.1).abs() < 0.005, "dropped share {dropped}");
+        assert!(a.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.9).abs() < 1e-6), "kept elements scaled by 1/(1-p)");
+        Ok(())
+    }
+
+    #[test]
+    fn the_backward_applies_the_same_mask() -> Result<()> {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 300), &Device::Cpu)?)?;
+        let probe = Tensor::randn(0f32, 1.0, (4, 300), &Device::Cpu)?;
+        let y = dropout(x.as_tensor(), 0.3, 99)?;
+        let g = (&y * &probe)?.sum_all()?.backward()?.get(x.as_tensor()).expect("gradient").clone();
+        // d(sum(y * probe))/dx = probe * mask / (1 - p) = dropout(probe)
+        let want = dropout(&probe, 0.3, 99)?;
+        let d = (g - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn a_probability_outside_zero_one_is_refused() {
+        let x = Tensor::ones(4, DType::F32, &Device::Cpu).unwrap();
+        assert!(dropout(&x, 1.0, 1).is_err());
+        assert!(dropout(&x, -0.1, 1).is_err());
+        assert!(dropout(&x, 0.0, 1).is_ok());
+    }
+}
