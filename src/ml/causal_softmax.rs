@@ -143,20 +143,6 @@ impl Chunk<'_> {
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
 
-        /// A captured tensor's device slice, checked contiguous (the guard keeps it alive).
-        macro_rules! slice_of {
-            ($guard:ident, $t:expr, $ty:ty) => {{
-                let (o1, o2) = $t
-                    .layout()
-                    .contiguous_offsets()
-                    .ok_or_else(|| candle_core::Error::Msg("causal softmax: input not contiguous".into()))?;
-                match &*$guard {
-                    candle_core::Storage::Cuda(c) => c.as_cuda_slice::<$ty>()?.slice(o1..o2),
-                    _ => candle_core::bail!("causal softmax: input not on the cuda device"),
-                }
-            }};
-        }
-
         let (rows, cols, per_batch) = self.geometry(layout.shape())?;
         let (o1, o2) = layout
             .contiguous_offsets()
@@ -166,7 +152,7 @@ impl Chunk<'_> {
         let n = rows * cols;
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let starts_guard = self.spans.device_starts.storage_and_layout().0;
-        let starts = slice_of!(starts_guard, self.spans.device_starts, u32);
+        let starts = cuda_slice_of!(starts_guard, self.spans.device_starts, u32);
         let (rows_i, cols_i, c_i, c0_i, per_batch_i) = (rows as i32, cols as i32, self.c as i32, self.c0 as i32, per_batch as i32);
         match self.grad {
             None => {
@@ -181,9 +167,9 @@ impl Chunk<'_> {
             }
             Some((dp, dsum)) => {
                 let dp_guard = dp.storage_and_layout().0;
-                let dp_s = slice_of!(dp_guard, dp, T);
+                let dp_s = cuda_slice_of!(dp_guard, dp, T);
                 let dsum_guard = dsum.storage_and_layout().0;
-                let dsum_s = slice_of!(dsum_guard, dsum, f32);
+                let dsum_s = cuda_slice_of!(dsum_guard, dsum, f32);
                 if dp_s.len() != n || dsum_s.len() != rows {
                     candle_core::bail!("causal softmax backward: dp has {} values and D {}, expected {n} and {rows}", dp_s.len(), dsum_s.len());
                 }

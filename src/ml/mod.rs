@@ -1,6 +1,22 @@
 //! Candle code: model loading, tokenizer, LoRA, classifier, training, batched inference,
 //! adapter (de)serialization. Knows nothing of HTTP or SQL.
 
+/// A captured tensor's CUDA slice of element type `$ty`, checked contiguous; `$guard` is the
+/// tensor's storage read guard (`t.storage_and_layout().0`), which keeps the slice alive.
+#[cfg(feature = "cuda")]
+macro_rules! cuda_slice_of {
+    ($guard:ident, $t:expr, $ty:ty) => {{
+        let (o1, o2) = $t
+            .layout()
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: input not contiguous", stringify!($t))))?;
+        match &*$guard {
+            candle_core::Storage::Cuda(c) => c.as_cuda_slice::<$ty>()?.slice(o1..o2),
+            _ => candle_core::bail!("{}: input not on the cuda device", stringify!($t)),
+        }
+    }};
+}
+
 pub mod adapter;
 pub mod calibrate;
 pub mod causal_softmax;
@@ -9,6 +25,7 @@ pub mod classifier;
 pub mod fsutil;
 pub mod llama;
 pub mod model;
+pub mod norm;
 pub mod lora;
 pub mod observe;
 pub mod ops;
@@ -38,6 +55,7 @@ impl KernelCheck {
 pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<KernelCheck>> {
     let mut checks = causal_softmax::check_device(device)?;
     checks.extend(dropout::check_device(device)?);
+    checks.extend(norm::check_device(device)?);
     Ok(checks)
 }
 

@@ -279,16 +279,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
         return Ok(y);
     }
     let weight = weight.clone();
-    with_grad("rms-norm", x, y, move |xs, _, grad| {
-        // r = 1/sqrt(mean(x²)+eps); u = g*w; dx = r*u - x * r³ * mean(u*x)
-        let x = xs.to_dtype(DType::F32)?;
-        let g = grad.to_dtype(DType::F32)?;
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + eps as f64)?.sqrt()?.recip()?;
-        let u = g.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
-        let ux = (&u * &x)?.mean_keepdim(D::Minus1)?;
-        let dx = (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * ux)?)?)?;
-        dx.to_dtype(xs.dtype())
-    })
+    with_grad("rms-norm", x, y, move |xs, _, grad| super::norm::rms_norm_backward(xs, grad, &weight, eps))
 }
 
 /// Rotary embedding on `[b, h, t, d]`; `interleaved` pairs (2i, 2i+1) as GGUF files store Q/K,

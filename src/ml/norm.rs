@@ -1,0 +1,179 @@
+//! RMSNorm's input gradient as one pass per row. With `r = 1/sqrt(mean(x²) + eps)` and
+//! `u = g·w`: `dx = r·u − x·r³·mean(u·x)`. Unfused that is a dozen f32 element-wise passes and
+//! casts over `[tokens, hidden]` per norm; here it is two row reductions and one write
+//! (`kernels/rms_norm.cu` on CUDA, the same arithmetic in f64 on the CPU).
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::KernelCheck;
+
+struct RmsNormBackward<'a> {
+    grad: &'a Tensor,
+    weight: &'a Tensor,
+    eps: f32,
+}
+
+impl RmsNormBackward<'_> {
+    fn rows(&self, shape: &Shape) -> Result<(usize, usize)> {
+        let n = shape.dims().last().copied().unwrap_or(0);
+        if self.grad.shape() != shape || self.weight.dims() != [n] {
+            candle_core::bail!(
+                "rms-norm backward: x {shape:?}, gradient {:?} and weight {:?} do not fit",
+                self.grad.shape(),
+                self.weight.shape()
+            );
+        }
+        Ok((shape.elem_count() / n.max(1), n))
+    }
+
+    fn cpu<T: WithDType>(&self, x: &[T], shape: &Shape) -> Result<CpuStorage> {
+        let (_, n) = self.rows(shape)?;
+        let g: Vec<f64> = self.grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+        let w: Vec<f64> = self.weight.to_dtype(DType::F64)?.to_vec1()?;
+        let eps = self.eps as f64;
+        let mut dx = vec![T::from_f64(0.0); x.len()];
+        dx.par_chunks_mut(n.max(1)).enumerate().for_each(|(row, out)| {
+            let (xr, gr) = (&x[row * n..(row + 1) * n], &g[row * n..(row + 1) * n]);
+            let sxx: f64 = xr.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+            let sux: f64 = (0..n).map(|j| gr[j] * w[j] * xr[j].to_f64()).sum();
+            let r = 1.0 / (sxx / n as f64 + eps).sqrt();
+            let c = r * r * r * sux / n as f64;
+            for (j, o) in out.iter_mut().enumerate() {
+                *o = T::from_f64(r * gr[j] * w[j] - xr[j].to_f64() * c);
+            }
+        });
+        Ok(T::to_cpu_storage_owned(dx))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda<T>(&self, x: &candle_core::CudaStorage, layout: &Layout, suffix: &str) -> Result<candle_core::CudaStorage>
+    where
+        T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + WithDType,
+    {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (rows, n) = self.rows(layout.shape())?;
+        let (o1, o2) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("rms-norm backward: x not contiguous".into()))?;
+        let dev = x.device().clone();
+        let xs = x.as_cuda_slice::<T>()?.slice(o1..o2);
+        let grad = self.grad;
+        let weight = self.weight;
+        let g_guard = grad.storage_and_layout().0;
+        let gs = cuda_slice_of!(g_guard, grad, T);
+        let w_guard = weight.storage_and_layout().0;
+        let ws = cuda_slice_of!(w_guard, weight, T);
+        let block = if n >= 1024 { 512 } else { 256 };
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        let func = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{suffix}"), "rms_norm", KERNELS)?;
+        // SAFETY: every element is written by the kernel
+        let out = unsafe { dev.alloc::<T>(rows * n)? };
+        let (rows_i, n_i) = (rows as i32, n as i32);
+        let mut b = func.builder();
+        b.arg(&xs).arg(&gs).arg(&ws).arg(&out).arg(&rows_i).arg(&n_i).arg(&self.eps);
+        // SAFETY: argument types and order match the kernel's signature
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+#[cfg(feature = "cuda")]
+const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
+
+impl CustomOp1 for RmsNormBackward<'_> {
+    fn name(&self) -> &'static str {
+        "rms-norm-backward"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (o1, o2) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("rms-norm backward: x not contiguous".into()))?;
+        let out = match storage {
+            CpuStorage::F32(v) => self.cpu(&v[o1..o2], layout.shape())?,
+            CpuStorage::F64(v) => self.cpu(&v[o1..o2], layout.shape())?,
+            CpuStorage::BF16(v) => self.cpu(&v[o1..o2], layout.shape())?,
+            CpuStorage::F16(v) => self.cpu(&v[o1..o2], layout.shape())?,
+            other => candle_core::bail!("rms-norm backward: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let out = match storage.dtype() {
+            DType::F32 => self.cuda::<f32>(storage, layout, "f32")?,
+            DType::BF16 => self.cuda::<half::bf16>(storage, layout, "bf16")?,
+            d => candle_core::bail!("rms-norm backward: no CUDA kernel for {d:?}"),
+        };
+        Ok((out, layout.shape().clone()))
+    }
+}
+
+/// The input gradient of `x / rms(x) * weight` for the output gradient `grad`, in `x`'s dtype.
+/// No autograd.
+pub fn rms_norm_backward(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let grad = grad.to_dtype(dtype)?.contiguous()?;
+    let weight = weight.to_dtype(dtype)?.contiguous()?;
+    x.contiguous()?.apply_op1_no_bwd(&RmsNormBackward { grad: &grad, weight: &weight, eps })
+}
+
+/// The kernel on `device` against the CPU (f64) on the same inputs, f32 and bf16, for a row
+/// width below and above the block size. Tolerances relative to the largest |dx|: 1e-5 in f32,
+/// and in bf16 one rounding of the output plus the inputs' (2^-7).
+pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
+    let cpu = Device::Cpu;
+    let mut out = Vec::new();
+    for n in [576usize, 4096] {
+        let x = Tensor::randn(0f32, 1.0, (37, n), &cpu)?;
+        let g = Tensor::randn(0f32, 1.0, (37, n), &cpu)?;
+        let w = Tensor::randn(1f32, 0.2, n, &cpu)?;
+        for dtype in [DType::F32, DType::BF16] {
+            let (x, g, w) = (x.to_dtype(dtype)?, g.to_dtype(dtype)?, w.to_dtype(dtype)?);
+            let want = rms_norm_backward(&x, &g, &w, 1e-5)?.to_dtype(DType::F32)?;
+            let got = rms_norm_backward(&x.to_device(device)?, &g.to_device(device)?, &w.to_device(device)?, 1e-5)?
+                .to_device(&cpu)?
+                .to_dtype(DType::F32)?;
+            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
+            out.push(KernelCheck { kernel: "rms-norm backward", dtype: format!("{dtype:?}"), chunk: (0, n), max_abs_diff: d, tolerance: tol * scale });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Against the formula written out with tensor ops, in f64.
+    #[test]
+    fn matches_the_unfused_formula() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f64, 1.0, (2, 3, 6), &dev)?;
+        let g = Tensor::randn(0f64, 1.0, (2, 3, 6), &dev)?;
+        let w = Tensor::randn(0f64, 1.0, 6, &dev)?;
+        let eps = 1e-5f32;
+        let r = (x.sqr()?.mean_keepdim(2)? + eps as f64)?.sqrt()?.recip()?;
+        let u = g.broadcast_mul(&w)?;
+        let ux = (&u * &x)?.mean_keepdim(2)?;
+        let want = (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * ux)?)?)?;
+        let got = rms_norm_backward(&x, &g, &w, eps)?;
+        let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        assert!(d < 1e-12, "{d}");
+        Ok(())
+    }
+
+    #[test]
+    fn misfit_shapes_are_refused() {
+        let x = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::ones(3, DType::F32, &Device::Cpu).unwrap();
+        assert!(rms_norm_backward(&x, &x, &w, 1e-5).is_err());
+    }
+}
