@@ -174,7 +174,15 @@ fn gradients_through_quantized_base_match_dense_reference() {
 #[test]
 fn lora_and_head_gradients_match_finite_differences() {
     // f64 model: analytic gradients of LoRA A/B and the head vs central differences, 1e-4 rel.
-    // (or 1e-8 absolute); measured errors are around 1e-6 or below.
+    // (or 1e-8 absolute); measured errors are around 1e-6 or below. Without dropout and with
+    // it (the masks are fixed by their seed, so the loss stays a smooth function of the factors).
+    for dropout in [None, Some((0.3f32, 5u64))] {
+        let ctx = LoraCtx { dropout, checkpoint: None };
+        finite_difference_check(&ctx);
+    }
+}
+
+fn finite_difference_check(ctx: &LoraCtx) {
     let dir = tempfile::tempdir().unwrap();
     write_tiny_model(dir.path(), 4);
     let dev = Device::Cpu;
@@ -197,7 +205,7 @@ fn lora_and_head_gradients_match_finite_differences() {
     let head0 = seeded(&[3, HIDDEN], 0.5, 77).to_dtype(DType::F64).unwrap();
     let batch = Batch::right_padded(&rows, 0, &dev).unwrap();
     let loss_of = |vars: &[(String, Var)], head: &Tensor| {
-        let logits = forward_with_vars(&llama, &batch, &cfg, vars, head);
+        let logits = forward_with_vars(&llama, &batch, &cfg, vars, head, ctx);
         let logp = candle_nn::ops::log_softmax(&logits, 1).unwrap();
         (logp.get(0).unwrap().get(1).unwrap() + logp.get(1).unwrap().get(2).unwrap()).unwrap()
     };
@@ -235,10 +243,10 @@ fn lora_and_head_gradients_match_finite_differences() {
 }
 
 /// Forward through LoRA factors that are the given f64 variables themselves.
-fn forward_with_vars(llama: &Llama, batch: &Batch, cfg: &LoraConfig, vars: &[(String, Var)], head: &Tensor) -> Tensor {
+fn forward_with_vars(llama: &Llama, batch: &Batch, cfg: &LoraConfig, vars: &[(String, Var)], head: &Tensor, ctx: &LoraCtx) -> Tensor {
     let named: std::collections::BTreeMap<String, Tensor> = vars.iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
     let lora = Lora::from_tensors_exact(cfg.clone(), llama.config(), &named).unwrap();
-    llama.forward(batch, Some((&lora, &LoraCtx::default())), true).unwrap().matmul(&head.t().unwrap()).unwrap()
+    llama.forward(batch, Some((&lora, ctx)), true).unwrap().matmul(&head.t().unwrap()).unwrap()
 }
 
 struct Recorder {

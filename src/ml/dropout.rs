@@ -21,13 +21,14 @@ pub fn keep(seed: u64, i: u64, threshold: u32) -> bool {
 struct Dropout {
     seed: u64,
     threshold: u32,
+    p: f32,
     scale: f32,
 }
 
 impl Dropout {
     fn new(p: f32, seed: u64) -> Dropout {
         let threshold = (p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32;
-        Dropout { seed, threshold, scale: 1.0 / (1.0 - p) }
+        Dropout { seed, threshold, p, scale: 1.0 / (1.0 - p) }
     }
 
     fn cpu<T: WithDType>(&self, x: &[T]) -> CpuStorage {
@@ -37,8 +38,12 @@ impl Dropout {
             for (k, o) in out.iter_mut().enumerate() {
                 let i = blk * BLOCK + k;
                 if keep(self.seed, i as u64, self.threshold) {
-                    // the product rounds in f32 as on the GPU
-                    *o = T::from_f64((x[i].to_f64() as f32 * self.scale) as f64);
+                    // the product rounds in f32 as on the GPU, except for f64 data
+                    *o = if T::DTYPE == DType::F64 {
+                        T::from_f64(x[i].to_f64() / (1.0 - self.p as f64))
+                    } else {
+                        T::from_f64((x[i].to_f64() as f32 * self.scale) as f64)
+                    };
                 }
             }
         });
@@ -106,8 +111,8 @@ impl CustomOp1 for Dropout {
     }
 }
 
-/// The mask applied to `x`, without autograd.
-fn apply(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+/// The mask applied to `x`, without autograd (the LoRA backward redraws it this way).
+pub(crate) fn apply(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Dropout::new(p, seed))
 }
 

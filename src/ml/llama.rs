@@ -555,16 +555,10 @@ struct BlockInputs {
 }
 
 fn linear(blk: &Block, layer: usize, p: Proj, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>) -> candle_core::Result<Tensor> {
-    let y = blk.proj[p as usize].forward(x)?;
+    let base = &blk.proj[p as usize];
     match lora {
-        Some((l, ctx)) => match l.delta(layer, p, x, ctx)? {
-            Some(d) => {
-                let d = d.to_dtype(y.dtype())?;
-                y + d
-            }
-            None => Ok(y),
-        },
-        None => Ok(y),
+        Some((l, ctx)) => l.linear(base, layer, p, x, ctx),
+        None => base.forward(x),
     }
 }
 

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use rand::{Rng, SeedableRng};
 
 use super::llama::{Config, Proj};
+use super::ops::FrozenLinear;
 use super::MlError;
 
 /// Shape of an adapter.
@@ -214,21 +215,17 @@ impl Lora {
         self.factors.iter()
     }
 
-    /// The LoRA term for `x` at one linear, or `None` when that linear has no adapter.
-    pub fn delta(&self, layer: usize, p: Proj, x: &Tensor, ctx: &LoraCtx) -> candle_core::Result<Option<Tensor>> {
+    /// The base linear plus this adapter's term at one linear (one autograd node, see
+    /// `ops::lora_linear`), or the base alone when that linear has no adapter.
+    pub fn linear(&self, base: &FrozenLinear, layer: usize, p: Proj, x: &Tensor, ctx: &LoraCtx) -> candle_core::Result<Tensor> {
         let Some((a, b)) = self.factors.get(&(layer, p)) else {
-            return Ok(None);
+            return base.forward(x);
         };
-        // the factors are kept in f32; the matmuls run in the activations' dtype (as under
-        // autocast), and the casts pass gradients back to the f32 factors
-        let (a, b) = if x.dtype() != a.dtype() { (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?) } else { (a.clone(), b.clone()) };
-        let x = match ctx.dropout {
-            Some((prob, seed)) if prob > 0.0 => super::dropout::dropout(x, prob, mix(seed, layer as u64, p as u64))?,
-            _ => x.clone(),
+        let dropout = match ctx.dropout {
+            Some((prob, seed)) if prob > 0.0 => Some((prob, mix(seed, layer as u64, p as u64))),
+            _ => None,
         };
-        // the scale goes on the small B factor, not on the [tokens, out] product
-        let h = super::ops::linear_nt(&x, &a)?;
-        Ok(Some(super::ops::linear_nt(&h, &(b * self.scale)?)?))
+        super::ops::lora_linear(base, x, a, b, self.scale, dropout)
     }
 }
 

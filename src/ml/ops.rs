@@ -267,6 +267,99 @@ impl FrozenLinear {
     }
 }
 
+/// A frozen linear with a LoRA adapter as one autograd node:
+/// `y = x W^T + scale · dropout(x) A^T B^T`, with `A` `[r, in]` and `B` `[out, r]` kept in f32
+/// and the matmuls run in `x`'s dtype. The backward computes `dx`, `dA` and `dB` directly,
+/// redrawing the counter-based dropout mask and the r-wide `dropout(x) A^T` from `x`, so none
+/// of the dozen intermediate nodes (casts, reshapes, mask, scale, add) and their full-size
+/// gradient buffers exist; `dx` is skipped when `x` needs none.
+pub fn lora_linear(
+    base: &FrozenLinear,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+) -> Result<Tensor> {
+    let lora = LoraParts { base: base.clone(), scale, dropout };
+    let y = lora.forward(&x.detach(), &a.detach(), &b.detach())?;
+    if !(x.track_op() || a.track_op() || b.track_op()) {
+        return Ok(y);
+    }
+    x.apply_op3(a, b, LoraLinear { value: Mutex::new(Some(y.contiguous()?)), parts: lora })
+}
+
+#[derive(Clone)]
+struct LoraParts {
+    base: FrozenLinear,
+    scale: f64,
+    dropout: Option<(f32, u64)>,
+}
+
+impl LoraParts {
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        match self.dropout {
+            Some((p, seed)) if p > 0.0 => super::dropout::apply(x, p, seed),
+            _ => Ok(x.clone()),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward_detached(x)?;
+        let dtype = x.dtype();
+        let h = linear_nt(&self.dropped(x)?, &a.to_dtype(dtype)?)?;
+        // the scale goes on the small B factor, not on the [tokens, out] product
+        let d = linear_nt(&h, &(b.to_dtype(dtype)? * self.scale)?)?;
+        let d = d.to_dtype(y.dtype())?;
+        y + d
+    }
+}
+
+struct LoraLinear {
+    value: Mutex<Option<Tensor>>,
+    parts: LoraParts,
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "lora-linear"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        clone_value_cpu("lora-linear", take(&self.value, "lora-linear")?)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
+        clone_value_cuda("lora-linear", take(&self.value, "lora-linear")?)
+    }
+
+    fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let p = &self.parts;
+        let dtype = x.dtype();
+        let g = grad.to_dtype(dtype)?;
+        let ad = a.to_dtype(dtype)?;
+        let bs = (b.to_dtype(dtype)? * p.scale)?;
+        let n_in = ad.dim(1)?;
+        let n_out = bs.dim(0)?;
+        let rows = x.elem_count() / n_in.max(1);
+        let xd = p.dropped(&x.detach())?.reshape((rows, n_in))?;
+        let g2 = g.reshape((rows, n_out))?;
+        let h = xd.matmul(&ad.t()?)?; // [rows, r]
+        let gh = g2.matmul(&bs)?; // [rows, r]
+        let da = gh.t()?.matmul(&xd)?.to_dtype(a.dtype())?;
+        let db = (g2.t()?.matmul(&h)? * p.scale)?.to_dtype(b.dtype())?;
+        let dx = if x.track_op() {
+            let w = p.base.dense_weight(dtype)?;
+            let through_lora = p.dropped(&gh.matmul(&ad)?)?;
+            let dx = (g2.matmul(&w)? + through_lora)?.reshape(x.shape())?;
+            Some(dx)
+        } else {
+            None
+        };
+        Ok((dx, Some(da), Some(db)))
+    }
+}
+
 /// RMSNorm with a frozen scale: `x / rms(x) * weight`; backward gives the input gradient.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let xd = x.detach().contiguous()?;
