@@ -610,15 +610,16 @@ fn checkpointed_block(
         let xv = Var::from_tensor(&xs.detach())?;
         let y = block(&blk, li, xv.as_tensor(), Some((&layer, &inner)), &inp)?;
         let grads = (y * grad)?.sum_all()?.backward()?;
+        // detached: a gradient's graph would keep the recomputed block alive
         for (_, (a, b)) in layer.factors() {
             for f in [a, b] {
                 if let Some(g) = grads.get(f) {
-                    side.add(f, g)?;
+                    side.add(f, &g.detach())?;
                 }
             }
         }
         match grads.get(xv.as_tensor()) {
-            Some(g) => Ok(g.clone()),
+            Some(g) => Ok(g.detach()),
             None => xs.zeros_like(),
         }
     })

@@ -334,6 +334,10 @@ impl CustomOp3 for LoraLinear {
     }
 
     fn bwd(&self, x: &Tensor, a: &Tensor, b: &Tensor, _: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let needs_dx = x.track_op();
+        // on detached copies: the gradients carry no graph that would keep these inputs and
+        // intermediates alive (the LoRA factors' gradients outlive the backward)
+        let (x, a, b, grad) = (&x.detach(), &a.detach(), &b.detach(), &grad.detach());
         let p = &self.parts;
         let dtype = x.dtype();
         let g = grad.to_dtype(dtype)?;
@@ -342,13 +346,13 @@ impl CustomOp3 for LoraLinear {
         let n_in = ad.dim(1)?;
         let n_out = bs.dim(0)?;
         let rows = x.elem_count() / n_in.max(1);
-        let xd = p.dropped(&x.detach())?.reshape((rows, n_in))?;
+        let xd = p.dropped(x)?.reshape((rows, n_in))?;
         let g2 = g.reshape((rows, n_out))?;
         let h = xd.matmul(&ad.t()?)?; // [rows, r]
         let gh = g2.matmul(&bs)?; // [rows, r]
         let da = gh.t()?.matmul(&xd)?.to_dtype(a.dtype())?;
         let db = (g2.t()?.matmul(&h)? * p.scale)?.to_dtype(b.dtype())?;
-        let dx = if x.track_op() {
+        let dx = if needs_dx {
             let w = p.base.dense_weight(dtype)?;
             let through_lora = p.dropped(&gh.matmul(&ad)?)?;
             let dx = (g2.matmul(&w)? + through_lora)?.reshape(x.shape())?;
@@ -472,6 +476,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans,
     }
     let spans = spans.clone();
     let backward = move |[q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor| -> Result<[Tensor; 3]> {
+        // on detached copies, so the gradients carry no graph holding q, k, v or o
+        let (q, k, v, o) = (&q.detach(), &k.detach(), &v.detach(), &o.detach());
         let dtype = q.dtype();
         let d_o = d_o.to_dtype(dtype)?.contiguous()?;
         let qs = (q * scale)?;
