@@ -33,6 +33,20 @@ pub enum BenchCommand {
     Train(BenchArgs),
     /// Classifier forward passes on random data.
     Predict(BenchArgs),
+    /// Classifier logits of a Hugging Face `LlamaForSequenceClassification` directory
+    /// (`config.json`, `*.safetensors` with `score.weight`) for the token-id rows of a JSON file
+    /// (`[[ids...], ...]`, right-padded with 0 if ragged), printed as `{"logits": [[a, b, tie], ...]}`:
+    /// the Arbiter side of the parity check against transformers (`bench/reference/parity.py`).
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        ids: PathBuf,
+        #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
+        device: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        base_format: BaseFormat,
+    },
     /// Arbiter's own device kernels against the CPU on random inputs: one JSON line per
     /// comparison; fails when any is beyond its tolerance.
     Kernels {
@@ -98,6 +112,25 @@ fn sync(device: &Device) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn hf_logits(model: &std::path::Path, ids: &std::path::Path, device: &Device, fmt: BaseFormat) -> anyhow::Result<()> {
+    let llama = Llama::from_hf_dir(model, fmt.weight_format(device), device)?;
+    let rows: Vec<Vec<u32>> = serde_json::from_str(&std::fs::read_to_string(ids)?)?;
+    let mut head = None;
+    for entry in std::fs::read_dir(model)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            if let Some(t) = candle_core::safetensors::load(&path, device)?.remove("score.weight") {
+                head = Some(t.to_dtype(DType::F32)?);
+            }
+        }
+    }
+    let head = head.ok_or_else(|| anyhow::anyhow!("no score.weight in {}", model.display()))?;
+    let batch = Batch::right_padded(&rows, 0, device)?;
+    let logits = classifier::logits(&llama, None, &head, &batch)?.to_vec2::<f32>()?;
+    println!("{}", serde_json::json!({ "logits": logits }));
+    Ok(())
+}
+
 fn check_kernels(device: &Device) -> anyhow::Result<()> {
     let checks = crate::ml::check_kernels(device)?;
     for c in &checks {
@@ -113,6 +146,9 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Train(a) => (a, true),
         BenchCommand::Predict(a) => (a, false),
         BenchCommand::Kernels { device } => return check_kernels(&parse_device(device)?),
+        BenchCommand::Logits { model, ids, device, base_format } => {
+            return hf_logits(model, ids, &parse_device(device)?, *base_format)
+        }
     };
     let device = parse_device(&args.device)?;
     let fmt = args.base_format.weight_format(&device);

@@ -82,8 +82,11 @@ pub struct HfLlamaConfig {
     pub head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    pub rope_theta: f64,
+    /// The RoPE base as transformers 4 writes it; transformers 5 writes `rope_parameters`.
+    pub rope_theta: Option<f64>,
+    /// RoPE base and type (transformers 5), or the RoPE scaling of transformers 4 configs.
+    #[serde(default, alias = "rope_scaling")]
+    pub rope_parameters: Option<RopeParameters>,
     pub vocab_size: usize,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
@@ -91,6 +94,32 @@ pub struct HfLlamaConfig {
     pub tie_word_embeddings: bool,
     #[serde(default)]
     pub _name_or_path: Option<String>,
+}
+
+/// `rope_parameters` (or `rope_scaling`) of a `config.json`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RopeParameters {
+    pub rope_theta: Option<f64>,
+    #[serde(alias = "type")]
+    pub rope_type: Option<String>,
+}
+
+impl HfLlamaConfig {
+    /// The RoPE base: `rope_parameters.rope_theta`, else `rope_theta`, else 10,000.
+    pub fn rope_base(&self) -> f64 {
+        self.rope_parameters.as_ref().and_then(|r| r.rope_theta).or(self.rope_theta).unwrap_or_else(default_theta)
+    }
+
+    /// Refuses what the model would compute differently from transformers: scaled RoPE
+    /// variants (`llama3`, `linear`, `dynamic`, `yarn`...) are not implemented.
+    pub fn check_supported(&self) -> Result<(), MlError> {
+        match self.rope_parameters.as_ref().and_then(|r| r.rope_type.as_deref()) {
+            None | Some("default") => Ok(()),
+            Some(other) => Err(MlError::Model(format!(
+                "config.json: RoPE type {other:?} is not supported (only the default rotary embedding)"
+            ))),
+        }
+    }
 }
 
 fn default_eps() -> f64 {
@@ -130,7 +159,7 @@ impl Config {
             num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
             head_dim: c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads),
             rms_norm_eps: c.rms_norm_eps,
-            rope_theta: c.rope_theta,
+            rope_theta: c.rope_base(),
             vocab_size: c.vocab_size,
             max_position_embeddings: c.max_position_embeddings,
             rope_interleaved: false,
@@ -352,6 +381,7 @@ impl Llama {
             .map_err(|e| MlError::Model(format!("{}: {e}", dir.join("config.json").display())))?;
         let hf: HfLlamaConfig = serde_json::from_str(&cfg_text)
             .map_err(|e| MlError::Model(format!("config.json: {e}")))?;
+        hf.check_supported()?;
         let cfg = Config::from_hf(&hf);
         let mut files: Vec<_> = std::fs::read_dir(dir)
             .map_err(|e| MlError::Model(format!("{}: {e}", dir.display())))?
@@ -647,3 +677,39 @@ pub fn known_shape(name: &str) -> Option<Config> {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(extra: &str) -> HfLlamaConfig {
+        let text = format!(
+            r#"{{"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "vocab_size": 100{extra}}}"#
+        );
+        serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn the_rope_base_is_read_from_either_config_layout() {
+        // transformers 5 nests it; transformers 4 has it at the top; neither: Llama's 10,000
+        let v5 = config(r#", "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}"#);
+        assert_eq!(Config::from_hf(&v5).rope_theta, 100_000.0);
+        assert!(v5.check_supported().is_ok());
+        let v4 = config(r#", "rope_theta": 500000.0, "rope_scaling": null"#);
+        assert_eq!(Config::from_hf(&v4).rope_theta, 500_000.0);
+        assert_eq!(Config::from_hf(&config("")).rope_theta, 10_000.0);
+    }
+
+    #[test]
+    fn scaled_rope_is_refused_not_silently_ignored() {
+        let llama31 = config(
+            r#", "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}"#,
+        );
+        let err = llama31.check_supported().unwrap_err().to_string();
+        assert!(err.contains("llama3"), "{err}");
+        let v5 = config(r#", "rope_parameters": {"rope_theta": 10000.0, "rope_type": "linear", "factor": 2.0}"#);
+        assert!(v5.check_supported().is_err());
+    }
+}
