@@ -97,24 +97,25 @@ impl Chunk<'_> {
         let (rows, cols, per_batch) = self.geometry(shape)?;
         let n = rows * cols;
         let scale = self.scale as f64;
-        let row_softmax = |k: usize, p: &mut [T]| -> Vec<f64> {
+        // the visible keys' probabilities of row k into `probs` (f64) and `p`; everything
+        // outside `lo..=hi` stays the zero the output starts as
+        let row_softmax = |k: usize, p: &mut [T], probs: &mut Vec<f64>| -> usize {
             let (lo, hi) = self.spans.visible(k / per_batch, self.c0 + k % self.c);
-            let x = &s[k * cols..(k + 1) * cols];
-            let m = x[lo..=hi].iter().map(|v| scale * v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = (0..cols)
-                .map(|j| if (lo..=hi).contains(&j) { (scale * x[j].to_f64() - m).exp() } else { 0.0 })
-                .collect();
-            let inv = 1.0 / e.iter().sum::<f64>();
-            let probs: Vec<f64> = e.iter().map(|v| v * inv).collect();
-            for (o, v) in p.iter_mut().zip(&probs) {
-                *o = T::from_f64(*v);
+            let x = &s[k * cols + lo..=k * cols + hi];
+            let m = x.iter().map(|v| scale * v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+            probs.clear();
+            probs.extend(x.iter().map(|v| (scale * v.to_f64() - m).exp()));
+            let inv = 1.0 / probs.iter().sum::<f64>();
+            for (o, e) in p[lo..=hi].iter_mut().zip(probs.iter_mut()) {
+                *e *= inv;
+                *o = T::from_f64(*e);
             }
-            probs
+            lo
         };
         let mut out = vec![T::from_f64(0.0); n * if self.grad.is_some() { 2 } else { 1 }];
         match self.grad {
-            None => out.par_chunks_mut(cols).enumerate().for_each(|(k, p)| {
-                row_softmax(k, p);
+            None => out.par_chunks_mut(cols).enumerate().for_each_init(Vec::new, |probs, (k, p)| {
+                row_softmax(k, p, probs);
             }),
             Some((dp, dsum)) => {
                 let dp: Vec<f64> = dp.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
@@ -123,12 +124,16 @@ impl Chunk<'_> {
                     candle_core::bail!("causal softmax backward: dp has {} values and D {}, expected {n} and {rows}", dp.len(), dsum.len());
                 }
                 let (p_out, ds_out) = out.split_at_mut(n);
-                p_out.par_chunks_mut(cols).zip(ds_out.par_chunks_mut(cols)).enumerate().for_each(|(k, (p, ds))| {
-                    let probs = row_softmax(k, p);
-                    for (j, o) in ds.iter_mut().enumerate() {
-                        *o = T::from_f64(probs[j] * (dp[k * cols + j] - dsum[k]));
-                    }
-                });
+                p_out.par_chunks_mut(cols).zip(ds_out.par_chunks_mut(cols)).enumerate().for_each_init(
+                    Vec::new,
+                    |probs, (k, (p, ds))| {
+                        let lo = row_softmax(k, p, probs);
+                        let dp_row = &dp[k * cols + lo..];
+                        for ((o, pr), d) in ds[lo..].iter_mut().zip(probs.iter()).zip(dp_row) {
+                            *o = T::from_f64(pr * (d - dsum[k]));
+                        }
+                    },
+                );
             }
         }
         Ok(T::to_cpu_storage_owned(out))
