@@ -38,6 +38,11 @@ impl BaseArgs {
     }
 }
 
+/// The API's hyperparameter defaults, which the `arbiter train` flags share.
+fn hp() -> Hyperparameters {
+    Hyperparameters::default()
+}
+
 /// `arbiter train`: fine-tune an adapter from a CSV, no server.
 #[derive(Debug, Args)]
 pub struct TrainArgs {
@@ -58,32 +63,32 @@ pub struct TrainArgs {
     /// Resume from this checkpoint directory (`OUT/checkpoints/step-N`).
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = hp().epochs)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = hp().batch_size)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = hp().gradient_accumulation)]
     pub gradient_accumulation: usize,
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, default_value_t = hp().learning_rate)]
     pub learning_rate: f64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = hp().warmup_steps)]
     pub warmup_steps: usize,
     #[arg(long, value_enum, default_value = "linear")]
     pub lr_schedule: Schedule,
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = hp().weight_decay)]
     pub weight_decay: f64,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = hp().max_grad_norm)]
     pub max_grad_norm: f64,
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = hp().max_length)]
     pub max_length: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = hp().lora.r)]
     pub lora_r: usize,
-    #[arg(long, default_value_t = 8.0)]
+    #[arg(long, default_value_t = hp().lora.alpha)]
     pub lora_alpha: f64,
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = hp().lora.dropout)]
     pub lora_dropout: f64,
     /// Comma-separated LoRA targets.
-    #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
+    #[arg(long, value_delimiter = ',', default_values_t = hp().lora.target_modules)]
     pub lora_target_modules: Vec<String>,
     /// Three comma-separated cross-entropy weights (A, B, tie).
     #[arg(long, value_delimiter = ',')]
@@ -91,11 +96,11 @@ pub struct TrainArgs {
     /// Also train on every row with A and B swapped.
     #[arg(long)]
     pub swap_augmentation: bool,
-    #[arg(long, default_value_t = 42)]
+    #[arg(long, default_value_t = hp().seed)]
     pub seed: u64,
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = hp().eval_every_steps)]
     pub eval_every_steps: usize,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = hp().checkpoint_every_steps)]
     pub checkpoint_every_steps: usize,
     /// Skip fitting the softmax temperature on the validation split.
     #[arg(long)]
@@ -340,3 +345,28 @@ pub fn predict(args: &PredictArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Probe {
+        #[command(flatten)]
+        train: TrainArgs,
+    }
+
+    #[test]
+    fn train_flags_default_to_the_api_defaults() {
+        let p = Probe::try_parse_from(["probe", "--data", "t.csv", "--out", "o"]).unwrap();
+        assert_eq!(p.train.hyperparameters().unwrap(), Hyperparameters::default());
+    }
+
+    #[test]
+    fn a_bad_flag_names_itself() {
+        let p = Probe::try_parse_from(["probe", "--data", "t.csv", "--out", "o", "--lora-r", "0"]).unwrap();
+        let err = p.train.hyperparameters().unwrap_err().to_string();
+        assert!(err.starts_with("--lora-r:"), "{err}");
+    }
+}
