@@ -24,13 +24,10 @@ pub struct Calibration {
     pub log_loss_with_lengths: Option<f64>,
 }
 
-/// Mean negative log-likelihood of the labels.
+/// Mean negative log-likelihood of the labels (the evaluation's log loss).
 fn log_loss(probs: impl Iterator<Item = [f32; 3]>, labels: &[usize]) -> f64 {
-    let mut sum = 0.0;
-    for (p, &y) in probs.zip(labels) {
-        sum -= (p[y] as f64).max(1e-15).ln();
-    }
-    sum / labels.len().max(1) as f64
+    let probs: Vec<[f32; 3]> = probs.collect();
+    super::train::metrics(&probs, labels).log_loss
 }
 
 /// Fit one softmax temperature minimising log loss (golden-section search on log T in

@@ -7,7 +7,7 @@
 //! step. Fused it is one pass forward and one backward, which returns `p` and `ds` together.
 //! CUDA runs `kernels/causal_softmax.cu`; the CPU runs the same arithmetic row by row (f64).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::KernelCheck;
@@ -140,7 +140,7 @@ impl Chunk<'_> {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda<T>(&self, s: &candle_core::CudaStorage, layout: &Layout, suffix: &str) -> Result<candle_core::CudaStorage>
+    fn cuda<T>(&self, s: &candle_core::CudaStorage, layout: &candle_core::Layout, suffix: &str) -> Result<candle_core::CudaStorage>
     where
         T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + WithDType,
     {
@@ -196,34 +196,7 @@ impl Chunk<'_> {
 const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/causal_softmax.ptx"));
 
 impl CustomOp1 for Chunk<'_> {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (o1, o2) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("causal softmax: scores not contiguous".into()))?;
-        let out = match storage {
-            CpuStorage::F32(v) => self.cpu(&v[o1..o2], layout.shape())?,
-            CpuStorage::F64(v) => self.cpu(&v[o1..o2], layout.shape())?,
-            CpuStorage::BF16(v) => self.cpu(&v[o1..o2], layout.shape())?,
-            CpuStorage::F16(v) => self.cpu(&v[o1..o2], layout.shape())?,
-            other => candle_core::bail!("causal softmax: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
-        };
-        Ok((out, self.out_shape(layout.shape())))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = match storage.dtype() {
-            DType::F32 => self.cuda::<f32>(storage, layout, "f32")?,
-            DType::BF16 => self.cuda::<half::bf16>(storage, layout, "bf16")?,
-            d => candle_core::bail!("causal softmax: no CUDA kernel for {d:?}"),
-        };
-        Ok((out, self.out_shape(layout.shape())))
-    }
+    float_op_forwards!("causal-softmax");
 }
 
 /// `softmax(scale * scores)` over each query's visible keys (0 elsewhere) for the chunk of

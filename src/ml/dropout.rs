@@ -4,7 +4,7 @@
 //! forward, the same pass over the gradient backward, no mask tensor drawn, stored or cast,
 //! and the same elements are kept on the CPU and on CUDA (`kernels/dropout.cu`).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::KernelCheck;
@@ -31,7 +31,11 @@ impl Dropout {
         Dropout { seed, threshold, p, scale: 1.0 / (1.0 - p) }
     }
 
-    fn cpu<T: WithDType>(&self, x: &[T]) -> CpuStorage {
+    fn out_shape(&self, shape: &Shape) -> Shape {
+        shape.clone()
+    }
+
+    fn cpu<T: WithDType>(&self, x: &[T], _: &Shape) -> Result<CpuStorage> {
         let mut y = vec![T::from_f64(0.0); x.len()];
         const BLOCK: usize = 1 << 14;
         y.par_chunks_mut(BLOCK).enumerate().for_each(|(blk, out)| {
@@ -47,11 +51,11 @@ impl Dropout {
                 }
             }
         });
-        T::to_cpu_storage_owned(y)
+        Ok(T::to_cpu_storage_owned(y))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda<T>(&self, x: &candle_core::CudaStorage, layout: &Layout, suffix: &str) -> Result<candle_core::CudaStorage>
+    fn cuda<T>(&self, x: &candle_core::CudaStorage, layout: &candle_core::Layout, suffix: &str) -> Result<candle_core::CudaStorage>
     where
         T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + WithDType,
     {
@@ -81,34 +85,7 @@ impl Dropout {
 const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
 
 impl CustomOp1 for Dropout {
-    fn name(&self) -> &'static str {
-        "dropout"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (o1, o2) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("dropout: input not contiguous".into()))?;
-        let out = match storage {
-            CpuStorage::F32(v) => self.cpu(&v[o1..o2]),
-            CpuStorage::F64(v) => self.cpu(&v[o1..o2]),
-            CpuStorage::BF16(v) => self.cpu(&v[o1..o2]),
-            CpuStorage::F16(v) => self.cpu(&v[o1..o2]),
-            other => candle_core::bail!("dropout: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
-        };
-        Ok((out, layout.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = match storage.dtype() {
-            DType::F32 => self.cuda::<f32>(storage, layout, "f32")?,
-            DType::BF16 => self.cuda::<half::bf16>(storage, layout, "bf16")?,
-            d => candle_core::bail!("dropout: no CUDA kernel for {d:?}"),
-        };
-        Ok((out, layout.shape().clone()))
-    }
+    float_op_forwards!("dropout");
 }
 
 /// The mask applied to `x`, without autograd (the LoRA backward redraws it this way).

@@ -17,6 +17,56 @@ macro_rules! cuda_slice_of {
     }};
 }
 
+/// `name`, `cpu_fwd` and `cuda_fwd` of a `CustomOp1` over a contiguous float input. The op's
+/// type provides `cpu::<T>(&self, &[T], &Shape) -> Result<CpuStorage>` for every float type,
+/// `cuda::<T>(&self, &CudaStorage, &Layout, suffix) -> Result<CudaStorage>` for its f32 and
+/// bf16 kernels (`suffix` names the kernel's variant), and `out_shape(&self, &Shape) -> Shape`.
+macro_rules! float_op_forwards {
+    ($name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            storage: &candle_core::CpuStorage,
+            layout: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            use candle_core::CpuStorage as S;
+            let (o1, o2) = layout
+                .contiguous_offsets()
+                .ok_or_else(|| candle_core::Error::Msg(concat!($name, ": input not contiguous").into()))?;
+            let out = match storage {
+                S::F32(v) => self.cpu(&v[o1..o2], layout.shape())?,
+                S::F64(v) => self.cpu(&v[o1..o2], layout.shape())?,
+                S::BF16(v) => self.cpu(&v[o1..o2], layout.shape())?,
+                S::F16(v) => self.cpu(&v[o1..o2], layout.shape())?,
+                other => candle_core::bail!(
+                    "{}: unsupported dtype {:?}",
+                    $name,
+                    candle_core::backend::BackendStorage::dtype(other)
+                ),
+            };
+            Ok((out, self.out_shape(layout.shape())))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            storage: &candle_core::CudaStorage,
+            layout: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            use candle_core::backend::BackendStorage;
+            let out = match storage.dtype() {
+                candle_core::DType::F32 => self.cuda::<f32>(storage, layout, "f32")?,
+                candle_core::DType::BF16 => self.cuda::<half::bf16>(storage, layout, "bf16")?,
+                d => candle_core::bail!("{}: no CUDA kernel for {d:?}", $name),
+            };
+            Ok((out, self.out_shape(layout.shape())))
+        }
+    };
+}
+
 pub mod adapter;
 pub mod calibrate;
 pub mod causal_softmax;

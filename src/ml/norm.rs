@@ -3,7 +3,7 @@
 //! casts over `[tokens, hidden]` per norm; here it is two row reductions and one write
 //! (`kernels/rms_norm.cu` on CUDA, the same arithmetic in f64 on the CPU).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::KernelCheck;
@@ -27,6 +27,10 @@ impl RmsNormBackward<'_> {
         Ok((shape.elem_count() / n.max(1), n))
     }
 
+    fn out_shape(&self, shape: &Shape) -> Shape {
+        shape.clone()
+    }
+
     fn cpu<T: WithDType>(&self, x: &[T], shape: &Shape) -> Result<CpuStorage> {
         let (_, n) = self.rows(shape)?;
         let g: Vec<f64> = self.grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
@@ -47,7 +51,7 @@ impl RmsNormBackward<'_> {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda<T>(&self, x: &candle_core::CudaStorage, layout: &Layout, suffix: &str) -> Result<candle_core::CudaStorage>
+    fn cuda<T>(&self, x: &candle_core::CudaStorage, layout: &candle_core::Layout, suffix: &str) -> Result<candle_core::CudaStorage>
     where
         T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + WithDType,
     {
@@ -84,34 +88,7 @@ impl RmsNormBackward<'_> {
 const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
 
 impl CustomOp1 for RmsNormBackward<'_> {
-    fn name(&self) -> &'static str {
-        "rms-norm-backward"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (o1, o2) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg("rms-norm backward: x not contiguous".into()))?;
-        let out = match storage {
-            CpuStorage::F32(v) => self.cpu(&v[o1..o2], layout.shape())?,
-            CpuStorage::F64(v) => self.cpu(&v[o1..o2], layout.shape())?,
-            CpuStorage::BF16(v) => self.cpu(&v[o1..o2], layout.shape())?,
-            CpuStorage::F16(v) => self.cpu(&v[o1..o2], layout.shape())?,
-            other => candle_core::bail!("rms-norm backward: unsupported dtype {:?}", candle_core::backend::BackendStorage::dtype(other)),
-        };
-        Ok((out, layout.shape().clone()))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, storage: &candle_core::CudaStorage, layout: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
-        let out = match storage.dtype() {
-            DType::F32 => self.cuda::<f32>(storage, layout, "f32")?,
-            DType::BF16 => self.cuda::<half::bf16>(storage, layout, "bf16")?,
-            d => candle_core::bail!("rms-norm backward: no CUDA kernel for {d:?}"),
-        };
-        Ok((out, layout.shape().clone()))
-    }
+    float_op_forwards!("rms-norm-backward");
 }
 
 /// The input gradient of `x / rms(x) * weight` for the output gradient `grad`, in `x`'s dtype.
