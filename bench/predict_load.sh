@@ -20,24 +20,12 @@ MODEL=${MODEL:-models/SmolLM2-135M-Instruct.Q4_1.gguf}
 OUT=bench/out/predict_load
 BIN=${BIN:-}
 
-[ -f "$MODEL" ] || scripts/fetch-model.sh
+source bench/predict_common.sh
 if [ -z "$BIN" ]; then
     cargo build --release --bin arbiter
     BIN=target/release/arbiter
 fi
-rm -rf "$OUT"
-mkdir -p "$OUT"
-python3 bench/predict_load.py adapter "$OUT/adapter"
-
-SERVER_PID=
-stop() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=
-    fi
-}
-trap stop EXIT
+predict_prepare "$OUT" "$MODEL"
 
 run_mode() {
     local label=$1 batching=$2
@@ -46,14 +34,7 @@ run_mode() {
         --predict-max-wait-ms "$MAX_WAIT_MS" --predict-queue-rows 4096 \
         >"$OUT/server-$label.log" 2>&1 &
     SERVER_PID=$!
-    for _ in $(seq 1 100); do
-        curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break
-        sleep 0.1
-    done
-    python3 bench/predict_load.py register "$OUT/data/arbiter.db" bench "$PWD/$OUT/adapter" "$PWD/$MODEL"
-    # warm-up: loads the base model and the adapter, not timed
-    curl -sf -X POST "http://127.0.0.1:$PORT/v1/predict" -H 'content-type: application/json' \
-        -d '{"adapter":"bench","pairs":[{"prompt":"hi","response_a":"hello","response_b":"hey"}]}' >/dev/null
+    wait_ready "$PORT" "$OUT" "$MODEL"
     python3 bench/predict_load.py load "http://127.0.0.1:$PORT" bench --clients "$CLIENTS" \
         --seconds "$SECONDS_PER_MODE" --pairs-per-request "$PAIRS" --label "$label" | tee -a "$OUT/results.jsonl"
     stop

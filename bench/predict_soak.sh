@@ -23,37 +23,18 @@ OUT=bench/out/predict_soak
 BIN=${BIN:-}
 KEY="soak-predict-$(python3 -c 'import secrets; print(secrets.token_hex(12))')"
 
-[ -f "$MODEL" ] || scripts/fetch-model.sh
+source bench/predict_common.sh
 if [ -z "$BIN" ]; then
     # the dev profile builds dependencies (candle) with full optimisation
     cargo build --bin arbiter
     BIN=target/debug/arbiter
 fi
-rm -rf "$OUT"
-mkdir -p "$OUT"
-python3 bench/predict_load.py adapter "$OUT/adapter"
-
-SERVER_PID=
-stop() {
-    if [ -n "$SERVER_PID" ]; then
-        kill "$SERVER_PID" 2>/dev/null || true
-        wait "$SERVER_PID" 2>/dev/null || true
-        SERVER_PID=
-    fi
-}
-trap stop EXIT
+predict_prepare "$OUT" "$MODEL"
 
 ARBITER_API_KEYS="predict:$KEY" RUST_LOG=warn "$BIN" serve --addr "127.0.0.1:$PORT" --data-dir "$OUT/data" --no-worker \
     --model "$MODEL" --predict-queue-rows "$QUEUE_ROWS" --predict-max-pairs "$MAX_PAIRS" >"$OUT/server.log" 2>&1 &
 SERVER_PID=$!
-for _ in $(seq 1 100); do
-    curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break
-    sleep 0.1
-done
-python3 bench/predict_load.py register "$OUT/data/arbiter.db" bench "$PWD/$OUT/adapter" "$PWD/$MODEL"
-# warm-up: loads the base model and the adapter, not timed
-curl -sf -X POST "http://127.0.0.1:$PORT/v1/predict" -H 'content-type: application/json' -H "authorization: Bearer $KEY" \
-    -d '{"adapter":"bench","pairs":[{"prompt":"hi","response_a":"hello","response_b":"hey"}]}' >/dev/null
+wait_ready "$PORT" "$OUT" "$MODEL" "$KEY"
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) cores, $BIN, $CLIENTS clients, ${DURATION}s, $PAIRS pair(s) per request, queue $QUEUE_ROWS rows, at most $MAX_PAIRS pairs per request"
 status=0
