@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use crate::ml::classifier;
 use crate::ml::llama::{known_shape, Batch, Llama};
-use crate::ml::lora::{CheckpointGrads, Lora, LoraConfig, LoraCtx};
+use crate::ml::lora::{Lora, LoraConfig, LoraCtx};
 use crate::ml::model::{BaseFormat, BaseModel};
 
 /// Parse `cpu`, `cuda` or `cuda:N`.
@@ -178,8 +178,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             .map(|i| (0..args.seq_len).map(|j| ((i * 7919 + j * 104_729) % (cfg.vocab_size - 1) + 1) as u32).collect())
             .collect();
         let batch = Batch::right_padded(&ids, 0, &device)?;
-        let checkpoint = args.gradient_checkpointing.then(CheckpointGrads::default);
-        let ctx = LoraCtx { dropout: Some((0.05, 1)), checkpoint };
+        let ctx = LoraCtx::training(Some((0.05, 1)), args.gradient_checkpointing);
         let peak_gpu = std::cell::Cell::new(gpu_used(&device).unwrap_or(0));
         let sample = || {
             if let Some(u) = gpu_used(&device) {

@@ -10,7 +10,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use serde::Deserialize;
 
 use super::causal_softmax::CausalSpans;
-use super::lora::{CheckpointGrads, Lora, LoraCtx};
+use super::lora::{Lora, LoraCtx};
 use super::ops::{self, FrozenLinear};
 use super::MlError;
 
@@ -200,10 +200,10 @@ pub enum WeightFormat {
 }
 
 #[derive(Clone)]
-struct Block {
-    attn_norm: Tensor,
-    ffn_norm: Tensor,
-    proj: [FrozenLinear; 7],
+pub(super) struct Block {
+    pub(super) attn_norm: Tensor,
+    pub(super) ffn_norm: Tensor,
+    pub(super) proj: [FrozenLinear; 7],
 }
 
 /// The frozen backbone.
@@ -522,16 +522,16 @@ impl Llama {
         let eps = cfg.rms_norm_eps as f32;
         let mut x = self.embed.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
         let inputs = Arc::new(BlockInputs { cfg: cfg.clone(), b, t, cos, sin, spans, chunk });
-        let checkpoint = lora.and_then(|(l, ctx)| ctx.checkpoint.clone().map(|side| (l, ctx, side)));
-        if checkpoint.is_some() {
-            // the first block's input must be tracked for its checkpoint node to be recorded
+        let trained = lora.and_then(|(l, ctx)| ctx.block_grads.clone().map(|grads| (l, ctx, grads)));
+        if trained.is_some() {
+            // the first block's input must be tracked for its node to be recorded
             x = Var::from_tensor(&x)?.as_tensor().clone();
         }
         for (li, blk) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", layer = li).entered();
-            x = match &checkpoint {
+            x = match &trained {
                 None => block(blk, li, &x, lora, &inputs)?,
-                Some((l, ctx, side)) => checkpointed_block(blk, li, &x, l, ctx, side, &inputs)?,
+                Some((l, ctx, grads)) => super::block::trained_block(blk, li, &x, l, ctx, grads, &inputs)?,
             };
         }
         if last_only {
@@ -574,14 +574,15 @@ impl Llama {
 }
 
 /// What every decoder block of one forward shares.
-struct BlockInputs {
-    cfg: Config,
-    b: usize,
-    t: usize,
-    cos: Tensor,
-    sin: Tensor,
-    spans: CausalSpans,
-    chunk: usize,
+pub(super) struct BlockInputs {
+    pub(super) cfg: Config,
+    pub(super) b: usize,
+    pub(super) t: usize,
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    pub(super) spans: CausalSpans,
+    /// Query rows per attention chunk.
+    pub(super) chunk: usize,
 }
 
 fn linear(blk: &Block, layer: usize, p: Proj, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>) -> candle_core::Result<Tensor> {
@@ -592,7 +593,8 @@ fn linear(blk: &Block, layer: usize, p: Proj, x: &Tensor, lora: Option<(&Lora, &
     }
 }
 
-/// One decoder block: attention and MLP, each pre-normed and residual.
+/// One decoder block: attention and MLP, each pre-normed and residual. Through tracked LoRA
+/// factors every op is a node of candle's graph; training uses `block::trained_block`.
 fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, inp: &BlockInputs) -> candle_core::Result<Tensor> {
     let cfg = &inp.cfg;
     let (b, t) = (inp.b, inp.t);
@@ -616,43 +618,6 @@ fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, in
     let u = linear(blk, li, Proj::Up, &h, lora)?;
     let y = linear(blk, li, Proj::Down, &(g * u)?, lora)?;
     x + y
-}
-
-/// A block under activation checkpointing: the forward runs untracked and keeps nothing but
-/// the block's input (held by the graph node); the backward recomputes the block with its
-/// LoRA factors tracked, back-propagates the incoming gradient through it, leaves the factors'
-/// gradients in `side` and returns the input's. Dropout masks are pure functions of their
-/// seed, so the recomputation sees the same ones.
-fn checkpointed_block(
-    blk: &Block,
-    li: usize,
-    x: &Tensor,
-    lora: &Lora,
-    ctx: &LoraCtx,
-    side: &CheckpointGrads,
-    inp: &Arc<BlockInputs>,
-) -> candle_core::Result<Tensor> {
-    let layer = lora.layer(li);
-    let inner = LoraCtx { dropout: ctx.dropout, checkpoint: None };
-    let y = block(blk, li, &x.detach(), Some((&layer.detached(), &inner)), inp)?;
-    let (blk, inp, side) = (blk.clone(), inp.clone(), side.clone());
-    ops::with_grad("checkpointed_block", x, y, move |xs, _, grad| {
-        let xv = Var::from_tensor(&xs.detach())?;
-        let y = block(&blk, li, xv.as_tensor(), Some((&layer, &inner)), &inp)?;
-        let grads = (y * grad)?.sum_all()?.backward()?;
-        // detached: a gradient's graph would keep the recomputed block alive
-        for (_, (a, b)) in layer.factors() {
-            for f in [a, b] {
-                if let Some(g) = grads.get(f) {
-                    side.add(f, &g.detach())?;
-                }
-            }
-        }
-        match grads.get(xv.as_tensor()) {
-            Some(g) => Ok(g.detach()),
-            None => xs.zeros_like(),
-        }
-    })
 }
 
 /// Shapes of well-known Llama-family models, for benchmarks with random weights.

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use rand::{Rng, SeedableRng};
 
 use super::llama::{Config, Proj};
-use super::ops::FrozenLinear;
+use super::ops::{FrozenLinear, LoraParts};
 use super::MlError;
 
 /// Shape of an adapter.
@@ -48,30 +48,41 @@ pub fn peft_name(layer: usize, p: Proj, factor: &str) -> String {
 }
 
 /// Per-forward LoRA settings: dropout probability and the seed its masks derive from
-/// (`None` at inference), and where checkpointed blocks leave their factors' gradients.
+/// (`None` at inference), and how training runs through the decoder blocks.
 #[derive(Debug, Clone, Default)]
 pub struct LoraCtx {
     pub dropout: Option<(f32, u64)>,
-    /// Activation checkpointing: when set, each decoder block keeps only its input during the
-    /// forward and recomputes its activations in the backward; the gradients of the LoRA
-    /// factors inside it are not in the backward's `GradStore` but here.
-    pub checkpoint: Option<CheckpointGrads>,
+    /// Training through hand-written block backwards: when set, each decoder block is one
+    /// autograd node whose backward (`block::trained_block`) leaves its LoRA factors' gradients
+    /// here, not in the backward's `GradStore`. When `None`, a forward through tracked factors
+    /// records every op in candle's graph (the reference the hand-written backward is tested
+    /// against).
+    pub block_grads: Option<BlockGrads>,
+    /// With `block_grads`: activation checkpointing, each block keeps only its input and
+    /// recomputes its activations in the backward.
+    pub recompute: bool,
 }
 
 impl LoraCtx {
+    /// The context of a training forward: hand-written block backwards, with or without
+    /// activation checkpointing.
+    pub fn training(dropout: Option<(f32, u64)>, checkpointing: bool) -> LoraCtx {
+        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute: checkpointing }
+    }
+
     /// The gradient of a trained tensor after a backward through a forward run with this
-    /// context: from `grads`, or, for a factor inside a checkpointed block, from the side store
+    /// context: from `grads`, or, for a factor inside a decoder block, from the block store
     /// (taken out of it).
     pub fn take_grad(&self, grads: &candle_core::backprop::GradStore, v: &Tensor) -> Option<Tensor> {
-        grads.get(v).cloned().or_else(|| self.checkpoint.as_ref().and_then(|s| s.take(v)))
+        grads.get(v).cloned().or_else(|| self.block_grads.as_ref().and_then(|s| s.take(v)))
     }
 }
 
-/// Gradients of LoRA factors computed inside checkpointed blocks, by tensor id, summed.
+/// Gradients of LoRA factors computed by the decoder blocks' backwards, by tensor id, summed.
 #[derive(Debug, Clone, Default)]
-pub struct CheckpointGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+pub struct BlockGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
 
-impl CheckpointGrads {
+impl BlockGrads {
     pub fn add(&self, of: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
         let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("checkpoint gradients poisoned".into()))?;
         let sum = match map.remove(&of.id()) {
@@ -218,14 +229,21 @@ impl Lora {
     /// The base linear plus this adapter's term at one linear (one autograd node, see
     /// `ops::lora_linear`), or the base alone when that linear has no adapter.
     pub fn linear(&self, base: &FrozenLinear, layer: usize, p: Proj, x: &Tensor, ctx: &LoraCtx) -> candle_core::Result<Tensor> {
-        let Some((a, b)) = self.factors.get(&(layer, p)) else {
-            return base.forward(x);
-        };
-        let dropout = match ctx.dropout {
+        match self.parts(base, layer, p, ctx.dropout) {
+            Some((parts, a, b)) => super::ops::lora_linear(base, x, a, b, parts.scale, parts.dropout),
+            None => base.forward(x),
+        }
+    }
+
+    /// The adapted linear at `(layer, p)` with its factors, or `None` when it has no adapter.
+    /// Each linear's dropout mask seed derives from the forward's seed, the layer and `p`.
+    pub fn parts(&self, base: &FrozenLinear, layer: usize, p: Proj, dropout: Option<(f32, u64)>) -> Option<(LoraParts, &Tensor, &Tensor)> {
+        let (a, b) = self.factors.get(&(layer, p))?;
+        let dropout = match dropout {
             Some((prob, seed)) if prob > 0.0 => Some((prob, mix(seed, layer as u64, p as u64))),
             _ => None,
         };
-        super::ops::lora_linear(base, x, a, b, self.scale, dropout)
+        Some((LoraParts { base: base.clone(), scale: self.scale, dropout }, a, b))
     }
 }
 

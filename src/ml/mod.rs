@@ -68,6 +68,7 @@ macro_rules! float_op_forwards {
 }
 
 pub mod adapter;
+mod block;
 pub mod calibrate;
 pub mod causal_softmax;
 pub mod dropout;

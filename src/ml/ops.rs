@@ -238,7 +238,8 @@ impl FrozenLinear {
         }
     }
 
-    fn forward_detached(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x @ W^T` outside any graph.
+    pub fn forward_detached(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
             FrozenWeight::Dense(w) => {
                 let x = if x.dtype() != w.dtype() { x.to_dtype(w.dtype())? } else { x.clone() };
@@ -260,10 +261,13 @@ impl FrozenLinear {
         }
         let this = self.clone();
         let in_dtype = x.dtype();
-        with_grad("frozen-linear", x, y, move |_, _, grad| {
-            let w = this.dense_weight(grad.dtype())?;
-            linear_nn(grad, &w)?.to_dtype(in_dtype)
-        })
+        with_grad("frozen-linear", x, y, move |_, _, grad| this.input_grad(grad, in_dtype))
+    }
+
+    /// The input gradient `grad @ W` (of dtype `in_dtype`), outside any graph.
+    pub fn input_grad(&self, grad: &Tensor, in_dtype: DType) -> Result<Tensor> {
+        let w = self.dense_weight(grad.dtype())?;
+        linear_nn(grad, &w)?.to_dtype(in_dtype)
     }
 }
 
@@ -289,11 +293,13 @@ pub fn lora_linear(
     x.apply_op3(a, b, LoraLinear { value: Mutex::new(Some(y.contiguous()?)), parts: lora })
 }
 
+/// One adapted linear: the frozen base, the adapter scale and the dropout on the adapter's
+/// input (probability and mask seed).
 #[derive(Clone)]
-struct LoraParts {
-    base: FrozenLinear,
-    scale: f64,
-    dropout: Option<(f32, u64)>,
+pub struct LoraParts {
+    pub base: FrozenLinear,
+    pub scale: f64,
+    pub dropout: Option<(f32, u64)>,
 }
 
 impl LoraParts {
@@ -304,7 +310,8 @@ impl LoraParts {
         }
     }
 
-    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    /// `x W^T + scale · dropout(x) A^T B^T`, outside any graph.
+    pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let y = self.base.forward_detached(x)?;
         let dtype = x.dtype();
         let h = linear_nt(&self.dropped(x)?, &a.to_dtype(dtype)?)?;
@@ -312,6 +319,34 @@ impl LoraParts {
         let d = linear_nt(&h, &(b.to_dtype(dtype)? * self.scale)?)?;
         let d = d.to_dtype(y.dtype())?;
         y + d
+    }
+
+    /// The gradients of the forward's input (when `needs_dx`) and of `A` and `B` (in their
+    /// dtypes) for the output gradient `grad`, outside any graph. The dropout mask and the
+    /// r-wide `dropout(x) A^T` are redrawn from `x`.
+    pub fn backward(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad: &Tensor, needs_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        let dtype = x.dtype();
+        let g = grad.to_dtype(dtype)?;
+        let ad = a.to_dtype(dtype)?;
+        let bs = (b.to_dtype(dtype)? * self.scale)?;
+        let n_in = ad.dim(1)?;
+        let n_out = bs.dim(0)?;
+        let rows = x.elem_count() / n_in.max(1);
+        let xd = self.dropped(x)?.reshape((rows, n_in))?;
+        let g2 = g.reshape((rows, n_out))?;
+        let h = xd.matmul(&ad.t()?)?; // [rows, r]
+        let gh = g2.matmul(&bs)?; // [rows, r]
+        let da = gh.t()?.matmul(&xd)?.to_dtype(a.dtype())?;
+        let db = (g2.t()?.matmul(&h)? * self.scale)?.to_dtype(b.dtype())?;
+        let dx = if needs_dx {
+            let w = self.base.dense_weight(dtype)?;
+            let through_lora = self.dropped(&gh.matmul(&ad)?)?;
+            let dx = (g2.matmul(&w)? + through_lora)?.reshape(x.shape())?;
+            Some(dx)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
     }
 }
 
@@ -337,29 +372,7 @@ impl CustomOp3 for LoraLinear {
         let needs_dx = x.track_op();
         // on detached copies: the gradients carry no graph that would keep these inputs and
         // intermediates alive (the LoRA factors' gradients outlive the backward)
-        let (x, a, b, grad) = (&x.detach(), &a.detach(), &b.detach(), &grad.detach());
-        let p = &self.parts;
-        let dtype = x.dtype();
-        let g = grad.to_dtype(dtype)?;
-        let ad = a.to_dtype(dtype)?;
-        let bs = (b.to_dtype(dtype)? * p.scale)?;
-        let n_in = ad.dim(1)?;
-        let n_out = bs.dim(0)?;
-        let rows = x.elem_count() / n_in.max(1);
-        let xd = p.dropped(x)?.reshape((rows, n_in))?;
-        let g2 = g.reshape((rows, n_out))?;
-        let h = xd.matmul(&ad.t()?)?; // [rows, r]
-        let gh = g2.matmul(&bs)?; // [rows, r]
-        let da = gh.t()?.matmul(&xd)?.to_dtype(a.dtype())?;
-        let db = (g2.t()?.matmul(&h)? * p.scale)?.to_dtype(b.dtype())?;
-        let dx = if needs_dx {
-            let w = p.base.dense_weight(dtype)?;
-            let through_lora = p.dropped(&gh.matmul(&ad)?)?;
-            let dx = (g2.matmul(&w)? + through_lora)?.reshape(x.shape())?;
-            Some(dx)
-        } else {
-            None
-        };
+        let (dx, da, db) = self.parts.backward(&x.detach(), &a.detach(), &b.detach(), &grad.detach(), needs_dx)?;
         Ok((dx, Some(da), Some(db)))
     }
 }
@@ -383,27 +396,22 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
 /// otherwise pairs (i, i+d/2) as Hugging Face checkpoints do. Rotation is orthogonal, so the
 /// backward is the rotation by the opposite angle.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
-    let apply = move |t: &Tensor, sin: &Tensor| -> Result<Tensor> {
-        let t = t.contiguous()?;
-        if interleaved {
-            candle_nn::rotary_emb::rope_i(&t, cos, sin)
-        } else {
-            candle_nn::rotary_emb::rope(&t, cos, sin)
-        }
-    };
-    let y = apply(&x.detach(), sin)?;
+    let y = rope_detached(&x.detach(), cos, sin, interleaved)?;
     if !x.track_op() {
         return Ok(y);
     }
     let (cos, neg_sin) = (cos.clone(), sin.neg()?);
-    with_grad("rope", x, y, move |_, _, grad| {
-        let g = grad.contiguous()?;
-        if interleaved {
-            candle_nn::rotary_emb::rope_i(&g, &cos, &neg_sin)
-        } else {
-            candle_nn::rotary_emb::rope(&g, &cos, &neg_sin)
-        }
-    })
+    with_grad("rope", x, y, move |_, _, grad| rope_detached(grad, &cos, &neg_sin, interleaved))
+}
+
+/// The rotation of `rope` outside any graph; with `-sin` it is its backward.
+pub fn rope_detached(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if interleaved {
+        candle_nn::rotary_emb::rope_i(&x, cos, sin)
+    } else {
+        candle_nn::rotary_emb::rope(&x, cos, sin)
+    }
 }
 
 /// Softmax over the last dimension; backward `y * (g - sum(g*y))`.
@@ -447,54 +455,89 @@ pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<T
 /// gradients of a group's heads are summed by the chunk matmuls themselves. The masked softmax
 /// and its backward are one fused pass each (`causal_softmax`).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, chunk: usize, scale: f64) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let kvh = k.dim(1)?;
-    let rep = h / kvh;
-    if spans.batch() != b {
-        candle_core::bail!("causal attention: {} spans for a batch of {b}", spans.batch());
-    }
-    let chunks: Vec<(usize, usize)> = (0..t).step_by(chunk.max(1)).map(|c0| (c0, (c0 + chunk).min(t) - c0)).collect();
-    // q chunk [b, h, c, d] -> [b, kvh, rep * c, d]
-    let group = move |x: &Tensor, c0: usize, c: usize| -> Result<Tensor> {
-        x.narrow(2, c0, c)?.reshape((b, kvh, rep * c, x.dim(3)?))
-    };
-    let forward = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-        let qs = (q * scale)?;
-        let mut outs = Vec::with_capacity(chunks.len());
-        for &(c0, c) in &chunks {
-            let qc = group(&qs, c0, c)?;
-            let kc = k.narrow(2, 0, c0 + c)?;
-            let vc = v.narrow(2, 0, c0 + c)?;
-            let p = causal_softmax::forward(&qc.matmul(&kc.t()?)?, spans, c0, c, 1.0)?;
-            outs.push(p.matmul(&vc)?.reshape((b, h, c, d))?);
-        }
-        Tensor::cat(&outs, 2)
-    };
-    let out = forward(&q.detach(), &k.detach(), &v.detach())?;
+    let plan = AttentionPlan::new(q, k, spans, chunk, scale)?;
+    let out = plan.forward(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
-    let spans = spans.clone();
     let backward = move |[q, k, v]: [&Tensor; 3], o: &Tensor, d_o: &Tensor| -> Result<[Tensor; 3]> {
         // on detached copies, so the gradients carry no graph holding q, k, v or o
         let (q, k, v, o) = (&q.detach(), &k.detach(), &v.detach(), &o.detach());
-        let dtype = q.dtype();
-        let d_o = d_o.to_dtype(dtype)?.contiguous()?;
-        let qs = (q * scale)?;
-        // D_i = sum_d dO_id * O_id
+        let d_o = d_o.to_dtype(q.dtype())?.contiguous()?;
         let dsum = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
-        let mut dqs = Vec::with_capacity(chunks.len());
+        plan.backward(q, k, v, &d_o, &dsum)
+    };
+    let out = out.contiguous()?;
+    q.apply_op3(k, v, WithGrad3 { name: "causal-attention", value: Mutex::new(Some(out)), backward: Box::new(backward) })
+}
+
+/// The shapes and query chunks of one causal attention (see `causal_attention`), with its
+/// forward and backward outside any graph.
+#[derive(Clone)]
+pub struct AttentionPlan {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    t: usize,
+    d: usize,
+    chunks: Vec<(usize, usize)>,
+    scale: f64,
+    spans: CausalSpans,
+}
+
+impl AttentionPlan {
+    /// For q `[b, h, t, d]` and k `[b, kv_heads, t, d]`, in query chunks of `chunk` rows.
+    pub fn new(q: &Tensor, k: &Tensor, spans: &CausalSpans, chunk: usize, scale: f64) -> Result<AttentionPlan> {
+        let (b, h, t, d) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        if spans.batch() != b {
+            candle_core::bail!("causal attention: {} spans for a batch of {b}", spans.batch());
+        }
+        if kvh == 0 || h % kvh != 0 {
+            candle_core::bail!("causal attention: {h} query heads do not share {kvh} kv heads evenly");
+        }
+        let chunks = (0..t).step_by(chunk.max(1)).map(|c0| (c0, (c0 + chunk).min(t) - c0)).collect();
+        Ok(AttentionPlan { b, h, kvh, t, d, chunks, scale, spans: spans.clone() })
+    }
+
+    /// Rows `c0..c0 + c` of `[b, h, t, x]` as `[b, kvh, rep * c, x]`.
+    fn group(&self, x: &Tensor, c0: usize, c: usize) -> Result<Tensor> {
+        x.narrow(2, c0, c)?.reshape((self.b, self.kvh, self.h / self.kvh * c, x.dim(3)?))
+    }
+
+    /// The attention output `[b, h, t, d]`.
+    pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, h, d) = (self.b, self.h, self.d);
+        let qs = (q * self.scale)?;
+        let mut outs = Vec::with_capacity(self.chunks.len());
+        for &(c0, c) in &self.chunks {
+            let qc = self.group(&qs, c0, c)?;
+            let kc = k.narrow(2, 0, c0 + c)?;
+            let vc = v.narrow(2, 0, c0 + c)?;
+            let p = causal_softmax::forward(&qc.matmul(&kc.t()?)?, &self.spans, c0, c, 1.0)?;
+            outs.push(p.matmul(&vc)?.reshape((b, h, c, d))?);
+        }
+        Tensor::cat(&outs, 2)
+    }
+
+    /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous) and
+    /// `dsum = sum_d d_o * o` `[b, h, t, 1]` (f32). Each chunk's probabilities are recomputed.
+    pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, dsum: &Tensor) -> Result<[Tensor; 3]> {
+        let (b, h, kvh, t, d, scale) = (self.b, self.h, self.kvh, self.t, self.d, self.scale);
+        let dtype = q.dtype();
+        let qs = (q * scale)?;
+        let mut dqs = Vec::with_capacity(self.chunks.len());
         let mut dk = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
         let mut dv = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
-        for &(c0, c) in &chunks {
+        for &(c0, c) in &self.chunks {
             let end = c0 + c;
-            let qc = group(&qs, c0, c)?;
+            let qc = self.group(&qs, c0, c)?;
             let kc = k.narrow(2, 0, end)?;
             let vc = v.narrow(2, 0, end)?;
-            let doc = group(&d_o, c0, c)?;
-            let dc = group(&dsum, c0, c)?;
+            let doc = self.group(d_o, c0, c)?;
+            let dc = self.group(dsum, c0, c)?;
             let dp = doc.matmul(&vc.t()?)?;
-            let (p, ds) = causal_softmax::backward(&qc.matmul(&kc.t()?)?, &dp, &dc, &spans, c0, c, 1.0)?;
+            let (p, ds) = causal_softmax::backward(&qc.matmul(&kc.t()?)?, &dp, &dc, &self.spans, c0, c, 1.0)?;
             let dvc = p.t()?.matmul(&doc)?;
             dqs.push((ds.matmul(&kc)? * scale)?.reshape((b, h, c, d))?);
             let dkc = ds.t()?.matmul(&qc)?;
@@ -502,9 +545,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans,
             dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
         }
         Ok([Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?])
-    };
-    let out = out.contiguous()?;
-    q.apply_op3(k, v, WithGrad3 { name: "causal-attention", value: Mutex::new(Some(out)), backward: Box::new(backward) })
+    }
 }
 
 /// SiLU (x * sigmoid(x)); backward `g * s * (1 + x * (1 - s))`.
@@ -513,12 +554,15 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(y);
     }
-    with_grad("silu", x, y, move |xs, _, grad| {
-        let s = candle_nn::ops::sigmoid(xs)?;
-        let one_minus = s.affine(-1.0, 1.0)?;
-        let inner = ((xs * one_minus)? + 1.0)?;
-        grad * (s * inner)?
-    })
+    with_grad("silu", x, y, move |xs, _, grad| silu_backward(xs, grad))
+}
+
+/// SiLU's input gradient at `x` for the output gradient `grad`, outside any graph.
+pub fn silu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+    let s = candle_nn::ops::sigmoid(x)?;
+    let one_minus = s.affine(-1.0, 1.0)?;
+    let inner = ((x * one_minus)? + 1.0)?;
+    grad * (s * inner)?
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use super::calibrate::{self, Calibration, LengthCalibration, LengthModel};
 use super::classifier;
 use super::fsutil;
 use super::llama::Batch;
-use super::lora::{CheckpointGrads, Lora, LoraConfig, LoraCtx};
+use super::lora::{Lora, LoraConfig, LoraCtx};
 use super::model::BaseModel;
 use super::observe::{EvalMetrics, TrainObserver};
 use super::MlError;
@@ -396,8 +396,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             let batch = Batch::right_padded(&rows, base.pad_id, &device)?;
             state.tokens_seen += batch.tokens() as u64;
             let micro_seed = hp.seed ^ (state.step * 1024 + mi as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-            let checkpoint = hp.gradient_checkpointing.then(CheckpointGrads::default);
-            let ctx = LoraCtx { dropout: Some((dropout, micro_seed)), checkpoint };
+            let ctx = LoraCtx::training(Some((dropout, micro_seed)), hp.gradient_checkpointing);
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             let loss = weighted_ce(&logits, &labels, class_weights)?;
             let lv = loss.to_scalar::<f32>()? as f64;

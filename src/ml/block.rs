@@ -1,0 +1,185 @@
+//! A decoder block as one autograd node with a hand-written backward, for training.
+//!
+//! Recorded op by op, a block is some thirty nodes of candle's graph: each keeps its output
+//! alive and, in the backward, gets its gradient accumulated into a fresh zero tensor, so a
+//! third of the GPU time went to element-wise copies and adds. Here the forward runs outside
+//! the graph and keeps only what the backward reads — RoPE'd q and k, v, the attention output,
+//! the residual after attention, the gate and up projections — and the backward is written out
+//! in full: the MLP, the attention (chunked, probabilities recomputed), RoPE, both RMSNorms and
+//! the seven linears (input gradient of the frozen weight, gradients of the LoRA factors, which
+//! go to the context's `BlockGrads`). The norm outputs and `silu(gate) * up` are recomputed
+//! rather than kept. Under activation checkpointing nothing but the block's input is kept and
+//! the backward reruns the forward first.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Result, Tensor, D};
+
+use super::llama::{Block, BlockInputs, Proj};
+use super::lora::{BlockGrads, Lora, LoraCtx};
+use super::norm::rms_norm_backward;
+use super::ops::{self, AttentionPlan};
+
+/// The forward's tensors the backward reads.
+struct Saved {
+    /// `[b, heads, t, head_dim]`, after RoPE.
+    q: Tensor,
+    /// `[b, kv_heads, t, head_dim]`, after RoPE.
+    k: Tensor,
+    /// `[b, kv_heads, t, head_dim]`.
+    v: Tensor,
+    /// Attention output `[b, t, heads * head_dim]` (o_proj's input).
+    y: Tensor,
+    /// The residual stream after attention `[b, t, hidden]`.
+    mid: Tensor,
+    /// gate_proj and up_proj outputs `[b, t, intermediate]`.
+    gate: Tensor,
+    up: Tensor,
+}
+
+/// One layer's frozen weights and adapter, with the forward's shared inputs.
+struct Layer {
+    blk: Block,
+    li: usize,
+    /// This layer's factors as trained (their tensor ids key the gradients).
+    lora: Lora,
+    dropout: Option<(f32, u64)>,
+    inp: Arc<BlockInputs>,
+}
+
+impl Layer {
+    fn eps(&self) -> f32 {
+        self.inp.cfg.rms_norm_eps as f32
+    }
+
+    fn linear(&self, p: Proj, x: &Tensor) -> Result<Tensor> {
+        let base = &self.blk.proj[p as usize];
+        match self.lora.parts(base, self.li, p, self.dropout) {
+            Some((parts, a, b)) => parts.forward(x, &a.detach(), &b.detach()),
+            None => base.forward_detached(x),
+        }
+    }
+
+    /// The input gradient of linear `p` at input `x`; the LoRA factors' gradients go to `grads`.
+    fn linear_backward(&self, p: Proj, x: &Tensor, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+        let base = &self.blk.proj[p as usize];
+        match self.lora.parts(base, self.li, p, self.dropout) {
+            Some((parts, a, b)) => {
+                // computed on detached copies; the gradients are keyed by the factors' ids
+                let (dx, da, db) = parts.backward(x, &a.detach(), &b.detach(), grad, true)?;
+                grads.add(a, &da)?;
+                grads.add(b, &db)?;
+                dx.ok_or_else(|| candle_core::Error::Msg("lora backward skipped the input gradient".into()))
+            }
+            None => base.input_grad(grad, x.dtype()),
+        }
+    }
+
+    fn plan(&self, q: &Tensor, k: &Tensor) -> Result<AttentionPlan> {
+        let hd = self.inp.cfg.head_dim;
+        AttentionPlan::new(q, k, &self.inp.spans, self.inp.chunk, 1.0 / (hd as f64).sqrt())
+    }
+
+    /// `[b, t, heads * hd]` -> `[b, heads, t, hd]`, contiguous.
+    fn heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, hd) = (self.inp.b, self.inp.t, self.inp.cfg.head_dim);
+        x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+    }
+
+    /// `[b, heads, t, hd]` -> `[b, t, heads * hd]`, contiguous.
+    fn merge(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, t, hd) = x.dims4()?;
+        x.transpose(1, 2)?.reshape((b, t, h * hd))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
+        let cfg = &self.inp.cfg;
+        let (cos, sin, il) = (&self.inp.cos, &self.inp.sin, cfg.rope_interleaved);
+        let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
+        let q = ops::rope_detached(&self.heads(&self.linear(Proj::Q, &h)?, cfg.num_heads)?, cos, sin, il)?;
+        let k = ops::rope_detached(&self.heads(&self.linear(Proj::K, &h)?, cfg.num_kv_heads)?, cos, sin, il)?;
+        let v = self.heads(&self.linear(Proj::V, &h)?, cfg.num_kv_heads)?;
+        drop(h);
+        let y = self.merge(&self.plan(&q, &k)?.forward(&q, &k, &v)?)?;
+        let mid = (x + self.linear(Proj::O, &y)?)?;
+        let h = ops::rms_norm(&mid, &self.blk.ffn_norm, self.eps())?;
+        let gate = self.linear(Proj::Gate, &h)?;
+        let up = self.linear(Proj::Up, &h)?;
+        drop(h);
+        let s = (ops::silu(&gate)? * &up)?;
+        let out = (&mid + self.linear(Proj::Down, &s)?)?;
+        Ok((out, Saved { q, k, v, y, mid, gate, up }))
+    }
+
+    fn backward(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+        let cfg = &self.inp.cfg;
+        let eps = self.eps();
+        let Saved { q, k, v, y, mid, gate, up } = saved;
+        let grad = grad.to_dtype(x.dtype())?;
+        // MLP: out = mid + down(silu(gate) * up)
+        let sg = ops::silu(&gate)?;
+        let d_s = self.linear_backward(Proj::Down, &(&sg * &up)?, &grad, grads)?;
+        let d_up = (&d_s * &sg)?;
+        drop(sg);
+        let d_gate = ops::silu_backward(&gate, &(&d_s * &up)?)?;
+        drop((d_s, gate, up));
+        let h = ops::rms_norm(&mid, &self.blk.ffn_norm, eps)?;
+        let d_h = (self.linear_backward(Proj::Gate, &h, &d_gate, grads)? + self.linear_backward(Proj::Up, &h, &d_up, grads)?)?;
+        drop((h, d_gate, d_up));
+        let d_mid = (&grad + rms_norm_backward(&mid, &d_h, &self.blk.ffn_norm, eps)?)?;
+        drop((d_h, mid, grad));
+        // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
+        let d_y = self.linear_backward(Proj::O, &y, &d_mid, grads)?;
+        let d_o = self.heads(&d_y, cfg.num_heads)?;
+        // D = sum over head_dim of dO * O, per head and query: [b, heads, t, 1] (f32)
+        let (b, t, hd) = (self.inp.b, self.inp.t, cfg.head_dim);
+        let dsum = (d_y.to_dtype(DType::F32)? * y.to_dtype(DType::F32)?)?
+            .reshape((b, t, cfg.num_heads, hd))?
+            .sum_keepdim(D::Minus1)?
+            .transpose(1, 2)?
+            .contiguous()?;
+        drop((d_y, y));
+        let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &dsum)?;
+        drop((q, k, v, d_o, dsum));
+        let neg_sin = self.inp.sin.neg()?;
+        let il = cfg.rope_interleaved;
+        let dq = self.merge(&ops::rope_detached(&dq, &self.inp.cos, &neg_sin, il)?)?;
+        let dk = self.merge(&ops::rope_detached(&dk, &self.inp.cos, &neg_sin, il)?)?;
+        let dv = self.merge(&dv)?;
+        let h = ops::rms_norm(x, &self.blk.attn_norm, eps)?;
+        let d_h = (self.linear_backward(Proj::Q, &h, &dq, grads)?
+            + self.linear_backward(Proj::K, &h, &dk, grads)?
+            + self.linear_backward(Proj::V, &h, &dv, grads)?)?;
+        drop(h);
+        d_mid + rms_norm_backward(x, &d_h, &self.blk.attn_norm, eps)?
+    }
+}
+
+/// Decoder block `li` of a training forward as one node of `x`'s graph (see the module
+/// docs): its backward returns the input gradient and adds the LoRA factors' gradients to
+/// `grads`. Dropout masks are pure functions of their seeds, so a recomputed forward draws the
+/// same ones.
+pub(super) fn trained_block(
+    blk: &Block,
+    li: usize,
+    x: &Tensor,
+    lora: &Lora,
+    ctx: &LoraCtx,
+    grads: &BlockGrads,
+    inp: &Arc<BlockInputs>,
+) -> Result<Tensor> {
+    let layer = Layer { blk: blk.clone(), li, lora: lora.layer(li), dropout: ctx.dropout, inp: inp.clone() };
+    let (out, saved) = layer.forward(&x.detach())?;
+    // taken by the backward, so each block's activations are freed as soon as it has run
+    let saved = Mutex::new((!ctx.recompute).then_some(saved));
+    let grads = grads.clone();
+    ops::with_grad("decoder-block", x, out, move |xs, _, grad| {
+        let xs = xs.detach();
+        let kept = saved.lock().map_err(|_| candle_core::Error::Msg("decoder block: poisoned lock".into()))?.take();
+        let saved = match kept {
+            Some(s) => s,
+            None => layer.forward(&xs)?.1,
+        };
+        layer.backward(&xs, saved, &grad.detach(), &grads)
+    })
+}
