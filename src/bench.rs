@@ -47,6 +47,33 @@ pub enum BenchCommand {
         #[arg(long, value_enum, default_value = "auto")]
         base_format: BaseFormat,
     },
+    /// Training losses of a Hugging Face `LlamaForSequenceClassification` directory from a
+    /// given PEFT adapter (`lora_A`/`lora_B` of each target and `score.weight`, PEFT names):
+    /// `--steps` AdamW steps (no weight decay, no dropout) on one batch of token-id rows with
+    /// their labels, printed as `{"losses": [...]}`: the Arbiter side of the training parity
+    /// check against PEFT (`bench/reference/parity.py --train-steps`).
+    Losses {
+        #[arg(long)]
+        model: PathBuf,
+        /// The initial adapter (safetensors, PEFT names); r and the targets are read from it.
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        lora_alpha: f64,
+        #[arg(long)]
+        ids: PathBuf,
+        /// One label per row (0: A, 1: B, 2: tie), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        labels: Vec<u32>,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
+        device: String,
+        #[arg(long, value_enum, default_value = "auto")]
+        base_format: BaseFormat,
+    },
     /// Arbiter's own device kernels against the CPU on random inputs: one JSON line per
     /// comparison; fails when any is beyond its tolerance.
     Kernels {
@@ -131,6 +158,60 @@ fn hf_logits(model: &std::path::Path, ids: &std::path::Path, device: &Device, fm
     Ok(())
 }
 
+struct HfLosses<'a> {
+    model: &'a std::path::Path,
+    adapter: &'a std::path::Path,
+    lora_alpha: f64,
+    ids: &'a std::path::Path,
+    labels: &'a [u32],
+    steps: usize,
+    lr: f64,
+}
+
+fn hf_losses(a: &HfLosses<'_>, device: &Device, fmt: BaseFormat) -> anyhow::Result<()> {
+    let llama = Llama::from_hf_dir(a.model, fmt.weight_format(device), device)?;
+    let rows: Vec<Vec<u32>> = serde_json::from_str(&std::fs::read_to_string(a.ids)?)?;
+    anyhow::ensure!(rows.len() == a.labels.len(), "{} rows but {} labels", rows.len(), a.labels.len());
+    let named: std::collections::BTreeMap<String, Tensor> = candle_core::safetensors::load(a.adapter, &Device::Cpu)?.into_iter().collect();
+    let mut targets = Vec::new();
+    let mut r = 0;
+    for (name, t) in &named {
+        if let Some(rest) = name.strip_suffix(".lora_A.weight") {
+            let module = rest.rsplit('.').next().unwrap_or_default().to_string();
+            if !targets.contains(&module) {
+                targets.push(module);
+            }
+            r = t.dim(0)?;
+        }
+    }
+    let cfg = LoraConfig::from_names(r, a.lora_alpha, 0.0, &targets)?;
+    let mut vars = Vec::new();
+    let lora = Lora::from_named(cfg, llama.config(), &named, device, Some(&mut vars))?;
+    let head0 = named
+        .get(classifier::HEAD_NAME)
+        .ok_or_else(|| anyhow::anyhow!("{} lacks {}", a.adapter.display(), classifier::HEAD_NAME))?;
+    let head = Var::from_tensor(&head0.to_device(device)?.to_dtype(DType::F32)?)?;
+    vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
+    let mut opt = crate::ml::train::AdamW::new(vars.clone(), 0.0)?;
+    let batch = Batch::right_padded(&rows, 0, device)?;
+    let labels = Tensor::from_vec(a.labels.to_vec(), a.labels.len(), device)?;
+    let mut losses = Vec::with_capacity(a.steps);
+    for _ in 0..a.steps {
+        let ctx = LoraCtx::training(None, false);
+        let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), &batch)?;
+        let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+        losses.push(loss.to_scalar::<f32>()?);
+        let grads = loss.backward()?;
+        let g = vars
+            .iter()
+            .map(|(_, v)| ctx.take_grad(&grads, v.as_tensor()).map_or_else(|| v.zeros_like(), Ok))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        opt.step(&g, a.lr)?;
+    }
+    println!("{}", serde_json::json!({ "losses": losses }));
+    Ok(())
+}
+
 fn check_kernels(device: &Device) -> anyhow::Result<()> {
     let checks = crate::ml::check_kernels(device)?;
     for c in &checks {
@@ -149,16 +230,16 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Logits { model, ids, device, base_format } => {
             return hf_logits(model, ids, &parse_device(device)?, *base_format)
         }
+        BenchCommand::Losses { model, adapter, lora_alpha, ids, labels, steps, lr, device, base_format } => {
+            let device = parse_device(device)?;
+            return hf_losses(&HfLosses { model, adapter, lora_alpha: *lora_alpha, ids, labels, steps: *steps, lr: *lr }, &device, *base_format);
+        }
     };
     let device = parse_device(&args.device)?;
     let fmt = args.base_format.weight_format(&device);
     let llama = if args.random_init {
         let cfg = known_shape(&args.shape).ok_or_else(|| anyhow::anyhow!("unknown shape {:?}", args.shape))?;
-        let dtype = match fmt {
-            crate::ml::llama::WeightFormat::Dense(d) => d,
-            crate::ml::llama::WeightFormat::Quantized(_) => DType::F32,
-        };
-        Llama::random(cfg, dtype, 1, &device)?
+        Llama::random(cfg, fmt, 1, &device)?
     } else {
         BaseModel::load(&args.model, args.base_format, &device)?.llama
     };

@@ -1,17 +1,24 @@
 #!/usr/bin/env python3
-"""Logit parity between Arbiter and transformers on the same random weights.
+"""Logit and training-loss parity between Arbiter and transformers + PEFT on the same weights.
 
 transformers builds a random LlamaForSequenceClassification (num_labels 3) of a known shape,
 saves it as safetensors, and scores random token rows (right-padded, ragged lengths); Arbiter
 loads the same directory (`arbiter bench logits`) and scores the same rows. One JSON line per
 (shape, dtype) with the largest difference and the verdict.
 
-Tolerances, relative to the largest |logit| of the reference:
+With --train-steps N, the same model also gets a PEFT LoRA adapter (r 8, alpha 16, every
+linear of every block, the score head trained, no dropout; B drawn at random rather than zero
+so the first step moves A too), saved as the initial adapter; both sides then take N AdamW
+steps (lr --lr, no weight decay) on the rows with fixed labels (`arbiter bench losses`), and
+the N losses are compared.
+
+Tolerances, relative to the largest |logit| of the reference (losses: to max(1, |loss|)):
   f32   1e-4   (summation order only)
   bf16  2^-5   (a few bf16 roundings, 2^-8 each, accumulated over the layers)
 
 Usage: parity.py --bin ARBITER [--device cuda] [--shapes smollm2-135m,llama3-8b:2]
                  [--dtypes f32,bf16] [--seq 256] [--rows 4] [--workdir DIR]
+                 [--train-steps N] [--lr 1e-3]
 A shape may carry a layer count (`llama3-8b:2`: the 8B geometry with 2 decoder layers).
 """
 import argparse
@@ -38,7 +45,52 @@ TOLERANCE = {"f32": 1e-4, "bf16": 2.0 ** -5}
 TORCH_DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
-def check(bin_path, device, shape, layers, dtype, rows, seq, workdir):
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def train_check(bin_path, device, model, out, ids, padded, mask, dtype, steps, lr):
+    """N AdamW steps of PEFT and of Arbiter from the same initial adapter; their losses."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="SEQ_CLS")
+    pm = get_peft_model(model, lcfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * 0.05)
+    init = {k: v.detach().float().cpu().contiguous() for k, v in get_peft_model_state_dict(pm).items()}
+    adapter = out + "-init-adapter.safetensors"
+    save_file(init, adapter)
+    labels = torch.tensor([i % 3 for i in range(len(ids))])
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-8)
+    pm.train()
+    want = []
+    for _ in range(steps):
+        logits = pm(input_ids=padded.to(device), attention_mask=mask.to(device)).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits, labels.to(device))
+        want.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    del pm, opt
+    ids_path = os.path.join(out, "ids.json")
+    res = subprocess.run([bin_path, "bench", "losses", "--model", out, "--adapter", adapter,
+                          "--lora-alpha", "16", "--ids", ids_path,
+                          "--labels", ",".join(str(int(x)) for x in labels), "--steps", str(steps),
+                          "--lr", str(lr), "--device", device, "--base-format", dtype],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"arbiter failed: {res.stderr[-2000:]}")
+    got = json.loads(res.stdout)["losses"]
+    diffs = [abs(g - w) / max(1.0, abs(w)) for g, w in zip(got, want)]
+    return {"losses_peft": want, "losses_arbiter": got, "max_relative": max(diffs),
+            "ok": max(diffs) <= TOLERANCE[dtype]}
+
+
+def check(bin_path, device, shape, layers, dtype, rows, seq, workdir, steps=0, lr=1e-3):
     cfg = dict(SHAPES[shape])
     if layers:
         cfg["num_hidden_layers"] = layers
@@ -58,8 +110,7 @@ def check(bin_path, device, shape, layers, dtype, rows, seq, workdir):
         mask[i, : len(row)] = 1
     with torch.no_grad():
         want = model(input_ids=padded.to(device), attention_mask=mask.to(device)).logits.float().cpu()
-    del model
-    ids_path = os.path.join(workdir, "ids.json")
+    ids_path = os.path.join(out, "ids.json")
     with open(ids_path, "w") as f:
         json.dump(ids, f)
     res = subprocess.run([bin_path, "bench", "logits", "--model", out, "--ids", ids_path,
@@ -71,13 +122,19 @@ def check(bin_path, device, shape, layers, dtype, rows, seq, workdir):
     diff = (got - want).abs().max().item()
     scale = want.abs().max().item()
     tol = TOLERANCE[dtype] * max(scale, 1e-6)
-    return {
+    result = {
         "shape": shape, "layers": cfg["num_hidden_layers"], "dtype": dtype, "device": device,
         "rows": len(ids), "seq": seq, "max_abs_diff": diff, "max_abs_logit": scale,
         "relative": diff / max(scale, 1e-12), "tolerance": tol,
         "argmax_agree": int((got.argmax(1) == want.argmax(1)).sum().item()),
         "ok": diff <= tol,
     }
+    if steps:
+        training = train_check(bin_path, device, model, out, ids, padded, mask, dtype, steps, lr)
+        result["ok"] = result["ok"] and training.pop("ok")
+        result.update(training)
+    del model
+    return result
 
 
 def main():
@@ -89,13 +146,16 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--workdir")
+    ap.add_argument("--train-steps", type=int, default=0)
+    ap.add_argument("--lr", type=float, default=1e-3)
     a = ap.parse_args()
     workdir = a.workdir or tempfile.mkdtemp(prefix="parity-")
     failed = 0
     for spec in a.shapes.split(","):
         shape, _, layers = spec.partition(":")
         for dtype in a.dtypes.split(","):
-            r = check(a.bin, a.device, shape, int(layers) if layers else None, dtype, a.rows, a.seq, workdir)
+            r = check(a.bin, a.device, shape, int(layers) if layers else None, dtype, a.rows, a.seq, workdir,
+                      a.train_steps, a.lr)
             print(json.dumps(r), flush=True)
             failed += not r["ok"]
     sys.exit(1 if failed else 0)

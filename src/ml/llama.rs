@@ -199,6 +199,19 @@ pub enum WeightFormat {
     Quantized(Option<GgmlDType>),
 }
 
+impl WeightFormat {
+    /// The dtype activations run in: the weights' for dense weights; for quantized ones f32 on
+    /// the CPU (candle's quantized CPU matmul) and bf16 on a GPU (each weight dequantized to
+    /// bf16 as it is used, then a tensor-core GEMM, as bitsandbytes does).
+    pub fn activation_dtype(self, device: &Device) -> DType {
+        match self {
+            WeightFormat::Dense(d) => d,
+            WeightFormat::Quantized(_) if device.is_cpu() => DType::F32,
+            WeightFormat::Quantized(_) => DType::BF16,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub(super) struct Block {
     pub(super) attn_norm: Tensor,
@@ -336,10 +349,7 @@ impl Llama {
             max_position_embeddings: gguf_u32(ct, "llama.context_length").unwrap_or(2048),
             rope_interleaved: true,
         };
-        let act_dtype = match format {
-            WeightFormat::Dense(d) => d,
-            WeightFormat::Quantized(_) => DType::F32,
-        };
+        let act_dtype = format.activation_dtype(device);
         let linear = |q: QTensor| -> Result<FrozenLinear, MlError> {
             Ok(match format {
                 WeightFormat::Dense(d) => FrozenLinear::dense(q.dequantize(device)?.to_dtype(d)?)?,
@@ -394,10 +404,7 @@ impl Llama {
         }
         // SAFETY: the files are memory-mapped read-only and not modified while loaded.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files)? };
-        let act_dtype = match format {
-            WeightFormat::Dense(d) => d,
-            WeightFormat::Quantized(_) => DType::F32,
-        };
+        let act_dtype = format.activation_dtype(device);
         let get = |name: &str| -> Result<Tensor, MlError> {
             st.load(name, device).map_err(|e| MlError::Model(format!("tensor {name}: {e}")))
         };
@@ -436,21 +443,31 @@ impl Llama {
         Ok(Self::assemble(cfg, embed, blocks, norm, lm_head, device, act_dtype))
     }
 
-    /// Random weights of a given shape (benchmarks and tests), dense of `dtype`, drawn on the
-    /// device (uniform with standard deviation 0.02).
-    pub fn random(cfg: Config, dtype: DType, seed: u64, device: &Device) -> Result<Llama, MlError> {
+    /// Random weights of a given shape (benchmarks and tests), drawn on the device (uniform
+    /// with standard deviation 0.02), the linears held in `format` (quantized at load).
+    pub fn random(cfg: Config, format: WeightFormat, seed: u64, device: &Device) -> Result<Llama, MlError> {
         // CPU has no seedable generator in candle: CPU draws are unseeded (benchmarks only)
         let _ = device.set_seed(seed);
+        let dtype = format.activation_dtype(device);
         let a = 0.02 * 3f64.sqrt();
         let randn = |shape: (usize, usize)| -> Result<Tensor, MlError> {
             Ok(Tensor::rand(-a as f32, a as f32, shape, device)?.to_dtype(dtype)?)
+        };
+        let linear = |shape: (usize, usize)| -> Result<FrozenLinear, MlError> {
+            Ok(match format {
+                WeightFormat::Dense(_) => FrozenLinear::dense(randn(shape)?)?,
+                WeightFormat::Quantized(t) => {
+                    let w = Tensor::rand(-a as f32, a as f32, shape, device)?;
+                    FrozenLinear::quantized(Arc::new(QTensor::quantize(&w, t.unwrap_or(GgmlDType::Q4_0))?))?
+                }
+            })
         };
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for _ in 0..cfg.num_layers {
             let mut proj = Vec::with_capacity(7);
             for p in Proj::ALL {
                 let (i, o) = cfg.proj_shape(p);
-                proj.push(FrozenLinear::dense(randn((o, i))?)?);
+                proj.push(linear((o, i))?);
             }
             blocks.push(Block {
                 attn_norm: Tensor::ones(cfg.hidden_size, dtype, device)?,

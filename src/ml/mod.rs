@@ -107,6 +107,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     let mut checks = causal_softmax::check_device(device)?;
     checks.extend(dropout::check_device(device)?);
     checks.extend(norm::check_device(device)?);
+    checks.extend(ops::check_device(device)?);
     Ok(checks)
 }
 

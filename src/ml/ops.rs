@@ -245,11 +245,15 @@ impl FrozenLinear {
                 let x = if x.dtype() != w.dtype() { x.to_dtype(w.dtype())? } else { x.clone() };
                 linear_nt(&x, w)
             }
-            FrozenWeight::Quantized(_) => {
+            // candle's CPU kernels multiply by the quantized blocks directly
+            FrozenWeight::Quantized(_) if x.device().is_cpu() => {
                 let dtype = x.dtype();
                 let y = self.matmul.forward(&x.to_dtype(DType::F32)?)?;
                 y.to_dtype(dtype)
             }
+            // on a GPU, dequantized to the activations' dtype for one tensor-core GEMM (the
+            // dense copy lives only for this call)
+            FrozenWeight::Quantized(_) => linear_nt(x, &self.dense_weight(x.dtype())?),
         }
     }
 
@@ -269,6 +273,39 @@ impl FrozenLinear {
         let w = self.dense_weight(grad.dtype())?;
         linear_nn(grad, &w)?.to_dtype(in_dtype)
     }
+}
+
+/// The 4-bit frozen linear on a GPU (the Q4_0 weight dequantized to the activations' dtype for
+/// one GEMM), forward and input gradient, against the dequantized weight's exact values in f32
+/// on the CPU. Tolerances relative to the largest reference value: 1e-4 in f32; 2^-6 in bf16
+/// (the input, the weight and the output each rounded once to 8 bits of mantissa). Nothing to
+/// compare on the CPU itself, which multiplies by the quantized blocks.
+pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelCheck>> {
+    use candle_core::quantized::GgmlDType;
+    let cpu = candle_core::Device::Cpu;
+    if device.is_cpu() {
+        return Ok(Vec::new());
+    }
+    let w = Tensor::randn(0f32, 0.02, (384, 512), &cpu)?;
+    let exact = QTensor::quantize(&w, GgmlDType::Q4_0)?.dequantize(&cpu)?;
+    let lin = FrozenLinear::quantized(Arc::new(QTensor::quantize_onto(&w, GgmlDType::Q4_0, device)?))?;
+    let x = Tensor::randn(0f32, 1.0, (64, 512), &cpu)?;
+    let g = Tensor::randn(0f32, 1.0, (64, 384), &cpu)?;
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let rel = if dtype == DType::F32 { 1e-4 } else { 2f32.powi(-6) };
+        let cases = [
+            ("q4-linear", x.matmul(&exact.t()?)?, lin.forward_detached(&x.to_device(device)?.to_dtype(dtype)?)?),
+            ("q4-linear-input-grad", g.matmul(&exact)?, lin.input_grad(&g.to_device(device)?.to_dtype(dtype)?, dtype)?),
+        ];
+        for (kernel, want, got) in cases {
+            let got = got.to_device(&cpu)?.to_dtype(DType::F32)?;
+            let d = (&want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            out.push(super::KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: rel * scale });
+        }
+    }
+    Ok(out)
 }
 
 /// A frozen linear with a LoRA adapter as one autograd node:

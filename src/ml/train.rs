@@ -93,8 +93,9 @@ struct Example {
     label: usize,
 }
 
-/// AdamW (decoupled weight decay, bias-corrected moments) over named variables.
-struct AdamW {
+/// AdamW (decoupled weight decay, bias-corrected moments) over named variables, as
+/// `torch.optim.AdamW` computes it.
+pub(crate) struct AdamW {
     vars: Vec<(String, Var)>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -106,13 +107,13 @@ struct AdamW {
 }
 
 impl AdamW {
-    fn new(vars: Vec<(String, Var)>, weight_decay: f64) -> candle_core::Result<AdamW> {
+    pub(crate) fn new(vars: Vec<(String, Var)>, weight_decay: f64) -> candle_core::Result<AdamW> {
         let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(AdamW { vars, m, v, t: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
     }
 
-    fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
+    pub(crate) fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Arbiter's 4-bit base (Q4_0, dequantized to bf16 per GEMM) vs the notebook's QLoRA
+# (bitsandbytes nf4 + double quant, PEFT, bf16 compute) on one GPU machine, side by side in one
+# run: Llama-3-8B shape, seq 1024, batch 8, LoRA r16 on q,k,v,o, checkpointing on and off.
+# Usage: bench/gpu_qlora.sh [OUTDIR] [SHAPE]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-bench/out}
+SHAPE=${2:-llama3-8b}
+mkdir -p "$OUT"
+CU=$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+[ -n "$CU" ] && export LD_LIBRARY_PATH="$CU/lib:${LD_LIBRARY_PATH:-}"
+XZ=${BENCH_XZ:-target-ship/arbiter-cuda.xz}
+BIN=/tmp/arbiter-bench
+python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$XZ" $BIN
+chmod +x $BIN
+bs=8; [ "$SHAPE" = smollm2-135m ] && bs=32
+: > "$OUT/arbiter-q4.jsonl"
+for ckpt in --gradient-checkpointing ""; do
+  $BIN bench train --shape "$SHAPE" --random-init --device cuda --base-format q4 $ckpt \
+    --seq-len 1024 --batch-size $bs --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter-q4.err" | tee -a "$OUT/arbiter-q4.jsonl"
+done
+tail -3 "$OUT/arbiter-q4.err"
+if [ -z "${SKIP_PEFT:-}" ]; then
+  OUT="$OUT" PYTHONUNBUFFERED=1 python3 bench/reference/qlora_reference_bench.py "$SHAPE" > "$OUT/qlora.log" 2>&1
+  tail -5 "$OUT/qlora.log"
+fi
+python3 - "$OUT/arbiter-q4.jsonl" "$OUT/qlora.json" "$SHAPE" <<'PY' | tee "$OUT/table-q4.md"
+import json, sys
+arb = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+try:
+    ref = json.load(open(sys.argv[2]))
+except Exception:
+    ref = {}
+print("| shape | checkpointing | Arbiter Q4_0 tok/s | QLoRA nf4 tok/s | ratio | Arbiter peak GiB | QLoRA peak GiB |")
+print("|---|---|---|---|---|---|---|")
+for a in arb:
+    ck = bool(a["gradient_checkpointing"])
+    r = ref.get(f"{sys.argv[3]}/ckpt={ck}", {})
+    pv = r.get("tok_s")
+    ratio = f"{a['tokens_per_s'] / pv:.2f}x" if pv else "n/a"
+    pg = r.get("peak_gib")
+    print(f"| {sys.argv[3]} | {'on' if ck else 'off'} | {a['tokens_per_s']:,.0f} | {f'{pv:,.0f}' if pv else 'n/a'} | {ratio} "
+          f"| {(a.get('peak_gpu_bytes') or 0) / 2**30:.1f} | {f'{pg:.1f}' if pg is not None else 'n/a'} |")
+PY
