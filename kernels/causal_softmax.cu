@@ -7,7 +7,8 @@
 // is computed here from those indices, so no mask tensor is read or added.
 //
 // forward:  p = softmax(scale * s) over the visible keys, 0 elsewhere
-// backward: p as above and ds = p * (dp - dsum[row]) written to out[n..2n]
+// backward: p as above and ds = scale * p * (dp - dsum[row]), the gradient of the unscaled
+//           scores s, written to out[n..2n]
 // Arithmetic is in f32 whatever the storage type.
 
 #include <cuda_bf16.h>
@@ -62,7 +63,7 @@ __device__ void causal_softmax(
         const bool seen = j >= lo && j <= hi;
         const float p = seen ? __expf(scale * load(s, base + j) - m) * inv : 0.0f;
         store(out, base + j, p);
-        if (Backward) store(out, n + base + j, seen ? p * (load(dp, base + j) - d) : 0.0f);
+        if (Backward) store(out, n + base + j, seen ? scale * p * (load(dp, base + j) - d) : 0.0f);
     }
 }
 

@@ -7,16 +7,18 @@
 //! the residual after attention, the gate and up projections — and the backward is written out
 //! in full: the MLP, the attention (chunked, probabilities recomputed), RoPE, both RMSNorms and
 //! the seven linears (input gradient of the frozen weight, gradients of the LoRA factors, which
-//! go to the context's `BlockGrads`). The norm outputs and `silu(gate) * up` are recomputed
-//! rather than kept. Under activation checkpointing nothing but the block's input is kept and
-//! the backward reruns the forward first.
+//! go to the context's `BlockGrads`), with SwiGLU and attention's row sums fused (`fused`). The
+//! norm outputs and `silu(gate) * up` are recomputed rather than kept, the latter only when
+//! down_proj has an adapter. Under activation checkpointing nothing but the block's input is
+//! kept and the backward reruns the forward first.
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 use super::llama::{Block, BlockInputs, Proj};
 use super::lora::{BlockGrads, Lora, LoraCtx};
+use super::fused;
 use super::norm::rms_norm_backward;
 use super::ops::{self, AttentionPlan};
 
@@ -60,18 +62,20 @@ impl Layer {
         }
     }
 
-    /// The input gradient of linear `p` at input `x`; the LoRA factors' gradients go to `grads`.
-    fn linear_backward(&self, p: Proj, x: &Tensor, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+    /// The input gradient of linear `p` for the output gradient `grad`; the LoRA factors'
+    /// gradients go to `grads`. The linear's input `x` is only computed when the linear has an
+    /// adapter (the frozen weight's input gradient does not read it).
+    fn linear_backward(&self, p: Proj, x: impl FnOnce() -> Result<Tensor>, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
         let base = &self.blk.proj[p as usize];
         match self.lora.parts(base, self.li, p, self.dropout) {
             Some((parts, a, b)) => {
                 // computed on detached copies; the gradients are keyed by the factors' ids
-                let (dx, da, db) = parts.backward(x, &a.detach(), &b.detach(), grad, true)?;
+                let (dx, da, db) = parts.backward(&x()?, &a.detach(), &b.detach(), grad, true)?;
                 grads.add(a, &da)?;
                 grads.add(b, &db)?;
                 dx.ok_or_else(|| candle_core::Error::Msg("lora backward skipped the input gradient".into()))
             }
-            None => base.input_grad(grad, x.dtype()),
+            None => base.input_grad(grad, grad.dtype()),
         }
     }
 
@@ -106,7 +110,7 @@ impl Layer {
         let gate = self.linear(Proj::Gate, &h)?;
         let up = self.linear(Proj::Up, &h)?;
         drop(h);
-        let s = (ops::silu(&gate)? * &up)?;
+        let s = fused::swiglu(&gate, &up)?;
         let out = (&mid + self.linear(Proj::Down, &s)?)?;
         Ok((out, Saved { q, k, v, y, mid, gate, up }))
     }
@@ -117,27 +121,21 @@ impl Layer {
         let Saved { q, k, v, y, mid, gate, up } = saved;
         let grad = grad.to_dtype(x.dtype())?;
         // MLP: out = mid + down(silu(gate) * up)
-        let sg = ops::silu(&gate)?;
-        let d_s = self.linear_backward(Proj::Down, &(&sg * &up)?, &grad, grads)?;
-        let d_up = (&d_s * &sg)?;
-        drop(sg);
-        let d_gate = ops::silu_backward(&gate, &(&d_s * &up)?)?;
+        let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads)?;
+        let (d_gate, d_up) = fused::swiglu_backward(&gate, &up, &d_s)?;
         drop((d_s, gate, up));
         let h = ops::rms_norm(&mid, &self.blk.ffn_norm, eps)?;
-        let d_h = (self.linear_backward(Proj::Gate, &h, &d_gate, grads)? + self.linear_backward(Proj::Up, &h, &d_up, grads)?)?;
+        let d_h = (self.linear_backward(Proj::Gate, || Ok(h.clone()), &d_gate, grads)?
+            + self.linear_backward(Proj::Up, || Ok(h.clone()), &d_up, grads)?)?;
         drop((h, d_gate, d_up));
         let d_mid = (&grad + rms_norm_backward(&mid, &d_h, &self.blk.ffn_norm, eps)?)?;
         drop((d_h, mid, grad));
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
-        let d_y = self.linear_backward(Proj::O, &y, &d_mid, grads)?;
+        let d_y = self.linear_backward(Proj::O, || Ok(y.clone()), &d_mid, grads)?;
         let d_o = self.heads(&d_y, cfg.num_heads)?;
         // D = sum over head_dim of dO * O, per head and query: [b, heads, t, 1] (f32)
-        let (b, t, hd) = (self.inp.b, self.inp.t, cfg.head_dim);
-        let dsum = (d_y.to_dtype(DType::F32)? * y.to_dtype(DType::F32)?)?
-            .reshape((b, t, cfg.num_heads, hd))?
-            .sum_keepdim(D::Minus1)?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let (b, t) = (self.inp.b, self.inp.t);
+        let dsum = fused::head_dot(&d_y, &y, cfg.head_dim)?.transpose(1, 2)?.reshape((b, cfg.num_heads, t, 1))?;
         drop((d_y, y));
         let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &dsum)?;
         drop((q, k, v, d_o, dsum));
@@ -147,9 +145,9 @@ impl Layer {
         let dk = self.merge(&ops::rope_detached(&dk, &self.inp.cos, &neg_sin, il)?)?;
         let dv = self.merge(&dv)?;
         let h = ops::rms_norm(x, &self.blk.attn_norm, eps)?;
-        let d_h = (self.linear_backward(Proj::Q, &h, &dq, grads)?
-            + self.linear_backward(Proj::K, &h, &dk, grads)?
-            + self.linear_backward(Proj::V, &h, &dv, grads)?)?;
+        let d_h = (self.linear_backward(Proj::Q, || Ok(h.clone()), &dq, grads)?
+            + self.linear_backward(Proj::K, || Ok(h.clone()), &dk, grads)?
+            + self.linear_backward(Proj::V, || Ok(h.clone()), &dv, grads)?)?;
         drop(h);
         d_mid + rms_norm_backward(x, &d_h, &self.blk.attn_norm, eps)?
     }

@@ -130,7 +130,7 @@ impl Chunk<'_> {
                         let lo = row_softmax(k, p, probs);
                         let dp_row = &dp[k * cols + lo..];
                         for ((o, pr), d) in ds[lo..].iter_mut().zip(probs.iter()).zip(dp_row) {
-                            *o = T::from_f64(pr * (d - dsum[k]));
+                            *o = T::from_f64(scale * pr * (d - dsum[k]));
                         }
                     },
                 );
@@ -205,8 +205,9 @@ pub fn forward(scores: &Tensor, spans: &CausalSpans, c0: usize, c: usize, scale:
     scores.contiguous()?.apply_op1_no_bwd(&Chunk { spans, c0, c, scale, grad: None })
 }
 
-/// The forward's `p` and the softmax backward `ds = p * (dp - D)` in one pass: `dp` has the
-/// scores' shape and dtype, `dsum` (`D`) one value per score row. No autograd.
+/// The forward's `p` and the gradient of the (unscaled) scores `ds = scale * p * (dp - D)` in
+/// one pass: `dp` has the scores' shape and dtype, `dsum` (`D`) one value per score row. No
+/// autograd.
 pub fn backward(
     scores: &Tensor,
     dp: &Tensor,
@@ -226,7 +227,7 @@ pub fn backward(
 /// Runs the fused kernels on `device` and on the CPU (f64 arithmetic) with the same random
 /// inputs, in f32 and bf16, over chunk shapes attention uses (rows of up to 1,024 keys, batch
 /// rows padded on the left). Tolerances: 1e-5 absolute in f32; in bf16 one rounding of the
-/// output, 2^-8 relative: 4e-3 on p <= 1, and on ds times the largest |dp - D|.
+/// output, 2^-8 relative: 4e-3 on p <= 1, and on ds times the largest |scale * (dp - D)|.
 pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let (b, g, rep) = (3, 2, 3);
@@ -246,7 +247,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         for dtype in [DType::F32, DType::BF16] {
             let tol = if dtype == DType::F32 { 1e-5 } else { 4e-3 };
             let (s, dp) = (s.to_dtype(dtype)?, dp.to_dtype(dtype)?);
-            let scale = max(dp.to_dtype(DType::F32)?.broadcast_sub(&dsum)?)?.max(1.0);
+            let scale = 0.125 * max(dp.to_dtype(DType::F32)?.broadcast_sub(&dsum)?)?.max(1.0);
             let p_cpu = forward(&s, &spans_cpu, c0, c, 0.125)?;
             let (p2_cpu, ds_cpu) = backward(&s, &dp, &dsum, &spans_cpu, c0, c, 0.125)?;
             let p_dev = forward(&s.to_device(device)?, &spans_dev, c0, c, 0.125)?;
@@ -280,7 +281,8 @@ mod tests {
             let mask = spans.mask(c0, c, DType::F64, &dev)?;
             let mask = mask.unsqueeze(2)?.broadcast_as((b, 1, rep, c, cols))?.reshape((b, 1, rep * c, cols))?;
             let p_ref = candle_nn::ops::softmax_last_dim(&(s.affine(0.5, 0.0)?.broadcast_add(&mask)?))?;
-            let ds_ref = (&p_ref * dp.broadcast_sub(&dsum)?)?;
+            // the gradient of the unscaled scores: the scale 0.5 comes back once
+            let ds_ref = ((&p_ref * dp.broadcast_sub(&dsum)?)? * 0.5)?;
             let p = forward(&s, &spans, c0, c, 0.5)?;
             let (p2, ds) = backward(&s, &dp, &dsum, &spans, c0, c, 0.5)?;
             let diff = |a: &Tensor, b: &Tensor| -> Result<f64> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>() };

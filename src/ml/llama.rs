@@ -631,9 +631,10 @@ fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, in
     let y = linear(blk, li, Proj::O, &y, lora)?;
     let x = (x + y)?;
     let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
-    let g = ops::silu(&linear(blk, li, Proj::Gate, &h, lora)?)?;
+    let g = linear(blk, li, Proj::Gate, &h, lora)?;
     let u = linear(blk, li, Proj::Up, &h, lora)?;
-    let y = linear(blk, li, Proj::Down, &(g * u)?, lora)?;
+    let s = if g.track_op() || u.track_op() { (ops::silu(&g)? * u)? } else { super::fused::swiglu(&g, &u)? };
+    let y = linear(blk, li, Proj::Down, &s, lora)?;
     x + y
 }
 

@@ -74,6 +74,7 @@ pub mod causal_softmax;
 pub mod dropout;
 pub mod classifier;
 pub mod fsutil;
+pub mod fused;
 pub mod llama;
 pub mod model;
 pub mod norm;
@@ -108,6 +109,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(dropout::check_device(device)?);
     checks.extend(norm::check_device(device)?);
     checks.extend(ops::check_device(device)?);
+    checks.extend(fused::check_device(device)?);
     Ok(checks)
 }
 

@@ -542,17 +542,21 @@ impl AttentionPlan {
         x.narrow(2, c0, c)?.reshape((self.b, self.kvh, self.h / self.kvh * c, x.dim(3)?))
     }
 
-    /// The attention output `[b, h, t, d]`.
+    /// The attention output `[b, h, t, d]`. The scale is applied in the softmax (in f32), not
+    /// to q, so q is not rounded once more.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, h, d) = (self.b, self.h, self.d);
-        let qs = (q * self.scale)?;
+        let scale = self.scale as f32;
         let mut outs = Vec::with_capacity(self.chunks.len());
         for &(c0, c) in &self.chunks {
-            let qc = self.group(&qs, c0, c)?;
+            let qc = self.group(q, c0, c)?;
             let kc = k.narrow(2, 0, c0 + c)?;
             let vc = v.narrow(2, 0, c0 + c)?;
-            let p = causal_softmax::forward(&qc.matmul(&kc.t()?)?, &self.spans, c0, c, 1.0)?;
+            let p = causal_softmax::forward(&qc.matmul(&kc.t()?)?, &self.spans, c0, c, scale)?;
             outs.push(p.matmul(&vc)?.reshape((b, h, c, d))?);
+        }
+        if outs.len() == 1 {
+            return Ok(outs.remove(0));
         }
         Tensor::cat(&outs, 2)
     }
@@ -560,28 +564,35 @@ impl AttentionPlan {
     /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous) and
     /// `dsum = sum_d d_o * o` `[b, h, t, 1]` (f32). Each chunk's probabilities are recomputed.
     pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, dsum: &Tensor) -> Result<[Tensor; 3]> {
-        let (b, h, kvh, t, d, scale) = (self.b, self.h, self.kvh, self.t, self.d, self.scale);
+        let (b, h, kvh, t, d) = (self.b, self.h, self.kvh, self.t, self.d);
+        let scale = self.scale as f32;
         let dtype = q.dtype();
-        let qs = (q * scale)?;
         let mut dqs = Vec::with_capacity(self.chunks.len());
         let mut dk = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
         let mut dv = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
         for &(c0, c) in &self.chunks {
             let end = c0 + c;
-            let qc = self.group(&qs, c0, c)?;
+            let qc = self.group(q, c0, c)?;
             let kc = k.narrow(2, 0, end)?;
             let vc = v.narrow(2, 0, end)?;
             let doc = self.group(d_o, c0, c)?;
             let dc = self.group(dsum, c0, c)?;
             let dp = doc.matmul(&vc.t()?)?;
-            let (p, ds) = causal_softmax::backward(&qc.matmul(&kc.t()?)?, &dp, &dc, &self.spans, c0, c, 1.0)?;
+            // ds is the gradient of the unscaled scores q k^T
+            let (p, ds) = causal_softmax::backward(&qc.matmul(&kc.t()?)?, &dp, &dc, &self.spans, c0, c, scale)?;
             let dvc = p.t()?.matmul(&doc)?;
-            dqs.push((ds.matmul(&kc)? * scale)?.reshape((b, h, c, d))?);
+            dqs.push(ds.matmul(&kc)?.reshape((b, h, c, d))?);
             let dkc = ds.t()?.matmul(&qc)?;
-            dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
-            dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
+            if end == t {
+                dk = (dk.narrow(2, 0, end)? + dkc.to_dtype(DType::F32)?)?;
+                dv = (dv.narrow(2, 0, end)? + dvc.to_dtype(DType::F32)?)?;
+            } else {
+                dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
+                dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
+            }
         }
-        Ok([Tensor::cat(&dqs, 2)?, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?])
+        let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };
+        Ok([dq, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?])
     }
 }
 

@@ -1,0 +1,274 @@
+//! Fused element-wise and row ops of the decoder block's backward (`kernels/fused.cu` on CUDA,
+//! the same formulas in f64 on the CPU), none with autograd:
+//!
+//! - `swiglu`: `silu(g) * u` in one pass (three unfused, with a `[tokens, intermediate]`
+//!   intermediate each);
+//! - `swiglu_backward`: both input gradients in one pass over `g`, `u` and the output gradient
+//!   (about ten unfused passes: sigmoid, affine, products, sums);
+//! - `head_dot`: per-head dot products of two `[.., heads * head_dim]` tensors, accumulated in
+//!   f32 (attention's `D = sum(dO * O)` without casting both operands to f32 first).
+
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::KernelCheck;
+
+#[derive(Clone, Copy)]
+enum Kind {
+    SwigluForward,
+    SwigluBackward,
+    HeadDot { head_dim: usize },
+}
+
+impl Kind {
+    fn kernel(self) -> &'static str {
+        match self {
+            Kind::SwigluForward => "swiglu_fwd",
+            Kind::SwigluBackward => "swiglu_bwd",
+            Kind::HeadDot { .. } => "head_dot",
+        }
+    }
+}
+
+/// The op on its first input (`g` or `a`) with the others captured: `u` (or `b`), and for the
+/// SwiGLU backward the output gradient.
+struct Fused<'a> {
+    kind: Kind,
+    other: &'a Tensor,
+    grad: Option<&'a Tensor>,
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+fn to_f64(t: &Tensor) -> Result<Vec<f64>> {
+    t.flatten_all()?.to_dtype(DType::F64)?.to_vec1()
+}
+
+impl Fused<'_> {
+    fn out_shape(&self, shape: &Shape) -> Shape {
+        let mut dims = shape.dims().to_vec();
+        match self.kind {
+            Kind::SwigluForward => {}
+            Kind::SwigluBackward => dims.insert(0, 2),
+            Kind::HeadDot { head_dim } => {
+                if let Some(last) = dims.last_mut() {
+                    *last /= head_dim.max(1);
+                }
+            }
+        }
+        Shape::from(dims)
+    }
+
+    fn check(&self, shape: &Shape) -> Result<()> {
+        let fits = |t: &Tensor| t.shape() == shape;
+        if !fits(self.other) || self.grad.is_some_and(|g| !fits(g)) {
+            candle_core::bail!("{}: inputs of shapes {shape:?} and {:?} do not fit", self.kind.kernel(), self.other.shape());
+        }
+        if let Kind::HeadDot { head_dim } = self.kind {
+            if head_dim == 0 || shape.dims().last().is_none_or(|n| n % head_dim != 0) {
+                candle_core::bail!("head_dot: last dimension of {shape:?} is not a multiple of {head_dim}");
+            }
+        }
+        Ok(())
+    }
+
+    fn cpu<T: WithDType>(&self, a: &[T], shape: &Shape) -> Result<CpuStorage> {
+        self.check(shape)?;
+        let b = to_f64(self.other)?;
+        let n = a.len();
+        Ok(match self.kind {
+            Kind::SwigluForward => {
+                let s: Vec<T> = a
+                    .par_iter()
+                    .zip(b.par_iter())
+                    .map(|(g, u)| {
+                        let g = g.to_f64();
+                        T::from_f64(g * sigmoid(g) * u)
+                    })
+                    .collect();
+                T::to_cpu_storage_owned(s)
+            }
+            Kind::SwigluBackward => {
+                let ds = to_f64(self.grad.ok_or_else(|| candle_core::Error::Msg("swiglu_bwd: no gradient".into()))?)?;
+                let mut out = vec![T::from_f64(0.0); 2 * n];
+                let (dg, du) = out.split_at_mut(n);
+                dg.par_iter_mut().zip(du.par_iter_mut()).enumerate().for_each(|(i, (dg, du))| {
+                    let (g, u, d) = (a[i].to_f64(), b[i], ds[i]);
+                    let sg = sigmoid(g);
+                    *dg = T::from_f64(d * u * sg * (1.0 + g * (1.0 - sg)));
+                    *du = T::from_f64(d * g * sg);
+                });
+                T::to_cpu_storage_owned(out)
+            }
+            Kind::HeadDot { head_dim } => {
+                let dots: Vec<f64> = a
+                    .par_chunks(head_dim)
+                    .zip(b.par_chunks(head_dim))
+                    .map(|(x, y)| x.iter().zip(y).map(|(x, y)| x.to_f64() * y).sum())
+                    .collect();
+                // f32 as on the GPU, except for f64 data
+                if T::DTYPE == DType::F64 {
+                    CpuStorage::F64(dots)
+                } else {
+                    CpuStorage::F32(dots.into_iter().map(|v| v as f32).collect())
+                }
+            }
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda<T>(&self, a: &candle_core::CudaStorage, layout: &candle_core::Layout, suffix: &str) -> Result<candle_core::CudaStorage>
+    where
+        T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr + WithDType,
+    {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        self.check(layout.shape())?;
+        let (o1, o2) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: input not contiguous", self.kind.kernel())))?;
+        let dev = a.device().clone();
+        let src = a.as_cuda_slice::<T>()?.slice(o1..o2);
+        let other = self.other;
+        let o_guard = other.storage_and_layout().0;
+        let os = cuda_slice_of!(o_guard, other, T);
+        let n = (o2 - o1) as u64;
+        let func = dev.get_or_load_custom_func(&format!("{}_{suffix}", self.kind.kernel()), "fused", KERNELS)?;
+        let elementwise = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY (all three allocations): every element is written by the kernel
+        match self.kind {
+            Kind::SwigluForward => {
+                let out = unsafe { dev.alloc::<T>(n as usize)? };
+                let mut b = func.builder();
+                b.arg(&src).arg(&os).arg(&out).arg(&n);
+                // SAFETY: argument types and order match the kernel's signature
+                unsafe { b.launch(elementwise) }.w()?;
+                Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            Kind::SwigluBackward => {
+                let grad = self.grad.ok_or_else(|| candle_core::Error::Msg("swiglu_bwd: no gradient".into()))?;
+                let g_guard = grad.storage_and_layout().0;
+                let gs = cuda_slice_of!(g_guard, grad, T);
+                let out = unsafe { dev.alloc::<T>(2 * n as usize)? };
+                let mut b = func.builder();
+                b.arg(&src).arg(&os).arg(&gs).arg(&out).arg(&n);
+                // SAFETY: argument types and order match the kernel's signature
+                unsafe { b.launch(elementwise) }.w()?;
+                Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            Kind::HeadDot { head_dim } => {
+                let rows = n / head_dim as u64;
+                let hd = head_dim as i32;
+                let out = unsafe { dev.alloc::<f32>(rows as usize)? };
+                // one warp per row, 8 rows per block
+                let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                let mut b = func.builder();
+                b.arg(&src).arg(&os).arg(&out).arg(&rows).arg(&hd);
+                // SAFETY: argument types and order match the kernel's signature
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+            }
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+impl CustomOp1 for Fused<'_> {
+    float_op_forwards!("fused");
+}
+
+/// `silu(g) * u`, in `g`'s dtype.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    let u = u.to_dtype(g.dtype())?.contiguous()?;
+    g.contiguous()?.apply_op1_no_bwd(&Fused { kind: Kind::SwigluForward, other: &u, grad: None })
+}
+
+/// The gradients of `silu(g) * u` with respect to `g` and `u` for the output gradient `ds`.
+pub fn swiglu_backward(g: &Tensor, u: &Tensor, ds: &Tensor) -> Result<(Tensor, Tensor)> {
+    let u = u.to_dtype(g.dtype())?.contiguous()?;
+    let ds = ds.to_dtype(g.dtype())?.contiguous()?;
+    let both = g.contiguous()?.apply_op1_no_bwd(&Fused { kind: Kind::SwigluBackward, other: &u, grad: Some(&ds) })?;
+    Ok((both.get(0)?, both.get(1)?))
+}
+
+/// `[.., heads * head_dim]` x2 -> `[.., heads]`: the dot product of each head's slice, in f32
+/// (f64 for f64 inputs).
+pub fn head_dot(a: &Tensor, b: &Tensor, head_dim: usize) -> Result<Tensor> {
+    let b = b.to_dtype(a.dtype())?.contiguous()?;
+    a.contiguous()?.apply_op1_no_bwd(&Fused { kind: Kind::HeadDot { head_dim }, other: &b, grad: None })
+}
+
+/// The kernels on `device` against the CPU (f64 arithmetic) on the same inputs, f32 and bf16.
+/// Tolerances relative to the largest reference value: 1e-5 in f32; in bf16 one rounding of
+/// the output (2^-8), the head dot (f32 out) 1e-5.
+pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
+    let cpu = Device::Cpu;
+    let g = (Tensor::randn(0f32, 1.0, (37, 1536), &cpu)? * 3.0)?;
+    let u = Tensor::randn(0f32, 1.0, (37, 1536), &cpu)?;
+    let ds = Tensor::randn(0f32, 1.0, (37, 1536), &cpu)?;
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        let (g, u, ds) = (g.to_dtype(dtype)?, u.to_dtype(dtype)?, ds.to_dtype(dtype)?);
+        let (gd, ud, dsd) = (g.to_device(device)?, u.to_device(device)?, ds.to_device(device)?);
+        let (dg, du) = swiglu_backward(&g, &u, &ds)?;
+        let (dg_d, du_d) = swiglu_backward(&gd, &ud, &dsd)?;
+        let round = if dtype == DType::F32 { 1e-5 } else { 1.0 / 256.0 };
+        let cases = [
+            ("swiglu", swiglu(&g, &u)?, swiglu(&gd, &ud)?, round),
+            ("swiglu backward dg", dg, dg_d, round),
+            ("swiglu backward du", du, du_d, round),
+            ("head dot", head_dot(&g, &u, 128)?, head_dot(&gd, &ud, 128)?, 1e-5),
+        ];
+        for (kernel, want, got, rel) in cases {
+            let want = want.to_dtype(DType::F32)?;
+            let got = got.to_device(&cpu)?.to_dtype(DType::F32)?;
+            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: rel * scale });
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// Against the formulas written out with tensor ops (and autograd), in f64.
+    #[test]
+    fn match_the_unfused_formulas() -> Result<()> {
+        let dev = Device::Cpu;
+        let g = (Tensor::randn(0f64, 1.0, (3, 5, 8), &dev)? * 3.0)?;
+        let u = Tensor::randn(0f64, 1.0, (3, 5, 8), &dev)?;
+        let ds = Tensor::randn(0f64, 1.0, (3, 5, 8), &dev)?;
+        let s = (candle_nn::ops::silu(&g)? * &u)?;
+        assert!(max_diff(&swiglu(&g, &u)?, &s) < 1e-12);
+        let (gv, uv) = (candle_core::Var::from_tensor(&g)?, candle_core::Var::from_tensor(&u)?);
+        let loss = ((gv.as_tensor() * candle_nn::ops::sigmoid(gv.as_tensor())?)? * uv.as_tensor())?;
+        let grads = (loss * &ds)?.sum_all()?.backward()?;
+        let (dg, du) = swiglu_backward(&g, &u, &ds)?;
+        assert!(max_diff(&dg, grads.get(gv.as_tensor()).expect("dg")) < 1e-12);
+        assert!(max_diff(&du, grads.get(uv.as_tensor()).expect("du")) < 1e-12);
+        let dots = (&g * &u)?.reshape((3, 5, 2, 4))?.sum(3)?;
+        assert!(max_diff(&head_dot(&g, &u, 4)?, &dots) < 1e-12);
+        Ok(())
+    }
+
+    #[test]
+    fn misfit_shapes_are_refused() {
+        let a = Tensor::zeros((2, 6), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(swiglu(&a, &b).is_err());
+        assert!(head_dot(&a, &a, 4).is_err());
+        assert!(head_dot(&a, &a, 3).is_ok());
+    }
+}
