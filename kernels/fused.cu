@@ -4,6 +4,9 @@
 //   swiglu_bwd   dg = ds * u * sig(g) * (1 + g * (1 - sig(g))),  du = ds * silu(g)
 //                written to one buffer, dg first                 (one pass instead of ~ten)
 //   head_dot     out[r] = sum_j a[r * hd + j] * b[r * hd + j]   (f32 out, one warp per row)
+//   copy_rows    a strided view [n0, n1, n2, d] whose rows of d are contiguous (a transpose or
+//                a narrow of the leading dims) made contiguous, one warp per row, coalesced on
+//                both sides
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -46,6 +49,17 @@ __device__ void head_dot(const T* a, const T* b, float* out, size_t rows, int hd
     if (lane == 0) out[row] = acc;
 }
 
+template <typename T>
+__device__ void copy_rows(const T* src, T* dst, size_t rows, int d, int n1, int n2, size_t s0, size_t s1, size_t s2) {
+    const size_t row = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    const size_t i2 = row % n2, i1 = (row / n2) % n1, i0 = row / ((size_t)n1 * n2);
+    const T* from = src + i0 * s0 + i1 * s1 + i2 * s2;
+    T* to = dst + row * d;
+    for (int j = lane; j < d; j += 32) to[j] = from[j];
+}
+
 }  // namespace
 
 #define FUSED(SUFFIX, T)                                                                                  \
@@ -57,6 +71,10 @@ __device__ void head_dot(const T* a, const T* b, float* out, size_t rows, int hd
     }                                                                                                     \
     extern "C" __global__ void head_dot_##SUFFIX(const T* a, const T* b, float* out, size_t rows, int hd) { \
         head_dot<T>(a, b, out, rows, hd);                                                                 \
+    }                                                                                                     \
+    extern "C" __global__ void copy_rows_##SUFFIX(const T* src, T* dst, size_t rows, int d, int n1, int n2, \
+                                                 size_t s0, size_t s1, size_t s2) {                      \
+        copy_rows<T>(src, dst, rows, d, n1, n2, s0, s1, s2);                                              \
     }
 
 FUSED(f32, float)

@@ -87,13 +87,13 @@ impl Layer {
     /// `[b, t, heads * hd]` -> `[b, heads, t, hd]`, contiguous.
     fn heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
         let (b, t, hd) = (self.inp.b, self.inp.t, self.inp.cfg.head_dim);
-        x.reshape((b, t, heads, hd))?.transpose(1, 2)?.contiguous()
+        fused::contiguous_rows(&x.reshape((b, t, heads, hd))?.transpose(1, 2)?)
     }
 
     /// `[b, heads, t, hd]` -> `[b, t, heads * hd]`, contiguous.
     fn merge(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, t, hd) = x.dims4()?;
-        x.transpose(1, 2)?.reshape((b, t, h * hd))
+        fused::contiguous_rows(&x.transpose(1, 2)?)?.reshape((b, t, h * hd))
     }
 
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {

@@ -6,7 +6,9 @@
 //! - `swiglu_backward`: both input gradients in one pass over `g`, `u` and the output gradient
 //!   (about ten unfused passes: sigmoid, affine, products, sums);
 //! - `head_dot`: per-head dot products of two `[.., heads * head_dim]` tensors, accumulated in
-//!   f32 (attention's `D = sum(dO * O)` without casting both operands to f32 first).
+//!   f32 (attention's `D = sum(dO * O)` without casting both operands to f32 first);
+//! - `contiguous_rows`: a transposed or narrowed view whose rows are contiguous made contiguous
+//!   with coalesced row copies (candle's generic strided copy indexes every element).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -203,6 +205,65 @@ pub fn head_dot(a: &Tensor, b: &Tensor, head_dim: usize) -> Result<Tensor> {
     a.contiguous()?.apply_op1_no_bwd(&Fused { kind: Kind::HeadDot { head_dim }, other: &b, grad: None })
 }
 
+/// `x` made contiguous. On CUDA, a view of at most four dimensions whose last dimension is
+/// contiguous (`[b, t, h, d]` transposed to `[b, h, t, d]`, a narrow of the leading dimensions)
+/// is copied a row of `d` at a time (`copy_rows`); anything else by candle's copy.
+pub fn contiguous_rows(x: &Tensor) -> Result<Tensor> {
+    let l = x.layout();
+    let rows_contiguous = l.dims().len() <= 4 && l.stride().last() == Some(&1);
+    if x.is_contiguous() || x.device().is_cpu() || !rows_contiguous || !matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return x.contiguous();
+    }
+    x.apply_op1_no_bwd(&CopyRows)
+}
+
+struct CopyRows;
+
+impl CustomOp1 for CopyRows {
+    fn name(&self) -> &'static str {
+        "copy-rows"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &candle_core::Layout) -> Result<(CpuStorage, Shape)> {
+        candle_core::bail!("copy-rows: the CPU uses candle's copy")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &candle_core::Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        fn launch<T>(s: &candle_core::CudaStorage, l: &candle_core::Layout, suffix: &str) -> Result<candle_core::CudaStorage>
+        where
+            T: candle_core::cuda_backend::CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr,
+        {
+            let pad = 4 - l.dims().len();
+            let dims: Vec<usize> = std::iter::repeat_n(1, pad).chain(l.dims().iter().copied()).collect();
+            let strides: Vec<usize> = std::iter::repeat_n(0, pad).chain(l.stride().iter().copied()).collect();
+            let (d, rows) = (dims[3], dims[0] * dims[1] * dims[2]);
+            let dev = s.device().clone();
+            let src = s.as_cuda_slice::<T>()?.slice(l.start_offset()..);
+            let func = dev.get_or_load_custom_func(&format!("copy_rows_{suffix}"), "fused", KERNELS)?;
+            // SAFETY: every element is written by the kernel
+            let out = unsafe { dev.alloc::<T>(rows * d)? };
+            let cfg = LaunchConfig { grid_dim: ((rows as u64).div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let (rows_u, d_i, n1, n2) = (rows as u64, d as i32, dims[1] as i32, dims[2] as i32);
+            let (s0, s1, s2) = (strides[0] as u64, strides[1] as u64, strides[2] as u64);
+            let mut b = func.builder();
+            b.arg(&src).arg(&out).arg(&rows_u).arg(&d_i).arg(&n1).arg(&n2).arg(&s0).arg(&s1).arg(&s2);
+            // SAFETY: argument types and order match the kernel's signature
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        let out = match s.dtype() {
+            DType::F32 => launch::<f32>(s, l, "f32")?,
+            DType::BF16 => launch::<half::bf16>(s, l, "bf16")?,
+            d => candle_core::bail!("copy-rows: no kernel for {d:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+}
+
 /// The kernels on `device` against the CPU (f64 arithmetic) on the same inputs, f32 and bf16.
 /// Tolerances relative to the largest reference value: 1e-5 in f32; in bf16 one rounding of
 /// the output (2^-8), the head dot (f32 out) 1e-5.
@@ -230,6 +291,19 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: rel * scale });
+        }
+        // row copies are exact: a transpose of the middle dimensions and a narrow of one
+        let x = g.reshape((37, 12, 128))?;
+        let xd = x.to_device(device)?;
+        let views = [
+            ("copy rows (transpose)", x.transpose(0, 1)?, xd.transpose(0, 1)?),
+            ("copy rows (narrow)", x.reshape((1, 37, 12, 128))?.narrow(2, 3, 5)?, xd.reshape((1, 37, 12, 128))?.narrow(2, 3, 5)?),
+        ];
+        for (kernel, want, got) in views {
+            let want = want.contiguous()?.to_dtype(DType::F32)?;
+            let got = contiguous_rows(&got)?.to_device(&cpu)?.to_dtype(DType::F32)?;
+            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: 0.0 });
         }
     }
     Ok(out)

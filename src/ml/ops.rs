@@ -539,7 +539,7 @@ impl AttentionPlan {
 
     /// Rows `c0..c0 + c` of `[b, h, t, x]` as `[b, kvh, rep * c, x]`.
     fn group(&self, x: &Tensor, c0: usize, c: usize) -> Result<Tensor> {
-        x.narrow(2, c0, c)?.reshape((self.b, self.kvh, self.h / self.kvh * c, x.dim(3)?))
+        super::fused::contiguous_rows(&x.narrow(2, c0, c)?)?.reshape((self.b, self.kvh, self.h / self.kvh * c, x.dim(3)?))
     }
 
     /// The attention output `[b, h, t, d]`. The scale is applied in the softmax (in f32), not
