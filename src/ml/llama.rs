@@ -610,6 +610,16 @@ fn linear(blk: &Block, layer: usize, p: Proj, x: &Tensor, lora: Option<(&Lora, &
     }
 }
 
+/// A transposed view made contiguous: by coalesced row copies outside autograd, by candle's
+/// (differentiable) copy inside it.
+fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
+    if x.track_op() {
+        x.contiguous()
+    } else {
+        super::fused::contiguous_rows(x)
+    }
+}
+
 /// One decoder block: attention and MLP, each pre-normed and residual. Through tracked LoRA
 /// factors every op is a node of candle's graph; training uses `block::trained_block`.
 fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, inp: &BlockInputs) -> candle_core::Result<Tensor> {
@@ -621,13 +631,13 @@ fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, in
     let q = linear(blk, li, Proj::Q, &h, lora)?;
     let k = linear(blk, li, Proj::K, &h, lora)?;
     let v = linear(blk, li, Proj::V, &h, lora)?;
-    let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
-    let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-    let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+    let q = contiguous(&q.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
+    let k = contiguous(&k.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
+    let v = contiguous(&v.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
     let q = ops::rope(&q, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
     let k = ops::rope(&k, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
     let y = ops::causal_attention(&q, &k, &v, &inp.spans, inp.chunk, 1.0 / (hd as f64).sqrt())?;
-    let y = y.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+    let y = contiguous(&y.transpose(1, 2)?)?.reshape((b, t, nh * hd))?;
     let y = linear(blk, li, Proj::O, &y, lora)?;
     let x = (x + y)?;
     let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
