@@ -29,7 +29,7 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
-    /// LoRA training steps (forward, backward, AdamW) on random data.
+    /// LoRA training steps (forward, backward, the trainer's AdamW) on random data.
     Train(BenchArgs),
     /// Classifier forward passes on random data.
     Predict(BenchArgs),
@@ -192,7 +192,7 @@ fn hf_losses(a: &HfLosses<'_>, device: &Device, fmt: BaseFormat) -> anyhow::Resu
         .ok_or_else(|| anyhow::anyhow!("{} lacks {}", a.adapter.display(), classifier::HEAD_NAME))?;
     let head = Var::from_tensor(&head0.to_device(device)?.to_dtype(DType::F32)?)?;
     vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
-    let mut opt = crate::ml::train::AdamW::new(vars.clone(), 0.0)?;
+    let mut opt = crate::ml::adamw::AdamW::new(vars.clone(), 0.0)?;
     let batch = Batch::right_padded(&rows, 0, device)?;
     let labels = Tensor::from_vec(a.labels.to_vec(), a.labels.len(), device)?;
     let mut losses = Vec::with_capacity(a.steps);
@@ -254,6 +254,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
     let head = Var::zeros((3, cfg.hidden_size), DType::F32, &device)?;
     vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
     let frozen_lora = lora.detached();
+    let opt = std::cell::RefCell::new(crate::ml::adamw::AdamW::new(vars.clone(), 0.0)?);
     for &b in &args.batch_size {
         let ids: Vec<Vec<u32>> = (0..b)
             .map(|i| (0..args.seq_len).map(|j| ((i * 7919 + j * 104_729) % (cfg.vocab_size - 1) + 1) as u32).collect())
@@ -274,12 +275,12 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 let labels = Tensor::from_vec((0..b as u32).map(|i| i % 3).collect::<Vec<_>>(), b, &device)?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
                 let grads = loss.backward()?;
-                let lr = 1e-4;
-                for (_, v) in &vars {
-                    if let Some(g) = ctx.take_grad(&grads, v.as_tensor()) {
-                        v.set(&(v.as_tensor() - (g * lr)?)?)?;
-                    }
-                }
+                // the trainer's optimizer, as the reference benchmark steps torch's AdamW
+                let grads = vars
+                    .iter()
+                    .map(|(_, v)| ctx.take_grad(&grads, v.as_tensor()).map_or_else(|| v.zeros_like(), Ok))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                opt.borrow_mut().step(&grads, 1e-4)?;
             } else {
                 let infer = LoraCtx::default();
                 let adapter = (args.lora_r > 0).then_some((&frozen_lora, &infer));

@@ -68,6 +68,7 @@ macro_rules! float_op_forwards {
 }
 
 pub mod adapter;
+pub(crate) mod adamw;
 mod block;
 pub mod calibrate;
 pub mod causal_softmax;
@@ -110,6 +111,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(norm::check_device(device)?);
     checks.extend(ops::check_device(device)?);
     checks.extend(fused::check_device(device)?);
+    checks.extend(adamw::check_device(device)?);
     Ok(checks)
 }
 

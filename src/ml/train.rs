@@ -7,11 +7,12 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use super::adamw::AdamW;
 use super::adapter::{self, AdapterMeta};
 use super::calibrate::{self, Calibration, LengthCalibration, LengthModel};
 use super::classifier;
@@ -91,69 +92,6 @@ const STATE_FILE: &str = "state.json";
 struct Example {
     ids: Vec<u32>,
     label: usize,
-}
-
-/// AdamW (decoupled weight decay, bias-corrected moments) over named variables, as
-/// `torch.optim.AdamW` computes it.
-pub(crate) struct AdamW {
-    vars: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    t: u64,
-    beta1: f64,
-    beta2: f64,
-    eps: f64,
-    weight_decay: f64,
-}
-
-impl AdamW {
-    pub(crate) fn new(vars: Vec<(String, Var)>, weight_decay: f64) -> candle_core::Result<AdamW> {
-        let m = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        let v = vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(AdamW { vars, m, v, t: 0, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay })
-    }
-
-    pub(crate) fn step(&mut self, grads: &[Tensor], lr: f64) -> candle_core::Result<()> {
-        self.t += 1;
-        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
-        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
-        for (i, g) in grads.iter().enumerate() {
-            let (_, var) = &self.vars[i];
-            self.m[i] = ((&self.m[i] * self.beta1)? + (g * (1.0 - self.beta1))?)?;
-            self.v[i] = ((&self.v[i] * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let m_hat = (&self.m[i] / bc1)?;
-            let v_hat = (&self.v[i] / bc2)?;
-            let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-            let decayed = (var.as_tensor() * (1.0 - lr * self.weight_decay))?;
-            var.set(&(decayed - (update * lr)?)?)?;
-        }
-        Ok(())
-    }
-
-    fn state_tensors(&self) -> HashMap<String, Tensor> {
-        let mut out = HashMap::new();
-        for (i, (name, _)) in self.vars.iter().enumerate() {
-            out.insert(format!("{name}.exp_avg"), self.m[i].clone());
-            out.insert(format!("{name}.exp_avg_sq"), self.v[i].clone());
-        }
-        out
-    }
-
-    fn load_state(&mut self, t: u64, tensors: &HashMap<String, Tensor>, device: &Device) -> Result<(), MlError> {
-        for (i, (name, _)) in self.vars.iter().enumerate() {
-            let get = |suffix: &str| -> Result<Tensor, MlError> {
-                let k = format!("{name}.{suffix}");
-                Ok(tensors
-                    .get(&k)
-                    .ok_or_else(|| MlError::Model(format!("checkpoint lacks optimizer tensor {k}")))?
-                    .to_device(device)?)
-            };
-            self.m[i] = get("exp_avg")?;
-            self.v[i] = get("exp_avg_sq")?;
-        }
-        self.t = t;
-        Ok(())
-    }
 }
 
 /// Learning rate at optimizer step `step` (0-based) of `total`.
@@ -364,7 +302,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             opt.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
         fsutil::write_dir_atomically(&dir, |tmp| {
             fsutil::save_safetensors_synced(&trainable, &tmp.join(TRAINABLE_FILE))?;
-            fsutil::save_safetensors_synced(&opt.state_tensors(), &tmp.join(OPTIMIZER_FILE))?;
+            fsutil::save_safetensors_synced(&opt.state_tensors()?, &tmp.join(OPTIMIZER_FILE))?;
             fsutil::write_file_synced(
                 &tmp.join(STATE_FILE),
                 &serde_json::to_vec_pretty(state).map_err(|e| MlError::Io(std::io::Error::other(e)))?,
