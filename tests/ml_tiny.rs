@@ -387,6 +387,30 @@ fn learns_a_synthetic_task_and_saves_a_reloadable_adapter() {
 }
 
 #[test]
+fn too_few_validation_rows_get_the_temperature_but_no_length_model() {
+    // 8 validation rows: the temperature is fitted, the length model is not (it would fit noise
+    // and extrapolate it), and the adapter is saved without one
+    let (_d, m) = tiny(BaseFormat::F32);
+    let rows = synthetic_rows(40, 11);
+    let val = synthetic_rows(8, 12);
+    let hp = Hyperparameters {
+        epochs: 1,
+        batch_size: 8,
+        max_length: 48,
+        lora: LoraHyperparameters { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["q_proj".into()] },
+        ..Default::default()
+    };
+    assert!(hp.calibrate && hp.length_calibration);
+    let work = tempfile::tempdir().unwrap();
+    let spec = TrainSpec { base: &m, hp: &hp, train_rows: &rows, validation_rows: &val, work_dir: work.path(), resume_from: None };
+    let summary = train::train(&spec, &recorder()).unwrap();
+    let c = summary.calibration.expect("temperature fitted");
+    assert!(c.log_loss_with_lengths.is_none());
+    let adapter = arbiter::ml::adapter::load(&summary.adapter_dir, &m.llama).unwrap();
+    assert!(adapter.meta.length_calibration.is_none());
+}
+
+#[test]
 fn resumed_run_ends_with_the_same_adapter() {
     let (_d, m) = tiny(BaseFormat::F32);
     let rows = synthetic_rows(40, 9);

@@ -67,7 +67,8 @@ pub struct Hyperparameters {
     pub calibrate: bool,
     /// With `calibrate`: also stack a response-length model on the logits (a logistic
     /// regression on the two responses' lengths fitted on the training rows, mixed with the
-    /// logits by weights fitted on the validation split).
+    /// logits by weights fitted on the validation split). Skipped with fewer than 20 labelled
+    /// rows in either split.
     pub length_calibration: bool,
     /// Activation checkpointing: keep only each decoder block's input in the forward and
     /// recompute the block in the backward (less memory, about one more forward of time).

@@ -86,10 +86,19 @@ pub struct LengthModel {
 /// L2 penalty of the length model (on standardised features).
 const LENGTH_L2: f64 = 1e-2;
 
+/// Fewest labelled rows the length model is fitted on, and the fewest validation rows its
+/// weight is fitted on: below that a dozen weights (or the stacking weights) fit noise.
+pub const MIN_LENGTH_ROWS: usize = 20;
+
+/// Standardised features are clamped to this many standard deviations, so a pair far outside
+/// the training lengths (a one-word answer against a page) is not extrapolated linearly into
+/// near-certain probabilities.
+const MAX_Z: f64 = 4.0;
+
 impl LengthModel {
-    /// Fit on labelled rows; `None` without any.
+    /// Fit on labelled rows; `None` with fewer than [`MIN_LENGTH_ROWS`].
     pub fn fit(rows: &[(&ArenaRow, usize)]) -> Option<LengthModel> {
-        if rows.is_empty() {
+        if rows.len() < MIN_LENGTH_ROWS {
             return None;
         }
         let feats: Vec<[f64; 3]> = rows.iter().map(|(r, _)| length_features(r)).collect();
@@ -105,7 +114,7 @@ impl LengthModel {
         let x: Vec<[Vec<f64>; 3]> = feats
             .iter()
             .map(|f| {
-                let z = [1.0, (f[0] - mean[0]) / scale[0], (f[1] - mean[1]) / scale[1], (f[2] - mean[2]) / scale[2]];
+                let z = standardised(f, &mean, &scale);
                 std::array::from_fn(|k| {
                     let mut v = vec![0.0; 12];
                     v[4 * k..4 * k + 4].copy_from_slice(&z);
@@ -121,14 +130,15 @@ impl LengthModel {
 
     /// The model's logits for a row's [`length_features`].
     pub fn logits(&self, f: &[f64; 3]) -> [f64; 3] {
-        let z = [
-            1.0,
-            (f[0] - self.mean[0]) / self.scale[0],
-            (f[1] - self.mean[1]) / self.scale[1],
-            (f[2] - self.mean[2]) / self.scale[2],
-        ];
+        let z = standardised(f, &self.mean, &self.scale);
         std::array::from_fn(|k| (0..4).map(|j| self.weights[j][k] * z[j]).sum())
     }
+}
+
+/// `[1, z_0, z_1, z_2]`: the features standardised and clamped to `±MAX_Z`.
+fn standardised(f: &[f64; 3], mean: &[f64; 3], scale: &[f64; 3]) -> [f64; 4] {
+    let z = |j: usize| ((f[j] - mean[j]) / scale[j]).clamp(-MAX_Z, MAX_Z);
+    [1.0, z(0), z(1), z(2)]
 }
 
 /// The length model stacked on the classifier: `z = logit_scale·logits + length_scale·length`.
@@ -335,6 +345,19 @@ mod tests {
 
     fn pairs(v: &[(ArenaRow, usize)]) -> Vec<(&ArenaRow, usize)> {
         v.iter().map(|(r, y)| (r, *y)).collect()
+    }
+
+    #[test]
+    fn the_length_model_needs_enough_rows_and_does_not_extrapolate() {
+        let few = synthetic(MIN_LENGTH_ROWS - 1, 5);
+        assert!(LengthModel::fit(&pairs(&few)).is_none());
+        let m = LengthModel::fit(&pairs(&synthetic(400, 6))).unwrap();
+        // features far past the training range score as the clamp's edge does
+        let edge: [f64; 3] = std::array::from_fn(|j| m.mean[j] + MAX_Z * m.scale[j]);
+        let far: [f64; 3] = std::array::from_fn(|j| m.mean[j] + 50.0 * m.scale[j]);
+        assert_eq!(m.logits(&edge), m.logits(&far));
+        let inside: [f64; 3] = std::array::from_fn(|j| m.mean[j] + 0.5 * m.scale[j]);
+        assert_ne!(m.logits(&inside), m.logits(&edge));
     }
 
     #[test]

@@ -430,7 +430,17 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
                 rows.iter().filter_map(|r| r.label.map(|l| (r, l.index()))).collect()
             }
             let val_rows = labelled(spec.validation_rows);
-            LengthModel::fit(&labelled(spec.train_rows)).map(|m| {
+            let train_rows = labelled(spec.train_rows);
+            if val_rows.len() < calibrate::MIN_LENGTH_ROWS || train_rows.len() < calibrate::MIN_LENGTH_ROWS {
+                obs.on_log(&format!(
+                    "length calibration skipped: {} training and {} validation rows, it needs {} of each",
+                    train_rows.len(),
+                    val_rows.len(),
+                    calibrate::MIN_LENGTH_ROWS
+                ));
+            }
+            let enough = val_rows.len() >= calibrate::MIN_LENGTH_ROWS;
+            LengthModel::fit(&train_rows).filter(|_| enough).map(|m| {
                 let lc = LengthCalibration::fit(m, &logits, &val_rows);
                 let ll = calibrate::length_log_loss(&lc, &logits, &val_rows);
                 obs.on_log(&format!(
