@@ -501,7 +501,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans,
         // on detached copies, so the gradients carry no graph holding q, k, v or o
         let (q, k, v, o) = (&q.detach(), &k.detach(), &v.detach(), &o.detach());
         let d_o = d_o.to_dtype(q.dtype())?.contiguous()?;
-        let dsum = (d_o.to_dtype(DType::F32)? * o.to_dtype(DType::F32)?)?.sum_keepdim(D::Minus1)?;
+        // D = sum over head_dim of dO * O: [b, h, t, 1]
+        let dsum = super::fused::head_dot(&d_o, o, d_o.dim(3)?)?.unsqueeze(3)?;
         plan.backward(q, k, v, &d_o, &dsum)
     };
     let out = out.contiguous()?;
@@ -562,7 +563,8 @@ impl AttentionPlan {
     }
 
     /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous) and
-    /// `dsum = sum_d d_o * o` `[b, h, t, 1]` (f32). Each chunk's probabilities are recomputed.
+    /// `dsum = sum_d d_o * o` `[b, h, t, 1]` (f32; f64 for f64 data). Each chunk's
+    /// probabilities are recomputed.
     pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, dsum: &Tensor) -> Result<[Tensor; 3]> {
         let (b, h, kvh, t, d) = (self.b, self.h, self.kvh, self.t, self.d);
         let scale = self.scale as f32;
@@ -583,13 +585,9 @@ impl AttentionPlan {
             let dvc = p.t()?.matmul(&doc)?;
             dqs.push(ds.matmul(&kc)?.reshape((b, h, c, d))?);
             let dkc = ds.t()?.matmul(&qc)?;
-            if end == t {
-                dk = (dk.narrow(2, 0, end)? + dkc.to_dtype(DType::F32)?)?;
-                dv = (dv.narrow(2, 0, end)? + dvc.to_dtype(DType::F32)?)?;
-            } else {
-                dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
-                dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
-            }
+            // (no padding, and no copy, for the chunk that reaches the last key)
+            dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
+            dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
         }
         let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };
         Ok([dq, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?])
@@ -606,7 +604,7 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 }
 
 /// SiLU's input gradient at `x` for the output gradient `grad`, outside any graph.
-pub fn silu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+fn silu_backward(x: &Tensor, grad: &Tensor) -> Result<Tensor> {
     let s = candle_nn::ops::sigmoid(x)?;
     let one_minus = s.affine(-1.0, 1.0)?;
     let inner = ((x * one_minus)? + 1.0)?;
