@@ -201,12 +201,8 @@ fn hf_losses(a: &HfLosses<'_>, device: &Device, fmt: BaseFormat) -> anyhow::Resu
         let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), &batch)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         losses.push(loss.to_scalar::<f32>()?);
-        let grads = loss.backward()?;
-        let g = vars
-            .iter()
-            .map(|(_, v)| ctx.take_grad(&grads, v.as_tensor()).map_or_else(|| v.zeros_like(), Ok))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        opt.step(&g, a.lr)?;
+        let grads = ctx.take_grads(&loss.backward()?, &vars)?;
+        opt.step(&grads, a.lr)?;
     }
     println!("{}", serde_json::json!({ "losses": losses }));
     Ok(())
@@ -274,12 +270,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 sample();
                 let labels = Tensor::from_vec((0..b as u32).map(|i| i % 3).collect::<Vec<_>>(), b, &device)?;
                 let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-                let grads = loss.backward()?;
+                let grads = ctx.take_grads(&loss.backward()?, &vars)?;
                 // the trainer's optimizer, as the reference benchmark steps torch's AdamW
-                let grads = vars
-                    .iter()
-                    .map(|(_, v)| ctx.take_grad(&grads, v.as_tensor()).map_or_else(|| v.zeros_like(), Ok))
-                    .collect::<candle_core::Result<Vec<_>>>()?;
                 opt.borrow_mut().step(&grads, 1e-4)?;
             } else {
                 let infer = LoraCtx::default();

@@ -154,8 +154,12 @@ const MAX_LOGIT_SCALE: f64 = 20.0;
 
 impl LengthCalibration {
     /// Fit the mixing weights on the validation rows' logits, the length model being fitted
-    /// already (on the training rows). The weight on the logits stays in `[0, 20]`.
-    pub fn fit(model: LengthModel, logits: &[[f32; 3]], rows: &[(&ArenaRow, usize)]) -> LengthCalibration {
+    /// already (on the training rows). The weight on the logits stays in `[0, 20]`. `None` with
+    /// fewer than [`MIN_LENGTH_ROWS`] rows.
+    pub fn fit(model: LengthModel, logits: &[[f32; 3]], rows: &[(&ArenaRow, usize)]) -> Option<LengthCalibration> {
+        if rows.len() < MIN_LENGTH_ROWS {
+            return None;
+        }
         let lens: Vec<[f64; 3]> = rows.iter().map(|(r, _)| model.logits(&length_features(r))).collect();
         let y: Vec<usize> = rows.iter().map(|(_, l)| *l).collect();
         let x: Vec<[Vec<f64>; 3]> = logits
@@ -174,7 +178,7 @@ impl LengthCalibration {
             let c = fit_conditional_logit_offset(&x1, &offsets, &y, 1e-6, vec![1.0]);
             (s, c[0])
         };
-        LengthCalibration { logit_scale, length_scale, model }
+        Some(LengthCalibration { logit_scale, length_scale, model })
     }
 
     /// Calibrated logits of one row, given its [`length_features`] (softmax them for
@@ -352,6 +356,8 @@ mod tests {
         let few = synthetic(MIN_LENGTH_ROWS - 1, 5);
         assert!(LengthModel::fit(&pairs(&few)).is_none());
         let m = LengthModel::fit(&pairs(&synthetic(400, 6))).unwrap();
+        // nor are its mixing weights fitted on too few validation rows
+        assert!(LengthCalibration::fit(m.clone(), &vec![[0.0f32; 3]; few.len()], &pairs(&few)).is_none());
         // features far past the training range score as the clamp's edge does
         let edge: [f64; 3] = std::array::from_fn(|j| m.mean[j] + MAX_Z * m.scale[j]);
         let far: [f64; 3] = std::array::from_fn(|j| m.mean[j] + 50.0 * m.scale[j]);
@@ -418,12 +424,12 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(6);
         // pure noise logits, large: the fit turns them (almost) off and keeps the length model
         let noise: Vec<[f32; 3]> = val.iter().map(|_| std::array::from_fn(|_| rng.random_range(-5.0..5.0))).collect();
-        let c = LengthCalibration::fit(m.clone(), &noise, &pairs(&val));
+        let c = LengthCalibration::fit(m.clone(), &noise, &pairs(&val)).unwrap();
         assert!(c.logit_scale < 0.1 && c.length_scale > 0.5, "{c:?}");
         // logits that know the label: the fit leans on them
         let oracle: Vec<[f32; 3]> =
             val.iter().map(|(_, y)| std::array::from_fn(|k| if k == *y { 1.0 } else { 0.0 })).collect();
-        let c = LengthCalibration::fit(m, &oracle, &pairs(&val));
+        let c = LengthCalibration::fit(m, &oracle, &pairs(&val)).unwrap();
         assert!(c.logit_scale > 2.0, "{c:?}");
         assert!(length_log_loss(&c, &oracle, &pairs(&val)) < 0.5);
     }

@@ -76,6 +76,11 @@ impl LoraCtx {
     pub fn take_grad(&self, grads: &candle_core::backprop::GradStore, v: &Tensor) -> Option<Tensor> {
         grads.get(v).cloned().or_else(|| self.block_grads.as_ref().and_then(|s| s.take(v)))
     }
+
+    /// `take_grad` of every variable, in order, zeros where the backward left none.
+    pub fn take_grads(&self, grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> candle_core::Result<Vec<Tensor>> {
+        vars.iter().map(|(_, v)| self.take_grad(grads, v.as_tensor()).map_or_else(|| v.zeros_like(), Ok)).collect()
+    }
 }
 
 /// Gradients of LoRA factors computed by the decoder blocks' backwards, by tensor id, summed.

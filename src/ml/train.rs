@@ -323,7 +323,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             .take(hp.gradient_accumulation)
             .collect();
         let group_rows: usize = group.iter().map(|b| b.len()).sum();
-        let mut grads: Vec<Option<Tensor>> = vec![None; opt.vars.len()];
+        let mut grads: Option<Vec<Tensor>> = None;
         let mut loss_sum = 0.0;
         let _span = tracing::debug_span!("step", step = state.step + 1).entered();
         for (mi, idx) in group.iter().enumerate() {
@@ -345,21 +345,16 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             // each micro-batch weighs by its share of the group's rows
             let share = idx.len() as f64 / group_rows as f64;
             loss_sum += lv * share;
-            let gs = (loss * share)?.backward()?;
-            for (i, (_, v)) in opt.vars.iter().enumerate() {
-                if let Some(g) = ctx.take_grad(&gs, v.as_tensor()) {
-                    grads[i] = Some(match grads[i].take() {
-                        Some(acc) => (acc + g)?,
-                        None => g,
-                    });
-                }
-            }
+            let g = ctx.take_grads(&(loss * share)?.backward()?, &opt.vars)?;
+            grads = Some(match grads.take() {
+                Some(acc) => acc.iter().zip(&g).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+                None => g,
+            });
         }
-        let mut grads: Vec<Tensor> = grads
-            .into_iter()
-            .zip(opt.vars.iter())
-            .map(|(g, (_, v))| g.map_or_else(|| v.zeros_like(), Ok))
-            .collect::<candle_core::Result<_>>()?;
+        let mut grads = match grads {
+            Some(g) => g,
+            None => opt.vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<_>>()?,
+        };
         if hp.max_grad_norm > 0.0 {
             let mut sq = 0.0;
             for g in &grads {
@@ -431,7 +426,8 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             }
             let val_rows = labelled(spec.validation_rows);
             let train_rows = labelled(spec.train_rows);
-            if val_rows.len() < calibrate::MIN_LENGTH_ROWS || train_rows.len() < calibrate::MIN_LENGTH_ROWS {
+            let fitted = LengthModel::fit(&train_rows).and_then(|m| LengthCalibration::fit(m, &logits, &val_rows));
+            if fitted.is_none() {
                 obs.on_log(&format!(
                     "length calibration skipped: {} training and {} validation rows, it needs {} of each",
                     train_rows.len(),
@@ -439,9 +435,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
                     calibrate::MIN_LENGTH_ROWS
                 ));
             }
-            let enough = val_rows.len() >= calibrate::MIN_LENGTH_ROWS;
-            LengthModel::fit(&train_rows).filter(|_| enough).map(|m| {
-                let lc = LengthCalibration::fit(m, &logits, &val_rows);
+            fitted.map(|lc| {
                 let ll = calibrate::length_log_loss(&lc, &logits, &val_rows);
                 obs.on_log(&format!(
                     "length calibration: logit weight {:.3}, length weight {:.3}, validation log loss {:.4}",
