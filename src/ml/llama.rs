@@ -450,15 +450,13 @@ impl Llama {
         let _ = device.set_seed(seed);
         let dtype = format.activation_dtype(device);
         let a = 0.02 * 3f64.sqrt();
-        let randn = |shape: (usize, usize)| -> Result<Tensor, MlError> {
-            Ok(Tensor::rand(-a as f32, a as f32, shape, device)?.to_dtype(dtype)?)
-        };
+        let draw = |shape: (usize, usize)| Tensor::rand(-a as f32, a as f32, shape, device);
+        let randn = |shape: (usize, usize)| -> Result<Tensor, MlError> { Ok(draw(shape)?.to_dtype(dtype)?) };
         let linear = |shape: (usize, usize)| -> Result<FrozenLinear, MlError> {
             Ok(match format {
                 WeightFormat::Dense(_) => FrozenLinear::dense(randn(shape)?)?,
                 WeightFormat::Quantized(t) => {
-                    let w = Tensor::rand(-a as f32, a as f32, shape, device)?;
-                    FrozenLinear::quantized(Arc::new(QTensor::quantize(&w, t.unwrap_or(GgmlDType::Q4_0))?))?
+                    FrozenLinear::quantized(Arc::new(QTensor::quantize(&draw(shape)?, t.unwrap_or(GgmlDType::Q4_0))?))?
                 }
             })
         };
