@@ -8,14 +8,7 @@ OUT=${1:-bench/out}
 CONFIGS=${2:-smollm2-135m,llama3-8b}
 SEQ=${SEQ:-1024}
 mkdir -p "$OUT"
-CU=$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0])' 2>/dev/null || true)
-[ -n "$CU" ] && export LD_LIBRARY_PATH="$CU/lib:${LD_LIBRARY_PATH:-}"
-# the service binary (`arbiter bench ...`) or the stand-alone bench example (`bench ...`)
-XZ=${BENCH_XZ:-target-ship/arbiter-cuda.xz}
-BIN=/tmp/arbiter-bench
-python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$XZ" $BIN
-chmod +x $BIN
-case "$XZ" in *arbiter-cuda.xz) BIN="$BIN bench" ;; esac
+source bench/gpu_common.sh target-ship/arbiter-cuda.xz
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 
 : > "$OUT/arbiter.jsonl"

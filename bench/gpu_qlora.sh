@@ -8,16 +8,11 @@ cd "$(dirname "$0")/.."
 OUT=${1:-bench/out}
 SHAPE=${2:-llama3-8b}
 mkdir -p "$OUT"
-CU=$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0])' 2>/dev/null || true)
-[ -n "$CU" ] && export LD_LIBRARY_PATH="$CU/lib:${LD_LIBRARY_PATH:-}"
-XZ=${BENCH_XZ:-target-ship/arbiter-cuda.xz}
-BIN=/tmp/arbiter-bench
-python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$XZ" $BIN
-chmod +x $BIN
+source bench/gpu_common.sh target-ship/arbiter-cuda.xz
 bs=8; [ "$SHAPE" = smollm2-135m ] && bs=32
 : > "$OUT/arbiter-q4.jsonl"
 for ckpt in --gradient-checkpointing ""; do
-  $BIN bench train --shape "$SHAPE" --random-init --device cuda --base-format q4 $ckpt \
+  $BIN train --shape "$SHAPE" --random-init --device cuda --base-format q4 $ckpt \
     --seq-len 1024 --batch-size $bs --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter-q4.err" | tee -a "$OUT/arbiter-q4.jsonl"
 done
 tail -3 "$OUT/arbiter-q4.err"

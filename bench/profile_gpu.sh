@@ -4,12 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench/out}; ARGS=${2:-"predict --shape llama3-8b --random-init --device cuda --base-format bf16 --seq-len 1024 --batch-size 8 --steps 1 --warmup 0"}
-CU=$(python3 -c 'import nvidia.cu13 as m; print(list(m.__path__)[0])' 2>/dev/null || true)
-[ -n "$CU" ] && export LD_LIBRARY_PATH="$CU/lib:${LD_LIBRARY_PATH:-}"
-XZ=${BENCH_XZ:-target-ship/bench-cuda.xz}
-BIN=/tmp/arbiter-bench
-[ -x $BIN ] || { python3 -c 'import lzma,sys; open(sys.argv[2],"wb").write(lzma.open(sys.argv[1]).read())' "$XZ" $BIN; chmod +x $BIN; }
-case "$XZ" in *arbiter-cuda.xz) BIN="$BIN bench" ;; esac
+source bench/gpu_common.sh target-ship/bench-cuda.xz
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 name=$(echo "$ARGS" | tr ' ' '\n' | grep -A1 -- --shape | tail -1)-$(echo "$ARGS" | cut -d' ' -f1)
 $NCU --clock-control none --metrics gpu__time_duration.sum --csv --page raw $BIN $ARGS > "/tmp/ncu-$name.csv" 2> "$OUT/ncu-$name.err"

@@ -51,14 +51,22 @@ TORCH_DTYPE = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_ALPHA = 16
+
+
+def with_adapter(model):
+    """`model` with the check's PEFT adapter (r 8, every linear, no dropout, the head trained)."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=8, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                            target_modules=TARGETS, task_type="SEQ_CLS"))
 
 
 def peft_losses(model, init, device, padded, mask, labels, steps, lr):
     """N AdamW steps of PEFT from the adapter `init` (a PEFT state dict); the losses."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
-    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="SEQ_CLS")
-    pm = get_peft_model(model, lcfg)
+    pm = with_adapter(model)
     set_peft_model_state_dict(pm, init)
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-8)
@@ -77,11 +85,10 @@ def peft_losses(model, init, device, padded, mask, labels, steps, lr):
 def train_check(bin_path, device, model, out, ids, padded, mask, dtype, steps, lr):
     """N AdamW steps of PEFT and of Arbiter from the same initial adapter; their losses."""
     import copy
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    lcfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="SEQ_CLS")
-    probe = get_peft_model(copy.deepcopy(model), lcfg)
+    probe = with_adapter(copy.deepcopy(model))
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for name, p in probe.named_parameters():
@@ -98,7 +105,7 @@ def train_check(bin_path, device, model, out, ids, padded, mask, dtype, steps, l
     want = peft_losses(model, init, device, padded, mask, labels, steps, lr)
     ids_path = os.path.join(out, "ids.json")
     res = subprocess.run([bin_path, "bench", "losses", "--model", out, "--adapter", adapter,
-                          "--lora-alpha", "16", "--ids", ids_path,
+                          "--lora-alpha", str(LORA_ALPHA), "--ids", ids_path,
                           "--labels", ",".join(str(int(x)) for x in labels), "--steps", str(steps),
                           "--lr", str(lr), "--device", device, "--base-format", dtype],
                          capture_output=True, text=True)
