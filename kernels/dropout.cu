@@ -7,25 +7,23 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace {
 
-__device__ __forceinline__ bool keep(uint64_t seed, uint64_t i, uint32_t threshold) {
-    uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return (uint32_t)(z >> 32) >= threshold;
-}
-
-__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 
 template <typename T>
 __device__ void dropout(const T* x, T* y, size_t n, uint64_t seed, uint32_t threshold, float scale) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x) {
-        store(y, i, keep(seed, i, threshold) ? load(x, i) * scale : 0.0f);
+        store(y, i, dropout_keep(seed, i, threshold) ? load(x, i) * scale : 0.0f);
+    }
+}
+
+// dst += dropout(src), in place
+template <typename T>
+__device__ void dropout_add(T* dst, const T* src, size_t n, uint64_t seed, uint32_t threshold, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x) {
+        if (dropout_keep(seed, i, threshold)) store(dst, i, load(dst, i) + load(src, i) * scale);
     }
 }
 
@@ -33,6 +31,14 @@ __device__ void dropout(const T* x, T* y, size_t n, uint64_t seed, uint32_t thre
 
 extern "C" __global__ void dropout_f32(const float* x, float* y, size_t n, uint64_t seed, uint32_t threshold, float scale) {
     dropout<float>(x, y, n, seed, threshold, scale);
+}
+
+extern "C" __global__ void dropout_add_f32(float* dst, const float* src, size_t n, uint64_t seed, uint32_t threshold, float scale) {
+    dropout_add<float>(dst, src, n, seed, threshold, scale);
+}
+
+extern "C" __global__ void dropout_add_bf16(__nv_bfloat16* dst, const __nv_bfloat16* src, size_t n, uint64_t seed, uint32_t threshold, float scale) {
+    dropout_add<__nv_bfloat16>(dst, src, n, seed, threshold, scale);
 }
 
 extern "C" __global__ void dropout_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, size_t n, uint64_t seed, uint32_t threshold, float scale) {

@@ -7,16 +7,16 @@
 //   copy_rows    a strided view [n0, n1, n2, d] whose rows of d are contiguous (a transpose or
 //                a narrow of the leading dims) made contiguous, one warp per row, coalesced on
 //                both sides
+//   add_prefix   dst[i, :e, :] += src[i] for an f32 accumulator dst [n, t, d] and src [n, e, d],
+//                e <= t, in place (attention's key and value gradients over query chunks)
 
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace {
 
-__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
@@ -60,6 +60,13 @@ __device__ void copy_rows(const T* src, T* dst, size_t rows, int d, int n1, int 
     for (int j = lane; j < d; j += 32) to[j] = from[j];
 }
 
+template <typename T>
+__device__ void add_prefix(float* dst, const T* src, size_t n, size_t per_src, size_t per_dst) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x) {
+        dst[(i / per_src) * per_dst + i % per_src] += load(src, i);
+    }
+}
+
 }  // namespace
 
 #define FUSED(SUFFIX, T)                                                                                  \
@@ -75,6 +82,10 @@ __device__ void copy_rows(const T* src, T* dst, size_t rows, int d, int n1, int 
     extern "C" __global__ void copy_rows_##SUFFIX(const T* src, T* dst, size_t rows, int d, int n1, int n2, \
                                                  size_t s0, size_t s1, size_t s2) {                      \
         copy_rows<T>(src, dst, rows, d, n1, n2, s0, s1, s2);                                              \
+    }                                                                                                     \
+    extern "C" __global__ void add_prefix_##SUFFIX(float* dst, const T* src, size_t n, size_t per_src,   \
+                                                  size_t per_dst) {                                      \
+        add_prefix<T>(dst, src, n, per_src, per_dst);                                                     \
     }
 
 FUSED(f32, float)

@@ -62,20 +62,24 @@ impl Layer {
         }
     }
 
-    /// The input gradient of linear `p` for the output gradient `grad`; the LoRA factors'
-    /// gradients go to `grads`. The linear's input `x` is only computed when the linear has an
-    /// adapter (the frozen weight's input gradient does not read it).
-    fn linear_backward(&self, p: Proj, x: impl FnOnce() -> Result<Tensor>, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+    /// The input gradient of linear `p` for the output gradient `grad`, added to `acc` when
+    /// given (the gradients of linears that share an input are summed by the GEMMs themselves);
+    /// the LoRA factors' gradients go to `grads`. The linear's input `x` is only computed when
+    /// the linear has an adapter (the frozen weight's input gradient does not read it).
+    fn linear_backward(&self, p: Proj, x: impl FnOnce() -> Result<Tensor>, grad: &Tensor, grads: &BlockGrads, acc: Option<Tensor>) -> Result<Tensor> {
         let base = &self.blk.proj[p as usize];
         match self.lora.parts(base, self.li, p, self.dropout) {
             Some((parts, a, b)) => {
                 // computed on detached copies; the gradients are keyed by the factors' ids
-                let (dx, da, db) = parts.backward(&x()?, &a.detach(), &b.detach(), grad, true)?;
+                let (dx, da, db) = parts.backward(&x()?, &a.detach(), &b.detach(), grad, true, acc)?;
                 grads.add(a, &da)?;
                 grads.add(b, &db)?;
                 dx.ok_or_else(|| candle_core::Error::Msg("lora backward skipped the input gradient".into()))
             }
-            None => base.input_grad(grad, grad.dtype()),
+            None => match acc {
+                Some(acc) => base.input_grad_into(acc, grad),
+                None => base.input_grad(grad, grad.dtype()),
+            },
         }
     }
 
@@ -121,17 +125,17 @@ impl Layer {
         let Saved { q, k, v, y, mid, gate, up } = saved;
         let grad = grad.to_dtype(x.dtype())?;
         // MLP: out = mid + down(silu(gate) * up)
-        let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads)?;
+        let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads, None)?;
         let (d_gate, d_up) = fused::swiglu_backward(&gate, &up, &d_s)?;
         drop((d_s, gate, up));
         let h = ops::rms_norm(&mid, &self.blk.ffn_norm, eps)?;
-        let d_h = (self.linear_backward(Proj::Gate, || Ok(h.clone()), &d_gate, grads)?
-            + self.linear_backward(Proj::Up, || Ok(h.clone()), &d_up, grads)?)?;
+        let d_h = self.linear_backward(Proj::Gate, || Ok(h.clone()), &d_gate, grads, None)?;
+        let d_h = self.linear_backward(Proj::Up, || Ok(h.clone()), &d_up, grads, Some(d_h))?;
         drop((h, d_gate, d_up));
         let d_mid = (&grad + rms_norm_backward(&mid, &d_h, &self.blk.ffn_norm, eps)?)?;
         drop((d_h, mid, grad));
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
-        let d_y = self.linear_backward(Proj::O, || Ok(y.clone()), &d_mid, grads)?;
+        let d_y = self.linear_backward(Proj::O, || Ok(y.clone()), &d_mid, grads, None)?;
         let d_o = self.heads(&d_y, cfg.num_heads)?;
         // D = sum over head_dim of dO * O, per head and query: [b, heads, t, 1] (f32)
         let (b, t) = (self.inp.b, self.inp.t);
@@ -145,9 +149,9 @@ impl Layer {
         let dk = self.merge(&ops::rope_detached(&dk, &self.inp.cos, &neg_sin, il)?)?;
         let dv = self.merge(&dv)?;
         let h = ops::rms_norm(x, &self.blk.attn_norm, eps)?;
-        let d_h = (self.linear_backward(Proj::Q, || Ok(h.clone()), &dq, grads)?
-            + self.linear_backward(Proj::K, || Ok(h.clone()), &dk, grads)?
-            + self.linear_backward(Proj::V, || Ok(h.clone()), &dv, grads)?)?;
+        let d_h = self.linear_backward(Proj::Q, || Ok(h.clone()), &dq, grads, None)?;
+        let d_h = self.linear_backward(Proj::K, || Ok(h.clone()), &dk, grads, Some(d_h))?;
+        let d_h = self.linear_backward(Proj::V, || Ok(h.clone()), &dv, grads, Some(d_h))?;
         drop(h);
         d_mid + rms_norm_backward(x, &d_h, &self.blk.attn_norm, eps)?
     }

@@ -93,6 +93,68 @@ pub(crate) fn apply(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Dropout::new(p, seed))
 }
 
+/// `dst + dropout(src)` in `dst`'s dtype and shape (the LoRA backward's input gradient through
+/// the adapter). On CUDA, with both of one float dtype, one pass adds into `dst`'s storage (the
+/// caller must own `dst`) instead of a masked copy and a sum.
+pub(crate) fn add_into(dst: Tensor, src: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if dst.shape() != src.shape() {
+        candle_core::bail!("dropout add: {:?} into {:?}", src.shape(), dst.shape());
+    }
+    let fused = dst.device().is_cuda() && dst.dtype() == src.dtype() && matches!(dst.dtype(), DType::F32 | DType::BF16);
+    if !fused {
+        let dropped = apply(&src.to_dtype(dst.dtype())?, p, seed)?;
+        return dst + dropped;
+    }
+    let dst = dst.contiguous()?;
+    dst.inplace_op1(&DropoutAdd { src: &src.contiguous()?, mask: Dropout::new(p, seed) })?;
+    Ok(dst)
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct DropoutAdd<'a> {
+    src: &'a Tensor,
+    mask: Dropout,
+}
+
+impl candle_core::InplaceOp1 for DropoutAdd<'_> {
+    fn name(&self) -> &'static str {
+        "dropout-add"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &candle_core::Layout) -> Result<()> {
+        candle_core::bail!("dropout-add: the CPU adds the masked copy")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &candle_core::Layout) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("dropout-add: not contiguous".into()))?;
+        let dev = s.device().clone();
+        let n = (b - a) as u64;
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let guard = self.src.storage_and_layout().0;
+        let m = &self.mask;
+        macro_rules! go {
+            ($t:ty, $suffix:literal) => {{
+                let src = cuda_slice_of!(guard, self.src, $t);
+                let mut dst = s.as_cuda_slice_mut::<$t>()?.slice_mut(a..b);
+                let func = dev.get_or_load_custom_func(concat!("dropout_add_", $suffix), "dropout", KERNELS)?;
+                let mut builder = func.builder();
+                builder.arg(&mut dst).arg(&src).arg(&n).arg(&m.seed).arg(&m.threshold).arg(&m.scale);
+                // SAFETY: argument types and order match the kernel's signature
+                unsafe { builder.launch(cfg) }.w()?;
+            }};
+        }
+        match s.dtype() {
+            DType::F32 => go!(f32, "f32"),
+            _ => go!(half::bf16, "bf16"),
+        }
+        Ok(())
+    }
+}
+
 /// Dropout of probability `p` in `[0, 1)` with the mask seeded by `seed`; differentiable, the
 /// backward applies the same mask to the gradient.
 pub fn dropout(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
@@ -115,6 +177,14 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let got = apply(&x.to_device(device)?, 0.1, 12345)?.to_device(&cpu)?.to_dtype(DType::F32)?;
         let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         out.push(KernelCheck { kernel: "dropout", dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: 0.0 });
+        // the in-place sum rounds once on the GPU, twice on the CPU in bf16
+        let y = x.affine(0.5, 1.0)?;
+        let want = add_into(y.copy()?, &x, 0.1, 12345)?.to_dtype(DType::F32)?;
+        let got = add_into(y.to_device(device)?, &x.to_device(device)?, 0.1, 12345)?.to_device(&cpu)?.to_dtype(DType::F32)?;
+        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let rel = if dtype == DType::F32 { 1e-6 } else { 1.0 / 128.0 };
+        out.push(KernelCheck { kernel: "dropout add", dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: rel * scale });
     }
     Ok(out)
 }
@@ -148,6 +218,17 @@ mod tests {
         let want = dropout(&probe, 0.3, 99)?;
         let d = (g - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert_eq!(d, 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn the_in_place_sum_adds_the_masked_copy() -> Result<()> {
+        let dst = Tensor::randn(0f32, 1.0, (3, 200), &Device::Cpu)?;
+        let src = Tensor::randn(0f32, 1.0, (3, 200), &Device::Cpu)?;
+        let got = add_into(dst.copy()?, &src, 0.2, 5)?;
+        let d = (got - (dst + dropout(&src, 0.2, 5)?)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert_eq!(d, 0.0);
+        assert!(add_into(Tensor::zeros(4, DType::F32, &Device::Cpu)?, &Tensor::zeros(5, DType::F32, &Device::Cpu)?, 0.2, 5).is_err());
         Ok(())
     }
 

@@ -8,9 +8,11 @@
 //! - `head_dot`: per-head dot products of two `[.., heads * head_dim]` tensors, accumulated in
 //!   f32 (attention's `D = sum(dO * O)` without casting both operands to f32 first);
 //! - `contiguous_rows`: a transposed or narrowed view whose rows are contiguous made contiguous
-//!   with coalesced row copies (candle's generic strided copy indexes every element).
+//!   with coalesced row copies (candle's generic strided copy indexes every element);
+//! - `add_prefix`: a gradient of the first `e` rows added into an f32 accumulator of `t` rows,
+//!   in place (a cast, a zero padding and an add unfused).
 
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, DType, Device, InplaceOp1, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::KernelCheck;
@@ -217,6 +219,72 @@ pub fn contiguous_rows(x: &Tensor) -> Result<Tensor> {
     x.apply_op1_no_bwd(&CopyRows)
 }
 
+/// `acc [.., t, d]` (f32, or f64 for the CPU's f64 data) plus `src [.., e, d]` (`e <= t`) on
+/// its first `e` rows of every leading index; on CUDA written into `acc`'s storage, which the
+/// caller must own.
+pub fn add_prefix(acc: Tensor, src: &Tensor) -> Result<Tensor> {
+    let rank = acc.rank();
+    if rank < 2 || src.rank() != rank || acc.dims()[..rank - 2] != src.dims()[..rank - 2] || acc.dim(rank - 1)? != src.dim(rank - 1)? || src.dim(rank - 2)? > acc.dim(rank - 2)? {
+        candle_core::bail!("add_prefix: {:?} does not fit the first rows of {:?}", src.shape(), acc.shape());
+    }
+    let (t, e) = (acc.dim(rank - 2)?, src.dim(rank - 2)?);
+    let kernel = acc.device().is_cuda() && acc.dtype() == DType::F32 && matches!(src.dtype(), DType::F32 | DType::BF16);
+    if !kernel {
+        let padded = src.to_dtype(acc.dtype())?.pad_with_zeros(rank - 2, 0, t - e)?;
+        return acc + padded;
+    }
+    let acc = acc.contiguous()?;
+    acc.inplace_op1(&AddPrefix { src: &src.contiguous()?, rows: t })?;
+    Ok(acc)
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AddPrefix<'a> {
+    src: &'a Tensor,
+    /// Rows of the accumulator per leading index.
+    rows: usize,
+}
+
+impl InplaceOp1 for AddPrefix<'_> {
+    fn name(&self) -> &'static str {
+        "add-prefix"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("add-prefix: the CPU uses candle ops")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("add-prefix: accumulator not contiguous".into()))?;
+        let dev = s.device().clone();
+        let src = self.src;
+        let d = src.dim(src.rank() - 1)?;
+        let (n, per_src, per_dst) = (src.elem_count() as u64, (src.dim(src.rank() - 2)? * d) as u64, (self.rows * d) as u64);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let guard = src.storage_and_layout().0;
+        let mut dst = s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+        macro_rules! go {
+            ($t:ty, $suffix:literal) => {{
+                let from = cuda_slice_of!(guard, src, $t);
+                let func = dev.get_or_load_custom_func(concat!("add_prefix_", $suffix), "fused", KERNELS)?;
+                let mut builder = func.builder();
+                builder.arg(&mut dst).arg(&from).arg(&n).arg(&per_src).arg(&per_dst);
+                // SAFETY: argument types and order match the kernel's signature
+                unsafe { builder.launch(cfg) }.w()?;
+            }};
+        }
+        match src.dtype() {
+            DType::F32 => go!(f32, "f32"),
+            _ => go!(half::bf16, "bf16"),
+        }
+        Ok(())
+    }
+}
+
 struct CopyRows;
 
 impl CustomOp1 for CopyRows {
@@ -305,6 +373,13 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: 0.0 });
         }
+        // one f32 add per element on both sides: exact
+        let acc = Tensor::randn(0f32, 1.0, (3, 4, 37, 128), &cpu)?;
+        let src = g.narrow(0, 0, 36)?.reshape((3, 4, 36, 128))?;
+        let want = add_prefix(acc.clone(), &src)?;
+        let got = add_prefix(acc.to_device(device)?, &src.to_device(device)?)?.to_device(&cpu)?;
+        let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        out.push(KernelCheck { kernel: "add prefix", dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: 0.0 });
     }
     Ok(out)
 }
@@ -334,6 +409,11 @@ mod tests {
         assert!(max_diff(&du, grads.get(uv.as_tensor()).expect("du")) < 1e-12);
         let dots = (&g * &u)?.reshape((3, 5, 2, 4))?.sum(3)?;
         assert!(max_diff(&head_dot(&g, &u, 4)?, &dots) < 1e-12);
+        // the first 3 of 5 rows of each leading index
+        let acc = Tensor::randn(0f64, 1.0, (3, 5, 8), &dev)?;
+        let sum = add_prefix(acc.clone(), &g.narrow(1, 0, 3)?)?;
+        assert!(max_diff(&sum.narrow(1, 0, 3)?, &(acc.narrow(1, 0, 3)? + g.narrow(1, 0, 3)?)?) < 1e-12);
+        assert!(max_diff(&sum.narrow(1, 3, 2)?, &acc.narrow(1, 3, 2)?) < 1e-12);
         Ok(())
     }
 
@@ -344,5 +424,7 @@ mod tests {
         assert!(swiglu(&a, &b).is_err());
         assert!(head_dot(&a, &a, 4).is_err());
         assert!(head_dot(&a, &a, 3).is_ok());
+        assert!(add_prefix(b.clone(), &a).is_err(), "more rows than the accumulator");
+        assert!(add_prefix(a.clone(), &Tensor::zeros((2, 5), DType::F32, &Device::Cpu).unwrap()).is_err());
     }
 }

@@ -273,10 +273,94 @@ impl FrozenLinear {
         let w = self.dense_weight(grad.dtype())?;
         linear_nn(grad, &w)?.to_dtype(in_dtype)
     }
+
+    /// `acc + grad @ W` in `acc`'s dtype and shape: the input gradient added to a sum of them.
+    /// On CUDA, with `acc` and `grad` of one float dtype, the GEMM accumulates into `acc`'s
+    /// storage (cuBLAS with beta = 1; the caller must own `acc`), so no separate sum is made.
+    pub fn input_grad_into(&self, acc: Tensor, grad: &Tensor) -> Result<Tensor> {
+        let shape = acc.shape().clone();
+        let rows = grad.elem_count() / self.out_features.max(1);
+        gemm_into(acc, &grad.reshape((rows, self.out_features))?, &self.dense_weight(grad.dtype())?)?.reshape(shape)
+    }
+}
+
+/// `acc + a @ b` for `acc` `[rows, n]` (any shape of that many elements), `a` `[rows, k]` and
+/// `b` `[k, n]`, in `acc`'s dtype and shape. On CUDA, with all three of one float dtype, the
+/// GEMM accumulates into `acc`'s storage (cuBLAS, beta = 1; the caller must own `acc`).
+pub fn gemm_into(acc: Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (rows, k) = a.dims2()?;
+    let (k2, n) = b.dims2()?;
+    if k != k2 || acc.elem_count() != rows * n {
+        candle_core::bail!("gemm_into: {:?} += {:?} @ {:?} does not fit", acc.shape(), a.shape(), b.shape());
+    }
+    let fused = acc.device().is_cuda() && acc.dtype() == a.dtype() && a.dtype() == b.dtype() && matches!(acc.dtype(), DType::F32 | DType::BF16);
+    if !fused {
+        let product = a.matmul(b)?.to_dtype(acc.dtype())?.reshape(acc.shape())?;
+        return acc + product;
+    }
+    let acc = acc.contiguous()?;
+    acc.inplace_op1(&AccumulateGemm { a: &a.contiguous()?, b: &b.contiguous()?, rows, k, n })?;
+    Ok(acc)
+}
+
+/// `acc [rows, n] += a [rows, k] @ b [k, n]`, row-major, in place (cuBLAS, beta = 1).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AccumulateGemm<'a> {
+    a: &'a Tensor,
+    b: &'a Tensor,
+    rows: usize,
+    k: usize,
+    n: usize,
+}
+
+impl candle_core::InplaceOp1 for AccumulateGemm<'_> {
+    fn name(&self) -> &'static str {
+        "accumulate-gemm"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("accumulate-gemm: the CPU adds the product")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+        use candle_core::cuda_backend::WrapErr;
+        let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("accumulate-gemm: not contiguous".into()))?;
+        let blas = s.device().cublas_handle();
+        let (ag, bg) = (self.a.storage_and_layout().0, self.b.storage_and_layout().0);
+        // column-major: acc^T [n, rows] += b^T [n, k] @ a^T [k, rows]
+        macro_rules! go {
+            ($t:ty, $one:expr) => {{
+                let a = cuda_slice_of!(ag, self.a, $t);
+                let b = cuda_slice_of!(bg, self.b, $t);
+                let mut c = s.as_cuda_slice_mut::<$t>()?.slice_mut(start..end);
+                let cfg = GemmConfig {
+                    transa: cublasOperation_t::CUBLAS_OP_N,
+                    transb: cublasOperation_t::CUBLAS_OP_N,
+                    m: self.n as i32,
+                    n: self.rows as i32,
+                    k: self.k as i32,
+                    alpha: $one,
+                    lda: self.n as i32,
+                    ldb: self.k as i32,
+                    beta: $one,
+                    ldc: self.n as i32,
+                };
+                // SAFETY: the three buffers hold [k, n], [rows, k] and [rows, n] contiguous elements
+                unsafe { blas.gemm(cfg, &b, &a, &mut c) }.w()?;
+            }};
+        }
+        match s.dtype() {
+            DType::F32 => go!(f32, 1.0f32),
+            _ => go!(half::bf16, half::bf16::ONE),
+        }
+        Ok(())
+    }
 }
 
 /// The 4-bit frozen linear on a GPU (the Q4_0 weight dequantized to the activations' dtype for
-/// one GEMM), forward and input gradient, against the dequantized weight's exact values in f32
+/// one GEMM), forward and input gradient (also accumulated into an existing sum), against the dequantized weight's exact values in f32
 /// on the CPU. Tolerances relative to the largest reference value: 1e-4 in f32; 2^-6 in bf16
 /// (the input, the weight and the output each rounded once to 8 bits of mantissa). Nothing to
 /// compare on the CPU itself, which multiplies by the quantized blocks.
@@ -294,9 +378,13 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
     let mut out = Vec::new();
     for dtype in [DType::F32, DType::BF16] {
         let rel = if dtype == DType::F32 { 1e-4 } else { 2f32.powi(-6) };
+        let acc = x.to_dtype(dtype)?;
+        let (acc_d, g_d) = (acc.to_device(device)?, g.to_device(device)?.to_dtype(dtype)?);
         let cases = [
             ("q4-linear", x.matmul(&exact.t()?)?, lin.forward_detached(&x.to_device(device)?.to_dtype(dtype)?)?),
-            ("q4-linear-input-grad", g.matmul(&exact)?, lin.input_grad(&g.to_device(device)?.to_dtype(dtype)?, dtype)?),
+            ("q4-linear-input-grad", g.matmul(&exact)?, lin.input_grad(&g_d, dtype)?),
+            // the GEMM that accumulates into an existing gradient (beta = 1)
+            ("q4-linear-input-grad-into", (acc.to_dtype(DType::F32)? + g.matmul(&exact)?)?, lin.input_grad_into(acc_d, &g_d)?),
         ];
         for (kernel, want, got) in cases {
             let got = got.to_device(&cpu)?.to_dtype(DType::F32)?;
@@ -347,21 +435,29 @@ impl LoraParts {
         }
     }
 
-    /// `x W^T + scale · dropout(x) A^T B^T`, outside any graph.
+    /// `x W^T + scale · dropout(x) A^T B^T`, outside any graph. The adapter's term is added by
+    /// its GEMM into the base output (`gemm_into`), not as a full-size temporary and a sum.
     pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         let y = self.base.forward_detached(x)?;
         let dtype = x.dtype();
         let h = linear_nt(&self.dropped(x)?, &a.to_dtype(dtype)?)?;
         // the scale goes on the small B factor, not on the [tokens, out] product
-        let d = linear_nt(&h, &(b.to_dtype(dtype)? * self.scale)?)?;
-        let d = d.to_dtype(y.dtype())?;
-        y + d
+        let bs_t = (b.to_dtype(dtype)? * self.scale)?.t()?.contiguous()?;
+        let rows = h.elem_count() / h.dim(D::Minus1)?;
+        let y_dtype = y.dtype();
+        if y_dtype != dtype {
+            // a base output of another dtype (the CPU's quantized matmul) takes a plain sum
+            return y + linear_nn(&h, &bs_t)?.to_dtype(y_dtype)?;
+        }
+        gemm_into(y, &h.reshape((rows, h.dim(D::Minus1)?))?, &bs_t)
     }
 
     /// The gradients of the forward's input (when `needs_dx`) and of `A` and `B` (in their
     /// dtypes) for the output gradient `grad`, outside any graph. The dropout mask and the
-    /// r-wide `dropout(x) A^T` are redrawn from `x`.
-    pub fn backward(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad: &Tensor, needs_dx: bool) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    /// r-wide `dropout(x) A^T` are redrawn from `x`. With `acc`, the input gradient is added to
+    /// it (`FrozenLinear::input_grad_into`); the adapter's part of it, `dropout(grad B A)`, is
+    /// added in place by the dropout kernel.
+    pub fn backward(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad: &Tensor, needs_dx: bool, acc: Option<Tensor>) -> Result<(Option<Tensor>, Tensor, Tensor)> {
         let dtype = x.dtype();
         let g = grad.to_dtype(dtype)?;
         let ad = a.to_dtype(dtype)?;
@@ -376,10 +472,16 @@ impl LoraParts {
         let da = gh.t()?.matmul(&xd)?.to_dtype(a.dtype())?;
         let db = (g2.t()?.matmul(&h)? * self.scale)?.to_dtype(b.dtype())?;
         let dx = if needs_dx {
-            let w = self.base.dense_weight(dtype)?;
-            let through_lora = self.dropped(&gh.matmul(&ad)?)?;
-            let dx = (g2.matmul(&w)? + through_lora)?.reshape(x.shape())?;
-            Some(dx)
+            let dx = match acc {
+                Some(acc) => self.base.input_grad_into(acc.reshape((rows, n_in))?, &g2)?,
+                None => self.base.input_grad(&g2, dtype)?,
+            };
+            let through_lora = gh.matmul(&ad)?;
+            let dx = match self.dropout {
+                Some((p, seed)) if p > 0.0 => super::dropout::add_into(dx, &through_lora, p, seed)?,
+                _ => (dx + through_lora)?,
+            };
+            Some(dx.reshape(x.shape())?)
         } else {
             None
         };
@@ -409,7 +511,7 @@ impl CustomOp3 for LoraLinear {
         let needs_dx = x.track_op();
         // on detached copies: the gradients carry no graph that would keep these inputs and
         // intermediates alive (the LoRA factors' gradients outlive the backward)
-        let (dx, da, db) = self.parts.backward(&x.detach(), &a.detach(), &b.detach(), &grad.detach(), needs_dx)?;
+        let (dx, da, db) = self.parts.backward(&x.detach(), &a.detach(), &b.detach(), &grad.detach(), needs_dx, None)?;
         Ok((dx, Some(da), Some(db)))
     }
 }
@@ -570,8 +672,10 @@ impl AttentionPlan {
         let scale = self.scale as f32;
         let dtype = q.dtype();
         let mut dqs = Vec::with_capacity(self.chunks.len());
-        let mut dk = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
-        let mut dv = Tensor::zeros((b, kvh, t, d), DType::F32, q.device())?;
+        // f32 accumulators (f64 for f64 data), each chunk's rows added in place
+        let acc = if dtype == DType::F64 { DType::F64 } else { DType::F32 };
+        let mut dk = Tensor::zeros((b, kvh, t, d), acc, q.device())?;
+        let mut dv = Tensor::zeros((b, kvh, t, d), acc, q.device())?;
         for &(c0, c) in &self.chunks {
             let end = c0 + c;
             let qc = self.group(q, c0, c)?;
@@ -584,10 +688,8 @@ impl AttentionPlan {
             let (p, ds) = causal_softmax::backward(&qc.matmul(&kc.t()?)?, &dp, &dc, &self.spans, c0, c, scale)?;
             let dvc = p.t()?.matmul(&doc)?;
             dqs.push(ds.matmul(&kc)?.reshape((b, h, c, d))?);
-            let dkc = ds.t()?.matmul(&qc)?;
-            // (no padding, and no copy, for the chunk that reaches the last key)
-            dk = (dk + dkc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
-            dv = (dv + dvc.to_dtype(DType::F32)?.pad_with_zeros(2, 0, t - end)?)?;
+            dk = super::fused::add_prefix(dk, &ds.t()?.matmul(&qc)?)?;
+            dv = super::fused::add_prefix(dv, &dvc)?;
         }
         let dq = if dqs.len() == 1 { dqs.remove(0) } else { Tensor::cat(&dqs, 2)? };
         Ok([dq, dk.to_dtype(dtype)?, dv.to_dtype(dtype)?])
