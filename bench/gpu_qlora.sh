@@ -27,7 +27,8 @@ try:
     ref = json.load(open(sys.argv[2]))
 except Exception:
     ref = {}
-print("| shape | checkpointing | Arbiter Q4_0 tok/s | QLoRA nf4 tok/s | ratio | Arbiter peak GiB | QLoRA peak GiB |")
+# Arbiter's peak as in gpu_table.py: in use, and in parentheses less the CUDA context
+print("| shape | checkpointing | Arbiter Q4_0 tok/s | QLoRA nf4 tok/s | ratio | Arbiter peak GiB (less context) | QLoRA peak GiB |")
 print("|---|---|---|---|---|---|---|")
 for a in arb:
     ck = bool(a["gradient_checkpointing"])
@@ -36,5 +37,6 @@ for a in arb:
     ratio = f"{a['tokens_per_s'] / pv:.2f}x" if pv else "n/a"
     pg = r.get("peak_gib")
     print(f"| {sys.argv[3]} | {'on' if ck else 'off'} | {a['tokens_per_s']:,.0f} | {f'{pv:,.0f}' if pv else 'n/a'} | {ratio} "
-          f"| {(a.get('peak_gpu_bytes') or 0) / 2**30:.1f} | {f'{pg:.1f}' if pg is not None else 'n/a'} |")
+          f"| {(a.get('peak_gpu_bytes') or 0) / 2**30:.1f} ({((a.get('peak_gpu_bytes') or 0) - (a.get('gpu_context_bytes') or 0)) / 2**30:.1f}) "
+          f"| {f'{pg:.1f}' if pg is not None else 'n/a'} |")
 PY

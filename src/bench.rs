@@ -134,6 +134,55 @@ fn gpu_used(device: &Device) -> Option<u64> {
     None
 }
 
+/// The peak of `gpu_used` while it lives: a second thread polls it every 100 µs, so the peak
+/// inside the backward (where the timed loop has no sampling point) is caught as well as the
+/// ones at the loop's own samples (`sample`). `None` off CUDA.
+struct PeakSampler {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    device: Device,
+}
+
+impl PeakSampler {
+    fn start(device: &Device) -> Option<PeakSampler> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let now = gpu_used(device)?;
+        let peak = std::sync::Arc::new(AtomicU64::new(now));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (p, st, dev) = (peak.clone(), stop.clone(), device.clone());
+        let thread = std::thread::spawn(move || {
+            while !st.load(Ordering::Relaxed) {
+                if let Some(u) = gpu_used(&dev) {
+                    p.fetch_max(u, Ordering::Relaxed);
+                }
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
+        });
+        Some(PeakSampler { peak, stop, thread: Some(thread), device: device.clone() })
+    }
+
+    fn sample(&self) {
+        if let Some(u) = gpu_used(&self.device) {
+            self.peak.fetch_max(u, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for PeakSampler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn sync(device: &Device) -> anyhow::Result<()> {
     device.synchronize()?;
     Ok(())
@@ -232,6 +281,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         }
     };
     let device = parse_device(&args.device)?;
+    // what the CUDA context itself holds, before any weight is loaded
+    let context_bytes = gpu_used(&device);
     let fmt = args.base_format.weight_format(&device);
     let llama = if args.random_init {
         let cfg = known_shape(&args.shape).ok_or_else(|| anyhow::anyhow!("unknown shape {:?}", args.shape))?;
@@ -257,10 +308,10 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             .collect();
         let batch = Batch::right_padded(&ids, 0, &device)?;
         let ctx = LoraCtx::training(Some((0.05, 1)), args.gradient_checkpointing);
-        let peak_gpu = std::cell::Cell::new(gpu_used(&device).unwrap_or(0));
+        let peak_gpu = PeakSampler::start(&device);
         let sample = || {
-            if let Some(u) = gpu_used(&device) {
-                peak_gpu.set(peak_gpu.get().max(u));
+            if let Some(p) = &peak_gpu {
+                p.sample();
             }
         };
         let run = |training: bool| -> anyhow::Result<()> {
@@ -319,7 +370,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             "tflops": flops_per_token * tokens / secs / 1e12,
             "mfu_vs_790": flops_per_token * tokens / secs / 790e12,
             "peak_rss_bytes": peak_rss(),
-            "peak_gpu_bytes": gpu_used(&device).map(|_| peak_gpu.get()),
+            "peak_gpu_bytes": peak_gpu.map(PeakSampler::finish),
+            "gpu_context_bytes": context_bytes,
             "weight_bytes": llama.weight_bytes(),
         });
         println!("{report}");
