@@ -14,12 +14,9 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-namespace {
+#include "common.cuh"
 
-__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+namespace {
 
 // Reduce over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 template <bool IsMax>

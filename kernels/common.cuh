@@ -1,7 +1,5 @@
 // Helpers shared by Arbiter's kernels: f32 loads and stores of f32 or bf16 data, and the
-// counter-based dropout mask (element i is kept iff the upper 32 bits of the i-th output of the
-// SplitMix64 stream seeded with `seed` are >= `threshold` = p * 2^32; `dropout::keep` is the
-// CPU's copy).
+// counter-based dropout mask (`dropout::keep` is the CPU's copy).
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -11,10 +9,12 @@ __device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return
 __device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
 
-__device__ __forceinline__ bool dropout_keep(uint64_t seed, uint64_t i, uint32_t threshold) {
-    uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
+// The 64 mask bits of element pair k (elements 2k and 2k + 1): the k-th output of the
+// SplitMix64 stream seeded with `seed`. Element 2k is kept iff the upper 32 bits reach the
+// threshold, element 2k + 1 iff the lower ones do: one hash per two elements.
+__device__ __forceinline__ uint64_t dropout_bits(uint64_t seed, uint64_t k) {
+    uint64_t z = seed + (k + 1) * 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    return (uint32_t)(z >> 32) >= threshold;
+    return z ^ (z >> 31);
 }

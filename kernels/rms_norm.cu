@@ -1,16 +1,15 @@
 // RMSNorm backward, one block per row: with r = 1 / sqrt(mean(x^2) + eps) and u = g * w,
-// dx = r * u - x * r^3 * mean(u * x). Two reductions and one write per row, f32 arithmetic,
-// instead of the dozen f32 element-wise passes of the unfused formula.
+// dx = r * u - x * r^3 * mean(u * x), plus the residual stream's gradient `res` when given (not
+// null): the block's two residual sums are folded into the norms' backward. Two reductions and
+// one write per row, f32 arithmetic, instead of the dozen f32 element-wise passes of the
+// unfused formula and a sum.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-namespace {
+#include "common.cuh"
 
-__device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+namespace {
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
 __device__ float block_sum(float v) {
@@ -26,7 +25,7 @@ __device__ float block_sum(float v) {
 }
 
 template <typename T>
-__device__ void rms_norm_bwd(const T* x, const T* g, const T* w, T* dx, int rows, int n, float eps) {
+__device__ void rms_norm_bwd(const T* x, const T* g, const T* w, const T* res, T* dx, int rows, int n, float eps) {
     const int row = blockIdx.x;
     if (row >= rows) return;
     const size_t base = (size_t)row * n;
@@ -41,16 +40,17 @@ __device__ void rms_norm_bwd(const T* x, const T* g, const T* w, T* dx, int rows
     const float r = rsqrtf(sxx / n + eps);
     const float c = r * r * r * sux / n;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        store(dx, base + j, r * load(g, base + j) * load(w, j) - load(x, base + j) * c);
+        const float v = r * load(g, base + j) * load(w, j) - load(x, base + j) * c;
+        store(dx, base + j, res ? v + load(res, base + j) : v);
     }
 }
 
 }  // namespace
 
-extern "C" __global__ void rms_norm_bwd_f32(const float* x, const float* g, const float* w, float* dx, int rows, int n, float eps) {
-    rms_norm_bwd<float>(x, g, w, dx, rows, n, eps);
+extern "C" __global__ void rms_norm_bwd_f32(const float* x, const float* g, const float* w, const float* res, float* dx, int rows, int n, float eps) {
+    rms_norm_bwd<float>(x, g, w, res, dx, rows, n, eps);
 }
 
-extern "C" __global__ void rms_norm_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* g, const __nv_bfloat16* w, __nv_bfloat16* dx, int rows, int n, float eps) {
-    rms_norm_bwd<__nv_bfloat16>(x, g, w, dx, rows, n, eps);
+extern "C" __global__ void rms_norm_bwd_bf16(const __nv_bfloat16* x, const __nv_bfloat16* g, const __nv_bfloat16* w, const __nv_bfloat16* res, __nv_bfloat16* dx, int rows, int n, float eps) {
+    rms_norm_bwd<__nv_bfloat16>(x, g, w, res, dx, rows, n, eps);
 }

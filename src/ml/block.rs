@@ -19,7 +19,7 @@ use candle_core::{Result, Tensor};
 use super::llama::{Block, BlockInputs, Proj};
 use super::lora::{BlockGrads, Lora, LoraCtx};
 use super::fused;
-use super::norm::rms_norm_backward;
+use super::norm::rms_norm_backward_add;
 use super::ops::{self, AttentionPlan};
 
 /// The forward's tensors the backward reads.
@@ -132,7 +132,7 @@ impl Layer {
         let d_h = self.linear_backward(Proj::Gate, || Ok(h.clone()), &d_gate, grads, None)?;
         let d_h = self.linear_backward(Proj::Up, || Ok(h.clone()), &d_up, grads, Some(d_h))?;
         drop((h, d_gate, d_up));
-        let d_mid = (&grad + rms_norm_backward(&mid, &d_h, &self.blk.ffn_norm, eps)?)?;
+        let d_mid = rms_norm_backward_add(&mid, &d_h, &self.blk.ffn_norm, eps, Some(&grad))?;
         drop((d_h, mid, grad));
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
         let d_y = self.linear_backward(Proj::O, || Ok(y.clone()), &d_mid, grads, None)?;
@@ -153,7 +153,7 @@ impl Layer {
         let d_h = self.linear_backward(Proj::K, || Ok(h.clone()), &dk, grads, Some(d_h))?;
         let d_h = self.linear_backward(Proj::V, || Ok(h.clone()), &dv, grads, Some(d_h))?;
         drop(h);
-        d_mid + rms_norm_backward(x, &d_h, &self.blk.attn_norm, eps)?
+        rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
     }
 }
 

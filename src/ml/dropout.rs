@@ -1,8 +1,9 @@
-//! Dropout with a counter-based mask: element `i` is kept iff the upper 32 bits of the `i`-th
-//! output of the SplitMix64 stream seeded with the mask's seed reach `p · 2^32`, and kept
-//! elements are scaled by `1 / (1 - p)`. The mask is a pure function of `(seed, i)`: one pass
-//! forward, the same pass over the gradient backward, no mask tensor drawn, stored or cast,
-//! and the same elements are kept on the CPU and on CUDA (`kernels/dropout.cu`).
+//! Dropout with a counter-based mask: elements `2k` and `2k + 1` are kept iff the upper and the
+//! lower 32 bits of the `k`-th output of the SplitMix64 stream seeded with the mask's seed reach
+//! `p · 2^32` (one hash per two elements), and kept elements are scaled by `1 / (1 - p)`. The
+//! mask is a pure function of `(seed, i)`: one pass forward, the same pass over the gradient
+//! backward, no mask tensor drawn, stored or cast, and the same elements are kept on the CPU and
+//! on CUDA (`kernels/dropout.cu`).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -11,11 +12,12 @@ use super::KernelCheck;
 
 /// Whether element `i` of the mask seeded with `seed` is kept (`threshold = p · 2^32`).
 pub fn keep(seed: u64, i: u64, threshold: u32) -> bool {
-    let mut z = seed.wrapping_add((i + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let mut z = seed.wrapping_add(((i >> 1) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^= z >> 31;
-    (z >> 32) as u32 >= threshold
+    let bits = if i & 1 == 0 { (z >> 32) as u32 } else { z as u32 };
+    bits >= threshold
 }
 
 struct Dropout {
@@ -68,7 +70,8 @@ impl Dropout {
         let dev = x.device().clone();
         let src = x.as_cuda_slice::<T>()?.slice(o1..o2);
         let n = (o2 - o1) as u64;
-        let blocks = n.div_ceil(256).clamp(1, 1 << 20) as u32;
+        // a thread per pair of elements
+        let blocks = n.div_ceil(2).div_ceil(256).clamp(1, 1 << 20) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let func = dev.get_or_load_custom_func(&format!("dropout_{suffix}"), "dropout", KERNELS)?;
         // SAFETY: every element is written by the kernel
@@ -133,7 +136,8 @@ impl candle_core::InplaceOp1 for DropoutAdd<'_> {
         let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("dropout-add: not contiguous".into()))?;
         let dev = s.device().clone();
         let n = (b - a) as u64;
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // a thread per pair of elements
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(2).div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let guard = self.src.storage_and_layout().0;
         let m = &self.mask;
         macro_rules! go {
@@ -205,6 +209,9 @@ mod tests {
         let dropped = a.iter().filter(|v| **v == 0.0).count() as f64 / a.len() as f64;
         assert!((dropped - 0.1).abs() < 0.005, "dropped share {dropped}");
         assert!(a.iter().all(|v| *v == 0.0 || (*v - 1.0 / 0.9).abs() < 1e-6), "kept elements scaled by 1/(1-p)");
+        // the two elements of a pair take independent halves of one hash
+        let both = a.chunks(2).filter(|p| p[0] != 0.0 && p[1] != 0.0).count() as f64 / (a.len() / 2) as f64;
+        assert!((both - 0.81).abs() < 0.01, "both of a pair kept: {both}");
         Ok(())
     }
 

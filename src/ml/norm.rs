@@ -11,13 +11,15 @@ use super::KernelCheck;
 struct RmsNormBackward<'a> {
     grad: &'a Tensor,
     weight: &'a Tensor,
+    /// The residual stream's gradient, added to the result.
+    residual: Option<&'a Tensor>,
     eps: f32,
 }
 
 impl RmsNormBackward<'_> {
     fn rows(&self, shape: &Shape) -> Result<(usize, usize)> {
         let n = shape.dims().last().copied().unwrap_or(0);
-        if self.grad.shape() != shape || self.weight.dims() != [n] {
+        if self.grad.shape() != shape || self.weight.dims() != [n] || self.residual.is_some_and(|r| r.shape() != shape) {
             candle_core::bail!(
                 "rms-norm backward: x {shape:?}, gradient {:?} and weight {:?} do not fit",
                 self.grad.shape(),
@@ -35,6 +37,7 @@ impl RmsNormBackward<'_> {
         let (_, n) = self.rows(shape)?;
         let g: Vec<f64> = self.grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
         let w: Vec<f64> = self.weight.to_dtype(DType::F64)?.to_vec1()?;
+        let res: Option<Vec<f64>> = self.residual.map(|r| r.flatten_all()?.to_dtype(DType::F64)?.to_vec1()).transpose()?;
         let eps = self.eps as f64;
         let mut dx = vec![T::from_f64(0.0); x.len()];
         dx.par_chunks_mut(n.max(1)).enumerate().for_each(|(row, out)| {
@@ -44,7 +47,8 @@ impl RmsNormBackward<'_> {
             let r = 1.0 / (sxx / n as f64 + eps).sqrt();
             let c = r * r * r * sux / n as f64;
             for (j, o) in out.iter_mut().enumerate() {
-                *o = T::from_f64(r * gr[j] * w[j] - xr[j].to_f64() * c);
+                let v = r * gr[j] * w[j] - xr[j].to_f64() * c;
+                *o = T::from_f64(v + res.as_ref().map_or(0.0, |res| res[row * n + j]));
             }
         });
         Ok(T::to_cpu_storage_owned(dx))
@@ -70,6 +74,14 @@ impl RmsNormBackward<'_> {
         let gs = cuda_slice_of!(g_guard, grad, T);
         let w_guard = weight.storage_and_layout().0;
         let ws = cuda_slice_of!(w_guard, weight, T);
+        let r_guard = self.residual.map(|r| r.storage_and_layout().0);
+        let rs = match (r_guard.as_ref(), self.residual) {
+            (Some(guard), Some(residual)) => {
+                let storage: &candle_core::Storage = guard;
+                Some(cuda_slice_of!(storage, residual, T))
+            }
+            _ => None,
+        };
         let block = if n >= 1024 { 512 } else { 256 };
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         let func = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{suffix}"), "rms_norm", KERNELS)?;
@@ -77,7 +89,14 @@ impl RmsNormBackward<'_> {
         let out = unsafe { dev.alloc::<T>(rows * n)? };
         let (rows_i, n_i) = (rows as i32, n as i32);
         let mut b = func.builder();
-        b.arg(&xs).arg(&gs).arg(&ws).arg(&out).arg(&rows_i).arg(&n_i).arg(&self.eps);
+        // a null pointer when there is no residual
+        let null = 0u64;
+        b.arg(&xs).arg(&gs).arg(&ws);
+        match &rs {
+            Some(rs) => b.arg(rs),
+            None => b.arg(&null),
+        };
+        b.arg(&out).arg(&rows_i).arg(&n_i).arg(&self.eps);
         // SAFETY: argument types and order match the kernel's signature
         unsafe { b.launch(cfg) }.w()?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
@@ -94,10 +113,17 @@ impl CustomOp1 for RmsNormBackward<'_> {
 /// The input gradient of `x / rms(x) * weight` for the output gradient `grad`, in `x`'s dtype.
 /// No autograd.
 pub fn rms_norm_backward(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    rms_norm_backward_add(x, grad, weight, eps, None)
+}
+
+/// `rms_norm_backward` plus `residual` (the gradient reaching `x` around the norm, of `x`'s
+/// shape), in the same pass and rounded once.
+pub fn rms_norm_backward_add(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f32, residual: Option<&Tensor>) -> Result<Tensor> {
     let dtype = x.dtype();
     let grad = grad.to_dtype(dtype)?.contiguous()?;
     let weight = weight.to_dtype(dtype)?.contiguous()?;
-    x.contiguous()?.apply_op1_no_bwd(&RmsNormBackward { grad: &grad, weight: &weight, eps })
+    let residual = residual.map(|r| r.to_dtype(dtype)?.contiguous()).transpose()?;
+    x.contiguous()?.apply_op1_no_bwd(&RmsNormBackward { grad: &grad, weight: &weight, residual: residual.as_ref(), eps })
 }
 
 /// The kernel on `device` against the CPU (f64) on the same inputs, f32 and bf16, for a row
@@ -112,14 +138,18 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let w = Tensor::randn(1f32, 0.2, n, &cpu)?;
         for dtype in [DType::F32, DType::BF16] {
             let (x, g, w) = (x.to_dtype(dtype)?, g.to_dtype(dtype)?, w.to_dtype(dtype)?);
-            let want = rms_norm_backward(&x, &g, &w, 1e-5)?.to_dtype(DType::F32)?;
-            let got = rms_norm_backward(&x.to_device(device)?, &g.to_device(device)?, &w.to_device(device)?, 1e-5)?
-                .to_device(&cpu)?
-                .to_dtype(DType::F32)?;
-            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
-            out.push(KernelCheck { kernel: "rms-norm backward", dtype: format!("{dtype:?}"), chunk: (0, n), max_abs_diff: d, tolerance: tol * scale });
+            let res = (&g * 0.5)?;
+            for (kernel, residual) in [("rms-norm backward", None), ("rms-norm backward + residual", Some(&res))] {
+                let want = rms_norm_backward_add(&x, &g, &w, 1e-5, residual)?.to_dtype(DType::F32)?;
+                let res_d = residual.map(|r| r.to_device(device)).transpose()?;
+                let got = rms_norm_backward_add(&x.to_device(device)?, &g.to_device(device)?, &w.to_device(device)?, 1e-5, res_d.as_ref())?
+                    .to_device(&cpu)?
+                    .to_dtype(DType::F32)?;
+                let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let tol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
+                out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, n), max_abs_diff: d, tolerance: tol * scale });
+            }
         }
     }
     Ok(out)
@@ -142,8 +172,14 @@ mod tests {
         let ux = (&u * &x)?.mean_keepdim(2)?;
         let want = (u.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * ux)?)?)?;
         let got = rms_norm_backward(&x, &g, &w, eps)?;
-        let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        let d = (&want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         assert!(d < 1e-12, "{d}");
+        // with the residual stream's gradient added in the same pass
+        let res = Tensor::randn(0f64, 1.0, (2, 3, 6), &dev)?;
+        let got = rms_norm_backward_add(&x, &g, &w, eps, Some(&res))?;
+        let d = ((want + res)? - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        assert!(d < 1e-12, "{d}");
+        assert!(rms_norm_backward_add(&x, &g, &w, eps, Some(&Tensor::zeros((2, 6), DType::F64, &dev)?)).is_err());
         Ok(())
     }
 
