@@ -224,7 +224,12 @@ pub fn contiguous_rows(x: &Tensor) -> Result<Tensor> {
 /// caller must own.
 pub fn add_prefix(acc: Tensor, src: &Tensor) -> Result<Tensor> {
     let rank = acc.rank();
-    if rank < 2 || src.rank() != rank || acc.dims()[..rank - 2] != src.dims()[..rank - 2] || acc.dim(rank - 1)? != src.dim(rank - 1)? || src.dim(rank - 2)? > acc.dim(rank - 2)? {
+    let fits = rank >= 2
+        && src.rank() == rank
+        && acc.dims()[..rank - 2] == src.dims()[..rank - 2]
+        && acc.dim(rank - 1)? == src.dim(rank - 1)?
+        && src.dim(rank - 2)? <= acc.dim(rank - 2)?;
+    if !fits {
         candle_core::bail!("add_prefix: {:?} does not fit the first rows of {:?}", src.shape(), acc.shape());
     }
     let (t, e) = (acc.dim(rank - 2)?, src.dim(rank - 2)?);

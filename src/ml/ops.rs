@@ -360,10 +360,11 @@ impl candle_core::InplaceOp1 for AccumulateGemm<'_> {
 }
 
 /// The 4-bit frozen linear on a GPU (the Q4_0 weight dequantized to the activations' dtype for
-/// one GEMM), forward and input gradient (also accumulated into an existing sum), against the dequantized weight's exact values in f32
-/// on the CPU. Tolerances relative to the largest reference value: 1e-4 in f32; 2^-6 in bf16
-/// (the input, the weight and the output each rounded once to 8 bits of mantissa). Nothing to
-/// compare on the CPU itself, which multiplies by the quantized blocks.
+/// one GEMM), forward and input gradient (also accumulated into an existing sum), against the
+/// dequantized weight's exact values in f32 on the CPU. Tolerances relative to the largest
+/// reference value: 1e-4 in f32; 2^-6 in bf16 (the input, the weight and the output each rounded
+/// once to 8 bits of mantissa). Nothing to compare on the CPU itself, which multiplies by the
+/// quantized blocks.
 pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelCheck>> {
     use candle_core::quantized::GgmlDType;
     let cpu = candle_core::Device::Cpu;
@@ -446,7 +447,8 @@ impl LoraParts {
         let rows = h.elem_count() / h.dim(D::Minus1)?;
         let y_dtype = y.dtype();
         if y_dtype != dtype {
-            // a base output of another dtype (the CPU's quantized matmul) takes a plain sum
+            // a base output of another dtype than the input (a weight of another dtype) takes a
+            // plain sum
             return y + linear_nn(&h, &bs_t)?.to_dtype(y_dtype)?;
         }
         gemm_into(y, &h.reshape((rows, h.dim(D::Minus1)?))?, &bs_t)
