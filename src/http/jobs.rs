@@ -459,24 +459,21 @@ pub async fn create_job(State(state): State<AppState>, Json(body): Json<CreateJo
         required_device,
         required_memory_bytes,
     };
-    let job = match state.store.insert_job(&new, now_ms()).await? {
-        InsertJob::Inserted(job) => job,
-        InsertJob::MissingDataset(field) => {
-            let id = if field == "dataset_id" { &body.dataset_id } else { body.validation_dataset_id.as_deref().unwrap_or("") };
-            return Err(ApiError::not_found("dataset", id).with_field(field));
-        }
-    };
     let created = NewEvent {
-        job_id: job.id.clone(),
+        job_id: new.id.clone(),
         attempt: 0,
         level: "info",
         kind: "status",
         message: "job created and queued".into(),
         data: None,
     };
-    if let Err(e) = state.store.insert_event(&created, now_ms()).await {
-        tracing::warn!(error = %e, "could not record job event");
-    }
+    let job = match state.store.insert_job(&new, &created, now_ms()).await? {
+        InsertJob::Inserted(job) => job,
+        InsertJob::MissingDataset(field) => {
+            let id = if field == "dataset_id" { &body.dataset_id } else { body.validation_dataset_id.as_deref().unwrap_or("") };
+            return Err(ApiError::not_found("dataset", id).with_field(field));
+        }
+    };
     let live = live_workers_for(&state, std::slice::from_ref(&job)).await;
     Ok((StatusCode::CREATED, axum::Json(job_view(&state, job, live.as_deref()))).into_response())
 }

@@ -27,24 +27,31 @@ pub struct NewEvent {
     pub data: Option<serde_json::Value>,
 }
 
+/// Inserts an event and returns its id.
+pub(super) const INSERT_EVENT_SQL: &str = "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
+                                           VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
+
+/// `INSERT_EVENT_SQL` with its parameters bound: the event, its `data` as JSON text and the
+/// time. A macro, so one bind chain serves both backends' query types.
+macro_rules! bind_event {
+    ($query:expr, $e:expr, $data:expr, $now:expr) => {
+        $query.bind(&$e.job_id).bind($e.attempt).bind($e.level).bind($e.kind).bind(&$e.message).bind($data).bind($now)
+    };
+}
+pub(super) use bind_event;
+
+impl NewEvent {
+    /// `data` as the JSON text the table stores.
+    pub(super) fn data_json(&self) -> Result<Option<String>> {
+        Ok(self.data.as_ref().map(serde_json::to_string).transpose()?)
+    }
+}
+
 impl Store {
     pub async fn insert_event(&self, e: &NewEvent, now: i64) -> Result<i64> {
-        let data = e.data.as_ref().map(serde_json::to_string).transpose()?;
-        let sql = "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
+        let data = e.data_json()?;
         let (id,): (i64,) = match &self.pool {
-            Pool::Sqlite(pool) => {
-                sqlx::query_as(sql)
-                    .bind(&e.job_id)
-                    .bind(e.attempt)
-                    .bind(e.level)
-                    .bind(e.kind)
-                    .bind(&e.message)
-                    .bind(&data)
-                    .bind(now)
-                    .fetch_one(pool)
-                    .await?
-            }
+            Pool::Sqlite(pool) => bind_event!(sqlx::query_as(INSERT_EVENT_SQL), e, &data, now).fetch_one(pool).await?,
             Pool::Postgres(pool) => {
                 // Ids come from a sequence and several processes may write events of one job
                 // at once (a worker's progress, an API node's cancel): a per-job lock held to
@@ -52,16 +59,7 @@ impl Store {
                 // never passes an id that commits later. (SQLite serialises all writers.)
                 let mut tx = pool.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&e.job_id).execute(&mut *tx).await?;
-                let row = sqlx::query_as(sql)
-                    .bind(&e.job_id)
-                    .bind(e.attempt)
-                    .bind(e.level)
-                    .bind(e.kind)
-                    .bind(&e.message)
-                    .bind(&data)
-                    .bind(now)
-                    .fetch_one(&mut *tx)
-                    .await?;
+                let row = bind_event!(sqlx::query_as(INSERT_EVENT_SQL), e, &data, now).fetch_one(&mut *tx).await?;
                 tx.commit().await?;
                 row
             }

@@ -6,6 +6,7 @@
 use sqlx::FromRow;
 
 use super::adapters::{NewAdapter, COLUMNS as ADAPTER_COLUMNS};
+use super::job_events::{bind_event, NewEvent, INSERT_EVENT_SQL};
 use super::{AdapterRecord, Result, Store, WorkerDevice};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -120,9 +121,11 @@ pub enum InsertJob {
 }
 
 impl Store {
-    /// Inserts a queued job; the dataset check and the insert are one statement, so a dataset
-    /// deleted concurrently cannot leave a job pointing at nothing.
-    pub async fn insert_job(&self, j: &NewJob, now: i64) -> Result<InsertJob> {
+    /// Inserts a queued job and its first event (`created`) in one transaction, so a job never
+    /// exists without it; the dataset check and the job's insert are one statement, so a
+    /// dataset deleted concurrently cannot leave a job pointing at nothing. No other writer can
+    /// add events to the job before it commits, so the events' id order needs no lock here.
+    pub async fn insert_job(&self, j: &NewJob, created: &NewEvent, now: i64) -> Result<InsertJob> {
         let sql = "INSERT INTO jobs (id, status, dataset_id, validation_dataset_id, validation_fraction, base_model, \
                                hyperparameters, name, suffix, max_attempts, run_at, created_at, updated_at, \
                                required_device, required_memory_bytes) \
@@ -131,21 +134,30 @@ impl Store {
                AND ($3 IS NULL OR EXISTS (SELECT 1 FROM datasets WHERE id = $3)) \
              RETURNING *";
         let hyperparameters = serde_json::to_string(&j.hyperparameters)?;
-        let inserted = with_pool!(self, pool => sqlx::query_as::<_, JobRecord>(sql)
-            .bind(&j.id)
-            .bind(&j.dataset_id)
-            .bind(&j.validation_dataset_id)
-            .bind(j.validation_fraction)
-            .bind(&j.base_model)
-            .bind(&hyperparameters)
-            .bind(&j.name)
-            .bind(&j.suffix)
-            .bind(j.max_attempts)
-            .bind(now)
-            .bind(&j.required_device)
-            .bind(j.required_memory_bytes)
-            .fetch_optional(pool)
-            .await)?;
+        let data = created.data_json()?;
+        let inserted = with_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let job = sqlx::query_as::<_, JobRecord>(sql)
+                .bind(&j.id)
+                .bind(&j.dataset_id)
+                .bind(&j.validation_dataset_id)
+                .bind(j.validation_fraction)
+                .bind(&j.base_model)
+                .bind(&hyperparameters)
+                .bind(&j.name)
+                .bind(&j.suffix)
+                .bind(j.max_attempts)
+                .bind(now)
+                .bind(&j.required_device)
+                .bind(j.required_memory_bytes)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if job.is_some() {
+                let _: (i64,) = bind_event!(sqlx::query_as(INSERT_EVENT_SQL), created, &data, now).fetch_one(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            job
+        });
         if let Some(job) = inserted {
             return Ok(InsertJob::Inserted(job));
         }
