@@ -8,8 +8,8 @@
 //! in full: the MLP, the attention (chunked, probabilities recomputed), RoPE, both RMSNorms and
 //! the seven linears (input gradient of the frozen weight, gradients of the LoRA factors, which
 //! go to the context's `BlockGrads`), with SwiGLU and attention's row sums fused (`fused`). The
-//! norm outputs and `silu(gate) * up` are recomputed rather than kept, the latter only when
-//! down_proj has an adapter. Under activation checkpointing nothing but the block's input is
+//! norm outputs and `silu(gate) * up` are recomputed rather than kept, and only when a linear
+//! that reads them has an adapter. Under activation checkpointing nothing but the block's input is
 //! kept and the backward reruns the forward first.
 
 use std::sync::{Arc, Mutex};
@@ -83,6 +83,14 @@ impl Layer {
         }
     }
 
+    /// `rms_norm(x)` recomputed for the backward when one of `projs` has an adapter (its
+    /// factors' gradients read the linear's input); `None` otherwise, as with the default
+    /// adapters on q/k/v/o, whose MLP norm output no gradient reads.
+    fn norm_for(&self, projs: &[Proj], x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
+        let adapted = self.lora.factors().any(|((li, p), _)| *li == self.li && projs.contains(p));
+        adapted.then(|| ops::rms_norm(x, weight, self.eps())).transpose()
+    }
+
     fn plan(&self, q: &Tensor, k: &Tensor) -> Result<AttentionPlan> {
         let hd = self.inp.cfg.head_dim;
         AttentionPlan::new(q, k, &self.inp.spans, self.inp.chunk, 1.0 / (hd as f64).sqrt())
@@ -128,9 +136,10 @@ impl Layer {
         let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads, None)?;
         let (d_gate, d_up) = fused::swiglu_backward(&gate, &up, &d_s)?;
         drop((d_s, gate, up));
-        let h = ops::rms_norm(&mid, &self.blk.ffn_norm, eps)?;
-        let d_h = self.linear_backward(Proj::Gate, || Ok(h.clone()), &d_gate, grads, None)?;
-        let d_h = self.linear_backward(Proj::Up, || Ok(h.clone()), &d_up, grads, Some(d_h))?;
+        let h = self.norm_for(&[Proj::Gate, Proj::Up], &mid, &self.blk.ffn_norm)?;
+        let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("ffn norm not recomputed".into()));
+        let d_h = self.linear_backward(Proj::Gate, normed, &d_gate, grads, None)?;
+        let d_h = self.linear_backward(Proj::Up, normed, &d_up, grads, Some(d_h))?;
         drop((h, d_gate, d_up));
         let d_mid = rms_norm_backward_add(&mid, &d_h, &self.blk.ffn_norm, eps, Some(&grad))?;
         drop((d_h, mid, grad));
@@ -148,10 +157,11 @@ impl Layer {
         let dq = self.merge(&ops::rope_detached(&dq, &self.inp.cos, &neg_sin, il)?)?;
         let dk = self.merge(&ops::rope_detached(&dk, &self.inp.cos, &neg_sin, il)?)?;
         let dv = self.merge(&dv)?;
-        let h = ops::rms_norm(x, &self.blk.attn_norm, eps)?;
-        let d_h = self.linear_backward(Proj::Q, || Ok(h.clone()), &dq, grads, None)?;
-        let d_h = self.linear_backward(Proj::K, || Ok(h.clone()), &dk, grads, Some(d_h))?;
-        let d_h = self.linear_backward(Proj::V, || Ok(h.clone()), &dv, grads, Some(d_h))?;
+        let h = self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?;
+        let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
+        let d_h = self.linear_backward(Proj::Q, normed, &dq, grads, None)?;
+        let d_h = self.linear_backward(Proj::K, normed, &dk, grads, Some(d_h))?;
+        let d_h = self.linear_backward(Proj::V, normed, &dv, grads, Some(d_h))?;
         drop(h);
         rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
     }
