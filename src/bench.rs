@@ -153,9 +153,7 @@ impl PeakSampler {
         let (p, st, dev) = (peak.clone(), stop.clone(), device.clone());
         let thread = std::thread::spawn(move || {
             while !st.load(Ordering::Relaxed) {
-                if let Some(u) = gpu_used(&dev) {
-                    p.fetch_max(u, Ordering::Relaxed);
-                }
+                raise_peak(&p, &dev);
                 std::thread::sleep(std::time::Duration::from_micros(100));
             }
         });
@@ -163,9 +161,7 @@ impl PeakSampler {
     }
 
     fn sample(&self) {
-        if let Some(u) = gpu_used(&self.device) {
-            self.peak.fetch_max(u, std::sync::atomic::Ordering::Relaxed);
-        }
+        raise_peak(&self.peak, &self.device);
     }
 
     fn finish(mut self) -> u64 {
@@ -174,6 +170,13 @@ impl PeakSampler {
             let _ = t.join();
         }
         self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// `peak` raised to the device memory in use now, if larger.
+fn raise_peak(peak: &std::sync::atomic::AtomicU64, device: &Device) {
+    if let Some(u) = gpu_used(device) {
+        peak.fetch_max(u, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

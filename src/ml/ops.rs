@@ -278,9 +278,8 @@ impl FrozenLinear {
     /// On CUDA, with `acc` and `grad` of one float dtype, the GEMM accumulates into `acc`'s
     /// storage (cuBLAS with beta = 1; the caller must own `acc`), so no separate sum is made.
     pub fn input_grad_into(&self, acc: Tensor, grad: &Tensor) -> Result<Tensor> {
-        let shape = acc.shape().clone();
         let rows = grad.elem_count() / self.out_features.max(1);
-        gemm_into(acc, &grad.reshape((rows, self.out_features))?, &self.dense_weight(grad.dtype())?)?.reshape(shape)
+        gemm_into(acc, &grad.reshape((rows, self.out_features))?, &self.dense_weight(grad.dtype())?)
     }
 }
 
@@ -444,14 +443,9 @@ impl LoraParts {
         let h = linear_nt(&self.dropped(x)?, &a.to_dtype(dtype)?)?;
         // the scale goes on the small B factor, not on the [tokens, out] product
         let bs_t = (b.to_dtype(dtype)? * self.scale)?.t()?.contiguous()?;
-        let rows = h.elem_count() / h.dim(D::Minus1)?;
-        let y_dtype = y.dtype();
-        if y_dtype != dtype {
-            // a base output of another dtype than the input (a weight of another dtype) takes a
-            // plain sum
-            return y + linear_nn(&h, &bs_t)?.to_dtype(y_dtype)?;
-        }
-        gemm_into(y, &h.reshape((rows, h.dim(D::Minus1)?))?, &bs_t)
+        let r = h.dim(D::Minus1)?;
+        // (a base output of another dtype than the input takes gemm_into's plain sum)
+        gemm_into(y, &h.reshape((h.elem_count() / r, r))?, &bs_t)
     }
 
     /// The gradients of the forward's input (when `needs_dx`) and of `A` and `B` (in their
