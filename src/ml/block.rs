@@ -32,6 +32,8 @@ struct Saved {
     v: Tensor,
     /// Attention output `[b, t, heads * head_dim]` (o_proj's input).
     y: Tensor,
+    /// Each query's log-sum-exp from the flash kernels `[b, heads, t]` (see `ops::AttentionPlan`).
+    lse: Option<Tensor>,
     /// The residual stream after attention `[b, t, hidden]`.
     mid: Tensor,
     /// gate_proj and up_proj outputs `[b, t, intermediate]`.
@@ -116,7 +118,8 @@ impl Layer {
         let k = ops::rope_detached(&self.heads(&self.linear(Proj::K, &h)?, cfg.num_kv_heads)?, cos, sin, il)?;
         let v = self.heads(&self.linear(Proj::V, &h)?, cfg.num_kv_heads)?;
         drop(h);
-        let y = self.merge(&self.plan(&q, &k)?.forward(&q, &k, &v)?)?;
+        let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
+        let y = self.merge(&y)?;
         let mid = (x + self.linear(Proj::O, &y)?)?;
         let h = ops::rms_norm(&mid, &self.blk.ffn_norm, self.eps())?;
         let gate = self.linear(Proj::Gate, &h)?;
@@ -124,13 +127,13 @@ impl Layer {
         drop(h);
         let s = fused::swiglu(&gate, &up)?;
         let out = (&mid + self.linear(Proj::Down, &s)?)?;
-        Ok((out, Saved { q, k, v, y, mid, gate, up }))
+        Ok((out, Saved { q, k, v, y, lse, mid, gate, up }))
     }
 
     fn backward(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
         let cfg = &self.inp.cfg;
         let eps = self.eps();
-        let Saved { q, k, v, y, mid, gate, up } = saved;
+        let Saved { q, k, v, y, lse, mid, gate, up } = saved;
         let grad = grad.to_dtype(x.dtype())?;
         // MLP: out = mid + down(silu(gate) * up)
         let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads, None)?;
@@ -150,8 +153,8 @@ impl Layer {
         let (b, t) = (self.inp.b, self.inp.t);
         let dsum = fused::head_dot(&d_y, &y, cfg.head_dim)?.transpose(1, 2)?.reshape((b, cfg.num_heads, t, 1))?;
         drop((d_y, y));
-        let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &dsum)?;
-        drop((q, k, v, d_o, dsum));
+        let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &dsum, lse.as_ref())?;
+        drop((q, k, v, d_o, dsum, lse));
         let neg_sin = self.inp.sin.neg()?;
         let il = cfg.rope_interleaved;
         let dq = self.merge(&ops::rope_detached(&dq, &self.inp.cos, &neg_sin, il)?)?;

@@ -34,6 +34,12 @@ impl CausalSpans {
         self.starts.len()
     }
 
+    /// The starts on the tensors' device (read by the CUDA kernels).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(super) fn device_starts(&self) -> &Tensor {
+        &self.device_starts
+    }
+
     /// The visible keys `lo..=hi` of query `q` of batch row `r`.
     fn visible(&self, r: usize, q: usize) -> (usize, usize) {
         let s = self.starts[r] as usize;

@@ -75,6 +75,7 @@ pub mod causal_softmax;
 pub mod dropout;
 pub mod classifier;
 pub mod fsutil;
+pub mod flash;
 pub mod fused;
 pub mod llama;
 pub mod model;
@@ -112,6 +113,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(ops::check_device(device)?);
     checks.extend(fused::check_device(device)?);
     checks.extend(adamw::check_device(device)?);
+    checks.extend(flash::check_device(device)?);
     Ok(checks)
 }
 

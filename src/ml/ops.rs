@@ -591,7 +591,7 @@ pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<T
 /// and its backward are one fused pass each (`causal_softmax`).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, chunk: usize, scale: f64) -> Result<Tensor> {
     let plan = AttentionPlan::new(q, k, spans, chunk, scale)?;
-    let out = plan.forward(&q.detach(), &k.detach(), &v.detach())?;
+    let (out, lse) = plan.forward_saving(&q.detach(), &k.detach(), &v.detach())?;
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(out);
     }
@@ -601,14 +601,16 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans,
         let d_o = d_o.to_dtype(q.dtype())?.contiguous()?;
         // D = sum over head_dim of dO * O: [b, h, t, 1]
         let dsum = super::fused::head_dot(&d_o, o, d_o.dim(3)?)?.unsqueeze(3)?;
-        plan.backward(q, k, v, &d_o, &dsum)
+        plan.backward(q, k, v, &d_o, &dsum, lse.as_ref())
     };
     let out = out.contiguous()?;
     q.apply_op3(k, v, WithGrad3 { name: "causal-attention", value: Mutex::new(Some(out)), backward: Box::new(backward) })
 }
 
 /// The shapes and query chunks of one causal attention (see `causal_attention`), with its
-/// forward and backward outside any graph.
+/// forward and backward outside any graph. Where `flash::applies` (bf16 on CUDA, head size 64
+/// or 128) the tiled kernels of `flash` run instead of the chunks, unless the environment sets
+/// `ARBITER_ATTENTION=chunked` (to compare the two).
 #[derive(Clone)]
 pub struct AttentionPlan {
     b: usize,
@@ -619,6 +621,13 @@ pub struct AttentionPlan {
     chunks: Vec<(usize, usize)>,
     scale: f64,
     spans: CausalSpans,
+    flash: bool,
+}
+
+/// Whether the environment asks for the chunked attention where the flash kernels apply.
+fn chunked_forced() -> bool {
+    static FORCED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FORCED.get_or_init(|| std::env::var("ARBITER_ATTENTION").is_ok_and(|v| v == "chunked"))
 }
 
 impl AttentionPlan {
@@ -633,7 +642,8 @@ impl AttentionPlan {
             candle_core::bail!("causal attention: {h} query heads do not share {kvh} kv heads evenly");
         }
         let chunks = (0..t).step_by(chunk.max(1)).map(|c0| (c0, (c0 + chunk).min(t) - c0)).collect();
-        Ok(AttentionPlan { b, h, kvh, t, d, chunks, scale, spans: spans.clone() })
+        let flash = super::flash::applies(q) && !chunked_forced();
+        Ok(AttentionPlan { b, h, kvh, t, d, chunks, scale, spans: spans.clone(), flash })
     }
 
     /// Rows `c0..c0 + c` of `[b, h, t, x]` as `[b, kvh, rep * c, x]`.
@@ -644,6 +654,20 @@ impl AttentionPlan {
     /// The attention output `[b, h, t, d]`. The scale is applied in the softmax (in f32), not
     /// to q, so q is not rounded once more.
     pub fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_saving(q, k, v)?.0)
+    }
+
+    /// The output and, from the flash kernels, each query's log-sum-exp, which `backward` reads
+    /// instead of running the forward again.
+    pub fn forward_saving(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        if self.flash {
+            let (out, lse) = super::flash::forward(q, k, v, &self.spans, self.scale)?;
+            return Ok((out, Some(lse)));
+        }
+        Ok((self.chunked_forward(q, k, v)?, None))
+    }
+
+    fn chunked_forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, h, d) = (self.b, self.h, self.d);
         let scale = self.scale as f32;
         let mut outs = Vec::with_capacity(self.chunks.len());
@@ -662,9 +686,18 @@ impl AttentionPlan {
 
     /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous) and
     /// `dsum = sum_d d_o * o` `[b, h, t, 1]` (f32; f64 for f64 data). Each chunk's
-    /// probabilities are recomputed.
-    pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, dsum: &Tensor) -> Result<[Tensor; 3]> {
+    /// probabilities are recomputed; the flash kernels recompute them from `lse` (the forward's,
+    /// from `forward_saving`; computed again when `None`).
+    pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, dsum: &Tensor, lse: Option<&Tensor>) -> Result<[Tensor; 3]> {
         let (b, h, kvh, t, d) = (self.b, self.h, self.kvh, self.t, self.d);
+        if self.flash {
+            let lse = match lse {
+                Some(lse) => lse.clone(),
+                None => super::flash::forward(q, k, v, &self.spans, self.scale)?.1,
+            };
+            let dsum = dsum.to_dtype(DType::F32)?.reshape((b, h, t))?;
+            return super::flash::backward(q, k, v, d_o, &lse, &dsum, &self.spans, self.scale);
+        }
         let scale = self.scale as f32;
         let dtype = q.dtype();
         let mut dqs = Vec::with_capacity(self.chunks.len());

@@ -1,0 +1,430 @@
+// Causal attention as tiled tensor-core kernels (bf16 data, f32 accumulation), forward and
+// backward, with the scores never written to memory.
+//
+// q is [b, heads, t, d], k and v [b, kv_heads, t, d], contiguous, d 64 or 128; query head hh reads
+// kv head hh / (heads / kv_heads). Key j is visible to query i of batch row r iff
+// starts[r] <= j <= i, and a padding query (i < starts[r]) sees only itself: the mask of
+// `causal_softmax.cu`, computed from indices.
+//
+//   flash_fwd   o = softmax(scale * q k^T) v over the visible keys, and per query
+//               lse = log2(sum_j exp2(scale * log2(e) * s_ij)) (the row's log-sum-exp, base 2)
+//   flash_dq    dq = scale * ds k, with ds = p * (do v^T - D), p recomputed from lse
+//   flash_dkv   dk = scale * ds^T q and dv = p^T do, summed over the query heads sharing the kv
+//               head; one block owns its keys, so no atomics (dk first, then dv, in one buffer)
+// D = sum_d do * o per query (f32, [b, heads, t]).
+//
+// Each block has four warps. The forward and dq kernels give each warp 16 queries of a 64-query
+// tile and walk the key tiles up to the diagonal; dkv gives each warp 16 keys of a 64-key tile
+// and walks the query tiles from the diagonal on. Products use mma.sync m16n8k16 (bf16 in, f32
+// accumulate), operands staged in shared memory and read with ldmatrix; a product's f32
+// accumulator is rounded to bf16 in registers to become the next product's A operand (the
+// layouts of the m16n8 accumulator pair and the m16k16 A operand coincide).
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 128;
+constexpr int kTile = 64;   // queries (forward, dq) or keys (dkv) per block
+constexpr int kQTile = 32;  // queries per step of dkv
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// c (16x8 f32) += a (16x16 bf16, row-major) * b (16x8 bf16, column-major)
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The A operand of rows r0..r0+15, columns k0..k0+15 of a row-major tile with `pitch` elements
+// per row.
+__device__ __forceinline__ void load_a(uint32_t* a, const bf16* tile, int pitch, int r0, int k0) {
+    const int lane = threadIdx.x & 31;
+    const bf16* p = tile + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch + k0 + (lane >> 4) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
+                 : "r"(smem_addr(p)));
+}
+
+// B operands (k0..k0+15) of the two n-tiles n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3])
+// from a tile stored [n][k] (k^T of a row-major k, for q k^T).
+__device__ __forceinline__ void load_b_nk(uint32_t* b, const bf16* tile, int pitch, int n0, int k0) {
+    const int lane = threadIdx.x & 31;
+    const bf16* p = tile + (n0 + (lane & 7) + (lane >> 4) * 8) * pitch + k0 + ((lane >> 3) & 1) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(smem_addr(p)));
+}
+
+// The same from a tile stored [k][n] (a row-major v, for p v), transposed by ldmatrix.
+__device__ __forceinline__ void load_b_kn(uint32_t* b, const bf16* tile, int pitch, int k0, int n0) {
+    const int lane = threadIdx.x & 31;
+    const bf16* p = tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch + n0 + (lane >> 4) * 8;
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// The A operand (16 rows x 16 columns) from accumulators n and n + 1 of 16x8 each.
+__device__ __forceinline__ void to_a(uint32_t* a, const float* lo, const float* hi) {
+    a[0] = pack(lo[0], lo[1]);
+    a[1] = pack(lo[2], lo[3]);
+    a[2] = pack(hi[0], hi[1]);
+    a[3] = pack(hi[2], hi[3]);
+}
+
+// Rows r0..r0+rows-1 of a [t, D] matrix into a shared tile of pitch D + 8 (rows at or past t
+// are zeros).
+template <int D>
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int r0, int rows, int t) {
+    constexpr int V = D / 8;
+    for (int i = threadIdx.x; i < rows * V; i += kThreads) {
+        const int r = i / V, c = i % V;
+        uint4 x = make_uint4(0, 0, 0, 0);
+        if (r0 + r < t) x = *reinterpret_cast<const uint4*>(src + (size_t)(r0 + r) * D + c * 8);
+        *reinterpret_cast<uint4*>(dst + r * (D + 8) + c * 8) = x;
+    }
+}
+
+__device__ __forceinline__ bool visible(int query, int key, int start) {
+    return key <= query && (key >= start || key == query);
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
+}
+
+__device__ __forceinline__ float quad_sum(float v) {
+    v += __shfl_xor_sync(0xffffffff, v, 1);
+    return v + __shfl_xor_sync(0xffffffff, v, 2);
+}
+
+// Stores rows (r, r + 8) of a warp's 16 x D accumulators times `mul` as bf16 rows of a [t, D]
+// matrix.
+template <int D>
+__device__ __forceinline__ void store_rows(bf16* dst, const float (*acc)[4], int r, int t, float mul0, float mul1) {
+    const int c = threadIdx.x & 3;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = r + half * 8;
+        if (row >= t) continue;
+        const float mul = half ? mul1 : mul0;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+            *reinterpret_cast<uint32_t*>(dst + (size_t)row * D + n * 8 + 2 * c) =
+                pack(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
+    }
+}
+
+template <int D>
+__device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int t, int h,
+                          int kvh, const uint32_t* starts, float scale_log2) {
+    constexpr int P = D + 8;
+    __shared__ __align__(16) bf16 ks[kTile * P];
+    __shared__ __align__(16) bf16 vs[kTile * P];
+    // the longest rows (last tiles) first
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, hh = blockIdx.y, bb = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int start = (int)starts[bb];
+    const size_t qrow = ((size_t)bb * h + hh) * t;
+    const size_t krow = ((size_t)bb * kvh + hh / (h / kvh)) * t;
+    // this warp's queries as A operands, staged through ks
+    load_tile<D>(ks, q + qrow * D, q0, kTile, t);
+    __syncthreads();
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], ks, P, warp * 16, kk * 16);
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    const int r0 = q0 + warp * 16 + g;
+    const int last = min(q0 + kTile, t) - 1;
+    for (int k0 = min(start, q0) / kTile * kTile; k0 <= last; k0 += kTile) {
+        __syncthreads();
+        load_tile<D>(ks, k + krow * D, k0, kTile, t);
+        load_tile<D>(vs, v + krow * D, k0, kTile, t);
+        __syncthreads();
+        float s[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int nn = 0; nn < 4; ++nn) {
+                uint32_t b[4];
+                load_b_nk(b, ks, P, nn * 16, kk * 16);
+                mma(s[2 * nn], qf[kk], b[0], b[1]);
+                mma(s[2 * nn + 1], qf[kk], b[2], b[3]);
+            }
+        }
+        float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int key = k0 + n * 8 + 2 * c + (e & 1);
+                const float x = visible(r0 + (e >> 1) * 8, key, start) ? s[n][e] * scale_log2 : -INFINITY;
+                s[n][e] = x;
+                mx[e >> 1] = fmaxf(mx[e >> 1], x);
+            }
+        float base[2], corr[2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            const float mn = fmaxf(m[i], quad_max(mx[i]));
+            base[i] = mn == -INFINITY ? 0.0f : mn;
+            corr[i] = exp2f(m[i] - base[i]);
+            m[i] = mn;
+            l[i] *= corr[i];
+        }
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float p = exp2f(s[n][e] - base[e >> 1]);
+                s[n][e] = p;
+                l[e >> 1] += p;
+            }
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n) {
+            acc[n][0] *= corr[0];
+            acc[n][1] *= corr[0];
+            acc[n][2] *= corr[1];
+            acc[n][3] *= corr[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            uint32_t a[4];
+            to_a(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int nn = 0; nn < D / 16; ++nn) {
+                uint32_t b[4];
+                load_b_kn(b, vs, P, kk * 16, nn * 16);
+                mma(acc[2 * nn], a, b[0], b[1]);
+                mma(acc[2 * nn + 1], a, b[2], b[3]);
+            }
+        }
+    }
+    l[0] = quad_sum(l[0]);
+    l[1] = quad_sum(l[1]);
+    store_rows<D>(o + qrow * D, acc, r0, t, 1.0f / l[0], 1.0f / l[1]);
+    if (c == 0) {
+        if (r0 < t) lse[qrow + r0] = m[0] + log2f(l[0]);
+        if (r0 + 8 < t) lse[qrow + r0 + 8] = m[1] + log2f(l[1]);
+    }
+}
+
+template <int D>
+__device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                         const float* dsum, bf16* dq, int t, int h, int kvh, const uint32_t* starts,
+                         float scale_log2, float scale) {
+    constexpr int P = D + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* qs = reinterpret_cast<bf16*>(smem);
+    bf16* dos = qs + kTile * P;
+    bf16* ks = dos + kTile * P;
+    bf16* vs = ks + kTile * P;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, hh = blockIdx.y, bb = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int start = (int)starts[bb];
+    const size_t qrow = ((size_t)bb * h + hh) * t;
+    const size_t krow = ((size_t)bb * kvh + hh / (h / kvh)) * t;
+    load_tile<D>(qs, q + qrow * D, q0, kTile, t);
+    load_tile<D>(dos, dout + qrow * D, q0, kTile, t);
+    const int r0 = q0 + warp * 16 + g;
+    float lrow[2], drow[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int row = r0 + i * 8;
+        lrow[i] = row < t ? lse[qrow + row] : 0.0f;
+        drow[i] = row < t ? dsum[qrow + row] : 0.0f;
+    }
+    float acc[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    const int last = min(q0 + kTile, t) - 1;
+    for (int k0 = min(start, q0) / kTile * kTile; k0 <= last; k0 += kTile) {
+        __syncthreads();
+        load_tile<D>(ks, k + krow * D, k0, kTile, t);
+        load_tile<D>(vs, v + krow * D, k0, kTile, t);
+        __syncthreads();
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t a[4], ad[4];
+            load_a(a, qs, P, warp * 16, kk * 16);
+            load_a(ad, dos, P, warp * 16, kk * 16);
+#pragma unroll
+            for (int nn = 0; nn < 4; ++nn) {
+                uint32_t b[4];
+                load_b_nk(b, ks, P, nn * 16, kk * 16);
+                mma(s[2 * nn], a, b[0], b[1]);
+                mma(s[2 * nn + 1], a, b[2], b[3]);
+                load_b_nk(b, vs, P, nn * 16, kk * 16);
+                mma(dp[2 * nn], ad, b[0], b[1]);
+                mma(dp[2 * nn + 1], ad, b[2], b[3]);
+            }
+        }
+        // ds (of the scaled scores) = p * (dp - D), into s
+#pragma unroll
+        for (int n = 0; n < 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = e >> 1, key = k0 + n * 8 + 2 * c + (e & 1);
+                const float p = visible(r0 + i * 8, key, start) ? exp2f(s[n][e] * scale_log2 - lrow[i]) : 0.0f;
+                s[n][e] = p * (dp[n][e] - drow[i]);
+            }
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+            uint32_t a[4];
+            to_a(a, s[2 * kk], s[2 * kk + 1]);
+#pragma unroll
+            for (int nn = 0; nn < D / 16; ++nn) {
+                uint32_t b[4];
+                load_b_kn(b, ks, P, kk * 16, nn * 16);
+                mma(acc[2 * nn], a, b[0], b[1]);
+                mma(acc[2 * nn + 1], a, b[2], b[3]);
+            }
+        }
+    }
+    store_rows<D>(dq + qrow * D, acc, r0, t, scale, scale);
+}
+
+template <int D>
+__device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
+                          const float* dsum, bf16* dkv, int b, int t, int h, int kvh, const uint32_t* starts,
+                          float scale_log2, float scale) {
+    constexpr int P = D + 8;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16* ks = reinterpret_cast<bf16*>(smem);
+    bf16* vs = ks + kTile * P;
+    bf16* qs = vs + kTile * P;
+    bf16* dos = qs + kQTile * P;
+    float* ls = reinterpret_cast<float*>(dos + kQTile * P);
+    float* ds_ = ls + kQTile;
+    // the keys with the most queries (first tiles) first
+    const int k0 = blockIdx.x * kTile, kh = blockIdx.y, bb = blockIdx.z;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+    const int start = (int)starts[bb];
+    const int rep = h / kvh;
+    const size_t krow = ((size_t)bb * kvh + kh) * t;
+    load_tile<D>(ks, k + krow * D, k0, kTile, t);
+    load_tile<D>(vs, v + krow * D, k0, kTile, t);
+    float dk[D / 8][4], dv[D / 8][4];
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+    const int key0 = k0 + warp * 16 + g;
+    // keys before the row's start are seen only by themselves (padding queries)
+    const int q_end = k0 + kTile <= start ? min(k0 + kTile, t) : t;
+    for (int hh = kh * rep; hh < (kh + 1) * rep; ++hh) {
+        const size_t qrow = ((size_t)bb * h + hh) * t;
+        for (int q0 = k0; q0 < q_end; q0 += kQTile) {
+            __syncthreads();
+            load_tile<D>(qs, q + qrow * D, q0, kQTile, t);
+            load_tile<D>(dos, dout + qrow * D, q0, kQTile, t);
+            if (threadIdx.x < kQTile) {
+                const int row = q0 + threadIdx.x;
+                ls[threadIdx.x] = row < t ? lse[qrow + row] : 0.0f;
+                ds_[threadIdx.x] = row < t ? dsum[qrow + row] : 0.0f;
+            }
+            __syncthreads();
+            // s^T = k q^T and dp^T = v do^T: this warp's 16 keys x 32 queries
+            float s[4][4], dp[4][4];
+#pragma unroll
+            for (int n = 0; n < 4; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; ++kk) {
+                uint32_t a[4], av[4];
+                load_a(a, ks, P, warp * 16, kk * 16);
+                load_a(av, vs, P, warp * 16, kk * 16);
+#pragma unroll
+                for (int nn = 0; nn < 2; ++nn) {
+                    uint32_t bq[4];
+                    load_b_nk(bq, qs, P, nn * 16, kk * 16);
+                    mma(s[2 * nn], a, bq[0], bq[1]);
+                    mma(s[2 * nn + 1], a, bq[2], bq[3]);
+                    load_b_nk(bq, dos, P, nn * 16, kk * 16);
+                    mma(dp[2 * nn], av, bq[0], bq[1]);
+                    mma(dp[2 * nn + 1], av, bq[2], bq[3]);
+                }
+            }
+            // p^T into s, ds^T (of the scaled scores) into dp
+#pragma unroll
+            for (int n = 0; n < 4; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int j = n * 8 + 2 * c + (e & 1), query = q0 + j;
+                    const float p = query < t && visible(query, key0 + (e >> 1) * 8, start)
+                                        ? exp2f(s[n][e] * scale_log2 - ls[j])
+                                        : 0.0f;
+                    s[n][e] = p;
+                    dp[n][e] = p * (dp[n][e] - ds_[j]);
+                }
+#pragma unroll
+            for (int kk = 0; kk < 2; ++kk) {
+                uint32_t ap[4], ad[4];
+                to_a(ap, s[2 * kk], s[2 * kk + 1]);
+                to_a(ad, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+                for (int nn = 0; nn < D / 16; ++nn) {
+                    uint32_t bb4[4];
+                    load_b_kn(bb4, dos, P, kk * 16, nn * 16);
+                    mma(dv[2 * nn], ap, bb4[0], bb4[1]);
+                    mma(dv[2 * nn + 1], ap, bb4[2], bb4[3]);
+                    load_b_kn(bb4, qs, P, kk * 16, nn * 16);
+                    mma(dk[2 * nn], ad, bb4[0], bb4[1]);
+                    mma(dk[2 * nn + 1], ad, bb4[2], bb4[3]);
+                }
+            }
+        }
+    }
+    const size_t half = (size_t)b * kvh * t * D;
+    store_rows<D>(dkv + krow * D, dk, key0, t, scale, scale);
+    store_rows<D>(dkv + half + krow * D, dv, key0, t, 1.0f, 1.0f);
+}
+
+}  // namespace
+
+#define FLASH(D)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(kThreads) flash_fwd_##D(                             \
+        const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int t, int h, int kvh,       \
+        const uint32_t* starts, float scale_log2) {                                                    \
+        flash_fwd<D>(q, k, v, o, lse, t, h, kvh, starts, scale_log2);                                 \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(kThreads) flash_dq_##D(                              \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,               \
+        const float* dsum, bf16* dq, int t, int h, int kvh, const uint32_t* starts, float scale_log2,  \
+        float scale) {                                                                                 \
+        flash_dq<D>(q, k, v, dout, lse, dsum, dq, t, h, kvh, starts, scale_log2, scale);              \
+    }                                                                                                  \
+    extern "C" __global__ void __launch_bounds__(kThreads) flash_dkv_##D(                             \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,               \
+        const float* dsum, bf16* dkv, int b, int t, int h, int kvh, const uint32_t* starts,            \
+        float scale_log2, float scale) {                                                               \
+        flash_dkv<D>(q, k, v, dout, lse, dsum, dkv, b, t, h, kvh, starts, scale_log2, scale);         \
+    }
+
+FLASH(64)
+FLASH(128)
