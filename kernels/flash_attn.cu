@@ -1,24 +1,30 @@
 // Causal attention as tiled tensor-core kernels (bf16 data, f32 accumulation), forward and
 // backward, with the scores never written to memory.
 //
-// q is [b, heads, t, d], k and v [b, kv_heads, t, d], contiguous, d 64 or 128; query head hh reads
-// kv head hh / (heads / kv_heads). Key j is visible to query i of batch row r iff
-// starts[r] <= j <= i, and a padding query (i < starts[r]) sees only itself: the mask of
-// `causal_softmax.cu`, computed from indices.
+// q is [b, heads, t, d], k and v [b, kv_heads, t, d], d 64 or 128, each in any layout whose rows
+// of d are contiguous: element (batch, head, row) of a tensor starts at
+// batch * s.b + head * s.h + row * s.r (`Rows`), so a [b, t, heads, d] projection output is read
+// in place, and outputs are written the same way. Query head hh reads kv head
+// hh / (heads / kv_heads). Key j is visible to query i of batch row r iff starts[r] <= j <= i,
+// and a padding query (i < starts[r]) sees only itself: the mask of `causal_softmax.cu`,
+// computed from indices.
 //
 //   flash_fwd   o = softmax(scale * q k^T) v over the visible keys, and per query
-//               lse = log2(sum_j exp2(scale * log2(e) * s_ij)) (the row's log-sum-exp, base 2)
+//               lse = log2(sum_j exp2(scale * log2(e) * s_ij)) (the row's log-sum-exp, base 2,
+//               [b, heads, t] contiguous)
 //   flash_dq    dq = scale * ds k, with ds = p * (do v^T - D), p recomputed from lse
 //   flash_dkv   dk = scale * ds^T q and dv = p^T do, summed over the query heads sharing the kv
-//               head; one block owns its keys, so no atomics (dk first, then dv, in one buffer)
-// D = sum_d do * o per query (f32, [b, heads, t]).
+//               head; one block owns its keys, so no atomics
+// D = sum_d do * o per query (f32, [b, heads, t] contiguous).
 //
 // Each block has four warps. The forward and dq kernels give each warp 16 queries of a 64-query
 // tile and walk the key tiles up to the diagonal; dkv gives each warp 16 keys of a 64-key tile
 // and walks the query tiles from the diagonal on. Products use mma.sync m16n8k16 (bf16 in, f32
-// accumulate), operands staged in shared memory and read with ldmatrix; a product's f32
-// accumulator is rounded to bf16 in registers to become the next product's A operand (the
-// layouts of the m16n8 accumulator pair and the m16k16 A operand coincide).
+// accumulate), operands staged in shared memory by cp.async (the next tile loads while the
+// current one is multiplied) and read with ldmatrix; a product's f32 accumulator is rounded to
+// bf16 in registers to become the next product's A operand (the layouts of the m16n8
+// accumulator pair and the m16k16 A operand coincide). Shared memory is dynamic: the host sets
+// each kernel's size (listed above the entry points, computed in `flash.rs`).
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -28,8 +34,19 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 128;
-constexpr int kTile = 64;   // queries (forward, dq) or keys (dkv) per block
-constexpr int kQTile = 32;  // queries per step of dkv
+constexpr int kTile = 64;  // queries (forward, dq) or keys (dkv) per block
+
+// Element strides of a tensor's batch, head and row (its last dimension is contiguous).
+struct Rows {
+    long long b, h, r;
+};
+
+// Queries per step of dkv: 64 for d = 64; 32 for d = 128, whose key and value gradients fill
+// more registers.
+template <int D>
+__host__ __device__ constexpr int dkv_step() {
+    return D == 64 ? 64 : 32;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -86,17 +103,26 @@ __device__ __forceinline__ void to_a(uint32_t* a, const float* lo, const float* 
     a[3] = pack(hi[2], hi[3]);
 }
 
-// Rows r0..r0+rows-1 of a [t, D] matrix into a shared tile of pitch D + 8 (rows at or past t
-// are zeros).
+// Starts copying rows r0..r0+rows-1 of a [t, D] matrix with `stride` elements between rows into
+// a shared tile of pitch D + 8; rows at or past t become zeros. Completes at `wait`.
 template <int D>
-__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, int r0, int rows, int t) {
+__device__ __forceinline__ void load_tile(bf16* dst, const bf16* src, long long stride, int r0, int rows, int t) {
     constexpr int V = D / 8;
     for (int i = threadIdx.x; i < rows * V; i += kThreads) {
         const int r = i / V, c = i % V;
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (r0 + r < t) x = *reinterpret_cast<const uint4*>(src + (size_t)(r0 + r) * D + c * 8);
-        *reinterpret_cast<uint4*>(dst + r * (D + 8) + c * 8) = x;
+        const bool in = r0 + r < t;
+        const bf16* from = in ? src + (r0 + r) * stride + c * 8 : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + r * (D + 8) + c * 8)),
+                     "l"(from), "r"(in ? 16 : 0));
     }
+}
+
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most `N` committed copy groups are still in flight.
+template <int N>
+__device__ __forceinline__ void wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
 __device__ __forceinline__ bool visible(int query, int key, int start) {
@@ -113,10 +139,11 @@ __device__ __forceinline__ float quad_sum(float v) {
     return v + __shfl_xor_sync(0xffffffff, v, 2);
 }
 
-// Stores rows (r, r + 8) of a warp's 16 x D accumulators times `mul` as bf16 rows of a [t, D]
-// matrix.
+// Stores rows (r, r + 8) of a warp's 16 x D accumulators, the first times mul0 and the second
+// times mul1, as bf16 rows of a [t, D] matrix with `stride` elements between rows.
 template <int D>
-__device__ __forceinline__ void store_rows(bf16* dst, const float (*acc)[4], int r, int t, float mul0, float mul1) {
+__device__ __forceinline__ void store_rows(bf16* dst, long long stride, const float (*acc)[4], int r, int t,
+                                           float mul0, float mul1) {
     const int c = threadIdx.x & 3;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -125,40 +152,55 @@ __device__ __forceinline__ void store_rows(bf16* dst, const float (*acc)[4], int
         const float mul = half ? mul1 : mul0;
 #pragma unroll
         for (int n = 0; n < D / 8; ++n)
-            *reinterpret_cast<uint32_t*>(dst + (size_t)row * D + n * 8 + 2 * c) =
+            *reinterpret_cast<uint32_t*>(dst + row * stride + n * 8 + 2 * c) =
                 pack(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
     }
 }
 
 template <int D>
-__device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int t, int h,
-                          int kvh, const uint32_t* starts, float scale_log2) {
-    constexpr int P = D + 8;
-    __shared__ __align__(16) bf16 ks[kTile * P];
-    __shared__ __align__(16) bf16 vs[kTile * P];
+__device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, Rows sq, Rows sk,
+                          Rows sv, Rows so, int t, int h, int kvh, const uint32_t* starts, float scale_log2) {
+    constexpr int P = D + 8, TILE = kTile * P;
+    extern __shared__ __align__(16) unsigned char smem[];
+    // two stages of (k, v) tiles; q is staged through the second stage's k tile
+    bf16* buf = reinterpret_cast<bf16*>(smem);
     // the longest rows (last tiles) first
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, hh = blockIdx.y, bb = blockIdx.z;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, hh = blockIdx.y, bb = blockIdx.z, kh = hh / (h / kvh);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int start = (int)starts[bb];
-    const size_t qrow = ((size_t)bb * h + hh) * t;
-    const size_t krow = ((size_t)bb * kvh + hh / (h / kvh)) * t;
-    // this warp's queries as A operands, staged through ks
-    load_tile<D>(ks, q + qrow * D, q0, kTile, t);
+    const bf16* qb = q + bb * sq.b + hh * sq.h;
+    const bf16* kb = k + bb * sk.b + kh * sk.h;
+    const bf16* vb = v + bb * sv.b + kh * sv.h;
+    const int first = min(start, q0) / kTile * kTile, last = min(q0 + kTile, t) - 1;
+    load_tile<D>(buf + 2 * TILE, qb, sq.r, q0, kTile, t);
+    load_tile<D>(buf, kb, sk.r, first, kTile, t);
+    load_tile<D>(buf + TILE, vb, sv.r, first, kTile, t);
+    commit();
+    wait<0>();
     __syncthreads();
     uint32_t qf[D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], ks, P, warp * 16, kk * 16);
+    for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], buf + 2 * TILE, P, warp * 16, kk * 16);
+    __syncthreads();
     float acc[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     const int r0 = q0 + warp * 16 + g;
-    const int last = min(q0 + kTile, t) - 1;
-    for (int k0 = min(start, q0) / kTile * kTile; k0 <= last; k0 += kTile) {
+    int stage = 0;
+    for (int k0 = first; k0 <= last; k0 += kTile, stage ^= 1) {
+        if (k0 + kTile <= last) {
+            bf16* next = buf + (stage ^ 1) * 2 * TILE;
+            load_tile<D>(next, kb, sk.r, k0 + kTile, kTile, t);
+            load_tile<D>(next + TILE, vb, sv.r, k0 + kTile, kTile, t);
+            commit();
+            wait<1>();
+        } else {
+            wait<0>();
+        }
         __syncthreads();
-        load_tile<D>(ks, k + krow * D, k0, kTile, t);
-        load_tile<D>(vs, v + krow * D, k0, kTile, t);
-        __syncthreads();
+        const bf16* ks = buf + stage * 2 * TILE;
+        const bf16* vs = ks + TILE;
         float s[8][4];
 #pragma unroll
         for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
@@ -218,50 +260,65 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
                 mma(acc[2 * nn + 1], a, b[2], b[3]);
             }
         }
+        __syncthreads();  // this stage is the next prefetch's target
     }
     l[0] = quad_sum(l[0]);
     l[1] = quad_sum(l[1]);
-    store_rows<D>(o + qrow * D, acc, r0, t, 1.0f / l[0], 1.0f / l[1]);
+    store_rows<D>(o + bb * so.b + hh * so.h, so.r, acc, r0, t, 1.0f / l[0], 1.0f / l[1]);
+    const size_t lrow = ((size_t)bb * h + hh) * t;
     if (c == 0) {
-        if (r0 < t) lse[qrow + r0] = m[0] + log2f(l[0]);
-        if (r0 + 8 < t) lse[qrow + r0 + 8] = m[1] + log2f(l[1]);
+        if (r0 < t) lse[lrow + r0] = m[0] + log2f(l[0]);
+        if (r0 + 8 < t) lse[lrow + r0 + 8] = m[1] + log2f(l[1]);
     }
 }
 
 template <int D>
 __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                         const float* dsum, bf16* dq, int t, int h, int kvh, const uint32_t* starts,
-                         float scale_log2, float scale) {
-    constexpr int P = D + 8;
+                         const float* dsum, bf16* dq, Rows sq, Rows sk, Rows sv, Rows sdo, Rows sdq, int t, int h,
+                         int kvh, const uint32_t* starts, float scale_log2, float scale) {
+    constexpr int P = D + 8, TILE = kTile * P;
     extern __shared__ __align__(16) unsigned char smem[];
+    // q, do, then two stages of (k, v)
     bf16* qs = reinterpret_cast<bf16*>(smem);
-    bf16* dos = qs + kTile * P;
-    bf16* ks = dos + kTile * P;
-    bf16* vs = ks + kTile * P;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, hh = blockIdx.y, bb = blockIdx.z;
+    bf16* dos = qs + TILE;
+    bf16* buf = dos + TILE;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, hh = blockIdx.y, bb = blockIdx.z, kh = hh / (h / kvh);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int start = (int)starts[bb];
-    const size_t qrow = ((size_t)bb * h + hh) * t;
-    const size_t krow = ((size_t)bb * kvh + hh / (h / kvh)) * t;
-    load_tile<D>(qs, q + qrow * D, q0, kTile, t);
-    load_tile<D>(dos, dout + qrow * D, q0, kTile, t);
+    const bf16* kb = k + bb * sk.b + kh * sk.h;
+    const bf16* vb = v + bb * sv.b + kh * sv.h;
+    const int first = min(start, q0) / kTile * kTile, last = min(q0 + kTile, t) - 1;
+    load_tile<D>(qs, q + bb * sq.b + hh * sq.h, sq.r, q0, kTile, t);
+    load_tile<D>(dos, dout + bb * sdo.b + hh * sdo.h, sdo.r, q0, kTile, t);
+    load_tile<D>(buf, kb, sk.r, first, kTile, t);
+    load_tile<D>(buf + TILE, vb, sv.r, first, kTile, t);
+    commit();
     const int r0 = q0 + warp * 16 + g;
-    float lrow[2], drow[2];
+    const size_t lrow = ((size_t)bb * h + hh) * t;
+    float lrows[2], drows[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int row = r0 + i * 8;
-        lrow[i] = row < t ? lse[qrow + row] : 0.0f;
-        drow[i] = row < t ? dsum[qrow + row] : 0.0f;
+        lrows[i] = row < t ? lse[lrow + row] : 0.0f;
+        drows[i] = row < t ? dsum[lrow + row] : 0.0f;
     }
     float acc[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-    const int last = min(q0 + kTile, t) - 1;
-    for (int k0 = min(start, q0) / kTile * kTile; k0 <= last; k0 += kTile) {
+    int stage = 0;
+    for (int k0 = first; k0 <= last; k0 += kTile, stage ^= 1) {
+        if (k0 + kTile <= last) {
+            bf16* next = buf + (stage ^ 1) * 2 * TILE;
+            load_tile<D>(next, kb, sk.r, k0 + kTile, kTile, t);
+            load_tile<D>(next + TILE, vb, sv.r, k0 + kTile, kTile, t);
+            commit();
+            wait<1>();
+        } else {
+            wait<0>();
+        }
         __syncthreads();
-        load_tile<D>(ks, k + krow * D, k0, kTile, t);
-        load_tile<D>(vs, v + krow * D, k0, kTile, t);
-        __syncthreads();
+        const bf16* ks = buf + stage * 2 * TILE;
+        const bf16* vs = ks + TILE;
         float s[8][4], dp[8][4];
 #pragma unroll
         for (int n = 0; n < 8; ++n)
@@ -289,8 +346,8 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int i = e >> 1, key = k0 + n * 8 + 2 * c + (e & 1);
-                const float p = visible(r0 + i * 8, key, start) ? exp2f(s[n][e] * scale_log2 - lrow[i]) : 0.0f;
-                s[n][e] = p * (dp[n][e] - drow[i]);
+                const float p = visible(r0 + i * 8, key, start) ? exp2f(s[n][e] * scale_log2 - lrows[i]) : 0.0f;
+                s[n][e] = p * (dp[n][e] - drows[i]);
             }
 #pragma unroll
         for (int kk = 0; kk < 4; ++kk) {
@@ -304,126 +361,148 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
                 mma(acc[2 * nn + 1], a, b[2], b[3]);
             }
         }
+        __syncthreads();  // this stage is the next prefetch's target
     }
-    store_rows<D>(dq + qrow * D, acc, r0, t, scale, scale);
+    store_rows<D>(dq + bb * sdq.b + hh * sdq.h, sdq.r, acc, r0, t, scale, scale);
 }
 
 template <int D>
 __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                          const float* dsum, bf16* dkv, int b, int t, int h, int kvh, const uint32_t* starts,
-                          float scale_log2, float scale) {
-    constexpr int P = D + 8;
+                          const float* dsum, bf16* dk, bf16* dv, Rows sq, Rows sk, Rows sv, Rows sdo, Rows sdk,
+                          Rows sdv, int t, int h, int kvh, const uint32_t* starts, float scale_log2, float scale) {
+    constexpr int P = D + 8, TILE = kTile * P, Q = dkv_step<D>(), QTILE = Q * P;
     extern __shared__ __align__(16) unsigned char smem[];
+    // k, v, then two stages of (q, do) tiles of Q rows, then two stages of (lse, D) of Q queries
     bf16* ks = reinterpret_cast<bf16*>(smem);
-    bf16* vs = ks + kTile * P;
-    bf16* qs = vs + kTile * P;
-    bf16* dos = qs + kQTile * P;
-    float* ls = reinterpret_cast<float*>(dos + kQTile * P);
-    float* ds_ = ls + kQTile;
+    bf16* vs = ks + TILE;
+    bf16* buf = vs + TILE;
+    float* rows = reinterpret_cast<float*>(buf + 4 * QTILE);
     // the keys with the most queries (first tiles) first
     const int k0 = blockIdx.x * kTile, kh = blockIdx.y, bb = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int start = (int)starts[bb];
     const int rep = h / kvh;
-    const size_t krow = ((size_t)bb * kvh + kh) * t;
-    load_tile<D>(ks, k + krow * D, k0, kTile, t);
-    load_tile<D>(vs, v + krow * D, k0, kTile, t);
-    float dk[D / 8][4], dv[D / 8][4];
+    // keys before the row's start are seen only by themselves (padding queries)
+    const int q_end = k0 + kTile <= start ? min(k0 + kTile, t) : t;
+    const int steps_per_head = (q_end - k0 + Q - 1) / Q, steps = rep * steps_per_head;
+    // starts step n's copies into stage `st`
+    auto fetch = [&](int n, int st) {
+        const int hh = kh * rep + n / steps_per_head, q0 = k0 + (n % steps_per_head) * Q;
+        bf16* qs = buf + st * 2 * QTILE;
+        load_tile<D>(qs, q + bb * sq.b + hh * sq.h, sq.r, q0, Q, t);
+        load_tile<D>(qs + QTILE, dout + bb * sdo.b + hh * sdo.h, sdo.r, q0, Q, t);
+        if (threadIdx.x < Q) {
+            const int row = q0 + threadIdx.x;
+            const size_t lrow = ((size_t)bb * h + hh) * t;
+            rows[st * 2 * Q + threadIdx.x] = row < t ? lse[lrow + row] : 0.0f;
+            rows[st * 2 * Q + Q + threadIdx.x] = row < t ? dsum[lrow + row] : 0.0f;
+        }
+    };
+    load_tile<D>(ks, k + bb * sk.b + kh * sk.h, sk.r, k0, kTile, t);
+    load_tile<D>(vs, v + bb * sv.b + kh * sv.h, sv.r, k0, kTile, t);
+    fetch(0, 0);
+    commit();
+    float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
     for (int n = 0; n < D / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+        for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.0f;
     const int key0 = k0 + warp * 16 + g;
-    // keys before the row's start are seen only by themselves (padding queries)
-    const int q_end = k0 + kTile <= start ? min(k0 + kTile, t) : t;
-    for (int hh = kh * rep; hh < (kh + 1) * rep; ++hh) {
-        const size_t qrow = ((size_t)bb * h + hh) * t;
-        for (int q0 = k0; q0 < q_end; q0 += kQTile) {
-            __syncthreads();
-            load_tile<D>(qs, q + qrow * D, q0, kQTile, t);
-            load_tile<D>(dos, dout + qrow * D, q0, kQTile, t);
-            if (threadIdx.x < kQTile) {
-                const int row = q0 + threadIdx.x;
-                ls[threadIdx.x] = row < t ? lse[qrow + row] : 0.0f;
-                ds_[threadIdx.x] = row < t ? dsum[qrow + row] : 0.0f;
-            }
-            __syncthreads();
-            // s^T = k q^T and dp^T = v do^T: this warp's 16 keys x 32 queries
-            float s[4][4], dp[4][4];
+    for (int n = 0; n < steps; ++n) {
+        const int st = n & 1, q0 = k0 + (n % steps_per_head) * Q;
+        if (n + 1 < steps) {
+            fetch(n + 1, st ^ 1);
+            commit();
+            wait<1>();
+        } else {
+            wait<0>();
+        }
+        __syncthreads();
+        const bf16* qs = buf + st * 2 * QTILE;
+        const bf16* dos = qs + QTILE;
+        const float* ls = rows + st * 2 * Q;
+        const float* dd = ls + Q;
+        // s^T = k q^T and dp^T = v do^T: this warp's 16 keys x Q queries
+        float s[Q / 8][4], dp[Q / 8][4];
 #pragma unroll
-            for (int n = 0; n < 4; ++n)
+        for (int j = 0; j < Q / 8; ++j)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+            for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                uint32_t a[4], av[4];
-                load_a(a, ks, P, warp * 16, kk * 16);
-                load_a(av, vs, P, warp * 16, kk * 16);
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t a[4], av[4];
+            load_a(a, ks, P, warp * 16, kk * 16);
+            load_a(av, vs, P, warp * 16, kk * 16);
 #pragma unroll
-                for (int nn = 0; nn < 2; ++nn) {
-                    uint32_t bq[4];
-                    load_b_nk(bq, qs, P, nn * 16, kk * 16);
-                    mma(s[2 * nn], a, bq[0], bq[1]);
-                    mma(s[2 * nn + 1], a, bq[2], bq[3]);
-                    load_b_nk(bq, dos, P, nn * 16, kk * 16);
-                    mma(dp[2 * nn], av, bq[0], bq[1]);
-                    mma(dp[2 * nn + 1], av, bq[2], bq[3]);
-                }
-            }
-            // p^T into s, ds^T (of the scaled scores) into dp
-#pragma unroll
-            for (int n = 0; n < 4; ++n)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int j = n * 8 + 2 * c + (e & 1), query = q0 + j;
-                    const float p = query < t && visible(query, key0 + (e >> 1) * 8, start)
-                                        ? exp2f(s[n][e] * scale_log2 - ls[j])
-                                        : 0.0f;
-                    s[n][e] = p;
-                    dp[n][e] = p * (dp[n][e] - ds_[j]);
-                }
-#pragma unroll
-            for (int kk = 0; kk < 2; ++kk) {
-                uint32_t ap[4], ad[4];
-                to_a(ap, s[2 * kk], s[2 * kk + 1]);
-                to_a(ad, dp[2 * kk], dp[2 * kk + 1]);
-#pragma unroll
-                for (int nn = 0; nn < D / 16; ++nn) {
-                    uint32_t bb4[4];
-                    load_b_kn(bb4, dos, P, kk * 16, nn * 16);
-                    mma(dv[2 * nn], ap, bb4[0], bb4[1]);
-                    mma(dv[2 * nn + 1], ap, bb4[2], bb4[3]);
-                    load_b_kn(bb4, qs, P, kk * 16, nn * 16);
-                    mma(dk[2 * nn], ad, bb4[0], bb4[1]);
-                    mma(dk[2 * nn + 1], ad, bb4[2], bb4[3]);
-                }
+            for (int nn = 0; nn < Q / 16; ++nn) {
+                uint32_t b[4];
+                load_b_nk(b, qs, P, nn * 16, kk * 16);
+                mma(s[2 * nn], a, b[0], b[1]);
+                mma(s[2 * nn + 1], a, b[2], b[3]);
+                load_b_nk(b, dos, P, nn * 16, kk * 16);
+                mma(dp[2 * nn], av, b[0], b[1]);
+                mma(dp[2 * nn + 1], av, b[2], b[3]);
             }
         }
+        // p^T into s, ds^T (of the scaled scores) into dp
+#pragma unroll
+        for (int j = 0; j < Q / 8; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = j * 8 + 2 * c + (e & 1), query = q0 + col;
+                const float p = query < t && visible(query, key0 + (e >> 1) * 8, start)
+                                    ? exp2f(s[j][e] * scale_log2 - ls[col])
+                                    : 0.0f;
+                s[j][e] = p;
+                dp[j][e] = p * (dp[j][e] - dd[col]);
+            }
+#pragma unroll
+        for (int kk = 0; kk < Q / 16; ++kk) {
+            uint32_t ap[4], ad[4];
+            to_a(ap, s[2 * kk], s[2 * kk + 1]);
+            to_a(ad, dp[2 * kk], dp[2 * kk + 1]);
+#pragma unroll
+            for (int nn = 0; nn < D / 16; ++nn) {
+                uint32_t b[4];
+                load_b_kn(b, dos, P, kk * 16, nn * 16);
+                mma(dva[2 * nn], ap, b[0], b[1]);
+                mma(dva[2 * nn + 1], ap, b[2], b[3]);
+                load_b_kn(b, qs, P, kk * 16, nn * 16);
+                mma(dka[2 * nn], ad, b[0], b[1]);
+                mma(dka[2 * nn + 1], ad, b[2], b[3]);
+            }
+        }
+        __syncthreads();  // this stage is the next prefetch's target
     }
-    const size_t half = (size_t)b * kvh * t * D;
-    store_rows<D>(dkv + krow * D, dk, key0, t, scale, scale);
-    store_rows<D>(dkv + half + krow * D, dv, key0, t, 1.0f, 1.0f);
+    store_rows<D>(dk + bb * sdk.b + kh * sdk.h, sdk.r, dka, key0, t, scale, scale);
+    store_rows<D>(dv + bb * sdv.b + kh * sdv.h, sdv.r, dva, key0, t, 1.0f, 1.0f);
 }
 
 }  // namespace
 
-#define FLASH(D)                                                                                       \
-    extern "C" __global__ void __launch_bounds__(kThreads) flash_fwd_##D(                             \
-        const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, int t, int h, int kvh,       \
-        const uint32_t* starts, float scale_log2) {                                                    \
-        flash_fwd<D>(q, k, v, o, lse, t, h, kvh, starts, scale_log2);                                 \
-    }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(kThreads) flash_dq_##D(                              \
-        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,               \
-        const float* dsum, bf16* dq, int t, int h, int kvh, const uint32_t* starts, float scale_log2,  \
-        float scale) {                                                                                 \
-        flash_dq<D>(q, k, v, dout, lse, dsum, dq, t, h, kvh, starts, scale_log2, scale);              \
-    }                                                                                                  \
-    extern "C" __global__ void __launch_bounds__(kThreads) flash_dkv_##D(                             \
-        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,               \
-        const float* dsum, bf16* dkv, int b, int t, int h, int kvh, const uint32_t* starts,            \
-        float scale_log2, float scale) {                                                               \
-        flash_dkv<D>(q, k, v, dout, lse, dsum, dkv, b, t, h, kvh, starts, scale_log2, scale);         \
+// Dynamic shared memory of each kernel, in bytes, for head size D (pitch D + 8):
+//   flash_fwd  2 stages x (k, v) x 64 rows
+//   flash_dq   (q, do) x 64 rows + 2 stages x (k, v) x 64 rows
+//   flash_dkv  (k, v) x 64 rows + 2 stages x (q, do) x step rows + 2 stages x (lse, D) x step
+#define FLASH(D)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(kThreads) flash_fwd_##D(                               \
+        const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, Rows sq, Rows sk, Rows sv,     \
+        Rows so, int t, int h, int kvh, const uint32_t* starts, float scale_log2) {                      \
+        flash_fwd<D>(q, k, v, o, lse, sq, sk, sv, so, t, h, kvh, starts, scale_log2);                   \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(kThreads) flash_dq_##D(                                \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                 \
+        const float* dsum, bf16* dq, Rows sq, Rows sk, Rows sv, Rows sdo, Rows sdq, int t, int h,        \
+        int kvh, const uint32_t* starts, float scale_log2, float scale) {                                \
+        flash_dq<D>(q, k, v, dout, lse, dsum, dq, sq, sk, sv, sdo, sdq, t, h, kvh, starts, scale_log2,  \
+                    scale);                                                                              \
+    }                                                                                                    \
+    extern "C" __global__ void __launch_bounds__(kThreads) flash_dkv_##D(                               \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                 \
+        const float* dsum, bf16* dk, bf16* dv, Rows sq, Rows sk, Rows sv, Rows sdo, Rows sdk, Rows sdv,  \
+        int t, int h, int kvh, const uint32_t* starts, float scale_log2, float scale) {                  \
+        flash_dkv<D>(q, k, v, dout, lse, dsum, dk, dv, sq, sk, sv, sdo, sdk, sdv, t, h, kvh, starts,     \
+                     scale_log2, scale);                                                                 \
     }
 
 FLASH(64)

@@ -98,13 +98,37 @@ impl Layer {
         AttentionPlan::new(q, k, &self.inp.spans, self.inp.chunk, 1.0 / (hd as f64).sqrt())
     }
 
-    /// `[b, t, heads * hd]` -> `[b, heads, t, hd]`, contiguous.
-    fn heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
-        let (b, t, hd) = (self.inp.b, self.inp.t, self.inp.cfg.head_dim);
-        fused::contiguous_rows(&x.reshape((b, t, heads, hd))?.transpose(1, 2)?)
+    /// Whether q, k, v and their gradients stay in the projections' `[b, t, heads, hd]` memory,
+    /// seen as `[b, heads, t, hd]`: the flash kernels read and write that layout in place, and
+    /// the half-split RoPE has a kernel for it (the interleaved one does not).
+    fn by_row(&self, x: &Tensor) -> bool {
+        let cfg = &self.inp.cfg;
+        !cfg.rope_interleaved && ops::flash_attention(x.device(), x.dtype(), cfg.head_dim)
     }
 
-    /// `[b, heads, t, hd]` -> `[b, t, heads * hd]`, contiguous.
+    /// `[b, t, heads * hd]` -> `[b, heads, t, hd]`: a view of the same memory where `by_row`,
+    /// else a contiguous copy.
+    fn heads(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, hd) = (self.inp.b, self.inp.t, self.inp.cfg.head_dim);
+        let view = x.reshape((b, t, heads, hd))?.transpose(1, 2)?;
+        if self.by_row(x) {
+            return Ok(view);
+        }
+        fused::contiguous_rows(&view)
+    }
+
+    /// RoPE of `[b, heads, t, hd]` with `sin` (its backward with `-sin`), in `heads`' layout.
+    fn rope(&self, x: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let cos = &self.inp.cos;
+        if self.by_row(x) {
+            let rows = x.transpose(1, 2)?.contiguous()?;
+            return candle_nn::rotary_emb::rope_thd(&rows, cos, sin)?.transpose(1, 2);
+        }
+        ops::rope_detached(x, cos, sin, self.inp.cfg.rope_interleaved)
+    }
+
+    /// `[b, heads, t, hd]` -> `[b, t, heads * hd]`, contiguous (no copy for a view of
+    /// `[b, t, heads, hd]` memory).
     fn merge(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, t, hd) = x.dims4()?;
         fused::contiguous_rows(&x.transpose(1, 2)?)?.reshape((b, t, h * hd))
@@ -112,10 +136,10 @@ impl Layer {
 
     fn forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
         let cfg = &self.inp.cfg;
-        let (cos, sin, il) = (&self.inp.cos, &self.inp.sin, cfg.rope_interleaved);
+        let sin = &self.inp.sin;
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
-        let q = ops::rope_detached(&self.heads(&self.linear(Proj::Q, &h)?, cfg.num_heads)?, cos, sin, il)?;
-        let k = ops::rope_detached(&self.heads(&self.linear(Proj::K, &h)?, cfg.num_kv_heads)?, cos, sin, il)?;
+        let q = self.rope(&self.heads(&self.linear(Proj::Q, &h)?, cfg.num_heads)?, sin)?;
+        let k = self.rope(&self.heads(&self.linear(Proj::K, &h)?, cfg.num_kv_heads)?, sin)?;
         let v = self.heads(&self.linear(Proj::V, &h)?, cfg.num_kv_heads)?;
         drop(h);
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
@@ -156,9 +180,8 @@ impl Layer {
         let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &dsum, lse.as_ref())?;
         drop((q, k, v, d_o, dsum, lse));
         let neg_sin = self.inp.sin.neg()?;
-        let il = cfg.rope_interleaved;
-        let dq = self.merge(&ops::rope_detached(&dq, &self.inp.cos, &neg_sin, il)?)?;
-        let dk = self.merge(&ops::rope_detached(&dk, &self.inp.cos, &neg_sin, il)?)?;
+        let dq = self.merge(&self.rope(&dq, &neg_sin)?)?;
+        let dk = self.merge(&self.rope(&dk, &neg_sin)?)?;
         let dv = self.merge(&dv)?;
         let h = self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));

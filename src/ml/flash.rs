@@ -19,18 +19,12 @@ use super::KernelCheck;
 /// Whether the kernels take attention over `q` `[b, heads, t, head_dim]`: on CUDA, bf16, head
 /// size 64 or 128.
 pub fn applies(q: &Tensor) -> bool {
-    cfg!(feature = "cuda") && q.device().is_cuda() && q.dtype() == DType::BF16 && matches!(q.dim(3), Ok(64 | 128))
+    q.dim(3).is_ok_and(|d| supports(q.device(), q.dtype(), d))
 }
 
-/// `x` contiguous, starting on a 16-byte boundary (the kernels load rows in 16-byte pieces).
-#[cfg(feature = "cuda")]
-fn aligned(x: &Tensor) -> Result<Tensor> {
-    let x = x.contiguous()?;
-    if x.layout().start_offset() % 8 == 0 {
-        Ok(x)
-    } else {
-        x.copy()
-    }
+/// `applies` for tensors of this device, dtype and head size.
+pub fn supports(device: &Device, dtype: DType, head_dim: usize) -> bool {
+    cfg!(feature = "cuda") && device.is_cuda() && dtype == DType::BF16 && matches!(head_dim, 64 | 128)
 }
 
 #[cfg(feature = "cuda")]
@@ -39,15 +33,54 @@ const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attn.ptx"));
 #[cfg(feature = "cuda")]
 mod launch {
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
-    use candle_core::{CudaStorage, Device, Result, Shape, Storage, Tensor};
+    use candle_core::{CudaStorage, Device, Result, Storage, Tensor};
     use half::bf16;
 
-    use super::{aligned, CausalSpans, KERNELS};
+    use super::{CausalSpans, KERNELS};
 
-    /// The shapes of one attention, its tensors' CUDA slices and its launch geometry.
+    /// Element strides of a `[b, heads, t, d]` tensor's batch, head and row (the kernels' `Rows`).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    struct Rows {
+        b: i64,
+        h: i64,
+        r: i64,
+    }
+
+    // SAFETY: a plain struct of three i64, laid out as the kernels' `Rows`
+    unsafe impl DeviceRepr for Rows {}
+
+    /// `x` as the kernels read it: rows of `d` contiguous and every row on a 16-byte boundary
+    /// (the kernels copy 16-byte pieces). A `[b, t, heads, d]` tensor transposed to
+    /// `[b, heads, t, d]` qualifies as it is; anything else is copied.
+    fn readable(x: &Tensor) -> Result<Tensor> {
+        let l = x.layout();
+        let st = l.stride();
+        if st.len() == 4 && st[3] == 1 && l.start_offset() % 8 == 0 && st[..3].iter().all(|s| s % 8 == 0) {
+            return Ok(x.clone());
+        }
+        let x = x.contiguous()?;
+        if x.layout().start_offset() % 8 == 0 {
+            Ok(x)
+        } else {
+            x.copy()
+        }
+    }
+
+    /// The elements of `x` (see `readable`) from its first on, and its strides.
+    fn view<'a>(storage: &'a Storage, x: &Tensor) -> Result<(CudaView<'a, bf16>, Rows)> {
+        let l = x.layout();
+        let (st, dims) = (l.stride(), l.dims());
+        let end = l.start_offset() + dims.iter().zip(st).map(|(n, s)| (n - 1) * s).sum::<usize>() + 1;
+        let Storage::Cuda(c) = storage else { candle_core::bail!("flash attention: input not on the cuda device") };
+        let rows = Rows { b: st[0] as i64, h: st[1] as i64, r: st[2] as i64 };
+        Ok((c.as_cuda_slice::<bf16>()?.slice(l.start_offset()..end), rows))
+    }
+
+    /// The shapes of one attention and its device.
     pub struct Args {
         pub b: usize,
         pub h: usize,
@@ -55,6 +88,16 @@ mod launch {
         pub t: usize,
         pub d: usize,
         dev: CudaDevice,
+    }
+
+    /// A new `[b, heads, t, d]` bf16 tensor laid out in `like`'s memory order (heads within rows
+    /// for a transposed `[b, t, heads, d]`), its storage and strides, every element left for the
+    /// kernel to write.
+    struct Out {
+        slice: CudaSlice<bf16>,
+        rows: Rows,
+        by_row: bool,
+        heads: usize,
     }
 
     impl Args {
@@ -79,31 +122,64 @@ mod launch {
             LaunchConfig { grid_dim: (self.t.div_ceil(64) as u32, heads as u32, self.b as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 }
         }
 
-        fn wrap<T: CudaDType>(&self, s: CudaSlice<T>, shape: impl Into<Shape>) -> Tensor {
-            Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, self.dev.clone())), shape, BackpropOp::none(), false)
+        /// Shared memory rows are `d + 8` elements (the padding spreads ldmatrix's rows over the
+        /// banks).
+        fn pitch_bytes(&self) -> usize {
+            (self.d + 8) * 2
+        }
+
+        fn out_like(&self, like: &Tensor) -> Result<Out> {
+            let heads = like.dim(1)?;
+            let (t, d) = (self.t, self.d);
+            let st = like.stride();
+            let by_row = st[1] < st[2];
+            // SAFETY: the kernel writes every element (each row of each head of each batch row)
+            let slice = unsafe { self.dev.alloc::<bf16>(self.b * heads * t * d)? };
+            let rows = if by_row {
+                Rows { b: (t * heads * d) as i64, h: d as i64, r: (heads * d) as i64 }
+            } else {
+                Rows { b: (heads * t * d) as i64, h: (t * d) as i64, r: d as i64 }
+            };
+            Ok(Out { slice, rows, by_row, heads })
+        }
+
+        fn tensor(&self, out: Out) -> Result<Tensor> {
+            let (b, t, d, heads) = (self.b, self.t, self.d, out.heads);
+            let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out.slice, self.dev.clone()));
+            if out.by_row {
+                Tensor::from_storage(storage, (b, t, heads, d), BackpropOp::none(), false).transpose(1, 2)
+            } else {
+                Ok(Tensor::from_storage(storage, (b, heads, t, d), BackpropOp::none(), false))
+            }
+        }
+
+        fn f32s(&self, n: usize) -> Result<CudaSlice<f32>> {
+            // SAFETY: the kernel writes every element (one per query row of each head)
+            Ok(unsafe { self.dev.alloc::<f32>(n)? })
         }
     }
 
     pub fn forward(a: &Args, q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64) -> Result<(Tensor, Tensor)> {
-        let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+        let (q, k, v) = (readable(q)?, readable(k)?, readable(v)?);
         let starts = spans.device_starts();
         let (qg, kg, vg, sg) = (q.storage_and_layout().0, k.storage_and_layout().0, v.storage_and_layout().0, starts.storage_and_layout().0);
-        let (qs, ks, vs) = (cuda_slice_of!(qg, q, bf16), cuda_slice_of!(kg, k, bf16), cuda_slice_of!(vg, v, bf16));
+        let ((qs, sq), (ks, sk), (vs, sv)) = (view(&qg, &q)?, view(&kg, &k)?, view(&vg, &v)?);
         let ss = cuda_slice_of!(sg, starts, u32);
-        let rows = a.b * a.h * a.t;
-        // SAFETY (both): every element is written by the kernel (every query row of every head)
-        let o = unsafe { a.dev.alloc::<bf16>(rows * a.d)? };
-        let lse = unsafe { a.dev.alloc::<f32>(rows)? };
-        let func = a.func("flash_fwd", 0)?;
+        let o = a.out_like(&q)?;
+        let lse = a.f32s(a.b * a.h * a.t)?;
+        let smem = 4 * 64 * a.pitch_bytes();
+        let func = a.func("flash_fwd", smem)?;
         let (t, h, kvh) = (a.t as i32, a.h as i32, a.kvh as i32);
         let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
         let stream = a.dev.cuda_stream();
         let mut bld = stream.launch_builder(&func);
-        bld.arg(&qs).arg(&ks).arg(&vs).arg(&o).arg(&lse).arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2);
+        bld.arg(&qs).arg(&ks).arg(&vs).arg(&o.slice).arg(&lse).arg(&sq).arg(&sk).arg(&sv).arg(&o.rows);
+        bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2);
         // SAFETY: argument types and order match the kernel's signature
-        unsafe { bld.launch(a.cfg(a.h, 0)) }.w()?;
+        unsafe { bld.launch(a.cfg(a.h, smem)) }.w()?;
         drop(bld);
-        Ok((a.wrap(o, (a.b, a.h, a.t, a.d)), a.wrap(lse, (a.b, a.h, a.t))))
+        let lse = Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(lse, a.dev.clone())), (a.b, a.h, a.t), BackpropOp::none(), false);
+        Ok((a.tensor(o)?, lse))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -118,40 +194,41 @@ mod launch {
         spans: &CausalSpans,
         scale: f64,
     ) -> Result<[Tensor; 3]> {
-        let (q, k, v, d_o) = (aligned(q)?, aligned(k)?, aligned(v)?, aligned(d_o)?);
+        let (q, k, v, d_o) = (readable(q)?, readable(k)?, readable(v)?, readable(d_o)?);
         let (lse, dsum) = (lse.contiguous()?, dsum.contiguous()?);
         let starts = spans.device_starts();
-        let guards = [&q, &k, &v, &d_o].map(|x| x.storage_and_layout().0);
-        let [qg, kg, vg, og] = guards;
-        let (qs, ks, vs, os) = (cuda_slice_of!(qg, q, bf16), cuda_slice_of!(kg, k, bf16), cuda_slice_of!(vg, v, bf16), cuda_slice_of!(og, d_o, bf16));
+        let [qg, kg, vg, og] = [&q, &k, &v, &d_o].map(|x| x.storage_and_layout().0);
+        let ((qs, sq), (ks, sk), (vs, sv), (os, so)) = (view(&qg, &q)?, view(&kg, &k)?, view(&vg, &v)?, view(&og, &d_o)?);
         let (lg, dg, sg) = (lse.storage_and_layout().0, dsum.storage_and_layout().0, starts.storage_and_layout().0);
         let (ls, ds, ss) = (cuda_slice_of!(lg, lse, f32), cuda_slice_of!(dg, dsum, f32), cuda_slice_of!(sg, starts, u32));
-        let (b, t, h, kvh) = (a.b as i32, a.t as i32, a.h as i32, a.kvh as i32);
+        let (t, h, kvh) = (a.t as i32, a.h as i32, a.kvh as i32);
         let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
         let scale = scale as f32;
-        let pitch = (a.d + 8) * 2;
         let stream = a.dev.cuda_stream();
-        // SAFETY (both): every element is written by the kernels (every row of every head)
-        let dq = unsafe { a.dev.alloc::<bf16>(a.b * a.h * a.t * a.d)? };
-        let dkv = unsafe { a.dev.alloc::<bf16>(2 * a.b * a.kvh * a.t * a.d)? };
+        let (dq, dk, dv) = (a.out_like(&q)?, a.out_like(&k)?, a.out_like(&v)?);
         {
-            let smem = 4 * 64 * pitch;
+            let smem = 6 * 64 * a.pitch_bytes();
             let func = a.func("flash_dq", smem)?;
             let mut bld = stream.launch_builder(&func);
-            bld.arg(&qs).arg(&ks).arg(&vs).arg(&os).arg(&ls).arg(&ds).arg(&dq).arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
+            bld.arg(&qs).arg(&ks).arg(&vs).arg(&os).arg(&ls).arg(&ds).arg(&dq.slice);
+            bld.arg(&sq).arg(&sk).arg(&sv).arg(&so).arg(&dq.rows);
+            bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
             // SAFETY: argument types and order match the kernel's signature
             unsafe { bld.launch(a.cfg(a.h, smem)) }.w()?;
         }
         {
-            let smem = (2 * 64 + 2 * 32) * pitch + 2 * 32 * 4;
+            // queries per step: 64 for head size 64, 32 for 128 (as `dkv_step` in the kernel)
+            let step = if a.d == 64 { 64 } else { 32 };
+            let smem = (2 * 64 + 4 * step) * a.pitch_bytes() + 4 * step * 4;
             let func = a.func("flash_dkv", smem)?;
             let mut bld = stream.launch_builder(&func);
-            bld.arg(&qs).arg(&ks).arg(&vs).arg(&os).arg(&ls).arg(&ds).arg(&dkv).arg(&b).arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
+            bld.arg(&qs).arg(&ks).arg(&vs).arg(&os).arg(&ls).arg(&ds).arg(&dk.slice).arg(&dv.slice);
+            bld.arg(&sq).arg(&sk).arg(&sv).arg(&so).arg(&dk.rows).arg(&dv.rows);
+            bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
             // SAFETY: argument types and order match the kernel's signature
             unsafe { bld.launch(a.cfg(a.kvh, smem)) }.w()?;
         }
-        let dkv = a.wrap(dkv, (2, a.b, a.kvh, a.t, a.d));
-        Ok([a.wrap(dq, (a.b, a.h, a.t, a.d)), dkv.get(0)?, dkv.get(1)?])
+        Ok([a.tensor(dq)?, a.tensor(dk)?, a.tensor(dv)?])
     }
 }
 
@@ -216,8 +293,9 @@ fn check(q: &Tensor, k: &Tensor, spans: &CausalSpans) -> Result<()> {
 }
 
 /// The kernels against the chunked path on the CPU (f32 arithmetic on the same bf16 inputs)
-/// for both head sizes, a length that is not a multiple of the 64-row tiles, grouped query heads
-/// and batch rows padded on the left (one past two whole key tiles). The backward is given the
+/// for both head sizes, both layouts (contiguous, and `[b, t, heads, d]` transposed), a length
+/// that is not a multiple of the 64-row tiles, grouped query heads and batch rows padded on the
+/// left (one past two whole key tiles). The backward is given the
 /// CPU's `D`. Tolerances: the output within 2^-7 of the largest |v| (the probabilities and the
 /// output are each rounded once to bf16); the gradients within 2^-5 of their largest magnitude
 /// (the probabilities or score gradients are rounded to bf16 before their second product, then
@@ -243,14 +321,24 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let want = plan.forward(&qf, &kf, &vf)?;
         let dsum = (&of * &want)?.sum_keepdim(3)?;
         let [dq, dk, dv] = plan.backward(&qf, &kf, &vf, &of, &dsum, None)?;
-        let on = |x: &Tensor| x.to_device(device);
-        let (got, lse) = forward(&on(&q)?, &on(&k)?, &on(&v)?, &spans_dev, scale)?;
-        let grads = backward(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &lse, &on(&dsum.squeeze(3)?)?, &spans_dev, scale)?;
         let diff = |want: &Tensor, got: &Tensor| -> Result<f32> { max(&(want - got.to_device(&cpu)?.to_dtype(DType::F32)?)?) };
-        let tol = 2f32.powi(-7) * max(&vf)?;
-        out.push(KernelCheck { kernel: "flash attention", dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(&want, &got)?, tolerance: tol });
-        for (kernel, want, got) in [("flash attention dq", &dq, &grads[0]), ("flash attention dk", &dk, &grads[1]), ("flash attention dv", &dv, &grads[2])] {
-            out.push(KernelCheck { kernel, dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(want, got)?, tolerance: 2f32.powi(-5) * max(want)? });
+        // contiguous, then each input a [b, t, heads, d] tensor transposed (as projections give
+        // them), read in place
+        for (names, by_row) in [(["flash attention", "flash attention dq", "flash attention dk", "flash attention dv"], false), (["flash attention btHd", "flash attention btHd dq", "flash attention btHd dk", "flash attention btHd dv"], true)] {
+            let on = |x: &Tensor| -> Result<Tensor> {
+                if by_row {
+                    x.transpose(1, 2)?.contiguous()?.to_device(device)?.transpose(1, 2)
+                } else {
+                    x.to_device(device)
+                }
+            };
+            let (got, lse) = forward(&on(&q)?, &on(&k)?, &on(&v)?, &spans_dev, scale)?;
+            let grads = backward(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &lse, &dsum.squeeze(3)?.to_device(device)?, &spans_dev, scale)?;
+            let tol = 2f32.powi(-7) * max(&vf)?;
+            out.push(KernelCheck { kernel: names[0], dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(&want, &got)?, tolerance: tol });
+            for (kernel, want, got) in [(names[1], &dq, &grads[0]), (names[2], &dk, &grads[1]), (names[3], &dv, &grads[2])] {
+                out.push(KernelCheck { kernel, dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(want, got)?, tolerance: 2f32.powi(-5) * max(want)? });
+            }
         }
     }
     Ok(out)

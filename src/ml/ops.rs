@@ -630,6 +630,12 @@ fn chunked_forced() -> bool {
     *FORCED.get_or_init(|| std::env::var("ARBITER_ATTENTION").is_ok_and(|v| v == "chunked"))
 }
 
+/// Whether `AttentionPlan` runs the flash kernels for tensors of this device, dtype and head
+/// size.
+pub fn flash_attention(device: &candle_core::Device, dtype: DType, head_dim: usize) -> bool {
+    super::flash::supports(device, dtype, head_dim) && !chunked_forced()
+}
+
 impl AttentionPlan {
     /// For q `[b, h, t, d]` and k `[b, kv_heads, t, d]`, in query chunks of `chunk` rows.
     pub fn new(q: &Tensor, k: &Tensor, spans: &CausalSpans, chunk: usize, scale: f64) -> Result<AttentionPlan> {
@@ -642,7 +648,7 @@ impl AttentionPlan {
             candle_core::bail!("causal attention: {h} query heads do not share {kvh} kv heads evenly");
         }
         let chunks = (0..t).step_by(chunk.max(1)).map(|c0| (c0, (c0 + chunk).min(t) - c0)).collect();
-        let flash = super::flash::applies(q) && !chunked_forced();
+        let flash = flash_attention(q.device(), q.dtype(), d);
         Ok(AttentionPlan { b, h, kvh, t, d, chunks, scale, spans: spans.clone(), flash })
     }
 
