@@ -1,5 +1,5 @@
-// Helpers shared by Arbiter's kernels: f32 loads and stores of f32 or bf16 data, and the
-// counter-based dropout mask (`dropout::keep` is the CPU's copy).
+// Helpers shared by Arbiter's kernels: f32 loads and stores of f32 or bf16 data (one element, or
+// 16 bytes at once), and the counter-based dropout mask (`dropout::keep` is the CPU's copy).
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -8,6 +8,39 @@ __device__ __forceinline__ float load(const float* p, size_t i) { return p[i]; }
 __device__ __forceinline__ float load(const __nv_bfloat16* p, size_t i) { return __bfloat162float(p[i]); }
 __device__ __forceinline__ void store(float* p, size_t i, float v) { p[i] = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, size_t i, float v) { p[i] = __float2bfloat16(v); }
+
+// Elements per 16-byte access.
+template <typename T>
+struct Vec {
+    static constexpr int n = 16 / sizeof(T);
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// The 16 bytes at p (aligned) as floats, and back.
+__device__ __forceinline__ void load16(const float* p, float* v) {
+    const float4 x = *reinterpret_cast<const float4*>(p);
+    v[0] = x.x, v[1] = x.y, v[2] = x.z, v[3] = x.w;
+}
+__device__ __forceinline__ void load16(const __nv_bfloat16* p, float* v) {
+    const uint4 x = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&x);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void store16(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store16(__nv_bfloat16* p, const float* v) {
+    uint4 x;
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&x);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = x;
+}
 
 // The 64 mask bits of element pair k (elements 2k and 2k + 1): the k-th output of the
 // SplitMix64 stream seeded with `seed`. Element 2k is kept iff the upper 32 bits reach the

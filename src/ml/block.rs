@@ -144,13 +144,13 @@ impl Layer {
         drop(h);
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
         let y = self.merge(&y)?;
-        let mid = (x + self.linear(Proj::O, &y)?)?;
+        let mid = fused::add(x, &self.linear(Proj::O, &y)?)?;
         let h = ops::rms_norm(&mid, &self.blk.ffn_norm, self.eps())?;
         let gate = self.linear(Proj::Gate, &h)?;
         let up = self.linear(Proj::Up, &h)?;
         drop(h);
         let s = fused::swiglu(&gate, &up)?;
-        let out = (&mid + self.linear(Proj::Down, &s)?)?;
+        let out = fused::add(&mid, &self.linear(Proj::Down, &s)?)?;
         Ok((out, Saved { q, k, v, y, lse, mid, gate, up }))
     }
 

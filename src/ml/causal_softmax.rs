@@ -232,8 +232,9 @@ pub fn backward(
 
 /// Runs the fused kernels on `device` and on the CPU (f64 arithmetic) with the same random
 /// inputs, in f32 and bf16, over chunk shapes attention uses (rows of up to 1,024 keys, batch
-/// rows padded on the left). Tolerances: 1e-5 absolute in f32; in bf16 one rounding of the
-/// output, 2^-8 relative: 4e-3 on p <= 1, and on ds times the largest |scale * (dp - D)|.
+/// rows padded on the left). Tolerances: 1e-5 absolute in f32; in bf16 one unit in the last
+/// place, 2^-7 relative (the device's f32 result and the CPU's f64 one may round to neighbouring
+/// values): 8e-3 on p <= 1, and on ds times the largest |scale * (dp - D)|.
 pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let (b, g, rep) = (3, 2, 3);
@@ -251,7 +252,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let dp = Tensor::randn(0f32, 1.0, (b, g, rep * c, cols), &cpu)?;
         let dsum = Tensor::randn(0f32, 1.0, (b, g, rep * c, 1), &cpu)?;
         for dtype in [DType::F32, DType::BF16] {
-            let tol = if dtype == DType::F32 { 1e-5 } else { 4e-3 };
+            let tol = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
             let (s, dp) = (s.to_dtype(dtype)?, dp.to_dtype(dtype)?);
             let scale = 0.125 * max(dp.to_dtype(DType::F32)?.broadcast_sub(&dsum)?)?.max(1.0);
             let p_cpu = forward(&s, &spans_cpu, c0, c, 0.125)?;

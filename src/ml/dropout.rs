@@ -70,8 +70,8 @@ impl Dropout {
         let dev = x.device().clone();
         let src = x.as_cuda_slice::<T>()?.slice(o1..o2);
         let n = (o2 - o1) as u64;
-        // a thread per pair of elements
-        let blocks = n.div_ceil(2).div_ceil(256).clamp(1, 1 << 20) as u32;
+        // a thread per 16 bytes
+        let blocks = n.div_ceil(256 * (16 / std::mem::size_of::<T>()) as u64).clamp(1, 1 << 20) as u32;
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let func = dev.get_or_load_custom_func(&format!("dropout_{suffix}"), "dropout", KERNELS)?;
         // SAFETY: every element is written by the kernel
@@ -136,8 +136,9 @@ impl candle_core::InplaceOp1 for DropoutAdd<'_> {
         let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("dropout-add: not contiguous".into()))?;
         let dev = s.device().clone();
         let n = (b - a) as u64;
-        // a thread per pair of elements
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(2).div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // a thread per 16 bytes (8 bf16 or 4 f32)
+        let per_thread = if s.dtype() == DType::BF16 { 8 } else { 4 };
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256 * per_thread).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let guard = self.src.storage_and_layout().0;
         let m = &self.mask;
         macro_rules! go {

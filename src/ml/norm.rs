@@ -1,28 +1,30 @@
-//! RMSNorm's input gradient as one pass per row. With `r = 1/sqrt(mean(x²) + eps)` and
-//! `u = g·w`: `dx = r·u − x·r³·mean(u·x)`. Unfused that is a dozen f32 element-wise passes and
-//! casts over `[tokens, hidden]` per norm; here it is two row reductions and one write
-//! (`kernels/rms_norm.cu` on CUDA, the same arithmetic in f64 on the CPU).
+//! RMSNorm and its input gradient as one pass per row. With `r = 1/sqrt(mean(x²) + eps)`: the
+//! forward is `x·r·w`, and with `u = g·w` the backward `dx = r·u − x·r³·mean(u·x)`. Unfused the
+//! backward is a dozen f32 element-wise passes and casts over `[tokens, hidden]` per norm; here
+//! it is two row reductions and one write (`kernels/rms_norm.cu` on CUDA, a warp per row with
+//! 16-byte accesses; the same arithmetic in f64 on the CPU).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::KernelCheck;
 
-struct RmsNormBackward<'a> {
-    grad: &'a Tensor,
+/// The norm of `x` (`grad` `None`) or its input gradient for the output gradient `grad`.
+struct RmsNormRows<'a> {
+    grad: Option<&'a Tensor>,
     weight: &'a Tensor,
     /// The residual stream's gradient, added to the result.
     residual: Option<&'a Tensor>,
     eps: f32,
 }
 
-impl RmsNormBackward<'_> {
+impl RmsNormRows<'_> {
     fn rows(&self, shape: &Shape) -> Result<(usize, usize)> {
         let n = shape.dims().last().copied().unwrap_or(0);
-        if self.grad.shape() != shape || self.weight.dims() != [n] || self.residual.is_some_and(|r| r.shape() != shape) {
+        if self.grad.is_some_and(|g| g.shape() != shape) || self.weight.dims() != [n] || self.residual.is_some_and(|r| r.shape() != shape) {
             candle_core::bail!(
-                "rms-norm backward: x {shape:?}, gradient {:?} and weight {:?} do not fit",
-                self.grad.shape(),
+                "rms-norm: x {shape:?}, gradient {:?} and weight {:?} do not fit",
+                self.grad.map(|g| g.shape()),
                 self.weight.shape()
             );
         }
@@ -35,10 +37,20 @@ impl RmsNormBackward<'_> {
 
     fn cpu<T: WithDType>(&self, x: &[T], shape: &Shape) -> Result<CpuStorage> {
         let (_, n) = self.rows(shape)?;
-        let g: Vec<f64> = self.grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
         let w: Vec<f64> = self.weight.to_dtype(DType::F64)?.to_vec1()?;
-        let res: Option<Vec<f64>> = self.residual.map(|r| r.flatten_all()?.to_dtype(DType::F64)?.to_vec1()).transpose()?;
         let eps = self.eps as f64;
+        let Some(grad) = self.grad else {
+            let mut y = vec![T::from_f64(0.0); x.len()];
+            y.par_chunks_mut(n.max(1)).zip(x.par_chunks(n.max(1))).for_each(|(out, xr)| {
+                let r = 1.0 / (xr.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / n as f64 + eps).sqrt();
+                for ((o, xv), wv) in out.iter_mut().zip(xr).zip(&w) {
+                    *o = T::from_f64(xv.to_f64() * r * wv);
+                }
+            });
+            return Ok(T::to_cpu_storage_owned(y));
+        };
+        let g: Vec<f64> = grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
+        let res: Option<Vec<f64>> = self.residual.map(|r| r.flatten_all()?.to_dtype(DType::F64)?.to_vec1()).transpose()?;
         let mut dx = vec![T::from_f64(0.0); x.len()];
         dx.par_chunks_mut(n.max(1)).enumerate().for_each(|(row, out)| {
             let (xr, gr) = (&x[row * n..(row + 1) * n], &g[row * n..(row + 1) * n]);
@@ -68,12 +80,25 @@ impl RmsNormBackward<'_> {
             .ok_or_else(|| candle_core::Error::Msg("rms-norm backward: x not contiguous".into()))?;
         let dev = x.device().clone();
         let xs = x.as_cuda_slice::<T>()?.slice(o1..o2);
-        let grad = self.grad;
         let weight = self.weight;
-        let g_guard = grad.storage_and_layout().0;
-        let gs = cuda_slice_of!(g_guard, grad, T);
         let w_guard = weight.storage_and_layout().0;
         let ws = cuda_slice_of!(w_guard, weight, T);
+        // a warp per row, eight rows per block
+        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: every element is written by the kernel
+        let out = unsafe { dev.alloc::<T>(rows * n)? };
+        let (rows_i, n_i) = (rows as i32, n as i32);
+        let Some(grad) = self.grad else {
+            let func = dev.get_or_load_custom_func(&format!("rms_norm_fwd_{suffix}"), "rms_norm", KERNELS)?;
+            let mut b = func.builder();
+            b.arg(&xs).arg(&ws).arg(&out).arg(&rows_i).arg(&n_i).arg(&self.eps);
+            // SAFETY: argument types and order match the kernel's signature
+            unsafe { b.launch(cfg) }.w()?;
+            drop(b);
+            return Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev));
+        };
+        let g_guard = grad.storage_and_layout().0;
+        let gs = cuda_slice_of!(g_guard, grad, T);
         let r_guard = self.residual.map(|r| r.storage_and_layout().0);
         let rs = match (r_guard.as_ref(), self.residual) {
             (Some(guard), Some(residual)) => {
@@ -82,12 +107,7 @@ impl RmsNormBackward<'_> {
             }
             _ => None,
         };
-        let block = if n >= 1024 { 512 } else { 256 };
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         let func = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{suffix}"), "rms_norm", KERNELS)?;
-        // SAFETY: every element is written by the kernel
-        let out = unsafe { dev.alloc::<T>(rows * n)? };
-        let (rows_i, n_i) = (rows as i32, n as i32);
         let mut b = func.builder();
         // a null pointer when there is no residual
         let null = 0u64;
@@ -106,8 +126,8 @@ impl RmsNormBackward<'_> {
 #[cfg(feature = "cuda")]
 const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx"));
 
-impl CustomOp1 for RmsNormBackward<'_> {
-    float_op_forwards!("rms-norm-backward");
+impl CustomOp1 for RmsNormRows<'_> {
+    float_op_forwards!("rms-norm");
 }
 
 /// The input gradient of `x / rms(x) * weight` for the output gradient `grad`, in `x`'s dtype.
@@ -123,12 +143,20 @@ pub fn rms_norm_backward_add(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f3
     let grad = grad.to_dtype(dtype)?.contiguous()?;
     let weight = weight.to_dtype(dtype)?.contiguous()?;
     let residual = residual.map(|r| r.to_dtype(dtype)?.contiguous()).transpose()?;
-    x.contiguous()?.apply_op1_no_bwd(&RmsNormBackward { grad: &grad, weight: &weight, residual: residual.as_ref(), eps })
+    x.contiguous()?.apply_op1_no_bwd(&RmsNormRows { grad: Some(&grad), weight: &weight, residual: residual.as_ref(), eps })
 }
 
-/// The kernel on `device` against the CPU (f64) on the same inputs, f32 and bf16, for a row
-/// width below and above the block size. Tolerances relative to the largest |dx|: 1e-5 in f32,
-/// and in bf16 one rounding of the output plus the inputs' (2^-7).
+/// `x / rms(x) * weight` over the last dimension, in `x`'s dtype, by the row kernel (f64 arithmetic
+/// on the CPU). No autograd.
+pub fn rms_norm_forward(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let weight = weight.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op1_no_bwd(&RmsNormRows { grad: None, weight: &weight, residual: None, eps })
+}
+
+/// The kernels (backward with and without the residual, forward) on `device` against the CPU
+/// (f64) on the same inputs, f32 and bf16, for the hidden sizes of both shapes. Tolerances
+/// relative to the largest output: 1e-5 in f32, and in bf16 one rounding of the output plus the
+/// inputs' (2^-7).
 pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let mut out = Vec::new();
@@ -150,6 +178,12 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
                 let tol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
                 out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, n), max_abs_diff: d, tolerance: tol * scale });
             }
+            let want = rms_norm_forward(&x, &w, 1e-5)?.to_dtype(DType::F32)?;
+            let got = rms_norm_forward(&x.to_device(device)?, &w.to_device(device)?, 1e-5)?.to_device(&cpu)?.to_dtype(DType::F32)?;
+            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
+            out.push(KernelCheck { kernel: "rms-norm", dtype: format!("{dtype:?}"), chunk: (0, n), max_abs_diff: d, tolerance: tol * scale });
         }
     }
     Ok(out)
@@ -180,6 +214,17 @@ mod tests {
         let d = ((want + res)? - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         assert!(d < 1e-12, "{d}");
         assert!(rms_norm_backward_add(&x, &g, &w, eps, Some(&Tensor::zeros((2, 6), DType::F64, &dev)?)).is_err());
+        Ok(())
+    }
+
+    /// The forward against candle's reference RMSNorm, in f64.
+    #[test]
+    fn forward_matches_candle() -> Result<()> {
+        let x = Tensor::randn(0f64, 1.0, (3, 5, 40), &Device::Cpu)?;
+        let w = Tensor::randn(1f64, 0.3, 40, &Device::Cpu)?;
+        let want = candle_nn::ops::rms_norm_slow(&x, &w, 1e-5)?;
+        let d = (want - rms_norm_forward(&x, &w, 1e-5)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        assert!(d < 1e-12, "{d}");
         Ok(())
     }
 

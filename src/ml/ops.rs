@@ -512,10 +512,13 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
-/// RMSNorm with a frozen scale: `x / rms(x) * weight`; backward gives the input gradient.
+/// RMSNorm with a frozen scale: `x / rms(x) * weight` (on CUDA by `norm`'s row kernel);
+/// backward gives the input gradient.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let xd = x.detach().contiguous()?;
-    let y = if xd.dtype() == DType::F64 {
+    let y = if xd.device().is_cuda() && matches!(xd.dtype(), DType::F32 | DType::BF16) {
+        super::norm::rms_norm_forward(&xd, weight, eps)?
+    } else if xd.dtype() == DType::F64 {
         candle_nn::ops::rms_norm_slow(&xd, weight, eps)?
     } else {
         candle_nn::ops::rms_norm(&xd, weight, eps)?
