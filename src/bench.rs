@@ -21,7 +21,9 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
             if !candle_core::utils::cuda_is_available() {
                 anyhow::bail!("device {s}: this binary was built without CUDA (cargo build --features cuda)");
             }
-            Ok(Device::new_cuda(n)?)
+            let device = Device::new_cuda(n)?;
+            crate::ml::pool::retain(&device)?;
+            Ok(device)
         }
         other => anyhow::bail!("unknown device {other:?}: expected cpu, cuda or cuda:N"),
     }

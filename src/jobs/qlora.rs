@@ -55,7 +55,12 @@ impl Trainer for QloraTrainer {
             work_dir: &request.work_dir,
             resume_from: request.resume_from.as_deref(),
         };
-        match train::train(&spec, observer) {
+        let result = train::train(&spec, observer);
+        // the step's buffers go back to the driver; the loaded base model stays
+        if let Err(e) = crate::ml::pool::trim(&self.device) {
+            tracing::warn!(error = %e, "could not release the GPU memory pool");
+        }
+        match result {
             Ok(summary) => Ok(TrainOutcome {
                 adapter_dir: summary.adapter_dir.clone(),
                 metrics: serde_json::to_value(&summary).unwrap_or(serde_json::Value::Null),

@@ -82,6 +82,7 @@ pub mod model;
 pub mod norm;
 pub mod lora;
 pub mod observe;
+pub mod pool;
 pub mod ops;
 pub mod serve;
 pub mod tokenizer;

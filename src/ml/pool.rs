@@ -1,0 +1,57 @@
+//! The CUDA allocator's memory pool. candle allocates stream-ordered (`cuMemAllocAsync`) from the
+//! device's default pool, whose release threshold is 0: at every synchronisation (a training step
+//! reads its loss, a prediction its probabilities) the pool hands all freed memory back to the
+//! driver, and the next step maps it again, allocation by allocation. `retain` keeps freed memory
+//! in the pool instead (as PyTorch's caching allocator does); `trim` hands it back, for when a
+//! job is done. Both do nothing on the CPU.
+
+use candle_core::{Device, Result};
+
+/// Keep freed memory in `device`'s pool for reuse.
+pub fn retain(device: &Device) -> Result<()> {
+    set_threshold(device, u64::MAX)
+}
+
+/// Hand the pool's unused memory back to the driver (what live tensors hold stays).
+pub fn trim(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = default_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use candle_core::cuda_backend::WrapErr;
+        // SAFETY: a valid pool handle from the driver
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+fn set_threshold(device: &Device, bytes: u64) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = default_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use candle_core::cuda_backend::WrapErr;
+        let mut value = bytes;
+        // SAFETY: the release threshold attribute takes a pointer to a u64
+        unsafe {
+            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut value as *mut u64).cast())
+        }
+        .result()
+        .w()?;
+    }
+    let _ = (device, bytes);
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn default_pool(device: &Device) -> Result<Option<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool>> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::WrapErr;
+    let Device::Cuda(d) = device else { return Ok(None) };
+    let stream = d.cuda_stream();
+    let ctx = stream.context();
+    ctx.bind_to_thread().w()?;
+    let mut pool = std::ptr::null_mut();
+    // SAFETY: a valid device handle from the context; the driver writes the pool handle
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }.result().w()?;
+    Ok(Some(pool))
+}
