@@ -161,8 +161,9 @@ impl Layer {
         let grad = grad.to_dtype(x.dtype())?;
         // MLP: out = mid + down(silu(gate) * up)
         let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads, None)?;
-        let (d_gate, d_up) = fused::swiglu_backward(&gate, &up, &d_s)?;
-        drop((d_s, gate, up));
+        // gate and up are not read again: their memory takes the gradients
+        let (d_gate, d_up) = fused::swiglu_backward_in_place(gate, up, &d_s)?;
+        drop(d_s);
         let h = self.norm_for(&[Proj::Gate, Proj::Up], &mid, &self.blk.ffn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("ffn norm not recomputed".into()));
         let d_h = self.linear_backward(Proj::Gate, normed, &d_gate, grads, None)?;

@@ -5,7 +5,8 @@
 //! - `swiglu`: `silu(g) * u` in one pass (three unfused, with a `[tokens, intermediate]`
 //!   intermediate each);
 //! - `swiglu_backward`: both input gradients in one pass over `g`, `u` and the output gradient
-//!   (about ten unfused passes: sigmoid, affine, products, sums);
+//!   (about ten unfused passes: sigmoid, affine, products, sums); `swiglu_backward_in_place`
+//!   writes them over `g` and `u`;
 //! - `head_dot`: per-head dot products of two `[.., heads * head_dim]` tensors, accumulated in
 //!   f32 (attention's `D = sum(dO * O)` without casting both operands to f32 first);
 //! - `contiguous_rows`: a transposed or narrowed view whose rows are contiguous made contiguous
@@ -216,6 +217,26 @@ pub fn swiglu_backward(g: &Tensor, u: &Tensor, ds: &Tensor) -> Result<(Tensor, T
     Ok((both.get(0)?, both.get(1)?))
 }
 
+/// `swiglu_backward` for a caller done with `g` and `u`: on CUDA (f32 or bf16, both contiguous,
+/// of one shape and dtype) `dg` is written over `g` and `du` over `u`, so the backward allocates
+/// no `[tokens, intermediate]` pair (the MLP's largest transient); elsewhere it is
+/// `swiglu_backward`. `g` and `u` must not share their storage with any other live tensor.
+pub fn swiglu_backward_in_place(g: Tensor, u: Tensor, ds: &Tensor) -> Result<(Tensor, Tensor)> {
+    let fits = g.device().is_cuda()
+        && matches!(g.dtype(), DType::F32 | DType::BF16)
+        && u.dtype() == g.dtype()
+        && g.is_contiguous()
+        && u.is_contiguous()
+        && u.shape() == g.shape()
+        && ds.shape() == g.shape();
+    if !fits {
+        return swiglu_backward(&g, &u, ds);
+    }
+    let ds = ds.to_dtype(g.dtype())?.contiguous()?;
+    g.inplace_op1(&SwigluBackwardInPlace { u: &u, ds: &ds })?;
+    Ok((g, u))
+}
+
 /// `[.., heads * head_dim]` x2 -> `[.., heads]`: the dot product of each head's slice, in f32
 /// (f64 for f64 inputs).
 pub fn head_dot(a: &Tensor, b: &Tensor, head_dim: usize) -> Result<Tensor> {
@@ -306,6 +327,59 @@ impl InplaceOp1 for AddPrefix<'_> {
     }
 }
 
+/// The SwiGLU backward writing `dg` over `g` (the op's storage) and `du` over `u`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct SwigluBackwardInPlace<'a> {
+    u: &'a Tensor,
+    ds: &'a Tensor,
+}
+
+impl InplaceOp1 for SwigluBackwardInPlace<'_> {
+    fn name(&self) -> &'static str {
+        "swiglu-backward-in-place"
+    }
+
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
+        candle_core::bail!("swiglu-backward-in-place: the CPU uses swiglu_backward")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::WrapErr;
+        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("swiglu-backward-in-place: g not contiguous".into()))?;
+        let dev = s.device().clone();
+        let n = (b - a) as u64;
+        let dtype = s.dtype();
+        // a thread per 16 bytes
+        let per_thread = if dtype == DType::BF16 { 8 } else { 4 };
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(256 * per_thread).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (u, ds) = (self.u, self.ds);
+        let (u_guard, ds_guard) = (u.storage_and_layout().0, ds.storage_and_layout().0);
+        macro_rules! go {
+            ($t:ty, $suffix:literal) => {{
+                let mut g = s.as_cuda_slice_mut::<$t>()?.slice_mut(a..b);
+                let us = cuda_slice_of!(u_guard, u, $t);
+                let dss = cuda_slice_of!(ds_guard, ds, $t);
+                let func = dev.get_or_load_custom_func(concat!("swiglu_bwd_inplace_", $suffix), "fused", KERNELS)?;
+                let mut builder = func.builder();
+                builder.arg(&mut g).arg(&us).arg(&dss).arg(&n);
+                // SAFETY: argument types and order match the kernel's signature; the kernel
+                // also writes u's storage, which the caller has given up (see
+                // `swiglu_backward_in_place`)
+                unsafe { builder.launch(cfg) }.w()?;
+            }};
+        }
+        match dtype {
+            DType::F32 => go!(f32, "f32"),
+            DType::BF16 => go!(half::bf16, "bf16"),
+            d => candle_core::bail!("swiglu-backward-in-place: no kernel for {d:?}"),
+        }
+        Ok(())
+    }
+}
+
 struct CopyRows;
 
 impl CustomOp1 for CopyRows {
@@ -369,7 +443,11 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let (dg, du) = swiglu_backward(&g, &u, &ds)?;
         let (dg_d, du_d) = swiglu_backward(&gd, &ud, &dsd)?;
         let round = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
+        // the in-place variant writes over copies of g and u
+        let (dg_i, du_i) = swiglu_backward_in_place(gd.copy()?, ud.copy()?, &dsd)?;
         let mut cases = vec![
+            ("swiglu backward in place dg", dg.clone(), dg_i, round),
+            ("swiglu backward in place du", du.clone(), du_i, round),
             ("add", add(&g, &u)?, add(&gd, &ud)?, round),
             ("swiglu", swiglu(&g, &u)?, swiglu(&gd, &ud)?, round),
             ("swiglu backward dg", dg, dg_d, round),
