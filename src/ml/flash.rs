@@ -236,7 +236,7 @@ mod launch {
 /// the output `[b, heads, t, d]` and each query's log-sum-exp of the scaled scores, base 2,
 /// `[b, heads, t]` f32. No autograd.
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64) -> Result<(Tensor, Tensor)> {
-    check(q, k, spans)?;
+    check(q, k, v, spans)?;
     #[cfg(feature = "cuda")]
     {
         launch::forward(&launch::Args::new(q, k)?, q, k, v, spans, scale)
@@ -261,7 +261,7 @@ pub fn backward(
     spans: &CausalSpans,
     scale: f64,
 ) -> Result<[Tensor; 3]> {
-    check(q, k, spans)?;
+    check(q, k, v, spans)?;
     let rows = (q.dim(0)?, q.dim(1)?, q.dim(2)?);
     if d_o.shape() != q.shape() || lse.dims() != [rows.0, rows.1, rows.2] || dsum.dims() != lse.dims() {
         candle_core::bail!("flash attention backward: d_o {:?}, lse {:?} or D {:?} do not fit q {:?}", d_o.shape(), lse.shape(), dsum.shape(), q.shape());
@@ -280,14 +280,15 @@ pub fn backward(
     }
 }
 
-fn check(q: &Tensor, k: &Tensor, spans: &CausalSpans) -> Result<()> {
+fn check(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans) -> Result<()> {
     if !applies(q) {
         candle_core::bail!("flash attention: q {:?} {:?} on {:?} (bf16 on CUDA, head size 64 or 128)", q.shape(), q.dtype(), q.device().location());
     }
     let (b, h, t, d) = q.dims4()?;
     let (kb, kvh, kt, kd) = k.dims4()?;
-    if (kb, kt, kd) != (b, t, d) || kvh == 0 || h % kvh != 0 || k.dtype() != q.dtype() || spans.batch() != b {
-        candle_core::bail!("flash attention: q {:?}, k {:?} and {} spans do not fit", q.shape(), k.shape(), spans.batch());
+    let fits = t > 0 && (kb, kt, kd) == (b, t, d) && kvh > 0 && h % kvh == 0 && v.shape() == k.shape();
+    if !fits || k.dtype() != q.dtype() || v.dtype() != q.dtype() || spans.batch() != b {
+        candle_core::bail!("flash attention: q {:?}, k {:?}, v {:?} and {} spans do not fit", q.shape(), k.shape(), v.shape(), spans.batch());
     }
     Ok(())
 }
@@ -295,8 +296,7 @@ fn check(q: &Tensor, k: &Tensor, spans: &CausalSpans) -> Result<()> {
 /// The kernels against the chunked path on the CPU (f32 arithmetic on the same bf16 inputs)
 /// for both head sizes, both layouts (contiguous, and `[b, t, heads, d]` transposed), a length
 /// that is not a multiple of the 64-row tiles, grouped query heads and batch rows padded on the
-/// left (one past two whole key tiles). The backward is given the
-/// CPU's `D`. Tolerances: the output within 2^-7 of the largest |v| (the probabilities and the
+/// left (one past two whole key tiles). The backward is given the CPU's `D`. Tolerances: the output within 2^-7 of the largest |v| (the probabilities and the
 /// output are each rounded once to bf16); the gradients within 2^-5 of their largest magnitude
 /// (the probabilities or score gradients are rounded to bf16 before their second product, then
 /// the result), as the bf16 parity check allows.
