@@ -513,6 +513,10 @@ mod tests {
         let (dg, du) = swiglu_backward(&g, &u, &ds)?;
         assert!(max_diff(&dg, grads.get(gv.as_tensor()).expect("dg")) < 1e-12);
         assert!(max_diff(&du, grads.get(uv.as_tensor()).expect("du")) < 1e-12);
+        // the in-place variant gives the same gradients (on the CPU through swiglu_backward)
+        let (dg2, du2) = swiglu_backward_in_place(g.copy()?, u.copy()?, &ds)?;
+        assert!(max_diff(&dg, &dg2) < 1e-12 && max_diff(&du, &du2) < 1e-12);
+        assert!(max_diff(&add(&g, &u)?, &(&g + &u)?) < 1e-12);
         let dots = (&g * &u)?.reshape((3, 5, 2, 4))?.sum(3)?;
         assert!(max_diff(&head_dot(&g, &u, 4)?, &dots) < 1e-12);
         // the first 3 of 5 rows of each leading index
@@ -528,6 +532,7 @@ mod tests {
         let a = Tensor::zeros((2, 6), DType::F32, &Device::Cpu).unwrap();
         let b = Tensor::zeros((2, 4), DType::F32, &Device::Cpu).unwrap();
         assert!(swiglu(&a, &b).is_err());
+        assert!(add(&a, &b).is_err());
         assert!(head_dot(&a, &a, 4).is_err());
         assert!(head_dot(&a, &a, 3).is_ok());
         assert!(add_prefix(b.clone(), &a).is_err(), "more rows than the accumulator");
