@@ -157,6 +157,68 @@ __device__ __forceinline__ void store_rows(bf16* dst, long long stride, const fl
     }
 }
 
+template <int N>
+__device__ __forceinline__ void zero(float (*acc)[4]) {
+#pragma unroll
+    for (int n = 0; n < N; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
+// acc[0] and acc[1] (16 x 8 each, columns n0..n0+15) += a (16 x 16) times the B operand of
+// k0..k0+15 from a tile stored [n][k].
+__device__ __forceinline__ void mma_nk(float (*acc)[4], const uint32_t* a, const bf16* tile, int pitch, int n0,
+                                       int k0) {
+    uint32_t b[4];
+    load_b_nk(b, tile, pitch, n0, k0);
+    mma(acc[0], a, b[0], b[1]);
+    mma(acc[1], a, b[2], b[3]);
+}
+
+// The same from a tile stored [k][n].
+__device__ __forceinline__ void mma_kn(float (*acc)[4], const uint32_t* a, const bf16* tile, int pitch, int k0,
+                                       int n0) {
+    uint32_t b[4];
+    load_b_kn(b, tile, pitch, k0, n0);
+    mma(acc[0], a, b[0], b[1]);
+    mma(acc[1], a, b[2], b[3]);
+}
+
+// acc (16 x N) += p (16 x 16 * KS, held as 2 * KS accumulators of 16 x 8 and rounded to bf16
+// as the A operand) times a tile stored [k][n] of 16 * KS rows and N columns.
+template <int N, int KS>
+__device__ __forceinline__ void mma_p(float (*acc)[4], const float (*p)[4], const bf16* tile, int pitch) {
+#pragma unroll
+    for (int kk = 0; kk < KS; ++kk) {
+        uint32_t a[4];
+        to_a(a, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+        for (int nn = 0; nn < N / 16; ++nn) mma_kn(acc + 2 * nn, a, tile, pitch, kk * 16, nn * 16);
+    }
+}
+
+// Starts copying the kTile-row k and v tiles from row k0 into kv (k) and kv + kTile * (D + 8)
+// (v).
+template <int D>
+__device__ __forceinline__ void load_kv(bf16* kv, const bf16* k, long long k_stride, const bf16* v,
+                                        long long v_stride, int k0, int t) {
+    load_tile<D>(kv, k, k_stride, k0, kTile, t);
+    load_tile<D>(kv + kTile * (D + 8), v, v_stride, k0, kTile, t);
+}
+
+// The two-stage pipeline's step: with `more` steps to come, starts the next stage's copies
+// (`fetch`) and waits for the current stage's; on the last step waits for everything. Then the
+// whole block sees the current stage.
+template <typename F>
+__device__ __forceinline__ void next_stage(bool more, F fetch) {
+    if (more) {
+        fetch();
+        commit();
+        wait<1>();
+    } else {
+        wait<0>();
+    }
+    __syncthreads();
+}
+
 template <int D>
 __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, Rows sq, Rows sk,
                           Rows sv, Rows so, int t, int h, int kvh, const uint32_t* starts, float scale_log2) {
@@ -173,8 +235,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
     const bf16* vb = v + bb * sv.b + kh * sv.h;
     const int first = min(start, q0) / kTile * kTile, last = min(q0 + kTile, t) - 1;
     load_tile<D>(buf + 2 * TILE, qb, sq.r, q0, kTile, t);
-    load_tile<D>(buf, kb, sk.r, first, kTile, t);
-    load_tile<D>(buf + TILE, vb, sv.r, first, kTile, t);
+    load_kv<D>(buf, kb, sk.r, vb, sv.r, first, t);
     commit();
     wait<0>();
     __syncthreads();
@@ -183,37 +244,20 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
     for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], buf + 2 * TILE, P, warp * 16, kk * 16);
     __syncthreads();
     float acc[D / 8][4];
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    zero<D / 8>(acc);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     const int r0 = q0 + warp * 16 + g;
     int stage = 0;
     for (int k0 = first; k0 <= last; k0 += kTile, stage ^= 1) {
-        if (k0 + kTile <= last) {
-            bf16* next = buf + (stage ^ 1) * 2 * TILE;
-            load_tile<D>(next, kb, sk.r, k0 + kTile, kTile, t);
-            load_tile<D>(next + TILE, vb, sv.r, k0 + kTile, kTile, t);
-            commit();
-            wait<1>();
-        } else {
-            wait<0>();
-        }
-        __syncthreads();
+        next_stage(k0 + kTile <= last, [&] { load_kv<D>(buf + (stage ^ 1) * 2 * TILE, kb, sk.r, vb, sv.r, k0 + kTile, t); });
         const bf16* ks = buf + stage * 2 * TILE;
         const bf16* vs = ks + TILE;
         float s[8][4];
+        zero<8>(s);
 #pragma unroll
-        for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+        for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-            for (int nn = 0; nn < 4; ++nn) {
-                uint32_t b[4];
-                load_b_nk(b, ks, P, nn * 16, kk * 16);
-                mma(s[2 * nn], qf[kk], b[0], b[1]);
-                mma(s[2 * nn + 1], qf[kk], b[2], b[3]);
-            }
-        }
+            for (int nn = 0; nn < 4; ++nn) mma_nk(s + 2 * nn, qf[kk], ks, P, nn * 16, kk * 16);
         float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int n = 0; n < 8; ++n)
@@ -248,18 +292,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
             acc[n][2] *= corr[1];
             acc[n][3] *= corr[1];
         }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4];
-            to_a(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int nn = 0; nn < D / 16; ++nn) {
-                uint32_t b[4];
-                load_b_kn(b, vs, P, kk * 16, nn * 16);
-                mma(acc[2 * nn], a, b[0], b[1]);
-                mma(acc[2 * nn + 1], a, b[2], b[3]);
-            }
-        }
+        mma_p<D, 4>(acc, s, vs, P);
         __syncthreads();  // this stage is the next prefetch's target
     }
     l[0] = quad_sum(l[0]);
@@ -290,8 +323,7 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
     const int first = min(start, q0) / kTile * kTile, last = min(q0 + kTile, t) - 1;
     load_tile<D>(qs, q + bb * sq.b + hh * sq.h, sq.r, q0, kTile, t);
     load_tile<D>(dos, dout + bb * sdo.b + hh * sdo.h, sdo.r, q0, kTile, t);
-    load_tile<D>(buf, kb, sk.r, first, kTile, t);
-    load_tile<D>(buf + TILE, vb, sv.r, first, kTile, t);
+    load_kv<D>(buf, kb, sk.r, vb, sv.r, first, t);
     commit();
     const int r0 = q0 + warp * 16 + g;
     const size_t lrow = ((size_t)bb * h + hh) * t;
@@ -303,27 +335,15 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
         drows[i] = row < t ? dsum[lrow + row] : 0.0f;
     }
     float acc[D / 8][4];
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+    zero<D / 8>(acc);
     int stage = 0;
     for (int k0 = first; k0 <= last; k0 += kTile, stage ^= 1) {
-        if (k0 + kTile <= last) {
-            bf16* next = buf + (stage ^ 1) * 2 * TILE;
-            load_tile<D>(next, kb, sk.r, k0 + kTile, kTile, t);
-            load_tile<D>(next + TILE, vb, sv.r, k0 + kTile, kTile, t);
-            commit();
-            wait<1>();
-        } else {
-            wait<0>();
-        }
-        __syncthreads();
+        next_stage(k0 + kTile <= last, [&] { load_kv<D>(buf + (stage ^ 1) * 2 * TILE, kb, sk.r, vb, sv.r, k0 + kTile, t); });
         const bf16* ks = buf + stage * 2 * TILE;
         const bf16* vs = ks + TILE;
         float s[8][4], dp[8][4];
-#pragma unroll
-        for (int n = 0; n < 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+        zero<8>(s);
+        zero<8>(dp);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             uint32_t a[4], ad[4];
@@ -331,13 +351,8 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
             load_a(ad, dos, P, warp * 16, kk * 16);
 #pragma unroll
             for (int nn = 0; nn < 4; ++nn) {
-                uint32_t b[4];
-                load_b_nk(b, ks, P, nn * 16, kk * 16);
-                mma(s[2 * nn], a, b[0], b[1]);
-                mma(s[2 * nn + 1], a, b[2], b[3]);
-                load_b_nk(b, vs, P, nn * 16, kk * 16);
-                mma(dp[2 * nn], ad, b[0], b[1]);
-                mma(dp[2 * nn + 1], ad, b[2], b[3]);
+                mma_nk(s + 2 * nn, a, ks, P, nn * 16, kk * 16);
+                mma_nk(dp + 2 * nn, ad, vs, P, nn * 16, kk * 16);
             }
         }
         // ds (of the scaled scores) = p * (dp - D), into s
@@ -349,18 +364,7 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
                 const float p = visible(r0 + i * 8, key, start) ? exp2f(s[n][e] * scale_log2 - lrows[i]) : 0.0f;
                 s[n][e] = p * (dp[n][e] - drows[i]);
             }
-#pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
-            uint32_t a[4];
-            to_a(a, s[2 * kk], s[2 * kk + 1]);
-#pragma unroll
-            for (int nn = 0; nn < D / 16; ++nn) {
-                uint32_t b[4];
-                load_b_kn(b, ks, P, kk * 16, nn * 16);
-                mma(acc[2 * nn], a, b[0], b[1]);
-                mma(acc[2 * nn + 1], a, b[2], b[3]);
-            }
-        }
+        mma_p<D, 4>(acc, s, ks, P);
         __syncthreads();  // this stage is the next prefetch's target
     }
     store_rows<D>(dq + bb * sdq.b + hh * sdq.h, sdq.r, acc, r0, t, scale, scale);
@@ -403,31 +407,20 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
     fetch(0, 0);
     commit();
     float dka[D / 8][4], dva[D / 8][4];
-#pragma unroll
-    for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.0f;
+    zero<D / 8>(dka);
+    zero<D / 8>(dva);
     const int key0 = k0 + warp * 16 + g;
     for (int n = 0; n < steps; ++n) {
         const int st = n & 1, q0 = k0 + (n % steps_per_head) * Q;
-        if (n + 1 < steps) {
-            fetch(n + 1, st ^ 1);
-            commit();
-            wait<1>();
-        } else {
-            wait<0>();
-        }
-        __syncthreads();
+        next_stage(n + 1 < steps, [&] { fetch(n + 1, st ^ 1); });
         const bf16* qs = buf + st * 2 * QTILE;
         const bf16* dos = qs + QTILE;
         const float* ls = rows + st * 2 * Q;
         const float* dd = ls + Q;
         // s^T = k q^T and dp^T = v do^T: this warp's 16 keys x Q queries
         float s[Q / 8][4], dp[Q / 8][4];
-#pragma unroll
-        for (int j = 0; j < Q / 8; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[j][e] = dp[j][e] = 0.0f;
+        zero<Q / 8>(s);
+        zero<Q / 8>(dp);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
             uint32_t a[4], av[4];
@@ -435,13 +428,8 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
             load_a(av, vs, P, warp * 16, kk * 16);
 #pragma unroll
             for (int nn = 0; nn < Q / 16; ++nn) {
-                uint32_t b[4];
-                load_b_nk(b, qs, P, nn * 16, kk * 16);
-                mma(s[2 * nn], a, b[0], b[1]);
-                mma(s[2 * nn + 1], a, b[2], b[3]);
-                load_b_nk(b, dos, P, nn * 16, kk * 16);
-                mma(dp[2 * nn], av, b[0], b[1]);
-                mma(dp[2 * nn + 1], av, b[2], b[3]);
+                mma_nk(s + 2 * nn, a, qs, P, nn * 16, kk * 16);
+                mma_nk(dp + 2 * nn, av, dos, P, nn * 16, kk * 16);
             }
         }
         // p^T into s, ds^T (of the scaled scores) into dp
@@ -463,13 +451,8 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
             to_a(ad, dp[2 * kk], dp[2 * kk + 1]);
 #pragma unroll
             for (int nn = 0; nn < D / 16; ++nn) {
-                uint32_t b[4];
-                load_b_kn(b, dos, P, kk * 16, nn * 16);
-                mma(dva[2 * nn], ap, b[0], b[1]);
-                mma(dva[2 * nn + 1], ap, b[2], b[3]);
-                load_b_kn(b, qs, P, kk * 16, nn * 16);
-                mma(dka[2 * nn], ad, b[0], b[1]);
-                mma(dka[2 * nn + 1], ad, b[2], b[3]);
+                mma_kn(dva + 2 * nn, ap, dos, P, kk * 16, nn * 16);
+                mma_kn(dka + 2 * nn, ad, qs, P, kk * 16, nn * 16);
             }
         }
         __syncthreads();  // this stage is the next prefetch's target
