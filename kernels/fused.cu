@@ -21,10 +21,10 @@ namespace {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
-// Sixteen bytes per thread where every pointer is 16-byte aligned, then the rest one element
-// per thread.
-template <typename T>
-__device__ void add(const T* a, const T* b, T* out, size_t n) {
+// out = f(a, b) element by element: sixteen bytes per thread where every pointer is 16-byte
+// aligned, then the rest one element per thread.
+template <typename T, typename F>
+__device__ void map2(const T* a, const T* b, T* out, size_t n, F f) {
     constexpr int V = Vec<T>::n;
     const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)blockDim.x * gridDim.x;
     const size_t full = aligned16(a) && aligned16(b) && aligned16(out) ? n / V : 0;
@@ -33,36 +33,20 @@ __device__ void add(const T* a, const T* b, T* out, size_t n) {
         load16(a + c * V, av);
         load16(b + c * V, bv);
 #pragma unroll
-        for (int j = 0; j < V; ++j) av[j] += bv[j];
+        for (int j = 0; j < V; ++j) av[j] = f(av[j], bv[j]);
         store16(out + c * V, av);
     }
-    for (size_t i = full * V + tid; i < n; i += stride) store(out, i, load(a, i) + load(b, i));
+    for (size_t i = full * V + tid; i < n; i += stride) store(out, i, f(load(a, i), load(b, i)));
 }
 
+// Both gradients of silu(g) * u for the output gradient ds, into dg and du, which may be g and u
+// themselves (every element is read before it is written, by the same thread). Sixteen bytes
+// per thread where every pointer is 16-byte aligned, then the rest one element per thread.
 template <typename T>
-__device__ void swiglu_fwd(const T* g, const T* u, T* s, size_t n) {
+__device__ void swiglu_bwd(const T* g, const T* u, const T* ds, T* dg, T* du, size_t n) {
     constexpr int V = Vec<T>::n;
     const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)blockDim.x * gridDim.x;
-    const size_t full = aligned16(g) && aligned16(u) && aligned16(s) ? n / V : 0;
-    for (size_t c = tid; c < full; c += stride) {
-        float gv[V], uv[V];
-        load16(g + c * V, gv);
-        load16(u + c * V, uv);
-#pragma unroll
-        for (int j = 0; j < V; ++j) gv[j] = gv[j] * sigmoid(gv[j]) * uv[j];
-        store16(s + c * V, gv);
-    }
-    for (size_t i = full * V + tid; i < n; i += stride) {
-        const float gv = load(g, i);
-        store(s, i, gv * sigmoid(gv) * load(u, i));
-    }
-}
-
-template <typename T>
-__device__ void swiglu_bwd(const T* g, const T* u, const T* ds, T* out, size_t n) {
-    constexpr int V = Vec<T>::n;
-    const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)blockDim.x * gridDim.x;
-    const size_t full = aligned16(g) && aligned16(u) && aligned16(ds) && aligned16(out) && aligned16(out + n) ? n / V : 0;
+    const size_t full = aligned16(g) && aligned16(u) && aligned16(ds) && aligned16(dg) && aligned16(du) ? n / V : 0;
     for (size_t c = tid; c < full; c += stride) {
         float gv[V], uv[V], dv[V];
         load16(g + c * V, gv);
@@ -74,42 +58,14 @@ __device__ void swiglu_bwd(const T* g, const T* u, const T* ds, T* out, size_t n
             dv[j] = d * gv[j] * sg;
             gv[j] = d * uv[j] * sg * (1.0f + gv[j] * (1.0f - sg));
         }
-        store16(out + c * V, gv);
-        store16(out + n + c * V, dv);
-    }
-    for (size_t i = full * V + tid; i < n; i += stride) {
-        const float gv = load(g, i), d = load(ds, i);
-        const float sg = sigmoid(gv);
-        store(out, i, d * load(u, i) * sg * (1.0f + gv * (1.0f - sg)));
-        store(out, n + i, d * gv * sg);
-    }
-}
-
-template <typename T>
-__device__ void swiglu_bwd_inplace(T* g, T* u, const T* ds, size_t n) {
-    constexpr int V = Vec<T>::n;
-    const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)blockDim.x * gridDim.x;
-    const size_t full = aligned16(g) && aligned16(u) && aligned16(ds) ? n / V : 0;
-    for (size_t c = tid; c < full; c += stride) {
-        float gv[V], uv[V], dv[V];
-        load16(g + c * V, gv);
-        load16(u + c * V, uv);
-        load16(ds + c * V, dv);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-            const float sg = sigmoid(gv[j]), d = dv[j];
-            const float dg = d * uv[j] * sg * (1.0f + gv[j] * (1.0f - sg));
-            uv[j] = d * gv[j] * sg;
-            gv[j] = dg;
-        }
-        store16(g + c * V, gv);
-        store16(u + c * V, uv);
+        store16(dg + c * V, gv);
+        store16(du + c * V, dv);
     }
     for (size_t i = full * V + tid; i < n; i += stride) {
         const float gv = load(g, i), uv = load(u, i), d = load(ds, i);
         const float sg = sigmoid(gv);
-        store(g, i, d * uv * sg * (1.0f + gv * (1.0f - sg)));
-        store(u, i, d * gv * sg);
+        store(dg, i, d * uv * sg * (1.0f + gv * (1.0f - sg)));
+        store(du, i, d * gv * sg);
     }
 }
 
@@ -146,16 +102,16 @@ __device__ void add_prefix(float* dst, const T* src, size_t n, size_t per_src, s
 
 #define FUSED(SUFFIX, T)                                                                                  \
     extern "C" __global__ void add_##SUFFIX(const T* a, const T* b, T* out, size_t n) {                  \
-        add<T>(a, b, out, n);                                                                             \
+        map2<T>(a, b, out, n, [](float x, float y) { return x + y; });                                    \
     }                                                                                                     \
     extern "C" __global__ void swiglu_fwd_##SUFFIX(const T* g, const T* u, T* s, size_t n) {             \
-        swiglu_fwd<T>(g, u, s, n);                                                                        \
+        map2<T>(g, u, s, n, [](float x, float y) { return x * sigmoid(x) * y; });                         \
     }                                                                                                     \
     extern "C" __global__ void swiglu_bwd_##SUFFIX(const T* g, const T* u, const T* ds, T* out, size_t n) { \
-        swiglu_bwd<T>(g, u, ds, out, n);                                                                  \
+        swiglu_bwd<T>(g, u, ds, out, out + n, n);                                                         \
     }                                                                                                     \
     extern "C" __global__ void swiglu_bwd_inplace_##SUFFIX(T* g, T* u, const T* ds, size_t n) {          \
-        swiglu_bwd_inplace<T>(g, u, ds, n);                                                               \
+        swiglu_bwd<T>(g, u, ds, g, u, n);                                                                 \
     }                                                                                                     \
     extern "C" __global__ void head_dot_##SUFFIX(const T* a, const T* b, float* out, size_t rows, int hd) { \
         head_dot<T>(a, b, out, rows, hd);                                                                 \
