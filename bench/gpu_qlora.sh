@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Arbiter's 4-bit base (Q4_0, dequantized to bf16 per GEMM) vs the notebook's QLoRA
 # (bitsandbytes nf4 + double quant, PEFT, bf16 compute) on one GPU machine, side by side in one
-# run: Llama-3-8B shape, seq 1024, batch 8, LoRA r16 on q,k,v,o, checkpointing on and off.
+# run: Llama-3-8B shape, seq 1024, batch 8, LoRA r16 on q,k,v,o, checkpointing on and off, and
+# (Arbiter) micro-batches of 2 without it.
 # Usage: bench/gpu_qlora.sh [OUTDIR] [SHAPE]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -10,9 +11,11 @@ SHAPE=${2:-llama3-8b}
 mkdir -p "$OUT"
 source bench/gpu_common.sh target-ship/arbiter-cuda.xz
 bs=8; [ "$SHAPE" = smollm2-135m ] && bs=32
+# checkpointing on and off over the whole batch, then the batch as micro-batches of 2 rows
+# accumulated into one optimizer step, checkpointing off (the trainer's gradient_accumulation)
 : > "$OUT/arbiter-q4.jsonl"
-for ckpt in --gradient-checkpointing ""; do
-  $BIN train --shape "$SHAPE" --random-init --device cuda --base-format q4 $ckpt \
+for run in "--gradient-checkpointing" "" "--micro-batch 2"; do
+  $BIN train --shape "$SHAPE" --random-init --device cuda --base-format q4 $run \
     --seq-len 1024 --batch-size $bs --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter-q4.err" | tee -a "$OUT/arbiter-q4.jsonl"
 done
 tail -3 "$OUT/arbiter-q4.err"
@@ -28,15 +31,20 @@ try:
 except Exception:
     ref = {}
 # Arbiter's peak as in gpu_table.py: in use, and in parentheses less the CUDA context
-print("| shape | checkpointing | Arbiter Q4_0 tok/s | QLoRA nf4 tok/s | ratio | Arbiter peak GiB (less context) | QLoRA peak GiB |")
-print("|---|---|---|---|---|---|---|")
+# Arbiter's peaks as in gpu_table.py: on the device (in parentheses less the CUDA context),
+# and allocated, which is what QLoRA's figure is (torch.cuda.max_memory_allocated). The
+# micro-batched run is compared with the checkpointed reference: the same memory budget.
+print("| shape | checkpointing | micro-batch | Arbiter Q4_0 tok/s | QLoRA nf4 tok/s | ratio | Arbiter peak GiB on device (less context) | Arbiter peak GiB allocated | QLoRA peak GiB allocated |")
+print("|---|---|---|---|---|---|---|---|---|")
 for a in arb:
     ck = bool(a["gradient_checkpointing"])
-    r = ref.get(f"{sys.argv[3]}/ckpt={ck}", {})
+    micro = a.get("micro_batch") or a["batch_size"]
+    r = ref.get(f"{sys.argv[3]}/ckpt={ck or micro < a['batch_size']}", {})
     pv = r.get("tok_s")
     ratio = f"{a['tokens_per_s'] / pv:.2f}x" if pv else "n/a"
     pg = r.get("peak_gib")
-    print(f"| {sys.argv[3]} | {'on' if ck else 'off'} | {a['tokens_per_s']:,.0f} | {f'{pv:,.0f}' if pv else 'n/a'} | {ratio} "
-          f"| {(a.get('peak_gpu_bytes') or 0) / 2**30:.1f} ({((a.get('peak_gpu_bytes') or 0) - (a.get('gpu_context_bytes') or 0)) / 2**30:.1f}) "
+    dev, ctx, alloc = (a.get(k) or 0 for k in ("peak_gpu_bytes", "gpu_context_bytes", "peak_allocated_bytes"))
+    print(f"| {sys.argv[3]} | {'on' if ck else 'off'} | {micro} | {a['tokens_per_s']:,.0f} | {f'{pv:,.0f}' if pv else 'n/a'} | {ratio} "
+          f"| {dev / 2**30:.1f} ({(dev - ctx) / 2**30:.1f}) | {alloc / 2**30:.1f} "
           f"| {f'{pg:.1f}' if pg is not None else 'n/a'} |")
 PY

@@ -17,9 +17,10 @@ def peft_row(config, kind, batch, ckpt=False, variant=None):
 
 # Arbiter's peak is device memory in use (total - free, polled through the step), with in
 # parentheses the same less what the CUDA context held before any weight was loaded; PEFT's is
-# torch.cuda.max_memory_allocated, which counts neither the context nor the allocator's cache.
-print("| shape | mode | batch | checkpointing | Arbiter | PEFT | ratio | Arbiter peak GiB (less context) | PEFT peak GiB |")
-print("|---|---|---|---|---|---|---|---|---|")
+# torch.cuda.max_memory_allocated, which counts neither the context nor the allocator's cache;
+# Arbiter's counterpart of that is the allocated column (the CUDA pool's high watermark).
+print("| shape | mode | batch | checkpointing | Arbiter | PEFT | ratio | Arbiter peak GiB (less context) | Arbiter allocated GiB | PEFT peak GiB |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for a in arb:
     shape, mode, b = a["shape"], a["mode"], a["batch_size"]
     if mode == "train":
@@ -31,9 +32,11 @@ for a in arb:
         av, pv, unit = a["sequences_per_s"], (p or {}).get("seq_per_s"), "seq/s"
     ratio = f"{av / pv:.2f}x" if pv else "n/a"
     ag = (a.get("peak_gpu_bytes") or 0) / 2**30
+    al = a.get("peak_allocated_bytes")
+    al_s = f"{al / 2**30:.1f}" if al is not None else "n/a"
     ctx = (a.get("gpu_context_bytes") or 0) / 2**30
     pg = (p or {}).get("peak_gib")
     pv_s = f"{pv:,.1f} {unit}" if pv else "n/a"
     pg_s = f"{pg:.1f}" if pg is not None else "n/a"
     ck = ("on" if a.get("gradient_checkpointing") else "off") if mode == "train" else ""
-    print(f"| {shape} | {mode} | {b} | {ck} | {av:,.1f} {unit} | {pv_s} | {ratio} | {ag:.1f} ({ag - ctx:.1f}) | {pg_s} |")
+    print(f"| {shape} | {mode} | {b} | {ck} | {av:,.1f} {unit} | {pv_s} | {ratio} | {ag:.1f} ({ag - ctx:.1f}) | {al_s} | {pg_s} |")

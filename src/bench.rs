@@ -115,6 +115,14 @@ pub struct BenchArgs {
     /// Activation checkpointing in `bench train` (each decoder block recomputed in the backward).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// With --gradient-checkpointing: recompute only the first N decoder blocks.
+    #[arg(long)]
+    pub checkpointed_layers: Option<usize>,
+    /// Rows per forward and backward in `bench train`: each step runs the batch as micro-batches
+    /// of this many rows, their gradients summed into one optimizer step (the trainer's
+    /// gradient accumulation). Default: the whole batch at once.
+    #[arg(long)]
+    pub micro_batch: Option<usize>,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), bytes.
@@ -251,7 +259,7 @@ fn hf_losses(a: &HfLosses<'_>, device: &Device, fmt: BaseFormat) -> anyhow::Resu
     let labels = Tensor::from_vec(a.labels.to_vec(), a.labels.len(), device)?;
     let mut losses = Vec::with_capacity(a.steps);
     for _ in 0..a.steps {
-        let ctx = LoraCtx::training(None, false);
+        let ctx = LoraCtx::training(None, 0);
         let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), &batch)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         losses.push(loss.to_scalar::<f32>()?);
@@ -295,6 +303,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
     } else {
         BaseModel::load(&args.model, args.base_format, &device)?.llama
     };
+    // what the load staged (f32 draws, weights before quantizing) leaves the pool
+    crate::ml::pool::settle(&device)?;
     let cfg = llama.config().clone();
     let mut vars = Vec::new();
     // --lora-r 0 measures the classifier without an adapter (prediction only)
@@ -311,8 +321,20 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         let ids: Vec<Vec<u32>> = (0..b)
             .map(|i| (0..args.seq_len).map(|j| ((i * 7919 + j * 104_729) % (cfg.vocab_size - 1) + 1) as u32).collect())
             .collect();
-        let batch = Batch::right_padded(&ids, 0, &device)?;
-        let ctx = LoraCtx::training(Some((0.05, 1)), args.gradient_checkpointing);
+        let micro = if training { args.micro_batch.unwrap_or(b).clamp(1, b) } else { b };
+        let micro_batches = ids
+            .chunks(micro)
+            .map(|rows| {
+                let labels = (0..rows.len() as u32).map(|i| i % 3).collect::<Vec<_>>();
+                Ok((Batch::right_padded(rows, 0, &device)?, Tensor::from_vec(labels, rows.len(), &device)?))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let hp = crate::data::hyper::Hyperparameters {
+            gradient_checkpointing: args.gradient_checkpointing,
+            checkpointed_layers: args.checkpointed_layers,
+            ..Default::default()
+        };
+        crate::ml::pool::reset_peak(&device)?;
         let peak_gpu = PeakSampler::start(&device);
         let sample = || {
             if let Some(p) = &peak_gpu {
@@ -321,18 +343,28 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         };
         let run = |training: bool| -> anyhow::Result<()> {
             if training {
-                let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), &batch)?;
-                sync(&device)?;
-                sample();
-                let labels = Tensor::from_vec((0..b as u32).map(|i| i % 3).collect::<Vec<_>>(), b, &device)?;
-                let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
-                let grads = ctx.take_grads(&loss.backward()?, &vars)?;
+                let mut grads: Option<Vec<Tensor>> = None;
+                for (mi, (batch, labels)) in micro_batches.iter().enumerate() {
+                    let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers());
+                    let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), batch)?;
+                    sync(&device)?;
+                    sample();
+                    // each micro-batch weighs by its share of the rows, as in the trainer
+                    let share = labels.dim(0)? as f64 / b as f64;
+                    let loss = (candle_nn::loss::cross_entropy(&logits, labels)? * share)?;
+                    let g = ctx.take_grads(&loss.backward()?, &vars)?;
+                    grads = Some(match grads.take() {
+                        Some(acc) => acc.iter().zip(&g).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
+                        None => g,
+                    });
+                }
+                let grads = grads.ok_or_else(|| anyhow::anyhow!("empty batch"))?;
                 // the trainer's optimizer, as the reference benchmark steps torch's AdamW
                 opt.borrow_mut().step(&grads, 1e-4)?;
             } else {
                 let infer = LoraCtx::default();
                 let adapter = (args.lora_r > 0).then_some((&frozen_lora, &infer));
-                let logits = classifier::logits(&llama, adapter, &head.as_tensor().detach(), &batch)?;
+                let logits = classifier::logits(&llama, adapter, &head.as_tensor().detach(), &micro_batches[0].0)?;
                 let _ = logits.to_vec2::<f32>()?;
             }
             sample();
@@ -365,6 +397,9 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             "device": args.device,
             "base_format": format!("{:?}", fmt),
             "gradient_checkpointing": training && args.gradient_checkpointing,
+            "checkpointed_layers": (training && args.gradient_checkpointing)
+                .then(|| args.checkpointed_layers.unwrap_or(cfg.num_layers).min(cfg.num_layers)),
+            "micro_batch": training.then_some(micro),
             "seq_len": args.seq_len,
             "batch_size": b,
             "steps": args.steps,
@@ -376,6 +411,9 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             "mfu_vs_790": flops_per_token * tokens / secs / 790e12,
             "peak_rss_bytes": peak_rss(),
             "peak_gpu_bytes": peak_gpu.map(PeakSampler::finish),
+            // what tensors held at most (PyTorch's max_memory_allocated), without the CUDA
+            // context, loaded modules and the pool's unused reserve that peak_gpu_bytes counts
+            "peak_allocated_bytes": crate::ml::pool::peak_in_use(&device)?,
             "gpu_context_bytes": context_bytes,
             "weight_bytes": llama.weight_bytes(),
         });

@@ -111,6 +111,9 @@ pub struct TrainArgs {
     /// Activation checkpointing: recompute each decoder block in the backward (less memory).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// With --gradient-checkpointing: recompute only the first N decoder blocks.
+    #[arg(long)]
+    pub checkpointed_layers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -155,6 +158,7 @@ impl TrainArgs {
             calibrate: !self.no_calibrate,
             length_calibration: !self.no_length_calibration,
             gradient_checkpointing: self.gradient_checkpointing,
+            checkpointed_layers: self.checkpointed_layers,
         };
         if let Some(e) = hp.validate().first() {
             anyhow::bail!("--{}: {}", e.field.trim_start_matches("hyperparameters.").replace(['_', '.'], "-"), e.reason);

@@ -179,6 +179,9 @@ async fn negative_nan_and_huge_hyperparameters_name_their_field() {
         (r#"{"lora": {"dropout": -0.5}}"#.into(), 422, "hyperparameters.lora.dropout"),
         (r#"{"class_weights": [1, -1, 1]}"#.into(), 422, "hyperparameters.class_weights"),
         (r#"{"warmup_steps": 99999999999}"#.into(), 422, "hyperparameters.warmup_steps"),
+        (r#"{"checkpointed_layers": 4}"#.into(), 422, "hyperparameters.checkpointed_layers"),
+        (r#"{"gradient_checkpointing": true, "checkpointed_layers": 0}"#.into(), 422, "hyperparameters.checkpointed_layers"),
+        (r#"{"gradient_checkpointing": true, "checkpointed_layers": -2}"#.into(), 422, "hyperparameters.checkpointed_layers"),
     ];
     for (hp, status, field) in cases {
         let body = format!(r#"{{"dataset_id": "{ds}", "hyperparameters": {hp}}}"#);

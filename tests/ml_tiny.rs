@@ -137,7 +137,8 @@ fn hand_written_block_backward_matches_candle_autograd() {
     let dropout = Some((0.2, 77));
     let reference = LoraCtx { dropout, ..LoraCtx::default() };
     let a = grads_with(&m.llama, &rows, &labels, 5, &reference);
-    for recompute in [false, true] {
+    // activations kept in every block, recomputed in the first only, recomputed in all
+    for recompute in [0, 1, usize::MAX] {
         let b = grads_with(&m.llama, &rows, &labels, 5, &LoraCtx::training(dropout, recompute));
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -170,7 +171,7 @@ fn hand_written_block_backward_handles_left_padding() {
         vars.iter().map(|(_, v)| ctx.take_grad(&g, v.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1().unwrap()).collect()
     };
     let a = grads_of(&LoraCtx::default());
-    let b = grads_of(&LoraCtx::training(None, false));
+    let b = grads_of(&LoraCtx::training(None, 0));
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         let err = relative_error(x, y, &format!("factor {i}"));
         assert!(err < 1e-5, "factor {i}: relative error {err}");
@@ -217,7 +218,7 @@ fn lora_and_head_gradients_match_finite_differences() {
     for dropout in [None, Some((0.3f32, 5u64))] {
         finite_difference_check(&LoraCtx { dropout, ..LoraCtx::default() });
         // the training path: hand-written block backwards
-        finite_difference_check(&LoraCtx::training(dropout, false));
+        finite_difference_check(&LoraCtx::training(dropout, 0));
     }
 }
 
@@ -468,12 +469,15 @@ fn checkpointed_training_matches_plain_training() {
         candle_core::safetensors::load(s.adapter_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
     };
     let plain = adapter(&hp);
-    let checkpointed = adapter(&Hyperparameters { gradient_checkpointing: true, ..hp.clone() });
-    assert_eq!(plain.len(), checkpointed.len());
-    for (name, a) in &plain {
-        let b = &checkpointed[name];
-        let d = max_abs_diff(a, b);
-        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(d <= 1e-5 * scale.max(1e-3), "{name}: differs by {d} (scale {scale})");
+    // every block recomputed, and only the first of the two
+    for layers in [None, Some(1)] {
+        let checkpointed = adapter(&Hyperparameters { gradient_checkpointing: true, checkpointed_layers: layers, ..hp.clone() });
+        assert_eq!(plain.len(), checkpointed.len());
+        for (name, a) in &plain {
+            let b = &checkpointed[name];
+            let d = max_abs_diff(a, b);
+            let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(d <= 1e-5 * scale.max(1e-3), "{name} ({layers:?} recomputed): differs by {d} (scale {scale})");
+        }
     }
 }

@@ -73,6 +73,10 @@ pub struct Hyperparameters {
     /// Activation checkpointing: keep only each decoder block's input in the forward and
     /// recompute the block in the backward (less memory, about one more forward of time).
     pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`: how many decoder blocks, from the first, are recomputed;
+    /// the others keep their activations (more memory, less time). Null: every block; a number
+    /// above the model's block count means every block.
+    pub checkpointed_layers: Option<usize>,
 }
 
 impl Default for Hyperparameters {
@@ -96,6 +100,7 @@ impl Default for Hyperparameters {
             calibrate: true,
             length_calibration: true,
             gradient_checkpointing: false,
+            checkpointed_layers: None,
         }
     }
 }
@@ -166,7 +171,24 @@ impl Hyperparameters {
                 bad("class_weights", format!("must be three positive finite numbers, got {w:?}"));
             }
         }
+        if let Some(n) = self.checkpointed_layers {
+            if !self.gradient_checkpointing {
+                bad("checkpointed_layers", "needs gradient_checkpointing: true".into());
+            } else if !(1..=1024).contains(&n) {
+                bad("checkpointed_layers", format!("must be between 1 and 1024, got {n}"));
+            }
+        }
         errs
+    }
+
+    /// How many decoder blocks, from the first, recompute their activations in the backward
+    /// (`LoraCtx::recompute_layers`).
+    pub fn recomputed_layers(&self) -> usize {
+        match (self.gradient_checkpointing, self.checkpointed_layers) {
+            (false, _) => 0,
+            (true, None) => usize::MAX,
+            (true, Some(n)) => n,
+        }
     }
 }
 
@@ -192,6 +214,24 @@ mod tests {
             fields,
             ["hyperparameters.learning_rate", "hyperparameters.lora.r", "hyperparameters.lora.target_modules"]
         );
+    }
+
+    #[test]
+    fn checkpointed_layers_need_checkpointing_and_a_count() {
+        let alone: Hyperparameters = serde_json::from_str(r#"{"checkpointed_layers": 4}"#).unwrap();
+        let e = alone.validate();
+        assert_eq!((e.len(), e[0].field.as_str()), (1, "hyperparameters.checkpointed_layers"));
+        assert!(e[0].reason.contains("gradient_checkpointing"), "{}", e[0].reason);
+        let zero: Hyperparameters =
+            serde_json::from_str(r#"{"gradient_checkpointing": true, "checkpointed_layers": 0}"#).unwrap();
+        assert_eq!(zero.validate()[0].field, "hyperparameters.checkpointed_layers");
+        let some: Hyperparameters =
+            serde_json::from_str(r#"{"gradient_checkpointing": true, "checkpointed_layers": 4}"#).unwrap();
+        assert!(some.validate().is_empty());
+        assert_eq!(some.recomputed_layers(), 4);
+        let all = Hyperparameters { gradient_checkpointing: true, ..Default::default() };
+        assert_eq!(all.recomputed_layers(), usize::MAX);
+        assert_eq!(Hyperparameters::default().recomputed_layers(), 0);
     }
 
     #[test]

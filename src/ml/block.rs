@@ -10,7 +10,8 @@
 //! go to the context's `BlockGrads`), with SwiGLU and attention's row sums fused (`fused`). The
 //! norm outputs and `silu(gate) * up` are recomputed rather than kept, and only when a linear
 //! that reads them has an adapter. Under activation checkpointing nothing but the block's input is
-//! kept and the backward reruns the forward first.
+//! kept and the backward reruns the forward first; it can cover only the first blocks
+//! (`LoraCtx::recompute_layers`), trading memory for speed between the two.
 
 use std::sync::{Arc, Mutex};
 
@@ -210,7 +211,7 @@ pub(super) fn trained_block(
     let layer = Layer { blk: blk.clone(), li, lora: lora.layer(li), dropout: ctx.dropout, inp: inp.clone() };
     let (out, saved) = layer.forward(&x.detach())?;
     // taken by the backward, so each block's activations are freed as soon as it has run
-    let saved = Mutex::new((!ctx.recompute).then_some(saved));
+    let saved = Mutex::new((li >= ctx.recompute_layers).then_some(saved));
     let grads = grads.clone();
     ops::with_grad("decoder-block", x, out, move |xs, _, grad| {
         let xs = xs.detach();

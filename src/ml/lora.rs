@@ -58,16 +58,17 @@ pub struct LoraCtx {
     /// records every op in candle's graph (the reference the hand-written backward is tested
     /// against).
     pub block_grads: Option<BlockGrads>,
-    /// With `block_grads`: activation checkpointing, each block keeps only its input and
-    /// recomputes its activations in the backward.
-    pub recompute: bool,
+    /// With `block_grads`: activation checkpointing of the first this many decoder blocks,
+    /// each keeping only its input and recomputing its activations in the backward (0: none,
+    /// `usize::MAX`: all). The later blocks keep their activations.
+    pub recompute_layers: usize,
 }
 
 impl LoraCtx {
-    /// The context of a training forward: hand-written block backwards, with or without
-    /// activation checkpointing.
-    pub fn training(dropout: Option<(f32, u64)>, checkpointing: bool) -> LoraCtx {
-        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute: checkpointing }
+    /// The context of a training forward: hand-written block backwards, the first
+    /// `recompute_layers` blocks under activation checkpointing.
+    pub fn training(dropout: Option<(f32, u64)>, recompute_layers: usize) -> LoraCtx {
+        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers }
     }
 
     /// The gradient of a trained tensor after a backward through a forward run with this

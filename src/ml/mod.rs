@@ -83,6 +83,7 @@ pub mod norm;
 pub mod lora;
 pub mod observe;
 pub mod pool;
+pub mod quant;
 pub mod ops;
 pub mod serve;
 pub mod tokenizer;
@@ -115,6 +116,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(fused::check_device(device)?);
     checks.extend(adamw::check_device(device)?);
     checks.extend(flash::check_device(device)?);
+    checks.extend(quant::check_device(device)?);
     Ok(checks)
 }
 

@@ -60,11 +60,9 @@ pub struct BaseModel {
 impl BaseModel {
     /// Load a `.gguf` file or a Hugging Face directory.
     pub fn load(path: &Path, format: BaseFormat, device: &Device) -> Result<BaseModel, MlError> {
-        if path.is_dir() {
-            Self::load_hf(path, format, device)
-        } else {
-            Self::load_gguf(path, format, device)
-        }
+        let model = if path.is_dir() { Self::load_hf(path, format, device)? } else { Self::load_gguf(path, format, device)? };
+        super::pool::settle(device)?;
+        Ok(model)
     }
 
     fn load_gguf(path: &Path, format: BaseFormat, device: &Device) -> Result<BaseModel, MlError> {

@@ -226,7 +226,13 @@ impl FrozenLinear {
     pub fn dense_weight(&self, dtype: DType) -> Result<Tensor> {
         match &self.weight {
             FrozenWeight::Dense(w) => w.to_dtype(dtype),
-            FrozenWeight::Quantized(q) => q.dequantize(&q.device())?.to_dtype(dtype),
+            FrozenWeight::Quantized(q) => match dtype {
+                DType::BF16 => match super::quant::dequantize_bf16(q)? {
+                    Some(w) => Ok(w),
+                    None => q.dequantize(&q.device())?.to_dtype(dtype),
+                },
+                _ => q.dequantize(&q.device())?.to_dtype(dtype),
+            },
         }
     }
 

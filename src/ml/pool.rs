@@ -3,7 +3,7 @@
 //! reads its loss, a prediction its probabilities) the pool hands all freed memory back to the
 //! driver, and the next step maps it again, allocation by allocation. `retain` keeps freed memory
 //! in the pool instead (as PyTorch's caching allocator does); `trim` hands it back, for when a
-//! job is done. Both do nothing on the CPU.
+//! job is done, `settle` after a model is loaded. All do nothing on the CPU.
 
 use candle_core::{Device, Result};
 
@@ -20,6 +20,48 @@ pub fn trim(device: &Device) -> Result<()> {
         use candle_core::cuda_backend::WrapErr;
         // SAFETY: a valid pool handle from the driver
         unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().w()?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// After loading weights: wait for the device, then `trim`, so the pool does not keep the
+/// memory of the load's staging tensors (f32 draws, dense weights before quantizing) reserved.
+pub fn settle(device: &Device) -> Result<()> {
+    device.synchronize()?;
+    trim(device)
+}
+
+/// The most memory the pool's allocations held at once (what live tensors take, without the
+/// pool's unused reserve: the counterpart of PyTorch's `max_memory_allocated`) since the last
+/// `reset_peak`; `None` on the CPU.
+pub fn peak_in_use(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = default_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use candle_core::cuda_backend::WrapErr;
+        let mut value = 0u64;
+        // SAFETY: the high-watermark attribute writes a u64 through the pointer
+        unsafe { sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut value as *mut u64).cast()) }
+            .result()
+            .w()?;
+        return Ok(Some(value));
+    }
+    let _ = device;
+    Ok(None)
+}
+
+/// Restart `peak_in_use` from what is in use now.
+pub fn reset_peak(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Some(pool) = default_pool(device)? {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use candle_core::cuda_backend::WrapErr;
+        let mut zero = 0u64;
+        // SAFETY: the high watermark is reset by setting it to zero through a u64 pointer
+        unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero as *mut u64).cast()) }
+            .result()
+            .w()?;
     }
     let _ = device;
     Ok(())
