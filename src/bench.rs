@@ -315,7 +315,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
     }
     let head = Var::zeros((3, cfg.hidden_size), DType::F32, &device)?;
     vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
-    let frozen_lora = lora.detached();
+    // as the prediction service holds a loaded adapter
+    let frozen_lora = lora.for_inference(llama.dtype())?;
     let opt = std::cell::RefCell::new(crate::ml::adamw::AdamW::new(vars.clone(), 0.0)?);
     for &b in &args.batch_size {
         let ids: Vec<Vec<u32>> = (0..b)

@@ -135,7 +135,9 @@ impl Layer {
         fused::contiguous_rows(&x.transpose(1, 2)?)?.reshape((b, t, h * hd))
     }
 
-    fn forward(&self, x: &Tensor) -> Result<(Tensor, Saved)> {
+    /// The block's output, and with `keep` what its backward reads (without, each activation
+    /// is freed as soon as it has been used: inference).
+    fn forward(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Saved>)> {
         let cfg = &self.inp.cfg;
         let sin = &self.inp.sin;
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
@@ -146,13 +148,15 @@ impl Layer {
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
         let y = self.merge(&y)?;
         let mid = fused::add(x, &self.linear(Proj::O, &y)?)?;
+        let attention = keep.then_some((q, k, v, y, lse));
         let h = ops::rms_norm(&mid, &self.blk.ffn_norm, self.eps())?;
         let gate = self.linear(Proj::Gate, &h)?;
         let up = self.linear(Proj::Up, &h)?;
         drop(h);
         let s = fused::swiglu(&gate, &up)?;
         let out = fused::add(&mid, &self.linear(Proj::Down, &s)?)?;
-        Ok((out, Saved { q, k, v, y, lse, mid, gate, up }))
+        let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, gate, up });
+        Ok((out, saved))
     }
 
     fn backward(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
@@ -209,17 +213,25 @@ pub(super) fn trained_block(
     inp: &Arc<BlockInputs>,
 ) -> Result<Tensor> {
     let layer = Layer { blk: blk.clone(), li, lora: lora.layer(li), dropout: ctx.dropout, inp: inp.clone() };
-    let (out, saved) = layer.forward(&x.detach())?;
     // taken by the backward, so each block's activations are freed as soon as it has run
-    let saved = Mutex::new((li >= ctx.recompute_layers).then_some(saved));
+    let (out, saved) = layer.forward(&x.detach(), li >= ctx.recompute_layers)?;
+    let saved = Mutex::new(saved);
     let grads = grads.clone();
     ops::with_grad("decoder-block", x, out, move |xs, _, grad| {
         let xs = xs.detach();
         let kept = saved.lock().map_err(|_| candle_core::Error::Msg("decoder block: poisoned lock".into()))?.take();
         let saved = match kept {
             Some(s) => s,
-            None => layer.forward(&xs)?.1,
+            None => layer.forward(&xs, true)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
         };
         layer.backward(&xs, saved, &grad.detach(), &grads)
     })
+}
+
+/// Decoder block `li` of a forward outside autograd (inference): the training forward's kernels
+/// and layouts (q, k, v in the projections' memory, flash attention, the fused adds and SwiGLU),
+/// every activation freed once used. `lora`'s factors must not be tracked.
+pub(super) fn inference_block(blk: &Block, li: usize, x: &Tensor, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>) -> Result<Tensor> {
+    let layer = Layer { blk: blk.clone(), li, lora: lora.layer(li), dropout, inp: inp.clone() };
+    Ok(layer.forward(x, false)?.0)
 }

@@ -542,11 +542,17 @@ impl Llama {
             // the first block's input must be tracked for its node to be recorded
             x = Var::from_tensor(&x)?.as_tensor().clone();
         }
+        // outside autograd (no tracked factors, an untracked input): the inference blocks
+        let untracked = (!x.track_op() && lora.is_none_or(|(l, _)| !l.tracked())).then(|| match lora {
+            Some((l, ctx)) => (l.detached(), ctx.dropout),
+            None => (Lora::none(), None),
+        });
         for (li, blk) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", layer = li).entered();
-            x = match &trained {
-                None => block(blk, li, &x, lora, &inputs)?,
-                Some((l, ctx, grads)) => super::block::trained_block(blk, li, &x, l, ctx, grads, &inputs)?,
+            x = match (&trained, &untracked) {
+                (Some((l, ctx, grads)), _) => super::block::trained_block(blk, li, &x, l, ctx, grads, &inputs)?,
+                (None, Some((l, dropout))) => super::block::inference_block(blk, li, &x, l, *dropout, &inputs)?,
+                (None, None) => block(blk, li, &x, lora, &inputs)?,
             };
         }
         if last_only {
@@ -618,8 +624,10 @@ fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-/// One decoder block: attention and MLP, each pre-normed and residual. Through tracked LoRA
-/// factors every op is a node of candle's graph; training uses `block::trained_block`.
+/// One decoder block: attention and MLP, each pre-normed and residual, every op a node of
+/// candle's graph (through tracked LoRA factors: the reference the hand-written block backward
+/// is tested against). Training uses `block::trained_block`, forwards outside autograd
+/// `block::inference_block`.
 fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, inp: &BlockInputs) -> candle_core::Result<Tensor> {
     let cfg = &inp.cfg;
     let (b, t) = (inp.b, inp.t);

@@ -110,6 +110,9 @@ pub struct Lora {
     cfg: LoraConfig,
     scale: f64,
     factors: BTreeMap<(usize, Proj), (Tensor, Tensor)>,
+    /// Factors prepared for inference (`for_inference`): A `[r, in]` and the scaled, transposed
+    /// B `[r, out]`, both in the activations' dtype. Forward only.
+    prepared: bool,
 }
 
 impl Lora {
@@ -140,7 +143,7 @@ impl Lora {
             }
         }
         let scale = cfg.scale();
-        Ok(Lora { cfg, scale, factors })
+        Ok(Lora { cfg, scale, factors, prepared: false })
     }
 
     /// Factors from tensors keyed by PEFT name (a loaded adapter or checkpoint). With `vars`,
@@ -183,7 +186,7 @@ impl Lora {
             }
         }
         let scale = cfg.scale();
-        Ok(Lora { cfg, scale, factors })
+        Ok(Lora { cfg, scale, factors, prepared: false })
     }
 
     /// Factors keyed by PEFT name, used exactly as given (same dtype, same graph nodes).
@@ -203,20 +206,20 @@ impl Lora {
             }
         }
         let scale = cfg.scale();
-        Ok(Lora { cfg, scale, factors })
+        Ok(Lora { cfg, scale, factors, prepared: false })
     }
 
     /// The same factors outside any autograd graph (shared storage), for inference: a forward
     /// through trainable variables would otherwise record a graph and keep every activation.
     pub fn detached(&self) -> Lora {
         let factors = self.factors.iter().map(|(k, (a, b))| (*k, (a.detach(), b.detach()))).collect();
-        Lora { cfg: self.cfg.clone(), scale: self.scale, factors }
+        Lora { cfg: self.cfg.clone(), scale: self.scale, factors, prepared: self.prepared }
     }
 
     /// The factors of one layer only (the same tensors, so gradients still reach them).
     pub fn layer(&self, layer: usize) -> Lora {
         let factors = self.factors.iter().filter(|(k, _)| k.0 == layer).map(|(k, f)| (*k, f.clone())).collect();
-        Lora { cfg: self.cfg.clone(), scale: self.scale, factors }
+        Lora { cfg: self.cfg.clone(), scale: self.scale, factors, prepared: self.prepared }
     }
 
     /// Factors converted to `dtype` (inference in bf16, say).
@@ -225,7 +228,36 @@ impl Lora {
         for (k, (a, b)) in &self.factors {
             factors.insert(*k, (a.to_dtype(dtype)?, b.to_dtype(dtype)?));
         }
-        Ok(Lora { cfg: self.cfg.clone(), scale: self.scale, factors })
+        Ok(Lora { cfg: self.cfg.clone(), scale: self.scale, factors, prepared: self.prepared })
+    }
+
+    /// The factors ready for inference in `dtype`: A cast once, B scaled, transposed and cast
+    /// once (in f32, then rounded), so that each adapted linear of a forward is three GEMMs
+    /// (the base, `x A^T`, and `(x A^T)(sB)^T` accumulated into the base's output) instead of
+    /// casts, a scaling and a transposing copy per call. The result serves forwards only.
+    pub fn for_inference(&self, dtype: DType) -> Result<Lora, MlError> {
+        if self.prepared {
+            return Ok(self.detached());
+        }
+        let mut factors = BTreeMap::new();
+        for (k, (a, b)) in &self.factors {
+            let a = a.detach().to_dtype(dtype)?.contiguous()?;
+            let bs_t = (b.detach().to_dtype(DType::F32)? * self.scale)?.t()?.to_dtype(dtype)?.contiguous()?;
+            factors.insert(*k, (a, bs_t));
+        }
+        Ok(Lora { cfg: self.cfg.clone(), scale: self.scale, factors, prepared: true })
+    }
+
+    /// No adapter at all (a forward through the frozen base only).
+    pub fn none() -> Lora {
+        let cfg = LoraConfig { r: 0, alpha: 0.0, dropout: 0.0, targets: Vec::new() };
+        Lora { cfg, scale: 0.0, factors: BTreeMap::new(), prepared: true }
+    }
+
+    /// Whether a forward through these factors is recorded by autograd (they are variables, or
+    /// computed from some).
+    pub fn tracked(&self) -> bool {
+        self.factors.values().any(|(a, b)| a.track_op() || b.track_op())
     }
 
     pub fn factors(&self) -> impl Iterator<Item = (&(usize, Proj), &(Tensor, Tensor))> {
@@ -236,6 +268,7 @@ impl Lora {
     /// `ops::lora_linear`), or the base alone when that linear has no adapter.
     pub fn linear(&self, base: &FrozenLinear, layer: usize, p: Proj, x: &Tensor, ctx: &LoraCtx) -> candle_core::Result<Tensor> {
         match self.parts(base, layer, p, ctx.dropout) {
+            Some((parts, a, b)) if parts.prepared => parts.forward(x, a, b),
             Some((parts, a, b)) => super::ops::lora_linear(base, x, a, b, parts.scale, parts.dropout),
             None => base.forward(x),
         }
@@ -249,7 +282,7 @@ impl Lora {
             Some((prob, seed)) if prob > 0.0 => Some((prob, mix(seed, layer as u64, p as u64))),
             _ => None,
         };
-        Some((LoraParts { base: base.clone(), scale: self.scale, dropout }, a, b))
+        Some((LoraParts { base: base.clone(), scale: self.scale, dropout, prepared: self.prepared }, a, b))
     }
 }
 

@@ -416,7 +416,7 @@ pub fn lora_linear(
     scale: f64,
     dropout: Option<(f32, u64)>,
 ) -> Result<Tensor> {
-    let lora = LoraParts { base: base.clone(), scale, dropout };
+    let lora = LoraParts { base: base.clone(), scale, dropout, prepared: false };
     let y = lora.forward(&x.detach(), &a.detach(), &b.detach())?;
     if !(x.track_op() || a.track_op() || b.track_op()) {
         return Ok(y);
@@ -425,12 +425,14 @@ pub fn lora_linear(
 }
 
 /// One adapted linear: the frozen base, the adapter scale and the dropout on the adapter's
-/// input (probability and mask seed).
+/// input (probability and mask seed); `prepared` when its factors come from
+/// `Lora::for_inference` (A in the activations' dtype, B as `(scale B)^T`).
 #[derive(Clone)]
 pub struct LoraParts {
     pub base: FrozenLinear,
     pub scale: f64,
     pub dropout: Option<(f32, u64)>,
+    pub prepared: bool,
 }
 
 impl LoraParts {
@@ -448,7 +450,7 @@ impl LoraParts {
         let dtype = x.dtype();
         let h = linear_nt(&self.dropped(x)?, &a.to_dtype(dtype)?)?;
         // the scale goes on the small B factor, not on the [tokens, out] product
-        let bs_t = (b.to_dtype(dtype)? * self.scale)?.t()?.contiguous()?;
+        let bs_t = if self.prepared { b.to_dtype(dtype)? } else { (b.to_dtype(dtype)? * self.scale)?.t()?.contiguous()? };
         let r = h.dim(D::Minus1)?;
         // (a base output of another dtype than the input takes gemm_into's plain sum)
         gemm_into(y, &h.reshape((h.elem_count() / r, r))?, &bs_t)
@@ -460,6 +462,9 @@ impl LoraParts {
     /// it (`FrozenLinear::input_grad_into`); the adapter's part of it, `dropout(grad B A)`, is
     /// added in place by the dropout kernel.
     pub fn backward(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad: &Tensor, needs_dx: bool, acc: Option<Tensor>) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+        if self.prepared {
+            candle_core::bail!("lora backward: factors prepared for inference have no gradients");
+        }
         let dtype = x.dtype();
         let g = grad.to_dtype(dtype)?;
         let ad = a.to_dtype(dtype)?;

@@ -99,7 +99,7 @@ pub enum ServeError {
     Internal,
 }
 
-/// An adapter ready for inference (factors detached from any autograd graph), with its base.
+/// An adapter ready for inference (factors prepared once: `Lora::for_inference`), with its base.
 pub struct LoadedAdapter {
     /// The caller's key (the adapter's id in the store).
     pub key: String,
@@ -359,16 +359,19 @@ impl Engine {
             return Ok(a);
         }
         let started = Instant::now();
-        let loaded = adapter::load(dir, &base.llama).map_err(|e| {
-            tracing::warn!(adapter = key, error = %e, "cannot load adapter");
-            ServeError::Adapter { key: key.to_string() }
-        })?;
+        let loaded = adapter::load(dir, &base.llama)
+            .and_then(|a| Ok((a.lora.for_inference(base.llama.dtype())?, a)))
+            .map_err(|e| {
+                tracing::warn!(adapter = key, error = %e, "cannot load adapter");
+                ServeError::Adapter { key: key.to_string() }
+            })?;
+        let (lora, loaded) = loaded;
         let a = Arc::new(LoadedAdapter {
             key: key.to_string(),
             dir: dir.to_path_buf(),
             meta: loaded.meta,
             base,
-            lora: loaded.lora.detached(),
+            lora,
             head: loaded.head.detach(),
         });
         tracing::info!(adapter = key, seconds = started.elapsed().as_secs_f64(), "adapter loaded");

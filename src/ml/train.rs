@@ -177,7 +177,7 @@ pub fn predict_logits(
     let mut out = vec![[0f32; 3]; encoded.len()];
     let ctx = LoraCtx::default();
     // inference: no autograd graph, even when the factors are trainable variables
-    let lora = lora.map(Lora::detached);
+    let lora = lora.map(|l| l.for_inference(base.llama.dtype())).transpose()?;
     let head = head.detach();
     for chunk in order.chunks(batch_size.max(1)) {
         let rows: Vec<Vec<u32>> = chunk.iter().map(|i| encoded[*i].clone()).collect();
