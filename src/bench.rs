@@ -315,8 +315,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
     }
     let head = Var::zeros((3, cfg.hidden_size), DType::F32, &device)?;
     vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
-    // as the prediction service holds a loaded adapter
-    let frozen_lora = lora.for_inference(llama.dtype())?;
+    // as the prediction service holds a loaded adapter (merged, for a small model)
+    let served = crate::ml::serve::prepare(&llama, &lora)?;
     let opt = std::cell::RefCell::new(crate::ml::adamw::AdamW::new(vars.clone(), 0.0)?);
     for &b in &args.batch_size {
         let ids: Vec<Vec<u32>> = (0..b)
@@ -364,8 +364,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 opt.borrow_mut().step(&grads, 1e-4)?;
             } else {
                 let infer = LoraCtx::default();
-                let adapter = (args.lora_r > 0).then_some((&frozen_lora, &infer));
-                let logits = classifier::logits(&llama, adapter, &head.as_tensor().detach(), &micro_batches[0].0)?;
+                let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };
+                let logits = classifier::logits(model, adapter, &head.as_tensor().detach(), &micro_batches[0].0)?;
                 let _ = logits.to_vec2::<f32>()?;
             }
             sample();

@@ -481,3 +481,44 @@ fn checkpointed_training_matches_plain_training() {
         }
     }
 }
+
+#[test]
+fn served_adapters_score_as_the_autograd_forward_does() {
+    // The three inference routes of an adapter against candle's op-by-op forward through the
+    // trainable factors (the reference): the factors prepared once (`for_inference`), and the
+    // adapter merged into the weights (`serve::prepare` merges a model this small). f32 on
+    // left-padded rows: the same arithmetic in another order, 1e-5 relative.
+    use arbiter::ml::serve::{prepare, Served};
+    let (_d, m) = tiny(BaseFormat::F32);
+    let dev = Device::Cpu;
+    let rows = rand_rows(3, (2, 9), 11);
+    let batch = Batch::left_padded(&rows, 0, &dev).unwrap();
+    let cfg = LoraConfig::from_names(2, 4.0, 0.0, &["q_proj", "v_proj", "o_proj", "down_proj"].map(String::from)).unwrap();
+    let mut vars: Vec<(String, Var)> = Vec::new();
+    let lora = Lora::init(cfg, m.llama.config(), 5, &dev, &mut vars).unwrap();
+    for (i, (name, v)) in vars.iter().enumerate() {
+        if name.contains("lora_B") {
+            v.set(&seeded(v.dims(), 0.2, 60 + i as u64)).unwrap();
+        }
+    }
+    let head = seeded(&[3, HIDDEN], 1.0, 9);
+    let ctx = LoraCtx::default();
+    let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+    let reference = flat(classifier::logits(&m.llama, Some((&lora, &ctx)), &head, &batch).unwrap());
+    let prepared = lora.for_inference(DType::F32).unwrap();
+    let factors = flat(classifier::logits(&m.llama, Some((&prepared, &ctx)), &head, &batch).unwrap());
+    let served = prepare(&m.llama, &lora).unwrap();
+    assert!(matches!(served, Served::Merged(_)), "a tiny dense model is served merged");
+    let (model, adapter) = served.parts(&m.llama, &ctx);
+    let merged = flat(classifier::logits(model, adapter, &head, &batch).unwrap());
+    let without = flat(classifier::logits(&m.llama, None, &head, &batch).unwrap());
+    for (what, got) in [("prepared factors", &factors), ("merged", &merged)] {
+        let err = relative_error(&reference, got, what);
+        assert!(err < 1e-5, "{what}: relative error {err}");
+    }
+    // and the adapter does change the scores (the comparison above is not vacuous)
+    assert!(relative_error(&reference, &without, "base") > 1e-3);
+    // a 4-bit base is never merged (that would need dense copies): prepared factors
+    let (_q, q4) = tiny(BaseFormat::Q4);
+    assert!(matches!(prepare(&q4.llama, &lora).unwrap(), Served::Factors(_)));
+}

@@ -220,6 +220,7 @@ pub(super) struct Block {
 }
 
 /// The frozen backbone.
+#[derive(Clone)]
 pub struct Llama {
     cfg: Config,
     embed: Tensor,
@@ -308,6 +309,31 @@ impl Llama {
     pub fn weight_bytes(&self) -> usize {
         let lin: usize = self.blocks.iter().flat_map(|b| b.proj.iter()).map(|l| l.weight_bytes()).sum();
         lin + self.embed.elem_count() * self.embed.dtype().size_in_bytes()
+    }
+
+    /// This model with `lora` merged into its weights (`W + scale B A`, computed in f32 and
+    /// rounded once to the weights' dtype), sharing every other tensor; `None` when an adapted
+    /// linear is quantized. The merged copies take `merged_bytes(lora)`.
+    pub fn merged(&self, lora: &Lora) -> Result<Option<Llama>, MlError> {
+        let mut blocks = self.blocks.clone();
+        for ((layer, p), delta) in lora.deltas()? {
+            let ops::FrozenWeight::Dense(w) = self.blocks[layer].proj[p as usize].weight() else {
+                return Ok(None);
+            };
+            let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
+            blocks[layer].proj[p as usize] = FrozenLinear::dense(merged)?;
+        }
+        Ok(Some(Llama { blocks, ..self.clone() }))
+    }
+
+    /// Bytes of the weight copies `merged` makes for `lora`.
+    pub fn merged_bytes(&self, lora: &Lora) -> usize {
+        lora.factors()
+            .map(|((layer, p), _)| {
+                let l = &self.blocks[*layer].proj[*p as usize];
+                l.out_features() * l.in_features() * self.dtype.size_in_bytes()
+            })
+            .sum()
     }
 
     pub fn proj(&self, layer: usize, p: Proj) -> &FrozenLinear {

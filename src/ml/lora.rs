@@ -248,6 +248,20 @@ impl Lora {
         Ok(Lora { cfg: self.cfg.clone(), scale: self.scale, factors, prepared: true })
     }
 
+    /// `scale · B A` of each adapted linear, `[out, in]` in f32: what merging adds to the
+    /// frozen weight.
+    pub fn deltas(&self) -> Result<Vec<((usize, Proj), Tensor)>, MlError> {
+        let mut out = Vec::with_capacity(self.factors.len());
+        for (k, (a, b)) in &self.factors {
+            let a = a.detach().to_dtype(DType::F32)?;
+            let b = b.detach().to_dtype(DType::F32)?;
+            // prepared factors hold (scale B)^T
+            let d = if self.prepared { b.t()?.matmul(&a)? } else { (b.matmul(&a)? * self.scale)? };
+            out.push((*k, d));
+        }
+        Ok(out)
+    }
+
     /// No adapter at all (a forward through the frozen base only).
     pub fn none() -> Lora {
         let cfg = LoraConfig { r: 0, alpha: 0.0, dropout: 0.0, targets: Vec::new() };

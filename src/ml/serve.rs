@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 
 use super::adapter::{self, AdapterMeta};
 use super::classifier;
-use super::llama::Batch;
+use super::llama::{Batch, Llama};
 use super::lora::{Lora, LoraCtx};
 use super::model::BaseModel;
 use super::MlError;
@@ -99,15 +99,50 @@ pub enum ServeError {
     Internal,
 }
 
-/// An adapter ready for inference (factors prepared once: `Lora::for_inference`), with its base.
+/// An adapter ready for inference, with its base: merged into a copy of the adapted weights
+/// when that copy is small (`prepare`), else its factors prepared once (`Lora::for_inference`).
 pub struct LoadedAdapter {
     /// The caller's key (the adapter's id in the store).
     pub key: String,
     pub dir: PathBuf,
     pub meta: AdapterMeta,
     pub base: Arc<BaseModel>,
-    lora: Lora,
+    served: Served,
     head: Tensor,
+}
+
+/// How a loaded adapter runs its forwards (`prepare`).
+pub enum Served {
+    /// The base with the adapter merged into copies of the adapted weights.
+    Merged(Llama),
+    /// The shared base, the adapter's factors applied beside each adapted linear.
+    Factors(Lora),
+}
+
+impl Served {
+    /// The model and adapter a forward runs through, on `base`.
+    pub fn parts<'a>(&'a self, base: &'a Llama, ctx: &'a LoraCtx) -> (&'a Llama, Option<(&'a Lora, &'a LoraCtx)>) {
+        match self {
+            Served::Merged(m) => (m, None),
+            Served::Factors(l) => (base, Some((l, ctx))),
+        }
+    }
+}
+
+/// Largest copy of adapted weights merged per loaded adapter. Small models are bound by kernel
+/// launches (merged, an adapted linear is one GEMM instead of three); a large model's copies
+/// would cost gigabytes per hot adapter for little gain, its GEMMs dominating.
+pub const MERGE_MAX_BYTES: usize = 256 << 20;
+
+/// `lora` ready to serve on `base`: merged where the copies take at most `MERGE_MAX_BYTES` and
+/// the adapted weights are dense, else prepared factors.
+pub fn prepare(base: &Llama, lora: &Lora) -> Result<Served, MlError> {
+    if base.merged_bytes(lora) <= MERGE_MAX_BYTES {
+        if let Some(m) = base.merged(lora)? {
+            return Ok(Served::Merged(m));
+        }
+    }
+    Ok(Served::Factors(lora.for_inference(base.dtype())?))
 }
 
 impl LoadedAdapter {
@@ -359,19 +394,18 @@ impl Engine {
             return Ok(a);
         }
         let started = Instant::now();
-        let loaded = adapter::load(dir, &base.llama)
-            .and_then(|a| Ok((a.lora.for_inference(base.llama.dtype())?, a)))
+        let (served, loaded) = adapter::load(dir, &base.llama)
+            .and_then(|a| Ok((prepare(&base.llama, &a.lora)?, a)))
             .map_err(|e| {
                 tracing::warn!(adapter = key, error = %e, "cannot load adapter");
                 ServeError::Adapter { key: key.to_string() }
             })?;
-        let (lora, loaded) = loaded;
         let a = Arc::new(LoadedAdapter {
             key: key.to_string(),
             dir: dir.to_path_buf(),
             meta: loaded.meta,
             base,
-            lora,
+            served,
             head: loaded.head.detach(),
         });
         tracing::info!(adapter = key, seconds = started.elapsed().as_secs_f64(), "adapter loaded");
@@ -607,7 +641,8 @@ fn forward(adapter: &LoadedAdapter, ids: &[Vec<u32>]) -> Result<Vec<[f32; 3]>, M
     let base = &adapter.base;
     let batch = Batch::right_padded(ids, base.pad_id, base.llama.device())?;
     let ctx = LoraCtx::default();
-    let logits = classifier::logits(&base.llama, Some((&adapter.lora, &ctx)), &adapter.head, &batch)?;
+    let (llama, lora) = adapter.served.parts(&base.llama, &ctx);
+    let logits = classifier::logits(llama, lora, &adapter.head, &batch)?;
     Ok(logits.to_vec2::<f32>()?.into_iter().map(|r| [r[0], r[1], r[2]]).collect())
 }
 
