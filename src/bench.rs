@@ -23,6 +23,7 @@ pub fn parse_device(s: &str) -> anyhow::Result<Device> {
             }
             let device = Device::new_cuda(n)?;
             crate::ml::pool::retain(&device)?;
+            crate::ml::pool::single_stream(&device);
             Ok(device)
         }
         other => anyhow::bail!("unknown device {other:?}: expected cpu, cuda or cuda:N"),

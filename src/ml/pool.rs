@@ -12,6 +12,22 @@ pub fn retain(device: &Device) -> Result<()> {
     set_threshold(device, u64::MAX)
 }
 
+/// Stop cudarc recording a CUDA event at each allocation and use of a buffer (it does so once
+/// a context has a stream of its own, as candle's device has, to order uses across streams):
+/// every kernel, copy and free of Arbiter's runs on the device's one stream, in order, so
+/// those events order nothing. `ARBITER_CUDA_EVENT_TRACKING=1` keeps them (to compare).
+pub fn single_stream(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        if std::env::var("ARBITER_CUDA_EVENT_TRACKING").as_deref() != Ok("1") {
+            // SAFETY: all work on this device goes to the one stream candle created for it
+            // (kernels, cuBLAS, copies, stream-ordered frees), so stream order alone orders it
+            unsafe { d.cuda_stream().context().disable_event_tracking() };
+        }
+    }
+    let _ = device;
+}
+
 /// Hand the pool's unused memory back to the driver (what live tensors hold stays).
 pub fn trim(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
