@@ -19,6 +19,10 @@ for run in "--gradient-checkpointing" "" "--micro-batch 2"; do
     --seq-len 1024 --batch-size $bs --steps ${STEPS:-5} --warmup 2 2>>"$OUT/arbiter-q4.err" | tee -a "$OUT/arbiter-q4.jsonl"
 done
 tail -3 "$OUT/arbiter-q4.err"
+if [ -z "${SKIP_PEFT:-}" ] && ! python3 -c 'import bitsandbytes' 2>/dev/null; then
+  echo "bitsandbytes is not installed here: the QLoRA reference is skipped (its figures: bench/RESULTS.md)"
+  SKIP_PEFT=1
+fi
 if [ -z "${SKIP_PEFT:-}" ]; then
   OUT="$OUT" PYTHONUNBUFFERED=1 python3 bench/reference/qlora_reference_bench.py "$SHAPE" > "$OUT/qlora.log" 2>&1
   tail -5 "$OUT/qlora.log"
