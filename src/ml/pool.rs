@@ -52,52 +52,50 @@ pub fn settle(device: &Device) -> Result<()> {
 /// pool's unused reserve: the counterpart of PyTorch's `max_memory_allocated`) since the last
 /// `reset_peak`; `None` on the CPU.
 pub fn peak_in_use(device: &Device) -> Result<Option<u64>> {
-    #[cfg(feature = "cuda")]
-    if let Some(pool) = default_pool(device)? {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        use candle_core::cuda_backend::WrapErr;
-        let mut value = 0u64;
-        // SAFETY: the high-watermark attribute writes a u64 through the pointer
-        unsafe { sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut value as *mut u64).cast()) }
-            .result()
-            .w()?;
-        return Ok(Some(value));
-    }
-    let _ = device;
-    Ok(None)
+    attribute(device, Attribute::UsedHigh, None)
 }
 
-/// Restart `peak_in_use` from what is in use now.
+/// Restart `peak_in_use` from what is in use now (the high watermark is reset by setting it
+/// to zero).
 pub fn reset_peak(device: &Device) -> Result<()> {
-    #[cfg(feature = "cuda")]
-    if let Some(pool) = default_pool(device)? {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        use candle_core::cuda_backend::WrapErr;
-        let mut zero = 0u64;
-        // SAFETY: the high watermark is reset by setting it to zero through a u64 pointer
-        unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, (&mut zero as *mut u64).cast()) }
-            .result()
-            .w()?;
-    }
-    let _ = device;
-    Ok(())
+    attribute(device, Attribute::UsedHigh, Some(0)).map(drop)
 }
 
 fn set_threshold(device: &Device, bytes: u64) -> Result<()> {
+    attribute(device, Attribute::ReleaseThreshold, Some(bytes)).map(drop)
+}
+
+/// The pool attributes used here, all u64.
+#[derive(Clone, Copy)]
+enum Attribute {
+    ReleaseThreshold,
+    UsedHigh,
+}
+
+/// Sets the default pool's attribute `which` to `value` when given, else reads it; `None` on
+/// the CPU.
+fn attribute(device: &Device, which: Attribute, value: Option<u64>) -> Result<Option<u64>> {
     #[cfg(feature = "cuda")]
     if let Some(pool) = default_pool(device)? {
         use candle_core::cuda_backend::cudarc::driver::sys;
         use candle_core::cuda_backend::WrapErr;
-        let mut value = bytes;
-        // SAFETY: the release threshold attribute takes a pointer to a u64
-        unsafe {
-            sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, (&mut value as *mut u64).cast())
+        let attr = match which {
+            Attribute::ReleaseThreshold => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            Attribute::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+        };
+        let mut v = value.unwrap_or(0);
+        let ptr = (&mut v as *mut u64).cast();
+        // SAFETY: a valid pool handle; both attributes are u64, read or written through the pointer
+        match value {
+            Some(_) => unsafe { sys::cuMemPoolSetAttribute(pool, attr, ptr) },
+            None => unsafe { sys::cuMemPoolGetAttribute(pool, attr, ptr) },
         }
         .result()
         .w()?;
+        return Ok(Some(v));
     }
-    let _ = (device, bytes);
-    Ok(())
+    let _ = (device, which, value);
+    Ok(None)
 }
 
 #[cfg(feature = "cuda")]
