@@ -315,11 +315,16 @@ impl Llama {
     /// rounded once to the weights' dtype), sharing every other tensor; `None` when an adapted
     /// linear is quantized. The merged copies take `merged_bytes(lora)`.
     pub fn merged(&self, lora: &Lora) -> Result<Option<Llama>, MlError> {
+        let dense = |layer: usize, p: Proj| match self.blocks[layer].proj[p as usize].weight() {
+            ops::FrozenWeight::Dense(w) => Some(w),
+            ops::FrozenWeight::Quantized(_) => None,
+        };
+        if lora.factors().any(|((layer, p), _)| dense(*layer, *p).is_none()) {
+            return Ok(None);
+        }
         let mut blocks = self.blocks.clone();
         for ((layer, p), delta) in lora.deltas()? {
-            let ops::FrozenWeight::Dense(w) = self.blocks[layer].proj[p as usize].weight() else {
-                return Ok(None);
-            };
+            let w = dense(layer, p).ok_or_else(|| MlError::Model("merged weight not dense".into()))?;
             let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
             blocks[layer].proj[p as usize] = FrozenLinear::dense(merged)?;
         }
