@@ -88,18 +88,25 @@ fn grads(llama: &Llama, rows: &[Vec<u32>], labels: &[usize], seed: u64) -> Vec<V
     grads_with(llama, rows, labels, seed, &LoraCtx::default())
 }
 
+/// Fresh trainable factors of `cfg` (A drawn from `seed`) with B set to uniform values in
+/// `[-b_scale, b_scale]`, the i-th variable drawn from seed `b_seed + i`: B is zero at init, so
+/// the adapter would change nothing and A would get no gradient.
+fn adapter_with_b(cfg: LoraConfig, llama: &Llama, seed: u64, b_scale: f32, b_seed: u64) -> (Lora, Vec<(String, Var)>) {
+    let mut vars: Vec<(String, Var)> = Vec::new();
+    let lora = Lora::init(cfg, llama.config(), seed, &Device::Cpu, &mut vars).unwrap();
+    for (i, (name, v)) in vars.iter().enumerate() {
+        if name.contains("lora_B") {
+            v.set(&seeded(v.dims(), b_scale, b_seed + i as u64)).unwrap();
+        }
+    }
+    (lora, vars)
+}
+
 /// As `grads`, under the given LoRA context (dropout, activation checkpointing).
 fn grads_with(llama: &Llama, rows: &[Vec<u32>], labels: &[usize], seed: u64, ctx: &LoraCtx) -> Vec<Vec<f32>> {
     let dev = Device::Cpu;
     let cfg = LoraConfig::from_names(4, 8.0, 0.0, &["q_proj", "v_proj", "down_proj"].map(String::from)).unwrap();
-    let mut vars: Vec<(String, Var)> = Vec::new();
-    let lora = Lora::init(cfg, llama.config(), seed, &dev, &mut vars).unwrap();
-    // B is zero at init, so A would get no gradient: give B values
-    for (i, (name, v)) in vars.iter().enumerate() {
-        if name.contains("lora_B") {
-            v.set(&seeded(v.dims(), 0.1, i as u64)).unwrap();
-        }
-    }
+    let (lora, vars) = adapter_with_b(cfg, llama, seed, 0.1, 0);
     let head = Var::from_tensor(&seeded(&[3, HIDDEN], 0.1, 99)).unwrap();
     let batch = Batch::right_padded(rows, 0, &dev).unwrap();
     let logits = classifier::logits(llama, Some((&lora, ctx)), head.as_tensor(), &batch).unwrap();
@@ -158,13 +165,7 @@ fn hand_written_block_backward_handles_left_padding() {
     let batch = Batch::left_padded(&rows, 0, &dev).unwrap();
     let cfg = LoraConfig::from_names(2, 4.0, 0.0, &["k_proj", "o_proj", "gate_proj", "up_proj"].map(String::from)).unwrap();
     let grads_of = |ctx: &LoraCtx| -> Vec<Vec<f32>> {
-        let mut vars: Vec<(String, Var)> = Vec::new();
-        let lora = Lora::init(cfg.clone(), m.llama.config(), 3, &dev, &mut vars).unwrap();
-        for (i, (name, v)) in vars.iter().enumerate() {
-            if name.contains("lora_B") {
-                v.set(&seeded(v.dims(), 0.2, 40 + i as u64)).unwrap();
-            }
-        }
+        let (lora, vars) = adapter_with_b(cfg.clone(), &m.llama, 3, 0.2, 40);
         let probe = seeded(&[3, HIDDEN], 1.0, 8);
         let h = m.llama.forward(&batch, Some((&lora, ctx)), true).unwrap();
         let g = (h * &probe).unwrap().sum_all().unwrap().backward().unwrap();
@@ -494,13 +495,7 @@ fn served_adapters_score_as_the_autograd_forward_does() {
     let rows = rand_rows(3, (2, 9), 11);
     let batch = Batch::left_padded(&rows, 0, &dev).unwrap();
     let cfg = LoraConfig::from_names(2, 4.0, 0.0, &["q_proj", "v_proj", "o_proj", "down_proj"].map(String::from)).unwrap();
-    let mut vars: Vec<(String, Var)> = Vec::new();
-    let lora = Lora::init(cfg, m.llama.config(), 5, &dev, &mut vars).unwrap();
-    for (i, (name, v)) in vars.iter().enumerate() {
-        if name.contains("lora_B") {
-            v.set(&seeded(v.dims(), 0.2, 60 + i as u64)).unwrap();
-        }
-    }
+    let (lora, _vars) = adapter_with_b(cfg, &m.llama, 5, 0.2, 60);
     let head = seeded(&[3, HIDDEN], 1.0, 9);
     let ctx = LoraCtx::default();
     let flat = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
