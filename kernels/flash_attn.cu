@@ -61,24 +61,25 @@ __device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, ui
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Four 8x8 bf16 matrices from shared memory, each lane giving one row address (ldmatrix x4).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p)));
+}
+
 // The A operand of rows r0..r0+15, columns k0..k0+15 of a row-major tile with `pitch` elements
 // per row.
 __device__ __forceinline__ void load_a(uint32_t* a, const bf16* tile, int pitch, int r0, int k0) {
     const int lane = threadIdx.x & 31;
-    const bf16* p = tile + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch + k0 + (lane >> 4) * 8;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3])
-                 : "r"(smem_addr(p)));
+    ldmatrix_x4(a, tile + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch + k0 + (lane >> 4) * 8);
 }
 
 // B operands (k0..k0+15) of the two n-tiles n0..n0+7 (b[0], b[1]) and n0+8..n0+15 (b[2], b[3])
 // from a tile stored [n][k] (k^T of a row-major k, for q k^T).
 __device__ __forceinline__ void load_b_nk(uint32_t* b, const bf16* tile, int pitch, int n0, int k0) {
     const int lane = threadIdx.x & 31;
-    const bf16* p = tile + (n0 + (lane & 7) + (lane >> 4) * 8) * pitch + k0 + ((lane >> 3) & 1) * 8;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
-                 : "r"(smem_addr(p)));
+    ldmatrix_x4(b, tile + (n0 + (lane & 7) + (lane >> 4) * 8) * pitch + k0 + ((lane >> 3) & 1) * 8);
 }
 
 // The same from a tile stored [k][n] (a row-major v, for p v), transposed by ldmatrix.
