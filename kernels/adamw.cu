@@ -1,21 +1,74 @@
-// AdamW in two in-place passes per variable (f32), as torch.optim.AdamW computes it:
-//   adamw_moments  state = [m; v]:  m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2
-//   adamw_update   p = p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
-// instead of about sixteen element-wise launches.
+// AdamW over every trained variable in one launch, as torch.optim.AdamW computes it, with the
+// gradients' global norm clipped on the device:
+//   g = c g,  m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
+//   p = p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+// where c = max_norm / (norm + 1e-6) when the norm of all gradients exceeds max_norm (> 0), else
+// 1. The variables come as a table of segments, four u64 each: the variable, its gradient, its
+// state [m; v] (2n floats) and n. Block row y of the grid walks segment y.
 
 #include <stdint.h>
 
-extern "C" __global__ void adamw_moments(float* state, const float* g, size_t n, float b1, float b2) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x) {
-        const float gv = g[i];
-        state[i] = b1 * state[i] + (1.0f - b1) * gv;
-        state[n + i] = b2 * state[n + i] + (1.0f - b2) * gv * gv;
-    }
+struct Segment {
+    float* p;
+    const float* g;
+    float* state;
+    uint64_t n;
+};
+
+__device__ __forceinline__ Segment segment(const uint64_t* table, unsigned y) {
+    const uint64_t* s = table + 4 * (size_t)y;
+    return Segment{reinterpret_cast<float*>(s[0]), reinterpret_cast<const float*>(s[1]), reinterpret_cast<float*>(s[2]), s[3]};
 }
 
-extern "C" __global__ void adamw_update(float* p, const float* state, size_t n, float lr, float decay, float bc1, float sqrt_bc2, float eps) {
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)blockDim.x * gridDim.x) {
-        const float denom = sqrtf(state[n + i]) / sqrt_bc2 + eps;
-        p[i] = p[i] * decay - lr / bc1 * state[i] / denom;
+// partial[y * gridDim.x + x] = the sum of g^2 over block (x, y)'s elements of segment y
+// (256 threads).
+extern "C" __global__ void grad_sq_partials(const uint64_t* table, float* partial) {
+    __shared__ float red[256];
+    const Segment s = segment(table, blockIdx.y);
+    float acc = 0.0f;
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < s.n; i += (uint64_t)blockDim.x * gridDim.x) {
+        acc += s.g[i] * s.g[i];
+    }
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned w = 128; w > 0; w >>= 1) {
+        if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.y * (size_t)gridDim.x + blockIdx.x] = red[0];
+}
+
+// out[0] = the sum of the n partials, in a fixed order (one block of 256 threads), so the norm
+// and the clipping are the same from run to run.
+extern "C" __global__ void sum_partials(const float* partial, uint64_t n, float* out) {
+    __shared__ float red[256];
+    float acc = 0.0f;
+    for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    red[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned w = 128; w > 0; w >>= 1) {
+        if (threadIdx.x < w) red[threadIdx.x] += red[threadIdx.x + w];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) out[0] = red[0];
+}
+
+// One AdamW step of segment blockIdx.y; `sum_sq` is the gradients' summed squares (read only
+// when max_norm > 0).
+extern "C" __global__ void adamw_step(const uint64_t* table, const float* sum_sq, float max_norm, float b1, float b2, float lr, float decay, float bc1, float sqrt_bc2, float eps) {
+    const Segment s = segment(table, blockIdx.y);
+    float c = 1.0f;
+    if (max_norm > 0.0f) {
+        const float norm = sqrtf(*sum_sq);
+        if (norm > max_norm) c = max_norm / (norm + 1e-6f);
+    }
+    for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < s.n; i += (uint64_t)blockDim.x * gridDim.x) {
+        const float g = s.g[i] * c;
+        const float m = b1 * s.state[i] + (1.0f - b1) * g;
+        const float v = b2 * s.state[s.n + i] + (1.0f - b2) * g * g;
+        s.state[i] = m;
+        s.state[s.n + i] = v;
+        const float denom = sqrtf(v) / sqrt_bc2 + eps;
+        s.p[i] = s.p[i] * decay - lr / bc1 * m / denom;
     }
 }

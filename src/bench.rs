@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use crate::ml::classifier;
 use crate::ml::llama::{known_shape, Batch, Llama};
-use crate::ml::lora::{Lora, LoraConfig, LoraCtx};
+use crate::ml::lora::{BlockGrads, Lora, LoraConfig, LoraCtx};
 use crate::ml::model::{BaseFormat, BaseModel};
 
 /// Parse `cpu`, `cuda` or `cuda:N`.
@@ -265,7 +265,7 @@ fn hf_losses(a: &HfLosses<'_>, device: &Device, fmt: BaseFormat) -> anyhow::Resu
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         losses.push(loss.to_scalar::<f32>()?);
         let grads = ctx.take_grads(&loss.backward()?, &vars)?;
-        opt.step(&grads, a.lr)?;
+        opt.step(&grads, a.lr, 0.0)?;
     }
     println!("{}", serde_json::json!({ "losses": losses }));
     Ok(())
@@ -345,24 +345,20 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         };
         let run = |training: bool| -> anyhow::Result<()> {
             if training {
-                let mut grads: Option<Vec<Tensor>> = None;
+                let step_grads = BlockGrads::default();
                 for (mi, (batch, labels)) in micro_batches.iter().enumerate() {
-                    let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers());
+                    let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers()).with_grads(&step_grads);
                     let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), batch)?;
                     sync(&device)?;
                     sample();
                     // each micro-batch weighs by its share of the rows, as in the trainer
                     let share = labels.dim(0)? as f64 / b as f64;
                     let loss = (candle_nn::loss::cross_entropy(&logits, labels)? * share)?;
-                    let g = ctx.take_grads(&loss.backward()?, &vars)?;
-                    grads = Some(match grads.take() {
-                        Some(acc) => acc.iter().zip(&g).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
-                        None => g,
-                    });
+                    step_grads.absorb(&loss.backward()?, &vars)?;
                 }
-                let grads = grads.ok_or_else(|| anyhow::anyhow!("empty batch"))?;
+                let grads = step_grads.take_all(&vars)?;
                 // the trainer's optimizer, as the reference benchmark steps torch's AdamW
-                opt.borrow_mut().step(&grads, 1e-4)?;
+                opt.borrow_mut().step(&grads, 1e-4, 0.0)?;
             } else {
                 let infer = LoraCtx::default();
                 let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };

@@ -9,7 +9,7 @@ use arbiter::data::hyper::{Hyperparameters, LoraHyperparameters, LrSchedule};
 use arbiter::data::{ArenaRow, Label};
 use arbiter::ml::classifier;
 use arbiter::ml::llama::{Batch, Llama, WeightFormat};
-use arbiter::ml::lora::{Lora, LoraConfig, LoraCtx};
+use arbiter::ml::lora::{BlockGrads, Lora, LoraConfig, LoraCtx};
 use arbiter::ml::model::{BaseFormat, BaseModel};
 use arbiter::ml::observe::{EvalMetrics, TrainObserver};
 use arbiter::ml::train::{self, TrainSpec};
@@ -152,6 +152,41 @@ fn hand_written_block_backward_matches_candle_autograd() {
             let err = relative_error(x, y, &format!("tensor {i}"));
             assert!(err < 1e-5, "tensor {i} (recompute {recompute}): relative error {err}");
         }
+    }
+}
+
+#[test]
+fn micro_batch_gradients_sum_in_one_store_to_the_batch_gradient() {
+    // Gradient accumulation as the trainer runs it: each micro-batch's backward adds the
+    // factors' gradients into one store (the first GEMM writes, the next accumulate) and the
+    // score head's through `absorb`; the sum equals the gradient of the whole batch (the same
+    // loss, a sum over rows), 1e-5 relative. Rows of different lengths, so the micro-batches
+    // pad differently from the batch.
+    let (_d, m) = tiny(BaseFormat::F32);
+    let dev = Device::Cpu;
+    let rows = rand_rows(5, (3, 11), 31);
+    let labels = [2, 0, 1, 1, 0];
+    let whole = grads_with(&m.llama, &rows, &labels, 5, &LoraCtx::training(None, 0));
+    let cfg = LoraConfig::from_names(4, 8.0, 0.0, &["q_proj", "v_proj", "down_proj"].map(String::from)).unwrap();
+    let (lora, mut vars) = adapter_with_b(cfg, &m.llama, 5, 0.1, 0);
+    let head = Var::from_tensor(&seeded(&[3, HIDDEN], 0.1, 99)).unwrap();
+    vars.push(("head".into(), head.clone()));
+    let store = BlockGrads::default();
+    for (part, ys) in [(&rows[..2], &labels[..2]), (&rows[2..], &labels[2..])] {
+        let ctx = LoraCtx::training(None, 1).with_grads(&store);
+        let batch = Batch::right_padded(part, 0, &dev).unwrap();
+        let logits = classifier::logits(&m.llama, Some((&lora, &ctx)), head.as_tensor(), &batch).unwrap();
+        let logp = candle_nn::ops::log_softmax(&logits, 1).unwrap();
+        let picked: Vec<Tensor> = ys.iter().enumerate().map(|(i, &y)| logp.get(i).unwrap().get(y).unwrap()).collect();
+        let loss = Tensor::stack(&picked, 0).unwrap().sum_all().unwrap().neg().unwrap();
+        store.absorb(&loss.backward().unwrap(), &vars).unwrap();
+    }
+    let summed = store.take_all(&vars).unwrap();
+    assert_eq!(summed.len(), whole.len());
+    for (i, (x, y)) in whole.iter().zip(&summed).enumerate() {
+        let y: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        let err = relative_error(x, &y, &format!("tensor {i}"));
+        assert!(err < 1e-5, "tensor {i}: relative error {err}");
     }
 }
 

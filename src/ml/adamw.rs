@@ -1,8 +1,10 @@
 //! AdamW (decoupled weight decay, bias-corrected moments) over named f32 variables, as
-//! `torch.optim.AdamW` computes it, in two in-place passes per variable: the moments
-//! `[m; v]` (one `[2, n]` tensor per variable), then the variable (`kernels/adamw.cu`; the same
-//! f32 arithmetic on the CPU). Written as candle ops it was about sixteen launches and as many
-//! temporaries per variable, some 7,000 launches a step with adapters on every linear.
+//! `torch.optim.AdamW` computes it, with the gradients' global norm clipped first. On the GPU one
+//! launch steps every variable (`kernels/adamw.cu`: a table of the variables, gradients and
+//! moments), after two that sum the gradients' squares on the device, so clipping needs no read
+//! back; on the CPU two in-place passes per variable, the same f32 arithmetic. Written as candle
+//! ops it was about sixteen launches and as many temporaries per variable, and clipping read
+//! every gradient's norm back to the host.
 
 use std::collections::HashMap;
 
@@ -34,10 +36,24 @@ impl AdamW {
     }
 
     /// One step with `grads[i]` the gradient of variable `i`.
-    pub(crate) fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+    /// One step with the gradients of the variables, in order, after scaling them all by
+    /// `max_grad_norm / (norm + 1e-6)` where their global norm exceeds `max_grad_norm`
+    /// (0: no clipping).
+    pub(crate) fn step(&mut self, grads: &[Tensor], lr: f64, max_grad_norm: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
             candle_core::bail!("AdamW: {} gradients for {} variables", grads.len(), self.vars.len());
         }
+        let grads = grads
+            .iter()
+            .zip(&self.vars)
+            .map(|(g, (_, var))| {
+                let g = g.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+                if g.elem_count() != var.elem_count() {
+                    candle_core::bail!("AdamW: gradient of {:?} for a variable of {:?}", g.shape(), var.shape());
+                }
+                Ok(g)
+            })
+            .collect::<Result<Vec<_>>>()?;
         self.t += 1;
         let t = self.t as i32;
         let update = Update {
@@ -48,18 +64,29 @@ impl AdamW {
             eps: self.eps as f32,
         };
         let moments = Moments { b1: self.beta1 as f32, b2: self.beta2 as f32 };
-        for ((_, var), (state, g)) in self.vars.iter().zip(self.state.iter().zip(grads)) {
-            let g = g.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
-            if g.elem_count() != var.elem_count() {
-                candle_core::bail!("AdamW: gradient of {:?} for a variable of {:?}", g.shape(), var.shape());
+        #[cfg(feature = "cuda")]
+        if let Some(Device::Cuda(dev)) = self.vars.first().map(|(_, v)| v.device()) {
+            return cuda::step(dev, &self.vars, &self.state, &grads, &moments, &update, max_grad_norm as f32);
+        }
+        let mut clip = 1.0;
+        if max_grad_norm > 0.0 {
+            let mut sq = 0.0;
+            for g in &grads {
+                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             }
+            let norm = sq.sqrt();
+            if norm > max_grad_norm {
+                clip = max_grad_norm / (norm + 1e-6);
+            }
+        }
+        for ((_, var), (state, g)) in self.vars.iter().zip(self.state.iter().zip(&grads)) {
+            let g = if clip == 1.0 { g.clone() } else { (g * clip)? };
             state.inplace_op2(&g, &moments)?;
             var.as_tensor().inplace_op2(state, &update)?;
         }
         Ok(())
     }
 
-    /// `{name}.exp_avg` and `{name}.exp_avg_sq` of every variable, in its shape.
     pub(crate) fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = HashMap::new();
         for ((name, var), state) in self.vars.iter().zip(&self.state) {
@@ -116,42 +143,6 @@ fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'
     }
 }
 
-#[cfg(feature = "cuda")]
-const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
-
-/// Launches `name` over `n` elements with the mutable buffer first, then `rest`'s arguments.
-#[cfg(feature = "cuda")]
-fn launch(
-    name: &str,
-    s1: &mut candle_core::CudaStorage,
-    l1: &Layout,
-    s2: &candle_core::CudaStorage,
-    l2: &Layout,
-    n: usize,
-    rest: &[f32],
-) -> Result<()> {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
-    let dev = s1.device().clone();
-    let (a1, b1) = l1.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adamw: not contiguous".into()))?;
-    let (a2, b2) = l2.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("adamw: not contiguous".into()))?;
-    let src = s2.as_cuda_slice::<f32>()?.slice(a2..b2);
-    let dst = s1.as_cuda_slice_mut::<f32>()?;
-    let mut dst = dst.slice_mut(a1..b1);
-    let func = dev.get_or_load_custom_func(name, "adamw", KERNELS)?;
-    let n64 = n as u64;
-    let cfg = LaunchConfig { grid_dim: (n64.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let mut b = func.builder();
-    b.arg(&mut dst).arg(&src).arg(&n64);
-    for v in rest {
-        b.arg(v);
-    }
-    // SAFETY: argument types and order match the kernel's signature
-    unsafe { b.launch(cfg) }.w()?;
-    Ok(())
-}
-
 impl InplaceOp2 for Moments {
     fn name(&self) -> &'static str {
         "adamw-moments"
@@ -167,11 +158,6 @@ impl InplaceOp2 for Moments {
             v[i] = self.b2 * v[i] + (1.0 - self.b2) * g[i] * g[i];
         }
         Ok(())
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<()> {
-        launch("adamw_moments", s1, l1, s2, l2, l2.shape().elem_count(), &[self.b1, self.b2])
     }
 }
 
@@ -190,33 +176,106 @@ impl InplaceOp2 for Update {
         }
         Ok(())
     }
+}
 
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> Result<()> {
-        let n = l1.shape().elem_count();
-        launch("adamw_update", s1, l1, s2, l2, n, &[self.lr, self.decay, self.bc1, self.sqrt_bc2, self.eps])
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::{Result, Storage, Tensor, Var};
+
+    use super::{Moments, Update};
+
+    const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+
+    /// The step of every variable in one launch (two more sum the gradients' squares when
+    /// clipping). Variables, gradients and moments are contiguous f32 on `dev`.
+    pub(super) fn step(dev: &CudaDevice, vars: &[(String, Var)], state: &[Tensor], grads: &[Tensor], m: &Moments, u: &Update, max_norm: f32) -> Result<()> {
+        let stream = dev.cuda_stream();
+        let tensors: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).chain(grads).chain(state).collect();
+        let locks: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        // the address of each tensor's first element; the kernels write the variables and the
+        // moments through theirs (every op runs on the one stream, in order)
+        let mut addr = Vec::with_capacity(tensors.len());
+        let mut reads = Vec::with_capacity(tensors.len());
+        for (t, (g, l)) in tensors.iter().zip(&locks) {
+            let Storage::Cuda(cs) = &**g else { candle_core::bail!("adamw: a tensor is not on the cuda device") };
+            if !l.is_contiguous() {
+                candle_core::bail!("adamw: {:?} is not contiguous", t.shape());
+            }
+            let (p, read) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            addr.push(p + 4 * l.start_offset() as u64);
+            reads.push(read);
+        }
+        let n = vars.len();
+        if n > 65_535 {
+            candle_core::bail!("adamw: {n} variables, more than a grid has rows");
+        }
+        let mut table = Vec::with_capacity(4 * n);
+        let mut longest = 1;
+        for (i, (_, v)) in vars.iter().enumerate() {
+            table.extend_from_slice(&[addr[i], addr[n + i], addr[2 * n + i], v.elem_count() as u64]);
+            longest = longest.max(v.elem_count());
+        }
+        let table = stream.clone_htod(&table).w()?;
+        let segs = n as u32;
+        let blocks = |cap: usize| longest.div_ceil(256).clamp(1, cap) as u32;
+        // SAFETY (each launch): argument types and order match the kernel's signature; the table
+        // holds `segs` segments of live, contiguous f32 buffers of the lengths it gives
+        let sum_sq = unsafe { dev.alloc::<f32>(1)? };
+        if max_norm > 0.0 {
+            let x = blocks(64);
+            let parts = unsafe { dev.alloc::<f32>(x as usize * n)? };
+            let f = dev.get_or_load_custom_func("grad_sq_partials", "adamw", KERNELS)?;
+            let mut b = f.builder();
+            b.arg(&table).arg(&parts);
+            unsafe { b.launch(LaunchConfig { grid_dim: (x, segs, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+            let f = dev.get_or_load_custom_func("sum_partials", "adamw", KERNELS)?;
+            let count = (x as usize * n) as u64;
+            let mut b = f.builder();
+            b.arg(&parts).arg(&count).arg(&sum_sq);
+            unsafe { b.launch(LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+        }
+        let f = dev.get_or_load_custom_func("adamw_step", "adamw", KERNELS)?;
+        let mut b = f.builder();
+        b.arg(&table).arg(&sum_sq).arg(&max_norm).arg(&m.b1).arg(&m.b2);
+        b.arg(&u.lr).arg(&u.decay).arg(&u.bc1).arg(&u.sqrt_bc2).arg(&u.eps);
+        unsafe { b.launch(LaunchConfig { grid_dim: (blocks(1024), segs, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+        drop(reads);
+        Ok(())
     }
 }
 
-/// Three steps on `device` against the CPU on the same variables and gradients: the same f32
+/// Three steps on `device` against the CPU on the same variables and gradients, two variables
+/// of different sizes, without clipping and with a norm limit the gradients exceed: the same f32
 /// arithmetic, so within a few f32 roundings (1e-6 relative to the largest value).
 pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
-    let init = Tensor::randn(0f32, 1.0, (37, 300), &cpu)?;
-    let grads: Vec<Tensor> = (0..3).map(|_| Tensor::randn(0f32, 1.0, (37, 300), &cpu)).collect::<Result<_>>()?;
-    let run = |dev: &Device| -> Result<Tensor> {
-        let var = Var::from_tensor(&init.to_device(dev)?)?;
-        let mut opt = AdamW::new(vec![("w".into(), var.clone())], 0.01)?;
+    let shapes = [(37, 300), (16, 9)];
+    let init: Vec<Tensor> = shapes.iter().map(|&s| Tensor::randn(0f32, 1.0, s, &cpu)).collect::<Result<_>>()?;
+    let grads: Vec<Vec<Tensor>> =
+        (0..3).map(|_| shapes.iter().map(|&s| Tensor::randn(0f32, 1.0, s, &cpu)).collect::<Result<_>>()).collect::<Result<_>>()?;
+    let run = |dev: &Device, max_norm: f64| -> Result<Tensor> {
+        let vars: Vec<(String, Var)> =
+            init.iter().enumerate().map(|(i, t)| Ok((format!("w{i}"), Var::from_tensor(&t.to_device(dev)?)?))).collect::<Result<_>>()?;
+        let mut opt = AdamW::new(vars.clone(), 0.01)?;
         for g in &grads {
-            opt.step(&[g.to_device(dev)?], 1e-2)?;
+            let g: Vec<Tensor> = g.iter().map(|g| g.to_device(dev)).collect::<Result<_>>()?;
+            opt.step(&g, 1e-2, max_norm)?;
         }
-        var.as_tensor().to_device(&cpu)
+        let flat: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().flatten_all()?.to_device(&cpu)).collect::<Result<_>>()?;
+        Tensor::cat(&flat, 0)
     };
-    let want = run(&cpu)?;
-    let got = run(device)?;
-    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    Ok(vec![KernelCheck { kernel: "adamw", dtype: "F32".into(), chunk: (0, 0), max_abs_diff: d, tolerance: 1e-6 * scale }])
+    let mut out = Vec::new();
+    // the gradients' norm is about sqrt(37 * 300 + 16 * 9) = 106: clipped to 10
+    for (kernel, max_norm) in [("adamw", 0.0), ("adamw-clipped", 10.0)] {
+        let want = run(&cpu, max_norm)?;
+        let got = run(device, max_norm)?;
+        let scale = want.abs()?.max(0)?.to_scalar::<f32>()?;
+        let d = (want - got)?.abs()?.max(0)?.to_scalar::<f32>()?;
+        out.push(KernelCheck { kernel, dtype: "F32".into(), chunk: (0, 0), max_abs_diff: d, tolerance: 1e-6 * scale });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -235,7 +294,7 @@ mod tests {
         let (mut m, mut v) = (vec![0f64; p.len()], vec![0f64; p.len()]);
         for t in 1..=3 {
             let g = Tensor::randn(0f32, 1.0, (4, 7), &dev)?;
-            opt.step(std::slice::from_ref(&g), lr)?;
+            opt.step(std::slice::from_ref(&g), lr, 0.0)?;
             let gv: Vec<f64> = g.flatten_all()?.to_dtype(DType::F64)?.to_vec1()?;
             for i in 0..p.len() {
                 p[i] *= 1.0 - lr * wd;
@@ -255,8 +314,8 @@ mod tests {
         let mut resumed = AdamW::new(vec![("w".into(), twin.clone())], 0.1)?;
         resumed.load_state(3, &saved, &dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let g = Tensor::randn(0f32, 1.0, (4, 7), &dev)?;
-        opt.step(std::slice::from_ref(&g), lr)?;
-        resumed.step(std::slice::from_ref(&g), lr)?;
+        opt.step(std::slice::from_ref(&g), lr, 0.0)?;
+        resumed.step(std::slice::from_ref(&g), lr, 0.0)?;
         let d = (var.as_tensor() - twin.as_tensor())?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
         assert_eq!(d, 0.0);
         Ok(())
@@ -266,6 +325,6 @@ mod tests {
     fn a_gradient_of_another_size_is_refused() {
         let var = Var::zeros((2, 3), DType::F32, &Device::Cpu).unwrap();
         let mut opt = AdamW::new(vec![("w".into(), var)], 0.0).unwrap();
-        assert!(opt.step(&[Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap()], 0.1).is_err());
+        assert!(opt.step(&[Tensor::zeros(5, DType::F32, &Device::Cpu).unwrap()], 0.1, 0.0).is_err());
     }
 }

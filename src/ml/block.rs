@@ -13,15 +13,16 @@
 //! kept and the backward reruns the forward first; it can cover only the first blocks
 //! (`LoraCtx::recompute_layers`), trading memory for speed between the two.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::llama::{Block, BlockInputs, Proj};
 use super::lora::{BlockGrads, Lora, LoraCtx};
 use super::fused;
 use super::norm::rms_norm_backward_add;
-use super::ops::{self, AttentionPlan};
+use super::ops::{self, AttentionPlan, CastFactors};
 
 /// The forward's tensors the backward reads.
 struct Saved {
@@ -48,20 +49,37 @@ struct Layer {
     li: usize,
     /// This layer's factors as trained (their tensor ids key the gradients).
     lora: Lora,
+    /// Training: each adapted linear's factors in the activations' dtype, cast once for the
+    /// forward, its recomputation and the backward.
+    cast: BTreeMap<Proj, CastFactors>,
     dropout: Option<(f32, u64)>,
     inp: Arc<BlockInputs>,
 }
 
 impl Layer {
+    fn new(blk: &Block, li: usize, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>, cast_to: Option<DType>) -> Result<Layer> {
+        let lora = lora.layer(li);
+        let mut cast = BTreeMap::new();
+        if let Some(dtype) = cast_to {
+            for &p in &lora.config().targets {
+                if let Some((parts, a, b)) = lora.parts(&blk.proj[p as usize], li, p, dropout) {
+                    cast.insert(p, parts.cast(&a.detach(), &b.detach(), dtype)?);
+                }
+            }
+        }
+        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone() })
+    }
+
     fn eps(&self) -> f32 {
         self.inp.cfg.rms_norm_eps as f32
     }
 
     fn linear(&self, p: Proj, x: &Tensor) -> Result<Tensor> {
         let base = &self.blk.proj[p as usize];
-        match self.lora.parts(base, self.li, p, self.dropout) {
-            Some((parts, a, b)) => parts.forward(x, &a.detach(), &b.detach()),
-            None => base.forward_detached(x),
+        match (self.lora.parts(base, self.li, p, self.dropout), self.cast.get(&p)) {
+            (Some((parts, _, _)), Some(c)) => parts.forward_cast(x, c),
+            (Some((parts, a, b)), None) => parts.forward(x, &a.detach(), &b.detach()),
+            (None, _) => base.forward_detached(x),
         }
     }
 
@@ -73,10 +91,12 @@ impl Layer {
         let base = &self.blk.proj[p as usize];
         match self.lora.parts(base, self.li, p, self.dropout) {
             Some((parts, a, b)) => {
-                // computed on detached copies; the gradients are keyed by the factors' ids
-                let (dx, da, db) = parts.backward(&x()?, &a.detach(), &b.detach(), grad, true, acc)?;
-                grads.add(a, &da)?;
-                grads.add(b, &db)?;
+                let c = match self.cast.get(&p) {
+                    Some(c) => c.clone(),
+                    None => parts.cast(&a.detach(), &b.detach(), grad.dtype())?,
+                };
+                // the gradients are keyed by the factors' ids
+                let dx = parts.backward(&x()?, &c, (a, b), grad, true, acc, grads)?;
                 dx.ok_or_else(|| candle_core::Error::Msg("lora backward skipped the input gradient".into()))
             }
             None => match acc {
@@ -212,7 +232,7 @@ pub(super) fn trained_block(
     grads: &BlockGrads,
     inp: &Arc<BlockInputs>,
 ) -> Result<Tensor> {
-    let layer = Layer { blk: blk.clone(), li, lora: lora.layer(li), dropout: ctx.dropout, inp: inp.clone() };
+    let layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some(x.dtype()))?;
     // taken by the backward, so each block's activations are freed as soon as it has run
     let (out, saved) = layer.forward(&x.detach(), li >= ctx.recompute_layers)?;
     let saved = Mutex::new(saved);
@@ -232,6 +252,5 @@ pub(super) fn trained_block(
 /// and layouts (q, k, v in the projections' memory, flash attention, the fused adds and SwiGLU),
 /// every activation freed once used. `lora`'s factors must not be tracked.
 pub(super) fn inference_block(blk: &Block, li: usize, x: &Tensor, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>) -> Result<Tensor> {
-    let layer = Layer { blk: blk.clone(), li, lora: lora.layer(li), dropout, inp: inp.clone() };
-    Ok(layer.forward(x, false)?.0)
+    Ok(Layer::new(blk, li, lora, dropout, inp, None)?.forward(x, false)?.0)
 }

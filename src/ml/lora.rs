@@ -71,6 +71,13 @@ impl LoraCtx {
         LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers }
     }
 
+    /// The same context leaving its decoder blocks' gradients in `grads` (shared): a step's
+    /// micro-batches sum their gradients there.
+    pub fn with_grads(mut self, grads: &BlockGrads) -> LoraCtx {
+        self.block_grads = Some(grads.clone());
+        self
+    }
+
     /// The gradient of a trained tensor after a backward through a forward run with this
     /// context: from `grads`, or, for a factor inside a decoder block, from the block store
     /// (taken out of it).
@@ -97,6 +104,35 @@ impl BlockGrads {
         };
         map.insert(of.id(), sum);
         Ok(())
+    }
+
+    /// Adds `alpha · a b` to the gradient of `of` (in `of`'s dtype, f32 for the trained factors):
+    /// the GEMM writes the first term and accumulates the later ones into it (`gemm`), with no
+    /// product in between.
+    pub fn add_product(&self, of: &Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> candle_core::Result<()> {
+        let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("checkpoint gradients poisoned".into()))?;
+        let sum = match map.remove(&of.id()) {
+            Some(acc) => super::gemm::accumulate(acc, a, b, alpha)?,
+            None => super::gemm::product(a, b, alpha, of.dtype())?,
+        };
+        map.insert(of.id(), sum);
+        Ok(())
+    }
+
+    /// Adds the gradients of `vars` that a backward's store holds (those computed outside the
+    /// decoder blocks, as the score head's) to this store: a step's micro-batches sum here.
+    pub fn absorb(&self, grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> candle_core::Result<()> {
+        for (_, v) in vars {
+            if let Some(g) = grads.get(v.as_tensor()) {
+                self.add(v.as_tensor(), g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every variable's summed gradient, in order, taken out of the store; zeros where none.
+    pub fn take_all(&self, vars: &[(String, Var)]) -> candle_core::Result<Vec<Tensor>> {
+        vars.iter().map(|(_, v)| self.take(v.as_tensor()).map_or_else(|| v.zeros_like(), Ok)).collect()
     }
 
     /// The summed gradient of `of`, removed from the store.

@@ -77,6 +77,7 @@ pub mod classifier;
 pub mod fsutil;
 pub mod flash;
 pub mod fused;
+pub mod gemm;
 pub mod llama;
 pub mod model;
 pub mod norm;
@@ -117,6 +118,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(adamw::check_device(device)?);
     checks.extend(flash::check_device(device)?);
     checks.extend(quant::check_device(device)?);
+    checks.extend(gemm::check_device(device)?);
     Ok(checks)
 }
 

@@ -13,6 +13,7 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Module, Result, Shape, Tensor, D};
 
 use super::causal_softmax::{self, CausalSpans};
+use super::lora::BlockGrads;
 
 type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
 type Backward3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
@@ -285,82 +286,7 @@ impl FrozenLinear {
     /// storage (cuBLAS with beta = 1; the caller must own `acc`), so no separate sum is made.
     pub fn input_grad_into(&self, acc: Tensor, grad: &Tensor) -> Result<Tensor> {
         let rows = grad.elem_count() / self.out_features.max(1);
-        gemm_into(acc, &grad.reshape((rows, self.out_features))?, &self.dense_weight(grad.dtype())?)
-    }
-}
-
-/// `acc + a @ b` for `acc` `[rows, n]` (any shape of that many elements), `a` `[rows, k]` and
-/// `b` `[k, n]`, in `acc`'s dtype and shape. On CUDA, with all three of one float dtype, the
-/// GEMM accumulates into `acc`'s storage (cuBLAS, beta = 1; the caller must own `acc`).
-pub fn gemm_into(acc: Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (rows, k) = a.dims2()?;
-    let (k2, n) = b.dims2()?;
-    if k != k2 || acc.elem_count() != rows * n {
-        candle_core::bail!("gemm_into: {:?} += {:?} @ {:?} does not fit", acc.shape(), a.shape(), b.shape());
-    }
-    let fused = acc.device().is_cuda() && acc.dtype() == a.dtype() && a.dtype() == b.dtype() && matches!(acc.dtype(), DType::F32 | DType::BF16);
-    if !fused {
-        let product = a.matmul(b)?.to_dtype(acc.dtype())?.reshape(acc.shape())?;
-        return acc + product;
-    }
-    let acc = acc.contiguous()?;
-    acc.inplace_op1(&AccumulateGemm { a: &a.contiguous()?, b: &b.contiguous()?, rows, k, n })?;
-    Ok(acc)
-}
-
-/// `acc [rows, n] += a [rows, k] @ b [k, n]`, row-major, in place (cuBLAS, beta = 1).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct AccumulateGemm<'a> {
-    a: &'a Tensor,
-    b: &'a Tensor,
-    rows: usize,
-    k: usize,
-    n: usize,
-}
-
-impl candle_core::InplaceOp1 for AccumulateGemm<'_> {
-    fn name(&self) -> &'static str {
-        "accumulate-gemm"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> Result<()> {
-        candle_core::bail!("accumulate-gemm: the CPU adds the product")
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> Result<()> {
-        use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
-        use candle_core::cuda_backend::WrapErr;
-        let (start, end) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("accumulate-gemm: not contiguous".into()))?;
-        let blas = s.device().cublas_handle();
-        let (ag, bg) = (self.a.storage_and_layout().0, self.b.storage_and_layout().0);
-        // column-major: acc^T [n, rows] += b^T [n, k] @ a^T [k, rows]
-        macro_rules! go {
-            ($t:ty, $one:expr) => {{
-                let a = cuda_slice_of!(ag, self.a, $t);
-                let b = cuda_slice_of!(bg, self.b, $t);
-                let mut c = s.as_cuda_slice_mut::<$t>()?.slice_mut(start..end);
-                let cfg = GemmConfig {
-                    transa: cublasOperation_t::CUBLAS_OP_N,
-                    transb: cublasOperation_t::CUBLAS_OP_N,
-                    m: self.n as i32,
-                    n: self.rows as i32,
-                    k: self.k as i32,
-                    alpha: $one,
-                    lda: self.n as i32,
-                    ldb: self.k as i32,
-                    beta: $one,
-                    ldc: self.n as i32,
-                };
-                // SAFETY: the three buffers hold [k, n], [rows, k] and [rows, n] contiguous elements
-                unsafe { blas.gemm(cfg, &b, &a, &mut c) }.w()?;
-            }};
-        }
-        match s.dtype() {
-            DType::F32 => go!(f32, 1.0f32),
-            _ => go!(half::bf16, half::bf16::ONE),
-        }
-        Ok(())
+        super::gemm::accumulate(acc, &grad.reshape((rows, self.out_features))?, &self.dense_weight(grad.dtype())?, 1.0)
     }
 }
 
@@ -443,57 +369,93 @@ impl LoraParts {
         }
     }
 
-    /// `x W^T + scale · dropout(x) A^T B^T`, outside any graph. The adapter's term is added by
-    /// its GEMM into the base output (`gemm_into`), not as a full-size temporary and a sum.
-    pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
-        let y = self.base.forward_detached(x)?;
-        let dtype = x.dtype();
-        let h = linear_nt(&self.dropped(x)?, &a.to_dtype(dtype)?)?;
+    /// A and `scale · B` in `dtype`, the operands of the adapter's GEMMs: a training forward
+    /// casts them once per block and its backward reuses them.
+    pub fn cast(&self, a: &Tensor, b: &Tensor, dtype: DType) -> Result<CastFactors> {
         // the scale goes on the small B factor, not on the [tokens, out] product
-        let bs_t = if self.prepared { b.to_dtype(dtype)? } else { (b.to_dtype(dtype)? * self.scale)?.t()?.contiguous()? };
-        let r = h.dim(D::Minus1)?;
-        // (a base output of another dtype than the input takes gemm_into's plain sum)
-        gemm_into(y, &h.reshape((h.elem_count() / r, r))?, &bs_t)
+        Ok(CastFactors { a: a.to_dtype(dtype)?, bs: (b.to_dtype(dtype)? * self.scale)? })
     }
 
-    /// The gradients of the forward's input (when `needs_dx`) and of `A` and `B` (in their
-    /// dtypes) for the output gradient `grad`, outside any graph. The dropout mask and the
-    /// r-wide `dropout(x) A^T` are redrawn from `x`. With `acc`, the input gradient is added to
-    /// it (`FrozenLinear::input_grad_into`); the adapter's part of it, `dropout(grad B A)`, is
-    /// added in place by the dropout kernel.
-    pub fn backward(&self, x: &Tensor, a: &Tensor, b: &Tensor, grad: &Tensor, needs_dx: bool, acc: Option<Tensor>) -> Result<(Option<Tensor>, Tensor, Tensor)> {
+    /// `x W^T + scale · dropout(x) A^T B^T`, outside any graph, from the factors as stored (or
+    /// as `Lora::for_inference` prepared them).
+    pub fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if self.prepared {
+            return self.forward_with(x, a, b);
+        }
+        self.forward_cast(x, &self.cast(a, b, x.dtype())?)
+    }
+
+    /// The forward from factors cast by `cast`.
+    pub fn forward_cast(&self, x: &Tensor, c: &CastFactors) -> Result<Tensor> {
+        self.forward_with(x, &c.a, &c.bs.t()?)
+    }
+
+    /// The forward with A `[r, in]` and `(scale B)^T` `[r, out]` (any layout `gemm` reads) in
+    /// `x`'s dtype. The adapter's term is added by its GEMM into the base output, not as a
+    /// full-size temporary and a sum.
+    fn forward_with(&self, x: &Tensor, a: &Tensor, bs_t: &Tensor) -> Result<Tensor> {
+        let y = self.base.forward_detached(x)?;
+        let h = linear_nt(&self.dropped(x)?, a)?;
+        let r = h.dim(D::Minus1)?;
+        // (a base output of another dtype than the input takes a plain sum)
+        super::gemm::accumulate(y, &h.reshape((h.elem_count() / r, r))?, bs_t, 1.0)
+    }
+
+    /// The gradient of the forward's input (when `needs_dx`) for the output gradient `grad`,
+    /// outside any graph; the factors' gradients (f32) are added to `grads` under the ids of
+    /// `keys` (A's, B's) by the GEMMs that compute them. The dropout mask and the r-wide
+    /// `dropout(x) A^T` are redrawn from `x`. With `acc`, the input gradient is added to it
+    /// (`FrozenLinear::input_grad_into`); the adapter's part of it, `dropout(grad B A)`, is added
+    /// in place by the dropout kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        c: &CastFactors,
+        keys: (&Tensor, &Tensor),
+        grad: &Tensor,
+        needs_dx: bool,
+        acc: Option<Tensor>,
+        grads: &BlockGrads,
+    ) -> Result<Option<Tensor>> {
         if self.prepared {
             candle_core::bail!("lora backward: factors prepared for inference have no gradients");
         }
         let dtype = x.dtype();
         let g = grad.to_dtype(dtype)?;
-        let ad = a.to_dtype(dtype)?;
-        let bs = (b.to_dtype(dtype)? * self.scale)?;
+        let (ad, bs) = (&c.a, &c.bs);
         let n_in = ad.dim(1)?;
         let n_out = bs.dim(0)?;
         let rows = x.elem_count() / n_in.max(1);
         let xd = self.dropped(x)?.reshape((rows, n_in))?;
         let g2 = g.reshape((rows, n_out))?;
         let h = xd.matmul(&ad.t()?)?; // [rows, r]
-        let gh = g2.matmul(&bs)?; // [rows, r]
-        let da = gh.t()?.matmul(&xd)?.to_dtype(a.dtype())?;
-        let db = (g2.t()?.matmul(&h)? * self.scale)?.to_dtype(b.dtype())?;
-        let dx = if needs_dx {
-            let dx = match acc {
-                Some(acc) => self.base.input_grad_into(acc.reshape((rows, n_in))?, &g2)?,
-                None => self.base.input_grad(&g2, dtype)?,
-            };
-            let through_lora = gh.matmul(&ad)?;
-            let dx = match self.dropout {
-                Some((p, seed)) if p > 0.0 => super::dropout::add_into(dx, &through_lora, p, seed)?,
-                _ => (dx + through_lora)?,
-            };
-            Some(dx.reshape(x.shape())?)
-        } else {
-            None
+        let gh = g2.matmul(bs)?; // [rows, r]
+        // dA = gh^T dropout(x), dB = scale g^T h
+        grads.add_product(keys.0, &gh.t()?, &xd, 1.0)?;
+        grads.add_product(keys.1, &g2.t()?, &h, self.scale)?;
+        if !needs_dx {
+            return Ok(None);
+        }
+        let dx = match acc {
+            Some(acc) => self.base.input_grad_into(acc.reshape((rows, n_in))?, &g2)?,
+            None => self.base.input_grad(&g2, dtype)?,
         };
-        Ok((dx, da, db))
+        let through_lora = gh.matmul(ad)?;
+        let dx = match self.dropout {
+            Some((p, seed)) if p > 0.0 => super::dropout::add_into(dx, &through_lora, p, seed)?,
+            _ => (dx + through_lora)?,
+        };
+        Ok(Some(dx.reshape(x.shape())?))
     }
+}
+
+/// One adapted linear's factors in the activations' dtype (`LoraParts::cast`): A `[r, in]` and
+/// `scale · B` `[out, r]`.
+#[derive(Clone, Debug)]
+pub struct CastFactors {
+    pub a: Tensor,
+    pub bs: Tensor,
 }
 
 struct LoraLinear {
@@ -518,8 +480,12 @@ impl CustomOp3 for LoraLinear {
         let needs_dx = x.track_op();
         // on detached copies: the gradients carry no graph that would keep these inputs and
         // intermediates alive (the LoRA factors' gradients outlive the backward)
-        let (dx, da, db) = self.parts.backward(&x.detach(), &a.detach(), &b.detach(), &grad.detach(), needs_dx, None)?;
-        Ok((dx, Some(da), Some(db)))
+        let (a, b) = (a.detach(), b.detach());
+        let grads = BlockGrads::default();
+        let c = self.parts.cast(&a, &b, x.dtype())?;
+        let dx = self.parts.backward(&x.detach(), &c, (&a, &b), &grad.detach(), needs_dx, None, &grads)?;
+        let take = |t: &Tensor| grads.take(t).map(|g| g.to_dtype(t.dtype())).transpose();
+        Ok((dx, take(&a)?, take(&b)?))
     }
 }
 

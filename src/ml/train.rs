@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,7 @@ use super::calibrate::{self, Calibration, LengthCalibration, LengthModel};
 use super::classifier;
 use super::fsutil;
 use super::llama::Batch;
-use super::lora::{Lora, LoraConfig, LoraCtx};
+use super::lora::{BlockGrads, Lora, LoraConfig, LoraCtx};
 use super::model::BaseModel;
 use super::observe::{EvalMetrics, TrainObserver};
 use super::MlError;
@@ -323,7 +323,8 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             .take(hp.gradient_accumulation)
             .collect();
         let group_rows: usize = group.iter().map(|b| b.len()).sum();
-        let mut grads: Option<Vec<Tensor>> = None;
+        // the micro-batches' gradients sum here (the factors' by the GEMMs that compute them)
+        let step_grads = BlockGrads::default();
         let mut loss_sum = 0.0;
         let _span = tracing::debug_span!("step", step = state.step + 1).entered();
         for (mi, idx) in group.iter().enumerate() {
@@ -335,7 +336,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             let batch = Batch::right_padded(&rows, base.pad_id, &device)?;
             state.tokens_seen += batch.tokens() as u64;
             let micro_seed = hp.seed ^ (state.step * 1024 + mi as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-            let ctx = LoraCtx::training(Some((dropout, micro_seed)), hp.recomputed_layers());
+            let ctx = LoraCtx::training(Some((dropout, micro_seed)), hp.recomputed_layers()).with_grads(&step_grads);
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             let loss = weighted_ce(&logits, &labels, class_weights)?;
             let lv = loss.to_scalar::<f32>()? as f64;
@@ -345,29 +346,11 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             // each micro-batch weighs by its share of the group's rows
             let share = idx.len() as f64 / group_rows as f64;
             loss_sum += lv * share;
-            let g = ctx.take_grads(&(loss * share)?.backward()?, &opt.vars)?;
-            grads = Some(match grads.take() {
-                Some(acc) => acc.iter().zip(&g).map(|(a, g)| a + g).collect::<candle_core::Result<_>>()?,
-                None => g,
-            });
+            step_grads.absorb(&(loss * share)?.backward()?, &opt.vars)?;
         }
-        let mut grads = match grads {
-            Some(g) => g,
-            None => opt.vars.iter().map(|(_, v)| v.zeros_like()).collect::<candle_core::Result<_>>()?,
-        };
-        if hp.max_grad_norm > 0.0 {
-            let mut sq = 0.0;
-            for g in &grads {
-                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            }
-            let norm = sq.sqrt();
-            if norm > hp.max_grad_norm {
-                let c = hp.max_grad_norm / (norm + 1e-6);
-                grads = grads.iter().map(|g| g * c).collect::<candle_core::Result<_>>()?;
-            }
-        }
+        let grads = step_grads.take_all(&opt.vars)?;
         let lr = learning_rate(hp, state.step, total_steps);
-        opt.step(&grads, lr)?;
+        opt.step(&grads, lr, hp.max_grad_norm)?;
         state.step += 1;
         state.last_loss = Some(loss_sum);
         step_losses.push(loss_sum);
