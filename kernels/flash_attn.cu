@@ -260,15 +260,26 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
 #pragma unroll
             for (int nn = 0; nn < 4; ++nn) mma_nk(s + 2 * nn, qf[kk], ks, P, nn * 16, kk * 16);
         float mx[2] = {-INFINITY, -INFINITY};
+        if (k0 + kTile <= q0 && k0 >= start) {
+            // every query of the block sees every key of the tile: no mask
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int key = k0 + n * 8 + 2 * c + (e & 1);
-                const float x = visible(r0 + (e >> 1) * 8, key, start) ? s[n][e] * scale_log2 : -INFINITY;
-                s[n][e] = x;
-                mx[e >> 1] = fmaxf(mx[e >> 1], x);
-            }
+                for (int e = 0; e < 4; ++e) {
+                    s[n][e] *= scale_log2;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+                }
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int key = k0 + n * 8 + 2 * c + (e & 1);
+                    const float x = visible(r0 + (e >> 1) * 8, key, start) ? s[n][e] * scale_log2 : -INFINITY;
+                    s[n][e] = x;
+                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                }
+        }
         float base[2], corr[2];
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
@@ -356,15 +367,26 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
                 mma_nk(dp + 2 * nn, ad, vs, P, nn * 16, kk * 16);
             }
         }
-        // ds (of the scaled scores) = p * (dp - D), into s
+        // ds (of the scaled scores) = p * (dp - D), into s; the mask only where some query of the
+        // block does not see some key of the tile
+        if (k0 + kTile <= q0 && k0 >= start) {
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int i = e >> 1, key = k0 + n * 8 + 2 * c + (e & 1);
-                const float p = visible(r0 + i * 8, key, start) ? exp2f(s[n][e] * scale_log2 - lrows[i]) : 0.0f;
-                s[n][e] = p * (dp[n][e] - drows[i]);
-            }
+                for (int e = 0; e < 4; ++e) {
+                    const int i = e >> 1;
+                    s[n][e] = exp2f(s[n][e] * scale_log2 - lrows[i]) * (dp[n][e] - drows[i]);
+                }
+        } else {
+#pragma unroll
+            for (int n = 0; n < 8; ++n)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int i = e >> 1, key = k0 + n * 8 + 2 * c + (e & 1);
+                    const float p = visible(r0 + i * 8, key, start) ? exp2f(s[n][e] * scale_log2 - lrows[i]) : 0.0f;
+                    s[n][e] = p * (dp[n][e] - drows[i]);
+                }
+        }
         mma_p<D, 4>(acc, s, ks, P);
         __syncthreads();  // this stage is the next prefetch's target
     }
@@ -433,18 +455,31 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
                 mma_nk(dp + 2 * nn, av, dos, P, nn * 16, kk * 16);
             }
         }
-        // p^T into s, ds^T (of the scaled scores) into dp
+        // p^T into s, ds^T (of the scaled scores) into dp; the mask only where some query of the
+        // step does not see some key of the block (or lies past t)
+        if (q0 >= k0 + kTile && k0 >= start && q0 + Q <= t) {
 #pragma unroll
-        for (int j = 0; j < Q / 8; ++j)
+            for (int j = 0; j < Q / 8; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = j * 8 + 2 * c + (e & 1), query = q0 + col;
-                const float p = query < t && visible(query, key0 + (e >> 1) * 8, start)
-                                    ? exp2f(s[j][e] * scale_log2 - ls[col])
-                                    : 0.0f;
-                s[j][e] = p;
-                dp[j][e] = p * (dp[j][e] - dd[col]);
-            }
+                for (int e = 0; e < 4; ++e) {
+                    const int col = j * 8 + 2 * c + (e & 1);
+                    const float p = exp2f(s[j][e] * scale_log2 - ls[col]);
+                    s[j][e] = p;
+                    dp[j][e] = p * (dp[j][e] - dd[col]);
+                }
+        } else {
+#pragma unroll
+            for (int j = 0; j < Q / 8; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int col = j * 8 + 2 * c + (e & 1), query = q0 + col;
+                    const float p = query < t && visible(query, key0 + (e >> 1) * 8, start)
+                                        ? exp2f(s[j][e] * scale_log2 - ls[col])
+                                        : 0.0f;
+                    s[j][e] = p;
+                    dp[j][e] = p * (dp[j][e] - dd[col]);
+                }
+        }
 #pragma unroll
         for (int kk = 0; kk < Q / 16; ++kk) {
             uint32_t ap[4], ad[4];
