@@ -1,4 +1,4 @@
-//! A decoder block as one autograd node with a hand-written backward, for training.
+//! The decoder blocks as one autograd node with hand-written backwards, for training.
 //!
 //! Recorded op by op, a block is some thirty nodes of candle's graph: each keeps its output
 //! alive and, in the backward, gets its gradient accumulated into a fresh zero tensor, so a
@@ -11,7 +11,8 @@
 //! norm outputs and `silu(gate) * up` are recomputed rather than kept, and only when a linear
 //! that reads them has an adapter. Under activation checkpointing nothing but the block's input is
 //! kept and the backward reruns the forward first; it can cover only the first blocks
-//! (`LoraCtx::recompute_layers`), trading memory for speed between the two.
+//! (`LoraCtx::recompute_layers`), trading memory for speed between the two. The whole stack of
+//! blocks is a single node (`trained_blocks`), whose backward walks the blocks in reverse.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -219,32 +220,44 @@ impl Layer {
     }
 }
 
-/// Decoder block `li` of a training forward as one node of `x`'s graph (see the module
-/// docs): its backward returns the input gradient and adds the LoRA factors' gradients to
-/// `grads`. Dropout masks are pure functions of their seeds, so a recomputed forward draws the
-/// same ones.
-pub(super) fn trained_block(
-    blk: &Block,
-    li: usize,
-    x: &Tensor,
-    lora: &Lora,
-    ctx: &LoraCtx,
-    grads: &BlockGrads,
-    inp: &Arc<BlockInputs>,
-) -> Result<Tensor> {
-    let layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some(x.dtype()))?;
-    // taken by the backward, so each block's activations are freed as soon as it has run
-    let (out, saved) = layer.forward(&x.detach(), li >= ctx.recompute_layers)?;
-    let saved = Mutex::new(saved);
+/// One block's part of the stack's backward: its layer, its input and, unless recomputed, what
+/// its forward kept.
+struct Pending {
+    layer: Layer,
+    x: Tensor,
+    saved: Option<Saved>,
+}
+
+/// The decoder blocks of a training forward as one node of `x`'s graph (see the module docs):
+/// its backward runs the blocks' backwards in reverse, freeing each block's input and
+/// activations once it has run, adds the LoRA factors' gradients to `grads` and returns the
+/// first block's input gradient. One node rather than one per block: candle gives each node's
+/// input a fresh zero gradient and adds the node's result to it, a full-size pass per block.
+/// Dropout masks are pure functions of their seeds, so a recomputed forward draws the same ones.
+pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &LoraCtx, grads: &BlockGrads, inp: &Arc<BlockInputs>) -> Result<Tensor> {
+    let mut pending = Vec::with_capacity(blocks.len());
+    let mut h = x.detach();
+    for (li, blk) in blocks.iter().enumerate() {
+        let _span = tracing::trace_span!("block", layer = li).entered();
+        let layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some(h.dtype()))?;
+        let (out, saved) = layer.forward(&h, li >= ctx.recompute_layers)?;
+        pending.push(Pending { layer, x: h, saved });
+        h = out;
+    }
+    let pending = Mutex::new(pending);
     let grads = grads.clone();
-    ops::with_grad("decoder-block", x, out, move |xs, _, grad| {
-        let xs = xs.detach();
-        let kept = saved.lock().map_err(|_| candle_core::Error::Msg("decoder block: poisoned lock".into()))?.take();
-        let saved = match kept {
-            Some(s) => s,
-            None => layer.forward(&xs, true)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
-        };
-        layer.backward(&xs, saved, &grad.detach(), &grads)
+    ops::with_grad("decoder-blocks", x, h, move |_, _, grad| {
+        let mut pending = pending.lock().map_err(|_| candle_core::Error::Msg("decoder blocks: poisoned lock".into()))?;
+        let mut g = grad.detach();
+        while let Some(Pending { layer, x, saved }) = pending.pop() {
+            let _span = tracing::trace_span!("block backward", layer = layer.li).entered();
+            let saved = match saved {
+                Some(s) => s,
+                None => layer.forward(&x, true)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
+            };
+            g = layer.backward(&x, saved, &g, &grads)?;
+        }
+        Ok(g)
     })
 }
 

@@ -578,13 +578,16 @@ impl Llama {
             Some((l, ctx)) => (l.detached(), ctx.dropout),
             None => (Lora::none(), None),
         });
-        for (li, blk) in self.blocks.iter().enumerate() {
-            let _span = tracing::trace_span!("block", layer = li).entered();
-            x = match (&trained, &untracked) {
-                (Some((l, ctx, grads)), _) => super::block::trained_block(blk, li, &x, l, ctx, grads, &inputs)?,
-                (None, Some((l, dropout))) => super::block::inference_block(blk, li, &x, l, *dropout, &inputs)?,
-                (None, None) => block(blk, li, &x, lora, &inputs)?,
-            };
+        if let Some((l, ctx, grads)) = &trained {
+            x = super::block::trained_blocks(&self.blocks, &x, l, ctx, grads, &inputs)?;
+        } else {
+            for (li, blk) in self.blocks.iter().enumerate() {
+                let _span = tracing::trace_span!("block", layer = li).entered();
+                x = match &untracked {
+                    Some((l, dropout)) => super::block::inference_block(blk, li, &x, l, *dropout, &inputs)?,
+                    None => block(blk, li, &x, lora, &inputs)?,
+                };
+            }
         }
         if last_only {
             let idx: Vec<u32> = batch.spans.iter().enumerate().map(|(r, (_, e))| (r * t + e - 1) as u32).collect();
@@ -657,7 +660,7 @@ fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
 
 /// One decoder block: attention and MLP, each pre-normed and residual, every op a node of
 /// candle's graph (through tracked LoRA factors: the reference the hand-written block backward
-/// is tested against). Training uses `block::trained_block`, forwards outside autograd
+/// is tested against). Training uses `block::trained_blocks`, forwards outside autograd
 /// `block::inference_block`.
 fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, inp: &BlockInputs) -> candle_core::Result<Tensor> {
     let cfg = &inp.cfg;

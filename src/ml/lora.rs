@@ -52,8 +52,8 @@ pub fn peft_name(layer: usize, p: Proj, factor: &str) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct LoraCtx {
     pub dropout: Option<(f32, u64)>,
-    /// Training through hand-written block backwards: when set, each decoder block is one
-    /// autograd node whose backward (`block::trained_block`) leaves its LoRA factors' gradients
+    /// Training through hand-written block backwards: when set, the decoder blocks are one
+    /// autograd node whose backward (`block::trained_blocks`) leaves the LoRA factors' gradients
     /// here, not in the backward's `GradStore`. When `None`, a forward through tracked factors
     /// records every op in candle's graph (the reference the hand-written backward is tested
     /// against).
