@@ -42,6 +42,8 @@ struct Saved {
     /// gate_proj and up_proj outputs `[b, t, intermediate]`.
     gate: Tensor,
     up: Tensor,
+    /// Each adapted linear's `dropout(x) A^T` `[rows, r]`, so the backward need not redo it.
+    lora_h: BTreeMap<Proj, Tensor>,
 }
 
 /// One layer's frozen weights and adapter, with the forward's shared inputs.
@@ -75,10 +77,17 @@ impl Layer {
         self.inp.cfg.rms_norm_eps as f32
     }
 
-    fn linear(&self, p: Proj, x: &Tensor) -> Result<Tensor> {
+    /// Linear `p` of `x`; with `lora_h`, an adapted linear leaves its `dropout(x) A^T` there.
+    fn linear(&self, p: Proj, x: &Tensor, lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Tensor> {
         let base = &self.blk.proj[p as usize];
         match (self.lora.parts(base, self.li, p, self.dropout), self.cast.get(&p)) {
-            (Some((parts, _, _)), Some(c)) => parts.forward_cast(x, c),
+            (Some((parts, _, _)), Some(c)) => {
+                let (y, h) = parts.forward_cast(x, c)?;
+                if let Some(kept) = lora_h {
+                    kept.insert(p, h);
+                }
+                Ok(y)
+            }
             (Some((parts, a, b)), None) => parts.forward(x, &a.detach(), &b.detach()),
             (None, _) => base.forward_detached(x),
         }
@@ -88,7 +97,7 @@ impl Layer {
     /// given (the gradients of linears that share an input are summed by the GEMMs themselves);
     /// the LoRA factors' gradients go to `grads`. The linear's input `x` is only computed when
     /// the linear has an adapter (the frozen weight's input gradient does not read it).
-    fn linear_backward(&self, p: Proj, x: impl FnOnce() -> Result<Tensor>, grad: &Tensor, grads: &BlockGrads, acc: Option<Tensor>) -> Result<Tensor> {
+    fn linear_backward(&self, p: Proj, x: impl FnOnce() -> Result<Tensor>, grad: &Tensor, grads: &BlockGrads, acc: Option<Tensor>, lora_h: &BTreeMap<Proj, Tensor>) -> Result<Tensor> {
         let base = &self.blk.proj[p as usize];
         match self.lora.parts(base, self.li, p, self.dropout) {
             Some((parts, a, b)) => {
@@ -97,7 +106,7 @@ impl Layer {
                     None => parts.cast(&a.detach(), &b.detach(), grad.dtype())?,
                 };
                 // the gradients are keyed by the factors' ids
-                let dx = parts.backward(&x()?, &c, (a, b), grad, true, acc, grads)?;
+                let dx = parts.backward(&x()?, lora_h.get(&p), &c, (a, b), grad, true, acc, grads)?;
                 dx.ok_or_else(|| candle_core::Error::Msg("lora backward skipped the input gradient".into()))
             }
             None => match acc {
@@ -161,44 +170,45 @@ impl Layer {
     fn forward(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Saved>)> {
         let cfg = &self.inp.cfg;
         let sin = &self.inp.sin;
+        let mut lora_h = keep.then(BTreeMap::new);
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
-        let q = self.rope(&self.heads(&self.linear(Proj::Q, &h)?, cfg.num_heads)?, sin)?;
-        let k = self.rope(&self.heads(&self.linear(Proj::K, &h)?, cfg.num_kv_heads)?, sin)?;
-        let v = self.heads(&self.linear(Proj::V, &h)?, cfg.num_kv_heads)?;
+        let q = self.rope(&self.heads(&self.linear(Proj::Q, &h, lora_h.as_mut())?, cfg.num_heads)?, sin)?;
+        let k = self.rope(&self.heads(&self.linear(Proj::K, &h, lora_h.as_mut())?, cfg.num_kv_heads)?, sin)?;
+        let v = self.heads(&self.linear(Proj::V, &h, lora_h.as_mut())?, cfg.num_kv_heads)?;
         drop(h);
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
         let y = self.merge(&y)?;
-        let mid = fused::add(x, &self.linear(Proj::O, &y)?)?;
+        let mid = fused::add(x, &self.linear(Proj::O, &y, lora_h.as_mut())?)?;
         let attention = keep.then_some((q, k, v, y, lse));
         let h = ops::rms_norm(&mid, &self.blk.ffn_norm, self.eps())?;
-        let gate = self.linear(Proj::Gate, &h)?;
-        let up = self.linear(Proj::Up, &h)?;
+        let gate = self.linear(Proj::Gate, &h, lora_h.as_mut())?;
+        let up = self.linear(Proj::Up, &h, lora_h.as_mut())?;
         drop(h);
         let s = fused::swiglu(&gate, &up)?;
-        let out = fused::add(&mid, &self.linear(Proj::Down, &s)?)?;
-        let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, gate, up });
+        let out = fused::add(&mid, &self.linear(Proj::Down, &s, lora_h.as_mut())?)?;
+        let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, gate, up, lora_h: lora_h.unwrap_or_default() });
         Ok((out, saved))
     }
 
     fn backward(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
         let cfg = &self.inp.cfg;
         let eps = self.eps();
-        let Saved { q, k, v, y, lse, mid, gate, up } = saved;
+        let Saved { q, k, v, y, lse, mid, gate, up, lora_h } = saved;
         let grad = grad.to_dtype(x.dtype())?;
         // MLP: out = mid + down(silu(gate) * up)
-        let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads, None)?;
+        let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads, None, &lora_h)?;
         // gate and up are not read again: their memory takes the gradients
         let (d_gate, d_up) = fused::swiglu_backward_in_place(gate, up, &d_s)?;
         drop(d_s);
         let h = self.norm_for(&[Proj::Gate, Proj::Up], &mid, &self.blk.ffn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("ffn norm not recomputed".into()));
-        let d_h = self.linear_backward(Proj::Gate, normed, &d_gate, grads, None)?;
-        let d_h = self.linear_backward(Proj::Up, normed, &d_up, grads, Some(d_h))?;
+        let d_h = self.linear_backward(Proj::Gate, normed, &d_gate, grads, None, &lora_h)?;
+        let d_h = self.linear_backward(Proj::Up, normed, &d_up, grads, Some(d_h), &lora_h)?;
         drop((h, d_gate, d_up));
         let d_mid = rms_norm_backward_add(&mid, &d_h, &self.blk.ffn_norm, eps, Some(&grad))?;
         drop((d_h, mid, grad));
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
-        let d_y = self.linear_backward(Proj::O, || Ok(y.clone()), &d_mid, grads, None)?;
+        let d_y = self.linear_backward(Proj::O, || Ok(y.clone()), &d_mid, grads, None, &lora_h)?;
         let d_o = self.heads(&d_y, cfg.num_heads)?;
         // D = sum over head_dim of dO * O, per head and query: [b, heads, t, 1] (f32)
         let (b, t) = (self.inp.b, self.inp.t);
@@ -212,9 +222,9 @@ impl Layer {
         let dv = self.merge(&dv)?;
         let h = self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
-        let d_h = self.linear_backward(Proj::Q, normed, &dq, grads, None)?;
-        let d_h = self.linear_backward(Proj::K, normed, &dk, grads, Some(d_h))?;
-        let d_h = self.linear_backward(Proj::V, normed, &dv, grads, Some(d_h))?;
+        let d_h = self.linear_backward(Proj::Q, normed, &dq, grads, None, &lora_h)?;
+        let d_h = self.linear_backward(Proj::K, normed, &dk, grads, Some(d_h), &lora_h)?;
+        let d_h = self.linear_backward(Proj::V, normed, &dv, grads, Some(d_h), &lora_h)?;
         drop(h);
         rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
     }

@@ -382,35 +382,43 @@ impl LoraParts {
         if self.prepared {
             return self.forward_with(x, a, b);
         }
-        self.forward_cast(x, &self.cast(a, b, x.dtype())?)
+        Ok(self.forward_cast(x, &self.cast(a, b, x.dtype())?)?.0)
     }
 
-    /// The forward from factors cast by `cast`.
-    pub fn forward_cast(&self, x: &Tensor, c: &CastFactors) -> Result<Tensor> {
-        self.forward_with(x, &c.a, &c.bs.t()?)
+    /// The forward from factors cast by `cast`, and the adapter's r-wide `dropout(x) A^T`
+    /// `[rows, r]`, which the backward reads.
+    pub fn forward_cast(&self, x: &Tensor, c: &CastFactors) -> Result<(Tensor, Tensor)> {
+        self.forward_parts(x, &c.a, &c.bs.t()?)
+    }
+
+    fn forward_with(&self, x: &Tensor, a: &Tensor, bs_t: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_parts(x, a, bs_t)?.0)
     }
 
     /// The forward with A `[r, in]` and `(scale B)^T` `[r, out]` (any layout `gemm` reads) in
-    /// `x`'s dtype. The adapter's term is added by its GEMM into the base output, not as a
-    /// full-size temporary and a sum.
-    fn forward_with(&self, x: &Tensor, a: &Tensor, bs_t: &Tensor) -> Result<Tensor> {
+    /// `x`'s dtype, and `dropout(x) A^T` `[rows, r]`. The adapter's term is added by its GEMM
+    /// into the base output, not as a full-size temporary and a sum.
+    fn forward_parts(&self, x: &Tensor, a: &Tensor, bs_t: &Tensor) -> Result<(Tensor, Tensor)> {
         let y = self.base.forward_detached(x)?;
         let h = linear_nt(&self.dropped(x)?, a)?;
         let r = h.dim(D::Minus1)?;
+        let h = h.reshape((h.elem_count() / r, r))?;
         // (a base output of another dtype than the input takes a plain sum)
-        super::gemm::accumulate(y, &h.reshape((h.elem_count() / r, r))?, bs_t, 1.0)
+        Ok((super::gemm::accumulate(y, &h, bs_t, 1.0)?, h))
     }
 
     /// The gradient of the forward's input (when `needs_dx`) for the output gradient `grad`,
     /// outside any graph; the factors' gradients (f32) are added to `grads` under the ids of
-    /// `keys` (A's, B's) by the GEMMs that compute them. The dropout mask and the r-wide
-    /// `dropout(x) A^T` are redrawn from `x`. With `acc`, the input gradient is added to it
+    /// `keys` (A's, B's) by the GEMMs that compute them. The dropout mask is redrawn from `x`,
+    /// and the r-wide `dropout(x) A^T` too unless the forward's is given (`h`). With `acc`, the
+    /// input gradient is added to it
     /// (`FrozenLinear::input_grad_into`); the adapter's part of it, `dropout(grad B A)`, is added
     /// in place by the dropout kernel.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         x: &Tensor,
+        h: Option<&Tensor>,
         c: &CastFactors,
         keys: (&Tensor, &Tensor),
         grad: &Tensor,
@@ -429,7 +437,10 @@ impl LoraParts {
         let rows = x.elem_count() / n_in.max(1);
         let xd = self.dropped(x)?.reshape((rows, n_in))?;
         let g2 = g.reshape((rows, n_out))?;
-        let h = xd.matmul(&ad.t()?)?; // [rows, r]
+        let h = match h {
+            Some(h) => h.reshape((rows, ad.dim(0)?))?,
+            None => xd.matmul(&ad.t()?)?, // [rows, r]
+        };
         let gh = g2.matmul(bs)?; // [rows, r]
         // dA = gh^T dropout(x), dB = scale g^T h
         grads.add_product(keys.0, &gh.t()?, &xd, 1.0)?;
@@ -483,7 +494,7 @@ impl CustomOp3 for LoraLinear {
         let (a, b) = (a.detach(), b.detach());
         let grads = BlockGrads::default();
         let c = self.parts.cast(&a, &b, x.dtype())?;
-        let dx = self.parts.backward(&x.detach(), &c, (&a, &b), &grad.detach(), needs_dx, None, &grads)?;
+        let dx = self.parts.backward(&x.detach(), None, &c, (&a, &b), &grad.detach(), needs_dx, None, &grads)?;
         let take = |t: &Tensor| grads.take(t).map(|g| g.to_dtype(t.dtype())).transpose();
         Ok((dx, take(&a)?, take(&b)?))
     }
