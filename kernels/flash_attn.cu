@@ -158,6 +158,22 @@ __device__ __forceinline__ void store_rows(bf16* dst, long long stride, const fl
     }
 }
 
+// Stores rows (r, r + 8) of a warp's 16 x D accumulators times mul as f32 rows of D (a partial
+// sum of `flash_dkv_sum`).
+template <int D>
+__device__ __forceinline__ void store_rows_f32(float* dst, const float (*acc)[4], int r, int t, float mul) {
+    const int c = threadIdx.x & 3;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = r + half * 8;
+        if (row >= t) continue;
+#pragma unroll
+        for (int n = 0; n < D / 8; ++n)
+            *reinterpret_cast<float2*>(dst + (size_t)row * D + n * 8 + 2 * c) =
+                make_float2(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
+    }
+}
+
 template <int N>
 __device__ __forceinline__ void zero(float (*acc)[4]) {
 #pragma unroll
@@ -395,8 +411,9 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
 
 template <int D>
 __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                          const float* dsum, bf16* dk, bf16* dv, Rows sq, Rows sk, Rows sv, Rows sdo, Rows sdk,
-                          Rows sdv, int t, int h, int kvh, const uint32_t* starts, float scale_log2, float scale) {
+                          const float* dsum, bf16* dk, bf16* dv, float* part, int splits, Rows sq, Rows sk, Rows sv,
+                          Rows sdo, Rows sdk, Rows sdv, int t, int h, int kvh, const uint32_t* starts,
+                          float scale_log2, float scale) {
     constexpr int P = D + 8, TILE = kTile * P, Q = dkv_step<D>(), QTILE = Q * P;
     extern __shared__ __align__(16) unsigned char smem[];
     // k, v, then two stages of (q, do) tiles of Q rows, then two stages of (lse, D) of Q queries
@@ -404,17 +421,18 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
     bf16* vs = ks + TILE;
     bf16* buf = vs + TILE;
     float* rows = reinterpret_cast<float*>(buf + 4 * QTILE);
-    // the keys with the most queries (first tiles) first
-    const int k0 = blockIdx.x * kTile, kh = blockIdx.y, bb = blockIdx.z;
+    // the keys with the most queries (first tiles) first; block row y takes part `split` of the
+    // query heads sharing kv head kh
+    const int k0 = blockIdx.x * kTile, kh = blockIdx.y / splits, split = blockIdx.y % splits, bb = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int start = (int)starts[bb];
-    const int rep = h / kvh;
+    const int rep = h / kvh, heads = rep / splits, head0 = kh * rep + split * heads;
     // keys before the row's start are seen only by themselves (padding queries)
     const int q_end = k0 + kTile <= start ? min(k0 + kTile, t) : t;
-    const int steps_per_head = (q_end - k0 + Q - 1) / Q, steps = rep * steps_per_head;
+    const int steps_per_head = (q_end - k0 + Q - 1) / Q, steps = heads * steps_per_head;
     // starts step n's copies into stage `st`
     auto fetch = [&](int n, int st) {
-        const int hh = kh * rep + n / steps_per_head, q0 = k0 + (n % steps_per_head) * Q;
+        const int hh = head0 + n / steps_per_head, q0 = k0 + (n % steps_per_head) * Q;
         bf16* qs = buf + st * 2 * QTILE;
         load_tile<D>(qs, q + bb * sq.b + hh * sq.h, sq.r, q0, Q, t);
         load_tile<D>(qs + QTILE, dout + bb * sdo.b + hh * sdo.h, sdo.r, q0, Q, t);
@@ -493,8 +511,16 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
         }
         __syncthreads();  // this stage is the next prefetch's target
     }
-    store_rows<D>(dk + bb * sdk.b + kh * sdk.h, sdk.r, dka, key0, t, scale, scale);
-    store_rows<D>(dv + bb * sdv.b + kh * sdv.h, sdv.r, dva, key0, t, 1.0f, 1.0f);
+    if (splits == 1) {
+        store_rows<D>(dk + bb * sdk.b + kh * sdk.h, sdk.r, dka, key0, t, scale, scale);
+        store_rows<D>(dv + bb * sdv.b + kh * sdv.h, sdv.r, dva, key0, t, 1.0f, 1.0f);
+    } else {
+        // partial sums [2][splits][b][kvh][t][D]: dk's, then dv's
+        const size_t n = (size_t)gridDim.z * kvh * t * D;
+        float* pk = part + split * n + ((size_t)bb * kvh + kh) * t * D;
+        store_rows_f32<D>(pk, dka, key0, t, scale);
+        store_rows_f32<D>(pk + splits * n, dva, key0, t, 1.0f);
+    }
 }
 
 }  // namespace
@@ -518,15 +544,42 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__ DKV_BOUNDS flash_dkv_##D(                              \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                 \
-        const float* dsum, bf16* dk, bf16* dv, Rows sq, Rows sk, Rows sv, Rows sdo, Rows sdk, Rows sdv,  \
-        int t, int h, int kvh, const uint32_t* starts, float scale_log2, float scale) {                  \
-        flash_dkv<D>(q, k, v, dout, lse, dsum, dk, dv, sq, sk, sv, sdo, sdk, sdv, t, h, kvh, starts,     \
-                     scale_log2, scale);                                                                 \
+        const float* dsum, bf16* dk, bf16* dv, float* part, int splits, Rows sq, Rows sk, Rows sv,      \
+        Rows sdo, Rows sdk, Rows sdv, int t, int h, int kvh, const uint32_t* starts, float scale_log2,  \
+        float scale) {                                                                                   \
+        flash_dkv<D>(q, k, v, dout, lse, dsum, dk, dv, part, DKV_SPLITS, sq, sk, sv, sdo, sdk, sdv, t, \
+                     h, kvh, starts, scale_log2, scale);                                                 \
     }
 
 // The backward kernels' launch bounds: at head size 64 the register allocation must allow three
 // blocks per SM (dkv spills 16 bytes for it); at 128 no minimum, where shared memory (dq) or
 // spills (dkv) rule three out. (An explicit minimum of one is not the same as none: it let dq
 // take 217 registers instead of 177.)
+// dk/dv split over the query heads of a kv head only at head size 128: at 64 the split's
+// indices cost the registers that three blocks per SM leave (52 bytes of spills), so there the
+// kernel is compiled for one part (`splits` is ignored; the host passes 1).
+#define DKV_SPLITS 1
 FLASH(64, (kThreads, 3), (kThreads, 3))
+#undef DKV_SPLITS
+#define DKV_SPLITS splits
 FLASH(128, (kThreads), (kThreads))
+#undef DKV_SPLITS
+
+// dk and dv from flash_dkv's `splits` partial sums [2][splits][b][kvh][t][d] (f32), two elements
+// per thread, written as bf16 rows of their tensors.
+extern "C" __global__ void flash_dkv_sum(const float* part, bf16* dk, bf16* dv, Rows sdk, Rows sdv, int splits, int b,
+                                         int kvh, int t, int d) {
+    const size_t n = (size_t)b * kvh * t * d;
+    for (size_t i = 2 * (blockIdx.x * (size_t)blockDim.x + threadIdx.x); i < n; i += 2 * (size_t)blockDim.x * gridDim.x) {
+        const int e = (int)(i % d), row = (int)(i / d % t), kh = (int)(i / ((size_t)d * t) % kvh);
+        const int bb = (int)(i / ((size_t)d * t * kvh));
+        float2 sk = make_float2(0.0f, 0.0f), sv = make_float2(0.0f, 0.0f);
+        for (int s = 0; s < splits; ++s) {
+            const float2 pk = *reinterpret_cast<const float2*>(part + s * n + i);
+            const float2 pv = *reinterpret_cast<const float2*>(part + (splits + s) * n + i);
+            sk.x += pk.x, sk.y += pk.y, sv.x += pv.x, sv.y += pv.y;
+        }
+        *reinterpret_cast<__nv_bfloat162*>(dk + bb * sdk.b + kh * sdk.h + row * sdk.r + e) = __floats2bfloat162_rn(sk.x, sk.y);
+        *reinterpret_cast<__nv_bfloat162*>(dv + bb * sdv.b + kh * sdv.h + row * sdv.r + e) = __floats2bfloat162_rn(sv.x, sv.y);
+    }
+}

@@ -6,7 +6,9 @@
 //! The forward returns the output and each query's log-sum-exp (base 2, f32), which the backward
 //! reads to recompute the probabilities. The backward runs two kernels: one per query tile for
 //! `dq`, one per key tile for `dk` and `dv` (summed over the query heads sharing a kv head in
-//! registers, so nothing is added atomically and the result does not depend on scheduling).
+//! registers, so nothing is added atomically and the result does not depend on scheduling; where
+//! that grid is small, over parts of those heads, the parts then summed in a fixed order by a
+//! third kernel, `dkv_splits`).
 //!
 //! The chunked path (`ops::AttentionPlan`) remains for the CPU, f32/f64 data and other head
 //! sizes, and is the reference of `check_device`.
@@ -221,15 +223,49 @@ mod launch {
             let step = if a.d == 64 { 64 } else { 32 };
             let smem = (2 * 64 + 4 * step) * a.pitch_bytes() + 4 * step * 4;
             let func = a.func("flash_dkv", smem)?;
+            let splits = if a.d == 128 { super::dkv_splits(a.t.div_ceil(64) * a.kvh * a.b, a.h / a.kvh) } else { 1 };
+            let n = a.b * a.kvh * a.t * a.d;
+            // the partial sums of a split launch (a single element when unused)
+            let part = a.f32s(if splits > 1 { 2 * splits * n } else { 1 })?;
+            let splits_i = splits as i32;
             let mut bld = stream.launch_builder(&func);
-            bld.arg(&qs).arg(&ks).arg(&vs).arg(&os).arg(&ls).arg(&ds).arg(&dk.slice).arg(&dv.slice);
+            bld.arg(&qs).arg(&ks).arg(&vs).arg(&os).arg(&ls).arg(&ds).arg(&dk.slice).arg(&dv.slice).arg(&part).arg(&splits_i);
             bld.arg(&sq).arg(&sk).arg(&sv).arg(&so).arg(&dk.rows).arg(&dv.rows);
             bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
-            // SAFETY: argument types and order match the kernel's signature
-            unsafe { bld.launch(a.cfg(a.kvh, smem)) }.w()?;
+            // SAFETY: argument types and order match the kernel's signature; `part` holds the
+            // 2 · splits · n floats a split launch writes
+            unsafe { bld.launch(a.cfg(a.kvh * splits, smem)) }.w()?;
+            drop(bld);
+            if splits > 1 {
+                let func = a.dev.get_or_load_custom_func("flash_dkv_sum", "flash_attn", KERNELS)?;
+                let (b, kvh, d) = (a.b as i32, a.kvh as i32, a.d as i32);
+                let blocks = (n / 2).div_ceil(256).min(132 * 16) as u32;
+                let mut bld = func.builder();
+                bld.arg(&part).arg(&dk.slice).arg(&dv.slice).arg(&dk.rows).arg(&dv.rows).arg(&splits_i).arg(&b).arg(&kvh).arg(&t).arg(&d);
+                // SAFETY: argument types and order match the kernel's signature
+                unsafe { bld.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+            }
         }
         Ok([a.tensor(dq)?, a.tensor(dk)?, a.tensor(dv)?])
     }
+}
+
+/// Parts the dk/dv kernel splits each kv head's query heads into (a divisor of `rep`, the query
+/// heads per kv head), given its `blocks` unsplit blocks: each block owns a key tile of a kv head
+/// and walks all the queries after it, so the first tiles carry up to t / 64 times the work of
+/// the last. With few rows (micro-batches of 2 on the 8B shape: 256 blocks) that is one
+/// unbalanced wave; split until the grid holds about 1,024 blocks (some four waves on 132 SMs),
+/// the parts summed by a second kernel.
+pub fn dkv_splits(blocks: usize, rep: usize) -> usize {
+    const ENOUGH: usize = 1024;
+    let mut splits = 1;
+    while blocks * splits < ENOUGH {
+        match (splits + 1..=rep).find(|s| rep % s == 0) {
+            Some(next) => splits = next,
+            None => break,
+        }
+    }
+    splits
 }
 
 /// Attention over `q` `[b, heads, t, d]`, `k` and `v` `[b, kv_heads, t, d]` (see `applies`):
@@ -347,6 +383,19 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dk_dv_split_only_where_the_grid_is_small() {
+        // the 8B shape: 16 key tiles x 8 kv heads x rows, 4 query heads per kv head
+        assert_eq!(dkv_splits(16 * 8 * 2, 4), 4);
+        assert_eq!(dkv_splits(16 * 8 * 4, 4), 2);
+        assert_eq!(dkv_splits(16 * 8 * 8, 4), 1);
+        // no more parts than query heads, and only divisors of them
+        assert_eq!(dkv_splits(4, 3), 3);
+        assert_eq!(dkv_splits(100, 6), 6);
+        assert_eq!(dkv_splits(400, 6), 3);
+        assert_eq!(dkv_splits(10, 1), 1);
+    }
 
     #[test]
     fn the_cpu_and_other_dtypes_are_left_to_the_chunked_path() -> Result<()> {
