@@ -260,11 +260,13 @@ fn hf_losses(a: &HfLosses<'_>, device: &Device, fmt: BaseFormat) -> anyhow::Resu
     let labels = Tensor::from_vec(a.labels.to_vec(), a.labels.len(), device)?;
     let mut losses = Vec::with_capacity(a.steps);
     for _ in 0..a.steps {
-        let ctx = LoraCtx::training(None, 0);
+        let step_grads = BlockGrads::default();
+        let ctx = LoraCtx::training(None, 0).with_grads(&step_grads);
         let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), &batch)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         losses.push(loss.to_scalar::<f32>()?);
-        let grads = ctx.take_grads(&loss.backward()?, &vars)?;
+        step_grads.absorb(&loss.backward()?, &vars)?;
+        let grads = step_grads.take_all(&vars)?;
         opt.step(&grads, a.lr, 0.0)?;
     }
     println!("{}", serde_json::json!({ "losses": losses }));

@@ -101,12 +101,10 @@ impl Layer {
         let base = &self.blk.proj[p as usize];
         match self.lora.parts(base, self.li, p, self.dropout) {
             Some((parts, a, b)) => {
-                let c = match self.cast.get(&p) {
-                    Some(c) => c.clone(),
-                    None => parts.cast(&a.detach(), &b.detach(), grad.dtype())?,
-                };
+                // `new` cast every adapted linear's factors for a training block
+                let c = self.cast.get(&p).ok_or_else(|| candle_core::Error::Msg("lora backward: factors not cast".into()))?;
                 // the gradients are keyed by the factors' ids
-                let dx = parts.backward(&x()?, lora_h.get(&p), &c, (a, b), grad, true, acc, grads)?;
+                let dx = parts.backward(&x()?, lora_h.get(&p), c, (a, b), grad, true, acc, grads)?;
                 dx.ok_or_else(|| candle_core::Error::Msg("lora backward skipped the input gradient".into()))
             }
             None => match acc {

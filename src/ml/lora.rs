@@ -84,11 +84,6 @@ impl LoraCtx {
     pub fn take_grad(&self, grads: &candle_core::backprop::GradStore, v: &Tensor) -> Option<Tensor> {
         grads.get(v).cloned().or_else(|| self.block_grads.as_ref().and_then(|s| s.take(v)))
     }
-
-    /// `take_grad` of every variable, in order, zeros where the backward left none.
-    pub fn take_grads(&self, grads: &candle_core::backprop::GradStore, vars: &[(String, Var)]) -> candle_core::Result<Vec<Tensor>> {
-        vars.iter().map(|(_, v)| self.take_grad(grads, v.as_tensor()).map_or_else(|| v.zeros_like(), Ok)).collect()
-    }
 }
 
 /// Gradients of LoRA factors computed by the decoder blocks' backwards, by tensor id, summed.
@@ -96,27 +91,29 @@ impl LoraCtx {
 pub struct BlockGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
 
 impl BlockGrads {
-    pub fn add(&self, of: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
+    /// Replaces the gradient of `of` by `sum` of it (`None` for the first term).
+    fn update(&self, of: &Tensor, sum: impl FnOnce(Option<Tensor>) -> candle_core::Result<Tensor>) -> candle_core::Result<()> {
         let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("checkpoint gradients poisoned".into()))?;
-        let sum = match map.remove(&of.id()) {
-            Some(acc) => (acc + grad)?,
-            None => grad.clone(),
-        };
-        map.insert(of.id(), sum);
+        let next = sum(map.remove(&of.id()))?;
+        map.insert(of.id(), next);
         Ok(())
+    }
+
+    pub fn add(&self, of: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
+        self.update(of, |acc| match acc {
+            Some(acc) => acc + grad,
+            None => Ok(grad.clone()),
+        })
     }
 
     /// Adds `alpha · a b` to the gradient of `of` (in `of`'s dtype, f32 for the trained factors):
     /// the GEMM writes the first term and accumulates the later ones into it (`gemm`), with no
     /// product in between.
     pub fn add_product(&self, of: &Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> candle_core::Result<()> {
-        let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("checkpoint gradients poisoned".into()))?;
-        let sum = match map.remove(&of.id()) {
-            Some(acc) => super::gemm::accumulate(acc, a, b, alpha)?,
-            None => super::gemm::product(a, b, alpha, of.dtype())?,
-        };
-        map.insert(of.id(), sum);
-        Ok(())
+        self.update(of, |acc| match acc {
+            Some(acc) => super::gemm::accumulate(acc, a, b, alpha),
+            None => super::gemm::product(a, b, alpha, of.dtype()),
+        })
     }
 
     /// Adds the gradients of `vars` that a backward's store holds (those computed outside the
