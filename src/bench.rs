@@ -124,6 +124,10 @@ pub struct BenchArgs {
     /// gradient accumulation). Default: the whole batch at once.
     #[arg(long)]
     pub micro_batch: Option<usize>,
+    /// `bench predict` on CUDA: run each batch size's forward as a captured CUDA graph, as the
+    /// prediction engine serves a merged adapter (`false`: launch every kernel each time).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub graph: bool,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), bytes.
@@ -338,6 +342,15 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             checkpointed_layers: args.checkpointed_layers,
             ..Default::default()
         };
+        let infer = LoraCtx::default();
+        let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };
+        let head_infer = head.as_tensor().detach();
+        // captured after one eager forward (the capture's own warm-up), before the peak resets
+        let graph = if !training && args.graph {
+            crate::ml::graph::ForwardGraph::capture(model, adapter, &head_infer, &micro_batches[0].0)?
+        } else {
+            None
+        };
         crate::ml::pool::reset_peak(&device)?;
         let peak_gpu = PeakSampler::start(&device);
         let sample = || {
@@ -361,10 +374,10 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 let grads = step_grads.take_all(&vars)?;
                 // the trainer's optimizer, as the reference benchmark steps torch's AdamW
                 opt.borrow_mut().step(&grads, 1e-4, 0.0)?;
+            } else if let Some(g) = &graph {
+                let _ = g.run(&micro_batches[0].0)?;
             } else {
-                let infer = LoraCtx::default();
-                let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };
-                let logits = classifier::logits(model, adapter, &head.as_tensor().detach(), &micro_batches[0].0)?;
+                let logits = classifier::logits(model, adapter, &head_infer, &micro_batches[0].0)?;
                 let _ = logits.to_vec2::<f32>()?;
             }
             sample();
@@ -400,6 +413,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             "checkpointed_layers": (training && args.gradient_checkpointing)
                 .then(|| args.checkpointed_layers.unwrap_or(cfg.num_layers).min(cfg.num_layers)),
             "micro_batch": training.then_some(micro),
+            "graph": graph.is_some(),
             "seq_len": args.seq_len,
             "batch_size": b,
             "steps": args.steps,

@@ -232,6 +232,10 @@ pub struct PredictArgs {
     /// Merge concurrent requests into shared batches (false: one request at a time).
     #[arg(long, env = "ARBITER_PREDICT_BATCHING", default_value_t = true, action = clap::ArgAction::Set)]
     pub predict_batching: bool,
+    /// Forwards kept captured as CUDA graphs on a GPU, for small (merged) adapters: a batch
+    /// shape seen twice is captured once and then replayed as one launch (0: off).
+    #[arg(long, env = "ARBITER_PREDICT_GRAPHS", default_value_t = 16)]
+    pub predict_graphs: usize,
     /// Pairs per prediction request.
     #[arg(long, env = "ARBITER_PREDICT_MAX_PAIRS", default_value_t = 64)]
     pub predict_max_pairs: usize,

@@ -698,3 +698,46 @@ async fn the_engine_merges_concurrent_requests_and_bounds_its_queue() {
     assert_eq!(engine.queued_rows(), 0, "answered requests give their room back");
     engine.score(adapter, vec![row]).await.unwrap();
 }
+
+/// Captured forwards (CUDA graphs) answer as the kernel-by-kernel forward does. On a GPU
+/// (`ARBITER_TEST_DEVICE=cuda`), single-row requests of one padded width are captured the
+/// second time their shape is seen and replayed with each later request's ids; on the CPU
+/// nothing is captured.
+#[tokio::test]
+async fn captured_forwards_answer_as_launched_ones() {
+    use arbiter::ml::serve::{Engine, EngineConfig};
+    let f = fixture();
+    let device = arbiter::bench::parse_device(&std::env::var("ARBITER_TEST_DEVICE").unwrap_or_else(|_| "cpu".into())).unwrap();
+    let format = if device.is_cuda() { BaseFormat::Bf16 } else { BaseFormat::F32 };
+    // rows of 20 to 64 tokens: one padded width of 64
+    let rows = synthetic_rows(6, 77, false);
+    let mut answers = Vec::new();
+    for graphs in [16, 0] {
+        let cfg = EngineConfig { batching: false, graphs, ..EngineConfig::default() };
+        let d = device.clone();
+        let engine = Engine::new(cfg, move |p: &Path| BaseModel::load(p, format, &d)).unwrap();
+        let adapter = engine.adapter("a", &f.adapters[0], &f.model).unwrap();
+        let mut logits = Vec::new();
+        for r in &rows {
+            let ids = adapter.encode(r, 64).ids;
+            assert!((20..=64).contains(&ids.len()), "a row of {} tokens", ids.len());
+            logits.push(engine.score(adapter.clone(), vec![ids]).await.unwrap()[0]);
+        }
+        let (captured, replayed) = engine.graph_counters();
+        if graphs > 0 && device.is_cuda() {
+            assert_eq!((captured, replayed), (1, rows.len() as u64 - 1), "captured at the second row, replayed from then on");
+        } else {
+            assert_eq!((captured, replayed), (0, 0));
+        }
+        answers.push(logits);
+    }
+    let diff = |a: &[f32; 3], b: &[f32; 3]| (0..3).map(|i| (a[i] - b[i]).abs()).fold(0f32, f32::max);
+    let tolerance = 0.02;
+    for (i, (g, e)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        assert!(diff(g, e) <= tolerance, "row {i}: captured {g:?}, launched {e:?}");
+    }
+    // the rows' logits differ by more than the tolerance, so a replay that kept another row's
+    // ids would fail above
+    let apart = answers[1].windows(2).map(|w| diff(&w[0], &w[1])).fold(f32::INFINITY, f32::min);
+    assert!(apart > 5.0 * tolerance, "consecutive rows' logits only {apart} apart");
+}

@@ -746,6 +746,7 @@ impl Predictor {
             adapter_cache: p.predict_adapter_cache,
             base_cache: p.predict_base_cache,
             batching: p.predict_batching,
+            graphs: p.predict_graphs,
         };
         let symmetric_rows = 2 * p.predict_max_pairs;
         if p.predict_queue_rows < symmetric_rows {

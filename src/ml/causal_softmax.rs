@@ -34,6 +34,11 @@ impl CausalSpans {
         self.starts.len()
     }
 
+    /// Whether these are the spans of rows starting at `starts`.
+    pub fn starts_are(&self, starts: &[usize]) -> bool {
+        self.starts.len() == starts.len() && self.starts.iter().zip(starts).all(|(a, b)| *a as usize == *b)
+    }
+
     /// The starts on the tensors' device (read by the CUDA kernels).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) fn device_starts(&self) -> &Tensor {

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Tensor};
 
-use super::llama::{Batch, Llama};
+use super::llama::{Batch, ForwardInputs, Llama};
 use super::lora::{Lora, LoraCtx};
 use super::MlError;
 
@@ -18,7 +18,17 @@ pub fn logits(
     head: &Tensor,
     batch: &Batch,
 ) -> Result<Tensor, MlError> {
-    let h = llama.forward(batch, lora, true)?;
+    logits_from(llama, lora, head, &llama.inputs(batch, true)?)
+}
+
+/// `logits` from forward inputs already on the device (`Llama::inputs` with `last_only`).
+pub fn logits_from(
+    llama: &Llama,
+    lora: Option<(&Lora, &LoraCtx)>,
+    head: &Tensor,
+    inputs: &ForwardInputs,
+) -> Result<Tensor, MlError> {
+    let h = llama.forward_inputs(inputs, lora)?;
     let h = if h.dtype() != head.dtype() { h.to_dtype(head.dtype())? } else { h };
     Ok(h.matmul(&head.t()?)?.to_dtype(DType::F32)?)
 }

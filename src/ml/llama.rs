@@ -245,6 +245,15 @@ impl Batch {
         Self::padded(rows, pad_id, device, false)
     }
 
+    /// Right-padded batch of the given rows, `width` tokens wide (at least the longest row).
+    pub fn right_padded_to(rows: &[Vec<u32>], pad_id: u32, width: usize, device: &Device) -> Result<Batch, MlError> {
+        let longest = rows.iter().map(Vec::len).max().unwrap_or(0);
+        if width < longest {
+            return Err(MlError::Input(format!("a width of {width} tokens is narrower than the longest row ({longest})")));
+        }
+        Self::padded_within(rows, pad_id, width, device, false)
+    }
+
     /// Left-padded batch of the given rows.
     pub fn left_padded(rows: &[Vec<u32>], pad_id: u32, device: &Device) -> Result<Batch, MlError> {
         Self::padded(rows, pad_id, device, true)
@@ -252,6 +261,10 @@ impl Batch {
 
     fn padded(rows: &[Vec<u32>], pad_id: u32, device: &Device, left: bool) -> Result<Batch, MlError> {
         let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+        Self::padded_within(rows, pad_id, width, device, left)
+    }
+
+    fn padded_within(rows: &[Vec<u32>], pad_id: u32, width: usize, device: &Device, left: bool) -> Result<Batch, MlError> {
         if width == 0 || rows.iter().any(Vec::is_empty) {
             return Err(MlError::Input("every row needs at least one token".into()));
         }
@@ -546,6 +559,24 @@ impl Llama {
         Ok((ang.cos()?.to_dtype(self.dtype)?, ang.sin()?.to_dtype(self.dtype)?))
     }
 
+    /// What a forward of `batch` reads besides the weights, made on the device: the ids, the
+    /// RoPE tables and causal spans every block shares, and with `last_only` each row's last
+    /// valid position.
+    pub fn inputs(&self, batch: &Batch, last_only: bool) -> Result<ForwardInputs, MlError> {
+        let (b, t) = batch.ids.dims2()?;
+        let nh = self.cfg.num_heads;
+        let (cos, sin) = self.rope_tables(batch, t)?;
+        let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
+        // query chunks small enough that one chunk's scores stay around 256 MB
+        let elem = self.dtype.size_in_bytes();
+        // (at most 256 queries, so later chunks skip the keys after their last query)
+        let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, 256).min(t);
+        let spans = CausalSpans::new(&starts, &self.device)?;
+        let last = if last_only { Some(last_positions(batch, &self.device)?) } else { None };
+        let blocks = Arc::new(BlockInputs { cfg: self.cfg.clone(), b, t, cos, sin, spans, chunk });
+        Ok(ForwardInputs { ids: batch.ids.clone(), blocks, last })
+    }
+
     /// Final-norm hidden states `[b, t, hidden]` for every position, or only the last valid
     /// position of each row (`[b, hidden]`) when `last_only`.
     pub fn forward(
@@ -554,20 +585,17 @@ impl Llama {
         lora: Option<(&Lora, &LoraCtx)>,
         last_only: bool,
     ) -> Result<Tensor, MlError> {
+        self.forward_inputs(&self.inputs(batch, last_only)?, lora)
+    }
+
+    /// `forward` from inputs already on the device (`inputs`): only device work, no copies from
+    /// the host, so a CUDA graph can capture it (`graph`).
+    pub fn forward_inputs(&self, inputs: &ForwardInputs, lora: Option<(&Lora, &LoraCtx)>) -> Result<Tensor, MlError> {
         let _span = tracing::trace_span!("llama").entered();
-        let (b, t) = batch.ids.dims2()?;
         let cfg = &self.cfg;
-        let nh = cfg.num_heads;
-        let (cos, sin) = self.rope_tables(batch, t)?;
-        let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
-        // query chunks small enough that one chunk's scores stay around 256 MB
-        let elem = self.dtype.size_in_bytes();
-        // (at most 256 queries, so later chunks skip the keys after their last query)
-        let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, 256).min(t);
-        let spans = CausalSpans::new(&starts, &self.device)?;
+        let (b, t) = (inputs.blocks.b, inputs.blocks.t);
         let eps = cfg.rms_norm_eps as f32;
-        let mut x = self.embed.index_select(&batch.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
-        let inputs = Arc::new(BlockInputs { cfg: cfg.clone(), b, t, cos, sin, spans, chunk });
+        let mut x = self.embed.index_select(&inputs.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
         let trained = lora.and_then(|(l, ctx)| ctx.block_grads.clone().map(|grads| (l, ctx, grads)));
         if trained.is_some() {
             // the first block's input must be tracked for its node to be recorded
@@ -579,23 +607,22 @@ impl Llama {
             None => (Lora::none(), None),
         });
         if let Some((l, ctx, grads)) = &trained {
-            x = super::block::trained_blocks(&self.blocks, &x, l, ctx, grads, &inputs)?;
+            x = super::block::trained_blocks(&self.blocks, &x, l, ctx, grads, &inputs.blocks)?;
         } else {
             for (li, blk) in self.blocks.iter().enumerate() {
                 let _span = tracing::trace_span!("block", layer = li).entered();
                 x = match &untracked {
-                    Some((l, dropout)) => super::block::inference_block(blk, li, &x, l, *dropout, &inputs)?,
-                    None => block(blk, li, &x, lora, &inputs)?,
+                    Some((l, dropout)) => super::block::inference_block(blk, li, &x, l, *dropout, &inputs.blocks)?,
+                    None => block(blk, li, &x, lora, &inputs.blocks)?,
                 };
             }
         }
-        if last_only {
-            let idx: Vec<u32> = batch.spans.iter().enumerate().map(|(r, (_, e))| (r * t + e - 1) as u32).collect();
-            let idx = Tensor::from_vec(idx, b, &self.device)?;
-            let last = x.reshape((b * t, cfg.hidden_size))?.index_select(&idx, 0)?;
-            Ok(ops::rms_norm(&last, &self.norm, eps)?)
-        } else {
-            Ok(ops::rms_norm(&x, &self.norm, eps)?)
+        match &inputs.last {
+            Some(idx) => {
+                let last = x.reshape((b * t, cfg.hidden_size))?.index_select(idx, 0)?;
+                Ok(ops::rms_norm(&last, &self.norm, eps)?)
+            }
+            None => Ok(ops::rms_norm(&x, &self.norm, eps)?),
         }
     }
 
@@ -626,6 +653,47 @@ impl Llama {
     pub fn embed_row(&self, token: u32) -> candle_core::Result<Tensor> {
         self.embed.i(token as usize)
     }
+}
+
+/// What one forward reads besides the weights, on the device (`Llama::inputs`).
+pub struct ForwardInputs {
+    ids: Tensor,
+    blocks: Arc<BlockInputs>,
+    /// Row indices (into the `[b * t]` positions) of each row's last valid token.
+    last: Option<Tensor>,
+}
+
+impl ForwardInputs {
+    /// Rows and padded width.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.blocks.b, self.blocks.t)
+    }
+
+    /// Copy `batch` into these inputs' device buffers in place, for a captured forward that
+    /// reads them at fixed addresses. `batch` must have the same shape and the same starts
+    /// (so the same RoPE tables and spans); only the ids and last positions change.
+    pub fn refill(&self, batch: &Batch) -> Result<(), MlError> {
+        let (b, t) = batch.ids.dims2()?;
+        let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
+        if (b, t) != self.shape() || !self.blocks.spans.starts_are(&starts) {
+            return Err(MlError::Input(format!(
+                "a batch of {b} x {t} tokens does not fit inputs made for {:?} with these starts",
+                self.shape()
+            )));
+        }
+        self.ids.slice_set(&batch.ids, 0, 0)?;
+        if let Some(last) = &self.last {
+            last.slice_set(&last_positions(batch, batch.ids.device())?, 0, 0)?;
+        }
+        Ok(())
+    }
+}
+
+/// Index of each row's last valid token among the batch's `[b * t]` positions.
+fn last_positions(batch: &Batch, device: &Device) -> Result<Tensor, MlError> {
+    let t = batch.ids.dim(1)?;
+    let idx: Vec<u32> = batch.spans.iter().enumerate().map(|(r, (_, e))| (r * t + e - 1) as u32).collect();
+    Ok(Tensor::from_vec(idx, batch.spans.len(), device)?)
 }
 
 /// What every decoder block of one forward shares.

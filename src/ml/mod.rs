@@ -78,6 +78,7 @@ pub mod fsutil;
 pub mod flash;
 pub mod fused;
 pub mod gemm;
+pub mod graph;
 pub mod llama;
 pub mod model;
 pub mod norm;
@@ -119,6 +120,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(flash::check_device(device)?);
     checks.extend(quant::check_device(device)?);
     checks.extend(gemm::check_device(device)?);
+    checks.extend(graph::check_device(device)?);
     Ok(checks)
 }
 

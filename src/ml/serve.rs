@@ -38,6 +38,7 @@ use tokio::sync::oneshot;
 
 use super::adapter::{self, AdapterMeta};
 use super::classifier;
+use super::graph::ForwardGraph;
 use super::llama::{Batch, Llama};
 use super::lora::{Lora, LoraCtx};
 use super::model::BaseModel;
@@ -61,6 +62,9 @@ pub struct EngineConfig {
     pub base_cache: usize,
     /// Merge requests into shared batches (off: one request at a time).
     pub batching: bool,
+    /// Captured forwards (CUDA graphs) kept at once, for merged adapters on a GPU (0: every
+    /// forward launches its kernels one by one).
+    pub graphs: usize,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +76,7 @@ impl Default for EngineConfig {
             adapter_cache: 4,
             base_cache: 1,
             batching: true,
+            graphs: 16,
         }
     }
 }
@@ -173,6 +178,9 @@ struct Shared {
     tokens_per_s: AtomicU64,
     batches: AtomicU64,
     rows_done: AtomicU64,
+    /// Forwards captured as CUDA graphs, and forwards run by replaying one.
+    graphs_captured: AtomicU64,
+    graph_runs: AtomicU64,
 }
 
 impl Shared {
@@ -258,6 +266,11 @@ impl<V: Clone> Lru<V> {
         evicted
     }
 
+    /// Keep only the entries `keep` accepts.
+    fn retain(&mut self, mut keep: impl FnMut(&V) -> bool) {
+        self.entries.retain(|_, (_, v)| keep(v));
+    }
+
     fn keys_by_recency(&self) -> Vec<String> {
         let mut v: Vec<(u64, &String)> = self.entries.iter().map(|(k, (t, _))| (*t, k)).collect();
         v.sort_by_key(|(t, _)| std::cmp::Reverse(*t));
@@ -307,6 +320,8 @@ impl Engine {
             tokens_per_s: AtomicU64::new(0),
             batches: AtomicU64::new(0),
             rows_done: AtomicU64::new(0),
+            graphs_captured: AtomicU64::new(0),
+            graph_runs: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let thread_shared = shared.clone();
@@ -479,10 +494,95 @@ impl Engine {
     pub fn counters(&self) -> (u64, u64) {
         (self.inner.shared.batches.load(Ordering::Relaxed), self.inner.shared.rows_done.load(Ordering::Relaxed))
     }
+
+    /// Forwards captured as CUDA graphs so far, and forwards run by replaying one.
+    pub fn graph_counters(&self) -> (u64, u64) {
+        let s = &self.inner.shared;
+        (s.graphs_captured.load(Ordering::Relaxed), s.graph_runs.load(Ordering::Relaxed))
+    }
+}
+
+/// Padded widths of captured forwards are multiples of this many tokens, so rows of nearby
+/// lengths share a capture (right padding changes no valid position's state).
+pub const GRAPH_WIDTH_STEP: usize = 64;
+
+/// The engine thread's captured forwards (`graph::ForwardGraph`), for merged adapters on a GPU
+/// (small models, whose forwards at small batches wait on the host's launches), by adapter,
+/// rows and padded width, the least recently used evicted. A shape is captured the second
+/// time it is seen, so one-off shapes cost no capture. An entry holds its adapter (its graph
+/// reads the adapter's weights by address) until the adapter has left the adapter cache and
+/// no request holds it. Graphs stay on the thread that captured them.
+struct Graphs {
+    captured: Lru<std::rc::Rc<(Arc<LoadedAdapter>, ForwardGraph)>>,
+    seen: Lru<()>,
+    capacity: usize,
+    /// A capture failed: the engine launches kernel by kernel from then on.
+    failed: bool,
+}
+
+impl Graphs {
+    fn new(capacity: usize) -> Graphs {
+        Graphs { captured: Lru::new(capacity), seen: Lru::new(4 * capacity), capacity, failed: false }
+    }
+
+    /// Drop the graphs of adapters only they still hold.
+    fn forget_unloaded(&mut self) {
+        self.captured.retain(|g| Arc::strong_count(&g.0) > 1);
+    }
+
+    /// The captured forward for `ids` on `adapter` and the batch padded to its width, capturing
+    /// it if this shape was seen before; `None` where graphs do not apply (the CPU, factors
+    /// beside the base, graphs off or failed, a first sighting).
+    #[allow(clippy::type_complexity)]
+    fn find(
+        &mut self,
+        adapter: &Arc<LoadedAdapter>,
+        ids: &[Vec<u32>],
+        shared: &Shared,
+    ) -> Result<Option<(std::rc::Rc<(Arc<LoadedAdapter>, ForwardGraph)>, Batch)>, MlError> {
+        let Served::Merged(model) = &adapter.served else { return Ok(None) };
+        if self.capacity == 0 || self.failed || !model.device().is_cuda() {
+            return Ok(None);
+        }
+        let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
+        let width = graph_width(longest, model.config().max_position_embeddings);
+        let key = format!("{:p}/{}x{width}", Arc::as_ptr(adapter), ids.len());
+        let padded = || Batch::right_padded_to(ids, adapter.base.pad_id, width, model.device());
+        if let Some(g) = self.captured.get(&key) {
+            return Ok(Some((g, padded()?)));
+        }
+        if self.seen.get(&key).is_none() {
+            self.seen.insert(key, ());
+            return Ok(None);
+        }
+        let batch = padded()?;
+        match ForwardGraph::capture(model, None, &adapter.head, &batch) {
+            Ok(Some(g)) => {
+                shared.graphs_captured.fetch_add(1, Ordering::Relaxed);
+                let g = std::rc::Rc::new((adapter.clone(), g));
+                self.captured.insert(key, g.clone());
+                Ok(Some((g, batch)))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "capturing a forward as a CUDA graph failed; forwards launch kernel by kernel from now on");
+                self.failed = true;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The padded width of a captured forward for rows of at most `longest` tokens: the next
+/// multiple of `GRAPH_WIDTH_STEP`, within the model's positions where `longest` is.
+fn graph_width(longest: usize, max_positions: usize) -> usize {
+    let stepped = longest.div_ceil(GRAPH_WIDTH_STEP).max(1) * GRAPH_WIDTH_STEP;
+    if stepped > max_positions { longest.max(1) } else { stepped }
 }
 
 /// The engine thread's loop: gather a round of requests, score it, repeat.
 fn run_engine(cfg: &EngineConfig, shared: &Shared, rx: mpsc::Receiver<Job>) {
+    let mut graphs = Graphs::new(cfg.graphs);
     let mut backlog: VecDeque<Job> = VecDeque::new();
     let mut backlog_tokens = 0usize;
     let mut open = true;
@@ -541,12 +641,13 @@ fn run_engine(cfg: &EngineConfig, shared: &Shared, rx: mpsc::Receiver<Job>) {
             backlog_tokens -= j.tokens;
             round.extend(backlog.pop_front());
         }
-        run_round(cfg, shared, round);
+        run_round(cfg, shared, &mut graphs, round);
     }
 }
 
 /// Score every request of a round, answering each as soon as its rows are done.
-fn run_round(cfg: &EngineConfig, shared: &Shared, round: Vec<Job>) {
+fn run_round(cfg: &EngineConfig, shared: &Shared, graphs: &mut Graphs, round: Vec<Job>) {
+    graphs.forget_unloaded();
     // requests whose caller has gone (timeout, disconnect) are not scored
     let mut jobs: Vec<Option<Job>> = round.into_iter().filter(|j| !j.reply.is_closed()).map(Some).collect();
     let mut results: Vec<Vec<[f32; 3]>> = jobs
@@ -593,7 +694,7 @@ fn run_round(cfg: &EngineConfig, shared: &Shared, round: Vec<Job>) {
                 chunk.iter().filter_map(|&(ji, ri)| jobs[ji].as_ref().map(|j| j.rows[ri].clone())).collect();
             let padded = ids.len() * ids.iter().map(Vec::len).max().unwrap_or(0);
             let t0 = Instant::now();
-            let out = std::panic::catch_unwind(AssertUnwindSafe(|| forward(&adapter, &ids)))
+            let out = std::panic::catch_unwind(AssertUnwindSafe(|| forward(&adapter, &ids, graphs, shared)))
                 .unwrap_or_else(|_| Err(MlError::Model("panic in the forward pass".into())));
             batches += 1;
             shared.batches.fetch_add(1, Ordering::Relaxed);
@@ -637,8 +738,12 @@ fn answer(job: Job, result: Result<Logits, ServeError>) {
     let _ = reply.send(result);
 }
 
-fn forward(adapter: &LoadedAdapter, ids: &[Vec<u32>]) -> Result<Vec<[f32; 3]>, MlError> {
+fn forward(adapter: &Arc<LoadedAdapter>, ids: &[Vec<u32>], graphs: &mut Graphs, shared: &Shared) -> Result<Vec<[f32; 3]>, MlError> {
     let base = &adapter.base;
+    if let Some((graph, batch)) = graphs.find(adapter, ids, shared)? {
+        shared.graph_runs.fetch_add(1, Ordering::Relaxed);
+        return graph.1.run(&batch);
+    }
     let batch = Batch::right_padded(ids, base.pad_id, base.llama.device())?;
     let ctx = LoraCtx::default();
     let (llama, lora) = adapter.served.parts(&base.llama, &ctx);
@@ -649,6 +754,17 @@ fn forward(adapter: &LoadedAdapter, ids: &[Vec<u32>]) -> Result<Vec<[f32; 3]>, M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn captured_widths_step_by_64_within_the_model() {
+        assert_eq!(graph_width(1, 2048), 64);
+        assert_eq!(graph_width(64, 2048), 64);
+        assert_eq!(graph_width(65, 2048), 128);
+        assert_eq!(graph_width(1000, 2048), 1024);
+        // no padding past the model's positions
+        assert_eq!(graph_width(2040, 2048), 2040);
+        assert_eq!(graph_width(2048, 2048), 2048);
+    }
 
     #[test]
     fn lru_evicts_the_least_recently_used() {

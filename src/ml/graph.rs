@@ -1,0 +1,148 @@
+//! Captured classifier forwards (CUDA graphs). A small model's forward at a small batch is
+//! bound by the host, not the GPU: some five hundred kernel launches, each several µs of work
+//! in candle and the driver, around a millisecond of kernels. Captured once for a batch shape,
+//! the whole forward replays as one graph launch: the new ids and last positions are copied
+//! into the captured inputs, the graph runs every kernel at the addresses it captured, and the
+//! logits land in the output it captured.
+//!
+//! A capture holds the model's weights by address only: whoever keeps a `ForwardGraph` keeps
+//! the model it was captured from alive (the prediction engine keeps its adapter's `Arc`).
+//! Work is captured from, and replays on, the calling thread's stream (candle's CUDA device
+//! runs each thread's work on that thread's default stream), so a graph is run by the thread
+//! that captured it.
+
+use candle_core::Tensor;
+
+use super::classifier;
+use super::llama::{Batch, ForwardInputs, Llama};
+use super::lora::{Lora, LoraCtx};
+use super::MlError;
+
+/// One captured forward: the classifier's logits for batches of one shape.
+pub struct ForwardGraph {
+    #[cfg(feature = "cuda")]
+    graph: candle_core::cuda_backend::cudarc::driver::CudaGraph,
+    inputs: ForwardInputs,
+    logits: Tensor,
+}
+
+impl ForwardGraph {
+    /// Capture the classifier forward of `batch`'s shape (rows, padded width, row starts) on
+    /// `llama` with `lora` and `head`. `None` where the device has no graphs (the CPU, or a
+    /// build without CUDA). The forward runs once eagerly first, so every kernel module and
+    /// library workspace it needs exists before the capture (none may be created within it).
+    pub fn capture(
+        llama: &Llama,
+        lora: Option<(&Lora, &LoraCtx)>,
+        head: &Tensor,
+        batch: &Batch,
+    ) -> Result<Option<ForwardGraph>, MlError> {
+        #[cfg(feature = "cuda")]
+        if let candle_core::Device::Cuda(dev) = llama.device() {
+            use candle_core::cuda_backend::cudarc::driver::sys;
+            use candle_core::cuda_backend::WrapErr;
+            if lora.is_some_and(|(l, ctx)| l.tracked() || ctx.dropout.is_some() || ctx.block_grads.is_some()) {
+                return Err(MlError::Input("a captured forward is for inference: untracked factors, no dropout".into()));
+            }
+            let inputs = llama.inputs(batch, true)?;
+            let logits = classifier::logits_from(llama, lora, head, &inputs)?.copy()?;
+            dev.synchronize()?;
+            let stream = dev.cuda_stream();
+            // thread-local: another thread's work (a training job on the same GPU) goes on
+            // and is neither captured nor refused
+            stream.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL).w()?;
+            // every tensor the forward makes is freed inside the capture, so the graph owns
+            // its memory; only the copy into `logits` outlives a launch
+            let captured = classifier::logits_from(llama, lora, head, &inputs).and_then(|l| Ok(logits.slice_set(&l, 0, 0)?));
+            let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0)).w();
+            captured?;
+            let graph = graph?.ok_or_else(|| MlError::Model("the capture recorded no graph".into()))?;
+            graph.upload().w()?;
+            return Ok(Some(ForwardGraph { graph, inputs, logits }));
+        }
+        let _ = (llama, lora, head, batch);
+        Ok(None)
+    }
+
+    /// Rows and padded width of the batches this graph runs.
+    pub fn shape(&self) -> (usize, usize) {
+        self.inputs.shape()
+    }
+
+    /// Logits of `batch` (the captured shape and starts): its ids copied into the captured
+    /// inputs, one launch, the output read back.
+    pub fn run(&self, batch: &Batch) -> Result<Vec<[f32; 3]>, MlError> {
+        self.inputs.refill(batch)?;
+        #[cfg(feature = "cuda")]
+        {
+            use candle_core::cuda_backend::WrapErr;
+            self.graph.launch().w()?;
+        }
+        Ok(self.logits.to_vec2::<f32>()?.into_iter().map(|r| [r[0], r[1], r[2]]).collect())
+    }
+}
+
+/// Captured forwards against the same forwards launched kernel by kernel (`arbiter bench
+/// kernels`): a small random bf16 model with adapter factors beside its attention linears and
+/// a random head; two right-padded batches of one shape, the second (other ids, other lengths)
+/// run through the first one's capture. Nothing on a device without graphs.
+pub fn check_device(device: &candle_core::Device) -> candle_core::Result<Vec<super::KernelCheck>> {
+    use candle_core::DType;
+
+    use super::llama::{Config, WeightFormat};
+    use super::lora::LoraConfig;
+    let err = |e: MlError| candle_core::Error::Msg(e.to_string());
+    let cfg = Config {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        vocab_size: 1000,
+        max_position_embeddings: 512,
+        rope_interleaved: false,
+    };
+    let llama = Llama::random(cfg.clone(), WeightFormat::Dense(DType::BF16), 7, device).map_err(err)?;
+    let targets: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).into();
+    let mut vars = Vec::new();
+    let lcfg = LoraConfig::from_names(8, 16.0, 0.0, &targets).map_err(err)?;
+    let lora = Lora::init(lcfg, &cfg, 7, device, &mut vars).map_err(err)?;
+    // B starts at zero: draw it, so the factors change the logits
+    for (name, v) in &vars {
+        if name.contains("lora_B") {
+            v.set(&(Tensor::randn(0f32, 1f32, v.shape(), device)? * 0.05)?)?;
+        }
+    }
+    let lora = lora.for_inference(DType::BF16).map_err(err)?;
+    let head = Tensor::randn(0f32, 1f32, (3, cfg.hidden_size), device)?;
+    let rows = |seed: usize, lens: &[usize]| -> Vec<Vec<u32>> {
+        lens.iter()
+            .enumerate()
+            .map(|(r, &n)| (0..n).map(|j| ((seed * 131 + r * 7919 + j * 104_729) % 999 + 1) as u32).collect())
+            .collect()
+    };
+    let a = Batch::right_padded(&rows(1, &[40, 64, 17]), 0, device).map_err(err)?;
+    let b = Batch::right_padded(&rows(2, &[64, 3, 50]), 0, device).map_err(err)?;
+    let ctx = LoraCtx::default();
+    let adapter = Some((&lora, &ctx));
+    let Some(graph) = ForwardGraph::capture(&llama, adapter, &head, &a).map_err(err)? else {
+        return Ok(Vec::new());
+    };
+    let mut checks = Vec::new();
+    for (kernel, batch) in [("graph-forward", &a), ("graph-forward-refilled", &b)] {
+        let want = classifier::logits(&llama, adapter, &head, batch).map_err(err)?.to_vec2::<f32>()?;
+        let got = graph.run(batch).map_err(err)?;
+        let max_abs_diff = if want.len() != got.len() {
+            f32::INFINITY
+        } else {
+            want.iter().zip(&got).flat_map(|(w, g)| w.iter().zip(g).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max)
+        };
+        // the same kernels on the same inputs: only a different GEMM algorithm could differ,
+        // by bf16 rounding; stale inputs would differ by the logits' own size (about 1)
+        checks.push(super::KernelCheck { kernel, dtype: "bf16".into(), chunk: (0, 0), max_abs_diff, tolerance: 1e-3 });
+    }
+    Ok(checks)
+}
