@@ -428,6 +428,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             // what tensors held at most (PyTorch's max_memory_allocated), without the CUDA
             // context, loaded modules and the pool's unused reserve that peak_gpu_bytes counts
             "peak_allocated_bytes": crate::ml::pool::peak_in_use(&device)?,
+            // captured forwards allocate from the graphs' own pool, outside the figure above
+            "graph_reserved_bytes": if graph.is_some() { crate::ml::pool::graph_reserved(&device)? } else { None },
             "gpu_context_bytes": context_bytes,
             "weight_bytes": llama.weight_bytes(),
         });

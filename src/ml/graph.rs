@@ -46,7 +46,7 @@ impl ForwardGraph {
             }
             let inputs = llama.inputs(batch, true)?;
             let logits = classifier::logits_from(llama, lora, head, &inputs)?.copy()?;
-            dev.synchronize()?;
+            llama.device().synchronize()?;
             let stream = dev.cuda_stream();
             // thread-local: another thread's work (a training job on the same GPU) goes on
             // and is neither captured nor refused

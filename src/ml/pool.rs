@@ -55,6 +55,25 @@ pub fn peak_in_use(device: &Device) -> Result<Option<u64>> {
     attribute(device, Attribute::UsedHigh, None)
 }
 
+/// Memory the device's captured forwards (CUDA graphs) reserve for their own allocations,
+/// which come from a pool of their own, outside `peak_in_use`; `None` on the CPU.
+pub fn graph_reserved(device: &Device) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        use candle_core::cuda_backend::WrapErr;
+        let ctx = d.cuda_stream().context().clone();
+        ctx.bind_to_thread().w()?;
+        let mut v = 0u64;
+        let attr = sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT;
+        // SAFETY: a valid device handle; the attribute is a u64 the driver writes
+        unsafe { sys::cuDeviceGetGraphMemAttribute(ctx.cu_device(), attr, (&mut v as *mut u64).cast()) }.result().w()?;
+        return Ok(Some(v));
+    }
+    let _ = device;
+    Ok(None)
+}
+
 /// Restart `peak_in_use` from what is in use now (the high watermark is reset by setting it
 /// to zero).
 pub fn reset_peak(device: &Device) -> Result<()> {
