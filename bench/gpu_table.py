@@ -18,7 +18,8 @@ def peft_row(config, kind, batch, ckpt=False, variant=None):
 # Arbiter's peak is device memory in use (total - free, polled through the step), with in
 # parentheses the same less what the CUDA context held before any weight was loaded; PEFT's is
 # torch.cuda.max_memory_allocated, which counts neither the context nor the allocator's cache;
-# Arbiter's counterpart of that is the allocated column (the CUDA pool's high watermark).
+# Arbiter's counterpart of that is the allocated column (the CUDA pool's high watermark, plus
+# what captured forwards reserve in the graphs' own pool, marked "+ graphs").
 print("| shape | mode | batch | checkpointing | Arbiter | PEFT | ratio | Arbiter peak GiB (less context) | Arbiter allocated GiB | PEFT peak GiB |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for a in arb:
@@ -33,7 +34,10 @@ for a in arb:
     ratio = f"{av / pv:.2f}x" if pv else "n/a"
     ag = (a.get("peak_gpu_bytes") or 0) / 2**30
     al = a.get("peak_allocated_bytes")
+    gr = a.get("graph_reserved_bytes")
     al_s = f"{al / 2**30:.1f}" if al is not None else "n/a"
+    if al is not None and gr:
+        al_s = f"{(al + gr) / 2**30:.1f} (+ graphs)"
     ctx = (a.get("gpu_context_bytes") or 0) / 2**30
     pg = (p or {}).get("peak_gib")
     pv_s = f"{pv:,.1f} {unit}" if pv else "n/a"

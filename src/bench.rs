@@ -124,8 +124,8 @@ pub struct BenchArgs {
     /// gradient accumulation). Default: the whole batch at once.
     #[arg(long)]
     pub micro_batch: Option<usize>,
-    /// `bench predict` on CUDA: run each batch size's forward as a captured CUDA graph, as the
-    /// prediction engine serves a merged adapter (`false`: launch every kernel each time).
+    /// `bench predict` on CUDA: run a batch size's forward as a captured CUDA graph where the
+    /// prediction engine would (`Served::captures`); `false`: launch every kernel each time.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub graph: bool,
 }
@@ -346,7 +346,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };
         let head_infer = head.as_tensor().detach();
         // captured after one eager forward (the capture's own warm-up), before the peak resets
-        let graph = if !training && args.graph {
+        let graph = if !training && args.graph && served.captures(b, args.seq_len) {
             crate::ml::graph::ForwardGraph::capture(model, adapter, &head_infer, &micro_batches[0].0)?
         } else {
             None

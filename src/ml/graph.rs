@@ -44,7 +44,15 @@ impl ForwardGraph {
             if lora.is_some_and(|(l, ctx)| l.tracked() || ctx.dropout.is_some() || ctx.block_grads.is_some()) {
                 return Err(MlError::Input("a captured forward is for inference: untracked factors, no dropout".into()));
             }
-            let inputs = llama.inputs(batch, true)?;
+            // the captured inputs own their ids: `run` copies each batch's into them
+            let own = Batch { ids: batch.ids.copy()?, spans: batch.spans.clone() };
+            let inputs = llama.inputs(&own, true)?;
+            // candle uploads the dims and strides of a strided op's operands from the host each
+            // time; a capture would keep the host address of a vector long freed. With this
+            // cache on (for this thread) the warm-up forward uploads each once, and the capture
+            // reuses those device copies, or fails, rather than capture an upload. The inputs
+            // above are made before it: their contents change, so they must not be cached.
+            let _params = dev.enable_cuda_graph_htod_cache();
             let logits = classifier::logits_from(llama, lora, head, &inputs)?.copy()?;
             llama.device().synchronize()?;
             let stream = dev.cuda_stream();
@@ -58,6 +66,7 @@ impl ForwardGraph {
             captured?;
             let graph = graph?.ok_or_else(|| MlError::Model("the capture recorded no graph".into()))?;
             graph.upload().w()?;
+            drop(_params);
             return Ok(Some(ForwardGraph { graph, inputs, logits }));
         }
         let _ = (llama, lora, head, batch);

@@ -124,7 +124,22 @@ pub enum Served {
     Factors(Lora),
 }
 
+/// Padded tokens up to which a large model's forward (its adapter's factors beside the base) is
+/// captured: beyond, its GEMMs take far longer than the launches, and each capture would hold
+/// gigabytes of activations of its own.
+pub const GRAPH_FACTORS_MAX_TOKENS: usize = 2048;
+
 impl Served {
+    /// Whether a forward of `rows` rows `width` tokens wide is captured as a CUDA graph: any
+    /// batch of a merged (small) model, whose forwards wait on the host's launches even at 32
+    /// rows, and small batches of a large one.
+    pub fn captures(&self, rows: usize, width: usize) -> bool {
+        match self {
+            Served::Merged(_) => true,
+            Served::Factors(_) => rows * width <= GRAPH_FACTORS_MAX_TOKENS,
+        }
+    }
+
     /// The model and adapter a forward runs through, on `base`.
     pub fn parts<'a>(&'a self, base: &'a Llama, ctx: &'a LoraCtx) -> (&'a Llama, Option<(&'a Lora, &'a LoraCtx)>) {
         match self {
@@ -506,9 +521,8 @@ impl Engine {
 /// lengths share a capture (right padding changes no valid position's state).
 pub const GRAPH_WIDTH_STEP: usize = 64;
 
-/// The engine thread's captured forwards (`graph::ForwardGraph`), for merged adapters on a GPU
-/// (small models, whose forwards at small batches wait on the host's launches), by adapter,
-/// rows and padded width, the least recently used evicted. A shape is captured the second
+/// The engine thread's captured forwards (`graph::ForwardGraph`) on a GPU, where
+/// `Served::captures` says they pay, by adapter, rows and padded width, the least recently used evicted. A shape is captured the second
 /// time it is seen, so one-off shapes cost no capture. An entry holds its adapter (its graph
 /// reads the adapter's weights by address) until the adapter has left the adapter cache and
 /// no request holds it. Graphs stay on the thread that captured them.
@@ -531,8 +545,8 @@ impl Graphs {
     }
 
     /// The captured forward for `ids` on `adapter` and the batch padded to its width, capturing
-    /// it if this shape was seen before; `None` where graphs do not apply (the CPU, factors
-    /// beside the base, graphs off or failed, a first sighting).
+    /// it if this shape was seen before; `None` where graphs do not apply (the CPU, a large
+    /// forward of a large model, graphs off or failed, a first sighting).
     #[allow(clippy::type_complexity)]
     fn find(
         &mut self,
@@ -540,12 +554,16 @@ impl Graphs {
         ids: &[Vec<u32>],
         shared: &Shared,
     ) -> Result<Option<(std::rc::Rc<(Arc<LoadedAdapter>, ForwardGraph)>, Batch)>, MlError> {
-        let Served::Merged(model) = &adapter.served else { return Ok(None) };
+        let ctx = LoraCtx::default();
+        let (model, lora) = adapter.served.parts(&adapter.base.llama, &ctx);
         if self.capacity == 0 || self.failed || !model.device().is_cuda() {
             return Ok(None);
         }
         let longest = ids.iter().map(Vec::len).max().unwrap_or(0);
         let width = graph_width(longest, model.config().max_position_embeddings);
+        if !adapter.served.captures(ids.len(), width) {
+            return Ok(None);
+        }
         let key = format!("{:p}/{}x{width}", Arc::as_ptr(adapter), ids.len());
         let padded = || Batch::right_padded_to(ids, adapter.base.pad_id, width, model.device());
         if let Some(g) = self.captured.get(&key) {
@@ -556,7 +574,7 @@ impl Graphs {
             return Ok(None);
         }
         let batch = padded()?;
-        match ForwardGraph::capture(model, None, &adapter.head, &batch) {
+        match ForwardGraph::capture(model, lora, &adapter.head, &batch) {
             Ok(Some(g)) => {
                 shared.graphs_captured.fetch_add(1, Ordering::Relaxed);
                 let g = std::rc::Rc::new((adapter.clone(), g));
@@ -761,9 +779,10 @@ mod tests {
         assert_eq!(graph_width(64, 2048), 64);
         assert_eq!(graph_width(65, 2048), 128);
         assert_eq!(graph_width(1000, 2048), 1024);
+        assert_eq!(graph_width(2040, 2048), 2048);
         // no padding past the model's positions
-        assert_eq!(graph_width(2040, 2048), 2040);
-        assert_eq!(graph_width(2048, 2048), 2048);
+        assert_eq!(graph_width(2040, 2047), 2040);
+        assert_eq!(graph_width(2047, 2047), 2047);
     }
 
     #[test]
