@@ -83,6 +83,36 @@ fn padding_invariance_and_determinism() {
     assert_eq!(max_abs_diff(&right, &again), 0.0, "forward is not deterministic");
 }
 
+/// Forward inputs refilled in place with another batch of the same shape (what a captured
+/// forward replays) give that batch's forward; padding rows to a wider width changes no row's
+/// output; a batch of another shape or other starts is refused.
+#[test]
+fn refilled_forward_inputs_and_wider_padding_give_the_same_forward() {
+    let (_d, m) = tiny(BaseFormat::F32);
+    let dev = Device::Cpu;
+    let first = rand_rows(3, (3, 12), 11);
+    let second = rand_rows(3, (3, 12), 12);
+    let width = 16;
+    let padded = |rows: &[Vec<u32>]| Batch::right_padded_to(rows, 0, width, &dev).unwrap();
+    let inputs = m.llama.inputs(&padded(&first), true).unwrap();
+    inputs.refill(&padded(&second)).unwrap();
+    let refilled = m.llama.forward_inputs(&inputs, None).unwrap();
+    let direct = m.llama.forward(&Batch::right_padded(&second, 0, &dev).unwrap(), None, true).unwrap();
+    let d = max_abs_diff(&refilled, &direct);
+    assert!(d < 1e-5, "refilled inputs at width {width} differ from the batch's own forward by {d}");
+    let before = m.llama.forward(&padded(&first), None, true).unwrap();
+    assert!(max_abs_diff(&before, &direct) > 1e-2, "the two batches must differ for the check to mean anything");
+    // another shape, or left padding (other starts): refused, the inputs untouched
+    assert!(inputs.refill(&Batch::right_padded_to(&second, 0, width + 1, &dev).unwrap()).is_err());
+    let left: Vec<Vec<u32>> = [width, 10, 5].iter().map(|&n| vec![9; n]).collect();
+    let left = Batch::left_padded(&left, 0, &dev).unwrap();
+    assert_eq!(left.ids.dims(), [3, width]);
+    assert!(inputs.refill(&left).is_err(), "rows starting after 0 need other RoPE tables and spans");
+    let again = m.llama.forward_inputs(&inputs, None).unwrap();
+    assert_eq!(max_abs_diff(&again, &refilled), 0.0, "a refused refill changed the inputs");
+    assert!(Batch::right_padded_to(&second, 0, 2, &dev).is_err(), "a width narrower than the longest row");
+}
+
 /// Gradients of the LoRA factors and the head w.r.t. a loss, as flat vectors.
 fn grads(llama: &Llama, rows: &[Vec<u32>], labels: &[usize], seed: u64) -> Vec<Vec<f32>> {
     grads_with(llama, rows, labels, seed, &LoraCtx::default())

@@ -51,7 +51,8 @@ impl ForwardGraph {
             // time; a capture would keep the host address of a vector long freed. With this
             // cache on (for this thread) the warm-up forward uploads each once, and the capture
             // reuses those device copies, or fails, rather than capture an upload. The inputs
-            // above are made before it: their contents change, so they must not be cached.
+            // above are made before it: their contents change, so they must not be cached. The
+            // cached copies (a few hundred bytes per shape's op) stay for the thread's life.
             let _params = dev.enable_cuda_graph_htod_cache();
             let logits = classifier::logits_from(llama, lora, head, &inputs)?.copy()?;
             llama.device().synchronize()?;
@@ -71,11 +72,6 @@ impl ForwardGraph {
         }
         let _ = (llama, lora, head, batch);
         Ok(None)
-    }
-
-    /// Rows and padded width of the batches this graph runs.
-    pub fn shape(&self) -> (usize, usize) {
-        self.inputs.shape()
     }
 
     /// Logits of `batch` (the captured shape and starts): its ids copied into the captured

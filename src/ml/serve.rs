@@ -62,8 +62,8 @@ pub struct EngineConfig {
     pub base_cache: usize,
     /// Merge requests into shared batches (off: one request at a time).
     pub batching: bool,
-    /// Captured forwards (CUDA graphs) kept at once, for merged adapters on a GPU (0: every
-    /// forward launches its kernels one by one).
+    /// Captured forwards (CUDA graphs) kept at once on a GPU, for the batches
+    /// `Served::captures` names (0: every forward launches its kernels one by one).
     pub graphs: usize,
 }
 
@@ -522,8 +522,8 @@ impl Engine {
 pub const GRAPH_WIDTH_STEP: usize = 64;
 
 /// The engine thread's captured forwards (`graph::ForwardGraph`) on a GPU, where
-/// `Served::captures` says they pay, by adapter, rows and padded width, the least recently used evicted. A shape is captured the second
-/// time it is seen, so one-off shapes cost no capture. An entry holds its adapter (its graph
+/// `Served::captures` says they pay, by adapter, rows and padded width, the least recently used
+/// evicted. A shape is captured the second time it is seen, so one-off shapes cost no capture. An entry holds its adapter (its graph
 /// reads the adapter's weights by address) until the adapter has left the adapter cache and
 /// no request holds it. Graphs stay on the thread that captured them.
 struct Graphs {
