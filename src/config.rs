@@ -232,8 +232,9 @@ pub struct PredictArgs {
     /// Merge concurrent requests into shared batches (false: one request at a time).
     #[arg(long, env = "ARBITER_PREDICT_BATCHING", default_value_t = true, action = clap::ArgAction::Set)]
     pub predict_batching: bool,
-    /// Forwards kept captured as CUDA graphs on a GPU, for small (merged) adapters: a batch
-    /// shape seen twice is captured once and then replayed as one launch (0: off).
+    /// Forwards kept captured as CUDA graphs on a GPU (any batch of a small, merged adapter; a
+    /// large model's up to 2,048 padded tokens): a batch shape seen twice is captured once and
+    /// then replayed as one launch (0: off).
     #[arg(long, env = "ARBITER_PREDICT_GRAPHS", default_value_t = 16)]
     pub predict_graphs: usize,
     /// Pairs per prediction request.

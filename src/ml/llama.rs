@@ -286,6 +286,11 @@ impl Batch {
         Ok(Batch { ids, spans })
     }
 
+    /// Where each row's tokens start (after its left padding).
+    pub fn starts(&self) -> Vec<usize> {
+        self.spans.iter().map(|(s, _)| *s).collect()
+    }
+
     pub fn tokens(&self) -> usize {
         self.spans.iter().map(|(s, e)| e - s).sum()
     }
@@ -543,7 +548,7 @@ impl Llama {
     fn rope_tables(&self, batch: &Batch, t: usize) -> Result<(Tensor, Tensor), MlError> {
         let half = self.inv_freq.len();
         let same = batch.spans.iter().all(|(s, _)| *s == 0);
-        let starts: Vec<usize> = if same { vec![0] } else { batch.spans.iter().map(|(s, _)| *s).collect() };
+        let starts: Vec<usize> = if same { vec![0] } else { batch.starts() };
         let mut ang = Vec::with_capacity(starts.len() * t * half);
         for s in &starts {
             for pos in 0..t {
@@ -566,12 +571,11 @@ impl Llama {
         let (b, t) = batch.ids.dims2()?;
         let nh = self.cfg.num_heads;
         let (cos, sin) = self.rope_tables(batch, t)?;
-        let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
         // query chunks small enough that one chunk's scores stay around 256 MB
         let elem = self.dtype.size_in_bytes();
         // (at most 256 queries, so later chunks skip the keys after their last query)
         let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, 256).min(t);
-        let spans = CausalSpans::new(&starts, &self.device)?;
+        let spans = CausalSpans::new(&batch.starts(), &self.device)?;
         let last = if last_only { Some(last_positions(batch, &self.device)?) } else { None };
         let blocks = Arc::new(BlockInputs { cfg: self.cfg.clone(), b, t, cos, sin, spans, chunk });
         Ok(ForwardInputs { ids: batch.ids.clone(), blocks, last })
@@ -674,8 +678,7 @@ impl ForwardInputs {
     /// (so the same RoPE tables and spans); only the ids and last positions change.
     pub fn refill(&self, batch: &Batch) -> Result<(), MlError> {
         let (b, t) = batch.ids.dims2()?;
-        let starts: Vec<usize> = batch.spans.iter().map(|(s, _)| *s).collect();
-        if (b, t) != self.shape() || !self.blocks.spans.starts_are(&starts) {
+        if (b, t) != self.shape() || !self.blocks.spans.starts_are(&batch.starts()) {
             return Err(MlError::Input(format!(
                 "a batch of {b} x {t} tokens does not fit inputs made for {:?} with these starts",
                 self.shape()

@@ -527,11 +527,17 @@ pub const GRAPH_WIDTH_STEP: usize = 64;
 /// reads the adapter's weights by address) until the adapter has left the adapter cache and
 /// no request holds it. Graphs stay on the thread that captured them.
 struct Graphs {
-    captured: Lru<std::rc::Rc<(Arc<LoadedAdapter>, ForwardGraph)>>,
+    captured: Lru<std::rc::Rc<Captured>>,
     seen: Lru<()>,
     capacity: usize,
     /// A capture failed: the engine launches kernel by kernel from then on.
     failed: bool,
+}
+
+/// A captured forward and the adapter whose weights it reads.
+struct Captured {
+    adapter: Arc<LoadedAdapter>,
+    graph: ForwardGraph,
 }
 
 impl Graphs {
@@ -541,19 +547,18 @@ impl Graphs {
 
     /// Drop the graphs of adapters only they still hold.
     fn forget_unloaded(&mut self) {
-        self.captured.retain(|g| Arc::strong_count(&g.0) > 1);
+        self.captured.retain(|g| Arc::strong_count(&g.adapter) > 1);
     }
 
     /// The captured forward for `ids` on `adapter` and the batch padded to its width, capturing
     /// it if this shape was seen before; `None` where graphs do not apply (the CPU, a large
     /// forward of a large model, graphs off or failed, a first sighting).
-    #[allow(clippy::type_complexity)]
     fn find(
         &mut self,
         adapter: &Arc<LoadedAdapter>,
         ids: &[Vec<u32>],
         shared: &Shared,
-    ) -> Result<Option<(std::rc::Rc<(Arc<LoadedAdapter>, ForwardGraph)>, Batch)>, MlError> {
+    ) -> Result<Option<(std::rc::Rc<Captured>, Batch)>, MlError> {
         let ctx = LoraCtx::default();
         let (model, lora) = adapter.served.parts(&adapter.base.llama, &ctx);
         if self.capacity == 0 || self.failed || !model.device().is_cuda() {
@@ -577,7 +582,7 @@ impl Graphs {
         match ForwardGraph::capture(model, lora, &adapter.head, &batch) {
             Ok(Some(g)) => {
                 shared.graphs_captured.fetch_add(1, Ordering::Relaxed);
-                let g = std::rc::Rc::new((adapter.clone(), g));
+                let g = std::rc::Rc::new(Captured { adapter: adapter.clone(), graph: g });
                 self.captured.insert(key, g.clone());
                 Ok(Some((g, batch)))
             }
@@ -758,9 +763,9 @@ fn answer(job: Job, result: Result<Logits, ServeError>) {
 
 fn forward(adapter: &Arc<LoadedAdapter>, ids: &[Vec<u32>], graphs: &mut Graphs, shared: &Shared) -> Result<Vec<[f32; 3]>, MlError> {
     let base = &adapter.base;
-    if let Some((graph, batch)) = graphs.find(adapter, ids, shared)? {
+    if let Some((captured, batch)) = graphs.find(adapter, ids, shared)? {
         shared.graph_runs.fetch_add(1, Ordering::Relaxed);
-        return graph.1.run(&batch);
+        return captured.graph.run(&batch);
     }
     let batch = Batch::right_padded(ids, base.pad_id, base.llama.device())?;
     let ctx = LoraCtx::default();
