@@ -24,6 +24,7 @@ use super::lora::{BlockGrads, Lora, LoraCtx};
 use super::fused;
 use super::norm::rms_norm_backward_add;
 use super::ops::{self, AttentionPlan, CastFactors};
+use super::rope;
 
 /// The forward's tensors the backward reads.
 struct Saved {
@@ -146,14 +147,18 @@ impl Layer {
         fused::contiguous_rows(&view)
     }
 
-    /// RoPE of `[b, heads, t, hd]` with `sin` (its backward with `-sin`), in `heads`' layout.
-    fn rope(&self, x: &Tensor, sin: &Tensor) -> Result<Tensor> {
-        let cos = &self.inp.cos;
-        if self.by_row(x) {
-            let rows = x.transpose(1, 2)?.contiguous()?;
-            return candle_nn::rotary_emb::rope_thd(&rows, cos, sin)?.transpose(1, 2);
+    /// RoPE of q and k `[b, heads, t, hd]` (rotated back with `inverse`: the backward), in
+    /// `heads`' layout. Where `by_row`, both in one pass over their own memory (`rope::rope_pair`),
+    /// which the caller gives up.
+    fn rope_qk(&self, q: Tensor, k: Tensor, inverse: bool) -> Result<(Tensor, Tensor)> {
+        let (cos, sin) = (&self.inp.cos, &self.inp.sin);
+        if self.by_row(&q) {
+            let (q, k) = rope::rope_pair(q.transpose(1, 2)?, k.transpose(1, 2)?, cos, sin, inverse)?;
+            return Ok((q.transpose(1, 2)?, k.transpose(1, 2)?));
         }
-        ops::rope_detached(x, cos, sin, self.inp.cfg.rope_interleaved)
+        let sin = if inverse { sin.neg()? } else { sin.clone() };
+        let interleaved = self.inp.cfg.rope_interleaved;
+        Ok((ops::rope_detached(&q, cos, &sin, interleaved)?, ops::rope_detached(&k, cos, &sin, interleaved)?))
     }
 
     /// `[b, heads, t, hd]` -> `[b, t, heads * hd]`, contiguous (no copy for a view of
@@ -167,11 +172,11 @@ impl Layer {
     /// is freed as soon as it has been used: inference).
     fn forward(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Saved>)> {
         let cfg = &self.inp.cfg;
-        let sin = &self.inp.sin;
         let mut lora_h = keep.then(BTreeMap::new);
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
-        let q = self.rope(&self.heads(&self.linear(Proj::Q, &h, lora_h.as_mut())?, cfg.num_heads)?, sin)?;
-        let k = self.rope(&self.heads(&self.linear(Proj::K, &h, lora_h.as_mut())?, cfg.num_kv_heads)?, sin)?;
+        let q = self.heads(&self.linear(Proj::Q, &h, lora_h.as_mut())?, cfg.num_heads)?;
+        let k = self.heads(&self.linear(Proj::K, &h, lora_h.as_mut())?, cfg.num_kv_heads)?;
+        let (q, k) = self.rope_qk(q, k, false)?;
         let v = self.heads(&self.linear(Proj::V, &h, lora_h.as_mut())?, cfg.num_kv_heads)?;
         drop(h);
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
@@ -214,9 +219,9 @@ impl Layer {
         drop((d_y, y));
         let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &dsum, lse.as_ref())?;
         drop((q, k, v, d_o, dsum, lse));
-        let neg_sin = self.inp.sin.neg()?;
-        let dq = self.merge(&self.rope(&dq, &neg_sin)?)?;
-        let dk = self.merge(&self.rope(&dk, &neg_sin)?)?;
+        let (dq, dk) = self.rope_qk(dq, dk, true)?;
+        let dq = self.merge(&dq)?;
+        let dk = self.merge(&dk)?;
         let dv = self.merge(&dv)?;
         let h = self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));

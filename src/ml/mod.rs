@@ -86,6 +86,7 @@ pub mod lora;
 pub mod observe;
 pub mod pool;
 pub mod quant;
+pub mod rope;
 pub mod ops;
 pub mod serve;
 pub mod tokenizer;
@@ -121,6 +122,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(quant::check_device(device)?);
     checks.extend(gemm::check_device(device)?);
     checks.extend(graph::check_device(device)?);
+    checks.extend(rope::check_device(device)?);
     Ok(checks)
 }
 

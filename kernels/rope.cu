@@ -1,0 +1,55 @@
+// Half-split rotary embedding of q and k in one launch, in place. q is [rows, hq, d] and k
+// [rows, hk, d] (rows = b * t, contiguous); element j < d/2 of a head pairs with element
+// j + d/2: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), with sin negated for the backward
+// (the inverse rotation). The tables are [t, d/2] (every row of the batch starts at position
+// 0) or [b, t, d/2], in the data's dtype. Products and sums in f32, rounded once. A thread
+// rotates 16 bytes of each half at a time, so d/2 must be a multiple of 16 bytes' worth of
+// elements and every pointer 16-byte aligned (the caller checks).
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "common.cuh"
+
+namespace {
+
+template <typename T>
+__device__ void rope_qk(T* q, T* k, const T* cos, const T* sin, size_t rows, int t, int hq, int hk, int d,
+                        int per_row_tables, float sign) {
+    constexpr int V = Vec<T>::n;
+    const int half = d / 2, chunks = half / V, heads = hq + hk;
+    const size_t n = rows * heads * chunks;
+    const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)blockDim.x * gridDim.x;
+    for (size_t i = tid; i < n; i += stride) {
+        const int c = i % chunks;
+        const size_t rest = i / chunks;
+        const int h = rest % heads;
+        const size_t row = rest / heads;
+        T* p = h < hq ? q + (row * hq + h) * d : k + (row * hk + (h - hq)) * d;
+        const size_t cs = (per_row_tables ? row : row % t) * half + c * V;
+        float x1[V], x2[V], cv[V], sv[V], y1[V], y2[V];
+        load16(p + c * V, x1);
+        load16(p + half + c * V, x2);
+        load16(cos + cs, cv);
+        load16(sin + cs, sv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            const float s = sign * sv[j];
+            y1[j] = x1[j] * cv[j] - x2[j] * s;
+            y2[j] = x1[j] * s + x2[j] * cv[j];
+        }
+        store16(p + c * V, y1);
+        store16(p + half + c * V, y2);
+    }
+}
+
+}  // namespace
+
+#define ROPE(SUFFIX, T)                                                                                   \
+    extern "C" __global__ void rope_qk_##SUFFIX(T* q, T* k, const T* cos, const T* sin, size_t rows, int t, \
+                                                int hq, int hk, int d, int per_row_tables, float sign) {  \
+        rope_qk<T>(q, k, cos, sin, rows, t, hq, hk, d, per_row_tables, sign);                             \
+    }
+
+ROPE(f32, float)
+ROPE(bf16, __nv_bfloat16)
