@@ -1,5 +1,6 @@
 // Helpers shared by Arbiter's kernels: f32 loads and stores of f32 or bf16 data (one element, or
-// 16 bytes at once), and the counter-based dropout mask (`dropout::keep` is the CPU's copy).
+// 16 bytes at once), the counter-based dropout mask (`dropout::keep` is the CPU's copy) and the
+// tensor-core product.
 #pragma once
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -50,4 +51,17 @@ __device__ __forceinline__ uint64_t dropout_bits(uint64_t seed, uint64_t k) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
+}
+
+// c (16x8 f32) += a (16x16 bf16, row-major) * b (16x8 bf16, column-major): mma.sync m16n8k16.
+// Lane l holds, with g = l / 4 and i = l % 4: a0 (row g, columns 2i, 2i+1), a1 (row g+8, the
+// same columns), a2 and a3 (columns 2i+8, 2i+9); b0 (rows 2i, 2i+1 of column g), b1 (rows 2i+8,
+// 2i+9); c0, c1 (row g, columns 2i, 2i+1), c2, c3 (row g+8). The low half of a 32-bit register
+// is the lower row or column.
+__device__ __forceinline__ void mma(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }

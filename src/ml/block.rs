@@ -17,14 +17,15 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Result, Tensor, D};
 
 use super::llama::{Block, BlockInputs, Proj};
 use super::lora::{BlockGrads, Lora, LoraCtx};
 use super::fused;
 use super::norm::rms_norm_backward_add;
-use super::ops::{self, AttentionPlan, CastFactors};
-use super::rope;
+use super::lora_group::{self, Member};
+use super::ops::{self, AttentionPlan, CastFactors, LoraParts};
+use super::{gemm, rope};
 
 /// The forward's tensors the backward reads.
 struct Saved {
@@ -92,6 +93,101 @@ impl Layer {
             (Some((parts, a, b)), None) => parts.forward(x, &a.detach(), &b.detach()),
             (None, _) => base.forward_detached(x),
         }
+    }
+
+    /// The adapted linears among `projs` with their parts and cast factors, when every one of
+    /// them has its factors cast (a training block) and, with `kept`, its forward's r-wide
+    /// product there; `None` otherwise, or when none is adapted.
+    fn group(&self, projs: &[Proj], kept: Option<&BTreeMap<Proj, Tensor>>) -> Option<Vec<(Proj, LoraParts, &CastFactors)>> {
+        let mut out = Vec::new();
+        for &p in projs {
+            if let Some((parts, _, _)) = self.lora.parts(&self.blk.proj[p as usize], self.li, p, self.dropout) {
+                if kept.is_some_and(|k| !k.contains_key(&p)) {
+                    return None;
+                }
+                out.push((p, parts, self.cast.get(&p)?));
+            }
+        }
+        (!out.is_empty() && out.len() <= lora_group::MAX_MEMBERS).then_some(out)
+    }
+
+    /// The group's adapters as `lora_group` takes them, and their dropout probability (one for
+    /// the whole forward).
+    fn members<'a>(group: &'a [(Proj, LoraParts, &CastFactors)]) -> (Vec<Member<'a>>, f32) {
+        let members = group.iter().map(|(_, parts, c)| Member { a: &c.a, seed: parts.dropout.map_or(0, |(_, s)| s) }).collect();
+        let p = group.iter().find_map(|(_, parts, _)| parts.dropout.map(|(p, _)| p)).unwrap_or(0.0);
+        (members, p)
+    }
+
+    /// Linears `projs`, which all read `x`, as `linear` each; in a training block the adapted
+    /// ones' r-wide products `dropout(x) A^T` come from one pass over `x` (`lora_group::down`).
+    fn linears<const N: usize>(&self, projs: [Proj; N], x: &Tensor, mut lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<[Tensor; N]> {
+        let Some(group) = self.group(&projs, None) else {
+            return array(projs.iter().map(|&p| self.linear(p, x, lora_h.as_deref_mut())).collect());
+        };
+        let n_in = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / n_in;
+        let (members, p) = Self::members(&group);
+        let mut hs: BTreeMap<Proj, Tensor> = group.iter().map(|(p, ..)| *p).zip(lora_group::down(&x.reshape((rows, n_in))?, &members, p)?).collect();
+        array(projs.iter().map(|&p| {
+            let y = self.blk.proj[p as usize].forward_detached(x)?;
+            let Some(((_, _, c), h)) = group.iter().find(|(q, ..)| *q == p).zip(hs.remove(&p)) else { return Ok(y) };
+            let y = gemm::accumulate(y, &h, &c.bs.t()?, 1.0)?;
+            if let Some(kept) = lora_h.as_deref_mut() {
+                kept.insert(p, h);
+            }
+            Ok(y)
+        }).collect())
+    }
+
+    /// The summed input gradient of linears which all read the input `x`, for their output
+    /// gradients (`linear_backward` each, summed). In a training block the adapted ones' masked
+    /// input gradients and A gradients come from one pass each (`lora_group`).
+    fn linears_backward(&self, outs: &[(Proj, &Tensor)], x: impl Fn() -> Result<Tensor>, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>) -> Result<Tensor> {
+        let projs: Vec<Proj> = outs.iter().map(|(p, _)| *p).collect();
+        let Some(group) = self.group(&projs, Some(lora_h)) else {
+            let mut acc = None;
+            for (p, g) in outs {
+                acc = Some(self.linear_backward(*p, &x, g, grads, acc.take(), lora_h)?);
+            }
+            return acc.ok_or_else(|| candle_core::Error::Msg("linears backward: no linear".into()));
+        };
+        // the frozen weights' input gradients, summed by their GEMMs
+        let mut dx: Option<Tensor> = None;
+        for (p, g) in outs {
+            let base = &self.blk.proj[*p as usize];
+            dx = Some(match dx {
+                Some(acc) => base.input_grad_into(acc, g)?,
+                None => base.input_grad(g, g.dtype())?,
+            });
+        }
+        let dx = dx.ok_or_else(|| candle_core::Error::Msg("linears backward: no linear".into()))?;
+        let shape = dx.shape().clone();
+        let n_in = shape.dims().last().copied().unwrap_or(1);
+        let rows = dx.elem_count() / n_in.max(1);
+        let mut gh = Vec::with_capacity(group.len());
+        for (p, parts, c) in &group {
+            let g = outs.iter().find(|(q, _)| q == p).map(|(_, g)| *g).ok_or_else(|| candle_core::Error::Msg("linears backward: no gradient".into()))?;
+            let g2 = g.to_dtype(dx.dtype())?.reshape((rows, c.bs.dim(0)?))?;
+            let h = lora_h.get(p).ok_or_else(|| candle_core::Error::Msg("linears backward: no kept product".into()))?;
+            let (_, _, b) = self.lora.parts(&self.blk.proj[*p as usize], self.li, *p, self.dropout).ok_or_else(|| candle_core::Error::Msg("linears backward: no adapter".into()))?;
+            // dB = scale g^T h
+            grads.add_product(b, &g2.t()?, &h.reshape((rows, h.elem_count() / rows.max(1)))?, parts.scale)?;
+            gh.push(g2.matmul(&c.bs)?); // [rows, r]
+        }
+        let (members, p) = Self::members(&group);
+        let gh_refs: Vec<&Tensor> = gh.iter().collect();
+        let dx = lora_group::add_dx(dx.reshape((rows, n_in))?, &members, &gh_refs, p)?;
+        let x = x()?.reshape((rows, n_in))?;
+        let trained: Vec<&Tensor> = group
+            .iter()
+            .map(|(proj, ..)| self.lora.parts(&self.blk.proj[*proj as usize], self.li, *proj, self.dropout).map(|(_, a, _)| a))
+            .collect::<Option<_>>()
+            .ok_or_else(|| candle_core::Error::Msg("linears backward: no adapter".into()))?;
+        for (a, da) in trained.iter().zip(lora_group::grad_a(&x, &members, &gh_refs, p, trained[0].dtype())?) {
+            grads.add(a, &da)?;
+        }
+        dx.reshape(shape)
     }
 
     /// The input gradient of linear `p` for the output gradient `grad`, added to `acc` when
@@ -174,21 +270,21 @@ impl Layer {
         let cfg = &self.inp.cfg;
         let mut lora_h = keep.then(BTreeMap::new);
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
-        let q = self.heads(&self.linear(Proj::Q, &h, lora_h.as_mut())?, cfg.num_heads)?;
-        let k = self.heads(&self.linear(Proj::K, &h, lora_h.as_mut())?, cfg.num_kv_heads)?;
-        let (q, k) = self.rope_qk(q, k, false)?;
-        let v = self.heads(&self.linear(Proj::V, &h, lora_h.as_mut())?, cfg.num_kv_heads)?;
+        let [q, k, v] = self.linears([Proj::Q, Proj::K, Proj::V], &h, lora_h.as_mut())?;
         drop(h);
+        let (q, k) = self.rope_qk(self.heads(&q, cfg.num_heads)?, self.heads(&k, cfg.num_kv_heads)?, false)?;
+        let v = self.heads(&v, cfg.num_kv_heads)?;
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
         let y = self.merge(&y)?;
-        let mid = fused::add(x, &self.linear(Proj::O, &y, lora_h.as_mut())?)?;
+        let [o] = self.linears([Proj::O], &y, lora_h.as_mut())?;
+        let mid = fused::add(x, &o)?;
         let attention = keep.then_some((q, k, v, y, lse));
         let h = ops::rms_norm(&mid, &self.blk.ffn_norm, self.eps())?;
-        let gate = self.linear(Proj::Gate, &h, lora_h.as_mut())?;
-        let up = self.linear(Proj::Up, &h, lora_h.as_mut())?;
+        let [gate, up] = self.linears([Proj::Gate, Proj::Up], &h, lora_h.as_mut())?;
         drop(h);
         let s = fused::swiglu(&gate, &up)?;
-        let out = fused::add(&mid, &self.linear(Proj::Down, &s, lora_h.as_mut())?)?;
+        let [down] = self.linears([Proj::Down], &s, lora_h.as_mut())?;
+        let out = fused::add(&mid, &down)?;
         let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, gate, up, lora_h: lora_h.unwrap_or_default() });
         Ok((out, saved))
     }
@@ -199,19 +295,18 @@ impl Layer {
         let Saved { q, k, v, y, lse, mid, gate, up, lora_h } = saved;
         let grad = grad.to_dtype(x.dtype())?;
         // MLP: out = mid + down(silu(gate) * up)
-        let d_s = self.linear_backward(Proj::Down, || fused::swiglu(&gate, &up), &grad, grads, None, &lora_h)?;
+        let d_s = self.linears_backward(&[(Proj::Down, &grad)], || fused::swiglu(&gate, &up), grads, &lora_h)?;
         // gate and up are not read again: their memory takes the gradients
         let (d_gate, d_up) = fused::swiglu_backward_in_place(gate, up, &d_s)?;
         drop(d_s);
         let h = self.norm_for(&[Proj::Gate, Proj::Up], &mid, &self.blk.ffn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("ffn norm not recomputed".into()));
-        let d_h = self.linear_backward(Proj::Gate, normed, &d_gate, grads, None, &lora_h)?;
-        let d_h = self.linear_backward(Proj::Up, normed, &d_up, grads, Some(d_h), &lora_h)?;
+        let d_h = self.linears_backward(&[(Proj::Gate, &d_gate), (Proj::Up, &d_up)], normed, grads, &lora_h)?;
         drop((h, d_gate, d_up));
         let d_mid = rms_norm_backward_add(&mid, &d_h, &self.blk.ffn_norm, eps, Some(&grad))?;
         drop((d_h, mid, grad));
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
-        let d_y = self.linear_backward(Proj::O, || Ok(y.clone()), &d_mid, grads, None, &lora_h)?;
+        let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h)?;
         let d_o = self.heads(&d_y, cfg.num_heads)?;
         // D = sum over head_dim of dO * O, per head and query: [b, heads, t, 1] (f32)
         let (b, t) = (self.inp.b, self.inp.t);
@@ -225,12 +320,15 @@ impl Layer {
         let dv = self.merge(&dv)?;
         let h = self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
-        let d_h = self.linear_backward(Proj::Q, normed, &dq, grads, None, &lora_h)?;
-        let d_h = self.linear_backward(Proj::K, normed, &dk, grads, Some(d_h), &lora_h)?;
-        let d_h = self.linear_backward(Proj::V, normed, &dv, grads, Some(d_h), &lora_h)?;
+        let d_h = self.linears_backward(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h)?;
         drop(h);
         rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
     }
+}
+
+/// `N` results as an array.
+fn array<const N: usize>(xs: Result<Vec<Tensor>>) -> Result<[Tensor; N]> {
+    xs?.try_into().map_err(|v: Vec<Tensor>| candle_core::Error::Msg(format!("{} results for {N} linears", v.len())))
 }
 
 /// One block's part of the stack's backward: its layer, its input and, unless recomputed, what

@@ -91,6 +91,14 @@ impl CustomOp1 for Dropout {
     float_op_forwards!("dropout");
 }
 
+/// A mask's threshold (`p · 2^32`) and the scale of kept elements (`1 / (1 - p)`): what the
+/// kernels that draw masks themselves take (`lora_group`). `p = 0` gives 0 and 1: everything kept.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) fn mask_params(p: f32) -> (u32, f32) {
+    let d = Dropout::new(p.max(0.0), 0);
+    (d.threshold, d.scale)
+}
+
 /// The mask applied to `x`, without autograd (the LoRA backward redraws it this way).
 pub(crate) fn apply(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
     x.contiguous()?.apply_op1_no_bwd(&Dropout::new(p, seed))

@@ -83,6 +83,7 @@ pub mod llama;
 pub mod model;
 pub mod norm;
 pub mod lora;
+pub mod lora_group;
 pub mod observe;
 pub mod pool;
 pub mod quant;
@@ -123,6 +124,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(gemm::check_device(device)?);
     checks.extend(graph::check_device(device)?);
     checks.extend(rope::check_device(device)?);
+    checks.extend(lora_group::check_device(device)?);
     Ok(checks)
 }
 

@@ -26,7 +26,7 @@ pub fn rope_pair(q: Tensor, k: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool
     }
     let dtype = q.dtype();
     let piece = 16 / dtype.size_in_bytes();
-    let aligned = |x: &Tensor| x.is_contiguous() && (x.layout().start_offset() * dtype.size_in_bytes()) % 16 == 0;
+    let aligned = |x: &Tensor| x.is_contiguous() && (x.layout().start_offset() * dtype.size_in_bytes()).is_multiple_of(16);
     let fits = q.device().is_cuda()
         && matches!(dtype, DType::F32 | DType::BF16)
         && [&k, cos, sin].iter().all(|x| x.dtype() == dtype)

@@ -1,0 +1,282 @@
+// The adapter side of up to three LoRA linears that read one input x [rows, K] (bf16), each with
+// its own dropout mask (seed), on tensor cores (mma.sync m16n8k16, f32 sums):
+//
+//   lora_down     h_m = dropout_m(x) A_m^T                  [rows, R] bf16, the forward
+//   lora_dx       dx += sum_m dropout_m(gh_m A_m)           in place, the input gradient
+//   lora_grad_a   dA_m = gh_m^T dropout_m(x)                per row split, then
+//   lora_grad_a_sum                                         the splits summed in a fixed order
+//
+// with A_m [R, K] bf16, gh_m = g_m (scale B_m) [rows, R] bf16. Unfused, each linear drew its
+// masked copy of x twice (forward, backward) and its masked input gradient once, a full-size
+// pass each, besides three skinny GEMMs. Here the masks are drawn in registers: element (row,
+// col) is kept iff half of dropout_bits(seed, (row * K + col) / 2) reaches the threshold (the
+// upper half for an even col), as `dropout.cu` and `dropout::keep` do, and a kept element of x
+// is x * scale rounded to bf16 before its product, as the unfused masked copy is. threshold 0
+// (no dropout) skips the masks. K is a multiple of 16, R one of 8, 16, 32, 64; one warp takes 16
+// rows (16 columns of x for the gradient of A).
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "common.cuh"
+
+namespace {
+
+typedef __nv_bfloat16 bf16;
+
+constexpr int MAX_M = 3;
+
+__device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ __forceinline__ uint32_t pack(bf16 lo, bf16 hi) {
+    return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
+// Both elements of a pair (low half: the even column) masked and scaled, rounded to bf16.
+__device__ __forceinline__ uint32_t mask_pair(uint32_t v, uint64_t bits, uint32_t threshold, float scale) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
+    const float lo = (uint32_t)(bits >> 32) >= threshold ? f.x * scale : 0.0f;
+    const float hi = (uint32_t)bits >= threshold ? f.y * scale : 0.0f;
+    const __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&r);
+}
+
+struct Group {
+    const bf16* a[MAX_M];
+    uint64_t seed[MAX_M];
+    int n;
+};
+
+template <int R>
+__device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0, bf16* h1, bf16* h2,
+                          uint32_t threshold, float scale) {
+    bf16* h[MAX_M] = {h0, h1, h2};
+    const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
+    const size_t r0 = ((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5) * 16;
+    if (r0 >= rows) return;
+    const size_t ra = r0 + g, rb = r0 + g + 8;
+    const bool va = ra < rows, vb = rb < rows;
+    float acc[MAX_M][R / 8][4] = {};
+    for (int k0 = 0; k0 < K; k0 += 16) {
+        const int c = k0 + 2 * i;
+        uint32_t xr[4] = {va ? ld32(x + ra * K + c) : 0u, vb ? ld32(x + rb * K + c) : 0u,
+                          va ? ld32(x + ra * K + c + 8) : 0u, vb ? ld32(x + rb * K + c + 8) : 0u};
+        const uint64_t pair[4] = {(ra * K + c) / 2, (rb * K + c) / 2, (ra * K + c + 8) / 2, (rb * K + c + 8) / 2};
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m >= grp.n) break;
+            uint32_t af[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) af[j] = threshold ? mask_pair(xr[j], dropout_bits(grp.seed[m], pair[j]), threshold, scale) : xr[j];
+            const bf16* a = grp.a[m];
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt) {
+                const bf16* row = a + (size_t)(nt * 8 + g) * K + c;
+                mma(acc[m][nt], af, ld32(row), ld32(row + 8));
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= grp.n) break;
+#pragma unroll
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const int col = nt * 8 + 2 * i;
+            if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * R + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
+            if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * R + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+        }
+    }
+}
+
+// gh's A fragment for rows ra, rb and the k-step at column k0 of [rows, R] (zero past R).
+template <int R>
+__device__ __forceinline__ void gh_fragment(uint32_t* f, const bf16* gh, size_t ra, size_t rb, bool va, bool vb, int k0, int i) {
+    const int c = k0 + 2 * i;
+    f[0] = va ? ld32(gh + ra * R + c) : 0u;
+    f[1] = vb ? ld32(gh + rb * R + c) : 0u;
+    f[2] = va && c + 8 < R ? ld32(gh + ra * R + c + 8) : 0u;
+    f[3] = vb && c + 8 < R ? ld32(gh + rb * R + c + 8) : 0u;
+}
+
+template <int R>
+__device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1, const bf16* gh2,
+                        uint32_t threshold, float scale) {
+    const bf16* gh[MAX_M] = {gh0, gh1, gh2};
+    constexpr int KS = (R + 15) / 16;
+    const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
+    const size_t r0 = ((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5) * 16;
+    if (r0 >= rows) return;
+    const size_t ra = r0 + g, rb = r0 + g + 8;
+    const bool va = ra < rows, vb = rb < rows;
+    uint32_t af[MAX_M][KS][4];
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            if (m < grp.n) gh_fragment<R>(af[m][ks], gh[m], ra, rb, va, vb, ks * 16, i);
+        }
+    }
+    for (int n0 = 0; n0 < K; n0 += 8) {
+        const int col = n0 + 2 * i;
+        float sum[4] = {};
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m >= grp.n) break;
+            const bf16* a = grp.a[m] + n0 + g;
+            float c[4] = {};
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                const int k = ks * 16 + 2 * i;
+                const uint32_t b0 = pack(a[(size_t)k * K], a[(size_t)(k + 1) * K]);
+                const uint32_t b1 = k + 8 < R ? pack(a[(size_t)(k + 8) * K], a[(size_t)(k + 9) * K]) : 0u;
+                mma(c, af[m][ks], b0, b1);
+            }
+            if (threshold) {
+                const uint64_t ba = dropout_bits(grp.seed[m], (ra * K + col) / 2), bb = dropout_bits(grp.seed[m], (rb * K + col) / 2);
+                sum[0] += (uint32_t)(ba >> 32) >= threshold ? c[0] * scale : 0.0f;
+                sum[1] += (uint32_t)ba >= threshold ? c[1] * scale : 0.0f;
+                sum[2] += (uint32_t)(bb >> 32) >= threshold ? c[2] * scale : 0.0f;
+                sum[3] += (uint32_t)bb >= threshold ? c[3] * scale : 0.0f;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) sum[j] += c[j];
+            }
+        }
+        if (va) {
+            __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(dx + ra * K + col);
+            const float2 d = __bfloat1622float2(*p);
+            *p = __floats2bfloat162_rn(d.x + sum[0], d.y + sum[1]);
+        }
+        if (vb) {
+            __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(dx + rb * K + col);
+            const float2 d = __bfloat1622float2(*p);
+            *p = __floats2bfloat162_rn(d.x + sum[2], d.y + sum[3]);
+        }
+    }
+}
+
+// One block: four warps, each 16 columns of x; blockIdx.y: a split of `chunk` rows. The partial
+// products go to part [splits, n, K, R] (f32).
+template <int R>
+__device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1,
+                            const bf16* gh2, uint32_t threshold, float scale, size_t chunk, float* part) {
+    const bf16* gh[MAX_M] = {gh0, gh1, gh2};
+    const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
+    const int c0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16;
+    if (c0 >= K) return;
+    const size_t begin = blockIdx.y * chunk, end = min(rows, begin + chunk);
+    const int ca = c0 + g, cb = c0 + g + 8;
+    // This lane draws the masks of its own rows (2i, 2i+8 for an even g, 2i+1, 2i+9 for an odd
+    // one) and gets the other two from lane ^ 4, which shares its column pairs.
+    const int odd = g & 1;
+    float acc[MAX_M][R / 8][4] = {};
+    for (size_t r0 = begin; r0 < end; r0 += 16) {
+        // rows r0 + {2i, 2i+1, 2i+8, 2i+9}
+        const size_t rr[4] = {r0 + 2 * i, r0 + 2 * i + 1, r0 + 2 * i + 8, r0 + 2 * i + 9};
+        bf16 xa[4], xb[4];
+        const bf16 zero = __float2bfloat16(0.0f);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            xa[j] = rr[j] < end ? x[rr[j] * K + ca] : zero;
+            xb[j] = rr[j] < end ? x[rr[j] * K + cb] : zero;
+        }
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m >= grp.n) break;
+            uint32_t keep = 0xffu;  // bit 2 * (row slot) + column: rows slots 0..3 as rr, columns a, b
+            if (threshold) {
+                // own rows: slots odd and odd + 2; bits: 4 per row (pair a: even, odd col; pair b)
+                uint32_t own = 0;
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    const size_t row = rr[0] + odd + 8 * s;
+                    const uint64_t pa = dropout_bits(grp.seed[m], (row * K + (ca & ~1)) / 2);
+                    const uint64_t pb = dropout_bits(grp.seed[m], (row * K + (cb & ~1)) / 2);
+                    own |= (((uint32_t)(pa >> 32) >= threshold) | (((uint32_t)pa >= threshold) << 1) |
+                            (((uint32_t)(pb >> 32) >= threshold) << 2) | (((uint32_t)pb >= threshold) << 3))
+                           << (4 * s);
+                }
+                const uint32_t other = __shfl_xor_sync(0xffffffffu, own, 4);
+                keep = 0;
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    const uint32_t bits = ((j & 1) == odd ? own : other) >> (4 * (j >> 1));
+                    keep |= (((bits >> odd) & 1u) | (((bits >> (2 + odd)) & 1u) << 1)) << (2 * j);
+                }
+            }
+            float va[4], vb[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                va[j] = (keep >> (2 * j)) & 1u ? __bfloat162float(xa[j]) * scale : 0.0f;
+                vb[j] = (keep >> (2 * j + 1)) & 1u ? __bfloat162float(xb[j]) * scale : 0.0f;
+            }
+            const uint32_t af[4] = {pack(__float2bfloat16(va[0]), __float2bfloat16(va[1])),
+                                    pack(__float2bfloat16(vb[0]), __float2bfloat16(vb[1])),
+                                    pack(__float2bfloat16(va[2]), __float2bfloat16(va[3])),
+                                    pack(__float2bfloat16(vb[2]), __float2bfloat16(vb[3]))};
+            const bf16* q = gh[m];
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt) {
+                const int n = nt * 8 + g;
+                const uint32_t b0 = pack(rr[0] < end ? q[rr[0] * R + n] : zero, rr[1] < end ? q[rr[1] * R + n] : zero);
+                const uint32_t b1 = pack(rr[2] < end ? q[rr[2] * R + n] : zero, rr[3] < end ? q[rr[3] * R + n] : zero);
+                mma(acc[m][nt], af, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= grp.n) break;
+        float* out = part + ((size_t)blockIdx.y * grp.n + m) * K * R;
+#pragma unroll
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const int n = nt * 8 + 2 * i;
+            out[(size_t)ca * R + n] = acc[m][nt][0];
+            out[(size_t)ca * R + n + 1] = acc[m][nt][1];
+            out[(size_t)cb * R + n] = acc[m][nt][2];
+            out[(size_t)cb * R + n + 1] = acc[m][nt][3];
+        }
+    }
+}
+
+}  // namespace
+
+// dA_m [R, K] (f32) = the sum of the splits' parts, in split order; added to dA_m with accumulate.
+extern "C" __global__ void lora_grad_a_sum(const float* part, int splits, int n, int K, int R, float* d0, float* d1,
+                                           float* d2, int accumulate) {
+    const size_t per = (size_t)K * R, total = per * n;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)blockDim.x * gridDim.x) {
+        const int m = e / per;
+        const size_t kr = e % per;
+        float s = 0.0f;
+        for (int sp = 0; sp < splits; ++sp) s += part[((size_t)sp * n + m) * per + kr];
+        const size_t k = kr / R, r = kr % R;
+        float* o = (m == 0 ? d0 : m == 1 ? d1 : d2) + r * K + k;
+        *o = accumulate ? *o + s : s;
+    }
+}
+
+#define LORA(R)                                                                                                      \
+    extern "C" __global__ void lora_down_r##R(const bf16* x, size_t rows, int K, const bf16* a0, const bf16* a1,      \
+                                              const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,          \
+                                              bf16* h0, bf16* h1, bf16* h2, uint32_t threshold, float scale) {       \
+        lora_down<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale);               \
+    }                                                                                                                \
+    extern "C" __global__ void lora_dx_r##R(bf16* dx, size_t rows, int K, const bf16* a0, const bf16* a1,             \
+                                            const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,            \
+                                            const bf16* gh0, const bf16* gh1, const bf16* gh2, uint32_t threshold,   \
+                                            float scale) {                                                           \
+        lora_dx<R>(dx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold, scale);             \
+    }                                                                                                                \
+    extern "C" __global__ void lora_grad_a_r##R(const bf16* x, size_t rows, int K, uint64_t s0, uint64_t s1,         \
+                                                uint64_t s2, int n, const bf16* gh0, const bf16* gh1,                \
+                                                const bf16* gh2, uint32_t threshold, float scale, size_t chunk,      \
+                                                float* part) {                                                       \
+        lora_grad_a<R>(x, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold,  \
+                       scale, chunk, part);                                                                          \
+    }
+
+LORA(8)
+LORA(16)
+LORA(32)
+LORA(64)

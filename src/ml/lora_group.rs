@@ -1,0 +1,320 @@
+//! The adapter side of the LoRA linears that read one input (q, k and v read the attention's
+//! norm; o the attention output; gate and up the MLP's norm; down its activation), up to three
+//! at once:
+//!
+//! - `down`: each adapter's `dropout(x) A^T` `[rows, r]`, the forward's r-wide product;
+//! - `add_dx`: the adapters' part of the input gradient, `dx += Σ dropout(gh A)`, in place;
+//! - `grad_a`: the gradients of the A factors, `gh^T dropout(x)` (f32).
+//!
+//! Each adapter has its own dropout mask, a pure function of its seed (`dropout::keep`). On CUDA,
+//! with bf16 data, the kernels (`kernels/lora.cu`) draw the masks in registers and run the
+//! products on tensor cores, reading `x` (or writing `dx`) once for the whole group: unfused, each
+//! adapter drew a masked copy of `x` in the forward and again in the backward, and added a masked
+//! copy of its input gradient, a full-size pass each, besides its skinny GEMMs. Elsewhere the same
+//! formulas run unfused (`dropout::apply`, GEMMs), and these are the kernels' reference.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::{dropout, gemm, ops, KernelCheck};
+
+/// Adapters sharing one input that one launch takes.
+pub const MAX_MEMBERS: usize = 3;
+
+/// One adapter of a group: its A factor `[r, in]` in the input's dtype and its mask seed.
+#[derive(Clone, Copy)]
+pub struct Member<'a> {
+    pub a: &'a Tensor,
+    pub seed: u64,
+}
+
+/// Whether the kernels take this group: on CUDA, a contiguous bf16 input `[rows, in]` with `in`
+/// a multiple of 16, one to three adapters of one rank (8, 16, 32 or 64) with contiguous bf16
+/// factors.
+pub fn fused(x: &Tensor, members: &[Member]) -> bool {
+    let Some(first) = members.first() else { return false };
+    let (Ok((_, k)), Ok((r, _))) = (x.dims2(), first.a.dims2()) else { return false };
+    cfg!(feature = "cuda")
+        && x.device().is_cuda()
+        && x.dtype() == DType::BF16
+        && k % 16 == 0
+        && matches!(r, 8 | 16 | 32 | 64)
+        && members.len() <= MAX_MEMBERS
+        && whole_pairs(x)
+        && members.iter().all(|m| m.a.dims() == [r, k] && m.a.dtype() == DType::BF16 && whole_pairs(m.a))
+}
+
+/// Contiguous from an even element on: the kernels read bf16 pairs as 32-bit words.
+fn whole_pairs(t: &Tensor) -> bool {
+    t.is_contiguous() && t.layout().start_offset().is_multiple_of(2)
+}
+
+/// `fused` for `x` and gradients `gh` `[rows, r]` of these adapters.
+fn fused_with(x: &Tensor, members: &[Member], gh: &[&Tensor]) -> Result<bool> {
+    if members.len() != gh.len() {
+        candle_core::bail!("lora group: {} adapters, {} gradients", members.len(), gh.len());
+    }
+    Ok(fused(x, members) && {
+        let (rows, r) = (x.dim(0)?, members[0].a.dim(0)?);
+        gh.iter().all(|g| g.dims() == [rows, r] && g.dtype() == DType::BF16 && whole_pairs(g))
+    })
+}
+
+fn masked(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
+    if p > 0.0 {
+        dropout::apply(x, p, seed)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// Each adapter's `dropout(x) A^T` `[rows, r]` in `x`'s dtype, for `x` `[rows, in]`.
+pub fn down(x: &Tensor, members: &[Member], p: f32) -> Result<Vec<Tensor>> {
+    if fused(x, members) {
+        #[cfg(feature = "cuda")]
+        return cuda::down(x, members, p);
+    }
+    members.iter().map(|m| ops::linear_nt(&masked(x, p, m.seed)?, m.a)).collect()
+}
+
+/// `dx + Σ dropout(gh_m A_m)` in `dx`'s dtype and shape, for `dx` `[rows, in]` and each
+/// adapter's `gh` `[rows, r]` (its output gradient times its scaled B). On the kernels' path
+/// the sum is added in `dx`'s storage (the caller must own it), rounded once.
+pub fn add_dx(dx: Tensor, members: &[Member], gh: &[&Tensor], p: f32) -> Result<Tensor> {
+    if fused_with(&dx, members, gh)? {
+        #[cfg(feature = "cuda")]
+        return cuda::add_dx(dx, members, gh, p);
+    }
+    let mut dx = dx;
+    for (m, g) in members.iter().zip(gh) {
+        let through = g.matmul(m.a)?;
+        dx = if p > 0.0 { dropout::add_into(dx, &through, p, m.seed)? } else { (&dx + through.to_dtype(dx.dtype())?)? };
+    }
+    Ok(dx)
+}
+
+/// Each adapter's A gradient `gh^T dropout(x)` `[r, in]` in `out` (the trained factor's dtype;
+/// the kernels write f32), for `x` `[rows, in]`.
+pub fn grad_a(x: &Tensor, members: &[Member], gh: &[&Tensor], p: f32, out: DType) -> Result<Vec<Tensor>> {
+    if fused_with(x, members, gh)? && out == DType::F32 {
+        #[cfg(feature = "cuda")]
+        return cuda::grad_a(x, members, gh, p);
+    }
+    members.iter().zip(gh).map(|(m, g)| gemm::product(&g.t()?, &masked(x, p, m.seed)?, 1.0, out)).collect()
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, Device, InplaceOp1, Layout, Result, Storage, Tensor};
+    use half::bf16;
+
+    use super::{Member, MAX_MEMBERS};
+
+    const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+
+    fn device(x: &Tensor) -> Result<&CudaDevice> {
+        match x.device() {
+            Device::Cuda(d) => Ok(d),
+            _ => candle_core::bail!("lora group: not on a CUDA device"),
+        }
+    }
+
+    fn view<'a>(s: &'a Storage, t: &Tensor) -> Result<CudaView<'a, bf16>> {
+        let (o1, o2) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("lora group: input not contiguous".into()))?;
+        match s {
+            Storage::Cuda(c) => Ok(c.as_cuda_slice::<bf16>()?.slice(o1..o2)),
+            _ => candle_core::bail!("lora group: input not on the CUDA device"),
+        }
+    }
+
+    /// Slot `i` of three (the first again past the group's size: the kernels read `n` of them).
+    fn slot<T>(xs: &[T], i: usize) -> &T {
+        &xs[i.min(xs.len() - 1)]
+    }
+
+    fn seeds(members: &[Member]) -> [u64; MAX_MEMBERS] {
+        let mut s = [0; MAX_MEMBERS];
+        for (o, m) in s.iter_mut().zip(members) {
+            *o = m.seed;
+        }
+        s
+    }
+
+    /// One warp per 16 rows, four per block.
+    fn by_rows(rows: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (rows.div_ceil(64).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    fn tensor<T: candle_core::cuda_backend::CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: (usize, usize)) -> Tensor {
+        Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
+    }
+
+    pub fn down(x: &Tensor, members: &[Member], p: f32) -> Result<Vec<Tensor>> {
+        let dev = device(x)?;
+        let (rows, k) = x.dims2()?;
+        let r = members[0].a.dim(0)?;
+        let (threshold, scale) = super::dropout::mask_params(p);
+        // SAFETY: the kernel writes every element of each output (each row's r products)
+        let outs = members.iter().map(|_| unsafe { dev.alloc::<bf16>(rows * r) }).collect::<Result<Vec<_>>>()?;
+        let x_guard = x.storage_and_layout().0;
+        let a_guards: Vec<_> = members.iter().map(|m| m.a.storage_and_layout().0).collect();
+        let xv = view(&x_guard, x)?;
+        let a = a_guards.iter().zip(members).map(|(g, m)| view(g, m.a)).collect::<Result<Vec<_>>>()?;
+        let s = seeds(members);
+        let (rows64, k32, n) = (rows as u64, k as i32, members.len() as i32);
+        let func = dev.get_or_load_custom_func(&format!("lora_down_r{r}"), "lora", KERNELS)?;
+        let mut b = func.builder();
+        b.arg(&xv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
+        b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));
+        b.arg(&threshold).arg(&scale);
+        // SAFETY: argument types and order match the kernel's signature
+        unsafe { b.launch(by_rows(rows)) }.w()?;
+        drop(b);
+        Ok(outs.into_iter().map(|o| tensor(o, dev, (rows, r))).collect())
+    }
+
+    pub fn grad_a(x: &Tensor, members: &[Member], gh: &[&Tensor], p: f32) -> Result<Vec<Tensor>> {
+        let dev = device(x)?;
+        let (rows, k) = x.dims2()?;
+        let r = members[0].a.dim(0)?;
+        let (threshold, scale) = super::dropout::mask_params(p);
+        // about a thousand blocks of four warps, each warp 16 columns of a split of the rows
+        let col_blocks = k.div_ceil(64);
+        let splits = (1024 / col_blocks).clamp(1, rows.div_ceil(16).max(1));
+        let chunk = rows.div_ceil(splits).div_ceil(16).max(1) * 16;
+        let splits = rows.div_ceil(chunk).max(1);
+        let n = members.len();
+        // SAFETY: each split's warps write every column of every adapter's part (zeros for no rows)
+        let part = unsafe { dev.alloc::<f32>(splits * n * k * r)? };
+        let outs = (0..n).map(|_| unsafe { dev.alloc::<f32>(r * k) }).collect::<Result<Vec<_>>>()?;
+        let x_guard = x.storage_and_layout().0;
+        let g_guards: Vec<_> = gh.iter().map(|g| g.storage_and_layout().0).collect();
+        let xv = view(&x_guard, x)?;
+        let g = g_guards.iter().zip(gh).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
+        let s = seeds(members);
+        let (rows64, k32, n32, chunk64) = (rows as u64, k as i32, n as i32, chunk as u64);
+        let func = dev.get_or_load_custom_func(&format!("lora_grad_a_r{r}"), "lora", KERNELS)?;
+        let mut b = func.builder();
+        b.arg(&xv).arg(&rows64).arg(&k32).arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32);
+        b.arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2)).arg(&threshold).arg(&scale).arg(&chunk64).arg(&part);
+        let cfg = LaunchConfig { grid_dim: (col_blocks as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types and order match the kernel's signature
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        let func = dev.get_or_load_custom_func("lora_grad_a_sum", "lora", KERNELS)?;
+        let (splits32, r32, accumulate) = (splits as i32, r as i32, 0i32);
+        let mut b = func.builder();
+        b.arg(&part).arg(&splits32).arg(&n32).arg(&k32).arg(&r32).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2)).arg(&accumulate);
+        let total = n * k * r;
+        let cfg = LaunchConfig { grid_dim: (total.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: argument types and order match the kernel's signature; every output element is written
+        unsafe { b.launch(cfg) }.w()?;
+        drop(b);
+        Ok(outs.into_iter().map(|o| tensor(o, dev, (r, k))).collect())
+    }
+
+    pub fn add_dx(dx: Tensor, members: &[Member], gh: &[&Tensor], p: f32) -> Result<Tensor> {
+        dx.inplace_op1(&AddDx { members, gh, p })?;
+        Ok(dx)
+    }
+
+    struct AddDx<'a> {
+        members: &'a [Member<'a>],
+        gh: &'a [&'a Tensor],
+        p: f32,
+    }
+
+    impl InplaceOp1 for AddDx<'_> {
+        fn name(&self) -> &'static str {
+            "lora-add-dx"
+        }
+
+        fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &Layout) -> Result<()> {
+            candle_core::bail!("lora-add-dx: the CPU adds the masked products")
+        }
+
+        fn cuda_fwd(&self, st: &mut CudaStorage, l: &Layout) -> Result<()> {
+            let (o1, o2) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("lora-add-dx: not contiguous".into()))?;
+            let dev = st.device().clone();
+            let (rows, k) = l.shape().dims2()?;
+            let r = self.members[0].a.dim(0)?;
+            let (threshold, scale) = super::super::dropout::mask_params(self.p);
+            let a_guards: Vec<_> = self.members.iter().map(|m| m.a.storage_and_layout().0).collect();
+            let g_guards: Vec<_> = self.gh.iter().map(|g| g.storage_and_layout().0).collect();
+            let a = a_guards.iter().zip(self.members).map(|(g, m)| view(g, m.a)).collect::<Result<Vec<_>>>()?;
+            let g = g_guards.iter().zip(self.gh).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
+            let s = seeds(self.members);
+            let (rows64, k32, n) = (rows as u64, k as i32, self.members.len() as i32);
+            let mut dxv = st.as_cuda_slice_mut::<bf16>()?.slice_mut(o1..o2);
+            let func = dev.get_or_load_custom_func(&format!("lora_dx_r{r}"), "lora", KERNELS)?;
+            let mut b = func.builder();
+            b.arg(&mut dxv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
+            b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2));
+            b.arg(&threshold).arg(&scale);
+            // SAFETY: argument types and order match the kernel's signature
+            unsafe { b.launch(by_rows(rows)) }.w()?;
+            Ok(())
+        }
+    }
+}
+
+/// The kernels on `device` against the unfused formulas on the CPU (f32 products of the same
+/// bf16-rounded inputs, the same masks), for groups of one to three adapters, each rank, with
+/// and without dropout, and a row count that leaves a partial tile. Tolerances relative to the
+/// largest reference value: 2^-7 (the kernels' bf16 outputs rounded once, the masked input rounded
+/// to bf16 on both sides).
+pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
+    let cpu = Device::Cpu;
+    let mut out = Vec::new();
+    let bf = |t: Tensor| t.to_dtype(DType::BF16);
+    for (rows, k, r, n, p) in [(77usize, 576usize, 16usize, 3usize, 0.1f32), (64, 576, 16, 1, 0.0), (50, 1536, 8, 2, 0.05), (33, 256, 32, 3, 0.2), (40, 128, 64, 2, 0.1)] {
+        let x = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
+        let dx = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
+        let a: Vec<Tensor> = (0..n).map(|_| bf((Tensor::randn(0f32, 1.0, (r, k), &cpu)? * 0.1)?)).collect::<Result<_>>()?;
+        let gh: Vec<Tensor> = (0..n).map(|_| bf(Tensor::randn(0f32, 1.0, (rows, r), &cpu)?)).collect::<Result<_>>()?;
+        let seeds: Vec<u64> = (0..n as u64).map(|i| 1000 + 17 * i).collect();
+        let members = |a: &[Tensor]| -> Vec<(Tensor, u64)> { a.iter().cloned().zip(seeds.iter().copied()).collect() };
+        let f32s = |t: &Tensor| t.to_dtype(DType::F32);
+        // the reference: the masked input rounded to bf16 as the kernels do, products in f32
+        let want_down: Vec<Tensor> = members(&a)
+            .iter()
+            .map(|(a, s)| ops::linear_nt(&f32s(&masked(&x, p, *s)?)?, &f32s(a)?))
+            .collect::<Result<_>>()?;
+        let mut want_dx = f32s(&dx)?;
+        for ((a, s), g) in members(&a).iter().zip(&gh) {
+            let through = f32s(g)?.matmul(&f32s(a)?)?;
+            want_dx = (want_dx + masked(&through, p, *s)?)?;
+        }
+        let want_da: Vec<Tensor> = members(&a)
+            .iter()
+            .zip(&gh)
+            .map(|((_, s), g)| f32s(g)?.t()?.matmul(&f32s(&masked(&x, p, *s)?)?))
+            .collect::<Result<_>>()?;
+        let on = |t: &Tensor| t.to_device(device);
+        let (a_d, gh_d) = (a.iter().map(on).collect::<Result<Vec<_>>>()?, gh.iter().map(on).collect::<Result<Vec<_>>>()?);
+        let m: Vec<Member> = a_d.iter().zip(&seeds).map(|(a, &seed)| Member { a, seed }).collect();
+        let gh_refs: Vec<&Tensor> = gh_d.iter().collect();
+        let x_d = on(&x)?;
+        let got_down = down(&x_d, &m, p)?;
+        let got_dx = add_dx(on(&dx)?.copy()?, &m, &gh_refs, p)?;
+        let got_da = grad_a(&x_d, &m, &gh_refs, p, DType::F32)?;
+        let mut cases: Vec<(&'static str, Tensor, Tensor)> = Vec::new();
+        for (w, g) in want_down.into_iter().zip(got_down) {
+            cases.push(("lora group down", w, g));
+        }
+        cases.push(("lora group dx", want_dx, got_dx));
+        for (w, g) in want_da.into_iter().zip(got_da) {
+            cases.push(("lora group dA", w, g));
+        }
+        for (kernel, want, got) in cases {
+            let got = got.to_device(&cpu)?.to_dtype(DType::F32)?;
+            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            out.push(KernelCheck { kernel, dtype: format!("r{r} x{n} p{p}"), chunk: (rows, k), max_abs_diff: d, tolerance: scale / 128.0 });
+        }
+    }
+    Ok(out)
+}
