@@ -6,14 +6,15 @@
 //   lora_grad_a   dA_m = gh_m^T dropout_m(x)                per row split, then
 //   lora_grad_a_sum                                         the splits summed in a fixed order
 //
-// with A_m [R, K] bf16, gh_m = g_m (scale B_m) [rows, R] bf16. Unfused, each linear drew its
-// masked copy of x twice (forward, backward) and its masked input gradient once, a full-size
-// pass each, besides three skinny GEMMs. Here the masks are drawn in registers: element (row,
-// col) is kept iff half of dropout_bits(seed, (row * K + col) / 2) reaches the threshold (the
-// upper half for an even col), as `dropout.cu` and `dropout::keep` do, and a kept element of x
-// is x * scale rounded to bf16 before its product, as the unfused masked copy is. threshold 0
-// (no dropout) skips the masks. K is a multiple of 16, R one of 8, 16, 32, 64; one warp takes 16
-// rows (16 columns of x for the gradient of A).
+// with A_m [R, K] bf16 and gh_m = g_m (scale B_m) given as its transpose [R, rows] bf16.
+// Unfused, each linear drew its masked copy of x twice (forward, backward) and its masked input
+// gradient once, a full-size pass each, besides three skinny GEMMs. Here the masks are drawn in
+// registers: element (row, col) is kept iff half of dropout_bits(seed, (row * K + col) / 2)
+// reaches the threshold (the upper half for an even col), as `dropout.cu` and `dropout::keep`
+// do, and a kept element of x is x * scale rounded to bf16 before its product, as the unfused
+// masked copy is. threshold 0 (no dropout) skips the masks. K is a multiple of 16, R one of 8,
+// 16, 32, 64. A warp takes 16 rows (and 64 columns for dx; for the gradient of A, 16 columns of
+// x and a split of the rows).
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -57,22 +58,36 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
     const size_t ra = r0 + g, rb = r0 + g + 8;
     const bool va = ra < rows, vb = rb < rows;
     float acc[MAX_M][R / 8][4] = {};
-    for (int k0 = 0; k0 < K; k0 += 16) {
-        const int c = k0 + 2 * i;
-        uint32_t xr[4] = {va ? ld32(x + ra * K + c) : 0u, vb ? ld32(x + rb * K + c) : 0u,
-                          va ? ld32(x + ra * K + c + 8) : 0u, vb ? ld32(x + rb * K + c + 8) : 0u};
-        const uint64_t pair[4] = {(ra * K + c) / 2, (rb * K + c) / 2, (ra * K + c + 8) / 2, (rb * K + c + 8) / 2};
+    // the loads of STEPS k-steps are issued before their products
+    constexpr int STEPS = 4;
+    for (int k1 = 0; k1 < K; k1 += 16 * STEPS) {
+        uint32_t xs[STEPS][4];
 #pragma unroll
-        for (int m = 0; m < MAX_M; ++m) {
-            if (m >= grp.n) break;
-            uint32_t af[4];
+        for (int s = 0; s < STEPS; ++s) {
+            const int c = k1 + 16 * s + 2 * i;
+            const bool in = k1 + 16 * s < K;
+            xs[s][0] = va && in ? ld32(x + ra * K + c) : 0u;
+            xs[s][1] = vb && in ? ld32(x + rb * K + c) : 0u;
+            xs[s][2] = va && in ? ld32(x + ra * K + c + 8) : 0u;
+            xs[s][3] = vb && in ? ld32(x + rb * K + c + 8) : 0u;
+        }
 #pragma unroll
-            for (int j = 0; j < 4; ++j) af[j] = threshold ? mask_pair(xr[j], dropout_bits(grp.seed[m], pair[j]), threshold, scale) : xr[j];
-            const bf16* a = grp.a[m];
+        for (int s = 0; s < STEPS; ++s) {
+            if (k1 + 16 * s >= K) break;
+            const int c = k1 + 16 * s + 2 * i;
+            const uint64_t pair[4] = {(ra * K + c) / 2, (rb * K + c) / 2, (ra * K + c + 8) / 2, (rb * K + c + 8) / 2};
 #pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt) {
-                const bf16* row = a + (size_t)(nt * 8 + g) * K + c;
-                mma(acc[m][nt], af, ld32(row), ld32(row + 8));
+            for (int m = 0; m < MAX_M; ++m) {
+                if (m >= grp.n) break;
+                uint32_t af[4];
+#pragma unroll
+                for (int j = 0; j < 4; ++j) af[j] = threshold ? mask_pair(xs[s][j], dropout_bits(grp.seed[m], pair[j]), threshold, scale) : xs[s][j];
+                const bf16* a = grp.a[m];
+#pragma unroll
+                for (int nt = 0; nt < R / 8; ++nt) {
+                    const bf16* row = a + (size_t)(nt * 8 + g) * K + c;
+                    mma(acc[m][nt], af, ld32(row), ld32(row + 8));
+                }
             }
         }
     }
@@ -88,35 +103,54 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
     }
 }
 
-// gh's A fragment for rows ra, rb and the k-step at column k0 of [rows, R] (zero past R).
+// The A fragment of gh (rows ra, rb; the k-step at column k0, zero past R) from its transpose
+// ght [R, rows].
 template <int R>
-__device__ __forceinline__ void gh_fragment(uint32_t* f, const bf16* gh, size_t ra, size_t rb, bool va, bool vb, int k0, int i) {
+__device__ __forceinline__ void gh_fragment(uint32_t* f, const bf16* ght, size_t rows, size_t ra, size_t rb, bool va, bool vb, int k0, int i) {
+    const bf16 zero = __float2bfloat16(0.0f);
     const int c = k0 + 2 * i;
-    f[0] = va ? ld32(gh + ra * R + c) : 0u;
-    f[1] = vb ? ld32(gh + rb * R + c) : 0u;
-    f[2] = va && c + 8 < R ? ld32(gh + ra * R + c + 8) : 0u;
-    f[3] = vb && c + 8 < R ? ld32(gh + rb * R + c + 8) : 0u;
+    auto at = [&](int col, size_t row, bool valid) { return valid && col < R ? ght[col * rows + row] : zero; };
+    f[0] = pack(at(c, ra, va), at(c + 1, ra, va));
+    f[1] = pack(at(c, rb, vb), at(c + 1, rb, vb));
+    f[2] = pack(at(c + 8, ra, va), at(c + 9, ra, va));
+    f[3] = pack(at(c + 8, rb, vb), at(c + 9, rb, vb));
 }
 
+// A warp per 16 rows and 64 columns (COLS / 8 n-tiles): its dx is loaded first, then the
+// products of every adapter added, then stored.
 template <int R>
 __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1, const bf16* gh2,
                         uint32_t threshold, float scale) {
     const bf16* gh[MAX_M] = {gh0, gh1, gh2};
-    constexpr int KS = (R + 15) / 16;
+    constexpr int KS = (R + 15) / 16, COLS = 64, NT = COLS / 8;
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
-    const size_t r0 = ((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5) * 16;
+    const size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
+    const size_t chunks = (K + COLS - 1) / COLS;
+    const size_t r0 = warp / chunks * 16;
+    const int c0 = (int)(warp % chunks) * COLS;
     if (r0 >= rows) return;
     const size_t ra = r0 + g, rb = r0 + g + 8;
     const bool va = ra < rows, vb = rb < rows;
+    __nv_bfloat162 da[NT], db[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int col = c0 + nt * 8 + 2 * i;
+        const bool in = c0 + nt * 8 < K;
+        if (va && in) da[nt] = *reinterpret_cast<const __nv_bfloat162*>(dx + ra * K + col);
+        if (vb && in) db[nt] = *reinterpret_cast<const __nv_bfloat162*>(dx + rb * K + col);
+    }
     uint32_t af[MAX_M][KS][4];
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) {
 #pragma unroll
         for (int ks = 0; ks < KS; ++ks) {
-            if (m < grp.n) gh_fragment<R>(af[m][ks], gh[m], ra, rb, va, vb, ks * 16, i);
+            if (m < grp.n) gh_fragment<R>(af[m][ks], gh[m], rows, ra, rb, va, vb, ks * 16, i);
         }
     }
-    for (int n0 = 0; n0 < K; n0 += 8) {
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int n0 = c0 + nt * 8;
+        if (n0 >= K) break;
         const int col = n0 + 2 * i;
         float sum[4] = {};
 #pragma unroll
@@ -143,15 +177,20 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
             }
         }
         if (va) {
-            __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(dx + ra * K + col);
-            const float2 d = __bfloat1622float2(*p);
-            *p = __floats2bfloat162_rn(d.x + sum[0], d.y + sum[1]);
+            const float2 d = __bfloat1622float2(da[nt]);
+            da[nt] = __floats2bfloat162_rn(d.x + sum[0], d.y + sum[1]);
         }
         if (vb) {
-            __nv_bfloat162* p = reinterpret_cast<__nv_bfloat162*>(dx + rb * K + col);
-            const float2 d = __bfloat1622float2(*p);
-            *p = __floats2bfloat162_rn(d.x + sum[2], d.y + sum[3]);
+            const float2 d = __bfloat1622float2(db[nt]);
+            db[nt] = __floats2bfloat162_rn(d.x + sum[2], d.y + sum[3]);
         }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const int col = c0 + nt * 8 + 2 * i;
+        const bool in = c0 + nt * 8 < K;
+        if (va && in) *reinterpret_cast<__nv_bfloat162*>(dx + ra * K + col) = da[nt];
+        if (vb && in) *reinterpret_cast<__nv_bfloat162*>(dx + rb * K + col) = db[nt];
     }
 }
 
@@ -170,7 +209,9 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
     // one) and gets the other two from lane ^ 4, which shares its column pairs.
     const int odd = g & 1;
     float acc[MAX_M][R / 8][4] = {};
+#pragma unroll 2
     for (size_t r0 = begin; r0 < end; r0 += 16) {
+        const bool whole = r0 + 16 <= end && rows % 2 == 0;
         // rows r0 + {2i, 2i+1, 2i+8, 2i+9}
         const size_t rr[4] = {r0 + 2 * i, r0 + 2 * i + 1, r0 + 2 * i + 8, r0 + 2 * i + 9};
         bf16 xa[4], xb[4];
@@ -214,12 +255,20 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
                                     pack(__float2bfloat16(vb[0]), __float2bfloat16(vb[1])),
                                     pack(__float2bfloat16(va[2]), __float2bfloat16(va[3])),
                                     pack(__float2bfloat16(vb[2]), __float2bfloat16(vb[3]))};
+            // gh's B fragment from its transpose [R, rows]: row pairs are adjacent there, read
+            // as one word where the tile is whole and the pair on a word boundary
             const bf16* q = gh[m];
 #pragma unroll
             for (int nt = 0; nt < R / 8; ++nt) {
-                const int n = nt * 8 + g;
-                const uint32_t b0 = pack(rr[0] < end ? q[rr[0] * R + n] : zero, rr[1] < end ? q[rr[1] * R + n] : zero);
-                const uint32_t b1 = pack(rr[2] < end ? q[rr[2] * R + n] : zero, rr[3] < end ? q[rr[3] * R + n] : zero);
+                const bf16* p = q + (size_t)(nt * 8 + g) * rows;
+                uint32_t b0, b1;
+                if (whole) {
+                    b0 = ld32(p + rr[0]);
+                    b1 = ld32(p + rr[2]);
+                } else {
+                    b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
+                    b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
+                }
                 mma(acc[m][nt], af, b0, b1);
             }
         }

@@ -173,7 +173,8 @@ impl Layer {
             let (_, _, b) = self.lora.parts(&self.blk.proj[*p as usize], self.li, *p, self.dropout).ok_or_else(|| candle_core::Error::Msg("linears backward: no adapter".into()))?;
             // dB = scale g^T h
             grads.add_product(b, &g2.t()?, &h.reshape((rows, h.elem_count() / rows.max(1)))?, parts.scale)?;
-            gh.push(g2.matmul(&c.bs)?); // [rows, r]
+            // (g2 (scale B))^T [r, rows], as the group's kernels read it
+            gh.push(gemm::product(&c.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
         }
         let (members, p) = Self::members(&group);
         let gh_refs: Vec<&Tensor> = gh.iter().collect();

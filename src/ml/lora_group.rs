@@ -4,7 +4,11 @@
 //!
 //! - `down`: each adapter's `dropout(x) A^T` `[rows, r]`, the forward's r-wide product;
 //! - `add_dx`: the adapters' part of the input gradient, `dx += Σ dropout(gh A)`, in place;
-//! - `grad_a`: the gradients of the A factors, `gh^T dropout(x)` (f32).
+//! - `grad_a`: the gradients of the A factors, `gh^T dropout(x)` (f32);
+//!
+//! where `gh` is a linear's output gradient times its scaled B, which the callers give as its
+//! transpose `[r, rows]` (`ght`, what one GEMM writes as readily): the kernels read its row pairs
+//! as words.
 //!
 //! Each adapter has its own dropout mask, a pure function of its seed (`dropout::keep`). On CUDA,
 //! with bf16 data, the kernels (`kernels/lora.cu`) draw the masks in registers and run the
@@ -48,14 +52,14 @@ fn whole_pairs(t: &Tensor) -> bool {
     t.is_contiguous() && t.layout().start_offset().is_multiple_of(2)
 }
 
-/// `fused` for `x` and gradients `gh` `[rows, r]` of these adapters.
-fn fused_with(x: &Tensor, members: &[Member], gh: &[&Tensor]) -> Result<bool> {
-    if members.len() != gh.len() {
-        candle_core::bail!("lora group: {} adapters, {} gradients", members.len(), gh.len());
+/// `fused` for `x` and the transposed gradients `ght` `[r, rows]` of these adapters.
+fn fused_with(x: &Tensor, members: &[Member], ght: &[&Tensor]) -> Result<bool> {
+    if members.len() != ght.len() {
+        candle_core::bail!("lora group: {} adapters, {} gradients", members.len(), ght.len());
     }
     Ok(fused(x, members) && {
         let (rows, r) = (x.dim(0)?, members[0].a.dim(0)?);
-        gh.iter().all(|g| g.dims() == [rows, r] && g.dtype() == DType::BF16 && whole_pairs(g))
+        ght.iter().all(|g| g.dims() == [r, rows] && g.dtype() == DType::BF16 && whole_pairs(g))
     })
 }
 
@@ -77,29 +81,29 @@ pub fn down(x: &Tensor, members: &[Member], p: f32) -> Result<Vec<Tensor>> {
 }
 
 /// `dx + Σ dropout(gh_m A_m)` in `dx`'s dtype and shape, for `dx` `[rows, in]` and each
-/// adapter's `gh` `[rows, r]` (its output gradient times its scaled B). On the kernels' path
-/// the sum is added in `dx`'s storage (the caller must own it), rounded once.
-pub fn add_dx(dx: Tensor, members: &[Member], gh: &[&Tensor], p: f32) -> Result<Tensor> {
-    if fused_with(&dx, members, gh)? {
+/// adapter's `ght` `[r, rows]`. On the kernels' path the sum is added in `dx`'s storage (the
+/// caller must own it), rounded once.
+pub fn add_dx(dx: Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Tensor> {
+    if fused_with(&dx, members, ght)? {
         #[cfg(feature = "cuda")]
-        return cuda::add_dx(dx, members, gh, p);
+        return cuda::add_dx(dx, members, ght, p);
     }
     let mut dx = dx;
-    for (m, g) in members.iter().zip(gh) {
-        let through = g.matmul(m.a)?;
+    for (m, g) in members.iter().zip(ght) {
+        let through = g.t()?.matmul(m.a)?;
         dx = if p > 0.0 { dropout::add_into(dx, &through, p, m.seed)? } else { (&dx + through.to_dtype(dx.dtype())?)? };
     }
     Ok(dx)
 }
 
 /// Each adapter's A gradient `gh^T dropout(x)` `[r, in]` in `out` (the trained factor's dtype;
-/// the kernels write f32), for `x` `[rows, in]`.
-pub fn grad_a(x: &Tensor, members: &[Member], gh: &[&Tensor], p: f32, out: DType) -> Result<Vec<Tensor>> {
-    if fused_with(x, members, gh)? && out == DType::F32 {
+/// the kernels write f32), for `x` `[rows, in]` and each adapter's `ght` `[r, rows]`.
+pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DType) -> Result<Vec<Tensor>> {
+    if fused_with(x, members, ght)? && out == DType::F32 {
         #[cfg(feature = "cuda")]
-        return cuda::grad_a(x, members, gh, p);
+        return cuda::grad_a(x, members, ght, p);
     }
-    members.iter().zip(gh).map(|(m, g)| gemm::product(&g.t()?, &masked(x, p, m.seed)?, 1.0, out)).collect()
+    members.iter().zip(ght).map(|(m, g)| gemm::product(g, &masked(x, p, m.seed)?, 1.0, out)).collect()
 }
 
 #[cfg(feature = "cuda")]
@@ -143,9 +147,9 @@ mod cuda {
         s
     }
 
-    /// One warp per 16 rows, four per block.
-    fn by_rows(rows: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (rows.div_ceil(64).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+    /// `warps` warps, four per block.
+    fn warps(warps: usize) -> LaunchConfig {
+        LaunchConfig { grid_dim: (warps.div_ceil(4).max(1) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
     }
 
     fn tensor<T: candle_core::cuda_backend::CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: (usize, usize)) -> Tensor {
@@ -171,12 +175,12 @@ mod cuda {
         b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));
         b.arg(&threshold).arg(&scale);
         // SAFETY: argument types and order match the kernel's signature
-        unsafe { b.launch(by_rows(rows)) }.w()?;
+        unsafe { b.launch(warps(rows.div_ceil(16))) }.w()?;
         drop(b);
         Ok(outs.into_iter().map(|o| tensor(o, dev, (rows, r))).collect())
     }
 
-    pub fn grad_a(x: &Tensor, members: &[Member], gh: &[&Tensor], p: f32) -> Result<Vec<Tensor>> {
+    pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Vec<Tensor>> {
         let dev = device(x)?;
         let (rows, k) = x.dims2()?;
         let r = members[0].a.dim(0)?;
@@ -191,9 +195,9 @@ mod cuda {
         let part = unsafe { dev.alloc::<f32>(splits * n * k * r)? };
         let outs = (0..n).map(|_| unsafe { dev.alloc::<f32>(r * k) }).collect::<Result<Vec<_>>>()?;
         let x_guard = x.storage_and_layout().0;
-        let g_guards: Vec<_> = gh.iter().map(|g| g.storage_and_layout().0).collect();
+        let g_guards: Vec<_> = ght.iter().map(|g| g.storage_and_layout().0).collect();
         let xv = view(&x_guard, x)?;
-        let g = g_guards.iter().zip(gh).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
+        let g = g_guards.iter().zip(ght).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
         let s = seeds(members);
         let (rows64, k32, n32, chunk64) = (rows as u64, k as i32, n as i32, chunk as u64);
         let func = dev.get_or_load_custom_func(&format!("lora_grad_a_r{r}"), "lora", KERNELS)?;
@@ -216,14 +220,14 @@ mod cuda {
         Ok(outs.into_iter().map(|o| tensor(o, dev, (r, k))).collect())
     }
 
-    pub fn add_dx(dx: Tensor, members: &[Member], gh: &[&Tensor], p: f32) -> Result<Tensor> {
-        dx.inplace_op1(&AddDx { members, gh, p })?;
+    pub fn add_dx(dx: Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Tensor> {
+        dx.inplace_op1(&AddDx { members, ght, p })?;
         Ok(dx)
     }
 
     struct AddDx<'a> {
         members: &'a [Member<'a>],
-        gh: &'a [&'a Tensor],
+        ght: &'a [&'a Tensor],
         p: f32,
     }
 
@@ -243,9 +247,9 @@ mod cuda {
             let r = self.members[0].a.dim(0)?;
             let (threshold, scale) = super::super::dropout::mask_params(self.p);
             let a_guards: Vec<_> = self.members.iter().map(|m| m.a.storage_and_layout().0).collect();
-            let g_guards: Vec<_> = self.gh.iter().map(|g| g.storage_and_layout().0).collect();
+            let g_guards: Vec<_> = self.ght.iter().map(|g| g.storage_and_layout().0).collect();
             let a = a_guards.iter().zip(self.members).map(|(g, m)| view(g, m.a)).collect::<Result<Vec<_>>>()?;
-            let g = g_guards.iter().zip(self.gh).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
+            let g = g_guards.iter().zip(self.ght).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
             let s = seeds(self.members);
             let (rows64, k32, n) = (rows as u64, k as i32, self.members.len() as i32);
             let mut dxv = st.as_cuda_slice_mut::<bf16>()?.slice_mut(o1..o2);
@@ -255,7 +259,7 @@ mod cuda {
             b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2));
             b.arg(&threshold).arg(&scale);
             // SAFETY: argument types and order match the kernel's signature
-            unsafe { b.launch(by_rows(rows)) }.w()?;
+            unsafe { b.launch(warps(rows.div_ceil(16) * k.div_ceil(64))) }.w()?;
             Ok(())
         }
     }
@@ -270,11 +274,12 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let mut out = Vec::new();
     let bf = |t: Tensor| t.to_dtype(DType::BF16);
-    for (rows, k, r, n, p) in [(77usize, 576usize, 16usize, 3usize, 0.1f32), (64, 576, 16, 1, 0.0), (50, 1536, 8, 2, 0.05), (33, 256, 32, 3, 0.2), (40, 128, 64, 2, 0.1)] {
+    for (rows, k, r, n, p) in [(77usize, 576usize, 16usize, 3usize, 0.1f32), (64, 576, 16, 1, 0.0), (50, 1536, 8, 2, 0.05), (33, 272, 32, 3, 0.2), (40, 128, 64, 2, 0.1)] {
         let x = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
         let dx = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
         let a: Vec<Tensor> = (0..n).map(|_| bf((Tensor::randn(0f32, 1.0, (r, k), &cpu)? * 0.1)?)).collect::<Result<_>>()?;
         let gh: Vec<Tensor> = (0..n).map(|_| bf(Tensor::randn(0f32, 1.0, (rows, r), &cpu)?)).collect::<Result<_>>()?;
+        let ght: Vec<Tensor> = gh.iter().map(|g| g.t()?.contiguous()).collect::<Result<_>>()?;
         let seeds: Vec<u64> = (0..n as u64).map(|i| 1000 + 17 * i).collect();
         let members = |a: &[Tensor]| -> Vec<(Tensor, u64)> { a.iter().cloned().zip(seeds.iter().copied()).collect() };
         let f32s = |t: &Tensor| t.to_dtype(DType::F32);
@@ -294,7 +299,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             .map(|((_, s), g)| f32s(g)?.t()?.matmul(&f32s(&masked(&x, p, *s)?)?))
             .collect::<Result<_>>()?;
         let on = |t: &Tensor| t.to_device(device);
-        let (a_d, gh_d) = (a.iter().map(on).collect::<Result<Vec<_>>>()?, gh.iter().map(on).collect::<Result<Vec<_>>>()?);
+        let (a_d, gh_d) = (a.iter().map(on).collect::<Result<Vec<_>>>()?, ght.iter().map(on).collect::<Result<Vec<_>>>()?);
         let m: Vec<Member> = a_d.iter().zip(&seeds).map(|(a, &seed)| Member { a, seed }).collect();
         let gh_refs: Vec<&Tensor> = gh_d.iter().collect();
         let x_d = on(&x)?;
