@@ -43,14 +43,19 @@ __device__ __forceinline__ void store16(__nv_bfloat16* p, const float* v) {
     *reinterpret_cast<uint4*>(p) = x;
 }
 
-// The 64 mask bits of element pair k (elements 2k and 2k + 1): the k-th output of the
-// SplitMix64 stream seeded with `seed`. Element 2k is kept iff the upper 32 bits reach the
-// threshold, element 2k + 1 iff the lower ones do: one hash per two elements.
-__device__ __forceinline__ uint64_t dropout_bits(uint64_t seed, uint64_t k) {
-    uint64_t z = seed + (k + 1) * 0x9e3779b97f4a7c15ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+// Which elements of pair k (elements 2k and 2k + 1) the mask seeded with `seed` keeps: bit 1
+// for 2k, bit 0 for 2k + 1. A 32-bit hash of the pair's index mixed with the seed (lowbias32:
+// two multiplies, three shifts); element 2k is kept iff its upper 16 bits reach the threshold
+// (p * 2^16), element 2k + 1 iff the lower 16 do. `dropout::keep` is the CPU's copy.
+__device__ __forceinline__ uint32_t pair_keep(uint64_t seed, uint64_t k, uint32_t threshold) {
+    uint32_t z = ((uint32_t)k ^ (uint32_t)seed) + (uint32_t)(k >> 32) * 0x9e3779b9u;
+    z ^= (uint32_t)(seed >> 32);
+    z ^= z >> 16;
+    z *= 0x7feb352du;
+    z ^= z >> 15;
+    z *= 0x846ca68bu;
+    z ^= z >> 16;
+    return ((z >> 16) >= threshold ? 2u : 0u) | ((z & 0xffffu) >= threshold ? 1u : 0u);
 }
 
 // c (16x8 f32) += a (16x16 bf16, row-major) * b (16x8 bf16, column-major): mma.sync m16n8k16.

@@ -1,9 +1,9 @@
-// Dropout with a counter-based mask: elements 2k and 2k+1 are kept iff the upper and the lower
-// 32 bits of the k-th output of the SplitMix64 stream seeded with `seed` are >= `threshold`
-// (= p * 2^32), and kept elements are scaled by `scale` (= 1 / (1 - p)). The mask is a pure
-// function of (seed, i), so the backward applies the same kernel to the gradient and no mask
-// tensor is ever stored. Matches `dropout::keep` on the CPU bit for bit in which elements are
-// kept. One hash per pair of elements; a thread takes 16 bytes (8 bf16 or 4 f32) at a time.
+// Dropout with a counter-based mask: which elements of pair (2k, 2k + 1) are kept is a hash of
+// k and the seed (`pair_keep`, threshold = p * 2^16), and kept elements are scaled by `scale`
+// (= 1 / (1 - p)). The mask is a pure function of (seed, i), so the backward applies the same
+// kernel to the gradient and no mask tensor is ever stored. Matches `dropout::keep` on the CPU
+// bit for bit in which elements are kept. One hash per pair of elements; a thread takes 16 bytes
+// (8 bf16 or 4 f32) at a time.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -11,12 +11,6 @@
 #include "common.cuh"
 
 namespace {
-
-// Which of elements 2k and 2k + 1 are kept: bit 1 and bit 0.
-__device__ __forceinline__ uint32_t kept(uint64_t seed, size_t k, uint32_t threshold) {
-    const uint64_t z = dropout_bits(seed, k);
-    return ((uint32_t)(z >> 32) >= threshold ? 2u : 0u) | ((uint32_t)z >= threshold ? 1u : 0u);
-}
 
 // Sixteen bytes per thread where every pointer is 16-byte aligned, then the rest one pair per
 // thread.
@@ -30,14 +24,14 @@ __device__ void dropout(const T* x, T* y, size_t n, uint64_t seed, uint32_t thre
         load16(x + c * V, v);
 #pragma unroll
         for (int j = 0; j < V; j += 2) {
-            const uint32_t m = kept(seed, (c * V + j) / 2, threshold);
+            const uint32_t m = pair_keep(seed, (c * V + j) / 2, threshold);
             v[j] = m & 2 ? v[j] * scale : 0.0f;
             v[j + 1] = m & 1 ? v[j + 1] * scale : 0.0f;
         }
         store16(y + c * V, v);
     }
     for (size_t k = full * V / 2 + tid; 2 * k < n; k += stride) {
-        const uint32_t m = kept(seed, k, threshold);
+        const uint32_t m = pair_keep(seed, k, threshold);
         const size_t i = 2 * k;
         store(y, i, m & 2 ? load(x, i) * scale : 0.0f);
         if (i + 1 < n) store(y, i + 1, m & 1 ? load(x, i + 1) * scale : 0.0f);
@@ -56,14 +50,14 @@ __device__ void dropout_add(T* dst, const T* src, size_t n, uint64_t seed, uint3
         load16(src + c * V, v);
 #pragma unroll
         for (int j = 0; j < V; j += 2) {
-            const uint32_t m = kept(seed, (c * V + j) / 2, threshold);
+            const uint32_t m = pair_keep(seed, (c * V + j) / 2, threshold);
             if (m & 2) d[j] += v[j] * scale;
             if (m & 1) d[j + 1] += v[j + 1] * scale;
         }
         store16(dst + c * V, d);
     }
     for (size_t k = full * V / 2 + tid; 2 * k < n; k += stride) {
-        const uint32_t m = kept(seed, k, threshold);
+        const uint32_t m = pair_keep(seed, k, threshold);
         const size_t i = 2 * k;
         if (m & 2) store(dst, i, load(dst, i) + load(src, i) * scale);
         if (i + 1 < n && (m & 1)) store(dst, i + 1, load(dst, i + 1) + load(src, i + 1) * scale);

@@ -9,12 +9,12 @@
 // with A_m [R, K] bf16 and gh_m = g_m (scale B_m) given as its transpose [R, rows] bf16.
 // Unfused, each linear drew its masked copy of x twice (forward, backward) and its masked input
 // gradient once, a full-size pass each, besides three skinny GEMMs. Here the masks are drawn in
-// registers: element (row, col) is kept iff half of dropout_bits(seed, (row * K + col) / 2)
-// reaches the threshold (the upper half for an even col), as `dropout.cu` and `dropout::keep`
-// do, and a kept element of x is x * scale rounded to bf16 before its product, as the unfused
-// masked copy is. threshold 0 (no dropout) skips the masks. K is a multiple of 16, R one of 8,
-// 16, 32, 64. A warp takes 16 rows (and 64 columns for dx; for the gradient of A, 16 columns of
-// x and a split of the rows).
+// registers with `pair_keep` over the element's index row * K + col, as `dropout.cu` and
+// `dropout::keep` do, and a kept element of x is x * scale rounded to bf16 before its product,
+// as the unfused masked copy is. threshold 0 (no dropout) skips the masks. K is a multiple of
+// 16, R one of 8, 16, 32, 64. A warp takes 16 rows: for the forward, four warps split the
+// k-steps of one row tile (and blocks split them further where there are few row tiles); for
+// dx, 64 columns; for the gradient of A, 16 columns of x and a split of the rows.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -33,12 +33,11 @@ __device__ __forceinline__ uint32_t pack(bf16 lo, bf16 hi) {
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
 }
 
-// Both elements of a pair (low half: the even column) masked and scaled, rounded to bf16.
-__device__ __forceinline__ uint32_t mask_pair(uint32_t v, uint64_t bits, uint32_t threshold, float scale) {
+// Both elements of a pair (low half: the even column) masked by `keep` (pair_keep's bits) and
+// scaled, rounded to bf16.
+__device__ __forceinline__ uint32_t mask_pair(uint32_t v, uint32_t keep, float scale) {
     const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-    const float lo = (uint32_t)(bits >> 32) >= threshold ? f.x * scale : 0.0f;
-    const float hi = (uint32_t)bits >= threshold ? f.y * scale : 0.0f;
-    const __nv_bfloat162 r = __floats2bfloat162_rn(lo, hi);
+    const __nv_bfloat162 r = __floats2bfloat162_rn(keep & 2u ? f.x * scale : 0.0f, keep & 1u ? f.y * scale : 0.0f);
     return *reinterpret_cast<const uint32_t*>(&r);
 }
 
@@ -48,24 +47,31 @@ struct Group {
     int n;
 };
 
+// A block per 16-row tile (blockIdx.x) and split of the k-steps (blockIdx.y of gridDim.y); its
+// four warps take a quarter of that split each and sum in shared memory. With one split the
+// block writes h, else its f32 part [split, n, rows, R] (summed by lora_down_sum).
 template <int R>
 __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0, bf16* h1, bf16* h2,
-                          uint32_t threshold, float scale) {
+                          uint32_t threshold, float scale, float* part) {
+    __shared__ float red[3][MAX_M][R / 8][4][32];
     bf16* h[MAX_M] = {h0, h1, h2};
-    const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
-    const size_t r0 = ((blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5) * 16;
-    if (r0 >= rows) return;
+    const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3, warp = threadIdx.x >> 5;
+    const size_t r0 = blockIdx.x * (size_t)16;
     const size_t ra = r0 + g, rb = r0 + g + 8;
     const bool va = ra < rows, vb = rb < rows;
+    const int steps = K / 16, per_block = (steps + gridDim.y - 1) / gridDim.y;
+    const int b0 = min(steps, (int)blockIdx.y * per_block), b1 = min(steps, b0 + per_block);
+    const int per_warp = (b1 - b0 + 3) / 4;
+    const int w0 = min(b1, b0 + warp * per_warp), w1 = min(b1, w0 + per_warp);
     float acc[MAX_M][R / 8][4] = {};
     // the loads of STEPS k-steps are issued before their products
     constexpr int STEPS = 4;
-    for (int k1 = 0; k1 < K; k1 += 16 * STEPS) {
+    for (int k1 = w0; k1 < w1; k1 += STEPS) {
         uint32_t xs[STEPS][4];
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
-            const int c = k1 + 16 * s + 2 * i;
-            const bool in = k1 + 16 * s < K;
+            const int c = (k1 + s) * 16 + 2 * i;
+            const bool in = k1 + s < w1;
             xs[s][0] = va && in ? ld32(x + ra * K + c) : 0u;
             xs[s][1] = vb && in ? ld32(x + rb * K + c) : 0u;
             xs[s][2] = va && in ? ld32(x + ra * K + c + 8) : 0u;
@@ -73,15 +79,15 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
         }
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
-            if (k1 + 16 * s >= K) break;
-            const int c = k1 + 16 * s + 2 * i;
+            if (k1 + s >= w1) break;
+            const int c = (k1 + s) * 16 + 2 * i;
             const uint64_t pair[4] = {(ra * K + c) / 2, (rb * K + c) / 2, (ra * K + c + 8) / 2, (rb * K + c + 8) / 2};
 #pragma unroll
             for (int m = 0; m < MAX_M; ++m) {
                 if (m >= grp.n) break;
                 uint32_t af[4];
 #pragma unroll
-                for (int j = 0; j < 4; ++j) af[j] = threshold ? mask_pair(xs[s][j], dropout_bits(grp.seed[m], pair[j]), threshold, scale) : xs[s][j];
+                for (int j = 0; j < 4; ++j) af[j] = threshold ? mask_pair(xs[s][j], pair_keep(grp.seed[m], pair[j], threshold), scale) : xs[s][j];
                 const bf16* a = grp.a[m];
 #pragma unroll
                 for (int nt = 0; nt < R / 8; ++nt) {
@@ -91,14 +97,38 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
             }
         }
     }
+    if (warp > 0) {
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) red[warp - 1][m][nt][j][lane] = acc[m][nt][j];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+#pragma unroll
+    for (int w = 0; w < 3; ++w)
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[m][nt][j] += red[w][m][nt][j][lane];
 #pragma unroll
     for (int m = 0; m < MAX_M; ++m) {
         if (m >= grp.n) break;
 #pragma unroll
         for (int nt = 0; nt < R / 8; ++nt) {
             const int col = nt * 8 + 2 * i;
-            if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * R + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
-            if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * R + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+            if (gridDim.y == 1) {
+                if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * R + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
+                if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * R + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+            } else {
+                float* out = part + ((size_t)blockIdx.y * grp.n + m) * rows * R;
+                if (va) *reinterpret_cast<float2*>(out + ra * R + col) = make_float2(acc[m][nt][0], acc[m][nt][1]);
+                if (vb) *reinterpret_cast<float2*>(out + rb * R + col) = make_float2(acc[m][nt][2], acc[m][nt][3]);
+            }
         }
     }
 }
@@ -166,11 +196,12 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
                 mma(c, af[m][ks], b0, b1);
             }
             if (threshold) {
-                const uint64_t ba = dropout_bits(grp.seed[m], (ra * K + col) / 2), bb = dropout_bits(grp.seed[m], (rb * K + col) / 2);
-                sum[0] += (uint32_t)(ba >> 32) >= threshold ? c[0] * scale : 0.0f;
-                sum[1] += (uint32_t)ba >= threshold ? c[1] * scale : 0.0f;
-                sum[2] += (uint32_t)(bb >> 32) >= threshold ? c[2] * scale : 0.0f;
-                sum[3] += (uint32_t)bb >= threshold ? c[3] * scale : 0.0f;
+                const uint32_t ka = pair_keep(grp.seed[m], (ra * K + col) / 2, threshold);
+                const uint32_t kb = pair_keep(grp.seed[m], (rb * K + col) / 2, threshold);
+                sum[0] += ka & 2u ? c[0] * scale : 0.0f;
+                sum[1] += ka & 1u ? c[1] * scale : 0.0f;
+                sum[2] += kb & 2u ? c[2] * scale : 0.0f;
+                sum[3] += kb & 1u ? c[3] * scale : 0.0f;
             } else {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) sum[j] += c[j];
@@ -209,7 +240,6 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
     // one) and gets the other two from lane ^ 4, which shares its column pairs.
     const int odd = g & 1;
     float acc[MAX_M][R / 8][4] = {};
-#pragma unroll 2
     for (size_t r0 = begin; r0 < end; r0 += 16) {
         const bool whole = r0 + 16 <= end && rows % 2 == 0;
         // rows r0 + {2i, 2i+1, 2i+8, 2i+9}
@@ -224,25 +254,24 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) {
             if (m >= grp.n) break;
-            uint32_t keep = 0xffu;  // bit 2 * (row slot) + column: rows slots 0..3 as rr, columns a, b
+            uint32_t keep = 0xffu;  // bit 2 * j for column a of row slot j, bit 2 * j + 1 for column b
             if (threshold) {
-                // own rows: slots odd and odd + 2; bits: 4 per row (pair a: even, odd col; pair b)
+                // own rows: slots odd and odd + 2; per row a nibble, pair_keep's bits of column
+                // pair a (bits 1, 0: even, odd column) and of pair b (bits 3, 2)
                 uint32_t own = 0;
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
                     const size_t row = rr[0] + odd + 8 * s;
-                    const uint64_t pa = dropout_bits(grp.seed[m], (row * K + (ca & ~1)) / 2);
-                    const uint64_t pb = dropout_bits(grp.seed[m], (row * K + (cb & ~1)) / 2);
-                    own |= (((uint32_t)(pa >> 32) >= threshold) | (((uint32_t)pa >= threshold) << 1) |
-                            (((uint32_t)(pb >> 32) >= threshold) << 2) | (((uint32_t)pb >= threshold) << 3))
-                           << (4 * s);
+                    const uint32_t pa = pair_keep(grp.seed[m], (row * K + (ca & ~1)) / 2, threshold);
+                    const uint32_t pb = pair_keep(grp.seed[m], (row * K + (cb & ~1)) / 2, threshold);
+                    own |= (pa | (pb << 2)) << (4 * s);
                 }
                 const uint32_t other = __shfl_xor_sync(0xffffffffu, own, 4);
                 keep = 0;
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const uint32_t bits = ((j & 1) == odd ? own : other) >> (4 * (j >> 1));
-                    keep |= (((bits >> odd) & 1u) | (((bits >> (2 + odd)) & 1u) << 1)) << (2 * j);
+                    const uint32_t nib = ((j & 1) == odd ? own : other) >> (4 * (j >> 1));
+                    keep |= (((nib >> (1 - odd)) & 1u) | (((nib >> (3 - odd)) & 1u) << 1)) << (2 * j);
                 }
             }
             float va[4], vb[4];
@@ -305,11 +334,25 @@ extern "C" __global__ void lora_grad_a_sum(const float* part, int splits, int n,
     }
 }
 
+// h_m [rows, R] (bf16) = the sum of the forward's k-split parts, in split order.
+extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, size_t rows, int R, bf16* h0, bf16* h1,
+                                         bf16* h2) {
+    const size_t per = rows * R, total = per * n;
+    for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)blockDim.x * gridDim.x) {
+        const int m = e / per;
+        const size_t at = e % per;
+        float s = 0.0f;
+        for (int sp = 0; sp < splits; ++sp) s += part[((size_t)sp * n + m) * per + at];
+        (m == 0 ? h0 : m == 1 ? h1 : h2)[at] = __float2bfloat16(s);
+    }
+}
+
 #define LORA(R)                                                                                                      \
     extern "C" __global__ void lora_down_r##R(const bf16* x, size_t rows, int K, const bf16* a0, const bf16* a1,      \
                                               const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,          \
-                                              bf16* h0, bf16* h1, bf16* h2, uint32_t threshold, float scale) {       \
-        lora_down<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale);               \
+                                              bf16* h0, bf16* h1, bf16* h2, uint32_t threshold, float scale,         \
+                                              float* part) {                                                         \
+        lora_down<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale, part);         \
     }                                                                                                                \
     extern "C" __global__ void lora_dx_r##R(bf16* dx, size_t rows, int K, const bf16* a0, const bf16* a1,             \
                                             const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,            \

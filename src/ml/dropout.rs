@@ -1,22 +1,27 @@
-//! Dropout with a counter-based mask: elements `2k` and `2k + 1` are kept iff the upper and the
-//! lower 32 bits of the `k`-th output of the SplitMix64 stream seeded with the mask's seed reach
-//! `p · 2^32` (one hash per two elements), and kept elements are scaled by `1 / (1 - p)`. The
-//! mask is a pure function of `(seed, i)`: one pass forward, the same pass over the gradient
-//! backward, no mask tensor drawn, stored or cast, and the same elements are kept on the CPU and
-//! on CUDA (`kernels/dropout.cu`).
+//! Dropout with a counter-based mask: which elements of pair `(2k, 2k + 1)` are kept is a 32-bit
+//! hash of `k` and the mask's seed, its upper 16 bits against `p · 2^16` for element `2k`, its
+//! lower ones for `2k + 1` (one hash per two elements), and kept elements are scaled by
+//! `1 / (1 - p)`. The mask is a pure function of `(seed, i)`: one pass forward, the same pass over
+//! the gradient backward, no mask tensor drawn, stored or cast, and the same elements are kept on
+//! the CPU and on CUDA (`pair_keep` in `kernels/common.cuh`).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 use super::KernelCheck;
 
-/// Whether element `i` of the mask seeded with `seed` is kept (`threshold = p · 2^32`).
+/// Whether element `i` of the mask seeded with `seed` is kept (`threshold = p · 2^16`): the
+/// lowbias32 hash of its pair's index mixed with the seed, upper half for an even `i`.
 pub fn keep(seed: u64, i: u64, threshold: u32) -> bool {
-    let mut z = seed.wrapping_add(((i >> 1) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    let bits = if i & 1 == 0 { (z >> 32) as u32 } else { z as u32 };
+    let k = i >> 1;
+    let mut z = ((k as u32) ^ (seed as u32)).wrapping_add(((k >> 32) as u32).wrapping_mul(0x9e37_79b9));
+    z ^= (seed >> 32) as u32;
+    z ^= z >> 16;
+    z = z.wrapping_mul(0x7feb_352d);
+    z ^= z >> 15;
+    z = z.wrapping_mul(0x846c_a68b);
+    z ^= z >> 16;
+    let bits = if i & 1 == 0 { z >> 16 } else { z & 0xffff };
     bits >= threshold
 }
 
@@ -29,7 +34,7 @@ struct Dropout {
 
 impl Dropout {
     fn new(p: f32, seed: u64) -> Dropout {
-        let threshold = (p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32;
+        let threshold = (p as f64 * 65_536.0).min(65_535.0) as u32;
         Dropout { seed, threshold, p, scale: 1.0 / (1.0 - p) }
     }
 
@@ -91,7 +96,7 @@ impl CustomOp1 for Dropout {
     float_op_forwards!("dropout");
 }
 
-/// A mask's threshold (`p · 2^32`) and the scale of kept elements (`1 / (1 - p)`): what the
+/// A mask's threshold (`p · 2^16`) and the scale of kept elements (`1 / (1 - p)`): what the
 /// kernels that draw masks themselves take (`lora_group`). `p = 0` gives 0 and 1: everything kept.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) fn mask_params(p: f32) -> (u32, f32) {

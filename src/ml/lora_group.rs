@@ -160,23 +160,41 @@ mod cuda {
         let dev = device(x)?;
         let (rows, k) = x.dims2()?;
         let r = members[0].a.dim(0)?;
+        let n = members.len();
         let (threshold, scale) = super::dropout::mask_params(p);
-        // SAFETY: the kernel writes every element of each output (each row's r products)
+        // a block per 16-row tile; where those are few (a large model's micro-batch), the k-steps
+        // split over more blocks too, some 528 in all (four per SM), each keeping eight or more
+        let tiles = rows.div_ceil(16).max(1);
+        let splits = 528usize.div_ceil(tiles).clamp(1, (k / 16 / 8).max(1));
+        // SAFETY: the kernel (or, split, the sum) writes every element of each output, and with
+        // splits every element of every split's part
         let outs = members.iter().map(|_| unsafe { dev.alloc::<bf16>(rows * r) }).collect::<Result<Vec<_>>>()?;
+        let part = unsafe { dev.alloc::<f32>(if splits > 1 { splits * n * rows * r } else { 1 })? };
         let x_guard = x.storage_and_layout().0;
         let a_guards: Vec<_> = members.iter().map(|m| m.a.storage_and_layout().0).collect();
         let xv = view(&x_guard, x)?;
         let a = a_guards.iter().zip(members).map(|(g, m)| view(g, m.a)).collect::<Result<Vec<_>>>()?;
         let s = seeds(members);
-        let (rows64, k32, n) = (rows as u64, k as i32, members.len() as i32);
+        let (rows64, k32, n32) = (rows as u64, k as i32, n as i32);
         let func = dev.get_or_load_custom_func(&format!("lora_down_r{r}"), "lora", KERNELS)?;
         let mut b = func.builder();
         b.arg(&xv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
-        b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));
-        b.arg(&threshold).arg(&scale);
+        b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));
+        b.arg(&threshold).arg(&scale).arg(&part);
+        let cfg = LaunchConfig { grid_dim: (tiles as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: argument types and order match the kernel's signature
-        unsafe { b.launch(warps(rows.div_ceil(16))) }.w()?;
+        unsafe { b.launch(cfg) }.w()?;
         drop(b);
+        if splits > 1 {
+            let func = dev.get_or_load_custom_func("lora_down_sum", "lora", KERNELS)?;
+            let (splits32, r32) = (splits as i32, r as i32);
+            let mut b = func.builder();
+            b.arg(&part).arg(&splits32).arg(&n32).arg(&rows64).arg(&r32).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));
+            let total = n * rows * r;
+            let cfg = LaunchConfig { grid_dim: (total.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: argument types and order match the kernel's signature
+            unsafe { b.launch(cfg) }.w()?;
+        }
         Ok(outs.into_iter().map(|o| tensor(o, dev, (rows, r))).collect())
     }
 
