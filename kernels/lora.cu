@@ -12,7 +12,7 @@
 // registers with `pair_keep` over the element's index row * K + col, as `dropout.cu` and
 // `dropout::keep` do, and a kept element of x is x * scale rounded to bf16 before its product,
 // as the unfused masked copy is. threshold 0 (no dropout) skips the masks. K is a multiple of
-// 16, R one of 8, 16, 32, 64. A warp takes 16 rows: for the forward, four warps split the
+// 16, R one of 8, 16, 32, 64, rows * K below 2^32 (element indices in 32 bits). A warp takes 16 rows: for the forward, four warps split the
 // k-steps of one row tile (and blocks split them further where there are few row tiles); for
 // dx, 64 columns; for the gradient of A, 16 columns of x and a split of the rows.
 
@@ -81,7 +81,8 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
         for (int s = 0; s < STEPS; ++s) {
             if (k1 + s >= w1) break;
             const int c = (k1 + s) * 16 + 2 * i;
-            const uint64_t pair[4] = {(ra * K + c) / 2, (rb * K + c) / 2, (ra * K + c + 8) / 2, (rb * K + c + 8) / 2};
+            const uint32_t ea = (uint32_t)ra * K + c, eb = (uint32_t)rb * K + c;
+            const uint32_t pair[4] = {ea >> 1, eb >> 1, (ea + 8) >> 1, (eb + 8) >> 1};
 #pragma unroll
             for (int m = 0; m < MAX_M; ++m) {
                 if (m >= grp.n) break;
@@ -196,8 +197,8 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
                 mma(c, af[m][ks], b0, b1);
             }
             if (threshold) {
-                const uint32_t ka = pair_keep(grp.seed[m], (ra * K + col) / 2, threshold);
-                const uint32_t kb = pair_keep(grp.seed[m], (rb * K + col) / 2, threshold);
+                const uint32_t ka = pair_keep(grp.seed[m], ((uint32_t)ra * K + col) >> 1, threshold);
+                const uint32_t kb = pair_keep(grp.seed[m], ((uint32_t)rb * K + col) >> 1, threshold);
                 sum[0] += ka & 2u ? c[0] * scale : 0.0f;
                 sum[1] += ka & 1u ? c[1] * scale : 0.0f;
                 sum[2] += kb & 2u ? c[2] * scale : 0.0f;
@@ -262,8 +263,8 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
                     const size_t row = rr[0] + odd + 8 * s;
-                    const uint32_t pa = pair_keep(grp.seed[m], (row * K + (ca & ~1)) / 2, threshold);
-                    const uint32_t pb = pair_keep(grp.seed[m], (row * K + (cb & ~1)) / 2, threshold);
+                    const uint32_t pa = pair_keep(grp.seed[m], ((uint32_t)row * K + (ca & ~1)) >> 1, threshold);
+                    const uint32_t pb = pair_keep(grp.seed[m], ((uint32_t)row * K + (cb & ~1)) >> 1, threshold);
                     own |= (pa | (pb << 2)) << (4 * s);
                 }
                 const uint32_t other = __shfl_xor_sync(0xffffffffu, own, 4);

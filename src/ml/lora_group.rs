@@ -32,8 +32,8 @@ pub struct Member<'a> {
 }
 
 /// Whether the kernels take this group: on CUDA, a contiguous bf16 input `[rows, in]` with `in`
-/// a multiple of 16, one to three adapters of one rank (8, 16, 32 or 64) with contiguous bf16
-/// factors.
+/// a multiple of 16 and fewer than 2^32 elements, one to three adapters of one rank (8, 16, 32
+/// or 64) with contiguous bf16 factors.
 pub fn fused(x: &Tensor, members: &[Member]) -> bool {
     let Some(first) = members.first() else { return false };
     let (Ok((_, k)), Ok((r, _))) = (x.dims2(), first.a.dims2()) else { return false };
@@ -41,6 +41,7 @@ pub fn fused(x: &Tensor, members: &[Member]) -> bool {
         && x.device().is_cuda()
         && x.dtype() == DType::BF16
         && k % 16 == 0
+        && x.elem_count() < 1 << 32
         && matches!(r, 8 | 16 | 32 | 64)
         && members.len() <= MAX_MEMBERS
         && whole_pairs(x)
@@ -109,6 +110,7 @@ pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DTyp
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
@@ -203,9 +205,13 @@ mod cuda {
         let (rows, k) = x.dims2()?;
         let r = members[0].a.dim(0)?;
         let (threshold, scale) = super::dropout::mask_params(p);
-        // about a thousand blocks of four warps, each warp 16 columns of a split of the rows
+        let func = dev.get_or_load_custom_func(&format!("lora_grad_a_r{r}"), "lora", KERNELS)?.into_cuda_function();
+        // one wave of blocks of four warps, each warp 16 columns of a split of the rows: a
+        // second, mostly idle wave would take as long as the first
+        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).w()?.max(1) as usize;
+        let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?.max(1) as usize;
         let col_blocks = k.div_ceil(64);
-        let splits = (1024 / col_blocks).clamp(1, rows.div_ceil(16).max(1));
+        let splits = (per_sm * sms / col_blocks).clamp(1, rows.div_ceil(16).max(1));
         let chunk = rows.div_ceil(splits).div_ceil(16).max(1) * 16;
         let splits = rows.div_ceil(chunk).max(1);
         let n = members.len();
@@ -218,8 +224,8 @@ mod cuda {
         let g = g_guards.iter().zip(ght).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
         let s = seeds(members);
         let (rows64, k32, n32, chunk64) = (rows as u64, k as i32, n as i32, chunk as u64);
-        let func = dev.get_or_load_custom_func(&format!("lora_grad_a_r{r}"), "lora", KERNELS)?;
-        let mut b = func.builder();
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
         b.arg(&xv).arg(&rows64).arg(&k32).arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32);
         b.arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2)).arg(&threshold).arg(&scale).arg(&chunk64).arg(&part);
         let cfg = LaunchConfig { grid_dim: (col_blocks as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
