@@ -7,7 +7,10 @@
 //! the residual after attention, the gate and up projections — and the backward is written out
 //! in full: the MLP, the attention (chunked, probabilities recomputed), RoPE, both RMSNorms and
 //! the seven linears (input gradient of the frozen weight, gradients of the LoRA factors, which
-//! go to the context's `BlockGrads`), with SwiGLU and attention's row sums fused (`fused`). The
+//! go to the context's `BlockGrads`), with SwiGLU and attention's row sums fused (`fused`), RoPE
+//! of q and k in one pass (`rope`), and the adapters of the linears that read one input (q/k/v,
+//! gate/up) run as a group (`lora_group`): one pass over the input for their r-wide products,
+//! one adding their masked input gradients, one for their A gradients. The
 //! norm outputs and `silu(gate) * up` are recomputed rather than kept, and only when a linear
 //! that reads them has an adapter. Under activation checkpointing nothing but the block's input is
 //! kept and the backward reruns the forward first; it can cover only the first blocks
