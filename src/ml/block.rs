@@ -98,28 +98,20 @@ impl Layer {
         }
     }
 
-    /// The adapted linears among `projs` with their parts and cast factors, when every one of
-    /// them has its factors cast (a training block) and, with `kept`, its forward's r-wide
-    /// product there; `None` otherwise, or when none is adapted.
-    fn group(&self, projs: &[Proj], kept: Option<&BTreeMap<Proj, Tensor>>) -> Option<Vec<(Proj, LoraParts, &CastFactors)>> {
+    /// The adapted linears among `projs`, when every one of them has its factors cast (a
+    /// training block) and, with `kept`, its forward's r-wide product there; `None` otherwise,
+    /// or when none is adapted.
+    fn group(&self, projs: &[Proj], kept: Option<&BTreeMap<Proj, Tensor>>) -> Option<Vec<Adapted<'_>>> {
         let mut out = Vec::new();
-        for &p in projs {
-            if let Some((parts, _, _)) = self.lora.parts(&self.blk.proj[p as usize], self.li, p, self.dropout) {
-                if kept.is_some_and(|k| !k.contains_key(&p)) {
+        for &proj in projs {
+            if let Some((parts, a, b)) = self.lora.parts(&self.blk.proj[proj as usize], self.li, proj, self.dropout) {
+                if kept.is_some_and(|k| !k.contains_key(&proj)) {
                     return None;
                 }
-                out.push((p, parts, self.cast.get(&p)?));
+                out.push(Adapted { proj, parts, cast: self.cast.get(&proj)?, a, b });
             }
         }
         (!out.is_empty() && out.len() <= lora_group::MAX_MEMBERS).then_some(out)
-    }
-
-    /// The group's adapters as `lora_group` takes them, and their dropout probability (one for
-    /// the whole forward).
-    fn members<'a>(group: &'a [(Proj, LoraParts, &CastFactors)]) -> (Vec<Member<'a>>, f32) {
-        let members = group.iter().map(|(_, parts, c)| Member { a: &c.a, seed: parts.dropout.map_or(0, |(_, s)| s) }).collect();
-        let p = group.iter().find_map(|(_, parts, _)| parts.dropout.map(|(p, _)| p)).unwrap_or(0.0);
-        (members, p)
     }
 
     /// Linears `projs`, which all read `x`, as `linear` each; in a training block the adapted
@@ -130,12 +122,12 @@ impl Layer {
         };
         let n_in = x.dim(D::Minus1)?;
         let rows = x.elem_count() / n_in;
-        let (members, p) = Self::members(&group);
-        let mut hs: BTreeMap<Proj, Tensor> = group.iter().map(|(p, ..)| *p).zip(lora_group::down(&x.reshape((rows, n_in))?, &members, p)?).collect();
+        let (members, prob) = Adapted::members(&group);
+        let mut hs: BTreeMap<Proj, Tensor> = group.iter().map(|m| m.proj).zip(lora_group::down(&x.reshape((rows, n_in))?, &members, prob)?).collect();
         array(projs.iter().map(|&p| {
             let y = self.blk.proj[p as usize].forward_detached(x)?;
-            let Some(((_, _, c), h)) = group.iter().find(|(q, ..)| *q == p).zip(hs.remove(&p)) else { return Ok(y) };
-            let y = gemm::accumulate(y, &h, &c.bs.t()?, 1.0)?;
+            let Some((m, h)) = group.iter().find(|m| m.proj == p).zip(hs.remove(&p)) else { return Ok(y) };
+            let y = gemm::accumulate(y, &h, &m.cast.bs.t()?, 1.0)?;
             if let Some(kept) = lora_h.as_deref_mut() {
                 kept.insert(p, h);
             }
@@ -147,13 +139,14 @@ impl Layer {
     /// gradients (`linear_backward` each, summed). In a training block the adapted ones' masked
     /// input gradients and A gradients come from one pass each (`lora_group`).
     fn linears_backward(&self, outs: &[(Proj, &Tensor)], x: impl Fn() -> Result<Tensor>, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>) -> Result<Tensor> {
+        let missing = |what: &str| candle_core::Error::Msg(format!("linears backward: {what}"));
         let projs: Vec<Proj> = outs.iter().map(|(p, _)| *p).collect();
         let Some(group) = self.group(&projs, Some(lora_h)) else {
             let mut acc = None;
             for (p, g) in outs {
                 acc = Some(self.linear_backward(*p, &x, g, grads, acc.take(), lora_h)?);
             }
-            return acc.ok_or_else(|| candle_core::Error::Msg("linears backward: no linear".into()));
+            return acc.ok_or_else(|| missing("no linear"));
         };
         // the frozen weights' input gradients, summed by their GEMMs
         let mut dx: Option<Tensor> = None;
@@ -164,32 +157,26 @@ impl Layer {
                 None => base.input_grad(g, g.dtype())?,
             });
         }
-        let dx = dx.ok_or_else(|| candle_core::Error::Msg("linears backward: no linear".into()))?;
+        let dx = dx.ok_or_else(|| missing("no linear"))?;
         let shape = dx.shape().clone();
         let n_in = shape.dims().last().copied().unwrap_or(1);
         let rows = dx.elem_count() / n_in.max(1);
-        let mut gh = Vec::with_capacity(group.len());
-        for (p, parts, c) in &group {
-            let g = outs.iter().find(|(q, _)| q == p).map(|(_, g)| *g).ok_or_else(|| candle_core::Error::Msg("linears backward: no gradient".into()))?;
-            let g2 = g.to_dtype(dx.dtype())?.reshape((rows, c.bs.dim(0)?))?;
-            let h = lora_h.get(p).ok_or_else(|| candle_core::Error::Msg("linears backward: no kept product".into()))?;
-            let (_, _, b) = self.lora.parts(&self.blk.proj[*p as usize], self.li, *p, self.dropout).ok_or_else(|| candle_core::Error::Msg("linears backward: no adapter".into()))?;
+        let mut ght = Vec::with_capacity(group.len());
+        for m in &group {
+            let g = outs.iter().find(|(p, _)| *p == m.proj).map(|(_, g)| *g).ok_or_else(|| missing("no gradient"))?;
+            let g2 = g.to_dtype(dx.dtype())?.reshape((rows, m.cast.bs.dim(0)?))?;
+            let h = lora_h.get(&m.proj).ok_or_else(|| missing("no kept product"))?;
             // dB = scale g^T h
-            grads.add_product(b, &g2.t()?, &h.reshape((rows, h.elem_count() / rows.max(1)))?, parts.scale)?;
+            grads.add_product(m.b, &g2.t()?, &h.reshape((rows, h.elem_count() / rows.max(1)))?, m.parts.scale)?;
             // (g2 (scale B))^T [r, rows], as the group's kernels read it
-            gh.push(gemm::product(&c.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
+            ght.push(gemm::product(&m.cast.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
         }
-        let (members, p) = Self::members(&group);
-        let gh_refs: Vec<&Tensor> = gh.iter().collect();
-        let dx = lora_group::add_dx(dx.reshape((rows, n_in))?, &members, &gh_refs, p)?;
+        let (members, prob) = Adapted::members(&group);
+        let ght: Vec<&Tensor> = ght.iter().collect();
+        let dx = lora_group::add_dx(dx.reshape((rows, n_in))?, &members, &ght, prob)?;
         let x = x()?.reshape((rows, n_in))?;
-        let trained: Vec<&Tensor> = group
-            .iter()
-            .map(|(proj, ..)| self.lora.parts(&self.blk.proj[*proj as usize], self.li, *proj, self.dropout).map(|(_, a, _)| a))
-            .collect::<Option<_>>()
-            .ok_or_else(|| candle_core::Error::Msg("linears backward: no adapter".into()))?;
-        for (a, da) in trained.iter().zip(lora_group::grad_a(&x, &members, &gh_refs, p, trained[0].dtype())?) {
-            grads.add(a, &da)?;
+        for (m, da) in group.iter().zip(lora_group::grad_a(&x, &members, &ght, prob, group[0].a.dtype())?) {
+            grads.add(m.a, &da)?;
         }
         dx.reshape(shape)
     }
@@ -327,6 +314,26 @@ impl Layer {
         let d_h = self.linears_backward(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h)?;
         drop(h);
         rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
+    }
+}
+
+/// One adapted linear of a group that reads one input: its projection, parts, factors cast for
+/// the block, and the trained factors (whose ids key the gradients).
+struct Adapted<'a> {
+    proj: Proj,
+    parts: LoraParts,
+    cast: &'a CastFactors,
+    a: &'a Tensor,
+    b: &'a Tensor,
+}
+
+impl Adapted<'_> {
+    /// The group's adapters as `lora_group` takes them, and their dropout probability (one for
+    /// the whole forward).
+    fn members<'a>(group: &'a [Adapted]) -> (Vec<Member<'a>>, f32) {
+        let members = group.iter().map(|m| Member { a: &m.cast.a, seed: m.parts.dropout.map_or(0, |(_, s)| s) }).collect();
+        let prob = group.iter().find_map(|m| m.parts.dropout.map(|(p, _)| p)).unwrap_or(0.0);
+        (members, prob)
     }
 }
 
