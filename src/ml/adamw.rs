@@ -269,11 +269,8 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let mut out = Vec::new();
     // the gradients' norm is about sqrt(37 * 300 + 16 * 9) = 106: clipped to 10
     for (kernel, max_norm) in [("adamw", 0.0), ("adamw-clipped", 10.0)] {
-        let want = run(&cpu, max_norm)?;
-        let got = run(device, max_norm)?;
-        let scale = want.abs()?.max(0)?.to_scalar::<f32>()?;
-        let d = (want - got)?.abs()?.max(0)?.to_scalar::<f32>()?;
-        out.push(KernelCheck { kernel, dtype: "F32".into(), chunk: (0, 0), max_abs_diff: d, tolerance: 1e-6 * scale });
+        let (want, got) = (run(&cpu, max_norm)?, run(device, max_norm)?);
+        out.push(KernelCheck::relative(kernel, "F32".into(), (0, 0), &want, &got, 1e-6)?);
     }
     Ok(out)
 }

@@ -457,11 +457,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             cases.push(("head dot", head_dot(&g, &u, 128)?, head_dot(&gd, &ud, 128)?, 1e-5));
         }
         for (kernel, want, got, rel) in cases {
-            let want = want.to_dtype(DType::F32)?;
-            let got = got.to_device(&cpu)?.to_dtype(DType::F32)?;
-            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, width), max_abs_diff: d, tolerance: rel * scale });
+            out.push(KernelCheck::relative(kernel, format!("{dtype:?}"), (0, width), &want, &got, rel)?);
         }
         if width != 1536 {
             continue;

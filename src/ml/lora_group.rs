@@ -64,21 +64,13 @@ fn fused_with(x: &Tensor, members: &[Member], ght: &[&Tensor]) -> Result<bool> {
     })
 }
 
-fn masked(x: &Tensor, p: f32, seed: u64) -> Result<Tensor> {
-    if p > 0.0 {
-        dropout::apply(x, p, seed)
-    } else {
-        Ok(x.clone())
-    }
-}
-
 /// Each adapter's `dropout(x) A^T` `[rows, r]` in `x`'s dtype, for `x` `[rows, in]`.
 pub fn down(x: &Tensor, members: &[Member], p: f32) -> Result<Vec<Tensor>> {
     if fused(x, members) {
         #[cfg(feature = "cuda")]
         return cuda::down(x, members, p);
     }
-    members.iter().map(|m| ops::linear_nt(&masked(x, p, m.seed)?, m.a)).collect()
+    members.iter().map(|m| ops::linear_nt(&dropout::masked(x, p, m.seed)?, m.a)).collect()
 }
 
 /// `dx + Σ dropout(gh_m A_m)` in `dx`'s dtype and shape, for `dx` `[rows, in]` and each
@@ -104,7 +96,7 @@ pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DTyp
         #[cfg(feature = "cuda")]
         return cuda::grad_a(x, members, ght, p);
     }
-    members.iter().zip(ght).map(|(m, g)| gemm::product(g, &masked(x, p, m.seed)?, 1.0, out)).collect()
+    members.iter().zip(ght).map(|(m, g)| gemm::product(g, &dropout::masked(x, p, m.seed)?, 1.0, out)).collect()
 }
 
 #[cfg(feature = "cuda")]
@@ -310,17 +302,17 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         // the reference: the masked input rounded to bf16 as the kernels do, products in f32
         let want_down: Vec<Tensor> = members(&a)
             .iter()
-            .map(|(a, s)| ops::linear_nt(&f32s(&masked(&x, p, *s)?)?, &f32s(a)?))
+            .map(|(a, s)| ops::linear_nt(&f32s(&dropout::masked(&x, p, *s)?)?, &f32s(a)?))
             .collect::<Result<_>>()?;
         let mut want_dx = f32s(&dx)?;
         for ((a, s), g) in members(&a).iter().zip(&gh) {
             let through = f32s(g)?.matmul(&f32s(a)?)?;
-            want_dx = (want_dx + masked(&through, p, *s)?)?;
+            want_dx = (want_dx + dropout::masked(&through, p, *s)?)?;
         }
         let want_da: Vec<Tensor> = members(&a)
             .iter()
             .zip(&gh)
-            .map(|((_, s), g)| f32s(g)?.t()?.matmul(&f32s(&masked(&x, p, *s)?)?))
+            .map(|((_, s), g)| f32s(g)?.t()?.matmul(&f32s(&dropout::masked(&x, p, *s)?)?))
             .collect::<Result<_>>()?;
         let on = |t: &Tensor| t.to_device(device);
         let (a_d, gh_d) = (a.iter().map(on).collect::<Result<Vec<_>>>()?, ght.iter().map(on).collect::<Result<Vec<_>>>()?);
@@ -339,10 +331,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             cases.push(("lora group dA", w, g));
         }
         for (kernel, want, got) in cases {
-            let got = got.to_device(&cpu)?.to_dtype(DType::F32)?;
-            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            out.push(KernelCheck { kernel, dtype: format!("r{r} x{n} p{p}"), chunk: (rows, k), max_abs_diff: d, tolerance: scale / 128.0 });
+            out.push(KernelCheck::relative(kernel, format!("r{r} x{n} p{p}"), (rows, k), &want, &got, 1.0 / 128.0)?);
         }
     }
     Ok(out)

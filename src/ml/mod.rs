@@ -109,6 +109,17 @@ impl KernelCheck {
     pub fn ok(&self) -> bool {
         self.max_abs_diff <= self.tolerance
     }
+
+    /// `got` (on any device) against the CPU's `want`, both in f32: the largest absolute
+    /// difference, within `rel` times `want`'s largest magnitude.
+    pub fn relative(kernel: &'static str, dtype: String, chunk: (usize, usize), want: &candle_core::Tensor, got: &candle_core::Tensor, rel: f32) -> candle_core::Result<KernelCheck> {
+        let f32s = candle_core::DType::F32;
+        let want = want.to_dtype(f32s)?;
+        let got = got.to_device(&candle_core::Device::Cpu)?.to_dtype(f32s)?;
+        let largest = |t: &candle_core::Tensor| t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>();
+        let max_abs_diff = largest(&(&want - got)?)?;
+        Ok(KernelCheck { kernel, dtype, chunk, max_abs_diff, tolerance: rel * largest(&want)? })
+    }
 }
 
 /// Every device kernel of Arbiter's own against the CPU.

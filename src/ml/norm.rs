@@ -167,23 +167,16 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         for dtype in [DType::F32, DType::BF16] {
             let (x, g, w) = (x.to_dtype(dtype)?, g.to_dtype(dtype)?, w.to_dtype(dtype)?);
             let res = (&g * 0.5)?;
-            for (kernel, residual) in [("rms-norm backward", None), ("rms-norm backward + residual", Some(&res))] {
-                let want = rms_norm_backward_add(&x, &g, &w, 1e-5, residual)?.to_dtype(DType::F32)?;
-                let res_d = residual.map(|r| r.to_device(device)).transpose()?;
-                let got = rms_norm_backward_add(&x.to_device(device)?, &g.to_device(device)?, &w.to_device(device)?, 1e-5, res_d.as_ref())?
-                    .to_device(&cpu)?
-                    .to_dtype(DType::F32)?;
-                let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                let tol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
-                out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, n), max_abs_diff: d, tolerance: tol * scale });
-            }
-            let want = rms_norm_forward(&x, &w, 1e-5)?.to_dtype(DType::F32)?;
-            let got = rms_norm_forward(&x.to_device(device)?, &w.to_device(device)?, 1e-5)?.to_device(&cpu)?.to_dtype(DType::F32)?;
-            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let d = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             let tol = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
-            out.push(KernelCheck { kernel: "rms-norm", dtype: format!("{dtype:?}"), chunk: (0, n), max_abs_diff: d, tolerance: tol * scale });
+            for (kernel, residual) in [("rms-norm backward", None), ("rms-norm backward + residual", Some(&res))] {
+                let want = rms_norm_backward_add(&x, &g, &w, 1e-5, residual)?;
+                let res_d = residual.map(|r| r.to_device(device)).transpose()?;
+                let got = rms_norm_backward_add(&x.to_device(device)?, &g.to_device(device)?, &w.to_device(device)?, 1e-5, res_d.as_ref())?;
+                out.push(KernelCheck::relative(kernel, format!("{dtype:?}"), (0, n), &want, &got, tol)?);
+            }
+            let want = rms_norm_forward(&x, &w, 1e-5)?;
+            let got = rms_norm_forward(&x.to_device(device)?, &w.to_device(device)?, 1e-5)?;
+            out.push(KernelCheck::relative("rms-norm", format!("{dtype:?}"), (0, n), &want, &got, tol)?);
         }
     }
     Ok(out)

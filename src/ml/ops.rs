@@ -319,10 +319,7 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
             ("q4-linear-input-grad-into", (acc.to_dtype(DType::F32)? + g.matmul(&exact)?)?, lin.input_grad_into(acc_d, &g_d)?),
         ];
         for (kernel, want, got) in cases {
-            let got = got.to_device(&cpu)?.to_dtype(DType::F32)?;
-            let d = (&want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            out.push(super::KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (0, 0), max_abs_diff: d, tolerance: rel * scale });
+            out.push(super::KernelCheck::relative(kernel, format!("{dtype:?}"), (0, 0), &want, &got, rel)?);
         }
     }
     Ok(out)
@@ -364,8 +361,8 @@ pub struct LoraParts {
 impl LoraParts {
     fn dropped(&self, x: &Tensor) -> Result<Tensor> {
         match self.dropout {
-            Some((p, seed)) if p > 0.0 => super::dropout::apply(x, p, seed),
-            _ => Ok(x.clone()),
+            Some((p, seed)) => super::dropout::masked(x, p, seed),
+            None => Ok(x.clone()),
         }
     }
 

@@ -128,10 +128,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
                     let (got_q, got_k) = rope_pair(on(&q)?, on(&k)?, &on(&cos)?, &on(&sin)?, inverse)?;
                     let rel = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
                     for (kernel, want, got) in [("rope q", &want_q, got_q), ("rope k", &want_k, got_k)] {
-                        let got = got.to_device(&cpu)?.to_dtype(DType::F32)?;
-                        let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                        let diff = (want - got)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-                        out.push(KernelCheck { kernel, dtype: format!("{dtype:?}"), chunk: (per_row as usize, d), max_abs_diff: diff, tolerance: rel * scale });
+                        out.push(KernelCheck::relative(kernel, format!("{dtype:?}"), (per_row as usize, d), want, &got, rel)?);
                     }
                 }
             }
