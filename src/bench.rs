@@ -119,6 +119,10 @@ pub struct BenchArgs {
     /// With --gradient-checkpointing: recompute only the first N decoder blocks.
     #[arg(long)]
     pub checkpointed_layers: Option<usize>,
+    /// With --checkpointed-layers: the next N blocks recompute only their MLP's gate and up
+    /// projections.
+    #[arg(long)]
+    pub mlp_checkpointed_layers: Option<usize>,
     /// Rows per forward and backward in `bench train`: each step runs the batch as micro-batches
     /// of this many rows, their gradients summed into one optimizer step (the trainer's
     /// gradient accumulation). Default: the whole batch at once.
@@ -128,6 +132,10 @@ pub struct BenchArgs {
     /// prediction engine would (`Served::captures`); `false`: launch every kernel each time.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub graph: bool,
+    /// Keep the token embedding table in host memory (`Llama::embeddings_to_host`), as the
+    /// worker does with `--host-embeddings`.
+    #[arg(long)]
+    pub host_embeddings: bool,
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), bytes.
@@ -304,12 +312,15 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
     // what the CUDA context itself holds, before any weight is loaded
     let context_bytes = gpu_used(&device);
     let fmt = args.base_format.weight_format(&device);
-    let llama = if args.random_init {
+    let mut llama = if args.random_init {
         let cfg = known_shape(&args.shape).ok_or_else(|| anyhow::anyhow!("unknown shape {:?}", args.shape))?;
         Llama::random(cfg, fmt, 1, &device)?
     } else {
         BaseModel::load(&args.model, args.base_format, &device)?.llama
     };
+    if args.host_embeddings {
+        llama.embeddings_to_host()?;
+    }
     // what the load staged (f32 draws, weights before quantizing) leaves the pool
     crate::ml::pool::settle(&device)?;
     let cfg = llama.config().clone();
@@ -340,8 +351,12 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         let hp = crate::data::hyper::Hyperparameters {
             gradient_checkpointing: args.gradient_checkpointing,
             checkpointed_layers: args.checkpointed_layers,
+            mlp_checkpointed_layers: args.mlp_checkpointed_layers,
             ..Default::default()
         };
+        if let Some(e) = hp.validate().first() {
+            anyhow::bail!("--{}: {}", e.field.trim_start_matches("hyperparameters.").replace('_', "-"), e.reason);
+        }
         let infer = LoraCtx::default();
         let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };
         let head_infer = head.as_tensor().detach();
@@ -362,7 +377,9 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             if training {
                 let step_grads = BlockGrads::default();
                 for (mi, (batch, labels)) in micro_batches.iter().enumerate() {
-                    let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers()).with_grads(&step_grads);
+                    let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers())
+                        .with_mlp_recompute(hp.recomputed_mlp_layers())
+                        .with_grads(&step_grads);
                     let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), batch)?;
                     sync(&device)?;
                     sample();
@@ -412,7 +429,12 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             "gradient_checkpointing": training && args.gradient_checkpointing,
             "checkpointed_layers": (training && args.gradient_checkpointing)
                 .then(|| args.checkpointed_layers.unwrap_or(cfg.num_layers).min(cfg.num_layers)),
+            "mlp_checkpointed_layers": (training && args.gradient_checkpointing).then(|| {
+                let full = args.checkpointed_layers.unwrap_or(cfg.num_layers).min(cfg.num_layers);
+                hp.recomputed_mlp_layers().min(cfg.num_layers - full)
+            }),
             "micro_batch": training.then_some(micro),
+            "host_embeddings": llama.host_embeddings(),
             "graph": graph.is_some(),
             "seq_len": args.seq_len,
             "batch_size": b,

@@ -114,6 +114,10 @@ pub struct TrainArgs {
     /// With --gradient-checkpointing: recompute only the first N decoder blocks.
     #[arg(long)]
     pub checkpointed_layers: Option<usize>,
+    /// With --checkpointed-layers: of the blocks after those, the next N recompute only their
+    /// MLP's gate and up projections.
+    #[arg(long)]
+    pub mlp_checkpointed_layers: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -159,6 +163,7 @@ impl TrainArgs {
             length_calibration: !self.no_length_calibration,
             gradient_checkpointing: self.gradient_checkpointing,
             checkpointed_layers: self.checkpointed_layers,
+            mlp_checkpointed_layers: self.mlp_checkpointed_layers,
         };
         if let Some(e) = hp.validate().first() {
             anyhow::bail!("--{}: {}", e.field.trim_start_matches("hyperparameters.").replace(['_', '.'], "-"), e.reason);

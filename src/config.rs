@@ -109,6 +109,11 @@ pub struct StoreArgs {
     /// block-quantized, the QLoRA base).
     #[arg(long, env = "ARBITER_BASE_FORMAT", value_enum, default_value = "auto")]
     pub base_format: crate::ml::model::BaseFormat,
+    /// On a GPU, the worker keeps the base model's token embedding table in host memory and
+    /// copies only each batch's rows (vocab x hidden weights less on the device: 1 GiB of bf16
+    /// for Llama-3-8B).
+    #[arg(long, env = "ARBITER_HOST_EMBEDDINGS")]
+    pub host_embeddings: bool,
 }
 
 impl StoreArgs {
@@ -130,6 +135,7 @@ impl std::fmt::Debug for StoreArgs {
             .field("model", &self.model)
             .field("device", &self.device)
             .field("base_format", &self.base_format)
+            .field("host_embeddings", &self.host_embeddings)
             .finish()
     }
 }

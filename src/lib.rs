@@ -38,7 +38,7 @@ pub fn init_tracing() {
 /// device. The base model is loaded by the first job, not at start.
 pub fn default_trainer(store: &StoreArgs) -> anyhow::Result<Option<Arc<dyn Trainer>>> {
     let device = bench::parse_device(&store.device)?;
-    Ok(Some(Arc::new(jobs::qlora::QloraTrainer::new(device, store.base_format))))
+    Ok(Some(Arc::new(jobs::qlora::QloraTrainer::new(device, store.base_format, store.host_embeddings))))
 }
 
 /// Runs one command until it finishes or a shutdown signal arrives.

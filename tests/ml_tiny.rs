@@ -174,13 +174,15 @@ fn hand_written_block_backward_matches_candle_autograd() {
     let dropout = Some((0.2, 77));
     let reference = LoraCtx { dropout, ..LoraCtx::default() };
     let a = grads_with(&m.llama, &rows, &labels, 5, &reference);
-    // activations kept in every block, recomputed in the first only, recomputed in all
-    for recompute in [0, 1, usize::MAX] {
-        let b = grads_with(&m.llama, &rows, &labels, 5, &LoraCtx::training(dropout, recompute));
+    // activations kept in every block, recomputed in the first only, recomputed in all; then
+    // the MLP's gate and up only recomputed: in every block, and in the block after a fully
+    // recomputed one
+    for (recompute, mlp) in [(0, 0), (1, 0), (usize::MAX, 0), (0, usize::MAX), (1, 1)] {
+        let b = grads_with(&m.llama, &rows, &labels, 5, &LoraCtx::training(dropout, recompute).with_mlp_recompute(mlp));
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
             let err = relative_error(x, y, &format!("tensor {i}"));
-            assert!(err < 1e-5, "tensor {i} (recompute {recompute}): relative error {err}");
+            assert!(err < 1e-5, "tensor {i} (recompute {recompute}, MLP {mlp}): relative error {err}");
         }
     }
 }
@@ -237,10 +239,18 @@ fn hand_written_block_backward_handles_left_padding() {
         vars.iter().map(|(_, v)| ctx.take_grad(&g, v.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1().unwrap()).collect()
     };
     let a = grads_of(&LoraCtx::default());
-    let b = grads_of(&LoraCtx::training(None, 0));
-    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-        let err = relative_error(x, y, &format!("factor {i}"));
-        assert!(err < 1e-5, "factor {i}: relative error {err}");
+    // with dropout, the backward that recomputes gate and up must draw the forward's masks again
+    let kept_dropout = grads_of(&LoraCtx::training(Some((0.2, 9)), 0));
+    // activations kept, and gate and up (both adapted here) recomputed in the backward
+    for mlp in [0, usize::MAX] {
+        let b = grads_of(&LoraCtx::training(None, 0).with_mlp_recompute(mlp));
+        let b_dropout = grads_of(&LoraCtx::training(Some((0.2, 9)), 0).with_mlp_recompute(mlp));
+        for (i, ((x, y), (xd, yd))) in a.iter().zip(&b).zip(kept_dropout.iter().zip(&b_dropout)).enumerate() {
+            let err = relative_error(x, y, &format!("factor {i}"));
+            assert!(err < 1e-5, "factor {i} (MLP recompute {mlp}): relative error {err}");
+            let err = relative_error(xd, yd, &format!("factor {i}"));
+            assert!(err < 1e-5, "factor {i} (dropout, MLP recompute {mlp}): relative error {err}");
+        }
     }
 }
 
@@ -535,15 +545,20 @@ fn checkpointed_training_matches_plain_training() {
         candle_core::safetensors::load(s.adapter_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
     };
     let plain = adapter(&hp);
-    // every block recomputed, and only the first of the two
-    for layers in [None, Some(1)] {
-        let checkpointed = adapter(&Hyperparameters { gradient_checkpointing: true, checkpointed_layers: layers, ..hp.clone() });
+    // every block recomputed, only the first of the two, and the second's gate and up after it
+    for (layers, mlp) in [(None, None), (Some(1), None), (Some(1), Some(1))] {
+        let checkpointed = adapter(&Hyperparameters {
+            gradient_checkpointing: true,
+            checkpointed_layers: layers,
+            mlp_checkpointed_layers: mlp,
+            ..hp.clone()
+        });
         assert_eq!(plain.len(), checkpointed.len());
         for (name, a) in &plain {
             let b = &checkpointed[name];
             let d = max_abs_diff(a, b);
             let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!(d <= 1e-5 * scale.max(1e-3), "{name} ({layers:?} recomputed): differs by {d} (scale {scale})");
+            assert!(d <= 1e-5 * scale.max(1e-3), "{name} ({layers:?} recomputed, MLP {mlp:?}): differs by {d} (scale {scale})");
         }
     }
 }

@@ -77,6 +77,11 @@ pub struct Hyperparameters {
     /// the others keep their activations (more memory, less time). Null: every block; a number
     /// above the model's block count means every block.
     pub checkpointed_layers: Option<usize>,
+    /// With `checkpointed_layers`: how many decoder blocks after those keep all their
+    /// activations but the MLP's gate and up projections, which the backward recomputes (two of
+    /// a block's seven GEMMs, for two thirds of what it keeps). Null: none. Counts past the
+    /// model's last block stop there.
+    pub mlp_checkpointed_layers: Option<usize>,
 }
 
 impl Default for Hyperparameters {
@@ -101,6 +106,7 @@ impl Default for Hyperparameters {
             length_calibration: true,
             gradient_checkpointing: false,
             checkpointed_layers: None,
+            mlp_checkpointed_layers: None,
         }
     }
 }
@@ -171,11 +177,23 @@ impl Hyperparameters {
                 bad("class_weights", format!("must be three positive finite numbers, got {w:?}"));
             }
         }
+        // with MLP-only recomputation after them, no fully recomputed block is a choice
+        let least = if self.mlp_checkpointed_layers.is_some() { 0 } else { 1 };
         if let Some(n) = self.checkpointed_layers {
             if !self.gradient_checkpointing {
                 bad("checkpointed_layers", "needs gradient_checkpointing: true".into());
+            } else if !(least..=1024).contains(&n) {
+                bad("checkpointed_layers", format!("must be between {least} and 1024, got {n}"));
+            }
+        }
+        if let Some(n) = self.mlp_checkpointed_layers {
+            if self.checkpointed_layers.is_none() {
+                bad(
+                    "mlp_checkpointed_layers",
+                    "needs gradient_checkpointing: true and checkpointed_layers (the blocks it follows; 0 for none)".into(),
+                );
             } else if !(1..=1024).contains(&n) {
-                bad("checkpointed_layers", format!("must be between 1 and 1024, got {n}"));
+                bad("mlp_checkpointed_layers", format!("must be between 1 and 1024, got {n}"));
             }
         }
         errs
@@ -188,6 +206,15 @@ impl Hyperparameters {
             (false, _) => 0,
             (true, None) => usize::MAX,
             (true, Some(n)) => n,
+        }
+    }
+
+    /// How many decoder blocks after `recomputed_layers` recompute only their MLP's gate and up
+    /// projections (`LoraCtx::recompute_mlp_layers`).
+    pub fn recomputed_mlp_layers(&self) -> usize {
+        match (self.gradient_checkpointing, self.checkpointed_layers) {
+            (true, Some(_)) => self.mlp_checkpointed_layers.unwrap_or(0),
+            _ => 0,
         }
     }
 }
@@ -232,6 +259,27 @@ mod tests {
         let all = Hyperparameters { gradient_checkpointing: true, ..Default::default() };
         assert_eq!(all.recomputed_layers(), usize::MAX);
         assert_eq!(Hyperparameters::default().recomputed_layers(), 0);
+    }
+
+    #[test]
+    fn mlp_checkpointed_layers_follow_the_checkpointed_ones() {
+        let parse = |json: &str| serde_json::from_str::<Hyperparameters>(json).unwrap();
+        // without checkpointed_layers every block is recomputed whole: nothing left to follow
+        for json in [r#"{"mlp_checkpointed_layers": 4}"#, r#"{"gradient_checkpointing": true, "mlp_checkpointed_layers": 4}"#] {
+            let e = parse(json).validate();
+            assert_eq!((e.len(), e[0].field.as_str()), (1, "hyperparameters.mlp_checkpointed_layers"), "{json}");
+            assert!(e[0].reason.contains("checkpointed_layers"), "{}", e[0].reason);
+        }
+        let zero = parse(r#"{"gradient_checkpointing": true, "checkpointed_layers": 2, "mlp_checkpointed_layers": 0}"#);
+        assert_eq!(zero.validate()[0].field, "hyperparameters.mlp_checkpointed_layers");
+        // with it, no fully recomputed block is allowed
+        let only_mlp = parse(r#"{"gradient_checkpointing": true, "checkpointed_layers": 0, "mlp_checkpointed_layers": 30}"#);
+        assert!(only_mlp.validate().is_empty(), "{:?}", only_mlp.validate());
+        assert_eq!((only_mlp.recomputed_layers(), only_mlp.recomputed_mlp_layers()), (0, 30));
+        let both = parse(r#"{"gradient_checkpointing": true, "checkpointed_layers": 3, "mlp_checkpointed_layers": 5}"#);
+        assert!(both.validate().is_empty());
+        assert_eq!((both.recomputed_layers(), both.recomputed_mlp_layers()), (3, 5));
+        assert_eq!(Hyperparameters::default().recomputed_mlp_layers(), 0);
     }
 
     #[test]

@@ -13,12 +13,14 @@ use crate::ml::train::{self, TrainFailure, TrainSpec};
 pub struct QloraTrainer {
     device: Device,
     format: BaseFormat,
+    /// Keep each base model's embedding table in host memory (`Llama::embeddings_to_host`).
+    host_embeddings: bool,
     loaded: Mutex<Option<(PathBuf, Arc<BaseModel>)>>,
 }
 
 impl QloraTrainer {
-    pub fn new(device: Device, format: BaseFormat) -> QloraTrainer {
-        QloraTrainer { device, format, loaded: Mutex::new(None) }
+    pub fn new(device: Device, format: BaseFormat, host_embeddings: bool) -> QloraTrainer {
+        QloraTrainer { device, format, host_embeddings, loaded: Mutex::new(None) }
     }
 
     fn base(&self, path: &Path) -> Result<Arc<BaseModel>, TrainError> {
@@ -29,8 +31,13 @@ impl QloraTrainer {
             }
         }
         *guard = None;
-        let model = BaseModel::load(path, self.format, &self.device)
-            .map_err(|e| TrainError::Failed(format!("cannot load base model {}: {e}", path.display())))?;
+        let failed = |e: &dyn std::fmt::Display| TrainError::Failed(format!("cannot load base model {}: {e}", path.display()));
+        let mut model = BaseModel::load(path, self.format, &self.device).map_err(|e| failed(&e))?;
+        if self.host_embeddings {
+            model.llama.embeddings_to_host().map_err(|e| failed(&e))?;
+            // the device copy the load made goes back to the driver
+            crate::ml::pool::settle(&self.device).map_err(|e| failed(&e))?;
+        }
         let model = Arc::new(model);
         *guard = Some((path.to_path_buf(), model.clone()));
         Ok(model)

@@ -14,7 +14,9 @@
 //! norm outputs and `silu(gate) * up` are recomputed rather than kept, and only when a linear
 //! that reads them has an adapter. Under activation checkpointing nothing but the block's input is
 //! kept and the backward reruns the forward first; it can cover only the first blocks
-//! (`LoraCtx::recompute_layers`), trading memory for speed between the two. The whole stack of
+//! (`LoraCtx::recompute_layers`), trading memory for speed between the two. Blocks after those
+//! can also drop just their gate and up projections, two thirds of what a block keeps, and
+//! recompute only those two GEMMs in the backward (`LoraCtx::recompute_mlp_layers`). The whole stack of
 //! blocks is a single node (`trained_blocks`), whose backward walks the blocks in reverse.
 
 use std::collections::BTreeMap;
@@ -44,11 +46,22 @@ struct Saved {
     lse: Option<Tensor>,
     /// The residual stream after attention `[b, t, hidden]`.
     mid: Tensor,
-    /// gate_proj and up_proj outputs `[b, t, intermediate]`.
-    gate: Tensor,
-    up: Tensor,
+    /// gate_proj and up_proj outputs `[b, t, intermediate]`; `None` where the backward
+    /// recomputes them (`Keep::AllButMlp`).
+    mlp: Option<(Tensor, Tensor)>,
     /// Each adapted linear's `dropout(x) A^T` `[rows, r]`, so the backward need not redo it.
     lora_h: BTreeMap<Proj, Tensor>,
+}
+
+/// What a block's forward keeps for its backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Nothing: inference, or a block the backward recomputes whole (activation checkpointing).
+    Nothing,
+    /// All but the MLP's gate and up projections, which the backward recomputes from the kept
+    /// residual: two of the block's seven GEMMs redone for two thirds of its activations.
+    AllButMlp,
+    All,
 }
 
 /// One layer's frozen weights and adapter, with the forward's shared inputs.
@@ -255,11 +268,11 @@ impl Layer {
         fused::contiguous_rows(&x.transpose(1, 2)?)?.reshape((b, t, h * hd))
     }
 
-    /// The block's output, and with `keep` what its backward reads (without, each activation
-    /// is freed as soon as it has been used: inference).
-    fn forward(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<Saved>)> {
+    /// The block's output, and what `keep` says of what its backward reads (with
+    /// `Keep::Nothing`, each activation is freed as soon as it has been used).
+    fn forward(&self, x: &Tensor, keep: Keep) -> Result<(Tensor, Option<Saved>)> {
         let cfg = &self.inp.cfg;
-        let mut lora_h = keep.then(BTreeMap::new);
+        let mut lora_h = (keep != Keep::Nothing).then(BTreeMap::new);
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
         let [q, k, v] = self.linears([Proj::Q, Proj::K, Proj::V], &h, lora_h.as_mut())?;
         drop(h);
@@ -269,22 +282,33 @@ impl Layer {
         let y = self.merge(&y)?;
         let [o] = self.linears([Proj::O], &y, lora_h.as_mut())?;
         let mid = fused::add(x, &o)?;
-        let attention = keep.then_some((q, k, v, y, lse));
-        let h = ops::rms_norm(&mid, &self.blk.ffn_norm, self.eps())?;
-        let [gate, up] = self.linears([Proj::Gate, Proj::Up], &h, lora_h.as_mut())?;
-        drop(h);
+        let attention = (keep != Keep::Nothing).then_some((q, k, v, y, lse));
+        let [gate, up] = self.gate_up(&mid, lora_h.as_mut())?;
         let s = fused::swiglu(&gate, &up)?;
         let [down] = self.linears([Proj::Down], &s, lora_h.as_mut())?;
         let out = fused::add(&mid, &down)?;
-        let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, gate, up, lora_h: lora_h.unwrap_or_default() });
+        let mlp = (keep == Keep::All).then_some((gate, up));
+        let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, mlp, lora_h: lora_h.unwrap_or_default() });
         Ok((out, saved))
+    }
+
+    /// gate_proj and up_proj of the residual `mid` (through the MLP's norm).
+    fn gate_up(&self, mid: &Tensor, lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<[Tensor; 2]> {
+        let h = ops::rms_norm(mid, &self.blk.ffn_norm, self.eps())?;
+        self.linears([Proj::Gate, Proj::Up], &h, lora_h)
     }
 
     fn backward(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
         let cfg = &self.inp.cfg;
         let eps = self.eps();
-        let Saved { q, k, v, y, lse, mid, gate, up, lora_h } = saved;
+        let Saved { q, k, v, y, lse, mid, mlp, lora_h } = saved;
         let grad = grad.to_dtype(x.dtype())?;
+        // recomputed as the forward ran them: dropout masks are drawn from their seeds, and the
+        // forward's r-wide products are already in `lora_h`
+        let [gate, up] = match mlp {
+            Some((gate, up)) => [gate, up],
+            None => self.gate_up(&mid, None)?,
+        };
         // MLP: out = mid + down(silu(gate) * up)
         let d_s = self.linears_backward(&[(Proj::Down, &grad)], || fused::swiglu(&gate, &up), grads, &lora_h)?;
         // gate and up are not read again: their memory takes the gradients
@@ -362,7 +386,14 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
     for (li, blk) in blocks.iter().enumerate() {
         let _span = tracing::trace_span!("block", layer = li).entered();
         let layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some(h.dtype()))?;
-        let (out, saved) = layer.forward(&h, li >= ctx.recompute_layers)?;
+        let keep = if li < ctx.recompute_layers {
+            Keep::Nothing
+        } else if li - ctx.recompute_layers < ctx.recompute_mlp_layers {
+            Keep::AllButMlp
+        } else {
+            Keep::All
+        };
+        let (out, saved) = layer.forward(&h, keep)?;
         pending.push(Pending { layer, x: h, saved });
         h = out;
     }
@@ -375,7 +406,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
             let _span = tracing::trace_span!("block backward", layer = layer.li).entered();
             let saved = match saved {
                 Some(s) => s,
-                None => layer.forward(&x, true)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
+                None => layer.forward(&x, Keep::All)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
             };
             g = layer.backward(&x, saved, &g, &grads)?;
         }
@@ -387,5 +418,5 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
 /// and layouts (q, k, v in the projections' memory, flash attention, the fused adds and SwiGLU),
 /// every activation freed once used. `lora`'s factors must not be tracked.
 pub(super) fn inference_block(blk: &Block, li: usize, x: &Tensor, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>) -> Result<Tensor> {
-    Ok(Layer::new(blk, li, lora, dropout, inp, None)?.forward(x, false)?.0)
+    Ok(Layer::new(blk, li, lora, dropout, inp, None)?.forward(x, Keep::Nothing)?.0)
 }

@@ -136,18 +136,36 @@ pub fn check_device(device: &candle_core::Device) -> candle_core::Result<Vec<sup
     let Some(graph) = ForwardGraph::capture(&llama, adapter, &head, &a).map_err(err)? else {
         return Ok(Vec::new());
     };
+    // the same model with its embedding table in host memory (`Llama::embeddings_to_host`)
+    let mut host = llama.clone();
+    host.embeddings_to_host().map_err(err)?;
+    let host_graph = ForwardGraph::capture(&host, adapter, &head, &a).map_err(err)?;
     let mut checks = Vec::new();
-    for (kernel, batch) in [("graph-forward", &a), ("graph-forward-refilled", &b)] {
+    // the same kernels on the same inputs: only a different GEMM algorithm could differ, by
+    // bf16 rounding; stale inputs would differ by the logits' own size (about 1)
+    let mut compare = |kernel: &'static str, batch: &Batch, got: Vec<[f32; 3]>| -> candle_core::Result<()> {
         let want = classifier::logits(&llama, adapter, &head, batch).map_err(err)?.to_vec2::<f32>()?;
-        let got = graph.run(batch).map_err(err)?;
         let max_abs_diff = if want.len() != got.len() {
             f32::INFINITY
         } else {
             want.iter().zip(&got).flat_map(|(w, g)| w.iter().zip(g).map(|(x, y)| (x - y).abs())).fold(0f32, f32::max)
         };
-        // the same kernels on the same inputs: only a different GEMM algorithm could differ,
-        // by bf16 rounding; stale inputs would differ by the logits' own size (about 1)
         checks.push(super::KernelCheck { kernel, dtype: "bf16".into(), chunk: (0, 0), max_abs_diff, tolerance: 1e-3 });
+        Ok(())
+    };
+    for (kernel, batch) in [("graph-forward", &a), ("graph-forward-refilled", &b)] {
+        compare(kernel, batch, graph.run(batch).map_err(err)?)?;
     }
+    let rows3 = |t: Tensor| -> candle_core::Result<Vec<[f32; 3]>> { Ok(t.to_vec2::<f32>()?.into_iter().map(|r| [r[0], r[1], r[2]]).collect()) };
+    compare("host-embeddings-forward", &b, rows3(classifier::logits(&host, adapter, &head, &b).map_err(err)?)?)?;
+    if let Some(g) = &host_graph {
+        for (kernel, batch) in [("host-embeddings-graph", &a), ("host-embeddings-graph-refilled", &b)] {
+            compare(kernel, batch, g.run(batch).map_err(err)?)?;
+        }
+    }
+    // the tied output matrix went to the host with the table: its logits are multiplied there
+    let want = llama.next_token_logits(&b).map_err(err)?.to_device(&candle_core::Device::Cpu)?;
+    let got = host.next_token_logits(&b).map_err(err)?;
+    checks.push(super::KernelCheck::relative("host-embeddings-lm-head", "bf16".into(), (0, 0), &want, &got, 1.0 / 128.0)?);
     Ok(checks)
 }

@@ -323,6 +323,35 @@ impl Llama {
         self.dtype
     }
 
+    /// Move the token embedding table to host memory, freeing `vocab × hidden` weights on the
+    /// device (1 GiB of bf16 for Llama-3-8B): each forward looks its rows up on the host and
+    /// copies only those (`inputs`). The table is read nowhere else in a classifier's forward;
+    /// a tied output matrix (the same tensor) goes with it, so `next_token_logits` then reads
+    /// the table on the host. A no-op on the CPU.
+    pub fn embeddings_to_host(&mut self) -> Result<(), MlError> {
+        if self.device.is_cpu() || self.embed.device().is_cpu() {
+            return Ok(());
+        }
+        let host = self.embed.to_device(&Device::Cpu)?;
+        if self.lm_head.shares_weight(&self.embed) {
+            self.lm_head = FrozenLinear::dense(host.clone())?;
+        }
+        self.embed = host;
+        Ok(())
+    }
+
+    /// Whether the embedding table lives in host memory (`embeddings_to_host`).
+    pub fn host_embeddings(&self) -> bool {
+        self.embed.device().is_cpu() && !self.device.is_cpu()
+    }
+
+    /// The embeddings of `ids` (`[b, t]`) as `[b, t, hidden]` on the model's device.
+    fn embed_ids(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let ids = ids.flatten_all()?.to_device(self.embed.device())?;
+        self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?.to_device(&self.device)
+    }
+
     /// Bytes held by the frozen weights.
     pub fn weight_bytes(&self) -> usize {
         let lin: usize = self.blocks.iter().flat_map(|b| b.proj.iter()).map(|l| l.weight_bytes()).sum();
@@ -578,7 +607,12 @@ impl Llama {
         let spans = CausalSpans::new(&batch.starts(), &self.device)?;
         let last = if last_only { Some(last_positions(batch, &self.device)?) } else { None };
         let blocks = Arc::new(BlockInputs { cfg: self.cfg.clone(), b, t, cos, sin, spans, chunk });
-        Ok(ForwardInputs { ids: batch.ids.clone(), blocks, last })
+        // a table in host memory is read here, where the host copies happen anyway
+        let embedded = match self.host_embeddings() {
+            true => Some((self.embed_ids(&batch.ids)?, self.clone())),
+            false => None,
+        };
+        Ok(ForwardInputs { ids: batch.ids.clone(), blocks, last, embedded })
     }
 
     /// Final-norm hidden states `[b, t, hidden]` for every position, or only the last valid
@@ -599,7 +633,10 @@ impl Llama {
         let cfg = &self.cfg;
         let (b, t) = (inputs.blocks.b, inputs.blocks.t);
         let eps = cfg.rms_norm_eps as f32;
-        let mut x = self.embed.index_select(&inputs.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?;
+        let mut x = match &inputs.embedded {
+            Some((x, _)) => x.clone(),
+            None => self.embed.index_select(&inputs.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?,
+        };
         let trained = lora.and_then(|(l, ctx)| ctx.block_grads.clone().map(|grads| (l, ctx, grads)));
         if trained.is_some() {
             // the first block's input must be tracked for its node to be recorded
@@ -633,7 +670,9 @@ impl Llama {
     /// Next-token logits at the last valid position of each row: `[b, vocab]` (f32).
     pub fn next_token_logits(&self, batch: &Batch) -> Result<Tensor, MlError> {
         let h = self.forward(batch, None, true)?;
-        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?)
+        // a tied matrix moved to host memory with the table is multiplied there
+        let h = if self.lm_head.shares_weight(&self.embed) { h.to_device(self.embed.device())? } else { h };
+        Ok(self.lm_head.forward(&h)?.to_dtype(DType::F32)?.to_device(&self.device)?)
     }
 
     /// Convert this model's Q/K LoRA-B rows (output features) between the GGUF interleaved
@@ -665,6 +704,9 @@ pub struct ForwardInputs {
     blocks: Arc<BlockInputs>,
     /// Row indices (into the `[b * t]` positions) of each row's last valid token.
     last: Option<Tensor>,
+    /// With the embedding table in host memory: the ids' embeddings, looked up there and copied
+    /// to the device, and the model whose table `refill` reads.
+    embedded: Option<(Tensor, Llama)>,
 }
 
 impl ForwardInputs {
@@ -685,6 +727,9 @@ impl ForwardInputs {
             )));
         }
         self.ids.slice_set(&batch.ids, 0, 0)?;
+        if let Some((x, llama)) = &self.embedded {
+            x.slice_set(&llama.embed_ids(&batch.ids)?, 0, 0)?;
+        }
         if let Some(last) = &self.last {
             last.slice_set(&last_positions(batch, batch.ids.device())?, 0, 0)?;
         }

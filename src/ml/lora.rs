@@ -62,13 +62,24 @@ pub struct LoraCtx {
     /// each keeping only its input and recomputing its activations in the backward (0: none,
     /// `usize::MAX`: all). The later blocks keep their activations.
     pub recompute_layers: usize,
+    /// With `block_grads`: of the blocks after those, this many keep all but their MLP's gate
+    /// and up projections, which the backward recomputes (selective recomputation: less memory
+    /// per block than keeping everything, for two of its seven GEMMs).
+    pub recompute_mlp_layers: usize,
 }
 
 impl LoraCtx {
     /// The context of a training forward: hand-written block backwards, the first
     /// `recompute_layers` blocks under activation checkpointing.
     pub fn training(dropout: Option<(f32, u64)>, recompute_layers: usize) -> LoraCtx {
-        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers }
+        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0 }
+    }
+
+    /// The same context with `recompute_mlp_layers` blocks, after the recomputed ones,
+    /// recomputing only their MLP's gate and up projections.
+    pub fn with_mlp_recompute(mut self, layers: usize) -> LoraCtx {
+        self.recompute_mlp_layers = layers;
+        self
     }
 
     /// The same context leaving its decoder blocks' gradients in `grads` (shared): a step's

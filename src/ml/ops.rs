@@ -211,6 +211,11 @@ impl FrozenLinear {
         })
     }
 
+    /// Whether this linear's weight is `t` itself (a tied output matrix).
+    pub fn shares_weight(&self, t: &Tensor) -> bool {
+        matches!(&self.weight, FrozenWeight::Dense(w) if w.id() == t.id())
+    }
+
     pub fn weight(&self) -> &FrozenWeight {
         &self.weight
     }

@@ -336,7 +336,9 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             let batch = Batch::right_padded(&rows, base.pad_id, &device)?;
             state.tokens_seen += batch.tokens() as u64;
             let micro_seed = hp.seed ^ (state.step * 1024 + mi as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
-            let ctx = LoraCtx::training(Some((dropout, micro_seed)), hp.recomputed_layers()).with_grads(&step_grads);
+            let ctx = LoraCtx::training(Some((dropout, micro_seed)), hp.recomputed_layers())
+                .with_mlp_recompute(hp.recomputed_mlp_layers())
+                .with_grads(&step_grads);
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             let loss = weighted_ce(&logits, &labels, class_weights)?;
             let lv = loss.to_scalar::<f32>()? as f64;
