@@ -373,9 +373,13 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 p.sample();
             }
         };
+        // the last step's loss: the same data and dropout masks each step, so after the same
+        // updates it is the same under any recomputation (a check that theirs are the gradients)
+        let last_loss = std::cell::Cell::new(None::<f64>);
         let run = |training: bool| -> anyhow::Result<()> {
             if training {
                 let step_grads = BlockGrads::default();
+                let mut step_loss = 0.0;
                 for (mi, (batch, labels)) in micro_batches.iter().enumerate() {
                     let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers())
                         .with_mlp_recompute(hp.recomputed_mlp_layers())
@@ -387,7 +391,9 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                     let share = labels.dim(0)? as f64 / b as f64;
                     let loss = (candle_nn::loss::cross_entropy(&logits, labels)? * share)?;
                     step_grads.absorb(&loss.backward()?, &vars)?;
+                    step_loss += loss.to_scalar::<f32>()? as f64;
                 }
+                last_loss.set(Some(step_loss));
                 let grads = step_grads.take_all(&vars)?;
                 // the trainer's optimizer, as the reference benchmark steps torch's AdamW
                 opt.borrow_mut().step(&grads, 1e-4, 0.0)?;
@@ -440,6 +446,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             "batch_size": b,
             "steps": args.steps,
             "seconds": secs,
+            "last_loss": last_loss.get(),
             "tokens_per_s": tokens / secs,
             "sequences_per_s": (b * args.steps) as f64 / secs,
             "ms_per_step": secs * 1000.0 / args.steps as f64,
