@@ -31,7 +31,7 @@ for l in open(sys.argv[1]):
     a = json.loads(l)
     peak, ctx = a.get("peak_gpu_bytes") or 0, a.get("gpu_context_bytes") or 0
     print(f"| {a['shape']} | {a['base_format']} | {a['micro_batch']} | {a['checkpointed_layers'] or 0} "
-          f"| {a.get('mlp_checkpointed_layers') or 0} | {'host' if a.get('host_embeddings') else 'device'} "
+          f"| {a.get('mlp_checkpointed_layers') or 0} | {('host' if a.get('host_embeddings_mapped') else 'host, copied') if a.get('host_embeddings') else 'device'} "
           f"| {a['tokens_per_s']:,.0f} | {peak / 2**30:.2f} ({(peak - ctx) / 2**30:.2f}) "
           f"| {(a.get('peak_allocated_bytes') or 0) / 2**30:.2f} | {a.get('last_loss') or 0:.6f} |")
 PY

@@ -440,7 +440,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 hp.recomputed_mlp_layers().min(cfg.num_layers - full)
             }),
             "micro_batch": training.then_some(micro),
-            "host_embeddings": llama.host_embeddings(),
+            "host_embeddings": llama.host_embeddings().is_some(),
+            "host_embeddings_mapped": llama.host_embeddings().unwrap_or(false),
             "graph": graph.is_some(),
             "seq_len": args.seq_len,
             "batch_size": b,

@@ -10,6 +10,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use serde::Deserialize;
 
 use super::causal_softmax::CausalSpans;
+use super::host_table::HostTable;
 use super::lora::{Lora, LoraCtx};
 use super::ops::{self, FrozenLinear};
 use super::MlError;
@@ -224,6 +225,8 @@ pub(super) struct Block {
 pub struct Llama {
     cfg: Config,
     embed: Tensor,
+    /// The embedding table in host memory (`embeddings_to_host`); `embed` is then its tensor.
+    host_table: Option<Arc<HostTable>>,
     blocks: Vec<Block>,
     norm: Tensor,
     lm_head: FrozenLinear,
@@ -324,32 +327,38 @@ impl Llama {
     }
 
     /// Move the token embedding table to host memory, freeing `vocab × hidden` weights on the
-    /// device (1 GiB of bf16 for Llama-3-8B): each forward looks its rows up on the host and
-    /// copies only those (`inputs`). The table is read nowhere else in a classifier's forward;
-    /// a tied output matrix (the same tensor) goes with it, so `next_token_logits` then reads
-    /// the table on the host. A no-op on the CPU.
+    /// device (1 GiB of bf16 for Llama-3-8B). A GPU reads the looked-up rows there in place
+    /// (`HostTable`). The table is read nowhere else in a classifier's forward; a tied output
+    /// matrix (the same tensor) goes with it, so `next_token_logits` then multiplies on the host.
+    /// A no-op on the CPU.
     pub fn embeddings_to_host(&mut self) -> Result<(), MlError> {
-        if self.device.is_cpu() || self.embed.device().is_cpu() {
+        if self.device.is_cpu() || self.host_table.is_some() {
             return Ok(());
         }
-        let host = self.embed.to_device(&Device::Cpu)?;
+        let table = Arc::new(HostTable::new(&self.embed, &self.device)?);
         if self.lm_head.shares_weight(&self.embed) {
-            self.lm_head = FrozenLinear::dense(host.clone())?;
+            self.lm_head = FrozenLinear::dense(table.tensor().clone())?;
         }
-        self.embed = host;
+        self.embed = table.tensor().clone();
+        self.host_table = Some(table);
         Ok(())
     }
 
-    /// Whether the embedding table lives in host memory (`embeddings_to_host`).
-    pub fn host_embeddings(&self) -> bool {
-        self.embed.device().is_cpu() && !self.device.is_cpu()
+    /// Whether the embedding table lives in host memory (`embeddings_to_host`), and whether
+    /// the device reads it there in place.
+    pub fn host_embeddings(&self) -> Option<bool> {
+        self.host_table.as_ref().map(|t| t.mapped())
     }
 
-    /// The embeddings of `ids` (`[b, t]`) as `[b, t, hidden]` on the model's device.
+    /// The embeddings of `ids` (`[b, t]`, on the model's device) as `[b, t, hidden]`.
     fn embed_ids(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
-        let ids = ids.flatten_all()?.to_device(self.embed.device())?;
-        self.embed.index_select(&ids, 0)?.reshape((b, t, self.cfg.hidden_size))?.to_device(&self.device)
+        let ids = ids.flatten_all()?;
+        let x = match &self.host_table {
+            Some(table) => table.rows(&ids, &self.device)?,
+            None => self.embed.index_select(&ids, 0)?,
+        };
+        x.reshape((b, t, self.cfg.hidden_size))
     }
 
     /// Bytes held by the frozen weights.
@@ -570,7 +579,7 @@ impl Llama {
         let inv_freq = (0..half)
             .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / cfg.head_dim as f32))
             .collect();
-        Llama { cfg, embed, blocks, norm, lm_head, inv_freq, device: device.clone(), dtype }
+        Llama { cfg, embed, host_table: None, blocks, norm, lm_head, inv_freq, device: device.clone(), dtype }
     }
 
     /// cos/sin tables for the batch: `[t, d/2]` when every row starts at 0, else `[b, t, d/2]`.
@@ -607,12 +616,7 @@ impl Llama {
         let spans = CausalSpans::new(&batch.starts(), &self.device)?;
         let last = if last_only { Some(last_positions(batch, &self.device)?) } else { None };
         let blocks = Arc::new(BlockInputs { cfg: self.cfg.clone(), b, t, cos, sin, spans, chunk });
-        // a table in host memory is read here, where the host copies happen anyway
-        let embedded = match self.host_embeddings() {
-            true => Some((self.embed_ids(&batch.ids)?, self.clone())),
-            false => None,
-        };
-        Ok(ForwardInputs { ids: batch.ids.clone(), blocks, last, embedded })
+        Ok(ForwardInputs { ids: batch.ids.clone(), blocks, last })
     }
 
     /// Final-norm hidden states `[b, t, hidden]` for every position, or only the last valid
@@ -633,10 +637,7 @@ impl Llama {
         let cfg = &self.cfg;
         let (b, t) = (inputs.blocks.b, inputs.blocks.t);
         let eps = cfg.rms_norm_eps as f32;
-        let mut x = match &inputs.embedded {
-            Some((x, _)) => x.clone(),
-            None => self.embed.index_select(&inputs.ids.flatten_all()?, 0)?.reshape((b, t, cfg.hidden_size))?,
-        };
+        let mut x = self.embed_ids(&inputs.ids)?;
         let trained = lora.and_then(|(l, ctx)| ctx.block_grads.clone().map(|grads| (l, ctx, grads)));
         if trained.is_some() {
             // the first block's input must be tracked for its node to be recorded
@@ -704,9 +705,6 @@ pub struct ForwardInputs {
     blocks: Arc<BlockInputs>,
     /// Row indices (into the `[b * t]` positions) of each row's last valid token.
     last: Option<Tensor>,
-    /// With the embedding table in host memory: the ids' embeddings, looked up there and copied
-    /// to the device, and the model whose table `refill` reads.
-    embedded: Option<(Tensor, Llama)>,
 }
 
 impl ForwardInputs {
@@ -727,9 +725,6 @@ impl ForwardInputs {
             )));
         }
         self.ids.slice_set(&batch.ids, 0, 0)?;
-        if let Some((x, llama)) = &self.embedded {
-            x.slice_set(&llama.embed_ids(&batch.ids)?, 0, 0)?;
-        }
         if let Some(last) = &self.last {
             last.slice_set(&last_positions(batch, batch.ids.device())?, 0, 0)?;
         }

@@ -78,6 +78,7 @@ pub mod fsutil;
 pub mod flash;
 pub mod fused;
 pub mod gemm;
+pub mod host_table;
 pub mod graph;
 pub mod llama;
 pub mod model;
