@@ -28,13 +28,21 @@ pub struct BaseArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
     pub device: String,
+    /// On a GPU, keep the token embedding table in host memory (read there by the device).
+    #[arg(long, env = "ARBITER_HOST_EMBEDDINGS")]
+    pub host_embeddings: bool,
 }
 
 impl BaseArgs {
     pub fn load(&self) -> anyhow::Result<BaseModel> {
         let device = parse_device(&self.device)?;
         eprintln!("loading {} ...", self.model.display());
-        Ok(BaseModel::load(&self.model, self.base_format, &device)?)
+        let mut model = BaseModel::load(&self.model, self.base_format, &device)?;
+        if self.host_embeddings {
+            model.llama.embeddings_to_host()?;
+            crate::ml::pool::settle(&device)?;
+        }
+        Ok(model)
     }
 }
 

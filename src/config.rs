@@ -109,9 +109,9 @@ pub struct StoreArgs {
     /// block-quantized, the QLoRA base).
     #[arg(long, env = "ARBITER_BASE_FORMAT", value_enum, default_value = "auto")]
     pub base_format: crate::ml::model::BaseFormat,
-    /// On a GPU, the worker keeps the base model's token embedding table in host memory and
-    /// copies only each batch's rows (vocab x hidden weights less on the device: 1 GiB of bf16
-    /// for Llama-3-8B).
+    /// On a GPU, the worker keeps the base model's token embedding table in host memory, mapped
+    /// for the device, which reads each batch's rows there (vocab x hidden weights less on the
+    /// device: 1 GiB of bf16 for Llama-3-8B).
     #[arg(long, env = "ARBITER_HOST_EMBEDDINGS")]
     pub host_embeddings: bool,
 }
