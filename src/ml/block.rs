@@ -16,8 +16,9 @@
 //! kept and the backward reruns the forward first; it can cover only the first blocks
 //! (`LoraCtx::recompute_layers`), trading memory for speed between the two. Blocks after those
 //! can also drop just their gate and up projections, two thirds of what a block keeps, and
-//! recompute only those two GEMMs in the backward (`LoraCtx::recompute_mlp_layers`). The whole stack of
-//! blocks is a single node (`trained_blocks`), whose backward walks the blocks in reverse.
+//! recompute only those two GEMMs in the backward (`LoraCtx::recompute_mlp_layers`). The whole
+//! stack of blocks is a single node (`trained_blocks`), whose backward walks the blocks in
+//! reverse.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

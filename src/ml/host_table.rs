@@ -157,8 +157,9 @@ impl Mapped {
 impl Drop for Mapped {
     fn drop(&mut self) {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        if self.ctx.bind_to_thread().is_ok() {
-            // SAFETY: registered in `new`, not yet unregistered
+        // a lookup still queued may read the memory: let the device finish first
+        if self.ctx.bind_to_thread().is_ok() && self.ctx.synchronize().is_ok() {
+            // SAFETY: registered in `new`, not yet unregistered, no longer read
             let _ = unsafe { sys::cuMemHostUnregister(self.host) };
         }
     }

@@ -361,7 +361,7 @@ impl Llama {
         x.reshape((b, t, self.cfg.hidden_size))
     }
 
-    /// Bytes held by the frozen weights.
+    /// Bytes held by the frozen weights (the embedding table counted wherever it lives).
     pub fn weight_bytes(&self) -> usize {
         let lin: usize = self.blocks.iter().flat_map(|b| b.proj.iter()).map(|l| l.weight_bytes()).sum();
         lin + self.embed.elem_count() * self.embed.dtype().size_in_bytes()
