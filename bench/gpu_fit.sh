@@ -23,8 +23,8 @@ while read -r shape fmt micro layers mlp host; do
 done <<< "$RUNS"
 python3 - "$OUT/fit.jsonl" <<'PY' | tee "$OUT/fit.md"
 import json, sys
-print("| shape | base | micro-batch | recomputed blocks | MLP-recomputed blocks | embeddings | tok/s | peak GiB in use (less context) | peak GiB allocated | last loss |")
-print("|---|---|---|---|---|---|---|---|---|---|")
+print("| shape | base | micro-batch | recomputed blocks | MLP-recomputed blocks | embeddings | tok/s | ms/step (host queued) | peak GiB in use (less context) | peak GiB allocated | last loss |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for l in open(sys.argv[1]):
     if not l.startswith("{"):
         continue
@@ -32,6 +32,6 @@ for l in open(sys.argv[1]):
     peak, ctx = a.get("peak_gpu_bytes") or 0, a.get("gpu_context_bytes") or 0
     print(f"| {a['shape']} | {a['base_format']} | {a['micro_batch']} | {a['checkpointed_layers'] or 0} "
           f"| {a.get('mlp_checkpointed_layers') or 0} | {('host' if a.get('host_embeddings_mapped') else 'host, copied') if a.get('host_embeddings') else 'device'} "
-          f"| {a['tokens_per_s']:,.0f} | {peak / 2**30:.2f} ({(peak - ctx) / 2**30:.2f}) "
+          f"| {a['tokens_per_s']:,.0f} | {a['ms_per_step']:.1f} ({a.get('host_queue_ms_per_step') or 0:.1f}) | {peak / 2**30:.2f} ({(peak - ctx) / 2**30:.2f}) "
           f"| {(a.get('peak_allocated_bytes') or 0) / 2**30:.2f} | {a.get('last_loss') or 0:.6f} |")
 PY

@@ -17,9 +17,11 @@
 //               head; one block owns its keys, so no atomics
 // D = sum_d do * o per query (f32, [b, heads, t] contiguous).
 //
-// Each block has four warps. The forward and dq kernels give each warp 16 queries of a 64-query
-// tile and walk the key tiles up to the diagonal; dkv gives each warp 16 keys of a 64-key tile
-// and walks the query tiles from the diagonal on. Products use mma.sync m16n8k16 (bf16 in, f32
+// The grid is (heads, batch rows, tiles), the tile slowest, so that blocks start in the order of
+// their work, longest first, across all heads and rows (a tail of long blocks would leave most
+// multiprocessors idle). Each block has four warps. The forward and dq kernels give each warp 16
+// queries of a 64-query tile and walk the key tiles up to the diagonal; dkv gives each warp 16
+// keys of a 64-key tile and walks the query tiles from the diagonal on. Products use mma.sync m16n8k16 (bf16 in, f32
 // accumulate), operands staged in shared memory by cp.async (the next tile loads while the
 // current one is multiplied) and read with ldmatrix; a product's f32 accumulator is rounded to
 // bf16 in registers to become the next product's A operand (the layouts of the m16n8
@@ -236,7 +238,7 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
     // two stages of (k, v) tiles; q is staged through the second stage's k tile
     bf16* buf = reinterpret_cast<bf16*>(smem);
     // the longest rows (last tiles) first
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, hh = blockIdx.y, bb = blockIdx.z, kh = hh / (h / kvh);
+    const int q0 = (gridDim.z - 1 - blockIdx.z) * kTile, hh = blockIdx.x, bb = blockIdx.y, kh = hh / (h / kvh);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int start = (int)starts[bb];
     const bf16* qb = q + bb * sq.b + hh * sq.h;
@@ -335,7 +337,7 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
     bf16* qs = reinterpret_cast<bf16*>(smem);
     bf16* dos = qs + TILE;
     bf16* buf = dos + TILE;
-    const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile, hh = blockIdx.y, bb = blockIdx.z, kh = hh / (h / kvh);
+    const int q0 = (gridDim.z - 1 - blockIdx.z) * kTile, hh = blockIdx.x, bb = blockIdx.y, kh = hh / (h / kvh);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int start = (int)starts[bb];
     const bf16* kb = k + bb * sk.b + kh * sk.h;
@@ -413,9 +415,9 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
     bf16* vs = ks + TILE;
     bf16* buf = vs + TILE;
     float* rows = reinterpret_cast<float*>(buf + 4 * QTILE);
-    // the keys with the most queries (first tiles) first; block row y takes part `split` of the
-    // query heads sharing kv head kh
-    const int k0 = blockIdx.x * kTile, kh = blockIdx.y / splits, split = blockIdx.y % splits, bb = blockIdx.z;
+    // the keys with the most queries (first tiles) first; block column x takes part `split` of
+    // the query heads sharing kv head kh
+    const int k0 = blockIdx.z * kTile, kh = blockIdx.x / splits, split = blockIdx.x % splits, bb = blockIdx.y;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int start = (int)starts[bb];
     const int rep = h / kvh, heads = rep / splits, head0 = kh * rep + split * heads;
@@ -508,7 +510,7 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
         store_rows<D>(dv + bb * sdv.b + kh * sdv.h, sdv.r, dva, key0, t, 1.0f, 1.0f);
     } else {
         // partial sums [2][splits][b][kvh][t][D]: dk's, then dv's
-        const size_t n = (size_t)gridDim.z * kvh * t * D;
+        const size_t n = (size_t)gridDim.y * kvh * t * D;
         float* pk = part + split * n + ((size_t)bb * kvh + kh) * t * D;
         store_rows_f32<D>(pk, dka, key0, t, scale);
         store_rows_f32<D>(pk + splits * n, dva, key0, t, 1.0f);

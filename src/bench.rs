@@ -376,24 +376,35 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         // the last step's loss: the same data and dropout masks each step, so after the same
         // updates it is the same under any recomputation (a check that theirs are the gradients)
         let last_loss = std::cell::Cell::new(None::<f64>);
+        // seconds the host took to queue the training steps' forwards and backwards (up to the
+        // loss read, the step's one wait for the device): near the step time, the host bounds
+        // the step
+        let queued = std::cell::Cell::new(0.0f64);
         let run = |training: bool| -> anyhow::Result<()> {
+            let t = Instant::now();
             if training {
                 let step_grads = BlockGrads::default();
-                let mut step_loss = 0.0;
+                // summed on the device and read once before the update, as the trainer does: a
+                // read per micro-batch would drain the queue each time
+                let mut step_loss: Option<Tensor> = None;
                 for (mi, (batch, labels)) in micro_batches.iter().enumerate() {
                     let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers())
                         .with_mlp_recompute(hp.recomputed_mlp_layers())
                         .with_grads(&step_grads);
                     let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), batch)?;
-                    sync(&device)?;
                     sample();
                     // each micro-batch weighs by its share of the rows, as in the trainer
                     let share = labels.dim(0)? as f64 / b as f64;
                     let loss = (candle_nn::loss::cross_entropy(&logits, labels)? * share)?;
                     step_grads.absorb(&loss.backward()?, &vars)?;
-                    step_loss += loss.to_scalar::<f32>()? as f64;
+                    let loss = loss.detach();
+                    step_loss = Some(match step_loss {
+                        Some(sum) => (sum + loss)?,
+                        None => loss,
+                    });
                 }
-                last_loss.set(Some(step_loss));
+                queued.set(queued.get() + t.elapsed().as_secs_f64());
+                last_loss.set(step_loss.map(|l| l.to_scalar::<f32>()).transpose()?.map(f64::from));
                 let grads = step_grads.take_all(&vars)?;
                 // the trainer's optimizer, as the reference benchmark steps torch's AdamW
                 opt.borrow_mut().step(&grads, 1e-4, 0.0)?;
@@ -410,6 +421,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             run(training)?;
         }
         sync(&device)?;
+        queued.set(0.0);
         let t0 = Instant::now();
         for _ in 0..args.steps {
             run(training)?;
@@ -451,6 +463,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             "tokens_per_s": tokens / secs,
             "sequences_per_s": (b * args.steps) as f64 / secs,
             "ms_per_step": secs * 1000.0 / args.steps as f64,
+            "host_queue_ms_per_step": training.then(|| queued.get() * 1000.0 / args.steps as f64),
             "tflops": flops_per_token * tokens / secs / 1e12,
             "mfu_vs_790": flops_per_token * tokens / secs / 790e12,
             "peak_rss_bytes": peak_rss(),

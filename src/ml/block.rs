@@ -79,13 +79,15 @@ struct Layer {
 }
 
 impl Layer {
-    fn new(blk: &Block, li: usize, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>, cast_to: Option<DType>) -> Result<Layer> {
+    /// With `cast_to`, each adapted linear's factors are cast to that dtype (once per step:
+    /// `BlockGrads::cast`).
+    fn new(blk: &Block, li: usize, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>, cast_to: Option<(DType, &BlockGrads)>) -> Result<Layer> {
         let lora = lora.layer(li);
         let mut cast = BTreeMap::new();
-        if let Some(dtype) = cast_to {
+        if let Some((dtype, step)) = cast_to {
             for &p in &lora.config().targets {
                 if let Some((parts, a, b)) = lora.parts(&blk.proj[p as usize], li, p, dropout) {
-                    cast.insert(p, parts.cast(&a.detach(), &b.detach(), dtype)?);
+                    cast.insert(p, step.cast(&a, &b, || parts.cast(&a.detach(), &b.detach(), dtype))?);
                 }
             }
         }
@@ -386,7 +388,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
     let mut h = x.detach();
     for (li, blk) in blocks.iter().enumerate() {
         let _span = tracing::trace_span!("block", layer = li).entered();
-        let layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some(h.dtype()))?;
+        let layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some((h.dtype(), grads)))?;
         let keep = if li < ctx.recompute_layers {
             Keep::Nothing
         } else if li - ctx.recompute_layers < ctx.recompute_mlp_layers {

@@ -119,9 +119,12 @@ mod launch {
             Ok(f)
         }
 
-        /// One block of 128 threads per 64-row tile of each of `heads` heads of each batch row.
+        /// One block of 128 threads per 64-row tile of each of `heads` heads of each batch row. The
+        /// tile is the grid's slowest dimension: blocks start in the order of their linear index,
+        /// so all blocks of one tile rank (the kernels order the ranks longest first) start
+        /// before any of the next, and the last to start are the shortest.
         fn cfg(&self, heads: usize, smem: usize) -> LaunchConfig {
-            LaunchConfig { grid_dim: (self.t.div_ceil(64) as u32, heads as u32, self.b as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 }
+            LaunchConfig { grid_dim: (heads as u32, self.b as u32, self.t.div_ceil(64) as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 }
         }
 
         /// Shared memory rows are `d + 8` elements (the padding spreads ldmatrix's rows over the

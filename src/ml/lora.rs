@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use rand::{Rng, SeedableRng};
 
 use super::llama::{Config, Proj};
-use super::ops::{FrozenLinear, LoraParts};
+use super::ops::{CastFactors, FrozenLinear, LoraParts};
 use super::MlError;
 
 /// Shape of an adapter.
@@ -97,14 +97,33 @@ impl LoraCtx {
     }
 }
 
-/// Gradients of LoRA factors computed by the decoder blocks' backwards, by tensor id, summed.
+/// Gradients of LoRA factors computed by the decoder blocks' backwards, by tensor id, summed
+/// over a step's micro-batches; and the factors cast for the step's forwards.
 #[derive(Debug, Clone, Default)]
-pub struct BlockGrads(Arc<Mutex<HashMap<TensorId, Tensor>>>);
+pub struct BlockGrads {
+    grads: Arc<Mutex<HashMap<TensorId, Tensor>>>,
+    /// Each adapted linear's factors in the activations' dtype, by the ids of its A and B:
+    /// they change only at the optimizer step, so a step's micro-batches cast them once (three
+    /// launches per adapted linear and micro-batch fewer). Emptied by `take_all`, which ends
+    /// the step.
+    casts: Arc<Mutex<HashMap<(TensorId, TensorId), CastFactors>>>,
+}
 
 impl BlockGrads {
+    /// The factors `a` and `b` of an adapted linear, cast by `cast` the first time in the step.
+    pub(super) fn cast(&self, a: &Tensor, b: &Tensor, cast: impl FnOnce() -> candle_core::Result<CastFactors>) -> candle_core::Result<CastFactors> {
+        let mut map = self.casts.lock().map_err(|_| candle_core::Error::Msg("cast factors poisoned".into()))?;
+        if let Some(c) = map.get(&(a.id(), b.id())) {
+            return Ok(c.clone());
+        }
+        let c = cast()?;
+        map.insert((a.id(), b.id()), c.clone());
+        Ok(c)
+    }
+
     /// Replaces the gradient of `of` by `sum` of it (`None` for the first term).
     fn update(&self, of: &Tensor, sum: impl FnOnce(Option<Tensor>) -> candle_core::Result<Tensor>) -> candle_core::Result<()> {
-        let mut map = self.0.lock().map_err(|_| candle_core::Error::Msg("checkpoint gradients poisoned".into()))?;
+        let mut map = self.grads.lock().map_err(|_| candle_core::Error::Msg("checkpoint gradients poisoned".into()))?;
         let next = sum(map.remove(&of.id()))?;
         map.insert(of.id(), next);
         Ok(())
@@ -138,14 +157,18 @@ impl BlockGrads {
         Ok(())
     }
 
-    /// Every variable's summed gradient, in order, taken out of the store; zeros where none.
+    /// Every variable's summed gradient, in order, taken out of the store; zeros where none. The
+    /// step is over: the cast factors go too (the optimizer is about to change the factors).
     pub fn take_all(&self, vars: &[(String, Var)]) -> candle_core::Result<Vec<Tensor>> {
+        if let Ok(mut casts) = self.casts.lock() {
+            casts.clear();
+        }
         vars.iter().map(|(_, v)| self.take(v.as_tensor()).map_or_else(|| v.zeros_like(), Ok)).collect()
     }
 
     /// The summed gradient of `of`, removed from the store.
     pub fn take(&self, of: &Tensor) -> Option<Tensor> {
-        self.0.lock().ok()?.remove(&of.id())
+        self.grads.lock().ok()?.remove(&of.id())
     }
 }
 
@@ -353,4 +376,36 @@ fn splitmix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_casts_each_factor_once_and_the_next_step_again() {
+        let dev = Device::Cpu;
+        let (a, b) = (Tensor::ones((2, 3), DType::F32, &dev).unwrap(), Tensor::ones((3, 2), DType::F32, &dev).unwrap());
+        let step = BlockGrads::default();
+        let calls = std::cell::Cell::new(0);
+        let cast = |scale: f64| {
+            calls.set(calls.get() + 1);
+            Ok(CastFactors { a: a.to_dtype(DType::BF16)?, bs: (b.to_dtype(DType::BF16)? * scale)? })
+        };
+        let first = step.cast(&a, &b, || cast(2.0)).unwrap();
+        // the step's later micro-batches get the first cast, not a new one
+        let again = step.cast(&a, &b, || cast(3.0)).unwrap();
+        assert_eq!(calls.get(), 1);
+        assert_eq!(again.bs.to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 12.0);
+        assert_eq!(first.a.id(), again.a.id());
+        // the factors change at the update: the step's end drops the casts
+        step.take_all(&[]).unwrap();
+        let next = step.cast(&a, &b, || cast(3.0)).unwrap();
+        assert_eq!(calls.get(), 2);
+        // another B (a perturbed copy, a finite-difference check) is another cast
+        let b2 = b.affine(1.0, 0.0).unwrap();
+        step.cast(&a, &b2, || cast(1.0)).unwrap();
+        assert_eq!(calls.get(), 3);
+        assert_eq!(next.bs.to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 18.0);
+    }
 }

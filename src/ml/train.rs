@@ -325,7 +325,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
         let group_rows: usize = group.iter().map(|b| b.len()).sum();
         // the micro-batches' gradients sum here (the factors' by the GEMMs that compute them)
         let step_grads = BlockGrads::default();
-        let mut loss_sum = 0.0;
+        let mut loss_sum: Option<Tensor> = None;
         let _span = tracing::debug_span!("step", step = state.step + 1).entered();
         for (mi, idx) in group.iter().enumerate() {
             if obs.should_stop() {
@@ -340,15 +340,26 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
                 .with_mlp_recompute(hp.recomputed_mlp_layers())
                 .with_grads(&step_grads);
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
-            let loss = weighted_ce(&logits, &labels, class_weights)?;
-            let lv = loss.to_scalar::<f32>()? as f64;
-            if !lv.is_finite() {
-                return Err(TrainFailure::Failed(format!("loss is {lv} at step {}", state.step + 1)));
-            }
             // each micro-batch weighs by its share of the group's rows
             let share = idx.len() as f64 / group_rows as f64;
-            loss_sum += lv * share;
-            step_grads.absorb(&(loss * share)?.backward()?, &opt.vars)?;
+            let loss = (weighted_ce(&logits, &labels, class_weights)? * share)?;
+            step_grads.absorb(&loss.backward()?, &opt.vars)?;
+            // summed on the device: reading each micro-batch's loss would make the host wait for
+            // the device (and the device then for the host) every micro-batch
+            let loss = loss.detach();
+            loss_sum = Some(match loss_sum {
+                Some(sum) => (sum + loss)?,
+                None => loss,
+            });
+        }
+        // the step's one wait for the device, before its update: a loss that is not finite fails
+        // the step and leaves the adapter as the last step left it
+        let loss_sum = match loss_sum {
+            Some(sum) => sum.to_scalar::<f32>()? as f64,
+            None => 0.0,
+        };
+        if !loss_sum.is_finite() {
+            return Err(TrainFailure::Failed(format!("loss is {loss_sum} at step {}", state.step + 1)));
         }
         let grads = step_grads.take_all(&opt.vars)?;
         let lr = learning_rate(hp, state.step, total_steps);
