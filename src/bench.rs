@@ -397,6 +397,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                     let share = labels.dim(0)? as f64 / b as f64;
                     let loss = (candle_nn::loss::cross_entropy(&logits, labels)? * share)?;
                     step_grads.absorb(&loss.backward()?, &vars)?;
+                    crate::ml::pool::trace(&device, "micro-batch", mi);
                     let loss = loss.detach();
                     step_loss = Some(match step_loss {
                         Some(sum) => (sum + loss)?,

@@ -287,10 +287,19 @@ impl Layer {
         let mid = fused::add(x, &o)?;
         let attention = (keep != Keep::Nothing).then_some((q, k, v, y, lse));
         let [gate, up] = self.gate_up(&mid, lora_h.as_mut())?;
+        let mlp = (keep == Keep::All).then_some((gate.clone(), up.clone()));
         let s = fused::swiglu(&gate, &up)?;
-        let [down] = self.linears([Proj::Down], &s, lora_h.as_mut())?;
-        let out = fused::add(&mid, &down)?;
-        let mlp = (keep == Keep::All).then_some((gate, up));
+        drop((gate, up));
+        let base = &self.blk.proj[Proj::Down as usize];
+        let out = if self.lora.parts(base, self.li, Proj::Down, self.dropout).is_none() {
+            // a frozen down_proj accumulates into a copy of the residual: no buffer for its
+            // product (at the end of a training forward, where its peak falls, 16 MB less per
+            // micro-batch row of 1024 tokens of the 8B)
+            base.forward_into(mid.copy()?, &s)?
+        } else {
+            let [down] = self.linears([Proj::Down], &s, lora_h.as_mut())?;
+            fused::add(&mid, &down)?
+        };
         let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, mlp, lora_h: lora_h.unwrap_or_default() });
         Ok((out, saved))
     }
@@ -323,6 +332,7 @@ impl Layer {
         drop((h, d_gate, d_up));
         let d_mid = rms_norm_backward_add(&mid, &d_h, &self.blk.ffn_norm, eps, Some(&grad))?;
         drop((d_h, mid, grad));
+        super::pool::trace(x.device(), "block backward, MLP", self.li);
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
         let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h)?;
         let d_o = self.heads(&d_y, cfg.num_heads)?;
@@ -332,6 +342,7 @@ impl Layer {
         drop((d_y, y));
         let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &dsum, lse.as_ref())?;
         drop((q, k, v, d_o, dsum, lse));
+        super::pool::trace(x.device(), "block backward, attention", self.li);
         let (dq, dk) = self.rope_qk(dq, dk, true)?;
         let dq = self.merge(&dq)?;
         let dk = self.merge(&dk)?;
@@ -399,6 +410,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
         let (out, saved) = layer.forward(&h, keep)?;
         pending.push(Pending { layer, x: h, saved });
         h = out;
+        super::pool::trace(h.device(), "block forward", li);
     }
     let pending = Mutex::new(pending);
     let grads = grads.clone();
@@ -411,7 +423,9 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
                 Some(s) => s,
                 None => layer.forward(&x, Keep::All)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
             };
+            let li = layer.li;
             g = layer.backward(&x, saved, &g, &grads)?;
+            super::pool::trace(g.device(), "block backward", li);
         }
         Ok(g)
     })

@@ -269,6 +269,19 @@ impl FrozenLinear {
         }
     }
 
+    /// `acc + x @ W^T` in `acc`'s dtype and shape, outside any graph: the forward's counterpart
+    /// of `input_grad_into` (on CUDA the GEMM accumulates into `acc`'s storage, so the product
+    /// never has a buffer of its own; the caller must own `acc`).
+    pub fn forward_into(&self, acc: Tensor, x: &Tensor) -> Result<Tensor> {
+        if matches!(self.weight, FrozenWeight::Quantized(_)) && x.device().is_cpu() {
+            let y = self.forward_detached(x)?.reshape(acc.shape())?;
+            return acc + y;
+        }
+        let rows = x.elem_count() / self.in_features.max(1);
+        let x = x.reshape((rows, self.in_features))?;
+        super::gemm::accumulate(acc, &x, &self.dense_weight(x.dtype())?.t()?, 1.0)
+    }
+
     /// `x @ W^T`; in backprop only `grad @ W` flows back to `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.forward_detached(&x.detach())?;

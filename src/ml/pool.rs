@@ -74,6 +74,23 @@ pub fn graph_reserved(device: &Device) -> Result<Option<u64>> {
     Ok(None)
 }
 
+/// What the pool's allocations hold now; `None` on the CPU.
+pub fn in_use(device: &Device) -> Result<Option<u64>> {
+    attribute(device, Attribute::Used, None)
+}
+
+/// Logs `in_use` and `peak_in_use` at a point of a training step (`what`, `layer`), at trace
+/// level under the target `arbiter::memory`: where the step's peak falls is between the last
+/// point below it and the first at it. With `CUDA_LAUNCH_BLOCKING=1` the figures are the
+/// device's at that point (otherwise those of the work queued so far).
+pub fn trace(device: &Device, what: &str, layer: usize) {
+    if tracing::enabled!(target: "arbiter::memory", tracing::Level::TRACE) {
+        if let (Ok(Some(in_use)), Ok(Some(peak))) = (in_use(device), peak_in_use(device)) {
+            tracing::trace!(target: "arbiter::memory", what, layer, in_use, peak);
+        }
+    }
+}
+
 /// Restart `peak_in_use` from what is in use now (the high watermark is reset by setting it
 /// to zero).
 pub fn reset_peak(device: &Device) -> Result<()> {
@@ -88,6 +105,7 @@ fn set_threshold(device: &Device, bytes: u64) -> Result<()> {
 #[derive(Clone, Copy)]
 enum Attribute {
     ReleaseThreshold,
+    Used,
     UsedHigh,
 }
 
@@ -100,6 +118,7 @@ fn attribute(device: &Device, which: Attribute, value: Option<u64>) -> Result<Op
         use candle_core::cuda_backend::WrapErr;
         let attr = match which {
             Attribute::ReleaseThreshold => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            Attribute::Used => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
             Attribute::UsedHigh => sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
         };
         let mut v = value.unwrap_or(0);
