@@ -386,7 +386,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 let step_grads = BlockGrads::default();
                 // summed on the device and read once before the update, as the trainer does: a
                 // read per micro-batch would drain the queue each time
-                let mut step_loss: Option<Tensor> = None;
+                let mut step_loss = Tensor::zeros((), DType::F32, &device)?;
                 for (mi, (batch, labels)) in micro_batches.iter().enumerate() {
                     let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers())
                         .with_mlp_recompute(hp.recomputed_mlp_layers())
@@ -398,14 +398,10 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                     let loss = (candle_nn::loss::cross_entropy(&logits, labels)? * share)?;
                     step_grads.absorb(&loss.backward()?, &vars)?;
                     crate::ml::pool::trace(&device, "micro-batch", mi);
-                    let loss = loss.detach();
-                    step_loss = Some(match step_loss {
-                        Some(sum) => (sum + loss)?,
-                        None => loss,
-                    });
+                    step_loss = (step_loss + loss.detach())?;
                 }
                 queued.set(queued.get() + t.elapsed().as_secs_f64());
-                last_loss.set(step_loss.map(|l| l.to_scalar::<f32>()).transpose()?.map(f64::from));
+                last_loss.set(Some(step_loss.to_scalar::<f32>()? as f64));
                 let grads = step_grads.take_all(&vars)?;
                 // the trainer's optimizer, as the reference benchmark steps torch's AdamW
                 opt.borrow_mut().step(&grads, 1e-4, 0.0)?;

@@ -287,9 +287,9 @@ impl Layer {
         let mid = fused::add(x, &o)?;
         let attention = (keep != Keep::Nothing).then_some((q, k, v, y, lse));
         let [gate, up] = self.gate_up(&mid, lora_h.as_mut())?;
-        let mlp = (keep == Keep::All).then_some((gate.clone(), up.clone()));
         let s = fused::swiglu(&gate, &up)?;
-        drop((gate, up));
+        // unless kept, gate and up are freed here, before down_proj's GEMM
+        let mlp = (keep == Keep::All).then_some((gate, up));
         let base = &self.blk.proj[Proj::Down as usize];
         let out = if self.lora.parts(base, self.li, Proj::Down, self.dropout).is_none() {
             // a frozen down_proj accumulates into a copy of the residual: its product has no

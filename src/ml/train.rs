@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -325,7 +325,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
         let group_rows: usize = group.iter().map(|b| b.len()).sum();
         // the micro-batches' gradients sum here (the factors' by the GEMMs that compute them)
         let step_grads = BlockGrads::default();
-        let mut loss_sum: Option<Tensor> = None;
+        let mut loss_sum = Tensor::zeros((), DType::F32, &device)?;
         let _span = tracing::debug_span!("step", step = state.step + 1).entered();
         for (mi, idx) in group.iter().enumerate() {
             if obs.should_stop() {
@@ -346,18 +346,11 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             step_grads.absorb(&loss.backward()?, &opt.vars)?;
             // summed on the device: reading each micro-batch's loss would make the host wait for
             // the device (and the device then for the host) every micro-batch
-            let loss = loss.detach();
-            loss_sum = Some(match loss_sum {
-                Some(sum) => (sum + loss)?,
-                None => loss,
-            });
+            loss_sum = (loss_sum + loss.detach())?;
         }
         // the step's one wait for the device, before its update: a loss that is not finite fails
         // the step and leaves the adapter as the last step left it
-        let loss_sum = match loss_sum {
-            Some(sum) => sum.to_scalar::<f32>()? as f64,
-            None => 0.0,
-        };
+        let loss_sum = loss_sum.to_scalar::<f32>()? as f64;
         if !loss_sum.is_finite() {
             return Err(TrainFailure::Failed(format!("loss is {loss_sum} at step {}", state.step + 1)));
         }
