@@ -255,6 +255,51 @@ fn hand_written_block_backward_handles_left_padding() {
 }
 
 #[test]
+fn the_last_block_computes_only_the_rows_the_head_reads() {
+    // Where only each row's last position is read, the last block computes that row alone (and
+    // the keys and values of every position): the hidden states and the factors' gradients are
+    // those of the full forward taken at the last positions. Adapters on all seven linears,
+    // right- and left-padded rows; the inference blocks, candle's autograd and the hand-written
+    // backward. No dropout: its masks are drawn over the rows a linear reads, so they differ
+    // from the full forward's. f32: 1e-5 (absolute on the states, relative on the gradients).
+    let (_d, m) = tiny(BaseFormat::F32);
+    let dev = Device::Cpu;
+    let rows = rand_rows(4, (2, 10), 3);
+    let names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"].map(String::from);
+    let cfg = LoraConfig::from_names(2, 4.0, 0.0, &names).unwrap();
+    let probe = seeded(&[rows.len(), HIDDEN], 1.0, 8);
+    for left in [false, true] {
+        let batch = if left { Batch::left_padded(&rows, 0, &dev) } else { Batch::right_padded(&rows, 0, &dev) }.unwrap();
+        let (b, t) = batch.ids.dims2().unwrap();
+        let at: Vec<u32> = batch.spans.iter().enumerate().map(|(r, (_, e))| (r * t + e - 1) as u32).collect();
+        let at = Tensor::new(at.as_slice(), &dev).unwrap();
+        let (lora, vars) = adapter_with_b(cfg.clone(), &m.llama, 3, 0.2, 40);
+        let states = |lora: &Lora, ctx: &LoraCtx, last_only: bool| {
+            let h = m.llama.forward(&batch, Some((lora, ctx)), last_only).unwrap();
+            if last_only { h } else { h.reshape((b * t, HIDDEN)).unwrap().index_select(&at, 0).unwrap() }
+        };
+        let inference = lora.detached();
+        let d = max_abs_diff(&states(&inference, &LoraCtx::default(), true), &states(&inference, &LoraCtx::default(), false));
+        assert!(d < 1e-5, "inference (left padding {left}): the last rows differ by {d}");
+        for (what, ctx) in [("autograd", LoraCtx::default()), ("hand-written backward", LoraCtx::training(None, 0))] {
+            let run = |last_only: bool| {
+                let h = states(&lora, &ctx, last_only);
+                let g = (&h * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                let grads: Vec<Vec<f32>> = vars.iter().map(|(_, v)| ctx.take_grad(&g, v.as_tensor()).expect("gradient").flatten_all().unwrap().to_vec1().unwrap()).collect();
+                (h, grads)
+            };
+            let ((pruned, gp), (full, gf)) = (run(true), run(false));
+            let d = max_abs_diff(&pruned, &full);
+            assert!(d < 1e-5, "{what} (left padding {left}): the last rows differ by {d}");
+            for ((name, _), (x, y)) in vars.iter().zip(gf.iter().zip(&gp)) {
+                let err = relative_error(x, y, name);
+                assert!(err < 1e-5, "{what} (left padding {left}): {name}: relative error {err}");
+            }
+        }
+    }
+}
+
+#[test]
 fn gradients_through_quantized_base_match_dense_reference() {
     // Q8_0 base vs a dense f32 base holding the same (dequantized) weight values: gradients
     // agree within 6% relative (the quantized CPU matmul also rounds activations to 8 bits,

@@ -16,7 +16,10 @@
 //! kept and the backward reruns the forward first; it can cover only the first blocks
 //! (`LoraCtx::recompute_layers`), trading memory for speed between the two. Blocks after those
 //! can also drop just their gate and up projections, two thirds of what a block keeps, and
-//! recompute only those two GEMMs in the backward (`LoraCtx::recompute_mlp_layers`). The whole
+//! recompute only those two GEMMs in the backward (`LoraCtx::recompute_mlp_layers`). Where the
+//! forward is read only at each row's last position (a classifier's, `llama::LastRows`), the last
+//! block computes its keys and values for every position and the rest for those rows alone
+//! (`Layer::forward_last`): about one block's work and activations less. The whole
 //! stack of blocks is a single node (`trained_blocks`), whose backward walks the blocks in
 //! reverse.
 
@@ -54,6 +57,33 @@ struct Saved {
     lora_h: BTreeMap<Proj, Tensor>,
 }
 
+/// What the last block keeps where it computes only each row's last position
+/// (`llama::LastRows`): besides the rows' small activations, only the keys and values of every
+/// position.
+struct SavedLast {
+    /// `[b, heads, 1, head_dim]`, after RoPE.
+    q: Tensor,
+    /// `[b, kv_heads, t, head_dim]`, after RoPE.
+    k: Tensor,
+    /// `[b, kv_heads, t, head_dim]`.
+    v: Tensor,
+    /// The attention probabilities `[b, kv_heads, heads / kv_heads, t]` (f32).
+    p: Tensor,
+    /// Attention output `[b, heads * head_dim]`.
+    y: Tensor,
+    /// The residual after attention `[b, hidden]`.
+    mid: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    lora_h: BTreeMap<Proj, Tensor>,
+}
+
+/// What a block's forward kept: every position's activations, or the last rows' alone.
+enum Kept {
+    Whole(Saved),
+    Last(SavedLast),
+}
+
 /// What a block's forward keeps for its backward.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Keep {
@@ -76,12 +106,15 @@ struct Layer {
     cast: BTreeMap<Proj, CastFactors>,
     dropout: Option<(f32, u64)>,
     inp: Arc<BlockInputs>,
+    /// The last block of a forward that reads only each row's last position (`inp.last`):
+    /// it computes those rows alone and returns `[b, hidden]`.
+    pruned: bool,
 }
 
 impl Layer {
     /// With `cast_to`, each adapted linear's factors are cast to that dtype (once per step:
-    /// `BlockGrads::cast`).
-    fn new(blk: &Block, li: usize, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>, cast_to: Option<(DType, &BlockGrads)>) -> Result<Layer> {
+    /// `BlockGrads::cast`). `last`: the forward's last block.
+    fn new(blk: &Block, li: usize, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>, cast_to: Option<(DType, &BlockGrads)>, last: bool) -> Result<Layer> {
         let lora = lora.layer(li);
         let mut cast = BTreeMap::new();
         if let Some((dtype, step)) = cast_to {
@@ -91,7 +124,7 @@ impl Layer {
                 }
             }
         }
-        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone() })
+        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some() })
     }
 
     fn eps(&self) -> f32 {
@@ -273,7 +306,16 @@ impl Layer {
 
     /// The block's output, and what `keep` says of what its backward reads (with
     /// `Keep::Nothing`, each activation is freed as soon as it has been used).
-    fn forward(&self, x: &Tensor, keep: Keep) -> Result<(Tensor, Option<Saved>)> {
+    fn forward(&self, x: &Tensor, keep: Keep) -> Result<(Tensor, Option<Kept>)> {
+        if self.pruned {
+            let (out, saved) = self.forward_last(x, keep != Keep::Nothing)?;
+            return Ok((out, saved.map(Kept::Last)));
+        }
+        let (out, saved) = self.forward_whole(x, keep)?;
+        Ok((out, saved.map(Kept::Whole)))
+    }
+
+    fn forward_whole(&self, x: &Tensor, keep: Keep) -> Result<(Tensor, Option<Saved>)> {
         let cfg = &self.inp.cfg;
         let mut lora_h = (keep != Keep::Nothing).then(BTreeMap::new);
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
@@ -310,7 +352,113 @@ impl Layer {
         self.linears([Proj::Gate, Proj::Up], &h, lora_h)
     }
 
-    fn backward(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+    /// The forward of the last block where only each row's last position is read
+    /// (`llama::LastRows`): RMSNorm, keys and values for every position; the query, attention,
+    /// o_proj and MLP for the last rows alone. Returns `[b, hidden]` and, with `keep`, what the
+    /// backward reads (small but for the keys and values).
+    fn forward_last(&self, x: &Tensor, keep: bool) -> Result<(Tensor, Option<SavedLast>)> {
+        let cfg = &self.inp.cfg;
+        let last = self.last_rows()?;
+        let (b, t, hd) = (self.inp.b, self.inp.t, cfg.head_dim);
+        let mut lora_h = keep.then(BTreeMap::new);
+        let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
+        let [k, v] = self.linears([Proj::K, Proj::V], &h, lora_h.as_mut())?;
+        let h_last = h.reshape((b * t, cfg.hidden_size))?.index_select(&last.idx, 0)?;
+        drop(h);
+        let [q] = self.linears([Proj::Q], &h_last, lora_h.as_mut())?;
+        drop(h_last);
+        let interleaved = cfg.rope_interleaved;
+        let k = ops::rope_detached(&self.by_head(&k, cfg.num_kv_heads)?, &self.inp.cos, &self.inp.sin, interleaved)?;
+        let v = self.by_head(&v, cfg.num_kv_heads)?;
+        let q = ops::rope_detached(&q.reshape((b, cfg.num_heads, 1, hd))?, &last.cos, &last.sin, interleaved)?;
+        let (y, p) = ops::last_query_attention(&q, &k, &v, &last.mask, self.scale())?;
+        let [o] = self.linears([Proj::O], &y, lora_h.as_mut())?;
+        let mid = fused::add(&self.last_of(x)?, &o)?;
+        let [gate, up] = self.gate_up(&mid, lora_h.as_mut())?;
+        let s = fused::swiglu(&gate, &up)?;
+        let [down] = self.linears([Proj::Down], &s, lora_h.as_mut())?;
+        let out = fused::add(&mid, &down)?;
+        let saved = lora_h.map(|lora_h| SavedLast { q, k, v, p, y, mid, gate, up, lora_h });
+        Ok((out, saved))
+    }
+
+    fn last_rows(&self) -> Result<&super::llama::LastRows> {
+        self.inp.last.as_ref().ok_or_else(|| candle_core::Error::Msg("last block: no last rows".into()))
+    }
+
+    /// Rows `idx` of `x` `[b, t, hidden]`: `[b, hidden]`.
+    fn last_of(&self, x: &Tensor) -> Result<Tensor> {
+        let n = x.dim(D::Minus1)?;
+        x.reshape((x.elem_count() / n, n))?.index_select(&self.last_rows()?.idx, 0)
+    }
+
+    /// `[b, t, heads * hd]` -> `[b, heads, t, hd]`, contiguous.
+    fn by_head(&self, x: &Tensor, heads: usize) -> Result<Tensor> {
+        let (b, t, hd) = (self.inp.b, self.inp.t, self.inp.cfg.head_dim);
+        fused::contiguous_rows(&x.reshape((b, t, heads, hd))?.transpose(1, 2)?)
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.inp.cfg.head_dim as f64).sqrt()
+    }
+
+    fn backward(&self, x: &Tensor, kept: Kept, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+        match kept {
+            Kept::Whole(saved) => self.backward_whole(x, saved, grad, grads),
+            Kept::Last(saved) => self.backward_last(x, saved, grad, grads),
+        }
+    }
+
+    /// The backward of `forward_last` for the gradient of its `[b, hidden]` output.
+    fn backward_last(&self, x: &Tensor, saved: SavedLast, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+        let cfg = &self.inp.cfg;
+        let eps = self.eps();
+        let last = self.last_rows()?;
+        let (b, t) = (self.inp.b, self.inp.t);
+        let SavedLast { q, k, v, p, y, mid, gate, up, lora_h } = saved;
+        let grad = grad.to_dtype(x.dtype())?;
+        let d_mid = self.mlp_backward(&mid, gate, up, &grad, grads, &lora_h)?;
+        drop((mid, grad));
+        let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h)?;
+        drop(y);
+        let [dq, dk, dv] = ops::last_query_attention_backward(&q, &k, &v, &p, &d_y, self.scale())?;
+        drop((q, k, v, p, d_y));
+        let interleaved = cfg.rope_interleaved;
+        let dq = ops::rope_detached(&dq, &last.cos, &last.sin.neg()?, interleaved)?;
+        let dk = ops::rope_detached(&dk, &self.inp.cos, &self.inp.sin.neg()?, interleaved)?;
+        let dq = dq.reshape((b, cfg.num_heads * cfg.head_dim))?;
+        let dk = self.merge(&dk)?;
+        let dv = self.merge(&dv)?;
+        // keys and values read every position's norm output, the query the last rows'
+        let h = self.norm_for(&[Proj::K, Proj::V], x, &self.blk.attn_norm)?;
+        let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
+        let d_h = self.linears_backward(&[(Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h)?;
+        drop((h, dk, dv));
+        let h_last = self.norm_for(&[Proj::Q], &self.last_of(x)?, &self.blk.attn_norm)?;
+        let normed = || h_last.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
+        let d_h_last = self.linears_backward(&[(Proj::Q, &dq)], normed, grads, &lora_h)?;
+        let n = cfg.hidden_size;
+        let d_h = d_h.reshape((b * t, n))?.index_add(&last.idx, &d_h_last, 0)?.reshape(x.shape())?;
+        // the residual's gradient reaches x at the last rows only
+        let dx = rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, None)?;
+        dx.reshape((b * t, n))?.index_add(&last.idx, &d_mid, 0)?.reshape(x.shape())
+    }
+
+    /// The MLP's backward: the gradient of the residual `mid` for the gradient `grad` of
+    /// `mid + down(silu(gate) * up)` (its own part and the residual's).
+    fn mlp_backward(&self, mid: &Tensor, gate: Tensor, up: Tensor, grad: &Tensor, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>) -> Result<Tensor> {
+        let d_s = self.linears_backward(&[(Proj::Down, grad)], || fused::swiglu(&gate, &up), grads, lora_h)?;
+        // gate and up are not read again: their memory takes the gradients
+        let (d_gate, d_up) = fused::swiglu_backward_in_place(gate, up, &d_s)?;
+        drop(d_s);
+        let h = self.norm_for(&[Proj::Gate, Proj::Up], mid, &self.blk.ffn_norm)?;
+        let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("ffn norm not recomputed".into()));
+        let d_h = self.linears_backward(&[(Proj::Gate, &d_gate), (Proj::Up, &d_up)], normed, grads, lora_h)?;
+        drop((h, d_gate, d_up));
+        rms_norm_backward_add(mid, &d_h, &self.blk.ffn_norm, self.eps(), Some(grad))
+    }
+
+    fn backward_whole(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
         let cfg = &self.inp.cfg;
         let eps = self.eps();
         let Saved { q, k, v, y, lse, mid, mlp, lora_h } = saved;
@@ -322,16 +470,8 @@ impl Layer {
             None => self.gate_up(&mid, None)?,
         };
         // MLP: out = mid + down(silu(gate) * up)
-        let d_s = self.linears_backward(&[(Proj::Down, &grad)], || fused::swiglu(&gate, &up), grads, &lora_h)?;
-        // gate and up are not read again: their memory takes the gradients
-        let (d_gate, d_up) = fused::swiglu_backward_in_place(gate, up, &d_s)?;
-        drop(d_s);
-        let h = self.norm_for(&[Proj::Gate, Proj::Up], &mid, &self.blk.ffn_norm)?;
-        let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("ffn norm not recomputed".into()));
-        let d_h = self.linears_backward(&[(Proj::Gate, &d_gate), (Proj::Up, &d_up)], normed, grads, &lora_h)?;
-        drop((h, d_gate, d_up));
-        let d_mid = rms_norm_backward_add(&mid, &d_h, &self.blk.ffn_norm, eps, Some(&grad))?;
-        drop((d_h, mid, grad));
+        let d_mid = self.mlp_backward(&mid, gate, up, &grad, grads, &lora_h)?;
+        drop((mid, grad));
         super::pool::trace(x.device(), "block backward, MLP", self.li);
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
         let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h)?;
@@ -385,7 +525,7 @@ fn array<const N: usize>(xs: Result<Vec<Tensor>>) -> Result<[Tensor; N]> {
 struct Pending {
     layer: Layer,
     x: Tensor,
-    saved: Option<Saved>,
+    saved: Option<Kept>,
 }
 
 /// The decoder blocks of a training forward as one node of `x`'s graph (see the module docs):
@@ -399,7 +539,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
     let mut h = x.detach();
     for (li, blk) in blocks.iter().enumerate() {
         let _span = tracing::trace_span!("block", layer = li).entered();
-        let layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some((h.dtype(), grads)))?;
+        let layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some((h.dtype(), grads)), li + 1 == blocks.len())?;
         let keep = if li < ctx.recompute_layers {
             Keep::Nothing
         } else if li - ctx.recompute_layers < ctx.recompute_mlp_layers {
@@ -434,6 +574,8 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
 /// Decoder block `li` of a forward outside autograd (inference): the training forward's kernels
 /// and layouts (q, k, v in the projections' memory, flash attention, the fused adds and SwiGLU),
 /// every activation freed once used. `lora`'s factors must not be tracked.
-pub(super) fn inference_block(blk: &Block, li: usize, x: &Tensor, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>) -> Result<Tensor> {
-    Ok(Layer::new(blk, li, lora, dropout, inp, None)?.forward(x, Keep::Nothing)?.0)
+/// With `last` and `inp.last`, the forward's last block, which computes only each row's last
+/// position and returns `[b, hidden]`.
+pub(super) fn inference_block(blk: &Block, li: usize, x: &Tensor, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>, last: bool) -> Result<Tensor> {
+    Ok(Layer::new(blk, li, lora, dropout, inp, None, last)?.forward(x, Keep::Nothing)?.0)
 }

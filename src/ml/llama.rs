@@ -604,7 +604,7 @@ impl Llama {
 
     /// What a forward of `batch` reads besides the weights, made on the device: the ids, the
     /// RoPE tables and causal spans every block shares, and with `last_only` each row's last
-    /// valid position.
+    /// valid position (`LastRows`).
     pub fn inputs(&self, batch: &Batch, last_only: bool) -> Result<ForwardInputs, MlError> {
         let (b, t) = batch.ids.dims2()?;
         let nh = self.cfg.num_heads;
@@ -614,9 +614,9 @@ impl Llama {
         // (at most 256 queries, so later chunks skip the keys after their last query)
         let chunk = ((256usize << 20) / (b * nh * t * elem).max(1)).clamp(16, 256).min(t);
         let spans = CausalSpans::new(&batch.starts(), &self.device)?;
-        let last = if last_only { Some(last_positions(batch, &self.device)?) } else { None };
-        let blocks = Arc::new(BlockInputs { cfg: self.cfg.clone(), b, t, cos, sin, spans, chunk });
-        Ok(ForwardInputs { ids: batch.ids.clone(), blocks, last })
+        let last = if last_only { Some(LastRows::new(batch, &self.inv_freq, self.dtype, &self.device)?) } else { None };
+        let blocks = Arc::new(BlockInputs { cfg: self.cfg.clone(), b, t, cos, sin, spans, chunk, last });
+        Ok(ForwardInputs { ids: batch.ids.clone(), blocks })
     }
 
     /// Final-norm hidden states `[b, t, hidden]` for every position, or only the last valid
@@ -648,24 +648,27 @@ impl Llama {
             Some((l, ctx)) => (l.detached(), ctx.dropout),
             None => (Lora::none(), None),
         });
+        // with `last`, the last block computes only each row's last position (`LastRows`)
+        let last_only = inputs.blocks.last.is_some();
         if let Some((l, ctx, grads)) = &trained {
             x = super::block::trained_blocks(&self.blocks, &x, l, ctx, grads, &inputs.blocks)?;
         } else {
             for (li, blk) in self.blocks.iter().enumerate() {
                 let _span = tracing::trace_span!("block", layer = li).entered();
-                x = match &untracked {
-                    Some((l, dropout)) => super::block::inference_block(blk, li, &x, l, *dropout, &inputs.blocks)?,
-                    None => block(blk, li, &x, lora, &inputs.blocks)?,
+                let pruned = last_only && li + 1 == self.blocks.len();
+                x = match (&untracked, &inputs.blocks.last) {
+                    (Some((l, dropout)), _) => super::block::inference_block(blk, li, &x, l, *dropout, &inputs.blocks, pruned)?,
+                    (None, Some(last)) if pruned => last_block(blk, li, &x, lora, &inputs.blocks, last)?,
+                    (None, _) => block(blk, li, &x, lora, &inputs.blocks)?,
                 };
             }
         }
-        match &inputs.last {
-            Some(idx) => {
-                let last = x.reshape((b * t, cfg.hidden_size))?.index_select(idx, 0)?;
-                Ok(ops::rms_norm(&last, &self.norm, eps)?)
+        if last_only && self.blocks.is_empty() {
+            if let Some(last) = &inputs.blocks.last {
+                x = x.reshape((b * t, cfg.hidden_size))?.index_select(&last.idx, 0)?;
             }
-            None => Ok(ops::rms_norm(&x, &self.norm, eps)?),
         }
+        Ok(ops::rms_norm(&x, &self.norm, eps)?)
     }
 
     /// Next-token logits at the last valid position of each row: `[b, vocab]` (f32).
@@ -703,8 +706,6 @@ impl Llama {
 pub struct ForwardInputs {
     ids: Tensor,
     blocks: Arc<BlockInputs>,
-    /// Row indices (into the `[b * t]` positions) of each row's last valid token.
-    last: Option<Tensor>,
 }
 
 impl ForwardInputs {
@@ -725,18 +726,49 @@ impl ForwardInputs {
             )));
         }
         self.ids.slice_set(&batch.ids, 0, 0)?;
-        if let Some(last) = &self.last {
-            last.slice_set(&last_positions(batch, batch.ids.device())?, 0, 0)?;
+        if let Some(last) = &self.blocks.last {
+            let inv_freq = last.inv_freq.clone();
+            let fresh = LastRows::new(batch, &inv_freq, last.cos.dtype(), batch.ids.device())?;
+            for (to, from) in [(&last.idx, &fresh.idx), (&last.cos, &fresh.cos), (&last.sin, &fresh.sin), (&last.mask, &fresh.mask)] {
+                to.slice_set(from, 0, 0)?;
+            }
         }
         Ok(())
     }
 }
 
-/// Index of each row's last valid token among the batch's `[b * t]` positions.
-fn last_positions(batch: &Batch, device: &Device) -> Result<Tensor, MlError> {
-    let t = batch.ids.dim(1)?;
-    let idx: Vec<u32> = batch.spans.iter().enumerate().map(|(r, (_, e))| (r * t + e - 1) as u32).collect();
-    Ok(Tensor::from_vec(idx, batch.spans.len(), device)?)
+/// Each row's last valid position, the only one a classifier (or next-token) forward reads: the
+/// last decoder block computes its query, attention output and MLP for these rows alone, its
+/// keys and values for every position. Everything a later row would need from that block is
+/// skipped: about one block's work and activations.
+pub(super) struct LastRows {
+    /// Row indices (into the `[b * t]` positions) `[b]` (u32).
+    pub(super) idx: Tensor,
+    /// RoPE tables at each row's last position `[b, 1, head_dim / 2]`.
+    pub(super) cos: Tensor,
+    pub(super) sin: Tensor,
+    /// Additive key mask `[b, 1, 1, t]` (f32): 0 over the row's tokens, `-inf` over its padding.
+    pub(super) mask: Tensor,
+    inv_freq: Vec<f32>,
+}
+
+impl LastRows {
+    fn new(batch: &Batch, inv_freq: &[f32], dtype: DType, device: &Device) -> Result<LastRows, MlError> {
+        let t = batch.ids.dim(1)?;
+        let b = batch.spans.len();
+        let idx: Vec<u32> = batch.spans.iter().enumerate().map(|(r, (_, e))| (r * t + e - 1) as u32).collect();
+        // the last token's position counts from the row's first token, as the tables do
+        let ang: Vec<f32> = batch.spans.iter().flat_map(|(s, e)| inv_freq.iter().map(move |f| (e - 1 - s) as f32 * f)).collect();
+        let ang = Tensor::from_vec(ang, (b, 1, inv_freq.len()), device)?;
+        let mask: Vec<f32> = batch.spans.iter().flat_map(|&(s, e)| (0..t).map(move |j| if (s..e).contains(&j) { 0.0 } else { f32::NEG_INFINITY })).collect();
+        Ok(LastRows {
+            idx: Tensor::from_vec(idx, b, device)?,
+            cos: ang.cos()?.to_dtype(dtype)?,
+            sin: ang.sin()?.to_dtype(dtype)?,
+            mask: Tensor::from_vec(mask, (b, 1, 1, t), device)?,
+            inv_freq: inv_freq.to_vec(),
+        })
+    }
 }
 
 /// What every decoder block of one forward shares.
@@ -749,6 +781,8 @@ pub(super) struct BlockInputs {
     pub(super) spans: CausalSpans,
     /// Query rows per attention chunk.
     pub(super) chunk: usize,
+    /// Where only each row's last position is read: the last block computes just those rows.
+    pub(super) last: Option<LastRows>,
 }
 
 fn linear(blk: &Block, layer: usize, p: Proj, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>) -> candle_core::Result<Tensor> {
@@ -791,6 +825,34 @@ fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, in
     let y = contiguous(&y.transpose(1, 2)?)?.reshape((b, t, nh * hd))?;
     let y = linear(blk, li, Proj::O, &y, lora)?;
     let x = (x + y)?;
+    let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
+    let g = linear(blk, li, Proj::Gate, &h, lora)?;
+    let u = linear(blk, li, Proj::Up, &h, lora)?;
+    let s = if g.track_op() || u.track_op() { (ops::silu(&g)? * u)? } else { super::fused::swiglu(&g, &u)? };
+    let y = linear(blk, li, Proj::Down, &s, lora)?;
+    x + y
+}
+
+/// The last decoder block where only each row's last position is read (`LastRows`), every op a
+/// node of candle's graph as in `block`: keys and values of every position, the query,
+/// attention, o_proj and MLP of the last rows alone. Returns `[b, hidden]`.
+fn last_block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, inp: &BlockInputs, last: &LastRows) -> candle_core::Result<Tensor> {
+    let cfg = &inp.cfg;
+    let (b, t) = (inp.b, inp.t);
+    let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+    let eps = cfg.rms_norm_eps as f32;
+    let h = ops::rms_norm(x, &blk.attn_norm, eps)?;
+    let k = linear(blk, li, Proj::K, &h, lora)?;
+    let v = linear(blk, li, Proj::V, &h, lora)?;
+    let h_last = h.reshape((b * t, cfg.hidden_size))?.index_select(&last.idx, 0)?;
+    let q = linear(blk, li, Proj::Q, &h_last, lora)?;
+    let k = contiguous(&k.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
+    let v = contiguous(&v.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
+    let k = ops::rope(&k, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
+    let q = ops::rope(&q.reshape((b, nh, 1, hd))?, &last.cos, &last.sin, cfg.rope_interleaved)?;
+    let (y, _) = ops::last_query_attention(&q, &k, &v, &last.mask, 1.0 / (hd as f64).sqrt())?;
+    let y = linear(blk, li, Proj::O, &y, lora)?;
+    let x = (x.reshape((b * t, cfg.hidden_size))?.index_select(&last.idx, 0)? + y)?;
     let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
     let g = linear(blk, li, Proj::Gate, &h, lora)?;
     let u = linear(blk, li, Proj::Up, &h, lora)?;

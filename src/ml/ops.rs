@@ -588,6 +588,48 @@ pub fn masked_softmax(x: &Tensor, mask: Option<&Tensor>, scale: f64) -> Result<T
     })
 }
 
+/// Attention of one query per row over the row's keys (`llama::LastRows`: each row's last
+/// position): q `[b, h, 1, d]`, k and v `[b, kv_heads, t, d]`, `mask` `[b, 1, 1, t]` additive.
+/// The output `[b, h * d]` in q's dtype, and the probabilities `[b, kv_heads, h / kv_heads, t]`
+/// (f32, f64 for f64 inputs) that `last_query_attention_backward` reads. A few rows: plain
+/// batched matmuls in f32, differentiable through candle's ops where the inputs are tracked.
+pub fn last_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (b, h, _, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let wide = wide(q.dtype());
+    let qw = q.reshape((b, kvh, h / kvh, d))?.to_dtype(wide)?;
+    let s = qw.matmul(&k.to_dtype(wide)?.t()?)?;
+    let p = masked_softmax(&s, Some(mask), scale)?;
+    let y = p.matmul(&v.to_dtype(wide)?)?;
+    Ok((y.reshape((b, h * d))?.to_dtype(q.dtype())?, p))
+}
+
+/// The gradients of q, k and v (in their dtype) of `last_query_attention` for its output
+/// gradient `dy` `[b, h * d]`, from its probabilities `p`.
+pub fn last_query_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, dy: &Tensor, scale: f64) -> Result<[Tensor; 3]> {
+    let (b, h, _, d) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    let wide = p.dtype();
+    let dy = dy.reshape((b, kvh, h / kvh, d))?.to_dtype(wide)?;
+    let dv = p.t()?.matmul(&dy)?;
+    let dp = dy.matmul(&v.to_dtype(wide)?.t()?)?;
+    // dS = P (dP - sum(dP P)) scale; masked keys have P = 0
+    let dots = (&dp * p)?.sum_keepdim(D::Minus1)?;
+    let ds = ((dp.broadcast_sub(&dots)? * p)? * scale)?;
+    let dq = ds.matmul(&k.to_dtype(wide)?)?.reshape((b, h, 1, d))?;
+    let dk = ds.t()?.matmul(&q.reshape((b, kvh, h / kvh, d))?.to_dtype(wide)?)?;
+    Ok([dq.to_dtype(q.dtype())?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?])
+}
+
+/// f64 for f64, f32 for anything narrower.
+fn wide(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// Causal grouped-query attention `softmax(q k^T * scale + mask) v`: q `[b, h, t, d]`,
 /// k and v `[b, kv_heads, t, d]` (each kv head serves `h / kv_heads` query heads), the mask
 /// given by `spans`. Computed in query chunks so no `[t, t]` score matrix is kept: the backward
