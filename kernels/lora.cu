@@ -12,7 +12,8 @@
 // registers with `pair_keep` over the element's index row * K + col, as `dropout.cu` and
 // `dropout::keep` do, and a kept element of x is x * scale rounded to bf16 before its product,
 // as the unfused masked copy is. threshold 0 (no dropout) skips the masks. K is a multiple of
-// 16, R one of 8, 16, 32, 64, rows * K below 2^32 (element indices in 32 bits). A warp takes 16 rows: for the forward, four warps split the
+// 16 (of 64 for `lora_down_wide`, the forward's 16-byte variant), R one of 8, 16, 32, 64, rows * K
+// below 2^32 (element indices in 32 bits). A warp takes 16 rows: for the forward, four warps split the
 // k-steps of one row tile (and blocks split them further where there are few row tiles); for
 // dx, 64 columns; for the gradient of A, 16 columns of x and a split of the rows.
 
@@ -94,6 +95,99 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
                 for (int nt = 0; nt < R / 8; ++nt) {
                     const bf16* row = a + (size_t)(nt * 8 + g) * K + c;
                     mma(acc[m][nt], af, ld32(row), ld32(row + 8));
+                }
+            }
+        }
+    }
+    if (warp > 0) {
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) red[warp - 1][m][nt][j][lane] = acc[m][nt][j];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+#pragma unroll
+    for (int w = 0; w < 3; ++w)
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[m][nt][j] += red[w][m][nt][j][lane];
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= grp.n) break;
+#pragma unroll
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const int col = nt * 8 + 2 * i;
+            if (gridDim.y == 1) {
+                if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * R + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
+                if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * R + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+            } else {
+                float* out = part + ((size_t)blockIdx.y * grp.n + m) * rows * R;
+                if (va) *reinterpret_cast<float2*>(out + ra * R + col) = make_float2(acc[m][nt][0], acc[m][nt][1]);
+                if (vb) *reinterpret_cast<float2*>(out + rb * R + col) = make_float2(acc[m][nt][2], acc[m][nt][3]);
+            }
+        }
+    }
+}
+
+// As `lora_down` where K is a multiple of 64, in 64-column chunks (blockIdx.y splits the chunks,
+// the four warps a quarter of a split each) read 16 bytes at a time. The product sums over k in
+// any order, so each chunk's columns are dealt to the mma fragments permuted, the same way for x
+// and for A: lane i takes columns 8i..8i+7 and 32+8i..32+8i+7 of the chunk, two 16-byte loads
+// per row, and k-step s reads its words 2s and 2s+1 (a0/a1 and a2/a3, b0 and b1). Each word is
+// an aligned column pair, masked by its own `pair_keep` as in `lora_down`.
+template <int R>
+__device__ void lora_down_wide(const bf16* x, size_t rows, int K, Group grp, bf16* h0, bf16* h1, bf16* h2,
+                               uint32_t threshold, float scale, float* part) {
+    __shared__ float red[3][MAX_M][R / 8][4][32];
+    bf16* h[MAX_M] = {h0, h1, h2};
+    const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3, warp = threadIdx.x >> 5;
+    const size_t r0 = blockIdx.x * (size_t)16;
+    const size_t ra = r0 + g, rb = r0 + g + 8;
+    const bool va = ra < rows, vb = rb < rows;
+    const int chunks = K / 64, per_block = (chunks + gridDim.y - 1) / gridDim.y;
+    const int b0 = min(chunks, (int)blockIdx.y * per_block), b1 = min(chunks, b0 + per_block);
+    const int per_warp = (b1 - b0 + 3) / 4;
+    const int w0 = min(b1, b0 + warp * per_warp), w1 = min(b1, w0 + per_warp);
+    float acc[MAX_M][R / 8][4] = {};
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (int ch = w0; ch < w1; ++ch) {
+        const int lo = ch * 64 + 8 * i, hi = lo + 32;
+        uint4 xq[4];
+        xq[0] = va ? *reinterpret_cast<const uint4*>(x + ra * K + lo) : zero;
+        xq[1] = va ? *reinterpret_cast<const uint4*>(x + ra * K + hi) : zero;
+        xq[2] = vb ? *reinterpret_cast<const uint4*>(x + rb * K + lo) : zero;
+        xq[3] = vb ? *reinterpret_cast<const uint4*>(x + rb * K + hi) : zero;
+        // words 0-3: columns lo..lo+7, words 4-7: hi..hi+7, of row a (xw[0]) and row b (xw[1])
+        const uint32_t* xw[2] = {reinterpret_cast<const uint32_t*>(&xq[0]), reinterpret_cast<const uint32_t*>(&xq[2])};
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m >= grp.n) break;
+            uint32_t xm[2][8];
+#pragma unroll
+            for (int rw = 0; rw < 2; ++rw) {
+                const uint32_t row = (uint32_t)(rw ? rb : ra);
+#pragma unroll
+                for (int w = 0; w < 8; ++w) {
+                    const uint32_t col = (uint32_t)(w < 4 ? lo + 2 * w : hi + 2 * (w - 4));
+                    xm[rw][w] = threshold ? mask_pair(xw[rw][w], pair_keep(grp.seed[m], (row * K + col) >> 1, threshold), scale) : xw[rw][w];
+                }
+            }
+            const bf16* a = grp.a[m];
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt) {
+                const bf16* arow = a + (size_t)(nt * 8 + g) * K;
+                uint4 aq[2] = {*reinterpret_cast<const uint4*>(arow + lo), *reinterpret_cast<const uint4*>(arow + hi)};
+                const uint32_t* aw = reinterpret_cast<const uint32_t*>(aq);
+#pragma unroll
+                for (int s = 0; s < 4; ++s) {
+                    const uint32_t af[4] = {xm[0][2 * s], xm[1][2 * s], xm[0][2 * s + 1], xm[1][2 * s + 1]};
+                    mma(acc[m][nt], af, aw[2 * s], aw[2 * s + 1]);
                 }
             }
         }
@@ -354,6 +448,12 @@ extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, s
                                               bf16* h0, bf16* h1, bf16* h2, uint32_t threshold, float scale,         \
                                               float* part) {                                                         \
         lora_down<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale, part);         \
+    }                                                                                                                \
+    extern "C" __global__ void lora_down_wide_r##R(const bf16* x, size_t rows, int K, const bf16* a0,                 \
+                                                   const bf16* a1, const bf16* a2, uint64_t s0, uint64_t s1,         \
+                                                   uint64_t s2, int n, bf16* h0, bf16* h1, bf16* h2,                 \
+                                                   uint32_t threshold, float scale, float* part) {                   \
+        lora_down_wide<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale, part);    \
     }                                                                                                                \
     extern "C" __global__ void lora_dx_r##R(bf16* dx, size_t rows, int K, const bf16* a0, const bf16* a1,             \
                                             const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,            \

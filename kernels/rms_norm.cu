@@ -1,5 +1,6 @@
 // RMSNorm, one warp per row (eight rows per 256-thread block), f32 arithmetic, 16 bytes per
-// access where the rows allow it.
+// access where the rows allow it; long rows (a large model's hidden size) take a block each and
+// keep their pieces in registers (`_row` kernels).
 //
 // forward:  y = x * r * w with r = 1 / sqrt(mean(x^2) + eps)
 // backward: with u = g * w, dx = r * u - x * r^3 * mean(u * x), plus the residual stream's
@@ -112,7 +113,122 @@ __device__ void rms_norm_bwd(const T* x, const T* g, const T* w, const T* res, T
     }
 }
 
+// A block of ROW_THREADS per row, for long rows of 16-byte pieces (every pointer aligned; the
+// caller checks): each thread keeps its pieces of the row (at most ROW_PIECES) in registers
+// between the reduction and the output, so x and g are read from memory once, not twice.
+constexpr int ROW_THREADS = 128, ROW_PIECES = 8;
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+    v = warp_sum(v);
+    const int warp = threadIdx.x >> 5;
+    if ((threadIdx.x & 31) == 0) red[warp] = v;
+    __syncthreads();
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < ROW_THREADS / 32; ++w) s += red[w];
+    return s;
+}
+
+template <typename T>
+__device__ void rms_norm_fwd_row(const T* x, const T* w, T* y, int n, float eps) {
+    constexpr int V = Vec<T>::n;
+    __shared__ float red[ROW_THREADS / 32];
+    const size_t base = (size_t)blockIdx.x * n;
+    const int pieces = n / V;
+    uint4 xs[ROW_PIECES];
+    float ss = 0.0f;
+#pragma unroll
+    for (int p = 0; p < ROW_PIECES; ++p) {
+        const int c = threadIdx.x + p * ROW_THREADS;
+        if (c >= pieces) break;
+        xs[p] = *reinterpret_cast<const uint4*>(x + base + c * V);
+        float v[V];
+        load16(reinterpret_cast<const T*>(&xs[p]), v);
+#pragma unroll
+        for (int j = 0; j < V; ++j) ss += v[j] * v[j];
+    }
+    const float r = rsqrtf(block_sum(ss, red) / n + eps);
+#pragma unroll
+    for (int p = 0; p < ROW_PIECES; ++p) {
+        const int c = threadIdx.x + p * ROW_THREADS;
+        if (c >= pieces) break;
+        float v[V], wv[V];
+        load16(reinterpret_cast<const T*>(&xs[p]), v);
+        load16(w + c * V, wv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[j] *= r * wv[j];
+        store16(y + base + c * V, v);
+    }
+}
+
+template <typename T>
+__device__ void rms_norm_bwd_row(const T* x, const T* g, const T* w, const T* res, T* dx, int n, float eps) {
+    constexpr int V = Vec<T>::n;
+    __shared__ float red[2][ROW_THREADS / 32];
+    const size_t base = (size_t)blockIdx.x * n;
+    const int pieces = n / V;
+    uint4 xs[ROW_PIECES], us[ROW_PIECES];
+    float sxx = 0.0f, sux = 0.0f;
+#pragma unroll
+    for (int p = 0; p < ROW_PIECES; ++p) {
+        const int c = threadIdx.x + p * ROW_THREADS;
+        if (c >= pieces) break;
+        xs[p] = *reinterpret_cast<const uint4*>(x + base + c * V);
+        float xv[V], gv[V], wv[V];
+        load16(reinterpret_cast<const T*>(&xs[p]), xv);
+        load16(g + base + c * V, gv);
+        load16(w + c * V, wv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+            gv[j] *= wv[j];
+            sxx += xv[j] * xv[j];
+            sux += gv[j] * xv[j];
+        }
+        // u = g * w, kept as f32 where a piece is four floats, else rounded like the data
+        if (V == 4) {
+            us[p] = make_uint4(__float_as_uint(gv[0]), __float_as_uint(gv[1]), __float_as_uint(gv[2]), __float_as_uint(gv[3]));
+        } else {
+            us[p] = *reinterpret_cast<const uint4*>(g + base + c * V);
+        }
+    }
+    const float r = rsqrtf(block_sum(sxx, red[0]) / n + eps);
+    const float c3 = r * r * r * block_sum(sux, red[1]) / n;
+#pragma unroll
+    for (int p = 0; p < ROW_PIECES; ++p) {
+        const int c = threadIdx.x + p * ROW_THREADS;
+        if (c >= pieces) break;
+        float xv[V], uv[V], rv[V];
+        load16(reinterpret_cast<const T*>(&xs[p]), xv);
+        if (V == 4) {
+            uv[0] = __uint_as_float(us[p].x), uv[1] = __uint_as_float(us[p].y), uv[2] = __uint_as_float(us[p].z), uv[3] = __uint_as_float(us[p].w);
+        } else {
+            float wv[V];
+            load16(reinterpret_cast<const T*>(&us[p]), uv);
+            load16(w + c * V, wv);
+#pragma unroll
+            for (int j = 0; j < V; ++j) uv[j] *= wv[j];
+        }
+        if (res) load16(res + base + c * V, rv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) xv[j] = r * uv[j] - xv[j] * c3 + (res ? rv[j] : 0.0f);
+        store16(dx + base + c * V, xv);
+    }
+}
+
 }  // namespace
+
+#define RMS_NORM_ROW(SUFFIX, T)                                                                             \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS) rms_norm_fwd_row_##SUFFIX(const T* x, const T* w, \
+                                                                                      T* y, int n, float eps) { \
+        rms_norm_fwd_row<T>(x, w, y, n, eps);                                                              \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(ROW_THREADS) rms_norm_bwd_row_##SUFFIX(                   \
+        const T* x, const T* g, const T* w, const T* res, T* dx, int n, float eps) {                      \
+        rms_norm_bwd_row<T>(x, g, w, res, dx, n, eps);                                                     \
+    }
+
+RMS_NORM_ROW(f32, float)
+RMS_NORM_ROW(bf16, __nv_bfloat16)
 
 #define RMS_NORM(SUFFIX, T)                                                                          \
     extern "C" __global__ void rms_norm_fwd_##SUFFIX(const T* x, const T* w, T* y, int rows, int n, \

@@ -170,7 +170,10 @@ mod cuda {
         let a = a_guards.iter().zip(members).map(|(g, m)| view(g, m.a)).collect::<Result<Vec<_>>>()?;
         let s = seeds(members);
         let (rows64, k32, n32) = (rows as u64, k as i32, n as i32);
-        let func = dev.get_or_load_custom_func(&format!("lora_down_r{r}"), "lora", KERNELS)?;
+        // 64-column chunks read 16 bytes at a time where the rows and factors allow
+        let aligned = |t: &Tensor| t.layout().start_offset() % 8 == 0;
+        let wide = k % 64 == 0 && aligned(x) && members.iter().all(|m| aligned(m.a));
+        let func = dev.get_or_load_custom_func(&format!("lora_down{}_r{r}", if wide { "_wide" } else { "" }), "lora", KERNELS)?;
         let mut b = func.builder();
         b.arg(&xv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
         b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));

@@ -2,7 +2,8 @@
 //! forward is `x·r·w`, and with `u = g·w` the backward `dx = r·u − x·r³·mean(u·x)`. Unfused the
 //! backward is a dozen f32 element-wise passes and casts over `[tokens, hidden]` per norm; here
 //! it is two row reductions and one write (`kernels/rms_norm.cu` on CUDA, a warp per row with
-//! 16-byte accesses; the same arithmetic in f64 on the CPU).
+//! 16-byte accesses, or for long rows a block per row that keeps it in registers, so it is read
+//! once; the same arithmetic in f64 on the CPU).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -83,15 +84,32 @@ impl RmsNormRows<'_> {
         let weight = self.weight;
         let w_guard = weight.storage_and_layout().0;
         let ws = cuda_slice_of!(w_guard, weight, T);
-        // a warp per row, eight rows per block
-        let cfg = LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // a warp per row, eight rows per block; rows of 256 to 1,024 16-byte pieces, every
+        // operand aligned, a block of 128 threads each (the `_row` kernels)
+        let size = std::mem::size_of::<T>();
+        let pieces = n * size / 16;
+        let aligned = |t: Option<&Tensor>, offset: usize| t.is_none_or(|t| t.layout().start_offset() * size % 16 == 0) && offset * size % 16 == 0;
+        let by_row = (n * size).is_multiple_of(16)
+            && (256..=1024).contains(&pieces)
+            && aligned(Some(weight), o1)
+            && aligned(self.grad, 0)
+            && aligned(self.residual, 0);
+        let (cfg, row) = if by_row {
+            (LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }, "_row")
+        } else {
+            (LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, "")
+        };
         // SAFETY: every element is written by the kernel
         let out = unsafe { dev.alloc::<T>(rows * n)? };
         let (rows_i, n_i) = (rows as i32, n as i32);
         let Some(grad) = self.grad else {
-            let func = dev.get_or_load_custom_func(&format!("rms_norm_fwd_{suffix}"), "rms_norm", KERNELS)?;
+            let func = dev.get_or_load_custom_func(&format!("rms_norm_fwd{row}_{suffix}"), "rms_norm", KERNELS)?;
             let mut b = func.builder();
-            b.arg(&xs).arg(&ws).arg(&out).arg(&rows_i).arg(&n_i).arg(&self.eps);
+            b.arg(&xs).arg(&ws).arg(&out);
+            if !by_row {
+                b.arg(&rows_i);
+            }
+            b.arg(&n_i).arg(&self.eps);
             // SAFETY: argument types and order match the kernel's signature
             unsafe { b.launch(cfg) }.w()?;
             drop(b);
@@ -107,7 +125,7 @@ impl RmsNormRows<'_> {
             }
             _ => None,
         };
-        let func = dev.get_or_load_custom_func(&format!("rms_norm_bwd_{suffix}"), "rms_norm", KERNELS)?;
+        let func = dev.get_or_load_custom_func(&format!("rms_norm_bwd{row}_{suffix}"), "rms_norm", KERNELS)?;
         let mut b = func.builder();
         // a null pointer when there is no residual
         let null = 0u64;
@@ -116,7 +134,11 @@ impl RmsNormRows<'_> {
             Some(rs) => b.arg(rs),
             None => b.arg(&null),
         };
-        b.arg(&out).arg(&rows_i).arg(&n_i).arg(&self.eps);
+        b.arg(&out);
+        if !by_row {
+            b.arg(&rows_i);
+        }
+        b.arg(&n_i).arg(&self.eps);
         // SAFETY: argument types and order match the kernel's signature
         unsafe { b.launch(cfg) }.w()?;
         Ok(candle_core::CudaStorage::wrap_cuda_slice(out, dev))
@@ -154,13 +176,14 @@ pub fn rms_norm_forward(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor>
 }
 
 /// The kernels (backward with and without the residual, forward) on `device` against the CPU
-/// (f64) on the same inputs, f32 and bf16, for the hidden sizes of both shapes. Tolerances
-/// relative to the largest output: 1e-5 in f32, and in bf16 one rounding of the output plus the
-/// inputs' (2^-7).
+/// (f64) on the same inputs, f32 and bf16, for the hidden sizes of both shapes and one between.
+/// Tolerances relative to the largest output: 1e-5 in f32, and in bf16 one rounding of the output
+/// plus the inputs' (2^-7).
 pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let mut out = Vec::new();
-    for n in [576usize, 4096] {
+    // 576: a warp per row; 2,048 and 4,096: a block per row (bf16; f32 at 2,048 and 4,096 too)
+    for n in [576usize, 2048, 4096] {
         let x = Tensor::randn(0f32, 1.0, (37, n), &cpu)?;
         let g = Tensor::randn(0f32, 1.0, (37, n), &cpu)?;
         let w = Tensor::randn(1f32, 0.2, n, &cpu)?;
