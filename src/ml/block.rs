@@ -199,7 +199,30 @@ impl Layer {
             }
             return acc.ok_or_else(|| missing("no linear"));
         };
-        // the frozen weights' input gradients, summed by their GEMMs
+        // the A gradients first, while the recomputed input is the only full-size tensor made
+        // here: then the frozen weights' input gradients, summed by their GEMMs
+        let first = outs.first().map(|(_, g)| *g).ok_or_else(|| missing("no linear"))?;
+        let dtype = first.dtype();
+        let n_in = self.blk.proj[outs[0].0 as usize].in_features();
+        let rows = first.elem_count() / first.dim(D::Minus1)?.max(1);
+        let mut ght = Vec::with_capacity(group.len());
+        for m in &group {
+            let g = outs.iter().find(|(p, _)| *p == m.proj).map(|(_, g)| *g).ok_or_else(|| missing("no gradient"))?;
+            let g2 = g.to_dtype(dtype)?.reshape((rows, m.cast.bs.dim(0)?))?;
+            let h = lora_h.get(&m.proj).ok_or_else(|| missing("no kept product"))?;
+            // dB = scale g^T h
+            grads.add_product(m.b, &g2.t()?, &h.reshape((rows, h.elem_count() / rows.max(1)))?, m.parts.scale)?;
+            // (g2 (scale B))^T [r, rows], as the group's kernels read it
+            ght.push(gemm::product(&m.cast.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
+        }
+        let (members, prob) = Adapted::members(&group);
+        let ght: Vec<&Tensor> = ght.iter().collect();
+        {
+            let x = x()?.reshape((rows, n_in))?;
+            for (m, da) in group.iter().zip(lora_group::grad_a(&x, &members, &ght, prob, group[0].a.dtype())?) {
+                grads.add(m.a, &da)?;
+            }
+        }
         let mut dx: Option<Tensor> = None;
         for (p, g) in outs {
             let base = &self.blk.proj[*p as usize];
@@ -210,26 +233,7 @@ impl Layer {
         }
         let dx = dx.ok_or_else(|| missing("no linear"))?;
         let shape = dx.shape().clone();
-        let n_in = shape.dims().last().copied().unwrap_or(1);
-        let rows = dx.elem_count() / n_in.max(1);
-        let mut ght = Vec::with_capacity(group.len());
-        for m in &group {
-            let g = outs.iter().find(|(p, _)| *p == m.proj).map(|(_, g)| *g).ok_or_else(|| missing("no gradient"))?;
-            let g2 = g.to_dtype(dx.dtype())?.reshape((rows, m.cast.bs.dim(0)?))?;
-            let h = lora_h.get(&m.proj).ok_or_else(|| missing("no kept product"))?;
-            // dB = scale g^T h
-            grads.add_product(m.b, &g2.t()?, &h.reshape((rows, h.elem_count() / rows.max(1)))?, m.parts.scale)?;
-            // (g2 (scale B))^T [r, rows], as the group's kernels read it
-            ght.push(gemm::product(&m.cast.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
-        }
-        let (members, prob) = Adapted::members(&group);
-        let ght: Vec<&Tensor> = ght.iter().collect();
-        let dx = lora_group::add_dx(dx.reshape((rows, n_in))?, &members, &ght, prob)?;
-        let x = x()?.reshape((rows, n_in))?;
-        for (m, da) in group.iter().zip(lora_group::grad_a(&x, &members, &ght, prob, group[0].a.dtype())?) {
-            grads.add(m.a, &da)?;
-        }
-        dx.reshape(shape)
+        lora_group::add_dx(dx.reshape((rows, n_in))?, &members, &ght, prob)?.reshape(shape)
     }
 
     /// The input gradient of linear `p` for the output gradient `grad`, added to `acc` when
@@ -363,7 +367,7 @@ impl Layer {
         let base = &self.blk.proj[Proj::Down as usize];
         let (inter, hidden) = (gate.dim(D::Minus1)?, mid.dim(D::Minus1)?);
         let rows = gate.elem_count() / inter;
-        let per = ((16usize << 20) / (inter * gate.dtype().size_in_bytes())).max(512).div_ceil(64) * 64;
+        let per = Self::mlp_slice(gate)?;
         let out = mid.copy()?;
         let flat = out.reshape((rows, hidden))?;
         let (gate, up) = (gate.reshape((rows, inter))?, up.reshape((rows, inter))?);
@@ -373,6 +377,13 @@ impl Layer {
             base.forward_into(flat.narrow(0, r0, n)?, &s)?;
         }
         Ok(out)
+    }
+
+    /// Rows per slice of `down_in_chunks` and its backward: about 16 MiB of gate's width, at
+    /// least 512 rows.
+    fn mlp_slice(gate: &Tensor) -> Result<usize> {
+        let inter = gate.dim(D::Minus1)?;
+        Ok(((16usize << 20) / (inter * gate.dtype().size_in_bytes())).max(512).div_ceil(64) * 64)
     }
 
     /// gate_proj and up_proj of the residual `mid` (through the MLP's norm).
@@ -458,28 +469,44 @@ impl Layer {
         let dq = dq.reshape((b, cfg.num_heads * cfg.head_dim))?;
         let dk = self.merge(&dk)?;
         let dv = self.merge(&dv)?;
-        // keys and values read every position's norm output, the query the last rows'
-        let h = self.norm_for(&[Proj::K, Proj::V], x, &self.blk.attn_norm)?;
-        let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
-        let d_h = self.linears_backward(&[(Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h)?;
-        drop((h, dk, dv));
-        let h_last = self.norm_for(&[Proj::Q], &self.last_of(x)?, &self.blk.attn_norm)?;
-        let normed = || h_last.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
-        let d_h_last = self.linears_backward(&[(Proj::Q, &dq)], normed, grads, &lora_h)?;
+        // keys and values read every position's norm output, the query the last rows'; each
+        // recomputed only where an adapter's gradient reads it, and freed right after (a
+        // training step's memory peaks in this backward)
+        let norm = &self.blk.attn_norm;
+        let d_h = self.linears_backward(&[(Proj::K, &dk), (Proj::V, &dv)], || ops::rms_norm(x, norm, eps), grads, &lora_h)?;
+        drop((dk, dv));
+        let x_last = self.last_of(x)?;
+        let d_h_last = self.linears_backward(&[(Proj::Q, &dq)], || ops::rms_norm(&x_last, norm, eps), grads, &lora_h)?;
         let n = cfg.hidden_size;
         let d_h = d_h.reshape((b * t, n))?.index_add(&last.idx, &d_h_last, 0)?.reshape(x.shape())?;
+        let dx = rms_norm_backward_add(x, &d_h, norm, eps, None)?;
+        drop(d_h);
         // the residual's gradient reaches x at the last rows only
-        let dx = rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, None)?;
         dx.reshape((b * t, n))?.index_add(&last.idx, &d_mid, 0)?.reshape(x.shape())
     }
 
     /// The MLP's backward: the gradient of the residual `mid` for the gradient `grad` of
     /// `mid + down(silu(gate) * up)` (its own part and the residual's).
     fn mlp_backward(&self, mid: &Tensor, gate: Tensor, up: Tensor, grad: &Tensor, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>) -> Result<Tensor> {
-        let d_s = self.linears_backward(&[(Proj::Down, grad)], || fused::swiglu(&gate, &up), grads, lora_h)?;
-        // gate and up are not read again: their memory takes the gradients
-        let (d_gate, d_up) = fused::swiglu_backward_in_place(gate, up, &d_s)?;
-        drop(d_s);
+        let down = &self.blk.proj[Proj::Down as usize];
+        let (d_gate, d_up) = if self.chunk_mlp && self.lora.parts(down, self.li, Proj::Down, self.dropout).is_none() && in_place(down, &gate) {
+            // as `down_in_chunks`: the gradient of the product a slice of rows at a time, each
+            // turned into gate's and up's in their own memory
+            let (inter, hidden) = (gate.dim(D::Minus1)?, grad.dim(D::Minus1)?);
+            let rows = gate.elem_count() / inter;
+            let (g, u, dy) = (gate.reshape((rows, inter))?, up.reshape((rows, inter))?, grad.reshape((rows, hidden))?);
+            let per = Self::mlp_slice(&gate)?;
+            for r0 in (0..rows).step_by(per) {
+                let n = per.min(rows - r0);
+                let d_s = down.input_grad(&dy.narrow(0, r0, n)?, gate.dtype())?;
+                fused::swiglu_backward_in_place(g.narrow(0, r0, n)?, u.narrow(0, r0, n)?, &d_s)?;
+            }
+            (gate, up)
+        } else {
+            let d_s = self.linears_backward(&[(Proj::Down, grad)], || fused::swiglu(&gate, &up), grads, lora_h)?;
+            // gate and up are not read again: their memory takes the gradients
+            fused::swiglu_backward_in_place(gate, up, &d_s)?
+        };
         let h = self.norm_for(&[Proj::Gate, Proj::Up], mid, &self.blk.ffn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("ffn norm not recomputed".into()));
         let d_h = self.linears_backward(&[(Proj::Gate, &d_gate), (Proj::Up, &d_up)], normed, grads, lora_h)?;

@@ -605,20 +605,21 @@ pub fn last_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, s
 }
 
 /// The gradients of q, k and v (in their dtype) of `last_query_attention` for its output
-/// gradient `dy` `[b, h * d]`, from its probabilities `p`.
+/// gradient `dy` `[b, h * d]`, from its probabilities `p`. One wide copy of k or v at a time:
+/// this runs where a training step's memory peaks.
 pub fn last_query_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, dy: &Tensor, scale: f64) -> Result<[Tensor; 3]> {
     let (b, h, _, d) = q.dims4()?;
     let kvh = k.dim(1)?;
     let wide = p.dtype();
     let dy = dy.reshape((b, kvh, h / kvh, d))?.to_dtype(wide)?;
-    let dv = p.t()?.matmul(&dy)?;
+    let dv = p.t()?.matmul(&dy)?.to_dtype(v.dtype())?;
     let dp = dy.matmul(&v.to_dtype(wide)?.t()?)?;
     // dS = P (dP - sum(dP P)) scale; masked keys have P = 0
     let dots = (&dp * p)?.sum_keepdim(D::Minus1)?;
     let ds = ((dp.broadcast_sub(&dots)? * p)? * scale)?;
-    let dq = ds.matmul(&k.to_dtype(wide)?)?.reshape((b, h, 1, d))?;
-    let dk = ds.t()?.matmul(&q.reshape((b, kvh, h / kvh, d))?.to_dtype(wide)?)?;
-    Ok([dq.to_dtype(q.dtype())?, dk.to_dtype(k.dtype())?, dv.to_dtype(v.dtype())?])
+    let dq = ds.matmul(&k.to_dtype(wide)?)?.reshape((b, h, 1, d))?.to_dtype(q.dtype())?;
+    let dk = ds.t()?.matmul(&q.reshape((b, kvh, h / kvh, d))?.to_dtype(wide)?)?.to_dtype(k.dtype())?;
+    Ok([dq, dk, dv])
 }
 
 /// f64 for f64, f32 for anything narrower.
