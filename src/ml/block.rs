@@ -408,9 +408,9 @@ impl Layer {
         let [q] = self.linears([Proj::Q], &h_last, lora_h.as_mut())?;
         drop(h_last);
         let interleaved = cfg.rope_interleaved;
-        let k = ops::rope_detached(&self.by_head(&k, cfg.num_kv_heads)?, &self.inp.cos, &self.inp.sin, interleaved)?;
-        let v = self.by_head(&v, cfg.num_kv_heads)?;
-        let q = ops::rope_detached(&q.reshape((b, cfg.num_heads, 1, hd))?, &last.cos, &last.sin, interleaved)?;
+        let k = then(k, |k| ops::rope_detached(&self.by_head(k, cfg.num_kv_heads)?, &self.inp.cos, &self.inp.sin, interleaved))?;
+        let v = then(v, |v| self.by_head(v, cfg.num_kv_heads))?;
+        let q = then(q, |q| ops::rope_detached(&q.reshape((b, cfg.num_heads, 1, hd))?, &last.cos, &last.sin, interleaved))?;
         let (y, p) = ops::last_query_attention(&q, &k, &v, &last.mask, self.scale())?;
         let [o] = self.linears([Proj::O], &y, lora_h.as_mut())?;
         let mid = fused::add(&self.last_of(x)?, &o)?;
@@ -464,11 +464,10 @@ impl Layer {
         let [dq, dk, dv] = ops::last_query_attention_backward(&q, &k, &v, &p, &d_y, self.scale())?;
         drop((q, k, v, p, d_y));
         let interleaved = cfg.rope_interleaved;
-        let dq = ops::rope_detached(&dq, &last.cos, &last.sin.neg()?, interleaved)?;
-        let dk = ops::rope_detached(&dk, &self.inp.cos, &self.inp.sin.neg()?, interleaved)?;
-        let dq = dq.reshape((b, cfg.num_heads * cfg.head_dim))?;
-        let dk = self.merge(&dk)?;
-        let dv = self.merge(&dv)?;
+        let dq = then(dq, |dq| ops::rope_detached(dq, &last.cos, &last.sin.neg()?, interleaved)?.reshape((b, cfg.num_heads * cfg.head_dim)))?;
+        let dk = then(dk, |dk| ops::rope_detached(dk, &self.inp.cos, &self.inp.sin.neg()?, interleaved))?;
+        let dk = then(dk, |dk| self.merge(dk))?;
+        let dv = then(dv, |dv| self.merge(dv))?;
         // keys and values read every position's norm output, the query the last rows'; each
         // recomputed only where an adapter's gradient reads it, and freed right after (a
         // training step's memory peaks in this backward)
@@ -478,7 +477,7 @@ impl Layer {
         let x_last = self.last_of(x)?;
         let d_h_last = self.linears_backward(&[(Proj::Q, &dq)], || ops::rms_norm(&x_last, norm, eps), grads, &lora_h)?;
         let n = cfg.hidden_size;
-        let d_h = d_h.reshape((b * t, n))?.index_add(&last.idx, &d_h_last, 0)?.reshape(x.shape())?;
+        let d_h = then(d_h, |d_h| d_h.reshape((b * t, n))?.index_add(&last.idx, &d_h_last, 0)?.reshape(x.shape()))?;
         let dx = rms_norm_backward_add(x, &d_h, norm, eps, None)?;
         drop(d_h);
         // the residual's gradient reaches x at the last rows only
@@ -540,9 +539,9 @@ impl Layer {
         drop((q, k, v, d_o, dsum, lse));
         super::pool::trace(x.device(), "block backward, attention", self.li);
         let (dq, dk) = self.rope_qk(dq, dk, true)?;
-        let dq = self.merge(&dq)?;
-        let dk = self.merge(&dk)?;
-        let dv = self.merge(&dv)?;
+        let dq = then(dq, |dq| self.merge(dq))?;
+        let dk = then(dk, |dk| self.merge(dk))?;
+        let dv = then(dv, |dv| self.merge(dv))?;
         let h = self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
         let d_h = self.linears_backward(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h)?;
@@ -575,6 +574,12 @@ impl Adapted<'_> {
 /// weight of `acc`'s float dtype on CUDA (cuBLAS with beta = 1).
 fn in_place(base: &FrozenLinear, acc: &Tensor) -> bool {
     matches!(base.weight(), FrozenWeight::Dense(w) if w.dtype() == acc.dtype()) && acc.device().is_cuda() && matches!(acc.dtype(), DType::BF16 | DType::F32)
+}
+
+/// `f` of `x`, which is freed once `f` has run: `let y = then(y, ..)` gives the old `y` up, where
+/// shadowing it would keep it alive to the end of the scope.
+fn then(x: Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    f(&x)
 }
 
 /// `N` results as an array.
