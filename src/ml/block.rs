@@ -469,8 +469,8 @@ impl Layer {
         let dk = then(dk, |dk| self.merge(dk))?;
         let dv = then(dv, |dv| self.merge(dv))?;
         // keys and values read every position's norm output, the query the last rows'; each
-        // recomputed only where an adapter's gradient reads it, and freed right after (a
-        // training step's memory peaks in this backward)
+        // recomputed only where an adapter's gradient reads it, and freed right after (this
+        // backward runs with every block's activations still kept, near the step's peak)
         let norm = &self.blk.attn_norm;
         let d_h = self.linears_backward(&[(Proj::K, &dk), (Proj::V, &dv)], || ops::rms_norm(x, norm, eps), grads, &lora_h)?;
         drop((dk, dv));
