@@ -48,13 +48,55 @@ struct Group {
     int n;
 };
 
+// The forward's end: the block's four warps sum their products in shared memory and warp 0
+// writes h (one split of the k-steps) or its split's f32 part [split, n, rows, R].
+template <int R>
+__device__ void down_store(float (&acc)[MAX_M][R / 8][4], int n, bf16* const* h, size_t rows, size_t ra, size_t rb,
+                           bool va, bool vb, float* part) {
+    __shared__ float red[3][MAX_M][R / 8][4][32];
+    const int lane = threadIdx.x & 31, i = lane & 3, warp = threadIdx.x >> 5;
+    if (warp > 0) {
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) red[warp - 1][m][nt][j][lane] = acc[m][nt][j];
+    }
+    __syncthreads();
+    if (warp > 0) return;
+#pragma unroll
+    for (int w = 0; w < 3; ++w)
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[m][nt][j] += red[w][m][nt][j][lane];
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= n) break;
+#pragma unroll
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const int col = nt * 8 + 2 * i;
+            if (gridDim.y == 1) {
+                if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * R + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
+                if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * R + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+            } else {
+                float* out = part + ((size_t)blockIdx.y * n + m) * rows * R;
+                if (va) *reinterpret_cast<float2*>(out + ra * R + col) = make_float2(acc[m][nt][0], acc[m][nt][1]);
+                if (vb) *reinterpret_cast<float2*>(out + rb * R + col) = make_float2(acc[m][nt][2], acc[m][nt][3]);
+            }
+        }
+    }
+}
+
 // A block per 16-row tile (blockIdx.x) and split of the k-steps (blockIdx.y of gridDim.y); its
 // four warps take a quarter of that split each and sum in shared memory. With one split the
 // block writes h, else its f32 part [split, n, rows, R] (summed by lora_down_sum).
 template <int R>
 __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0, bf16* h1, bf16* h2,
                           uint32_t threshold, float scale, float* part) {
-    __shared__ float red[3][MAX_M][R / 8][4][32];
     bf16* h[MAX_M] = {h0, h1, h2};
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3, warp = threadIdx.x >> 5;
     const size_t r0 = blockIdx.x * (size_t)16;
@@ -99,40 +141,7 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
             }
         }
     }
-    if (warp > 0) {
-#pragma unroll
-        for (int m = 0; m < MAX_M; ++m)
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) red[warp - 1][m][nt][j][lane] = acc[m][nt][j];
-    }
-    __syncthreads();
-    if (warp > 0) return;
-#pragma unroll
-    for (int w = 0; w < 3; ++w)
-#pragma unroll
-        for (int m = 0; m < MAX_M; ++m)
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[m][nt][j] += red[w][m][nt][j][lane];
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-        if (m >= grp.n) break;
-#pragma unroll
-        for (int nt = 0; nt < R / 8; ++nt) {
-            const int col = nt * 8 + 2 * i;
-            if (gridDim.y == 1) {
-                if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * R + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
-                if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * R + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
-            } else {
-                float* out = part + ((size_t)blockIdx.y * grp.n + m) * rows * R;
-                if (va) *reinterpret_cast<float2*>(out + ra * R + col) = make_float2(acc[m][nt][0], acc[m][nt][1]);
-                if (vb) *reinterpret_cast<float2*>(out + rb * R + col) = make_float2(acc[m][nt][2], acc[m][nt][3]);
-            }
-        }
-    }
+    down_store<R>(acc, grp.n, h, rows, ra, rb, va, vb, part);
 }
 
 // As `lora_down` where K is a multiple of 64, in 64-column chunks (blockIdx.y splits the chunks,
@@ -144,7 +153,6 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
 template <int R>
 __device__ void lora_down_wide(const bf16* x, size_t rows, int K, Group grp, bf16* h0, bf16* h1, bf16* h2,
                                uint32_t threshold, float scale, float* part) {
-    __shared__ float red[3][MAX_M][R / 8][4][32];
     bf16* h[MAX_M] = {h0, h1, h2};
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3, warp = threadIdx.x >> 5;
     const size_t r0 = blockIdx.x * (size_t)16;
@@ -192,40 +200,7 @@ __device__ void lora_down_wide(const bf16* x, size_t rows, int K, Group grp, bf1
             }
         }
     }
-    if (warp > 0) {
-#pragma unroll
-        for (int m = 0; m < MAX_M; ++m)
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) red[warp - 1][m][nt][j][lane] = acc[m][nt][j];
-    }
-    __syncthreads();
-    if (warp > 0) return;
-#pragma unroll
-    for (int w = 0; w < 3; ++w)
-#pragma unroll
-        for (int m = 0; m < MAX_M; ++m)
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt)
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[m][nt][j] += red[w][m][nt][j][lane];
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-        if (m >= grp.n) break;
-#pragma unroll
-        for (int nt = 0; nt < R / 8; ++nt) {
-            const int col = nt * 8 + 2 * i;
-            if (gridDim.y == 1) {
-                if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * R + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
-                if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * R + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
-            } else {
-                float* out = part + ((size_t)blockIdx.y * grp.n + m) * rows * R;
-                if (va) *reinterpret_cast<float2*>(out + ra * R + col) = make_float2(acc[m][nt][0], acc[m][nt][1]);
-                if (vb) *reinterpret_cast<float2*>(out + rb * R + col) = make_float2(acc[m][nt][2], acc[m][nt][3]);
-            }
-        }
-    }
+    down_store<R>(acc, grp.n, h, rows, ra, rb, va, vb, part);
 }
 
 // The A fragment of gh (rows ra, rb; the k-step at column k0, zero past R) from its transpose

@@ -803,6 +803,22 @@ fn contiguous(x: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `[b, t, heads * hd]` -> `[b, heads, t, hd]`, contiguous (`contiguous`).
+fn by_head(x: &Tensor, b: usize, t: usize, heads: usize, hd: usize) -> candle_core::Result<Tensor> {
+    contiguous(&x.reshape((b, t, heads, hd))?.transpose(1, 2)?)
+}
+
+/// `x + down(silu(gate(h)) * up(h))` with `h` the MLP's norm of `x`: the MLP half of `block` and
+/// `last_block`, every op a node of candle's graph.
+fn residual_mlp(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, eps: f32) -> candle_core::Result<Tensor> {
+    let h = ops::rms_norm(x, &blk.ffn_norm, eps)?;
+    let g = linear(blk, li, Proj::Gate, &h, lora)?;
+    let u = linear(blk, li, Proj::Up, &h, lora)?;
+    let s = if g.track_op() || u.track_op() { (ops::silu(&g)? * u)? } else { super::fused::swiglu(&g, &u)? };
+    let y = linear(blk, li, Proj::Down, &s, lora)?;
+    x + y
+}
+
 /// One decoder block: attention and MLP, each pre-normed and residual, every op a node of
 /// candle's graph (through tracked LoRA factors: the reference the hand-written block backward
 /// is tested against). Training uses `block::trained_blocks`, forwards outside autograd
@@ -816,21 +832,16 @@ fn block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)>, in
     let q = linear(blk, li, Proj::Q, &h, lora)?;
     let k = linear(blk, li, Proj::K, &h, lora)?;
     let v = linear(blk, li, Proj::V, &h, lora)?;
-    let q = contiguous(&q.reshape((b, t, nh, hd))?.transpose(1, 2)?)?;
-    let k = contiguous(&k.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
-    let v = contiguous(&v.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
+    let q = by_head(&q, b, t, nh, hd)?;
+    let k = by_head(&k, b, t, nkv, hd)?;
+    let v = by_head(&v, b, t, nkv, hd)?;
     let q = ops::rope(&q, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
     let k = ops::rope(&k, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
     let y = ops::causal_attention(&q, &k, &v, &inp.spans, inp.chunk, 1.0 / (hd as f64).sqrt())?;
     let y = contiguous(&y.transpose(1, 2)?)?.reshape((b, t, nh * hd))?;
     let y = linear(blk, li, Proj::O, &y, lora)?;
     let x = (x + y)?;
-    let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
-    let g = linear(blk, li, Proj::Gate, &h, lora)?;
-    let u = linear(blk, li, Proj::Up, &h, lora)?;
-    let s = if g.track_op() || u.track_op() { (ops::silu(&g)? * u)? } else { super::fused::swiglu(&g, &u)? };
-    let y = linear(blk, li, Proj::Down, &s, lora)?;
-    x + y
+    residual_mlp(blk, li, &x, lora, eps)
 }
 
 /// The last decoder block where only each row's last position is read (`LastRows`), every op a
@@ -846,19 +857,14 @@ fn last_block(blk: &Block, li: usize, x: &Tensor, lora: Option<(&Lora, &LoraCtx)
     let v = linear(blk, li, Proj::V, &h, lora)?;
     let h_last = h.reshape((b * t, cfg.hidden_size))?.index_select(&last.idx, 0)?;
     let q = linear(blk, li, Proj::Q, &h_last, lora)?;
-    let k = contiguous(&k.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
-    let v = contiguous(&v.reshape((b, t, nkv, hd))?.transpose(1, 2)?)?;
+    let k = by_head(&k, b, t, nkv, hd)?;
+    let v = by_head(&v, b, t, nkv, hd)?;
     let k = ops::rope(&k, &inp.cos, &inp.sin, cfg.rope_interleaved)?;
     let q = ops::rope(&q.reshape((b, nh, 1, hd))?, &last.cos, &last.sin, cfg.rope_interleaved)?;
     let (y, _) = ops::last_query_attention(&q, &k, &v, &last.mask, 1.0 / (hd as f64).sqrt())?;
     let y = linear(blk, li, Proj::O, &y, lora)?;
     let x = (x.reshape((b * t, cfg.hidden_size))?.index_select(&last.idx, 0)? + y)?;
-    let h = ops::rms_norm(&x, &blk.ffn_norm, eps)?;
-    let g = linear(blk, li, Proj::Gate, &h, lora)?;
-    let u = linear(blk, li, Proj::Up, &h, lora)?;
-    let s = if g.track_op() || u.track_op() { (ops::silu(&g)? * u)? } else { super::fused::swiglu(&g, &u)? };
-    let y = linear(blk, li, Proj::Down, &s, lora)?;
-    x + y
+    residual_mlp(blk, li, &x, lora, eps)
 }
 
 /// Shapes of well-known Llama-family models, for benchmarks with random weights.
