@@ -11,6 +11,7 @@ use crate::ml::classifier;
 use crate::ml::llama::{known_shape, Batch, Llama};
 use crate::ml::lora::{BlockGrads, Lora, LoraConfig, LoraCtx};
 use crate::ml::model::{BaseFormat, BaseModel};
+use crate::ml::offload::Parking;
 
 /// Parse `cpu`, `cuda` or `cuda:N`.
 pub fn parse_device(s: &str) -> anyhow::Result<Device> {
@@ -123,6 +124,10 @@ pub struct BenchArgs {
     /// projections.
     #[arg(long)]
     pub mlp_checkpointed_layers: Option<usize>,
+    /// With --mlp-checkpointed-layers: those blocks copy their gate and up projections to host
+    /// memory and back instead of recomputing them.
+    #[arg(long)]
+    pub mlp_offload: bool,
     /// Rows per forward and backward in `bench train`: each step runs the batch as micro-batches
     /// of this many rows, their gradients summed into one optimizer step (the trainer's
     /// gradient accumulation). Default: the whole batch at once.
@@ -352,11 +357,14 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             gradient_checkpointing: args.gradient_checkpointing,
             checkpointed_layers: args.checkpointed_layers,
             mlp_checkpointed_layers: args.mlp_checkpointed_layers,
+            mlp_offload: args.mlp_offload,
             ..Default::default()
         };
         if let Some(e) = hp.validate().first() {
             anyhow::bail!("--{}: {}", e.field.trim_start_matches("hyperparameters.").replace('_', "-"), e.reason);
         }
+        // host memory for the parked activations, kept across the steps
+        let parking = hp.offloads_mlp().then(Parking::default);
         let infer = LoraCtx::default();
         let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };
         let head_infer = head.as_tensor().detach();
@@ -390,6 +398,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 for (mi, (batch, labels)) in micro_batches.iter().enumerate() {
                     let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers())
                         .with_mlp_recompute(hp.recomputed_mlp_layers())
+                        .with_mlp_parking(parking.as_ref())
                         .with_grads(&step_grads);
                     let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), batch)?;
                     sample();
@@ -448,6 +457,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 let full = args.checkpointed_layers.unwrap_or(cfg.num_layers).min(cfg.num_layers);
                 hp.recomputed_mlp_layers().min(cfg.num_layers - full)
             }),
+            "mlp_offload": training && hp.offloads_mlp(),
             "micro_batch": training.then_some(micro),
             "host_embeddings": llama.host_embeddings().is_some(),
             "host_embeddings_mapped": llama.host_embeddings().unwrap_or(false),

@@ -126,6 +126,10 @@ pub struct TrainArgs {
     /// MLP's gate and up projections.
     #[arg(long)]
     pub mlp_checkpointed_layers: Option<usize>,
+    /// With --mlp-checkpointed-layers: those blocks copy their gate and up projections to host
+    /// memory and back instead of recomputing them.
+    #[arg(long)]
+    pub mlp_offload: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -172,6 +176,7 @@ impl TrainArgs {
             gradient_checkpointing: self.gradient_checkpointing,
             checkpointed_layers: self.checkpointed_layers,
             mlp_checkpointed_layers: self.mlp_checkpointed_layers,
+            mlp_offload: self.mlp_offload,
         };
         if let Some(e) = hp.validate().first() {
             anyhow::bail!("--{}: {}", e.field.trim_start_matches("hyperparameters.").replace(['_', '.'], "-"), e.reason);

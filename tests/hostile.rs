@@ -184,6 +184,8 @@ async fn negative_nan_and_huge_hyperparameters_name_their_field() {
         (r#"{"gradient_checkpointing": true, "checkpointed_layers": -2}"#.into(), 422, "hyperparameters.checkpointed_layers"),
         (r#"{"gradient_checkpointing": true, "mlp_checkpointed_layers": 8}"#.into(), 422, "hyperparameters.mlp_checkpointed_layers"),
         (r#"{"gradient_checkpointing": true, "checkpointed_layers": 0, "mlp_checkpointed_layers": 0}"#.into(), 422, "hyperparameters.mlp_checkpointed_layers"),
+        (r#"{"gradient_checkpointing": true, "mlp_offload": true}"#.into(), 422, "hyperparameters.mlp_offload"),
+        (r#"{"mlp_offload": "yes"}"#.into(), 422, "hyperparameters.mlp_offload"),
     ];
     for (hp, status, field) in cases {
         let body = format!(r#"{{"dataset_id": "{ds}", "hyperparameters": {hp}}}"#);

@@ -10,6 +10,7 @@ use arbiter::data::{ArenaRow, Label};
 use arbiter::ml::classifier;
 use arbiter::ml::llama::{Batch, Llama, WeightFormat};
 use arbiter::ml::lora::{BlockGrads, Lora, LoraConfig, LoraCtx};
+use arbiter::ml::offload::Parking;
 use arbiter::ml::model::{BaseFormat, BaseModel};
 use arbiter::ml::observe::{EvalMetrics, TrainObserver};
 use arbiter::ml::train::{self, TrainSpec};
@@ -176,13 +177,16 @@ fn hand_written_block_backward_matches_candle_autograd() {
     let a = grads_with(&m.llama, &rows, &labels, 5, &reference);
     // activations kept in every block, recomputed in the first only, recomputed in all; then
     // the MLP's gate and up only recomputed: in every block, and in the block after a fully
-    // recomputed one
-    for (recompute, mlp) in [(0, 0), (1, 0), (usize::MAX, 0), (0, usize::MAX), (1, 1)] {
-        let b = grads_with(&m.llama, &rows, &labels, 5, &LoraCtx::training(dropout, recompute).with_mlp_recompute(mlp));
+    // recomputed one; then those parked (on the CPU they stay where they are: this checks the
+    // blocks' schedule of parking, releasing and taking them back)
+    let parking = Parking::default();
+    for (recompute, mlp, park) in [(0, 0, false), (1, 0, false), (usize::MAX, 0, false), (0, usize::MAX, false), (1, 1, false), (0, usize::MAX, true), (1, 1, true)] {
+        let ctx = LoraCtx::training(dropout, recompute).with_mlp_recompute(mlp).with_mlp_parking(park.then_some(&parking));
+        let b = grads_with(&m.llama, &rows, &labels, 5, &ctx);
         assert_eq!(a.len(), b.len());
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
             let err = relative_error(x, y, &format!("tensor {i}"));
-            assert!(err < 1e-5, "tensor {i} (recompute {recompute}, MLP {mlp}): relative error {err}");
+            assert!(err < 1e-5, "tensor {i} (recompute {recompute}, MLP {mlp}, parked {park}): relative error {err}");
         }
     }
 }

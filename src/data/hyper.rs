@@ -82,6 +82,11 @@ pub struct Hyperparameters {
     /// a block's seven GEMMs, for two thirds of what it keeps). Null: none. Counts past the
     /// model's last block stop there.
     pub mlp_checkpointed_layers: Option<usize>,
+    /// With `mlp_checkpointed_layers`: those blocks copy their gate and up projections to host
+    /// memory in the forward and back for the backward, on a GPU beside the computation,
+    /// instead of recomputing them: the same GPU memory, no GEMM redone, at the cost of host
+    /// memory (page-locked) for them.
+    pub mlp_offload: bool,
 }
 
 impl Default for Hyperparameters {
@@ -107,6 +112,7 @@ impl Default for Hyperparameters {
             gradient_checkpointing: false,
             checkpointed_layers: None,
             mlp_checkpointed_layers: None,
+            mlp_offload: false,
         }
     }
 }
@@ -196,6 +202,9 @@ impl Hyperparameters {
                 bad("mlp_checkpointed_layers", format!("must be between 1 and 1024, got {n}"));
             }
         }
+        if self.mlp_offload && self.mlp_checkpointed_layers.is_none() {
+            bad("mlp_offload", "needs mlp_checkpointed_layers (the blocks whose gate and up projections go to host memory)".into());
+        }
         errs
     }
 
@@ -216,6 +225,12 @@ impl Hyperparameters {
             (true, Some(_)) => self.mlp_checkpointed_layers.unwrap_or(0),
             _ => 0,
         }
+    }
+
+    /// Whether the `recomputed_mlp_layers` blocks park their gate and up projections in host
+    /// memory rather than recompute them (`LoraCtx::mlp_parking`).
+    pub fn offloads_mlp(&self) -> bool {
+        self.mlp_offload && self.recomputed_mlp_layers() > 0
     }
 }
 
@@ -280,6 +295,12 @@ mod tests {
         assert!(both.validate().is_empty());
         assert_eq!((both.recomputed_layers(), both.recomputed_mlp_layers()), (3, 5));
         assert_eq!(Hyperparameters::default().recomputed_mlp_layers(), 0);
+        // parking in host memory is for the MLP-only blocks: without them, a named error
+        let alone = parse(r#"{"gradient_checkpointing": true, "mlp_offload": true}"#);
+        assert_eq!((alone.validate().len(), alone.validate()[0].field.as_str()), (1, "hyperparameters.mlp_offload"));
+        let parked = parse(r#"{"gradient_checkpointing": true, "checkpointed_layers": 0, "mlp_checkpointed_layers": 5, "mlp_offload": true}"#);
+        assert!(parked.validate().is_empty());
+        assert!(parked.offloads_mlp() && !both.offloads_mlp() && !Hyperparameters::default().offloads_mlp());
     }
 
     #[test]

@@ -16,8 +16,9 @@
 //! kept and the backward reruns the forward first; it can cover only the first blocks
 //! (`LoraCtx::recompute_layers`), trading memory for speed between the two. Blocks after those
 //! can also drop just their gate and up projections, two thirds of what a block keeps, and
-//! recompute only those two GEMMs in the backward (`LoraCtx::recompute_mlp_layers`). Where the
-//! forward is read only at each row's last position (a classifier's, `llama::LastRows`), the last
+//! recompute only those two GEMMs in the backward (`LoraCtx::recompute_mlp_layers`), or park them
+//! in host memory, copied out and back beside the computation (`offload`,
+//! `LoraCtx::mlp_parking`). Where the forward is read only at each row's last position (a classifier's, `llama::LastRows`), the last
 //! block computes its keys and values for every position and the rest for those rows alone
 //! (`Layer::forward_last`): about one block's work and activations less. The whole
 //! stack of blocks is a single node (`trained_blocks`), whose backward walks the blocks in
@@ -33,6 +34,7 @@ use super::lora::{BlockGrads, Lora, LoraCtx};
 use super::fused;
 use super::norm::rms_norm_backward_add;
 use super::lora_group::{self, Member};
+use super::offload::Parked;
 use super::ops::{self, AttentionPlan, CastFactors, FrozenLinear, FrozenWeight, LoraParts};
 use super::{gemm, rope};
 
@@ -593,7 +595,15 @@ struct Pending {
     layer: Layer,
     x: Tensor,
     saved: Option<Kept>,
+    /// The MLP's gate and up projections, parked in host memory (`LoraCtx::mlp_parking`).
+    parked: Option<Parked>,
 }
+
+/// Parked activations' device copies are freed this many blocks after their own forward (their
+/// copy out is done by then, so the device's stream does not wait for it) ...
+const RELEASE_AFTER: usize = 3;
+/// ... and copied back this many blocks ahead of their backward.
+const FETCH_AHEAD: usize = 2;
 
 /// The decoder blocks of a training forward as one node of `x`'s graph (see the module docs):
 /// its backward runs the blocks' backwards in reverse, freeing each block's input and
@@ -609,28 +619,54 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
         let mut layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some((h.dtype(), grads)), li + 1 == blocks.len())?;
         // the last block that computes every row: its forward ends at the step's peak of memory
         layer.chunk_mlp = li + 1 + usize::from(inp.last.is_some()) == blocks.len();
+        let mlp_only = li >= ctx.recompute_layers && li - ctx.recompute_layers < ctx.recompute_mlp_layers;
         let keep = if li < ctx.recompute_layers {
             Keep::Nothing
-        } else if li - ctx.recompute_layers < ctx.recompute_mlp_layers {
+        } else if mlp_only && ctx.mlp_parking.is_none() {
             Keep::AllButMlp
         } else {
             Keep::All
         };
-        let (out, saved) = layer.forward(&h, keep)?;
-        pending.push(Pending { layer, x: h, saved });
+        let (out, mut saved) = layer.forward(&h, keep)?;
+        let parked = match saved.as_mut() {
+            Some(Kept::Whole(s)) if mlp_only => match (&ctx.mlp_parking, s.mlp.take()) {
+                (Some(parking), Some((gate, up))) => Some(parking.park(li, vec![gate, up])?),
+                (_, mlp) => {
+                    s.mlp = mlp;
+                    None
+                }
+            },
+            _ => None,
+        };
+        pending.push(Pending { layer, x: h, saved, parked });
+        if let Some(p) = li.checked_sub(RELEASE_AFTER).and_then(|at| pending[at].parked.as_mut()) {
+            p.release()?;
+        }
         h = out;
         super::pool::trace(h.device(), "block forward", li);
     }
+    for p in pending.iter_mut().filter_map(|p| p.parked.as_mut()) {
+        p.release()?;
+    }
     let pending = Mutex::new(pending);
     let grads = grads.clone();
+    let parking = ctx.mlp_parking.clone().unwrap_or_default();
     ops::with_grad("decoder-blocks", x, h, move |_, _, grad| {
         let mut pending = pending.lock().map_err(|_| candle_core::Error::Msg("decoder blocks: poisoned lock".into()))?;
         let mut g = grad.detach();
-        while let Some(Pending { layer, x, saved }) = pending.pop() {
+        while let Some(Pending { layer, x, saved, parked }) = pending.pop() {
             let _span = tracing::trace_span!("block backward", layer = layer.li).entered();
-            let saved = match saved {
-                Some(s) => s,
-                None => layer.forward(&x, Keep::All)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
+            for p in pending.iter_mut().rev().take(FETCH_AHEAD).filter_map(|p| p.parked.as_mut()) {
+                p.fetch(&parking)?;
+            }
+            let saved = match (saved, parked) {
+                (Some(Kept::Whole(mut s)), Some(p)) => {
+                    let mut back = p.take(&parking)?.into_iter();
+                    s.mlp = back.next().zip(back.next());
+                    Kept::Whole(s)
+                }
+                (Some(s), _) => s,
+                (None, _) => layer.forward(&x, Keep::All)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
             };
             let li = layer.li;
             g = layer.backward(&x, saved, &g, &grads)?;

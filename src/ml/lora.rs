@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, TensorId, Var};
 use rand::{Rng, SeedableRng};
 
 use super::llama::{Config, Proj};
+use super::offload::Parking;
 use super::ops::{CastFactors, FrozenLinear, LoraParts};
 use super::MlError;
 
@@ -66,19 +67,31 @@ pub struct LoraCtx {
     /// and up projections, which the backward recomputes (selective recomputation: less memory
     /// per block than keeping everything, for two of its seven GEMMs).
     pub recompute_mlp_layers: usize,
+    /// With this, those `recompute_mlp_layers` blocks park their gate and up projections in host
+    /// memory (`offload`) instead of recomputing them: the same memory on the device, no GEMM
+    /// redone. A run's steps share one `Parking` (its host buffers).
+    pub mlp_parking: Option<Parking>,
 }
 
 impl LoraCtx {
     /// The context of a training forward: hand-written block backwards, the first
     /// `recompute_layers` blocks under activation checkpointing.
     pub fn training(dropout: Option<(f32, u64)>, recompute_layers: usize) -> LoraCtx {
-        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0 }
+        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0, mlp_parking: None }
     }
 
     /// The same context with `recompute_mlp_layers` blocks, after the recomputed ones,
     /// recomputing only their MLP's gate and up projections.
     pub fn with_mlp_recompute(mut self, layers: usize) -> LoraCtx {
         self.recompute_mlp_layers = layers;
+        self
+    }
+
+    /// The same context with the `recompute_mlp_layers` blocks parking their gate and up
+    /// projections in `parking`'s host memory (`offload`) rather than recomputing them; `None`:
+    /// recomputing them.
+    pub fn with_mlp_parking(mut self, parking: Option<&Parking>) -> LoraCtx {
+        self.mlp_parking = parking.cloned();
         self
     }
 

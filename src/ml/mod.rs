@@ -83,6 +83,7 @@ pub mod graph;
 pub mod llama;
 pub mod model;
 pub mod norm;
+pub mod offload;
 pub mod lora;
 pub mod lora_group;
 pub mod observe;
@@ -137,6 +138,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(graph::check_device(device)?);
     checks.extend(rope::check_device(device)?);
     checks.extend(lora_group::check_device(device)?);
+    checks.extend(offload::check_device(device)?);
     Ok(checks)
 }
 

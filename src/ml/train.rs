@@ -19,6 +19,7 @@ use super::classifier;
 use super::fsutil;
 use super::llama::Batch;
 use super::lora::{BlockGrads, Lora, LoraConfig, LoraCtx};
+use super::offload::Parking;
 use super::model::BaseModel;
 use super::observe::{EvalMetrics, TrainObserver};
 use super::MlError;
@@ -312,6 +313,8 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
     };
 
     let head_t = head.as_tensor().clone();
+    // host memory for the activations parked there, kept across the steps
+    let parking = hp.offloads_mlp().then(Parking::default);
     let mut step_losses: Vec<f64> = Vec::new();
     while state.step < total_steps {
         let epoch = (state.step / steps_per_epoch) as usize;
@@ -338,6 +341,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             let micro_seed = hp.seed ^ (state.step * 1024 + mi as u64).wrapping_mul(0x2545_f491_4f6c_dd1d);
             let ctx = LoraCtx::training(Some((dropout, micro_seed)), hp.recomputed_layers())
                 .with_mlp_recompute(hp.recomputed_mlp_layers())
+                .with_mlp_parking(parking.as_ref())
                 .with_grads(&step_grads);
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             // each micro-batch weighs by its share of the group's rows

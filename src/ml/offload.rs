@@ -1,0 +1,276 @@
+//! Activations parked in host memory between a training block's forward and its backward.
+//!
+//! A block that keeps its MLP's gate and up projections holds two thirds of its activations in
+//! them; recomputing them in the backward costs two of the block's seven GEMMs. Parked, they
+//! cost none: on CUDA the forward copies them to page-locked host memory on a stream of their
+//! own, the block's device copies are freed a few blocks later (once the copy is surely done),
+//! and the backward copies them back a few blocks ahead of the block that reads them. The
+//! copies run on the GPU's copy engines, beside the kernels; events order them against the
+//! device's stream, which allocates, reads and frees every buffer. Host buffers are kept per
+//! layer and reused by every micro-batch and step.
+//!
+//! Elsewhere (the CPU) a parked tensor simply stays where it is: the same schedule, no copy.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{Result, Tensor};
+
+/// The host buffers and the copy stream, shared by a training run's steps (`BlockGrads`).
+#[derive(Default, Clone)]
+pub struct Parking {
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    inner: Arc<Mutex<Lot>>,
+}
+
+impl std::fmt::Debug for Parking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Parking")
+    }
+}
+
+#[derive(Default)]
+struct Lot {
+    #[cfg(feature = "cuda")]
+    side: Option<cuda::Side>,
+    /// Host buffers by (layer, tensor index).
+    #[cfg(feature = "cuda")]
+    host: std::collections::HashMap<(usize, usize), cuda::HostBuf>,
+}
+
+/// Tensors of one layer on their way to host memory, there, or on their way back.
+pub struct Parked {
+    li: usize,
+    state: State,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+enum State {
+    /// Being copied out (CUDA; the device copies are freed by `release`), or kept as they are.
+    Out { tensors: Vec<Tensor>, #[cfg(feature = "cuda")] copied: Option<cuda::Copy> },
+    /// In host memory only.
+    Host { shapes: Vec<(candle_core::Shape, candle_core::DType)>, device: candle_core::Device },
+    /// Being copied back into these device buffers.
+    In { tensors: Vec<Tensor>, #[cfg(feature = "cuda")] copied: Option<cuda::Copy> },
+}
+
+impl Parking {
+    /// Starts parking layer `li`'s `tensors` (contiguous): on CUDA the copies to host memory
+    /// are queued behind the work that makes them.
+    pub fn park(&self, li: usize, tensors: Vec<Tensor>) -> Result<Parked> {
+        #[cfg(feature = "cuda")]
+        if let Some(candle_core::Device::Cuda(dev)) = tensors.first().map(|t| t.device()) {
+            let mut lot = self.lock()?;
+            let copied = cuda::park(&mut lot, dev, li, &tensors)?;
+            return Ok(Parked { li, state: State::Out { tensors, copied: Some(copied) } });
+        }
+        Ok(Parked {
+            li,
+            state: State::Out {
+                tensors,
+                #[cfg(feature = "cuda")]
+                copied: None,
+            },
+        })
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, Lot>> {
+        self.inner.lock().map_err(|_| candle_core::Error::Msg("parking: poisoned lock".into()))
+    }
+}
+
+impl Parked {
+    /// Frees the device copies once the copies out are done (the device's stream waits for
+    /// them, the host does not). Elsewhere the tensors stay.
+    pub fn release(&mut self) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let State::Out { tensors, copied: Some(c) } = &self.state {
+            c.wait_on_main()?;
+            let shapes = tensors.iter().map(|t| (t.shape().clone(), t.dtype())).collect();
+            let device = tensors.first().map(|t| t.device().clone()).unwrap_or(candle_core::Device::Cpu);
+            // the device copies go here, their frees queued behind the wait
+            self.state = State::Host { shapes, device };
+        }
+        Ok(())
+    }
+
+    /// Starts copying the tensors back into fresh device buffers, if they are only in host
+    /// memory.
+    pub fn fetch(&mut self, parking: &Parking) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let State::Host { shapes, device: candle_core::Device::Cuda(dev) } = &self.state {
+            let mut lot = parking.lock()?;
+            let (tensors, copied) = cuda::fetch(&mut lot, dev, self.li, shapes)?;
+            self.state = State::In { tensors, copied: Some(copied) };
+        }
+        let _ = parking;
+        Ok(())
+    }
+
+    /// The tensors, on their device: fetched if not yet, and the device's stream made to wait
+    /// for the copies.
+    pub fn take(mut self, parking: &Parking) -> Result<Vec<Tensor>> {
+        self.fetch(parking)?;
+        match self.state {
+            #[cfg(feature = "cuda")]
+            State::Out { tensors, copied } | State::In { tensors, copied } => {
+                // still on the device (never released), or copied back
+                if let Some(c) = copied {
+                    c.wait_on_main()?;
+                }
+                Ok(tensors)
+            }
+            #[cfg(not(feature = "cuda"))]
+            State::Out { tensors } | State::In { tensors } => Ok(tensors),
+            State::Host { .. } => candle_core::bail!("parking: layer {} not fetched", self.li),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DeviceRepr, PinnedHostSlice};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{CudaStorage, DType, Result, Shape, Storage, Tensor};
+    use half::bf16;
+
+    use super::Lot;
+
+    pub struct Side {
+        stream: Arc<CudaStream>,
+    }
+
+    pub enum HostBuf {
+        Bf16(PinnedHostSlice<bf16>),
+        F32(PinnedHostSlice<f32>),
+    }
+
+    /// A copy queued on the side stream: the event recorded after it.
+    pub struct Copy {
+        done: CudaEvent,
+        main: Arc<CudaStream>,
+    }
+
+    impl Copy {
+        /// The device's stream waits for the copy (work queued on it later runs after).
+        pub fn wait_on_main(&self) -> Result<()> {
+            self.main.wait(&self.done).w()
+        }
+    }
+
+    fn side<'a>(lot: &'a mut Lot, dev: &CudaDevice) -> Result<&'a Arc<CudaStream>> {
+        if lot.side.is_none() {
+            lot.side = Some(Side { stream: dev.cuda_stream().context().new_stream().w()? });
+        }
+        Ok(&lot.side.as_ref().expect("made above").stream)
+    }
+
+    fn host<'a>(lot: &'a mut Lot, dev: &CudaDevice, key: (usize, usize), dtype: DType, len: usize) -> Result<&'a mut HostBuf> {
+        // a buffer of the tensor's size (a smaller micro-batch takes a buffer of its own)
+        let fits = match lot.host.get(&key) {
+            Some(HostBuf::Bf16(h)) => dtype == DType::BF16 && h.len() == len,
+            Some(HostBuf::F32(h)) => dtype == DType::F32 && h.len() == len,
+            None => false,
+        };
+        if !fits {
+            let ctx = dev.cuda_stream().context().clone();
+            // SAFETY: the buffer is written by a copy before it is read
+            let buf = match dtype {
+                DType::BF16 => HostBuf::Bf16(unsafe { ctx.alloc_pinned_with_flags::<bf16>(len, 0) }.w()?),
+                DType::F32 => HostBuf::F32(unsafe { ctx.alloc_pinned_with_flags::<f32>(len, 0) }.w()?),
+                other => candle_core::bail!("parking: {other:?} tensors are not parked"),
+            };
+            lot.host.insert(key, buf);
+        }
+        Ok(lot.host.get_mut(&key).expect("inserted above"))
+    }
+
+    fn slice<'a, T: candle_core::cuda_backend::CudaDType + DeviceRepr>(s: &'a Storage, t: &Tensor) -> Result<CudaView<'a, T>> {
+        let (o1, o2) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("parking: tensor not contiguous".into()))?;
+        match s {
+            Storage::Cuda(c) => Ok(c.as_cuda_slice::<T>()?.slice(o1..o2)),
+            _ => candle_core::bail!("parking: tensor not on the CUDA device"),
+        }
+    }
+
+    pub fn park(lot: &mut Lot, dev: &CudaDevice, li: usize, tensors: &[Tensor]) -> Result<Copy> {
+        let main = dev.cuda_stream();
+        let side = side(lot, dev)?.clone();
+        // the side stream starts after the work that makes the tensors
+        side.wait(&main.record_event(None).w()?).w()?;
+        for (i, t) in tensors.iter().enumerate() {
+            let n = t.elem_count();
+            let guard = t.storage_and_layout().0;
+            match host(lot, dev, (li, i), t.dtype(), n)? {
+                HostBuf::Bf16(h) => side.memcpy_dtoh(&slice::<bf16>(&guard, t)?, &mut *h).w()?,
+                HostBuf::F32(h) => side.memcpy_dtoh(&slice::<f32>(&guard, t)?, &mut *h).w()?,
+            }
+        }
+        Ok(Copy { done: side.record_event(None).w()?, main })
+    }
+
+    pub fn fetch(lot: &mut Lot, dev: &CudaDevice, li: usize, shapes: &[(Shape, DType)]) -> Result<(Vec<Tensor>, Copy)> {
+        let main = dev.cuda_stream();
+        let side = side(lot, dev)?.clone();
+        let mut dsts = Vec::with_capacity(shapes.len());
+        for (shape, dtype) in shapes {
+            // SAFETY: the copy below writes every element before the device's stream reads it
+            dsts.push(match dtype {
+                DType::BF16 => Dst::Bf16(unsafe { dev.alloc::<bf16>(shape.elem_count())? }),
+                DType::F32 => Dst::F32(unsafe { dev.alloc::<f32>(shape.elem_count())? }),
+                other => candle_core::bail!("parking: {other:?} tensors are not parked"),
+            });
+        }
+        // the buffers were allocated in the device stream's order: the copies start after that
+        side.wait(&main.record_event(None).w()?).w()?;
+        let mut tensors = Vec::with_capacity(shapes.len());
+        for (i, (dst, (shape, _))) in dsts.into_iter().zip(shapes).enumerate() {
+            let storage = match (dst, lot.host.get(&(li, i))) {
+                (Dst::Bf16(mut d), Some(HostBuf::Bf16(h))) if h.len() == d.len() => {
+                    side.memcpy_htod(h, &mut d).w()?;
+                    CudaStorage::wrap_cuda_slice(d, dev.clone())
+                }
+                (Dst::F32(mut d), Some(HostBuf::F32(h))) if h.len() == d.len() => {
+                    side.memcpy_htod(h, &mut d).w()?;
+                    CudaStorage::wrap_cuda_slice(d, dev.clone())
+                }
+                _ => candle_core::bail!("parking: no host copy of layer {li}'s tensor {i}"),
+            };
+            tensors.push(Tensor::from_storage(Storage::Cuda(storage), shape.clone(), BackpropOp::none(), false));
+        }
+        Ok((tensors, Copy { done: side.record_event(None).w()?, main }))
+    }
+
+    enum Dst {
+        Bf16(CudaSlice<bf16>),
+        F32(CudaSlice<f32>),
+    }
+}
+
+/// A round trip through host memory on `device`: tensors parked, their device copies freed,
+/// the memory reused by other work, then fetched back; they must come back bit for bit.
+pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelCheck>> {
+    use candle_core::DType;
+    let parking = Parking::default();
+    let mut out = Vec::new();
+    for (dtype, shape) in [(DType::BF16, (33usize, 200usize)), (DType::F32, (7, 64))] {
+        let a = Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?;
+        let b = Tensor::randn(0f32, 1.0, (shape.0, shape.1 * 2), device)?.to_dtype(dtype)?;
+        let want = [a.to_device(&candle_core::Device::Cpu)?, b.to_device(&candle_core::Device::Cpu)?];
+        let mut parked = parking.park(3, vec![a, b])?;
+        parked.release()?;
+        // work that may take the freed memory over
+        let scratch = Tensor::ones((shape.0, shape.1 * 3), dtype, device)?;
+        parked.fetch(&parking)?;
+        let got = parked.take(&parking)?;
+        drop(scratch);
+        for (w, g) in want.iter().zip(&got) {
+            let w = w.to_dtype(DType::F32)?;
+            out.push(super::KernelCheck::relative("parked round trip", format!("{dtype:?}"), shape, &w, &g.to_dtype(DType::F32)?, 0.0)?);
+        }
+    }
+    Ok(out)
+}
