@@ -18,11 +18,11 @@
 //! can also drop just their gate and up projections, two thirds of what a block keeps, and
 //! recompute only those two GEMMs in the backward (`LoraCtx::recompute_mlp_layers`), or park them
 //! in host memory, copied out and back beside the computation (`offload`,
-//! `LoraCtx::mlp_parking`). Where the forward is read only at each row's last position (a classifier's, `llama::LastRows`), the last
-//! block computes its keys and values for every position and the rest for those rows alone
-//! (`Layer::forward_last`): about one block's work and activations less. The whole
-//! stack of blocks is a single node (`trained_blocks`), whose backward walks the blocks in
-//! reverse.
+//! `LoraCtx::mlp_parking`). Where the forward is read only at each row's last position (a
+//! classifier's, `llama::LastRows`), the last block computes its keys and values for every
+//! position and the rest for those rows alone (`Layer::forward_last`): about one block's work and
+//! activations less. The whole stack of blocks is a single node (`trained_blocks`), whose
+//! backward walks the blocks in reverse.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
