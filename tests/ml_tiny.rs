@@ -594,12 +594,14 @@ fn checkpointed_training_matches_plain_training() {
         candle_core::safetensors::load(s.adapter_dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap()
     };
     let plain = adapter(&hp);
-    // every block recomputed, only the first of the two, and the second's gate and up after it
-    for (layers, mlp) in [(None, None), (Some(1), None), (Some(1), Some(1))] {
+    // every block recomputed, only the first of the two, and the second's gate and up after it,
+    // recomputed or parked (`mlp_offload`: the trainer's steps share one parking)
+    for (layers, mlp, offload) in [(None, None, false), (Some(1), None, false), (Some(1), Some(1), false), (Some(0), Some(2), true)] {
         let checkpointed = adapter(&Hyperparameters {
             gradient_checkpointing: true,
             checkpointed_layers: layers,
             mlp_checkpointed_layers: mlp,
+            mlp_offload: offload,
             ..hp.clone()
         });
         assert_eq!(plain.len(), checkpointed.len());
@@ -607,7 +609,7 @@ fn checkpointed_training_matches_plain_training() {
             let b = &checkpointed[name];
             let d = max_abs_diff(a, b);
             let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!(d <= 1e-5 * scale.max(1e-3), "{name} ({layers:?} recomputed, MLP {mlp:?}): differs by {d} (scale {scale})");
+            assert!(d <= 1e-5 * scale.max(1e-3), "{name} ({layers:?} recomputed, MLP {mlp:?}, parked {offload}): differs by {d} (scale {scale})");
         }
     }
 }
