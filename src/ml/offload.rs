@@ -169,10 +169,11 @@ mod cuda {
     }
 
     fn host<'a>(lot: &'a mut Lot, dev: &CudaDevice, key: (usize, usize), dtype: DType, len: usize) -> Result<&'a mut HostBuf> {
-        // a buffer of the tensor's size (a smaller micro-batch takes a buffer of its own)
+        // buffers only grow: micro-batches padded to other lengths reuse the largest so far
+        // (page-locking host memory takes milliseconds per hundred megabytes)
         let fits = match lot.host.get(&key) {
-            Some(HostBuf::Bf16(h)) => dtype == DType::BF16 && h.len() == len,
-            Some(HostBuf::F32(h)) => dtype == DType::F32 && h.len() == len,
+            Some(HostBuf::Bf16(h)) => dtype == DType::BF16 && h.len() >= len,
+            Some(HostBuf::F32(h)) => dtype == DType::F32 && h.len() >= len,
             None => false,
         };
         if !fits {
@@ -229,12 +230,12 @@ mod cuda {
         let mut tensors = Vec::with_capacity(shapes.len());
         for (i, (dst, (shape, _))) in dsts.into_iter().zip(shapes).enumerate() {
             let storage = match (dst, lot.host.get(&(li, i))) {
-                (Dst::Bf16(mut d), Some(HostBuf::Bf16(h))) if h.len() == d.len() => {
-                    side.memcpy_htod(h, &mut d).w()?;
+                (Dst::Bf16(mut d), Some(HostBuf::Bf16(h))) => {
+                    side.memcpy_htod(head(h, d.len())?, &mut d).w()?;
                     CudaStorage::wrap_cuda_slice(d, dev.clone())
                 }
-                (Dst::F32(mut d), Some(HostBuf::F32(h))) if h.len() == d.len() => {
-                    side.memcpy_htod(h, &mut d).w()?;
+                (Dst::F32(mut d), Some(HostBuf::F32(h))) => {
+                    side.memcpy_htod(head(h, d.len())?, &mut d).w()?;
                     CudaStorage::wrap_cuda_slice(d, dev.clone())
                 }
                 _ => candle_core::bail!("parking: no host copy of layer {li}'s tensor {i}"),
@@ -248,6 +249,14 @@ mod cuda {
         Bf16(CudaSlice<bf16>),
         F32(CudaSlice<f32>),
     }
+
+    /// The first `n` elements of a host buffer (one made for a longer micro-batch). Still
+    /// page-locked memory, so the copy from it stays asynchronous; the host waits for the
+    /// buffer's last recorded copy, the one out in this layer's forward, long done by now.
+    fn head<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(h: &PinnedHostSlice<T>, n: usize) -> Result<&[T]> {
+        let all = h.as_slice().w()?;
+        all.get(..n).ok_or_else(|| candle_core::Error::Msg(format!("parking: host buffer of {} elements for {n}", all.len())))
+    }
 }
 
 /// A round trip through host memory on `device`: tensors parked, their device copies freed,
@@ -256,7 +265,8 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
     use candle_core::DType;
     let parking = Parking::default();
     let mut out = Vec::new();
-    for (dtype, shape) in [(DType::BF16, (33usize, 200usize)), (DType::F32, (7, 64))] {
+    // the second reuses the first's larger host buffers
+    for (dtype, shape) in [(DType::BF16, (33usize, 200usize)), (DType::BF16, (20, 120)), (DType::F32, (7, 64))] {
         let a = Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?;
         let b = Tensor::randn(0f32, 1.0, (shape.0, shape.1 * 2), device)?.to_dtype(dtype)?;
         let want = [a.to_device(&candle_core::Device::Cpu)?, b.to_device(&candle_core::Device::Cpu)?];

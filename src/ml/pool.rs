@@ -15,13 +15,15 @@ pub fn retain(device: &Device) -> Result<()> {
 /// Stop cudarc recording a CUDA event at each allocation and use of a buffer (it does so once
 /// a context has a stream of its own, as candle's device has, to order uses across streams):
 /// every kernel, copy and free of Arbiter's runs on the device's one stream, in order, so
-/// those events order nothing. `ARBITER_CUDA_EVENT_TRACKING=1` keeps them (to compare).
+/// those events order nothing. The one exception, the copies of activations parked in host
+/// memory (`offload`), runs on a stream of its own ordered by events recorded for it. `ARBITER_CUDA_EVENT_TRACKING=1` keeps them (to compare).
 pub fn single_stream(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         if std::env::var("ARBITER_CUDA_EVENT_TRACKING").as_deref() != Ok("1") {
             // SAFETY: all work on this device goes to the one stream candle created for it
-            // (kernels, cuBLAS, copies, stream-ordered frees), so stream order alone orders it
+            // (kernels, cuBLAS, copies, stream-ordered frees), so stream order alone orders it;
+            // `offload`'s copy stream waits for and is waited on through events of its own
             unsafe { d.cuda_stream().context().disable_event_tracking() };
         }
     }
