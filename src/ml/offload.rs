@@ -131,7 +131,7 @@ impl Parked {
 mod cuda {
     use std::sync::Arc;
 
-    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DeviceRepr, PinnedHostSlice};
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, CudaSlice, CudaStream, CudaView, DeviceRepr, PinnedHostSlice, ValidAsZeroBits};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, DType, Result, Shape, Storage, Tensor};
@@ -177,6 +177,11 @@ mod cuda {
             None => false,
         };
         if !fits {
+            // the copies through the buffer it replaces record no event on it: let them finish
+            // before it is freed
+            if let (Some(side), true) = (&lot.side, lot.host.contains_key(&key)) {
+                side.stream.synchronize().w()?;
+            }
             let ctx = dev.cuda_stream().context().clone();
             // SAFETY: the buffer is written by a copy before it is read
             let buf = match dtype {
@@ -205,9 +210,10 @@ mod cuda {
         for (i, t) in tensors.iter().enumerate() {
             let n = t.elem_count();
             let guard = t.storage_and_layout().0;
+            // into the first n elements (a copy fills its whole host slice)
             match host(lot, dev, (li, i), t.dtype(), n)? {
-                HostBuf::Bf16(h) => side.memcpy_dtoh(&slice::<bf16>(&guard, t)?, &mut *h).w()?,
-                HostBuf::F32(h) => side.memcpy_dtoh(&slice::<f32>(&guard, t)?, &mut *h).w()?,
+                HostBuf::Bf16(h) => side.memcpy_dtoh(&slice::<bf16>(&guard, t)?, head_mut(h, n)?).w()?,
+                HostBuf::F32(h) => side.memcpy_dtoh(&slice::<f32>(&guard, t)?, head_mut(h, n)?).w()?,
             }
         }
         Ok(Copy { done: side.record_event(None).w()?, main })
@@ -250,12 +256,21 @@ mod cuda {
         F32(CudaSlice<f32>),
     }
 
-    /// The first `n` elements of a host buffer (one made for a longer micro-batch). Still
-    /// page-locked memory, so the copy from it stays asynchronous; the host waits for the
-    /// buffer's last recorded copy, the one out in this layer's forward, long done by now.
-    fn head<T: DeviceRepr + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits>(h: &PinnedHostSlice<T>, n: usize) -> Result<&[T]> {
+    /// The first `n` elements of a host buffer (one made for a longer micro-batch), to copy
+    /// from: still page-locked memory, so the copy stays asynchronous. Copies through these
+    /// plain slices record no event on the buffer, so taking them never makes the host wait;
+    /// the side stream, the only one that touches the buffers, orders the copies.
+    fn head<T: DeviceRepr + ValidAsZeroBits>(h: &PinnedHostSlice<T>, n: usize) -> Result<&[T]> {
         let all = h.as_slice().w()?;
-        all.get(..n).ok_or_else(|| candle_core::Error::Msg(format!("parking: host buffer of {} elements for {n}", all.len())))
+        let len = all.len();
+        all.get(..n).ok_or_else(|| candle_core::Error::Msg(format!("parking: host buffer of {len} elements for {n}")))
+    }
+
+    /// `head` to copy into.
+    fn head_mut<T: DeviceRepr + ValidAsZeroBits>(h: &mut PinnedHostSlice<T>, n: usize) -> Result<&mut [T]> {
+        let all = h.as_mut_slice().w()?;
+        let len = all.len();
+        all.get_mut(..n).ok_or_else(|| candle_core::Error::Msg(format!("parking: host buffer of {len} elements for {n}")))
     }
 }
 
