@@ -7,7 +7,7 @@
 //! and the backward copies them back a few blocks ahead of the block that reads them. The
 //! copies run on the GPU's copy engines, beside the kernels; events order them against the
 //! device's stream, which allocates, reads and frees every buffer. Host buffers are kept per
-//! layer and reused by every micro-batch and step.
+//! layer and reused by every micro-batch and step (grown for a longer one).
 //!
 //! Elsewhere (the CPU) a parked tensor simply stays where it is: the same schedule, no copy.
 
@@ -15,7 +15,8 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{Result, Tensor};
 
-/// The host buffers and the copy stream, shared by a training run's steps (`BlockGrads`).
+/// The host buffers and the copy stream, shared by a training run's steps
+/// (`LoraCtx::mlp_parking`).
 #[derive(Default, Clone)]
 pub struct Parking {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -111,7 +112,8 @@ impl Parked {
     /// for the copies.
     pub fn take(mut self, parking: &Parking) -> Result<Vec<Tensor>> {
         self.fetch(parking)?;
-        match self.state {
+        let taken = State::Host { shapes: Vec::new(), device: candle_core::Device::Cpu };
+        match std::mem::replace(&mut self.state, taken) {
             #[cfg(feature = "cuda")]
             State::Out { tensors, copied } | State::In { tensors, copied } => {
                 // still on the device (never released), or copied back
@@ -123,6 +125,20 @@ impl Parked {
             #[cfg(not(feature = "cuda"))]
             State::Out { tensors } | State::In { tensors } => Ok(tensors),
             State::Host { .. } => candle_core::bail!("parking: layer {} not fetched", self.li),
+        }
+    }
+}
+
+impl Drop for Parked {
+    /// Parked tensors given up on the way (a step that failed between its forward and its
+    /// backward): the device's stream waits for their copies before it frees or reuses the
+    /// buffers the copies read or write.
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let State::Out { copied: Some(c), .. } | State::In { copied: Some(c), .. } = &self.state {
+            if let Err(e) = c.wait_on_main() {
+                tracing::warn!(error = %e, layer = self.li, "parking: could not order a copy before its buffer's release");
+            }
         }
     }
 }
