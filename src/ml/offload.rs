@@ -38,6 +38,19 @@ struct Lot {
     host: std::collections::HashMap<(usize, usize), cuda::HostBuf>,
 }
 
+impl Drop for Lot {
+    /// The copies through the host buffers record no event on them: the buffers are freed only
+    /// once the copy stream has run dry (a run that stopped mid-step may leave copies queued).
+    fn drop(&mut self) {
+        #[cfg(feature = "cuda")]
+        if let Some(side) = &self.side {
+            if let Err(e) = side.synchronize() {
+                tracing::warn!(error = %e, "parking: the copy stream did not finish");
+            }
+        }
+    }
+}
+
 /// Tensors of one layer on their way to host memory, there, or on their way back.
 pub struct Parked {
     li: usize,
@@ -159,6 +172,13 @@ mod cuda {
         stream: Arc<CudaStream>,
     }
 
+    impl Side {
+        /// Waits (the host) for every copy queued on the stream.
+        pub fn synchronize(&self) -> Result<()> {
+            self.stream.synchronize().w()
+        }
+    }
+
     pub enum HostBuf {
         Bf16(PinnedHostSlice<bf16>),
         F32(PinnedHostSlice<f32>),
@@ -196,7 +216,7 @@ mod cuda {
             // the copies through the buffer it replaces record no event on it: let them finish
             // before it is freed
             if let (Some(side), true) = (&lot.side, lot.host.contains_key(&key)) {
-                side.stream.synchronize().w()?;
+                side.synchronize()?;
             }
             let ctx = dev.cuda_stream().context().clone();
             // SAFETY: the buffer is written by a copy before it is read
