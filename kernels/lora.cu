@@ -48,6 +48,16 @@ struct Group {
     int n;
 };
 
+// The forward's share of `units` (k-steps or chunks) for warp `warp` of four: blockIdx.y takes
+// a split of gridDim.y, its warps a quarter of that each; [x, y), empty past the end.
+__device__ __forceinline__ int2 warp_share(int units, int warp) {
+    const int per_block = (units + gridDim.y - 1) / gridDim.y;
+    const int b0 = min(units, (int)blockIdx.y * per_block), b1 = min(units, b0 + per_block);
+    const int per_warp = (b1 - b0 + 3) / 4;
+    const int w0 = min(b1, b0 + warp * per_warp);
+    return make_int2(w0, min(b1, w0 + per_warp));
+}
+
 // The forward's end: the block's four warps sum their products in shared memory and warp 0
 // writes h (one split of the k-steps) or its split's f32 part [split, n, rows, R].
 template <int R>
@@ -102,10 +112,8 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
     const size_t r0 = blockIdx.x * (size_t)16;
     const size_t ra = r0 + g, rb = r0 + g + 8;
     const bool va = ra < rows, vb = rb < rows;
-    const int steps = K / 16, per_block = (steps + gridDim.y - 1) / gridDim.y;
-    const int b0 = min(steps, (int)blockIdx.y * per_block), b1 = min(steps, b0 + per_block);
-    const int per_warp = (b1 - b0 + 3) / 4;
-    const int w0 = min(b1, b0 + warp * per_warp), w1 = min(b1, w0 + per_warp);
+    const int2 ws = warp_share(K / 16, warp);
+    const int w0 = ws.x, w1 = ws.y;
     float acc[MAX_M][R / 8][4] = {};
     // the loads of STEPS k-steps are issued before their products
     constexpr int STEPS = 4;
@@ -158,10 +166,8 @@ __device__ void lora_down_wide(const bf16* x, size_t rows, int K, Group grp, bf1
     const size_t r0 = blockIdx.x * (size_t)16;
     const size_t ra = r0 + g, rb = r0 + g + 8;
     const bool va = ra < rows, vb = rb < rows;
-    const int chunks = K / 64, per_block = (chunks + gridDim.y - 1) / gridDim.y;
-    const int b0 = min(chunks, (int)blockIdx.y * per_block), b1 = min(chunks, b0 + per_block);
-    const int per_warp = (b1 - b0 + 3) / 4;
-    const int w0 = min(b1, b0 + warp * per_warp), w1 = min(b1, w0 + per_warp);
+    const int2 ws = warp_share(K / 64, warp);
+    const int w0 = ws.x, w1 = ws.y;
     float acc[MAX_M][R / 8][4] = {};
     const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
     for (int ch = w0; ch < w1; ++ch) {
