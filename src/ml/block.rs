@@ -339,7 +339,7 @@ impl Layer {
         let [gate, up] = self.gate_up(&mid, lora_h.as_mut())?;
         let base = &self.blk.proj[Proj::Down as usize];
         let frozen_down = self.lora.parts(base, self.li, Proj::Down, self.dropout).is_none();
-        let (out, mlp) = if frozen_down && keep == Keep::All && self.chunk_mlp && in_place(base, &mid) {
+        let (out, mlp) = if keep == Keep::All && self.down_sliced(&mid) {
             let out = self.down_in_chunks(&mid, &gate, &up)?;
             (out, Some((gate, up)))
         } else {
@@ -369,23 +369,31 @@ impl Layer {
         let base = &self.blk.proj[Proj::Down as usize];
         let (inter, hidden) = (gate.dim(D::Minus1)?, mid.dim(D::Minus1)?);
         let rows = gate.elem_count() / inter;
-        let per = Self::mlp_slice(gate)?;
         let out = mid.copy()?;
         let flat = out.reshape((rows, hidden))?;
         let (gate, up) = (gate.reshape((rows, inter))?, up.reshape((rows, inter))?);
-        for r0 in (0..rows).step_by(per) {
-            let n = per.min(rows - r0);
+        for (r0, n) in Self::mlp_slices(&gate)? {
             let s = fused::swiglu(&gate.narrow(0, r0, n)?, &up.narrow(0, r0, n)?)?;
             base.forward_into(flat.narrow(0, r0, n)?, &s)?;
         }
         Ok(out)
     }
 
-    /// Rows per slice of `down_in_chunks` and its backward: about 16 MiB of gate's width, at
-    /// least 512 rows.
-    fn mlp_slice(gate: &Tensor) -> Result<usize> {
+    /// Whether down_proj runs in slices of rows (`down_in_chunks` and its backward), writing
+    /// into `acc`: in the last whole block of a training forward, for a frozen down_proj whose
+    /// GEMM accumulates in place.
+    fn down_sliced(&self, acc: &Tensor) -> bool {
+        let down = &self.blk.proj[Proj::Down as usize];
+        self.chunk_mlp && self.lora.parts(down, self.li, Proj::Down, self.dropout).is_none() && in_place(down, acc)
+    }
+
+    /// The slices (first row, rows) of `down_in_chunks` and its backward over gate's rows: about
+    /// 16 MiB of gate's width each, at least 512 rows.
+    fn mlp_slices(gate: &Tensor) -> Result<impl Iterator<Item = (usize, usize)>> {
         let inter = gate.dim(D::Minus1)?;
-        Ok(((16usize << 20) / (inter * gate.dtype().size_in_bytes())).max(512).div_ceil(64) * 64)
+        let rows = gate.elem_count() / inter.max(1);
+        let per = ((16usize << 20) / (inter * gate.dtype().size_in_bytes())).max(512).div_ceil(64) * 64;
+        Ok((0..rows).step_by(per).map(move |r0| (r0, per.min(rows - r0))))
     }
 
     /// gate_proj and up_proj of the residual `mid` (through the MLP's norm).
@@ -490,15 +498,13 @@ impl Layer {
     /// `mid + down(silu(gate) * up)` (its own part and the residual's).
     fn mlp_backward(&self, mid: &Tensor, gate: Tensor, up: Tensor, grad: &Tensor, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>) -> Result<Tensor> {
         let down = &self.blk.proj[Proj::Down as usize];
-        let (d_gate, d_up) = if self.chunk_mlp && self.lora.parts(down, self.li, Proj::Down, self.dropout).is_none() && in_place(down, &gate) {
+        let (d_gate, d_up) = if self.down_sliced(&gate) {
             // as `down_in_chunks`: the gradient of the product a slice of rows at a time, each
             // turned into gate's and up's in their own memory
             let (inter, hidden) = (gate.dim(D::Minus1)?, grad.dim(D::Minus1)?);
             let rows = gate.elem_count() / inter;
             let (g, u, dy) = (gate.reshape((rows, inter))?, up.reshape((rows, inter))?, grad.reshape((rows, hidden))?);
-            let per = Self::mlp_slice(&gate)?;
-            for r0 in (0..rows).step_by(per) {
-                let n = per.min(rows - r0);
+            for (r0, n) in Self::mlp_slices(&gate)? {
                 let d_s = down.input_grad(&dy.narrow(0, r0, n)?, gate.dtype())?;
                 fused::swiglu_backward_in_place(g.narrow(0, r0, n)?, u.narrow(0, r0, n)?, &d_s)?;
             }
