@@ -466,6 +466,20 @@ async fn bad_requests_get_4xx_naming_the_field_and_the_server_stays_up() {
 }
 
 #[tokio::test]
+async fn an_adapter_missing_from_the_shared_store_is_a_409() {
+    let store = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", store.path().display());
+    let app = app_with(&[("--artifact-store", url.as_str())]).await;
+    // a record whose files were never published: in neither this node's directory nor the store
+    register(&app, "ad-unpublished", "unpublished", &fixture().model, &app.data_dir().join("adapters").join("ad-unpublished")).await;
+    let body = json!({"adapter": "unpublished", "pairs": [{"prompt": "w1", "response_a": "w30", "response_b": "w40"}]});
+    let err = error_of(app.post_json("/v1/predict", &body).await, 409).await;
+    assert_eq!(err["code"], "adapter_unusable");
+    assert_eq!(err["field"], "adapter");
+    app.assert_up().await;
+}
+
+#[tokio::test]
 async fn tei_bodies_get_tei_answers() {
     let app = app_with(&[("--default-adapter", "second")]).await;
     let v = predict_ok(&app, &json!({"adapter": "second", "pairs": [
@@ -493,6 +507,29 @@ async fn tei_bodies_get_tei_answers() {
     let one: Value = res.json().await.unwrap();
     assert_eq!(one.as_array().unwrap().len(), 3);
     assert!(one[0]["label"].is_string());
+
+    // three inputs of three texts each are a batch of three, not one input of three turns
+    let three = json!({"inputs": [["w1 w20", "w30", "w40"], ["w3 w21", "w31", "w41 w42"], ["w2", "w32", "w43"]]});
+    let res = app.post_json("/predict", &three).await;
+    assert_eq!(res.status(), 200);
+    let lists: Value = res.json().await.unwrap();
+    assert_eq!(lists.as_array().unwrap().len(), 3, "{lists}");
+    assert!(lists.as_array().unwrap().iter().all(Value::is_array), "one list of scores per input: {lists}");
+    for (list, p) in lists.as_array().unwrap().iter().zip(v["predictions"].as_array().unwrap()) {
+        let a = list.as_array().unwrap().iter().find(|s| s["label"] == "winner_model_a").unwrap();
+        assert!((a["score"].as_f64().unwrap() - probs(p)[0]).abs() < 1e-6);
+    }
+    // one input of three turns each, sent as a batch of one, is the same as the pair API's turns
+    let turns = json!({"prompt": ["w1", "w2", "w3"], "response_a": ["w30", "w31", "w32"], "response_b": ["w40", "w41", "w42"]});
+    let want = predict_ok(&app, &json!({"adapter": "second", "pairs": [turns]})).await;
+    let res = app
+        .post_json("/predict", &json!({"inputs": [[["w1", "w2", "w3"], ["w30", "w31", "w32"], ["w40", "w41", "w42"]]]}))
+        .await;
+    assert_eq!(res.status(), 200);
+    let lists: Value = res.json().await.unwrap();
+    assert_eq!(lists.as_array().unwrap().len(), 1, "{lists}");
+    let a = lists[0].as_array().unwrap().iter().find(|s| s["label"] == "winner_model_a").unwrap();
+    assert!((a["score"].as_f64().unwrap() - probs(&want["predictions"][0])[0]).abs() < 1e-6);
 }
 
 #[tokio::test]

@@ -30,6 +30,7 @@ use super::AppState;
 use crate::data::{ArenaRow, Label};
 use crate::ml::{calibrate, classifier};
 use crate::ml::serve::{Engine, LoadedAdapter, ServeError};
+use crate::store::artifacts::ArtifactError;
 use crate::store::AdapterRecord;
 
 #[derive(OpenApi)]
@@ -159,11 +160,14 @@ pub struct TeiRequest {
     pub symmetric: bool,
 }
 
+/// `inputs`: a list of inputs, or one input. A list whose every element is itself a list of three
+/// texts is a batch, even when those could be read as the turns of one input (a batch is tried
+/// first); one input of three-turn texts is sent as a batch of one.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(untagged)]
 pub enum TeiInputs {
-    One([Text; 3]),
     Many(Vec<[Text; 3]>),
+    One([Text; 3]),
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -347,7 +351,13 @@ fn check_pairs(limits: &PredictLimits, n: usize, field: &str) -> Result<(), Reje
 async fn score(state: &AppState, record: &AdapterRecord, job: Scoring) -> Result<Scored, Rejection> {
     let p = predictor(state).clone();
     let key = record.id.clone();
-    let dir = state.artifacts.adapter_dir(&record.id, &record.path).await.map_err(ApiError::internal)?;
+    let dir = match state.artifacts.adapter_dir(&record.id, &record.path).await {
+        Ok(dir) => dir,
+        // its files are gone from this node and from the shared store: the same answer as files
+        // that are there but cannot be read
+        Err(ArtifactError::Missing(_)) => return Err(ServeError::Adapter { key }.into()),
+        Err(e) => return Err(ApiError::internal(e).into()),
+    };
     let base_path = PathBuf::from(&record.base_model);
     let n = job.rows.len();
     let prepared = tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
