@@ -43,6 +43,7 @@ on_both_backends!(
     a_job_fails_once_its_attempts_are_spent,
     heartbeats_keep_a_long_job_from_being_reaped,
     graceful_shutdown_gives_the_running_job_back,
+    attempts_given_back_at_a_shutdown_do_not_count,
     a_standalone_worker_process_runs_jobs_queued_through_the_api,
     a_lost_lease_changes_nothing_for_the_old_worker,
     claims_go_only_to_workers_whose_device_meets_the_job,
@@ -182,6 +183,30 @@ async fn graceful_shutdown_gives_the_running_job_back(db: Db) {
     assert_eq!(job.lock_by, None);
     let events = store.list_events(&id, 0, 1000).await.unwrap();
     assert!(events.iter().any(|e| e.message.contains("back in the queue")));
+}
+
+async fn attempts_given_back_at_a_shutdown_do_not_count(db: Db) {
+    // Two attempts allowed; the job is given back twice (shutdowns), then loses one lease: it
+    // goes back to the queue, and only a second lost lease fails it.
+    let api = spawn().on(&db).flag("--no-worker").arg("--max-attempts", "2").start().await;
+    let id = queued_jobs(&api, 1).await.remove(0);
+    let store = &api.store;
+    let t0 = now_ms();
+    for (k, worker) in ["one", "two"].into_iter().enumerate() {
+        let job = store.claim_job(worker, &any_device(), t0 + k as i64, 60_000).await.unwrap().expect("claimed");
+        assert_eq!(job.attempt, k as i64 + 1);
+        assert!(store.release_job(&id, worker, t0 + k as i64).await.unwrap(), "given back");
+    }
+    let third = store.claim_job("three", &any_device(), t0 + 10, 100).await.unwrap().expect("claimed");
+    assert_eq!((third.attempt, third.released_attempts), (3, 2));
+    let reaped = store.reap_expired_jobs(t0 + 500).await.unwrap();
+    assert_eq!((reaped[0].status.as_str(), reaped[0].attempt), ("queued", 3), "one lost lease of two allowed");
+
+    store.claim_job("four", &any_device(), t0 + 600, 100).await.unwrap().expect("claimed again");
+    let reaped = store.reap_expired_jobs(t0 + 1_000).await.unwrap();
+    assert_eq!((reaped[0].status.as_str(), reaped[0].attempt), ("failed", 4), "the second lost lease");
+    let job = store.get_job(&id).await.unwrap().unwrap();
+    assert!(job.error.unwrap().contains("2 lost leases allowed"));
 }
 
 async fn a_standalone_worker_process_runs_jobs_queued_through_the_api(db: Db) {

@@ -156,7 +156,10 @@ impl Runner {
             Ok(reaped) => {
                 for r in reaped {
                     let msg = if r.status == JobStatus::Failed.as_str() {
-                        format!("lease of attempt {} expired; no attempts left ({} allowed): failed", r.attempt, r.max_attempts)
+                        format!(
+                            "lease of attempt {} expired; no attempts left ({} lost leases allowed, {} attempts given back at a shutdown): failed",
+                            r.attempt, r.max_attempts, r.released_attempts
+                        )
                     } else {
                         format!("lease of attempt {} expired (worker silent); back in the queue", r.attempt)
                     };
@@ -180,8 +183,18 @@ impl Runner {
     #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempt, worker = %self.config.worker_id, outcome = Empty))]
     async fn run_job(&self, trainer: Arc<dyn Trainer>, job: JobRecord, shutdown: &CancellationToken) {
         let worker = self.config.worker_id.clone();
-        self.event(&job.id, job.attempt, "info", format!("attempt {} of {} started on worker {worker}", job.attempt, job.max_attempts))
-            .await;
+        let started = if job.released_attempts == 0 {
+            format!("attempt {} of {} started on worker {worker}", job.attempt, job.max_attempts)
+        } else {
+            format!(
+                "attempt {} started on worker {worker} ({} given back at a shutdown do not count: {} of {})",
+                job.attempt,
+                job.released_attempts,
+                job.attempt - job.released_attempts,
+                job.max_attempts
+            )
+        };
+        self.event(&job.id, job.attempt, "info", started).await;
 
         let request = match self.prepare(&job).await {
             Ok(r) => r,

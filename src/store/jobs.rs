@@ -55,6 +55,8 @@ pub struct JobRecord {
     pub suffix: Option<String>,
     pub attempt: i64,
     pub max_attempts: i64,
+    /// Attempts given back at a worker's shutdown: they do not count against `max_attempts`.
+    pub released_attempts: i64,
     pub run_at: i64,
     pub lock_by: Option<String>,
     pub lock_at: Option<i64>,
@@ -110,6 +112,7 @@ pub struct ReapedJob {
     pub status: String,
     pub attempt: i64,
     pub max_attempts: i64,
+    pub released_attempts: i64,
 }
 
 /// Why `insert_job` refused.

@@ -1,14 +1,15 @@
 -- Jobs whose worker stopped renewing its lease before $1: back to the queue (the next claim
--- counts the next attempt), or failed once max_attempts attempts have run. Reapers on several
--- workers at once skip the rows another one has locked (no waiting, no lock-order deadlock),
--- and the outer condition re-checks each row once locked.
+-- counts the next attempt), or failed once max_attempts attempts have lost their lease (attempts
+-- given back at a shutdown do not count). Reapers on several workers at once skip the rows
+-- another one has locked (no waiting, no lock-order deadlock), and the outer condition re-checks
+-- each row once locked.
 UPDATE jobs
-SET status = CASE WHEN attempt >= max_attempts THEN 'failed' ELSE 'queued' END,
-    error = CASE WHEN attempt >= max_attempts
-                 THEN 'the worker running attempt ' || attempt || ' of ' || max_attempts
-                      || ' stopped renewing its lease; no attempts left'
+SET status = CASE WHEN attempt - released_attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+    error = CASE WHEN attempt - released_attempts >= max_attempts
+                 THEN 'the worker running attempt ' || attempt || ' stopped renewing its lease; no attempts left ('
+                      || max_attempts || ' lost leases allowed)'
                  ELSE error END,
-    finished_at = CASE WHEN attempt >= max_attempts THEN $1 ELSE NULL END,
+    finished_at = CASE WHEN attempt - released_attempts >= max_attempts THEN $1 ELSE NULL END,
     run_at = $1,
     lock_by = NULL,
     lock_at = NULL,
@@ -20,4 +21,4 @@ WHERE id IN (
     FOR UPDATE SKIP LOCKED
 )
 AND status = 'running' AND lease_expires_at < $1
-RETURNING id, status, attempt, max_attempts
+RETURNING id, status, attempt, max_attempts, released_attempts
