@@ -103,20 +103,21 @@ async fn nodes_with_separate_data_directories_share_datasets_checkpoints_and_ada
     let api = spawn().flag("--no-worker").arg("--artifact-store", &store_url).start().await;
     let (ds, id) = job_of(&api, 8).await;
 
-    // Worker one (its own data directory) trains until past its first checkpoint, then stops
-    // gracefully: the job goes back to the queue.
-    let slow = Arc::new(ScriptedTrainer::new(10_000, Duration::from_millis(20)));
+    // Worker one (its own data directory) trains until past its second checkpoint, then stops
+    // gracefully: the job goes back to the queue. The best checkpoint is the first (step 2).
+    let slow = Arc::new(ScriptedTrainer { best_at: Some(2), ..ScriptedTrainer::new(10_000, Duration::from_millis(20)) });
     let one = spawn().same_database_as(&api).arg("--artifact-store", &store_url).trainer(slow.clone()).start().await;
     assert_ne!(one.data_dir(), api.data_dir());
-    api.wait_job(&id, WAIT, |j| j["status"] == "running" && j["progress"]["step"].as_i64() >= Some(3)).await;
+    api.wait_job(&id, WAIT, |j| j["status"] == "running" && j["progress"]["step"].as_i64() >= Some(5)).await;
     assert!(one.data_dir().join("datasets").join(format!("{ds}.jsonl")).is_file(), "fetched into worker one's directory");
     one.shutdown().await;
     assert_eq!(slow.seen()[0].train_rows + slow.seen()[0].validation_rows, 8, "worker one read the rows from the store");
     let job = api.get_json(&format!("/v1/fine-tuning/jobs/{id}")).await;
     assert_eq!(job["status"], "queued", "{job}");
 
-    // Worker two, a third data directory, resumes from worker one's last checkpoint.
-    let fast = Arc::new(ScriptedTrainer::new(200, Duration::from_millis(1)));
+    // Worker two, a third data directory, resumes from worker one's last checkpoint, and fetches
+    // the best one too (its trainer fails without it).
+    let fast = Arc::new(ScriptedTrainer { best_at: Some(2), ..ScriptedTrainer::new(200, Duration::from_millis(1)) });
     let two = spawn().same_database_as(&api).arg("--artifact-store", &store_url).trainer(fast.clone()).start().await;
     let done = api.wait_status(&id, "succeeded", WAIT).await;
     let seen = fast.seen();
@@ -124,9 +125,10 @@ async fn nodes_with_separate_data_directories_share_datasets_checkpoints_and_ada
     let resumed = seen[0].resume_from.clone().expect("resumed from a checkpoint");
     assert!(resumed.starts_with(two.data_dir()), "fetched into worker two's directory: {}", resumed.display());
     let step: u64 = resumed.file_name().unwrap().to_str().unwrap().strip_prefix("step-").unwrap().parse().unwrap();
-    assert!(step >= 2, "{step}");
+    assert!(step >= 4, "{step}");
     let state = std::fs::read_to_string(resumed.join("state.json")).expect("the checkpoint's files came along");
-    assert_eq!(state, serde_json::json!({ "step": step }).to_string());
+    assert_eq!(state, serde_json::json!({ "step": step, "best": [2, { "log_loss": 0.5 }] }).to_string());
+    assert!(two.data_dir().join("jobs").join(&id).join("checkpoints").join("step-2").join("state.json").is_file(), "the best came along");
     let newest: Vec<_> = api.get_json(&format!("/v1/fine-tuning/jobs/{id}/checkpoints")).await["data"]
         .as_array()
         .unwrap()

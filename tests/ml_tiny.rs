@@ -418,6 +418,7 @@ struct Recorder {
     losses: Mutex<Vec<f64>>,
     evals: Mutex<Vec<EvalMetrics>>,
     checkpoints: Mutex<Vec<u64>>,
+    logs: Mutex<Vec<String>>,
 }
 
 impl TrainObserver for Recorder {
@@ -430,7 +431,9 @@ impl TrainObserver for Recorder {
     fn on_checkpoint(&self, step: u64, _: &Path, _: Option<&EvalMetrics>) {
         self.checkpoints.lock().unwrap().push(step);
     }
-    fn on_log(&self, _: &str) {}
+    fn on_log(&self, line: &str) {
+        self.logs.lock().unwrap().push(line.to_string());
+    }
     fn should_stop(&self) -> bool {
         false
     }
@@ -459,7 +462,7 @@ fn synthetic_rows(n: usize, seed: u64) -> Vec<ArenaRow> {
 }
 
 fn recorder() -> Recorder {
-    Recorder { losses: Mutex::new(vec![]), evals: Mutex::new(vec![]), checkpoints: Mutex::new(vec![]) }
+    Recorder { losses: Mutex::new(vec![]), evals: Mutex::new(vec![]), checkpoints: Mutex::new(vec![]), logs: Mutex::new(vec![]) }
 }
 
 #[test]
@@ -567,6 +570,65 @@ fn resumed_run_ends_with_the_same_adapter() {
     let w1 = std::fs::read(s1.adapter_dir.join("adapter_model.safetensors")).unwrap();
     let w2 = std::fs::read(s2.adapter_dir.join("adapter_model.safetensors")).unwrap();
     assert!(w1 == w2, "resumed adapter differs from the uninterrupted one");
+}
+
+#[test]
+fn a_resumed_run_reads_the_best_checkpoint_from_its_own_directory_or_keeps_its_final_weights() {
+    // The adapter is the best checkpoint by validation loss, read at the end from the run's own
+    // directory. A run resumed elsewhere (another node) has it only if it was fetched: with it,
+    // it is used; without it, the run keeps its final weights instead of failing.
+    let (_d, m) = tiny(BaseFormat::F32);
+    let rows = synthetic_rows(16, 21);
+    let val = synthetic_rows(8, 22);
+    let hp = Hyperparameters {
+        epochs: 2,
+        batch_size: 4,
+        max_length: 48,
+        checkpoint_every_steps: 2,
+        calibrate: false,
+        lora: LoraHyperparameters { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["q_proj".into()] },
+        ..Default::default()
+    };
+    let first = tempfile::tempdir().unwrap();
+    let spec = TrainSpec { base: &m, hp: &hp, train_rows: &rows, validation_rows: &val, work_dir: first.path(), resume_from: None };
+    train::train(&spec, &recorder()).unwrap();
+    // the end of epoch one (step 4) was evaluated: its checkpoint records itself as the best so
+    // far; make it unbeatable, so that it stays the best after epoch two
+    let epoch_one = first.path().join("checkpoints").join("step-00000004");
+    assert_eq!(train::checkpoint_best_step(&epoch_one), Some(4));
+    let mut state: serde_json::Value = serde_json::from_slice(&std::fs::read(epoch_one.join("state.json")).unwrap()).unwrap();
+    state["best"][1]["log_loss"] = serde_json::json!(-1.0);
+    std::fs::write(epoch_one.join("state.json"), state.to_string()).unwrap();
+    // the checkpoint before any evaluation records none
+    assert!(first.path().join("checkpoints").join("step-00000002").join("state.json").is_file());
+    assert_eq!(train::checkpoint_best_step(&first.path().join("checkpoints").join("step-00000002")), None);
+
+    let copy = |to: &Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for f in std::fs::read_dir(&epoch_one).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    };
+    // resumed where the best checkpoint's files were fetched too (the resume point is that same
+    // checkpoint, copied into the new directory)
+    let with = tempfile::tempdir().unwrap();
+    let at = with.path().join("checkpoints").join("step-00000004");
+    copy(&at);
+    let rec = recorder();
+    let s = train::train(&TrainSpec { work_dir: with.path(), resume_from: Some(&at), ..spec }, &rec).unwrap();
+    assert_eq!(s.best_step, Some(4));
+    assert!(rec.logs.lock().unwrap().iter().any(|l| l.contains("using the best checkpoint, step 4")));
+
+    // resumed from a copy outside the new directory, whose step-4 files were never fetched
+    let elsewhere = tempfile::tempdir().unwrap();
+    copy(elsewhere.path());
+    let without = tempfile::tempdir().unwrap();
+    let rec = recorder();
+    let s = train::train(&TrainSpec { work_dir: without.path(), resume_from: Some(elsewhere.path()), ..spec }, &rec).unwrap();
+    assert_eq!(s.best_step, None, "final weights");
+    assert!(rec.logs.lock().unwrap().iter().any(|l| l.contains("step 4, cannot be read")), "{:?}", rec.logs.lock().unwrap());
+    arbiter::ml::adapter::load(&s.adapter_dir, &m.llama).expect("a usable adapter");
 }
 
 #[test]

@@ -320,27 +320,45 @@ impl Runner {
         tokio::fs::create_dir_all(&work_dir)
             .await
             .map_err(|e| PrepareError::User(format!("cannot create the job directory: {e}")))?;
-        let resume_from = match self.store.list_checkpoints(&job.id).await {
-            Ok(list) => {
-                let mut found = None;
-                // rows flagged at start-up as having lost their files are skipped
-                for c in list.into_iter().filter(|c| c.file_missing_at.is_none()) {
-                    match self.artifacts.checkpoint_dir(&job.id, &c.path).await {
-                        Ok(Some(dir)) => {
-                            found = Some(dir);
-                            break;
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(error = %e, step = c.step, "could not fetch a checkpoint; trying an older one"),
-                    }
-                }
-                found
-            }
+        let checkpoints = match self.store.list_checkpoints(&job.id).await {
+            // rows flagged at start-up as having lost their files are skipped
+            Ok(list) => list.into_iter().filter(|c| c.file_missing_at.is_none()).collect(),
             Err(e) => {
                 tracing::warn!(error = %e, "could not list checkpoints; starting from scratch");
-                None
+                Vec::new()
             }
         };
+        let mut resume_from = None;
+        for c in &checkpoints {
+            match self.artifacts.checkpoint_dir(&job.id, &c.path).await {
+                Ok(Some(dir)) => {
+                    resume_from = Some(dir);
+                    break;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, step = c.step, "could not fetch a checkpoint; trying an older one"),
+            }
+        }
+        // The adapter is the best checkpoint by validation loss: the trainer reads it from this
+        // node's directory at the end, so an older one written elsewhere comes along now.
+        let best = resume_from.as_deref().and_then(crate::ml::train::checkpoint_best_step);
+        let resumed_at = resume_from.as_deref().and_then(checkpoint_step);
+        if let Some(best) = best.filter(|b| Some(*b) != resumed_at) {
+            let mut fetched = false;
+            for c in checkpoints.iter().filter(|c| u64::try_from(c.step).ok() == Some(best)) {
+                match self.artifacts.checkpoint_dir(&job.id, &c.path).await {
+                    Ok(Some(_)) => {
+                        fetched = true;
+                        break;
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, step = c.step, "could not fetch the best checkpoint"),
+                }
+            }
+            if !fetched {
+                tracing::warn!(step = best, "the best checkpoint is nowhere to be found; the final weights will be used");
+            }
+        }
         Ok(TrainRequest {
             job_id: job.id.clone(),
             attempt: job.attempt,
@@ -483,6 +501,11 @@ async fn heartbeat(
             }
         }
     }
+}
+
+/// N of a checkpoint directory named `step-N`.
+fn checkpoint_step(dir: &std::path::Path) -> Option<u64> {
+    dir.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
 }
 
 /// A deterministic split: `fraction` of the rows (at least one, leaving at least one) for

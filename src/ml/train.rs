@@ -191,6 +191,18 @@ pub fn predict_logits(
     Ok(out)
 }
 
+/// The step of the best checkpoint so far (by validation log loss) as recorded in the checkpoint
+/// at `dir`, if it records one: the adapter is read from that step's checkpoint at the end.
+pub fn checkpoint_best_step(dir: &Path) -> Option<u64> {
+    #[derive(Deserialize)]
+    struct Best {
+        #[serde(default)]
+        best: Option<(u64, serde_json::Value)>,
+    }
+    let bytes = std::fs::read(dir.join(STATE_FILE)).ok()?;
+    serde_json::from_slice::<Best>(&bytes).ok()?.best.map(|(step, _)| step)
+}
+
 fn checkpoint_dir(work_dir: &Path, step: u64) -> PathBuf {
     work_dir.join("checkpoints").join(format!("step-{step:08}"))
 }
@@ -389,19 +401,28 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
     }
 
     // the adapter: the best checkpoint by validation log loss, else the final weights
+    let read_best = |step: u64| -> Result<(Lora, Tensor), TrainFailure> {
+        let tensors = adapter::read_tensors(&checkpoint_dir(spec.work_dir, step).join(TRAINABLE_FILE))?;
+        let best = Lora::from_named(lora.config().clone(), &mcfg, &tensors, &device, None)?;
+        let h = tensors
+            .get(classifier::HEAD_NAME)
+            .ok_or_else(|| TrainFailure::Failed("checkpoint lacks the score head".into()))?
+            .to_device(&device)?;
+        Ok((best, h))
+    };
     let (lora, head_t, best_eval, best_step) = match state.best {
-        Some((step, m)) if step != state.step => {
-            let dir = checkpoint_dir(spec.work_dir, step);
-            let tensors = adapter::read_tensors(&dir.join(TRAINABLE_FILE))?;
-            let lcfg = lora.config().clone();
-            let best = Lora::from_named(lcfg, &mcfg, &tensors, &device, None)?;
-            let h = tensors
-                .get(classifier::HEAD_NAME)
-                .ok_or_else(|| TrainFailure::Failed("checkpoint lacks the score head".into()))?
-                .to_device(&device)?;
-            obs.on_log(&format!("using the best checkpoint, step {step} (validation log loss {:.4})", m.log_loss));
-            (best, h, Some(m), Some(step))
-        }
+        Some((step, m)) if step != state.step => match read_best(step) {
+            Ok((best, h)) => {
+                obs.on_log(&format!("using the best checkpoint, step {step} (validation log loss {:.4})", m.log_loss));
+                (best, h, Some(m), Some(step))
+            }
+            // its files are gone (a node that never had them, a lost disk): the run is not thrown
+            // away for it
+            Err(e) => {
+                obs.on_log(&format!("the best checkpoint, step {step}, cannot be read ({e}); using the final weights"));
+                (lora, head_t, None, None)
+            }
+        },
         Some((step, m)) => (lora, head_t, Some(m), Some(step)),
         None => (lora, head_t, None, None),
     };

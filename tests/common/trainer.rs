@@ -25,6 +25,10 @@ pub struct ScriptedTrainer {
     pub checkpoint_every: u64,
     /// Fail with this message instead of finishing.
     pub fail_with: Option<String>,
+    /// As the real trainer keeps the best checkpoint: checkpoints from this step on record it as
+    /// the best (`"best": [step, metrics]` in `state.json`), and the run fails at the end unless
+    /// its directory holds that checkpoint.
+    pub best_at: Option<u64>,
     pub seen: Mutex<Vec<Seen>>,
     /// A file and a label: appends `start LABEL JOB ATTEMPT RESUME_STEP` when a run starts and
     /// `done LABEL JOB ATTEMPT` when it finishes (one `write` per line, `O_APPEND`).
@@ -38,6 +42,7 @@ impl ScriptedTrainer {
             step_delay,
             checkpoint_every: 2,
             fail_with: None,
+            best_at: None,
             seen: Mutex::new(Vec::new()),
             journal: None,
         }
@@ -88,8 +93,11 @@ impl Trainer for ScriptedTrainer {
             if self.checkpoint_every > 0 && step % self.checkpoint_every == 0 {
                 let dir = req.work_dir.join("checkpoints").join(format!("step-{step}"));
                 std::fs::create_dir_all(&dir).map_err(|e| TrainError::Failed(e.to_string()))?;
-                std::fs::write(dir.join("state.json"), json!({ "step": step }).to_string())
-                    .map_err(|e| TrainError::Failed(e.to_string()))?;
+                let mut state = json!({ "step": step });
+                if let Some(best) = self.best_at.filter(|b| *b <= step) {
+                    state["best"] = json!([best, { "log_loss": 0.5 }]);
+                }
+                std::fs::write(dir.join("state.json"), state.to_string()).map_err(|e| TrainError::Failed(e.to_string()))?;
                 let m = EvalMetrics { log_loss: loss, accuracy: 0.5, balanced_accuracy: 0.45, rows: req.validation_rows.len() };
                 obs.on_eval(step, &m);
                 obs.on_checkpoint(step, &dir, Some(&m));
@@ -97,6 +105,12 @@ impl Trainer for ScriptedTrainer {
         }
         if let Some(msg) = &self.fail_with {
             return Err(TrainError::Failed(msg.clone()));
+        }
+        if let Some(best) = self.best_at {
+            let dir = req.work_dir.join("checkpoints").join(format!("step-{best}"));
+            if !dir.join("state.json").is_file() {
+                return Err(TrainError::Failed(format!("the best checkpoint is not in {}", dir.display())));
+            }
         }
         let adapter = req.work_dir.join("adapter");
         std::fs::create_dir_all(&adapter).map_err(|e| TrainError::Failed(e.to_string()))?;
