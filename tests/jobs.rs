@@ -268,6 +268,28 @@ async fn invalid_hyperparameters_are_422_naming_the_field() {
 }
 
 #[tokio::test]
+async fn an_adapter_name_is_held_by_one_unfinished_job_at_a_time() {
+    let app = spawn_app().await;
+    let ds = app.create_dataset(3).await;
+    let body = json!({ "dataset_id": ds, "name": "arena-v1" });
+    let res = app.post_json("/v1/fine-tuning/jobs", &body).await;
+    assert_eq!(res.status(), 201);
+    let first: Value = res.json().await.unwrap();
+    let err = error_of(app.post_json("/v1/fine-tuning/jobs", &body).await, 409).await;
+    assert_eq!((err["code"].as_str(), err["field"].as_str()), (Some("name_taken"), Some("name")), "{err}");
+    let other = app.post_json("/v1/fine-tuning/jobs", &json!({ "dataset_id": ds, "name": "arena-v2" })).await;
+    assert_eq!(other.status(), 201, "another name is free");
+    // once the first job is cancelled the name is free again
+    let id = first["id"].as_str().unwrap();
+    let res = app.client.post(app.url(&format!("/v1/fine-tuning/jobs/{id}/cancel"))).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(app.post_json("/v1/fine-tuning/jobs", &body).await.status(), 201);
+    let all = app.get_json("/v1/fine-tuning/jobs").await;
+    assert_eq!(all["data"].as_array().unwrap().len(), 3, "nothing else was stored");
+    app.assert_up().await;
+}
+
+#[tokio::test]
 async fn other_invalid_job_bodies() {
     let app = spawn_app().await;
     let ds = app.create_dataset(3).await;

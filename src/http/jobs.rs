@@ -396,7 +396,7 @@ async fn resolve_base_model(models_dir: &std::path::Path, name: &str) -> Result<
         (status = 201, description = "Queued", body = Job),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 404, description = "Unknown dataset (the error names the field)", body = ErrorBody),
-        (status = 409, description = "Adapter name taken", body = ErrorBody),
+        (status = 409, description = "Adapter name taken (by an adapter, or by a queued or running job)", body = ErrorBody),
         (status = 415, description = "Not JSON", body = ErrorBody),
         (status = 422, description = "Invalid field (named in `field`)", body = ErrorBody),
     )
@@ -467,7 +467,17 @@ pub async fn create_job(State(state): State<AppState>, Json(body): Json<CreateJo
         message: "job created and queued".into(),
         data: None,
     };
-    let job = match state.store.insert_job(&new, &created, now_ms()).await? {
+    let inserted = match state.store.insert_job(&new, &created, now_ms()).await {
+        // the one unique key a new job can collide on (its id is fresh): a queued or running job
+        // already asks for this adapter name
+        Err(e) if e.is_unique_violation() => {
+            let name = new.name.as_deref().unwrap_or_default();
+            return Err(ApiError::conflict("name_taken", format!("a queued or running job already makes an adapter named {name:?}"))
+                .with_field("name"));
+        }
+        other => other?,
+    };
+    let job = match inserted {
         InsertJob::Inserted(job) => job,
         InsertJob::MissingDataset(field) => {
             let id = if field == "dataset_id" { &body.dataset_id } else { body.validation_dataset_id.as_deref().unwrap_or("") };
