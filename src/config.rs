@@ -165,6 +165,20 @@ pub struct QueueArgs {
 }
 
 impl QueueArgs {
+    /// A lease must outlive two heartbeats, so that one late renewal does not lose it: with a
+    /// shorter lease every running job is reaped between renewals and bounces between workers.
+    pub fn check(&self) -> Result<(), String> {
+        let heartbeat = self.heartbeat().as_millis();
+        if u128::from(self.lease_ms) < 2 * heartbeat {
+            return Err(format!(
+                "--lease-ms ({}) must be at least twice --heartbeat-ms ({heartbeat}): a running job's lease would \
+                 lapse between its renewals",
+                self.lease_ms
+            ));
+        }
+        Ok(())
+    }
+
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
     }

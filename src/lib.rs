@@ -109,6 +109,7 @@ pub async fn reconcile(store: &Store, dirs: &DataDir, artifacts: &Artifacts) {
 
 /// `arbiter worker`: the job runner alone, until `shutdown`.
 pub async fn run_worker(args: WorkerArgs, trainer: Option<Arc<dyn Trainer>>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    args.queue.check().map_err(anyhow::Error::msg)?;
     let config = RunnerConfig::from_args(&args.queue, &args.store)?;
     let (store, dirs, artifacts) = open_store(&args.store).await?;
     reconcile(&store, &dirs, &artifacts).await;
@@ -132,6 +133,7 @@ pub struct App {
 
 impl App {
     pub async fn build(args: ServeArgs, trainer: Option<Arc<dyn Trainer>>) -> anyhow::Result<App> {
+        args.queue.check().map_err(anyhow::Error::msg)?;
         let (store, dirs, artifacts) = open_store(&args.store).await?;
         reconcile(&store, &dirs, &artifacts).await;
         let loopback = args.addr.ip().is_loopback();

@@ -44,6 +44,15 @@ async fn metrics_expose_requests_latency_queue_depth_and_jobs_by_status() {
     );
     assert!(text.contains("arbiter_http_request_duration_seconds_count{method=\"GET\",path=\"/healthz\"} 1"), "{text}");
     assert!(text.contains("le=\"+Inf\""));
+
+    // made-up methods are counted under one label, however many there are
+    for k in 0..5 {
+        let method = reqwest::Method::from_bytes(format!("MADEUP{k}").as_bytes()).unwrap();
+        app.client.request(method, app.url("/healthz")).send().await.unwrap();
+    }
+    let text = app.get("/metrics").await.text().await.unwrap();
+    assert!(!text.contains("MADEUP"), "{text}");
+    assert!(text.contains("arbiter_http_request_duration_seconds_count{method=\"OTHER\",path=\"/healthz\"} 5"), "{text}");
 }
 
 #[tokio::test]

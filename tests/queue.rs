@@ -466,3 +466,19 @@ async fn postgres_claim_skips_a_locked_job_instead_of_waiting() {
     let job = api.store.claim_job("w", &any_device(), now_ms(), 60_000).await.unwrap();
     assert_eq!(job.expect("free again").id, ids[0]);
 }
+
+#[test]
+fn a_lease_shorter_than_two_heartbeats_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    for args in [
+        vec!["worker", "--data-dir", &data, "--lease-ms", "1000"],
+        vec!["worker", "--data-dir", &data, "--lease-ms", "0"],
+        vec!["serve", "--data-dir", &data, "--addr", "127.0.0.1:0", "--lease-ms", "3000", "--heartbeat-ms", "2000"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter")).args(&args).output().expect("run arbiter");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        assert!(stderr.contains("must be at least twice --heartbeat-ms"), "{args:?}: {stderr}");
+    }
+}
