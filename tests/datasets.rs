@@ -71,6 +71,21 @@ async fn jsonl_upload() {
     assert_eq!(d["label_counts"]["winner_tie"], 1);
     let res = app.post_raw("/v1/datasets", "application/jsonl", lines.join("\n")).await;
     assert_eq!(res.status(), 201);
+
+    // undeclared JSON lines behind a byte order mark are still JSON lines
+    let bom = format!("\u{feff}{}", lines.join("\n"));
+    let res = app.post_raw("/v1/datasets", "application/octet-stream", bom.clone()).await;
+    assert_eq!(res.status(), 201);
+    assert_eq!(res.json::<Value>().await.unwrap()["format"], "jsonl");
+    let part = reqwest::multipart::Part::bytes(bom.into_bytes()).file_name("data.json");
+    let res = app.client.post(app.url("/v1/datasets")).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap();
+    assert_eq!(res.status(), 201);
+    let d: Value = res.json().await.unwrap();
+    assert_eq!((d["format"].as_str(), d["rows"].as_i64()), (Some("jsonl"), Some(2)));
+    // the list in each string was read as a CSV cell is
+    let id = d["id"].as_str().unwrap();
+    let stored = std::fs::read_to_string(app.data_dir().join("datasets").join(format!("{id}.jsonl"))).unwrap();
+    assert!(stored.contains("[\"hi\"]") && !stored.contains("\\\"hi"), "{stored}");
 }
 
 #[tokio::test]

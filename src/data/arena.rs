@@ -7,15 +7,16 @@
 //! [`ParsedDataset::labelled`] is `false`. A file with only some `winner_*` columns is an error.
 //!
 //! `prompt` / `response_*` cells hold a JSON list of strings, one per turn
-//! (`["hi","and then?"]`). A cell whose first non-blank character is `[` must be such a list
-//! (an unparsable one is the row error "malformed JSON list"); any other cell is taken verbatim
-//! as one turn. `null` entries become empty strings, so turns stay aligned across the prompt
-//! and both responses.
+//! (`["hi","and then?"]`). A cell that is a JSON list of anything else, or that starts like a
+//! list of turns (`[` then a string, `null` or `]`) but does not parse, is the row error
+//! "malformed JSON list"; any other cell (`[INST] hi` too) is taken verbatim as one turn. `null`
+//! entries become empty strings, so turns stay aligned across the prompt and both responses.
 //!
 //! # JSONL
 //! One JSON object per line (blank lines are skipped) with the same field names. `id` is a
-//! string or an integer; `prompt` / `response_*` are a string (taken verbatim as one turn, not
-//! decoded again) or a list of strings and `null`s. The label is either the three one-hot fields
+//! string or an integer; `prompt` / `response_*` are a list of strings and `null`s, or a string
+//! read as a CSV cell is (so a CSV converted line by line, whose cells stay strings, reads the
+//! same). The label is either the three one-hot fields
 //! (numbers `0`/`1`, `0.0`/`1.0`, booleans, or the strings `"0"`/`"1"`) or
 //! `"label": "winner_model_a" | "winner_model_b" | "winner_tie"`. A file where no line has a
 //! label is unlabelled; once one line has a label, every line must.
@@ -180,10 +181,12 @@ impl DatasetError {
     }
 }
 
-/// Collects row errors (first [`MAX_ROW_ERRORS`]) and the rows that passed.
+/// Collects row errors (the [`MAX_ROW_ERRORS`] of the lowest rows, whatever the order they are
+/// found in) and the rows that passed.
 struct Collector {
     out: ParsedDataset,
-    errors: Vec<RowError>,
+    /// With the order each was found in, which orders errors of one row.
+    errors: Vec<(usize, RowError)>,
     total_errors: usize,
     ids: HashSet<String>,
 }
@@ -199,9 +202,14 @@ impl Collector {
     }
 
     fn error(&mut self, row: usize, column: Option<&str>, reason: impl Into<String>) {
+        let found = self.total_errors;
         self.total_errors += 1;
+        let e = RowError { row, column: column.map(String::from), reason: reason.into() };
         if self.errors.len() < MAX_ROW_ERRORS {
-            self.errors.push(RowError { row, column: column.map(String::from), reason: reason.into() });
+            self.errors.push((found, e));
+        } else if let Some(last) = self.errors.iter_mut().max_by_key(|(k, e)| (e.row, *k)).filter(|(_, e)| row < e.row) {
+            // a pass that reports later rows first (JSONL: unreadable lines, then fields)
+            *last = (found, e);
         }
     }
 
@@ -232,7 +240,9 @@ impl Collector {
 
     fn finish(self) -> Result<ParsedDataset, DatasetError> {
         if self.total_errors > 0 {
-            return Err(DatasetError::Rows { errors: self.errors, total: self.total_errors });
+            let mut errors = self.errors;
+            errors.sort_by_key(|(found, e)| (e.row, *found));
+            return Err(DatasetError::Rows { errors: errors.into_iter().map(|(_, e)| e).collect(), total: self.total_errors });
         }
         if self.out.rows.is_empty() && self.out.dropped.is_empty() {
             return Err(DatasetError::Empty);
@@ -266,16 +276,29 @@ fn all_empty(turns: &[String]) -> bool {
 
 /// Turns of a prompt/response cell. See the module docs for the rules.
 fn parse_turns(cell: &str) -> Result<Vec<String>, String> {
-    if !cell.trim_start().starts_with('[') {
+    let Some(inner) = cell.trim_start().strip_prefix('[') else {
         return Ok(vec![cell.to_string()]);
-    }
+    };
     match serde_json::from_str::<Vec<Option<String>>>(cell) {
         Ok(turns) => Ok(turns.into_iter().map(Option::unwrap_or_default).collect()),
         Err(e) => match serde_json::from_str::<Value>(cell) {
             Ok(Value::Array(_)) => Err("malformed JSON list: entries must be strings or null".to_string()),
-            _ => Err(format!("malformed JSON list: {e}")),
+            _ if opens_a_list_of_turns(inner) => Err(format!("malformed JSON list: {e}")),
+            // text that merely starts with a bracket (`[INST] ...`, `[1] see ...`)
+            _ => Ok(vec![cell.to_string()]),
         },
     }
+}
+
+/// Whether the text after a cell's `[` starts the way a list of turns does: a string, `null`
+/// or the list's end.
+fn opens_a_list_of_turns(inner: &str) -> bool {
+    let rest = inner.trim_start();
+    rest.starts_with(['"', ']'])
+        || rest.strip_prefix("null").is_some_and(|r| {
+            let r = r.trim_start();
+            r.is_empty() || r.starts_with([',', ']'])
+        })
 }
 
 /// A one-hot value: `0`, `1`, `0.0`, `1.0` (surrounding blanks allowed).
@@ -303,6 +326,16 @@ fn label_from_one_hot(v: [bool; 3]) -> Result<Label, String> {
             ones.len()
         )),
     }
+}
+
+/// Empty lines starting at byte `at`, where the CSV reader starts a record: just after the
+/// previous record's line break, or between the two bytes of a `\r\n` one.
+fn empty_lines_from(bytes: &[u8], at: usize) -> usize {
+    let mut rest = bytes.get(at..).unwrap_or_default();
+    if at > 0 && bytes[at - 1] == b'\r' && rest.first() == Some(&b'\n') {
+        rest = &rest[1..];
+    }
+    rest.iter().take_while(|b| matches!(b, b'\n' | b'\r')).filter(|&&b| b == b'\n').count()
 }
 
 /// Offset of the first byte that is not UTF-8, if any.
@@ -364,7 +397,18 @@ pub fn parse_csv_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedDat
     let mut record = csv::ByteRecord::new();
     let mut row_no = 1;
     loop {
-        match reader.read_byte_record(&mut record) {
+        let read = reader.read_byte_record(&mut record);
+        // the reader skips empty lines, which a spreadsheet shows as rows: count those it passed
+        // on the way to this record
+        let at = match &read {
+            Ok(true) => record.position(),
+            Ok(false) => None,
+            Err(e) => e.position(),
+        };
+        if let Some(at) = at.and_then(|p| usize::try_from(p.byte()).ok()) {
+            row_no += empty_lines_from(bytes, at);
+        }
+        match read {
             Ok(false) => break,
             Ok(true) => {}
             Err(e) => {
@@ -539,7 +583,8 @@ pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedD
 fn json_turns(v: Option<&Value>) -> Result<Vec<String>, String> {
     match v {
         None => Err("missing field".into()),
-        Some(Value::String(s)) => Ok(vec![s.clone()]),
+        // a cell of the CSV carried over as a string (`"[\"hi\"]"`): read as the CSV reads it
+        Some(Value::String(s)) => parse_turns(s),
         Some(Value::Null) => Ok(vec![String::new()]),
         Some(Value::Array(items)) => items
             .iter()
@@ -853,6 +898,39 @@ mod tests {
     }
 
     #[test]
+    fn jsonl_strings_holding_json_lists_read_as_csv_cells() {
+        // what a CSV converted line by line (pandas' to_json with lines=True) looks like
+        let j = concat!(
+            r#"{"id": "1", "prompt": "[\"hi\",\"more \\\"quoted\\\"\"]", "response_a": "[\"a\", null]", "response_b": "b", "winner_model_a": 1, "winner_model_b": 0, "winner_tie": 0}"#,
+            "\n",
+            r#"{"id": "2", "prompt": "[\"p\"]", "response_a": "[null]", "response_b": "[null]", "winner_model_a": 0, "winner_model_b": 0, "winner_tie": 1}"#,
+            "\n",
+        );
+        let p = parse_jsonl(j.as_bytes()).unwrap();
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!(p.rows[0].prompt, vec!["hi", "more \"quoted\""]);
+        assert_eq!(p.rows[0].response_a, vec!["a", ""]);
+        assert_eq!(p.dropped_rows(), 1, "both responses null, as in the CSV");
+        let bad = r#"{"id": "1", "prompt": "[\"unterminated]", "response_a": "a", "response_b": "b", "label": "winner_tie"}"#;
+        let errs = rows_err(parse_jsonl(bad.as_bytes()).unwrap_err());
+        assert_eq!((errs[0].row, errs[0].column.as_deref()), (1, Some("prompt")));
+        assert!(errs[0].reason.starts_with("malformed JSON list"));
+    }
+
+    #[test]
+    fn text_that_only_starts_with_a_bracket_is_one_turn() {
+        let b = csv_of(&[r#"1,m1,m2,[INST] hi,"[1] see above","[ null is a word]",1,0,0"#, r#"2,m1,m2,"[nothing]",a,b,1,0,0"#]);
+        let p = parse_csv(&b).unwrap();
+        assert_eq!(p.rows[0].prompt, vec!["[INST] hi"]);
+        assert_eq!(p.rows[0].response_a, vec!["[1] see above"]);
+        assert_eq!(p.rows[0].response_b, vec!["[ null is a word]"]);
+        assert_eq!(p.rows[1].prompt, vec!["[nothing]"]);
+        // `[]x` starts as an empty list does: a broken list, not text
+        let errs = rows_err(parse_csv(&csv_of(&[r#"1,m1,m2,p,a,"[]x",1,0,0"#])).unwrap_err());
+        assert_eq!(errs[0].column.as_deref(), Some("response_b"));
+    }
+
+    #[test]
     fn jsonl_errors_name_the_line() {
         let j = concat!(
             r#"{"id": 1, "prompt": "p", "response_a": "a", "response_b": "b", "label": "winner_model_b"}"#,
@@ -869,6 +947,47 @@ mod tests {
         let rows: Vec<usize> = errs.iter().map(|e| e.row).collect();
         assert_eq!(rows, vec![2, 3, 4, 5]);
         assert!(errs[1].reason.contains("duplicate"));
+    }
+
+    #[test]
+    fn csv_row_numbers_count_empty_lines_as_a_spreadsheet_shows_them() {
+        // row 1 the header, row 2 empty, row 3 a good row, row 4 a good row whose quoted cell
+        // spans two lines, rows 5-6 empty, row 7 a bad one-hot
+        for eol in ["\n", "\r\n"] {
+            let csv = [
+                HEADER.trim_end(),
+                "",
+                "1,m,m,q,a,b,1,0,0",
+                "2,m,m,\"two",
+                "lines\",a,b,0,1,0",
+                "",
+                "",
+                "3,m,m,q,a,b,1,1,0",
+                "",
+            ]
+            .join(eol);
+            let errs = rows_err(parse_csv(csv.as_bytes()).unwrap_err());
+            assert_eq!(errs.iter().map(|e| e.row).collect::<Vec<_>>(), vec![7], "{eol:?}: {errs:?}");
+            // an unreadable row after empty lines: its number too
+            let ragged = [HEADER.trim_end(), "", "", "1,m,m,q,a,b,1,0"].join(eol);
+            match parse_csv(ragged.as_bytes()).unwrap_err() {
+                DatasetError::Unreadable { row, .. } => assert_eq!(row, Some(4), "{eol:?}"),
+                e => panic!("{e:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn jsonl_errors_are_listed_by_line_whichever_pass_finds_them() {
+        let bad_label = r#"{"id": "1", "prompt": "p", "response_a": "a", "response_b": "b", "label": "nope"}"#;
+        let mut lines = vec![bad_label.to_string()];
+        lines.extend((0..MAX_ROW_ERRORS + 5).map(|_| "oops".to_string()));
+        let errs = rows_err(parse_jsonl(lines.join("\n").as_bytes()).unwrap_err());
+        assert_eq!(errs.len(), MAX_ROW_ERRORS);
+        assert_eq!(errs[0].row, 1, "the field error of line 1 comes first: {errs:?}");
+        assert_eq!(errs[0].column.as_deref(), Some("label"));
+        assert!(errs.windows(2).all(|w| w[0].row < w[1].row));
+        assert_eq!(errs.last().unwrap().row, MAX_ROW_ERRORS);
     }
 
     #[test]

@@ -135,8 +135,9 @@ impl Format {
         }
     }
 
-    /// JSON lines start with `{`; anything else is read as CSV.
+    /// JSON lines start with `{` (after a byte order mark, if any); anything else is read as CSV.
     fn sniff(bytes: &[u8]) -> Format {
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF".as_slice()).unwrap_or(bytes);
         match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
             Some(b'{') => Format::Jsonl,
             _ => Format::Csv,
