@@ -681,6 +681,52 @@ async fn the_real_default_model_scores_short_pairs() {
     app.assert_up().await;
 }
 
+/// An adapter loaded while another base replaces its own in the cache (one base kept) is loaded
+/// on a base that is in the cache, not on the evicted one, which would stay in memory unseen.
+#[test]
+fn an_adapter_is_never_cached_on_an_evicted_base() {
+    use arbiter::ml::serve::{Engine, EngineConfig};
+    use std::sync::mpsc;
+    let f = fixture();
+    let copy = tempfile::tempdir().unwrap();
+    for e in std::fs::read_dir(&f.model).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), copy.path().join(e.file_name())).unwrap();
+    }
+    let (a_path, b_path) = (f.model.clone(), copy.path().to_path_buf());
+    // loading base B tells the test it started, then waits for the test's go
+    let (entered_tx, entered) = mpsc::channel::<()>();
+    let (go, go_rx) = mpsc::channel::<()>();
+    let (entered_tx, go_rx) = (std::sync::Mutex::new(entered_tx), std::sync::Mutex::new(go_rx));
+    let slow = b_path.clone();
+    let cfg = EngineConfig { base_cache: 1, ..EngineConfig::default() };
+    let engine = Engine::new(cfg, move |p: &Path| {
+        if p == slow {
+            entered_tx.lock().unwrap().send(()).unwrap();
+            go_rx.lock().unwrap().recv().unwrap();
+        }
+        BaseModel::load(p, BaseFormat::F32, &Device::Cpu)
+    })
+    .unwrap();
+    engine.base(&a_path).unwrap();
+    let on_b = {
+        let (engine, dir, b) = (engine.clone(), f.adapters[1].clone(), b_path.clone());
+        std::thread::spawn(move || engine.adapter("y", &dir, &b).unwrap())
+    };
+    entered.recv().unwrap();
+    // base A is cached: this thread takes it, then waits while B loads
+    let on_a = {
+        let (engine, dir, a) = (engine.clone(), f.adapters[0].clone(), a_path.clone());
+        std::thread::spawn(move || engine.adapter("x", &dir, &a).unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    go.send(()).unwrap();
+    on_b.join().unwrap();
+    let x = on_a.join().unwrap();
+    let cached = engine.base(&a_path).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&x.base, &cached), "adapter x sits on a base the cache no longer holds");
+}
+
 /// The engine itself: concurrent requests are merged into few forwards when batching is on and
 /// run one per forward when it is off, with the same logits; a full queue refuses at once.
 #[tokio::test]

@@ -418,11 +418,18 @@ impl Engine {
         if let Some(a) = lock(&self.inner.adapters).get(key).filter(fresh) {
             return Ok(a);
         }
-        let base = self.base(base_path)?;
-        let _loading = lock(&self.inner.loading);
-        if let Some(a) = lock(&self.inner.adapters).get(key).filter(fresh) {
-            return Ok(a);
-        }
+        let (base, _loading) = loop {
+            let base = self.base(base_path)?;
+            let loading = lock(&self.inner.loading);
+            if let Some(a) = lock(&self.inner.adapters).get(key).filter(fresh) {
+                return Ok(a);
+            }
+            // while this thread waited for the lock another base may have been loaded and this
+            // one evicted: an adapter cached on it would keep it in memory outside the cache
+            if lock(&self.inner.bases).get(&path_key(base_path)).is_some_and(|b| Arc::ptr_eq(&b, &base)) {
+                break (base, loading);
+            }
+        };
         let started = Instant::now();
         let (served, loaded) = adapter::load(dir, &base.llama)
             .and_then(|a| Ok((prepare(&base.llama, &a.lora)?, a)))
