@@ -530,6 +530,26 @@ async fn tei_bodies_get_tei_answers() {
     assert_eq!(lists.as_array().unwrap().len(), 1, "{lists}");
     let a = lists[0].as_array().unwrap().iter().find(|s| s["label"] == "winner_model_a").unwrap();
     assert!((a["score"].as_f64().unwrap() - probs(&want["predictions"][0])[0]).abs() < 1e-6);
+
+    // raw scores of a symmetric call: their softmax is the symmetric probabilities, and the pair
+    // with its responses swapped gets them mirrored
+    let by_label = |v: &Value| -> HashMap<String, f64> {
+        v.as_array().unwrap().iter().map(|s| (s["label"].as_str().unwrap().to_string(), s["score"].as_f64().unwrap())).collect()
+    };
+    let app = &app;
+    let call = |inputs: Value, raw: bool| {
+        let body = json!({"inputs": inputs, "symmetric": true, "raw_scores": raw});
+        async move { app.post_json("/predict", &body).await.json::<Value>().await.unwrap() }
+    };
+    let raw = by_label(&call(json!(["w1 w20", "w30", "w40 w41"]), true).await);
+    let swapped = by_label(&call(json!(["w1 w20", "w40 w41", "w30"]), true).await);
+    let probs = by_label(&call(json!(["w1 w20", "w30", "w40 w41"]), false).await);
+    let z: f64 = raw.values().map(|l| l.exp()).sum();
+    for label in ["winner_model_a", "winner_model_b", "winner_tie"] {
+        assert!((raw[label].exp() / z - probs[label]).abs() < 1e-5, "{raw:?} vs {probs:?}");
+    }
+    assert!((raw["winner_model_a"] - swapped["winner_model_b"]).abs() < 1e-5, "{raw:?} vs {swapped:?}");
+    assert!((raw["winner_tie"] - swapped["winner_tie"]).abs() < 1e-5);
 }
 
 #[tokio::test]
@@ -626,6 +646,18 @@ async fn a_full_queue_answers_429_with_retry_after_and_nothing_else_fails() {
     app.assert_up().await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     predict_ok(&app, &body).await;
+
+    // a file scored symmetrically in chunks of two pairs, whose queue holds only one chunk at a
+    // time: its chunks go one after the other, none refused
+    let mut csv = String::from("id,prompt,response_a,response_b\n");
+    for i in 0..9 {
+        csv.push_str(&format!("{i},w1 w2{i},w3{i} w40,w41\n"));
+    }
+    for _ in 0..3 {
+        let res = app.post_raw("/v1/predict/file?adapter=first&symmetric=true", "text/csv", csv.clone()).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.text().await.unwrap().lines().count(), 10);
+    }
 }
 
 /// The real default model (SmolLM2-135M GGUF), when `scripts/fetch-model.sh` has fetched it: an

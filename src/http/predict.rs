@@ -57,6 +57,8 @@ pub struct PredictLimits {
     pub max_length: usize,
     /// Rows of a CSV sent to `/v1/predict/file`.
     pub max_file_rows: usize,
+    /// Rows the engine's queue holds (a symmetric pair is two).
+    pub queue_rows: usize,
     /// Characters of one prompt or response (its turns together).
     pub max_text_chars: usize,
     /// Adapter used when a request names none; else the newest adapter.
@@ -150,7 +152,8 @@ pub struct TeiRequest {
     pub inputs: TeiInputs,
     #[serde(default)]
     pub adapter: Option<String>,
-    /// Scores are the calibrated logits instead of probabilities.
+    /// Scores are the calibrated logits instead of probabilities (with `symmetric`, the
+    /// logarithms of the averaged probabilities); their softmax is the probabilities.
     #[serde(default)]
     pub raw_scores: bool,
     /// Accepted for compatibility: long inputs are always truncated.
@@ -293,9 +296,19 @@ impl Scored {
             .collect()
     }
 
-    /// Calibrated logits of each pair as sent (the softmax of each is its probabilities).
+    /// Calibrated logits of each pair (the softmax of each is its probabilities): scored
+    /// symmetrically, the logarithms of the averaged probabilities.
     fn calibrated_logits(&self) -> Vec<[f32; 3]> {
-        self.logits.iter().zip(&self.lengths).map(|((p, _), f)| self.adapter.meta.calibrated_logits(p, f)).collect()
+        let meta = &self.adapter.meta;
+        self.logits
+            .iter()
+            .zip(&self.lengths)
+            .zip(self.probabilities())
+            .map(|(((p, q), f), probs)| match q {
+                Some(_) => probs.map(|x| x.max(f32::MIN_POSITIVE).ln()),
+                None => meta.calibrated_logits(p, f),
+            })
+            .collect()
     }
 }
 
@@ -707,9 +720,11 @@ pub async fn predict_file(State(state): State<AppState>, Query(params): Query<Fi
     let record = resolve_adapter(&state, params.adapter.as_deref()).await?;
     let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
     // chunks of the per-request pair limit, two in flight so the engine never waits for the
-    // next chunk's tokenization
+    // next chunk's tokenization, where the queue holds two (else the second is refused)
     use futures::StreamExt;
-    let chunks: Vec<Vec<ArenaRow>> = rows.chunks(limits.max_pairs.max(1)).map(<[ArenaRow]>::to_vec).collect();
+    let chunk = limits.max_pairs.max(1);
+    let in_flight = (limits.queue_rows / (chunk * if params.symmetric { 2 } else { 1 })).clamp(1, 2);
+    let chunks: Vec<Vec<ArenaRow>> = rows.chunks(chunk).map(<[ArenaRow]>::to_vec).collect();
     let results: Vec<Result<Vec<[f32; 3]>, Rejection>> = futures::stream::iter(chunks)
         .map(|chunk| {
             let state = &state;
@@ -719,7 +734,7 @@ pub async fn predict_file(State(state): State<AppState>, Query(params): Query<Fi
                 score(state, record, job).await.map(|s| s.probabilities())
             }
         })
-        .buffered(2)
+        .buffered(in_flight)
         .collect()
         .await;
     let mut out = String::from("id,winner_model_a,winner_model_b,winner_tie\n");
@@ -777,6 +792,7 @@ impl Predictor {
                 max_pairs: p.predict_max_pairs.max(1),
                 max_length: p.predict_max_length.max(8),
                 max_file_rows: p.predict_max_file_rows.max(1),
+                queue_rows: p.predict_queue_rows,
                 max_text_chars: args.max_text_chars.max(1),
                 default_adapter: p.default_adapter.clone(),
             }),
