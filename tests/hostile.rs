@@ -334,6 +334,18 @@ async fn slow_clients_are_cut_off_and_others_are_served_meanwhile() {
         }
         closed
     });
+    // A connection that sends nothing, and one that sends only the start of the HTTP/2
+    // preface: both closed after the deadline too.
+    let silent: Vec<_> = [&b""[..], &b"PRI * HTTP"[..]]
+        .into_iter()
+        .map(|first| {
+            tokio::task::spawn_blocking(move || {
+                let mut s = std::net::TcpStream::connect(addr).unwrap();
+                s.write_all(first).unwrap();
+                read_until_closed(&mut s, Duration::from_secs(6)).1
+            })
+        })
+        .collect();
     // A body that never arrives: 408 after the request timeout.
     let slow_body = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -349,6 +361,10 @@ async fn slow_clients_are_cut_off_and_others_are_served_meanwhile() {
     }
     let closed = slow_headers.await.unwrap().expect("the trickling connection is closed");
     assert!(closed < Duration::from_secs(4), "closed after {closed:?}");
+    for (what, c) in ["silent", "partial preface"].into_iter().zip(silent) {
+        let closed = c.await.unwrap().unwrap_or_else(|| panic!("the {what} connection is closed"));
+        assert!(closed < Duration::from_secs(4), "{what}: closed after {closed:?}");
+    }
     let (answer, _) = slow_body.await.unwrap();
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("request_timeout"), "{answer}");

@@ -1,6 +1,7 @@
 //! The accept loop: hyper's HTTP/1 and HTTP/2 connections with a deadline on the request
-//! headers, so a client that trickles them (or opens a connection and sends nothing) is cut
-//! off instead of holding a connection open forever. `axum::serve` sets no such deadline.
+//! headers, so a client that trickles them (or opens a connection and sends nothing, or only
+//! part of the HTTP/2 preface) is cut off instead of holding a connection open forever.
+//! `axum::serve` sets no such deadline.
 //! Bodies are bounded by the request timeout layer, which covers reading them.
 //!
 //! Shutdown: stop accepting, ask every connection to finish its request in flight, and wait up
@@ -24,6 +25,23 @@ pub struct ServeConfig {
     pub drain_timeout: Duration,
 }
 
+/// Waits until the connection's first bytes tell HTTP/1 from HTTP/2: false if it closes first.
+async fn protocol_known(stream: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut first = [0u8; PREFACE.len()];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if n == PREFACE.len() || first[..n] != PREFACE[..n] {
+            return Ok(true);
+        }
+        // part of the HTTP/2 preface: peeking again returns at once, so wait a little for the rest
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, router: Router, config: ServeConfig, shutdown: CancellationToken) -> std::io::Result<()> {
     let mut builder = Builder::new(TokioExecutor::new());
@@ -45,10 +63,20 @@ pub async fn serve(listener: TcpListener, router: Router, config: ServeConfig, s
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(router.clone());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let header_timeout = config.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            // hyper's own header deadline starts once it has told the protocols apart, which
+            // waits for the first bytes without one
+            match tokio::time::timeout(header_timeout, protocol_known(&stream)).await {
+                Ok(Ok(true)) => {}
+                Ok(Ok(false)) => return,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "connection failed before its first request"),
+                Err(_) => return tracing::debug!(%peer, "no request within the header deadline; closed"),
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
