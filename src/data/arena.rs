@@ -8,7 +8,7 @@
 //!
 //! `prompt` / `response_*` cells hold a JSON list of strings, one per turn
 //! (`["hi","and then?"]`). A cell that is a JSON list of anything else, or that starts like a
-//! list of turns (`[` then a string, `null` or `]`) but does not parse, is the row error
+//! JSON list (`[` then a string, `null`, `]`, `[` or `{`) but does not parse, is the row error
 //! "malformed JSON list"; any other cell (`[INST] hi` too) is taken verbatim as one turn. `null`
 //! entries become empty strings, so turns stay aligned across the prompt and both responses.
 //!
@@ -290,11 +290,11 @@ fn parse_turns(cell: &str) -> Result<Vec<String>, String> {
     }
 }
 
-/// Whether the text after a cell's `[` starts the way a list of turns does: a string, `null`
-/// or the list's end.
+/// Whether the text after a cell's `[` starts the way a JSON list of turns, or a JSON list
+/// at all, does: a string, `null`, the list's end, or a nested list or object.
 fn opens_a_list_of_turns(inner: &str) -> bool {
     let rest = inner.trim_start();
-    rest.starts_with(['"', ']'])
+    rest.starts_with(['"', ']', '[', '{'])
         || rest.strip_prefix("null").is_some_and(|r| {
             let r = r.trim_start();
             r.is_empty() || r.starts_with([',', ']'])
