@@ -383,11 +383,16 @@ impl Engine {
     /// The base model at `path`, loading it on first use (blocking: seconds for a real model).
     /// A failed load is not remembered: the next request tries again.
     pub fn base(&self, path: &Path) -> Result<Arc<BaseModel>, ServeError> {
-        let key = path_key(path);
-        if let Some(b) = lock(&self.inner.bases).get(&key) {
+        if let Some(b) = lock(&self.inner.bases).get(&path_key(path)) {
             return Ok(b);
         }
-        let _loading = lock(&self.inner.loading);
+        let loading = lock(&self.inner.loading);
+        self.base_while_loading(path, &loading)
+    }
+
+    /// [`Engine::base`] for a caller that holds the loading lock.
+    fn base_while_loading(&self, path: &Path, _loading: &MutexGuard<'_, ()>) -> Result<Arc<BaseModel>, ServeError> {
+        let key = path_key(path);
         if let Some(b) = lock(&self.inner.bases).get(&key) {
             return Ok(b);
         }
@@ -418,18 +423,13 @@ impl Engine {
         if let Some(a) = lock(&self.inner.adapters).get(key).filter(fresh) {
             return Ok(a);
         }
-        let (base, _loading) = loop {
-            let base = self.base(base_path)?;
-            let loading = lock(&self.inner.loading);
-            if let Some(a) = lock(&self.inner.adapters).get(key).filter(fresh) {
-                return Ok(a);
-            }
-            // while this thread waited for the lock another base may have been loaded and this
-            // one evicted: an adapter cached on it would keep it in memory outside the cache
-            if lock(&self.inner.bases).get(&path_key(base_path)).is_some_and(|b| Arc::ptr_eq(&b, &base)) {
-                break (base, loading);
-            }
-        };
+        // the base and the adapter in one hold of the loading lock: no other load can evict the
+        // base in between, which would leave the adapter on a base outside the cache
+        let loading = lock(&self.inner.loading);
+        if let Some(a) = lock(&self.inner.adapters).get(key).filter(fresh) {
+            return Ok(a);
+        }
+        let base = self.base_while_loading(base_path, &loading)?;
         let started = Instant::now();
         let (served, loaded) = adapter::load(dir, &base.llama)
             .and_then(|a| Ok((prepare(&base.llama, &a.lora)?, a)))
