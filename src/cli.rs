@@ -29,7 +29,7 @@ pub struct BaseArgs {
     #[arg(long, env = "ARBITER_DEVICE", default_value = "cpu")]
     pub device: String,
     /// On a GPU, keep the token embedding table in host memory (read there by the device).
-    #[arg(long, env = "ARBITER_HOST_EMBEDDINGS")]
+    #[arg(long, env = "ARBITER_HOST_EMBEDDINGS", value_parser = clap::builder::BoolishValueParser::new())]
     pub host_embeddings: bool,
 }
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
@@ -112,7 +113,7 @@ pub struct StoreArgs {
     /// On a GPU, the worker keeps the base model's token embedding table in host memory, mapped
     /// for the device, which reads each batch's rows there (vocab x hidden weights less on the
     /// device: 1 GiB of bf16 for Llama-3-8B).
-    #[arg(long, env = "ARBITER_HOST_EMBEDDINGS")]
+    #[arg(long, env = "ARBITER_HOST_EMBEDDINGS", value_parser = BoolishValueParser::new())]
     pub host_embeddings: bool,
 }
 
@@ -196,7 +197,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ARBITER_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
     /// Do not run a job worker in this process (run `arbiter worker` elsewhere).
-    #[arg(long, env = "ARBITER_NO_WORKER")]
+    #[arg(long, env = "ARBITER_NO_WORKER", value_parser = BoolishValueParser::new())]
     pub no_worker: bool,
     /// Largest accepted request body (dataset uploads included), in bytes.
     #[arg(long, env = "ARBITER_MAX_BODY_BYTES", default_value_t = 256 * 1024 * 1024)]
@@ -250,7 +251,7 @@ pub struct PredictArgs {
     #[arg(long, env = "ARBITER_PREDICT_BASE_CACHE", default_value_t = 1)]
     pub predict_base_cache: usize,
     /// Merge concurrent requests into shared batches (false: one request at a time).
-    #[arg(long, env = "ARBITER_PREDICT_BATCHING", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "ARBITER_PREDICT_BATCHING", default_value_t = true, action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub predict_batching: bool,
     /// Forwards kept captured as CUDA graphs on a GPU (any batch of a small, merged adapter; a
     /// large model's up to 2,048 padded tokens): a batch shape seen twice is captured once and
@@ -270,7 +271,7 @@ pub struct PredictArgs {
     #[arg(long, env = "ARBITER_DEFAULT_ADAPTER")]
     pub default_adapter: Option<String>,
     /// Load the default base model for prediction at startup instead of on first use.
-    #[arg(long, env = "ARBITER_PREDICT_PRELOAD")]
+    #[arg(long, env = "ARBITER_PREDICT_PRELOAD", value_parser = BoolishValueParser::new())]
     pub predict_preload: bool,
 }
 

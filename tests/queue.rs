@@ -482,3 +482,23 @@ fn a_lease_shorter_than_two_heartbeats_is_refused_at_start() {
         assert!(stderr.contains("must be at least twice --heartbeat-ms"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn boolean_settings_from_the_environment_take_1_yes_on_and_off() {
+    // The settings parse (the lease check after them is what stops the server), whichever
+    // spelling the environment uses.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    for (yes, no) in [("1", "0"), ("yes", "no"), ("on", "off"), ("true", "false")] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_arbiter"))
+            .args(["serve", "--data-dir", &data, "--addr", "127.0.0.1:0", "--lease-ms", "10"])
+            .env("ARBITER_NO_WORKER", yes)
+            .env("ARBITER_PREDICT_PRELOAD", no)
+            .env("ARBITER_PREDICT_BATCHING", no)
+            .env("ARBITER_HOST_EMBEDDINGS", yes)
+            .output()
+            .expect("run arbiter");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("must be at least twice --heartbeat-ms"), "{yes}/{no}: {stderr}");
+    }
+}
