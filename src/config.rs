@@ -150,7 +150,8 @@ pub struct QueueArgs {
     /// How often a running job's lease is renewed (and cancellation checked), in milliseconds.
     #[arg(long, env = "ARBITER_HEARTBEAT_MS", default_value_t = 2_000)]
     pub heartbeat_ms: u64,
-    /// How often an idle worker looks for queued jobs and expired leases, in milliseconds.
+    /// How often an idle worker looks for queued jobs, and every node (API nodes without a
+    /// worker too) for expired leases, in milliseconds.
     #[arg(long, env = "ARBITER_POLL_MS", default_value_t = 1_000)]
     pub poll_ms: u64,
     /// Attempts a job gets (a lost lease counts as one) before it is failed.

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{Command, ServeArgs, Settings, StoreArgs, WorkerArgs};
 use crate::http::{AppState, Limits};
 use crate::jobs::runner::NO_TRAINER_REASON;
-use crate::jobs::{Runner, RunnerConfig, Trainer};
+use crate::jobs::{Reaper, Runner, RunnerConfig, Trainer};
 use crate::store::artifacts::Artifacts;
 use crate::store::files::DataDir;
 use crate::store::Store;
@@ -126,6 +126,7 @@ pub struct App {
     router: axum::Router,
     store: Store,
     runner: Option<Runner>,
+    reaper: Option<Reaper>,
     shutdown: CancellationToken,
     header_timeout: Duration,
     drain_timeout: Duration,
@@ -186,17 +187,18 @@ impl App {
             shutdown: shutdown.clone(),
             predictor: http::predict::Predictor::from_args(&args)?,
         };
-        let runner = match args.no_worker {
-            true => None,
+        // without a worker this node still reaps expired leases (workers elsewhere may die)
+        let (runner, reaper) = match args.no_worker {
+            true => (None, Some(Reaper::new(store.clone(), args.queue.lease(), args.queue.poll()))),
             false => {
                 let config = RunnerConfig::from_args(&args.queue, &args.store)?;
-                Some(Runner::new(store.clone(), dirs, artifacts, trainer, config))
+                (Some(Runner::new(store.clone(), dirs, artifacts, trainer, config)), None)
             }
         };
         let listener = TcpListener::bind(args.addr).await.with_context(|| format!("binding {}", args.addr))?;
         let header_timeout = state.limits.header_timeout;
         let drain_timeout = state.limits.request_timeout;
-        Ok(App { listener, router: http::router(state), store, runner, shutdown, header_timeout, drain_timeout })
+        Ok(App { listener, router: http::router(state), store, runner, reaper, shutdown, header_timeout, drain_timeout })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -217,6 +219,7 @@ impl App {
         let addr = self.listener.local_addr()?;
         tracing::info!(%addr, worker = self.runner.is_some(), "arbiter listening");
         let worker = self.runner.map(|r| tokio::spawn(r.run(self.shutdown.clone())));
+        let reaper = self.reaper.map(|r| tokio::spawn(r.run(self.shutdown.clone())));
         let served = http::serve::serve(
             self.listener,
             self.router,
@@ -229,6 +232,9 @@ impl App {
             if tokio::time::timeout(Duration::from_secs(60), worker).await.is_err() {
                 tracing::warn!("the worker did not stop within 60 s; exiting anyway");
             }
+        }
+        if let Some(reaper) = reaper {
+            let _ = reaper.await;
         }
         self.store.close().await;
         tracing::info!("arbiter stopped");

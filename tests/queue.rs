@@ -44,6 +44,7 @@ on_both_backends!(
     heartbeats_keep_a_long_job_from_being_reaped,
     graceful_shutdown_gives_the_running_job_back,
     attempts_given_back_at_a_shutdown_do_not_count,
+    expired_leases_are_reaped_by_api_nodes_and_by_busy_workers,
     a_standalone_worker_process_runs_jobs_queued_through_the_api,
     a_lost_lease_changes_nothing_for_the_old_worker,
     claims_go_only_to_workers_whose_device_meets_the_job,
@@ -207,6 +208,27 @@ async fn attempts_given_back_at_a_shutdown_do_not_count(db: Db) {
     assert_eq!((reaped[0].status.as_str(), reaped[0].attempt), ("failed", 4), "the second lost lease");
     let job = store.get_job(&id).await.unwrap().unwrap();
     assert!(job.error.unwrap().contains("2 lost leases allowed"));
+}
+
+async fn expired_leases_are_reaped_by_api_nodes_and_by_busy_workers(db: Db) {
+    // An API node without a worker: the lease of a worker that died goes back to the queue.
+    let api = spawn().on(&db).flag("--no-worker").start().await;
+    let ids = queued_jobs(&api, 3).await;
+    api.store.claim_job("dead-one", &any_device(), now_ms(), 200).await.unwrap().expect("claimed");
+    let job = api.wait_status(&ids[0], "queued", WAIT).await;
+    assert_eq!(job["attempt"], 1, "{job}");
+
+    // A worker busy with a long job meanwhile reaps another dead worker's lease.
+    let trainer = Arc::new(ScriptedTrainer::new(10_000, Duration::from_millis(20)));
+    let busy = spawn().same_data_as(&api).trainer(trainer).start().await;
+    // it takes the oldest queued job (the reaped one is queued again as of its reaping)
+    let training = api.wait_job(&ids[1], WAIT, |j| j["status"] == "running").await;
+    api.shutdown().await;
+    let other = busy.store.claim_job("dead-two", &any_device(), now_ms(), 200).await.unwrap().expect("claimed");
+    let reaped = busy.wait_job(&other.id, WAIT, |j| j["status"] == "queued").await;
+    assert_eq!(reaped["attempt"], 1);
+    let training = busy.get_json(&format!("/v1/fine-tuning/jobs/{}", training["id"].as_str().unwrap())).await;
+    assert_eq!(training["status"], "running", "still training: {training}");
 }
 
 async fn a_standalone_worker_process_runs_jobs_queued_through_the_api(db: Db) {
@@ -380,16 +402,18 @@ async fn worker_registrations_are_listed_while_fresh_and_forgotten_when_silent(d
     let api = spawn().on(&db).flag("--no-worker").start().await;
     let store = &api.store;
     let d = any_device();
-    store.register_worker("old", &d, 1_000, 2_000).await.unwrap();
-    store.register_worker("new", &d, 1_000, 5_000).await.unwrap();
+    // recent times: the node's own reaper forgets only workers silent for ten minutes
+    let t = now_ms();
+    store.register_worker("old", &d, t - 60_000, t - 59_000).await.unwrap();
+    store.register_worker("new", &d, t - 60_000, t - 2_000).await.unwrap();
     // Registering again renews (and may change what it advertises).
     let unknown = WorkerDevice { memory_bytes: None, ..d.clone() };
-    store.register_worker("new", &unknown, 1_000, 9_000).await.unwrap();
-    let live = store.list_workers(3_000).await.unwrap();
+    store.register_worker("new", &unknown, t - 60_000, t).await.unwrap();
+    let live = store.list_workers(t - 30_000).await.unwrap();
     assert_eq!(live.len(), 1, "{live:?}");
-    assert_eq!((live[0].id.as_str(), live[0].last_seen_at, live[0].memory_bytes), ("new", 9_000, None));
+    assert_eq!((live[0].id.as_str(), live[0].last_seen_at, live[0].memory_bytes), ("new", t, None));
     assert_eq!(live[0].job_id, None);
-    assert_eq!(store.forget_workers(3_000).await.unwrap(), 1, "the silent one");
+    assert_eq!(store.forget_workers(t - 30_000).await.unwrap(), 1, "the silent one");
     assert_eq!(store.list_workers(0).await.unwrap().len(), 1);
     store.remove_worker("new").await.unwrap();
     assert!(store.list_workers(0).await.unwrap().is_empty());

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{field::Empty, Instrument, Span};
 
 use super::observer::{write_reports, JobObserver, StopFlags};
+use super::reaper::Reaper;
 use super::trainer::{TrainError, TrainOutcome, TrainRequest, Trainer};
 use super::device::{self, DeviceError};
 use crate::config::{QueueArgs, StoreArgs};
@@ -54,7 +55,15 @@ fn default_worker_id() -> String {
     format!("{host}-{}-{}", std::process::id(), &suffix[..8])
 }
 
-/// One worker: a loop of reap, claim, train.
+/// Records a status event of a job (a failure to record is logged, not raised).
+pub(crate) async fn record_event(store: &Store, job_id: &str, attempt: i64, level: &'static str, message: String) {
+    let e = NewEvent { job_id: job_id.to_string(), attempt, level, kind: "status", message, data: None };
+    if let Err(err) = store.insert_event(&e, now_ms()).await {
+        tracing::warn!(error = %err, job_id, "could not record job event");
+    }
+}
+
+/// One worker: a loop of claim and train, with a [`Reaper`] on a task beside it.
 pub struct Runner {
     store: Store,
     dirs: DataDir,
@@ -108,15 +117,11 @@ impl Runner {
                 presence_stop.clone(),
             ))
         });
-        let mut forgot_at: Option<std::time::Instant> = None;
+        let reaper_stop = shutdown.child_token();
+        let reaper = tokio::spawn(Reaper::new(self.store.clone(), self.config.lease, self.config.poll).run(reaper_stop.clone()));
         loop {
             if shutdown.is_cancelled() {
                 break;
-            }
-            self.reap().await;
-            if forgot_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                self.forget_silent_workers().await;
-                forgot_at = Some(std::time::Instant::now());
             }
             if let Some(trainer) = &self.trainer {
                 match self.store.claim_job(&self.config.worker_id, &self.config.device, now_ms(), self.lease_ms()).await {
@@ -137,6 +142,8 @@ impl Runner {
         if let Some(p) = presence {
             let _ = p.await;
         }
+        reaper_stop.cancel();
+        let _ = reaper.await;
         tracing::info!(worker = %self.config.worker_id, "job runner stopped");
     }
 
@@ -145,39 +152,7 @@ impl Runner {
     }
 
     async fn event(&self, job_id: &str, attempt: i64, level: &'static str, message: String) {
-        let e = NewEvent { job_id: job_id.to_string(), attempt, level, kind: "status", message, data: None };
-        if let Err(err) = self.store.insert_event(&e, now_ms()).await {
-            tracing::warn!(error = %err, job_id, "could not record job event");
-        }
-    }
-
-    async fn reap(&self) {
-        match self.store.reap_expired_jobs(now_ms()).await {
-            Ok(reaped) => {
-                for r in reaped {
-                    let msg = if r.status == JobStatus::Failed.as_str() {
-                        format!(
-                            "lease of attempt {} expired; no attempts left ({} lost leases allowed, {} attempts given back at a shutdown): failed",
-                            r.attempt, r.max_attempts, r.released_attempts
-                        )
-                    } else {
-                        format!("lease of attempt {} expired (worker silent); back in the queue", r.attempt)
-                    };
-                    tracing::warn!(job_id = %r.id, attempt = r.attempt, status = %r.status, "reaped expired lease");
-                    let level = if r.status == JobStatus::Failed.as_str() { "error" } else { "warn" };
-                    self.event(&r.id, r.attempt, level, msg).await;
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "reaping expired leases failed"),
-        }
-    }
-
-    /// Drops the registrations of workers gone silent for ten leases (at least ten minutes).
-    async fn forget_silent_workers(&self) {
-        let stale = self.lease_ms().saturating_mul(10).max(600_000);
-        if let Err(e) = self.store.forget_workers(now_ms() - stale).await {
-            tracing::warn!(error = %e, "forgetting silent workers failed");
-        }
+        record_event(&self.store, job_id, attempt, level, message).await
     }
 
     #[tracing::instrument(skip_all, fields(job_id = %job.id, attempt = job.attempt, worker = %self.config.worker_id, outcome = Empty))]
