@@ -182,6 +182,41 @@ async fn an_open_server_closes_as_soon_as_a_key_is_created() {
     assert_eq!(get_with(&app, "/v1/datasets", Some(&format!("Bearer {key}"))).await.status(), 200);
 }
 
+#[tokio::test]
+async fn an_open_server_answers_only_this_machine_s_clients_and_pages() {
+    let app = spawn_app().await;
+    let port = app.addr.port();
+    let with = |name: &'static str, value: String| {
+        let req = app.client.post(app.url("/v1/datasets")).header("content-type", "text/csv").header(name, value);
+        async move { req.body("id,prompt,response_a,response_b,winner_model_a,winner_model_b,winner_tie\n1,p,a,b,1,0,0\n").send().await.unwrap() }
+    };
+    // a page elsewhere posting to the local port, or a name rebound to 127.0.0.1
+    for (name, value) in [
+        ("origin", "https://evil.example".to_string()),
+        ("origin", "null".to_string()),
+        ("host", format!("evil.example:{port}")),
+        ("host", format!("localhost.evil.example:{port}")),
+    ] {
+        let err = error_of(with(name, value.clone()).await, 403).await;
+        assert_eq!(err["code"], "foreign_origin", "{name}: {value}");
+    }
+    assert!(app.get_json("/v1/datasets").await["data"].as_array().unwrap().is_empty(), "nothing was stored");
+    // the dashboard's own page, and local clients by any loopback name
+    for (name, value) in [
+        ("origin", format!("http://127.0.0.1:{port}")),
+        ("origin", format!("http://localhost:{port}")),
+        ("host", format!("localhost:{port}")),
+        ("host", format!("[::1]:{port}")),
+    ] {
+        assert_eq!(with(name, value.clone()).await.status(), 201, "{name}: {value}");
+    }
+    // with a key, the key decides
+    let (id, key) = arbiter::store::api_keys::generate_key();
+    app.store.insert_api_key(&id, arbiter::store::Scope::Admin, &key, None, 0).await.unwrap();
+    let res = app.client.get(app.url("/v1/datasets")).header("host", "arbiter.example").bearer_auth(&key).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+}
+
 async fn build(args: &[&str]) -> anyhow::Result<arbiter::App> {
     let dir = tempfile::tempdir().unwrap().keep();
     let mut argv = vec!["arbiter", "serve", "--model", "/nonexistent/model.gguf"];

@@ -14,7 +14,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::header::{AUTHORIZATION, WWW_AUTHENTICATE};
+use axum::http::header::{AUTHORIZATION, HOST, ORIGIN, WWW_AUTHENTICATE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -103,6 +103,27 @@ impl Auth {
     }
 }
 
+/// Whether a request to a server open without keys (on a loopback address) comes from this
+/// machine's own clients and pages: its Host names a loopback address (a site whose name is
+/// made to resolve to 127.0.0.1 passes a browser's same-origin rule, not this), and it carries no
+/// Origin of another site (a page elsewhere posting to the local port; `null` included).
+fn from_this_machine(req: &Request) -> bool {
+    let header = |name| req.headers().get(name).map(|v: &HeaderValue| v.to_str().unwrap_or(""));
+    let host = header(HOST).or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let host_ok = host.is_none_or(loopback_authority);
+    let origin_ok = header(ORIGIN).is_none_or(|o| o.split_once("://").is_some_and(|(_, authority)| loopback_authority(authority)));
+    host_ok && origin_ok
+}
+
+/// `localhost`, or a loopback IP address, with or without a port.
+fn loopback_authority(authority: &str) -> bool {
+    let host = match authority.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => authority.rsplit_once(':').map_or(authority, |(h, port)| if port.bytes().all(|b| b.is_ascii_digit()) { h } else { authority }),
+    };
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// An error answer with the `WWW-Authenticate` challenge RFC 6750 asks for.
 fn challenge(err: ApiError, value: String) -> Response {
     let mut res = err.into_response();
@@ -138,7 +159,16 @@ pub async fn require(State((auth, required)): State<(Auth, Scope)>, req: Request
     };
     let Some(token) = token else {
         return match auth.any_keys().await {
-            Ok(false) if auth.open_without_keys => next.run(req).await,
+            Ok(false) if auth.open_without_keys => match from_this_machine(&req) {
+                true => next.run(req).await,
+                false => ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "foreign_origin",
+                    "this server has no API keys and answers only pages and clients of this machine: the request's Host or \
+                     Origin names another site (create an API key to serve others)",
+                )
+                .into_response(),
+            },
             Ok(false) => unauthorized(
                 "missing_api_key",
                 "this server has no API keys and is not on a loopback address: it serves no API until a key is created",
@@ -166,6 +196,16 @@ pub async fn require(State((auth, required)): State<(Auth, Scope)>, req: Request
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loopback_authorities() {
+        for ok in ["localhost", "LOCALHOST:8080", "127.0.0.1", "127.0.0.1:8080", "127.1.2.3:1", "[::1]", "[::1]:8080"] {
+            assert!(loopback_authority(ok), "{ok}");
+        }
+        for bad in ["evil.example", "evil.example:8080", "localhost.evil.example", "10.0.0.1:80", "[::2]:80", "", "null", "0.0.0.0"] {
+            assert!(!loopback_authority(bad), "{bad}");
+        }
+    }
 
     async fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
