@@ -318,7 +318,7 @@ async fn slow_clients_are_cut_off_and_others_are_served_meanwhile() {
     // Headers trickled (and never finished): the connection is closed after the deadline.
     let slow_headers = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n").unwrap();
         let start = Instant::now();
         let mut closed = None;
         while start.elapsed() < Duration::from_secs(6) {
@@ -349,7 +349,7 @@ async fn slow_clients_are_cut_off_and_others_are_served_meanwhile() {
     // A body that never arrives: 408 after the request timeout.
     let slow_body = tokio::task::spawn_blocking(move || {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.write_all(b"POST /v1/datasets HTTP/1.1\r\nHost: x\r\nContent-Type: text/csv\r\nContent-Length: 100000\r\n\r\nid,").unwrap();
+        s.write_all(b"POST /v1/datasets HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/csv\r\nContent-Length: 100000\r\n\r\nid,").unwrap();
         read_until_closed(&mut s, Duration::from_secs(6))
     });
     // Meanwhile the server answers others at once.
