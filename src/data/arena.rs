@@ -503,9 +503,16 @@ pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedD
             return Err(DatasetError::NotUtf8 { byte_offset: off, row: Some(line) });
         }
     };
+    // Two passes over the text, each line parsed in each: whether the file is labelled is known
+    // only after every line, and keeping every line's parsed tree until then would take many
+    // times the file's size in memory.
     let mut objects = Vec::new();
     let mut c = Collector::new(false);
     let mut data_rows = 0usize;
+    let mut labelled = false;
+    let has_label = |m: &serde_json::Map<String, Value>| {
+        m.contains_key("label") || LABEL_COLUMNS.iter().any(|k| m.contains_key(*k))
+    };
     for (i, line) in text.lines().enumerate() {
         let row_no = i + 1;
         if line.trim().is_empty() {
@@ -516,17 +523,17 @@ pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedD
             return Err(DatasetError::TooManyRows { limit: limits.max_rows, row: row_no });
         }
         match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(map)) => objects.push((row_no, map)),
+            Ok(Value::Object(map)) => {
+                labelled |= has_label(&map);
+                objects.push((row_no, line));
+            }
             Ok(_) => c.error(row_no, None, "the line is not a JSON object"),
             Err(e) => c.error(row_no, None, format!("the line is not valid JSON: {e}")),
         }
     }
-    let has_label = |m: &serde_json::Map<String, Value>| {
-        m.contains_key("label") || LABEL_COLUMNS.iter().any(|k| m.contains_key(*k))
-    };
-    let labelled = objects.iter().any(|(_, m)| has_label(m));
     c.out.labelled = labelled;
-    for (row_no, m) in objects {
+    for (row_no, line) in objects {
+        let Ok(Value::Object(m)) = serde_json::from_str::<Value>(line) else { continue };
         let mut ok = true;
         let id = match m.get("id") {
             Some(Value::String(s)) => s.trim().to_string(),
