@@ -24,7 +24,7 @@ use crate::data::hyper::Hyperparameters;
 use crate::data::ArenaRow;
 use crate::store::artifacts::Artifacts;
 use crate::store::files::{self, DataDir};
-use crate::store::{now_ms, JobRecord, JobStatus, NewAdapter, NewEvent, Store, WorkerDevice};
+use crate::store::{now_ms, CheckpointRecord, JobRecord, JobStatus, NewAdapter, NewEvent, Store, WorkerDevice};
 
 /// Why a job is waiting, shown on `GET /v1/fine-tuning/jobs/{id}` while it is queued and no
 /// runner in this process can take it.
@@ -303,37 +303,19 @@ impl Runner {
                 Vec::new()
             }
         };
-        let mut resume_from = None;
-        for c in &checkpoints {
-            match self.artifacts.checkpoint_dir(&job.id, &c.path).await {
-                Ok(Some(dir)) => {
-                    resume_from = Some(dir);
-                    break;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, step = c.step, "could not fetch a checkpoint; trying an older one"),
-            }
-        }
+        let resumed = self.fetch_first(&job.id, checkpoints.iter(), "could not fetch a checkpoint; trying an older one").await;
         // The adapter is the best checkpoint by validation loss: the trainer reads it from this
         // node's directory at the end, so an older one written elsewhere comes along now.
-        let best = resume_from.as_deref().and_then(crate::ml::train::checkpoint_best_step);
-        let resumed_at = resume_from.as_deref().and_then(checkpoint_step);
-        if let Some(best) = best.filter(|b| Some(*b) != resumed_at) {
-            let mut fetched = false;
-            for c in checkpoints.iter().filter(|c| u64::try_from(c.step).ok() == Some(best)) {
-                match self.artifacts.checkpoint_dir(&job.id, &c.path).await {
-                    Ok(Some(_)) => {
-                        fetched = true;
-                        break;
-                    }
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(error = %e, step = c.step, "could not fetch the best checkpoint"),
+        if let Some((step, dir)) = &resumed {
+            let best = crate::ml::train::checkpoint_best_step(dir).and_then(|b| i64::try_from(b).ok());
+            if let Some(best) = best.filter(|b| b != step) {
+                let rows = checkpoints.iter().filter(|c| c.step == best);
+                if self.fetch_first(&job.id, rows, "could not fetch the best checkpoint").await.is_none() {
+                    tracing::warn!(step = best, "the best checkpoint is nowhere to be found; the final weights will be used");
                 }
             }
-            if !fetched {
-                tracing::warn!(step = best, "the best checkpoint is nowhere to be found; the final weights will be used");
-            }
         }
+        let resume_from = resumed.map(|(_, dir)| dir);
         Ok(TrainRequest {
             job_id: job.id.clone(),
             attempt: job.attempt,
@@ -344,6 +326,24 @@ impl Runner {
             work_dir,
             resume_from,
         })
+    }
+
+    /// The step and local directory of the first of `rows` whose files this node has or can
+    /// fetch from the shared store.
+    async fn fetch_first(
+        &self,
+        job_id: &str,
+        rows: impl Iterator<Item = &CheckpointRecord>,
+        failed: &str,
+    ) -> Option<(i64, PathBuf)> {
+        for c in rows {
+            match self.artifacts.checkpoint_dir(job_id, &c.path).await {
+                Ok(Some(dir)) => return Some((c.step, dir)),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, step = c.step, "{failed}"),
+            }
+        }
+        None
     }
 
     async fn load_rows(&self, dataset_id: &str) -> Result<Vec<ArenaRow>, PrepareError> {
@@ -476,11 +476,6 @@ async fn heartbeat(
             }
         }
     }
-}
-
-/// N of a checkpoint directory named `step-N`.
-fn checkpoint_step(dir: &std::path::Path) -> Option<u64> {
-    dir.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()
 }
 
 /// A deterministic split: `fraction` of the rows (at least one, leaving at least one) for
