@@ -281,32 +281,30 @@ struct Scored {
 
 impl Scored {
     fn probabilities(&self) -> Vec<[f32; 3]> {
+        self.logits.iter().zip(&self.lengths).map(|((p, q), f)| self.pair_probabilities(p, q.as_ref(), f)).collect()
+    }
+
+    /// One pair's probabilities from its logits as sent, `p`, and with A and B swapped, `q`
+    /// (scored symmetrically).
+    fn pair_probabilities(&self, p: &[f32; 3], q: Option<&[f32; 3]>, f: &[f64; 3]) -> [f32; 3] {
         let meta = &self.adapter.meta;
         let softmax = |l: &[f32; 3], f: [f64; 3]| classifier::softmax3(&meta.calibrated_logits(l, &f), 1.0);
-        self.logits
-            .iter()
-            .zip(&self.lengths)
-            .map(|((p, q), f)| {
-                let p = softmax(p, *f);
-                match q {
-                    Some(q) => classifier::symmetric(p, softmax(q, calibrate::mirrored(*f))),
-                    None => p,
-                }
-            })
-            .collect()
+        let p = softmax(p, *f);
+        match q {
+            Some(q) => classifier::symmetric(p, softmax(q, calibrate::mirrored(*f))),
+            None => p,
+        }
     }
 
     /// Calibrated logits of each pair (the softmax of each is its probabilities): scored
     /// symmetrically, the logarithms of the averaged probabilities.
     fn calibrated_logits(&self) -> Vec<[f32; 3]> {
-        let meta = &self.adapter.meta;
         self.logits
             .iter()
             .zip(&self.lengths)
-            .zip(self.probabilities())
-            .map(|(((p, q), f), probs)| match q {
-                Some(_) => probs.map(|x| x.max(f32::MIN_POSITIVE).ln()),
-                None => meta.calibrated_logits(p, f),
+            .map(|((p, q), f)| match q {
+                Some(q) => self.pair_probabilities(p, Some(q), f).map(|x| x.max(f32::MIN_POSITIVE).ln()),
+                None => self.adapter.meta.calibrated_logits(p, f),
             })
             .collect()
     }

@@ -16,7 +16,8 @@ pub fn retain(device: &Device) -> Result<()> {
 /// a context has a stream of its own, as candle's device has, to order uses across streams):
 /// every kernel, copy and free of Arbiter's runs on the device's one stream, in order, so
 /// those events order nothing. The one exception, the copies of activations parked in host
-/// memory (`offload`), runs on a stream of its own ordered by events recorded for it. `ARBITER_CUDA_EVENT_TRACKING=1` keeps them (to compare).
+/// memory (`offload`), runs on a stream of its own ordered by events recorded for it.
+/// `ARBITER_CUDA_EVENT_TRACKING=1` keeps them (to compare).
 pub fn single_stream(device: &Device) {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
