@@ -157,6 +157,11 @@ pub struct QueueArgs {
     /// Attempts a job gets (a lost lease counts as one) before it is failed.
     #[arg(long, env = "ARBITER_MAX_ATTEMPTS", default_value_t = 3)]
     pub max_attempts: u32,
+    /// How long a job waits before its next attempt after one failed for a passing reason (the
+    /// database, the disk or the artifact store unreachable), in milliseconds; doubled for each
+    /// further such attempt.
+    #[arg(long, env = "ARBITER_RETRY_DELAY_MS", default_value_t = 30_000)]
+    pub retry_delay_ms: u64,
     /// Name of this worker in job leases; defaults to host name, process id and a random suffix.
     #[arg(long, env = "ARBITER_WORKER_ID")]
     pub worker_id: Option<String>,
@@ -186,6 +191,9 @@ impl QueueArgs {
     }
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms.max(10))
+    }
+    pub fn retry_delay(&self) -> Duration {
+        Duration::from_millis(self.retry_delay_ms)
     }
     pub fn poll(&self) -> Duration {
         Duration::from_millis(self.poll_ms.max(10))

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::trainer::ScriptedTrainer;
-use common::{error_of, spawn, spawn_app};
+use common::{error_of, spawn, spawn_app, TestApp};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -166,6 +166,101 @@ async fn trainer_failure_fails_the_job_with_its_message() {
     let id = app.create_job(&ds).await["id"].as_str().unwrap().to_string();
     let job = app.wait_status(&id, "failed", WAIT).await;
     assert_eq!(job["error"], "loss became NaN at step 2");
+}
+
+/// Makes `dir` unusable as a directory (a file takes its place), or usable again.
+fn block_dir(dir: &std::path::Path, blocked: bool) {
+    if blocked {
+        std::fs::remove_dir_all(dir).ok();
+        std::fs::write(dir, b"in the way").unwrap();
+    } else {
+        std::fs::remove_file(dir).unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+    }
+}
+
+async fn wait_event(app: &TestApp, id: &str, needle: &str) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        if let Some(e) = app.events(id).await.into_iter().find(|e| e["message"].as_str().unwrap_or("").contains(needle)) {
+            return e;
+        }
+        assert!(std::time::Instant::now() < deadline, "no event with {needle:?} in {:#?}", app.events(id).await);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_that_cannot_start_for_a_passing_reason_runs_again_later() {
+    // The job directory cannot be created (the disk, not the job, is at fault): the attempt counts,
+    // the job waits its delay in the queue, and once the disk is fixed the next attempt succeeds.
+    let trainer = Arc::new(ScriptedTrainer::new(2, Duration::from_millis(5)));
+    let app = spawn().trainer(trainer.clone()).arg("--retry-delay-ms", "400").start().await;
+    let jobs_dir = app.data_dir().join("jobs");
+    block_dir(&jobs_dir, true);
+    let ds = app.create_dataset(4).await;
+    let id = app.create_job(&ds).await["id"].as_str().unwrap().to_string();
+    let retry = wait_event(&app, &id, "could not start").await;
+    let message = retry["message"].as_str().unwrap();
+    assert_eq!(retry["level"], "warn");
+    assert!(message.starts_with("attempt 1 could not start: cannot create the job directory"), "{message}");
+    assert!(message.ends_with("the job runs again in 0.4 s (1 of 3 attempts used)"), "{message}");
+    let job = app.get_json(&format!("/v1/fine-tuning/jobs/{id}")).await;
+    assert!(job["status"] == "queued" || job["status"] == "running", "{job}");
+    assert!(trainer.seen().is_empty(), "the trainer never ran");
+
+    block_dir(&jobs_dir, false);
+    let done = app.wait_status(&id, "succeeded", WAIT).await;
+    let attempt = done["attempt"].as_i64().unwrap();
+    assert!(attempt >= 2, "{done}");
+    assert_eq!(trainer.seen().len(), 1, "one attempt trained");
+    assert_eq!(trainer.seen()[0].attempt, attempt);
+    app.assert_up().await;
+}
+
+#[tokio::test]
+async fn a_job_failing_for_a_passing_reason_fails_once_its_attempts_are_spent() {
+    let trainer = Arc::new(ScriptedTrainer::new(2, Duration::from_millis(5)));
+    let app = spawn().trainer(trainer.clone()).arg("--retry-delay-ms", "100").arg("--max-attempts", "2").start().await;
+    block_dir(&app.data_dir().join("jobs"), true);
+    let ds = app.create_dataset(4).await;
+    let id = app.create_job(&ds).await["id"].as_str().unwrap().to_string();
+    let job = app.wait_status(&id, "failed", WAIT).await;
+    let error = job["error"].as_str().unwrap();
+    assert!(error.starts_with("attempt 2 could not start: cannot create the job directory"), "{error}");
+    assert!(error.ends_with("no attempts left (2 allowed)"), "{error}");
+    assert_eq!(job["attempt"], 2);
+    let levels: Vec<_> = app.events(&id).await.iter().filter(|e| e["level"] != "info").map(|e| e["level"].clone()).collect();
+    assert_eq!(levels, ["warn", "error"], "one retry, then the failure");
+    assert!(trainer.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_trained_adapter_that_cannot_be_stored_is_stored_by_the_next_attempt() {
+    // The shared artifact store refuses the adapter (a file where its folder goes): the run is not
+    // thrown away; the next attempt resumes from the last step's checkpoint and stores it.
+    let shared = tempfile::tempdir().unwrap();
+    let url = format!("file://{}", shared.path().display());
+    let trainer = Arc::new(ScriptedTrainer::new(4, Duration::from_millis(5)));
+    let app = spawn().trainer(trainer.clone()).arg("--artifact-store", &url).arg("--retry-delay-ms", "400").start().await;
+    let adapters = shared.path().join("adapters");
+    std::fs::create_dir_all(shared.path()).unwrap();
+    std::fs::write(&adapters, b"in the way").unwrap();
+    let ds = app.create_dataset(4).await;
+    let id = app.create_job(&ds).await["id"].as_str().unwrap().to_string();
+    let retry = wait_event(&app, &id, "could not be stored").await;
+    assert!(retry["message"].as_str().unwrap().contains("the job runs again in 0.4 s (1 of 3 attempts used)"), "{retry}");
+    block_dir(&adapters, false);
+    let done = app.wait_status(&id, "succeeded", WAIT).await;
+    let seen = trainer.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(seen[0].resume_from, None);
+    assert!(last.resume_from.as_ref().is_some_and(|d| d.ends_with("step-4")), "{:?}", last.resume_from);
+    let adapter_id = done["adapter_id"].as_str().unwrap();
+    assert!(shared.path().join("adapters").join(adapter_id).join("adapter_config.json").is_file());
+    // the refused copy did not stay behind in the data directory
+    let local: Vec<_> = std::fs::read_dir(app.data_dir().join("adapters")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(local, [adapter_id]);
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arbiter::store::{now_ms, Store, WorkerDevice};
+use arbiter::store::{now_ms, Release, Store, WorkerDevice};
 use common::trainer::ScriptedTrainer;
 use common::{spawn, Db, TestApp};
 
@@ -44,6 +44,7 @@ on_both_backends!(
     heartbeats_keep_a_long_job_from_being_reaped,
     graceful_shutdown_gives_the_running_job_back,
     attempts_given_back_at_a_shutdown_do_not_count,
+    an_attempt_retried_after_a_passing_failure_counts_and_waits,
     expired_leases_are_reaped_by_api_nodes_and_by_busy_workers,
     a_standalone_worker_process_runs_jobs_queued_through_the_api,
     a_lost_lease_changes_nothing_for_the_old_worker,
@@ -196,7 +197,7 @@ async fn attempts_given_back_at_a_shutdown_do_not_count(db: Db) {
     for (k, worker) in ["one", "two"].into_iter().enumerate() {
         let job = store.claim_job(worker, &any_device(), t0 + k as i64, 60_000).await.unwrap().expect("claimed");
         assert_eq!(job.attempt, k as i64 + 1);
-        assert!(store.release_job(&id, worker, t0 + k as i64).await.unwrap(), "given back");
+        assert!(store.release_job(&id, worker, t0 + k as i64, Release::Shutdown).await.unwrap(), "given back");
     }
     let third = store.claim_job("three", &any_device(), t0 + 10, 100).await.unwrap().expect("claimed");
     assert_eq!((third.attempt, third.released_attempts), (3, 2));
@@ -208,6 +209,25 @@ async fn attempts_given_back_at_a_shutdown_do_not_count(db: Db) {
     assert_eq!((reaped[0].status.as_str(), reaped[0].attempt), ("failed", 4), "the second lost lease");
     let job = store.get_job(&id).await.unwrap().unwrap();
     assert!(job.error.unwrap().contains("2 lost leases allowed"));
+}
+
+async fn an_attempt_retried_after_a_passing_failure_counts_and_waits(db: Db) {
+    // A job given back after a passing failure counts the attempt (unlike a shutdown) and is not
+    // claimed again before the time it was given.
+    let api = spawn().on(&db).flag("--no-worker").arg("--max-attempts", "2").start().await;
+    let id = queued_jobs(&api, 1).await.remove(0);
+    let store = &api.store;
+    let t0 = now_ms();
+    store.claim_job("one", &any_device(), t0, 60_000).await.unwrap().expect("claimed");
+    assert!(store.release_job(&id, "one", t0, Release::Retry { at: t0 + 5_000 }).await.unwrap());
+    let job = store.get_job(&id).await.unwrap().unwrap();
+    assert_eq!((job.status.as_str(), job.released_attempts, job.run_at), ("queued", 0, t0 + 5_000));
+    assert!(store.claim_job("two", &any_device(), t0 + 4_999, 60_000).await.unwrap().is_none(), "not before its time");
+    let again = store.claim_job("two", &any_device(), t0 + 5_000, 100).await.unwrap().expect("claimed at its time");
+    assert_eq!((again.attempt, again.released_attempts), (2, 0));
+    // that was the last attempt: a lost lease now fails the job
+    let reaped = store.reap_expired_jobs(t0 + 6_000).await.unwrap();
+    assert_eq!((reaped[0].status.as_str(), reaped[0].attempt), ("failed", 2));
 }
 
 async fn expired_leases_are_reaped_by_api_nodes_and_by_busy_workers(db: Db) {
@@ -284,7 +304,8 @@ async fn a_lost_lease_changes_nothing_for_the_old_worker(db: Db) {
     assert!(!store.update_job_progress(&id, "old", 5, 10, 0.5, &serde_json::json!({"train_loss": 9.0}), now).await.unwrap());
     assert!(!store.merge_job_metrics(&id, "old", &serde_json::json!({"eval_accuracy": 0.0}), now).await.unwrap());
     assert!(!store.fail_job(&id, "old", "stale", now).await.unwrap());
-    assert!(!store.release_job(&id, "old", now).await.unwrap());
+    assert!(!store.release_job(&id, "old", now, Release::Shutdown).await.unwrap());
+    assert!(!store.release_job(&id, "old", now, Release::Retry { at: now }).await.unwrap());
     let adapter = arbiter::store::NewAdapter {
         id: "stale-adapter".into(),
         name: "stale".into(),

@@ -22,9 +22,9 @@ use super::device::{self, DeviceError};
 use crate::config::{QueueArgs, StoreArgs};
 use crate::data::hyper::Hyperparameters;
 use crate::data::ArenaRow;
-use crate::store::artifacts::Artifacts;
-use crate::store::files::{self, DataDir};
-use crate::store::{now_ms, CheckpointRecord, JobRecord, JobStatus, NewAdapter, NewEvent, Store, WorkerDevice};
+use crate::store::artifacts::{ArtifactError, Artifacts};
+use crate::store::files::{self, DataDir, FileError};
+use crate::store::{now_ms, CheckpointRecord, JobRecord, JobStatus, NewAdapter, NewEvent, Release, Store, WorkerDevice};
 
 /// Why a job is waiting, shown on `GET /v1/fine-tuning/jobs/{id}` while it is queued and no
 /// runner in this process can take it.
@@ -39,13 +39,22 @@ pub struct RunnerConfig {
     pub poll: Duration,
     /// What this worker runs jobs on; it claims only jobs this device can run.
     pub device: WorkerDevice,
+    /// The wait before a job's next attempt after a passing failure, doubled for each further one.
+    pub retry_delay: Duration,
 }
 
 impl RunnerConfig {
     pub fn from_args(args: &QueueArgs, store: &StoreArgs) -> Result<RunnerConfig, DeviceError> {
         let worker_id = args.worker_id.clone().unwrap_or_else(default_worker_id);
         let device = device::advertised(&store.device, args.device_memory_gb)?;
-        Ok(RunnerConfig { worker_id, lease: args.lease(), heartbeat: args.heartbeat(), poll: args.poll(), device })
+        Ok(RunnerConfig {
+            worker_id,
+            lease: args.lease(),
+            heartbeat: args.heartbeat(),
+            poll: args.poll(),
+            device,
+            retry_delay: args.retry_delay(),
+        })
     }
 }
 
@@ -74,8 +83,13 @@ pub struct Runner {
 
 #[derive(Debug, thiserror::Error)]
 enum PrepareError {
+    /// The job cannot run as submitted (its dataset is gone, its rows are corrupt): it fails.
     #[error("{0}")]
     User(String),
+    /// A failure that may pass (the database, the disk, the artifact store): the attempt counts
+    /// and the job runs again later.
+    #[error("{0}")]
+    Passing(String),
 }
 
 impl Runner {
@@ -171,36 +185,9 @@ impl Runner {
         };
         self.event(&job.id, job.attempt, "info", started).await;
 
-        let request = match self.prepare(&job).await {
-            Ok(r) => r,
-            Err(PrepareError::User(message)) => {
-                Span::current().record("outcome", "failed");
-                tracing::warn!(%message, "job cannot start");
-                if let Err(e) = self.store.fail_job(&job.id, &worker, &message, now_ms()).await {
-                    tracing::error!(error = %e, "could not mark job failed");
-                }
-                self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await;
-                return;
-            }
-        };
-        if let Some(from) = &request.resume_from {
-            self.event(&job.id, job.attempt, "info", format!("resuming from checkpoint {}", from.display())).await;
-        }
-
+        // The lease is renewed from the start: fetching a large dataset or checkpoint from the
+        // artifact store may take longer than one lease.
         let flags = Arc::new(StopFlags::default());
-        let (tx, rx) = mpsc::unbounded_channel();
-        let writer = tokio::spawn(
-            write_reports(
-                self.store.clone(),
-                self.artifacts.clone(),
-                job.id.clone(),
-                worker.clone(),
-                job.attempt,
-                flags.clone(),
-                rx,
-            )
-                .instrument(Span::current()),
-        );
         let beat_stop = CancellationToken::new();
         let heartbeat = tokio::spawn(
             heartbeat(
@@ -213,6 +200,37 @@ impl Runner {
                 beat_stop.clone(),
             )
             .instrument(Span::current()),
+        );
+        let prepared = self.prepare(&job).await;
+        let request = match prepared {
+            Ok(r) => r,
+            Err(e) => {
+                beat_stop.cancel();
+                let _ = heartbeat.await;
+                tracing::warn!(error = %e, "job cannot start");
+                match e {
+                    PrepareError::User(message) => self.fail(&job, &message).await,
+                    PrepareError::Passing(message) => self.retry_later(&job, &format!("could not start: {message}")).await,
+                }
+                return;
+            }
+        };
+        if let Some(from) = &request.resume_from {
+            self.event(&job.id, job.attempt, "info", format!("resuming from checkpoint {}", from.display())).await;
+        }
+
+        let (tx, rx) = mpsc::unbounded_channel();
+        let writer = tokio::spawn(
+            write_reports(
+                self.store.clone(),
+                self.artifacts.clone(),
+                job.id.clone(),
+                worker.clone(),
+                job.attempt,
+                flags.clone(),
+                rx,
+            )
+                .instrument(Span::current()),
         );
 
         let observer = JobObserver { tx, flags: flags.clone(), shutdown: shutdown.clone() };
@@ -243,7 +261,7 @@ impl Runner {
             Ok(Ok(_)) | Ok(Err(TrainError::Stopped)) => {
                 // Shutdown: give the job back so that another worker resumes it.
                 Span::current().record("outcome", "released");
-                match self.store.release_job(&job.id, &worker, now_ms()).await {
+                match self.store.release_job(&job.id, &worker, now_ms(), Release::Shutdown).await {
                     Ok(true) => {
                         self.event(
                             &job.id,
@@ -257,24 +275,51 @@ impl Runner {
                     Err(e) => tracing::error!(error = %e, "could not release job"),
                 }
             }
-            Ok(Err(TrainError::Failed(message))) => {
-                Span::current().record("outcome", "failed");
-                match self.store.fail_job(&job.id, &worker, &message, now_ms()).await {
-                    Ok(true) => self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await,
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "could not mark job failed"),
-                }
-            }
+            Ok(Err(TrainError::Failed(message))) => self.fail(&job, &message).await,
             Err(join) => {
-                Span::current().record("outcome", "crashed");
                 tracing::error!(error = %join, "trainer panicked");
-                let message = "training crashed unexpectedly; the cause is in the server log";
-                match self.store.fail_job(&job.id, &worker, message, now_ms()).await {
-                    Ok(true) => self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await,
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "could not mark job failed"),
-                }
+                self.fail(&job, "training crashed unexpectedly; the cause is in the server log").await;
+                Span::current().record("outcome", "crashed");
             }
+        }
+    }
+
+    /// Fails the job for good with `message`, shown to the user.
+    async fn fail(&self, job: &JobRecord, message: &str) {
+        Span::current().record("outcome", "failed");
+        match self.store.fail_job(&job.id, &self.config.worker_id, message, now_ms()).await {
+            Ok(true) => self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await,
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "could not mark job failed"),
+        }
+    }
+
+    /// After a passing failure (`what` happened to this attempt): the attempt counts, and the
+    /// job goes back to the queue to run again after a delay that doubles with each attempt;
+    /// out of attempts, it fails. If even the database cannot be reached, the lease lapses and
+    /// the reaper requeues the job.
+    async fn retry_later(&self, job: &JobRecord, what: &str) {
+        let counted = job.attempt - job.released_attempts;
+        if counted >= job.max_attempts {
+            let allowed = job.max_attempts;
+            return self.fail(job, &format!("attempt {} {what}; no attempts left ({allowed} allowed)", job.attempt)).await;
+        }
+        Span::current().record("outcome", "retried");
+        let delay = retry_delay(self.config.retry_delay, counted);
+        let now = now_ms();
+        let at = now.saturating_add(delay.as_millis().min(i64::MAX as u128) as i64);
+        match self.store.release_job(&job.id, &self.config.worker_id, now, Release::Retry { at }).await {
+            Ok(true) => {
+                let message = format!(
+                    "attempt {} {what}; the job runs again in {:.1} s ({counted} of {} attempts used)",
+                    job.attempt,
+                    delay.as_secs_f64(),
+                    job.max_attempts
+                );
+                self.event(&job.id, job.attempt, "warn", message).await
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(error = %e, "could not give the job back; its lease will lapse"),
         }
     }
 
@@ -294,14 +339,12 @@ impl Runner {
         let work_dir = self.dirs.job_dir(&job.id);
         tokio::fs::create_dir_all(&work_dir)
             .await
-            .map_err(|e| PrepareError::User(format!("cannot create the job directory: {e}")))?;
-        let checkpoints = match self.store.list_checkpoints(&job.id).await {
+            .map_err(|e| PrepareError::Passing(format!("cannot create the job directory: {e}")))?;
+        // Not knowing the checkpoints is no reason to start from scratch: the attempt is retried.
+        let checkpoints: Vec<CheckpointRecord> = match self.store.list_checkpoints(&job.id).await {
             // rows flagged at start-up as having lost their files are skipped
             Ok(list) => list.into_iter().filter(|c| c.file_missing_at.is_none()).collect(),
-            Err(e) => {
-                tracing::warn!(error = %e, "could not list checkpoints; starting from scratch");
-                Vec::new()
-            }
+            Err(e) => return Err(PrepareError::Passing(format!("cannot list the job's checkpoints: {e}"))),
         };
         let resumed = self.fetch_first(&job.id, checkpoints.iter(), "could not fetch a checkpoint; trying an older one").await;
         // The adapter is the best checkpoint by validation loss: the trainer reads it from this
@@ -350,18 +393,29 @@ impl Runner {
         let rec = match self.store.get_dataset(dataset_id).await {
             Ok(Some(rec)) => rec,
             Ok(None) => return Err(PrepareError::User(format!("dataset {dataset_id} no longer exists"))),
-            Err(e) => return Err(PrepareError::User(format!("cannot read dataset {dataset_id}: {e}"))),
+            Err(e) => return Err(PrepareError::Passing(format!("cannot read dataset {dataset_id}: {e}"))),
+        };
+        let unreadable = |e: &dyn std::fmt::Display, passing: bool| {
+            tracing::error!(error = %e, "dataset file unavailable");
+            let message = format!("the rows of dataset {dataset_id} cannot be read");
+            if passing {
+                PrepareError::Passing(message)
+            } else {
+                PrepareError::User(message)
+            }
         };
         let path = self.artifacts.dataset_file(&rec.id, &rec.path).await.map_err(|e| {
-            tracing::error!(error = %e, "dataset file unavailable");
-            PrepareError::User(format!("the rows of dataset {dataset_id} cannot be read"))
+            // in neither place: it will not reappear
+            let passing = !matches!(e, ArtifactError::Missing(_));
+            unreadable(&e, passing)
         })?;
         tokio::task::spawn_blocking(move || files::read_rows(&path))
             .await
             .map_err(|e| PrepareError::User(format!("reading dataset {dataset_id} failed: {e}")))?
             .map_err(|e| {
-                tracing::error!(error = %e, "dataset file unreadable");
-                PrepareError::User(format!("the rows of dataset {dataset_id} cannot be read"))
+                // a file gone or corrupt stays so; other I/O errors may pass
+                let passing = matches!(&e, FileError::Io { source, .. } if source.kind() != std::io::ErrorKind::NotFound);
+                unreadable(&e, passing)
             })
     }
 
@@ -377,10 +431,10 @@ impl Runner {
             other => Err(format!("{other:?}")),
         };
         if let Err(moved) = stored {
+            // The next attempt resumes from the last checkpoint, which the last step wrote.
             tracing::error!(error = %moved, "could not store the adapter");
-            let message = "the trained adapter could not be stored; the cause is in the server log";
-            let _ = self.store.fail_job(&job.id, worker, message, now_ms()).await;
-            self.event(&job.id, job.attempt, "error", format!("failed: {message}")).await;
+            let _ = tokio::fs::remove_dir_all(&dest).await;
+            self.retry_later(job, "trained, but its adapter could not be stored (the cause is in the server log)").await;
             return;
         }
         let base_name = job.name.clone().unwrap_or_else(|| {
@@ -476,6 +530,13 @@ async fn heartbeat(
             }
         }
     }
+}
+
+/// The wait before the next attempt once `counted` attempts have been used: `first`, doubled for
+/// each attempt after the first.
+fn retry_delay(first: Duration, counted: i64) -> Duration {
+    let doublings = u32::try_from(counted.saturating_sub(1)).unwrap_or(0).min(16);
+    first.saturating_mul(1 << doublings)
 }
 
 /// A deterministic split: `fraction` of the rows (at least one, leaving at least one) for

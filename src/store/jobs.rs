@@ -9,6 +9,17 @@ use super::adapters::{NewAdapter, COLUMNS as ADAPTER_COLUMNS};
 use super::job_events::{bind_event, NewEvent, INSERT_EVENT_SQL};
 use super::{AdapterRecord, Result, Store, WorkerDevice};
 
+/// Why a worker gives a job back to the queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// The worker is shutting down: another one resumes the job at once, and the attempt does
+    /// not count against the job's attempts.
+    Shutdown,
+    /// The attempt failed for a passing reason (the database, the disk, the artifact store): it
+    /// counts, and the job runs again from `at` (Unix milliseconds).
+    Retry { at: i64 },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum JobStatus {
     Queued,
@@ -291,12 +302,19 @@ impl Store {
         Ok(done == 1)
     }
 
-    pub async fn release_job(&self, id: &str, worker: &str, now: i64) -> Result<bool> {
+    /// Worker `worker` gives job `id` back to the queue (false when it no longer holds it).
+    pub async fn release_job(&self, id: &str, worker: &str, now: i64, release: Release) -> Result<bool> {
         let sql = self.sql(include_str!("sqlite/release_job.sql"), include_str!("postgres/release_job.sql"));
+        let (given_back, run_at) = match release {
+            Release::Shutdown => (1_i64, now),
+            Release::Retry { at } => (0, at),
+        };
         let done = with_pool!(self, pool => sqlx::query(sql)
             .bind(id)
             .bind(worker)
             .bind(now)
+            .bind(given_back)
+            .bind(run_at)
             .execute(pool)
             .await
             .map(|r| r.rows_affected()))?;

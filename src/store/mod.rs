@@ -44,7 +44,7 @@ pub use api_keys::{ApiKeyRecord, Scope};
 pub use checkpoints::CheckpointRecord;
 pub use datasets::{DatasetRecord, NewDataset};
 pub use job_events::{EventRecord, NewEvent};
-pub use jobs::{CancelOutcome, JobRecord, JobStatus, NewJob, ReapedJob};
+pub use jobs::{CancelOutcome, JobRecord, JobStatus, NewJob, ReapedJob, Release};
 pub use workers::{WorkerDevice, WorkerRecord};
 
 #[derive(Debug, thiserror::Error)]
