@@ -93,6 +93,15 @@ async fn huge_cells_and_texts_are_refused_naming_row_and_column() {
     assert_eq!((err["row"].clone(), err["column"].clone()), (json!(1), json!("prompt")));
     app.assert_up().await;
 
+    // More turns than the limit has characters (each turn counts at least one), on line 2.
+    let good = json!({ "id": 1, "prompt": "q", "response_a": "a", "response_b": "b", "label": "winner_tie" });
+    let many = json!({ "id": 2, "prompt": "q", "response_a": "a", "response_b": vec![""; 1001], "label": "winner_tie" });
+    let err = error_of(app.post_raw("/v1/datasets", "application/x-ndjson", format!("{good}\n{many}\n")).await, 422).await;
+    assert_eq!(err["code"], "text_too_long");
+    assert_eq!((err["row"].clone(), err["column"].clone()), (json!(2), json!("response_b")));
+    let at_limit = json!({ "id": 2, "prompt": "q", "response_a": "a", "response_b": vec![""; 1000], "label": "winner_tie" });
+    assert_eq!(app.post_raw("/v1/datasets", "application/x-ndjson", format!("{good}\n{at_limit}\n")).await.status(), 201);
+
     let body = json!({ "pairs": [pair(), { "prompt": "p", "response_a": "a", "response_b": [huge] }] });
     let err = error_of(app.post_json("/v1/predict", &body).await, 422).await;
     assert_eq!(err["code"], "text_too_long");

@@ -28,7 +28,9 @@
 //!
 //! # Limits and hostile input
 //! [`ParseLimits`] bounds the rows of a file and the characters of one text (a cell, or the
-//! turns of a JSONL field together); the first breach ends parsing. Ids are at most
+//! turns of a JSONL field together, each turn counting at least one); the first breach ends
+//! parsing. A JSONL line is read into the fields a row uses and nothing else: unknown fields
+//! cost no memory however large. Ids are at most
 //! [`MAX_ID_CHARS`] characters without control characters, and an id that a spreadsheet would
 //! run as a formula (starting with `=`, `+`, `-`, `@`, unless it is a number) is a row error:
 //! ids are written back into submission CSVs (CSV injection).
@@ -40,8 +42,7 @@
 
 use std::collections::HashSet;
 
-use serde_json::Value;
-
+use super::json_line::{self, Fields, Line, Scalar, Turns};
 use super::{ArenaRow, Label};
 
 /// At most this many row errors are kept; [`DatasetError::Rows::total`] counts all of them.
@@ -281,12 +282,10 @@ fn parse_turns(cell: &str) -> Result<Vec<String>, String> {
     };
     match serde_json::from_str::<Vec<Option<String>>>(cell) {
         Ok(turns) => Ok(turns.into_iter().map(Option::unwrap_or_default).collect()),
-        Err(e) => match serde_json::from_str::<Value>(cell) {
-            Ok(Value::Array(_)) => Err("malformed JSON list: entries must be strings or null".to_string()),
-            _ if opens_a_list_of_turns(inner) => Err(format!("malformed JSON list: {e}")),
-            // text that merely starts with a bracket (`[INST] ...`, `[1] see ...`)
-            _ => Ok(vec![cell.to_string()]),
-        },
+        Err(_) if json_line::is_json_list(cell) => Err("malformed JSON list: entries must be strings or null".to_string()),
+        Err(e) if opens_a_list_of_turns(inner) => Err(format!("malformed JSON list: {e}")),
+        // text that merely starts with a bracket (`[INST] ...`, `[1] see ...`)
+        Err(_) => Ok(vec![cell.to_string()]),
     }
 }
 
@@ -503,16 +502,15 @@ pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedD
             return Err(DatasetError::NotUtf8 { byte_offset: off, row: Some(line) });
         }
     };
-    // Two passes over the text, each line parsed in each: whether the file is labelled is known
-    // only after every line, and keeping every line's parsed tree until then would take many
-    // times the file's size in memory.
+    // Two passes over the text, each line read in each: whether the file is labelled is known
+    // only after every line, and keeping every line's fields until then would take a few times
+    // the file's size in memory. A line is read into the fields a row uses and no more
+    // (`json_line`).
+    let read = |line: &str| json_line::read_line(line, limits.max_text_chars);
     let mut objects = Vec::new();
     let mut c = Collector::new(false);
     let mut data_rows = 0usize;
     let mut labelled = false;
-    let has_label = |m: &serde_json::Map<String, Value>| {
-        m.contains_key("label") || LABEL_COLUMNS.iter().any(|k| m.contains_key(*k))
-    };
     for (i, line) in text.lines().enumerate() {
         let row_no = i + 1;
         if line.trim().is_empty() {
@@ -522,22 +520,22 @@ pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedD
         if data_rows > limits.max_rows {
             return Err(DatasetError::TooManyRows { limit: limits.max_rows, row: row_no });
         }
-        match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(map)) => {
-                labelled |= has_label(&map);
+        match read(line) {
+            Ok(Line::Object(f)) => {
+                labelled |= f.has_label();
                 objects.push((row_no, line));
             }
-            Ok(_) => c.error(row_no, None, "the line is not a JSON object"),
+            Ok(Line::NotObject) => c.error(row_no, None, "the line is not a JSON object"),
             Err(e) => c.error(row_no, None, format!("the line is not valid JSON: {e}")),
         }
     }
     c.out.labelled = labelled;
     for (row_no, line) in objects {
-        let Ok(Value::Object(m)) = serde_json::from_str::<Value>(line) else { continue };
+        let Ok(Line::Object(mut f)) = read(line) else { continue };
         let mut ok = true;
-        let id = match m.get("id") {
-            Some(Value::String(s)) => s.trim().to_string(),
-            Some(Value::Number(n)) if n.is_u64() || n.is_i64() => n.to_string(),
+        let id = match &f.id {
+            Some(Scalar::Str(s)) => s.trim().to_string(),
+            Some(Scalar::Int(n)) => n.clone(),
             Some(_) => {
                 c.error(row_no, Some("id"), "id must be a string or an integer");
                 ok = false;
@@ -549,27 +547,29 @@ pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedD
                 String::new()
             }
         };
-        let mut text = |c: &mut Collector, name: &str| match json_turns(m.get(name)) {
-            Ok(t) => t,
-            Err(reason) => {
-                c.error(row_no, Some(name), reason);
-                ok = false;
-                Vec::new()
-            }
-        };
-        let prompt = text(&mut c, "prompt");
-        let response_a = text(&mut c, "response_a");
-        let response_b = text(&mut c, "response_b");
-        for (name, turns) in [("prompt", &prompt), ("response_a", &response_a), ("response_b", &response_b)] {
-            let bytes: usize = turns.iter().map(String::len).sum();
+        let fields = [("prompt", f.prompt.take()), ("response_a", f.response_a.take()), ("response_b", f.response_b.take())];
+        let mut texts: [Vec<String>; 3] = Default::default();
+        for ((name, turns), text) in fields.into_iter().zip(&mut texts) {
+            let too_long = DatasetError::TextTooLong { row: row_no, column: name.into(), limit: limits.max_text_chars };
+            *text = match json_turns(turns) {
+                Ok(Some(t)) => t,
+                Ok(None) => return Err(too_long),
+                Err(reason) => {
+                    c.error(row_no, Some(name), reason);
+                    ok = false;
+                    Vec::new()
+                }
+            };
+            let bytes: usize = text.iter().map(String::len).sum();
             let over = bytes > limits.max_text_chars
-                && turns.iter().map(|t| t.chars().count()).sum::<usize>() > limits.max_text_chars;
+                && text.iter().map(|t| t.chars().count()).sum::<usize>() > limits.max_text_chars;
             if over {
-                return Err(DatasetError::TextTooLong { row: row_no, column: name.into(), limit: limits.max_text_chars });
+                return Err(too_long);
             }
         }
+        let [prompt, response_a, response_b] = texts;
         let label = if labelled {
-            match json_label(&m) {
+            match json_label(&f) {
                 Ok(l) => Some(l),
                 Err((column, reason)) => {
                     c.error(row_no, column, reason);
@@ -587,50 +587,49 @@ pub fn parse_jsonl_limited(bytes: &[u8], limits: &ParseLimits) -> Result<ParsedD
     c.finish()
 }
 
-fn json_turns(v: Option<&Value>) -> Result<Vec<String>, String> {
-    match v {
+/// The turns of a JSONL field; `Ok(None)` when they are over the limit on characters.
+fn json_turns(t: Option<Turns>) -> Result<Option<Vec<String>>, String> {
+    match t {
         None => Err("missing field".into()),
         // a cell of the CSV carried over as a string (`"[\"hi\"]"`): read as the CSV reads it
-        Some(Value::String(s)) => parse_turns(s),
-        Some(Value::Null) => Ok(vec![String::new()]),
-        Some(Value::Array(items)) => items
-            .iter()
-            .map(|t| match t {
-                Value::String(s) => Ok(s.clone()),
-                Value::Null => Ok(String::new()),
-                _ => Err("list entries must be strings or null".to_string()),
-            })
-            .collect(),
-        Some(_) => Err("must be a string or a list of strings".into()),
+        Some(Turns::Text(s)) => parse_turns(&s).map(Some),
+        Some(Turns::Null) => Ok(Some(vec![String::new()])),
+        Some(Turns::List(turns)) => Ok(Some(turns)),
+        Some(Turns::TooLong) => Ok(None),
+        Some(Turns::BadEntry) => Err("list entries must be strings or null".into()),
+        Some(Turns::Other) => Err("must be a string or a list of strings".into()),
     }
 }
 
-fn json_one_hot(v: &Value) -> Option<bool> {
+fn json_one_hot(v: &Scalar) -> Option<bool> {
     match v {
-        Value::Bool(b) => Some(*b),
-        Value::Number(n) => n.as_f64().and_then(|f| parse_one_hot(&f.to_string())),
-        Value::String(s) => parse_one_hot(s),
+        Scalar::Bool(b) => Some(*b),
+        Scalar::Int(s) | Scalar::Str(s) => parse_one_hot(s),
+        Scalar::Float(f) => parse_one_hot(&f.to_string()),
         _ => None,
     }
 }
 
-fn json_label(m: &serde_json::Map<String, Value>) -> Result<Label, (Option<&'static str>, String)> {
-    let present: Vec<&str> = LABEL_COLUMNS.iter().copied().filter(|k| m.contains_key(*k)).collect();
-    if let Some(l) = m.get("label") {
-        if !present.is_empty() {
+fn json_label(f: &Fields) -> Result<Label, (Option<&'static str>, String)> {
+    if let Some(l) = &f.label {
+        if f.one_hot.iter().any(Option::is_some) {
             return Err((Some("label"), "give either `label` or the one-hot fields, not both".into()));
         }
-        return match l.as_str().and_then(|s| LABEL_COLUMNS.iter().position(|c| *c == s)).and_then(Label::from_index) {
+        let name = match l {
+            Scalar::Str(s) => Some(s.as_str()),
+            _ => None,
+        };
+        return match name.and_then(|s| LABEL_COLUMNS.iter().position(|c| *c == s)).and_then(Label::from_index) {
             Some(label) => Ok(label),
             None => Err((Some("label"), format!("expected \"winner_model_a\", \"winner_model_b\" or \"winner_tie\", found {l}"))),
         };
     }
-    if present.is_empty() {
+    if !f.has_label() {
         return Err((None, "missing label (other rows have one)".into()));
     }
     let mut v = [false; 3];
     for (k, name) in LABEL_COLUMNS.iter().enumerate() {
-        match m.get(*name) {
+        match &f.one_hot[k] {
             None => return Err((Some(name), "missing field".into())),
             Some(x) => match json_one_hot(x) {
                 Some(b) => v[k] = b,

@@ -4,6 +4,7 @@
 pub mod arena;
 pub mod batch;
 pub mod hyper;
+mod json_line;
 pub mod template;
 
 use serde::{Deserialize, Serialize};
