@@ -419,6 +419,8 @@ struct Recorder {
     evals: Mutex<Vec<EvalMetrics>>,
     checkpoints: Mutex<Vec<u64>>,
     logs: Mutex<Vec<String>>,
+    /// Asks the trainer to stop once this many steps are done.
+    stop_after: Option<usize>,
 }
 
 impl TrainObserver for Recorder {
@@ -435,7 +437,7 @@ impl TrainObserver for Recorder {
         self.logs.lock().unwrap().push(line.to_string());
     }
     fn should_stop(&self) -> bool {
-        false
+        self.stop_after.is_some_and(|n| self.losses.lock().unwrap().len() >= n)
     }
 }
 
@@ -462,7 +464,58 @@ fn synthetic_rows(n: usize, seed: u64) -> Vec<ArenaRow> {
 }
 
 fn recorder() -> Recorder {
-    Recorder { losses: Mutex::new(vec![]), evals: Mutex::new(vec![]), checkpoints: Mutex::new(vec![]), logs: Mutex::new(vec![]) }
+    Recorder {
+        losses: Mutex::new(vec![]),
+        evals: Mutex::new(vec![]),
+        checkpoints: Mutex::new(vec![]),
+        logs: Mutex::new(vec![]),
+        stop_after: None,
+    }
+}
+
+#[test]
+fn a_checkpoint_that_cannot_be_written_is_a_passing_failure() {
+    // A full or failing disk is no reason to fail the job for good: the runner gives it back
+    // and a later attempt resumes from the last checkpoint written.
+    let (_d, m) = tiny(BaseFormat::F32);
+    let rows = synthetic_rows(16, 23);
+    let hp = Hyperparameters {
+        epochs: 1,
+        batch_size: 8,
+        max_length: 48,
+        checkpoint_every_steps: 1,
+        lora: LoraHyperparameters { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["q_proj".into()] },
+        ..Default::default()
+    };
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("checkpoints"), b"in the way").unwrap();
+    let spec = TrainSpec { base: &m, hp: &hp, train_rows: &rows, validation_rows: &[], work_dir: work.path(), resume_from: None };
+    match train::train(&spec, &recorder()) {
+        Err(train::TrainFailure::Passing(message)) => assert!(message.starts_with("the checkpoint could not be written"), "{message}"),
+        other => panic!("expected a passing failure, got {:?}", other.map(|s| s.steps)),
+    }
+}
+
+#[test]
+fn a_stop_during_an_evaluation_is_honoured_before_it_ends() {
+    // Two steps, then the epoch's evaluation of 48 rows in micro-batches of 8: the stop asked
+    // for after the last step ends the run before the evaluation finishes.
+    let (_d, m) = tiny(BaseFormat::F32);
+    let (rows, val) = (synthetic_rows(16, 21), synthetic_rows(48, 22));
+    let hp = Hyperparameters {
+        epochs: 1,
+        batch_size: 8,
+        max_length: 48,
+        lora: LoraHyperparameters { r: 2, alpha: 4.0, dropout: 0.0, target_modules: vec!["q_proj".into()] },
+        ..Default::default()
+    };
+    let work = tempfile::tempdir().unwrap();
+    let rec = Recorder { stop_after: Some(2), ..recorder() };
+    let spec = TrainSpec { base: &m, hp: &hp, train_rows: &rows, validation_rows: &val, work_dir: work.path(), resume_from: None };
+    let result = train::train(&spec, &rec);
+    assert!(matches!(result, Err(train::TrainFailure::Stopped)), "{:?}", result.map(|s| s.steps));
+    assert_eq!(rec.losses.lock().unwrap().len(), 2);
+    assert!(rec.evals.lock().unwrap().is_empty(), "the evaluation did not finish");
 }
 
 #[test]

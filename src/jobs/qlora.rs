@@ -74,6 +74,7 @@ impl Trainer for QloraTrainer {
             }),
             Err(TrainFailure::Stopped) => Err(TrainError::Stopped),
             Err(TrainFailure::Failed(m)) => Err(TrainError::Failed(m)),
+            Err(TrainFailure::Passing(m)) => Err(TrainError::Passing(m)),
         }
     }
 }

@@ -276,6 +276,7 @@ impl Runner {
                 }
             }
             Ok(Err(TrainError::Failed(message))) => self.fail(&job, &message).await,
+            Ok(Err(TrainError::Passing(message))) => self.retry_later(&job, &format!("stopped: {message}")).await,
             Err(join) => {
                 tracing::error!(error = %join, "trainer panicked");
                 self.fail(&job, "training crashed unexpectedly; the cause is in the server log").await;

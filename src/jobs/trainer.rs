@@ -45,6 +45,10 @@ pub enum TrainError {
     /// The message is shown to the user.
     #[error("{0}")]
     Failed(String),
+    /// A failure that may pass (a full disk, say): the attempt counts and the job runs again
+    /// later, from its last checkpoint. The message is shown to the user.
+    #[error("{0}")]
+    Passing(String),
 }
 
 /// Trains one job. Called on a blocking thread; must poll `observer.should_stop()` at least

@@ -31,26 +31,31 @@ fn log_loss(probs: impl Iterator<Item = [f32; 3]>, labels: &[usize]) -> f64 {
 }
 
 /// Fit one softmax temperature minimising log loss (golden-section search on log T in
-/// [0.05, 20]).
+/// [0.05, 20]), with a standard normal prior on log T: the mean log loss plus
+/// `(ln T)² / (2n)` over `n` rows. A few rows the classifier happens to get right would
+/// otherwise drive T to its floor, and every later mistake would cost about 20 times the
+/// logit; on hundreds of rows the prior weighs nothing.
 pub fn fit_temperature(logits: &[[f32; 3]], labels: &[usize]) -> Calibration {
     let loss = |t: f64| log_loss(logits.iter().map(|l| classifier::softmax3(l, t)), labels);
+    let n = labels.len().max(1) as f64;
+    let objective = |log_t: f64| loss(log_t.exp()) + log_t * log_t / (2.0 * n);
     let (mut lo, mut hi) = ((0.05f64).ln(), (20.0f64).ln());
     let g = (5f64.sqrt() - 1.0) / 2.0;
     let (mut c, mut d) = (hi - g * (hi - lo), lo + g * (hi - lo));
-    let (mut fc, mut fd) = (loss(c.exp()), loss(d.exp()));
+    let (mut fc, mut fd) = (objective(c), objective(d));
     for _ in 0..60 {
         if fc < fd {
             hi = d;
             d = c;
             fd = fc;
             c = hi - g * (hi - lo);
-            fc = loss(c.exp());
+            fc = objective(c);
         } else {
             lo = c;
             c = d;
             fc = fd;
             d = lo + g * (hi - lo);
-            fd = loss(d.exp());
+            fd = objective(d);
         }
     }
     let t = ((lo + hi) / 2.0).exp();
@@ -371,6 +376,26 @@ mod tests {
         let logits = [[4.0f32, 0.0, 0.0], [0.0, 4.0, 0.0], [4.0, 0.0, 0.0], [0.0, 0.0, 4.0]];
         let c = fit_temperature(&logits, &[0, 1, 1, 2]);
         assert!(c.temperature > 1.0 && c.log_loss_after < c.log_loss_before);
+    }
+
+    #[test]
+    fn a_few_right_answers_do_not_make_the_temperature_collapse() {
+        // One row, right with a margin of 3: without the prior T falls to its floor, 0.05.
+        let one = fit_temperature(&[[3.0f32, 0.0, 0.0]], &[0]);
+        assert!(one.temperature > 0.3 && one.temperature <= 1.0, "{one:?}");
+        // Many rows drawn from softmax(z) and scored with 3z: the fit finds T = 3, prior or not.
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(4);
+        let (mut logits, mut labels) = (Vec::new(), Vec::new());
+        for _ in 0..3000 {
+            let z: [f64; 3] = std::array::from_fn(|_| rng.random_range(-2.0..2.0));
+            let e = z.map(f64::exp);
+            let u = rng.random::<f64>() * e.iter().sum::<f64>();
+            labels.push(if u < e[0] { 0 } else if u < e[0] + e[1] { 1 } else { 2 });
+            logits.push(z.map(|v| (3.0 * v) as f32));
+        }
+        let many = fit_temperature(&logits, &labels);
+        assert!((many.temperature - 3.0).abs() < 0.3, "{many:?}");
     }
 
     #[test]

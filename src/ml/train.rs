@@ -33,6 +33,15 @@ pub enum TrainFailure {
     Stopped,
     #[error("{0}")]
     Failed(String),
+    /// A failure that may pass (the disk full or failing while a checkpoint or the adapter is
+    /// written): a later attempt resumes from the last checkpoint.
+    #[error("{0}")]
+    Passing(String),
+}
+
+/// A write that failed: it may succeed later.
+fn passing(what: &str) -> impl FnOnce(MlError) -> TrainFailure + '_ {
+    move |e| TrainFailure::Passing(format!("{what} could not be written: {e}"))
 }
 
 impl From<MlError> for TrainFailure {
@@ -173,6 +182,18 @@ pub fn predict_logits(
     encoded: &[Vec<u32>],
     batch_size: usize,
 ) -> Result<Vec<[f32; 3]>, MlError> {
+    predict_logits_until(base, lora, head, encoded, batch_size, &|| false).map(Option::unwrap_or_default)
+}
+
+/// [`predict_logits`], asking `stop` before each micro-batch: None once it says to stop.
+pub fn predict_logits_until(
+    base: &BaseModel,
+    lora: Option<&Lora>,
+    head: &Tensor,
+    encoded: &[Vec<u32>],
+    batch_size: usize,
+    stop: &dyn Fn() -> bool,
+) -> Result<Option<Vec<[f32; 3]>>, MlError> {
     let mut order: Vec<usize> = (0..encoded.len()).collect();
     order.sort_by_key(|i| std::cmp::Reverse(encoded[*i].len()));
     let mut out = vec![[0f32; 3]; encoded.len()];
@@ -181,6 +202,9 @@ pub fn predict_logits(
     let lora = lora.map(|l| l.for_inference(base.llama.dtype())).transpose()?;
     let head = head.detach();
     for chunk in order.chunks(batch_size.max(1)) {
+        if stop() {
+            return Ok(None);
+        }
         let rows: Vec<Vec<u32>> = chunk.iter().map(|i| encoded[*i].clone()).collect();
         let batch = Batch::right_padded(&rows, base.pad_id, base.llama.device())?;
         let logits = classifier::logits(&base.llama, lora.as_ref().map(|l| (l, &ctx)), &head, &batch)?;
@@ -188,7 +212,7 @@ pub fn predict_logits(
             out[chunk[j]] = [row[0], row[1], row[2]];
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// The step of the best checkpoint so far (by validation log loss) as recorded in the checkpoint
@@ -302,9 +326,13 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
     let class_weights = hp.class_weights.unwrap_or([1.0; 3]);
     let dropout = hp.lora.dropout as f32;
 
-    let evaluate = |lora: &Lora, head: &Tensor| -> Result<(EvalMetrics, Vec<[f32; 3]>), MlError> {
+    // a stop (a cancel, a shutdown) is honoured between the evaluation's micro-batches too: on a
+    // large validation split one evaluation takes minutes
+    let evaluate = |lora: &Lora, head: &Tensor| -> Result<(EvalMetrics, Vec<[f32; 3]>), TrainFailure> {
         let ids: Vec<Vec<u32>> = val.iter().map(|e| e.ids.clone()).collect();
-        let logits = predict_logits(base, Some(lora), head, &ids, hp.batch_size)?;
+        let stop = || obs.should_stop();
+        let logits =
+            predict_logits_until(base, Some(lora), head, &ids, hp.batch_size, &stop)?.ok_or(TrainFailure::Stopped)?;
         let probs: Vec<[f32; 3]> = logits.iter().map(|l| classifier::softmax3(l, 1.0)).collect();
         let labels: Vec<usize> = val.iter().map(|e| e.label).collect();
         Ok((metrics(&probs, &labels), logits))
@@ -385,6 +413,10 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
         let mut eval = None;
         if eval_due {
             let (m, _) = evaluate(&lora, &head_t)?;
+            if !m.log_loss.is_finite() {
+                // it would become the best checkpoint for good, and the adapter would answer NaN
+                return Err(TrainFailure::Failed(format!("validation log loss is {} at step {}", m.log_loss, state.step)));
+            }
             obs.on_eval(state.step, &m);
             if state.best.as_ref().is_none_or(|(_, b)| m.log_loss < b.log_loss) {
                 state.best = Some((state.step, m));
@@ -395,7 +427,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             || eval.is_some()
             || (hp.checkpoint_every_steps > 0 && state.step % hp.checkpoint_every_steps as u64 == 0);
         if ckpt_due {
-            let dir = save_checkpoint(&state, &opt)?;
+            let dir = save_checkpoint(&state, &opt).map_err(passing("the checkpoint"))?;
             obs.on_checkpoint(state.step, &dir, eval.as_ref());
         }
     }
@@ -488,7 +520,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
         metrics: serde_json::to_value(&summary).unwrap_or(serde_json::Value::Null),
         length_calibration,
     };
-    adapter::save(&adapter_dir, &base.llama, &lora, &head_t, &meta)?;
+    adapter::save(&adapter_dir, &base.llama, &lora, &head_t, &meta).map_err(passing("the adapter"))?;
     Ok(summary)
 }
 

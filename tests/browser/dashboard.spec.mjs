@@ -223,6 +223,8 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
     await empty.waitFor();
     assert.match(await empty.innerText(), /No jobs yet/);
     assert.match(await empty.innerText(), /curl .*\/v1\/fine-tuning\/jobs/);
+    // with a key stored, the snippet sends it from the shell's variable (double quotes expand it)
+    assert.match(await empty.innerText(), /-H "Authorization: Bearer \$ARBITER_API_KEY"/);
     await screenshot('jobs-empty');
   });
 
@@ -350,6 +352,8 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
     await adapterLink.waitFor();
     const [adapterFile] = await Promise.all([page.waitForEvent('download'), adapterLink.click()]);
     assert.ok(adapterFile.suggestedFilename(), 'adapter file downloaded');
+    // its best evaluation is shown beside it
+    assert.match(await page.locator('#adapter-eval').innerText(), /eval log loss \d/);
     await screenshot('job-succeeded');
     log(`event stream requests: ${requests.stream}, event page requests: ${requests.eventPolls}`);
   });
@@ -400,6 +404,11 @@ test('dashboard end to end', { timeout: TRAIN_TIMEOUT_MS * 2 + 180_000 }, async 
     await page.locator('#event-log li').first().waitFor();
     await screenshot('dark-job');
     await page.emulateMedia({ colorScheme: 'light' });
+  });
+
+  await step('a malformed link still draws a page', async () => {
+    await go('#/jobs/%'); // decodeURIComponent throws on it
+    assert.match(await page.locator('main').innerText(), /Job/);
   });
 
   await step('keyboard: the navigation and forms are reachable with Tab, focus is visible', async () => {

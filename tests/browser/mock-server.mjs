@@ -60,7 +60,9 @@ function tick(j) {
   }
   if (s >= j.progress.total_steps) {
     j.status = 'succeeded'; j.finished_at = now();
-    const a = { id: `adapter-${j.id.slice(0, 8)}`, name: `arena-${j.id.slice(0, 4)}`, job_id: j.id, created_at: now() };
+    // as the service's trainer reports them: the best evaluation under `best_eval`
+    const best_eval = { log_loss: j.metrics.eval_log_loss, accuracy: j.metrics.eval_accuracy };
+    const a = { id: `adapter-${j.id.slice(0, 8)}`, name: `arena-${j.id.slice(0, 4)}`, job_id: j.id, created_at: now(), metrics: { best_eval } };
     adapters.unshift(a);
     j.adapter_id = a.id;
     clearInterval(j.timer);

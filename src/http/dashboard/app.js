@@ -500,7 +500,8 @@
     return h('div', {}, h('pre', {}, h('code', {}, text)), copy);
   }
   function authHeaderLine() {
-    return localStorage.getItem(KEY_STORAGE) ? ["-H 'Authorization: Bearer $ARBITER_API_KEY'"] : [];
+    // double quotes: the shell expands the variable
+    return localStorage.getItem(KEY_STORAGE) ? ['-H "Authorization: Bearer $ARBITER_API_KEY"'] : [];
   }
   /** A download link that also works with auth on: with a stored key the file is fetched with
    *  the Authorization header and handed to the browser as a blob. */
@@ -622,10 +623,12 @@
       try { a = await api(`/v1/adapters/${encodeURIComponent(adapterId)}`); } catch (_) { adapterShown = null; return; }
       const files = Array.isArray(a.files) ? a.files : [];
       const m = obj(a.metrics);
+      // a trained adapter's metrics hold its best evaluation; other adapters may say it flat
+      const evalLogLoss = num(first(obj(m.best_eval).log_loss, m.eval_log_loss, m.log_loss));
       replace(adapterBox, h('h3', { class: 'adapter-head' }, 'Trained adapter'),
         h('p', {}, h('span', { class: 'id' }, first(a.name, a.id)), ' · ',
           h('a', { href: `#/playground?adapter=${encodeURIComponent(a.id)}` }, 'Try it in the playground'),
-          num(first(m.eval_log_loss, m.log_loss)) !== null ? ` · eval log loss ${fmt(first(m.eval_log_loss, m.log_loss))}` : ''),
+          evalLogLoss !== null ? h('span', { id: 'adapter-eval' }, ` · eval log loss ${fmt(evalLogLoss)}`) : ''),
         files.length ? h('ul', { class: 'files' }, files.map((f) => h('li', {},
           downloadLink(`v1/adapters/${encodeURIComponent(a.id)}/files/${encodeURIComponent(f)}`, f, f)))) : null);
     }
@@ -1085,8 +1088,9 @@
 
     async function refresh() {
       try {
-        const sets = listOf(await api('/v1/datasets?limit=100'));
-        renderDatasets(list, sets, refresh);
+        const res = await api('/v1/datasets?limit=100');
+        renderDatasets(list, listOf(res), refresh);
+        if (res && res.has_more) list.append(h('p', { class: 'muted' }, 'Showing the newest 100 datasets.'));
       } catch (err) { replace(list, errorBox(err, 'Could not load datasets')); }
     }
     refresh();
@@ -1214,7 +1218,9 @@
     stopView();
     const [path, query] = hash.slice(1).split('?');
     const params = new URLSearchParams(query || '');
-    const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+    // a malformed escape (`#/jobs/%`) is kept as written rather than blanking the page
+    const decode = (s) => { try { return decodeURIComponent(s); } catch (_) { return s; } };
+    const parts = path.split('/').filter(Boolean).map(decode);
     const section = parts[0] || 'jobs';
     for (const a of document.querySelectorAll('[data-nav]')) {
       if (a.dataset.nav === section) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
