@@ -474,6 +474,30 @@ fn recorder() -> Recorder {
 }
 
 #[test]
+fn a_hugging_face_base_starts_each_input_as_its_tokenizer_does() {
+    // Without a post-processor nothing is added; with one that puts a token first (Llama 3's
+    // `<|begin_of_text|>`), every encoded row starts with it, as transformers' tokenizer(text).
+    let (_d, plain) = tiny(BaseFormat::F32);
+    let row = &synthetic_rows(1, 31)[0];
+    let without = plain.encode_row(row, 64).ids;
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_model(dir.path(), 1);
+    let path = dir.path().join("tokenizer.json");
+    let mut tok: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    tok["post_processor"] = serde_json::json!({
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "--------", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": "--------", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"--------": {"id": "--------", "ids": [8], "tokens": ["--------"]}}
+    });
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let with_bos = BaseModel::load(dir.path(), BaseFormat::F32, &Device::Cpu).unwrap();
+    let with = with_bos.encode_row(row, 64).ids;
+    assert_eq!(with[0], 8);
+    assert_eq!(with[1..], without[..], "the rest is the same");
+}
+
+#[test]
 fn a_checkpoint_that_cannot_be_written_is_a_passing_failure() {
     // A full or failing disk is no reason to fail the job for good: the runner gives it back
     // and a later attempt resumes from the last checkpoint written.

@@ -94,7 +94,8 @@ impl BaseModel {
             .map(|p| p.pad_id)
             .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
             .unwrap_or(0);
-        Ok(BaseModel { llama, tokenizer, name: file_stem(dir), path: dir.to_path_buf(), bos_id: None, pad_id })
+        let bos_id = leading_special_token(&tokenizer);
+        Ok(BaseModel { llama, tokenizer, name: file_stem(dir), path: dir.to_path_buf(), bos_id, pad_id })
     }
 
     /// Token ids of `text` (no special tokens added; special-token text is matched).
@@ -110,6 +111,16 @@ impl BaseModel {
     pub fn encode_row(&self, row: &crate::data::ArenaRow, max_length: usize) -> crate::data::template::Encoded {
         crate::data::template::encode_pair(row, max_length, |s| self.tokenize(s), self.bos_id)
     }
+}
+
+/// The token the tokenizer's post-processor puts before a text (`<|begin_of_text|>` for Llama
+/// 3), as `tokenizer(text)` in transformers adds it, and so as models and adapters trained in
+/// Python saw every input; None when it adds none.
+fn leading_special_token(tokenizer: &Tokenizer) -> Option<u32> {
+    let plain = tokenizer.encode_fast("a", false).ok()?;
+    let special = tokenizer.encode_fast("a", true).ok()?;
+    let (plain, special) = (plain.get_ids(), special.get_ids());
+    (special.len() > plain.len() && special[1..].starts_with(plain)).then(|| special[0])
 }
 
 fn file_stem(p: &Path) -> String {
