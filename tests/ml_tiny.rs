@@ -498,6 +498,58 @@ fn a_hugging_face_base_starts_each_input_as_its_tokenizer_does() {
 }
 
 #[test]
+fn peft_adapters_the_loader_cannot_honour_are_refused_naming_why() {
+    use arbiter::ml::adapter::{self, AdapterMeta, CONFIG_FILE, WEIGHTS_FILE};
+    let (_d, m) = tiny(BaseFormat::F32);
+    let cfg = LoraConfig::from_names(2, 4.0, 0.0, &["q_proj".into(), "v_proj".into()]).unwrap();
+    let lora = Lora::init(cfg, m.llama.config(), 5, &Device::Cpu, &mut Vec::new()).unwrap();
+    let head = Tensor::zeros((3, HIDDEN), DType::F32, &Device::Cpu).unwrap();
+    let meta = AdapterMeta { temperature: 1.0, max_length: 64, ..Default::default() };
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().join("adapter");
+    adapter::save(&dir, &m.llama, &lora, &head, &meta).unwrap();
+    adapter::load(&dir, &m.llama).expect("as saved");
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join(CONFIG_FILE)).unwrap()).unwrap();
+    let load_with = |key: &str, value: serde_json::Value| {
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(dir.join(CONFIG_FILE), c.to_string()).unwrap();
+        adapter::load(&dir, &m.llama).map(|_| ()).map_err(|e| e.to_string())
+    };
+    for (key, value) in [
+        ("layers_to_transform", serde_json::json!([1])),
+        ("layers_pattern", serde_json::json!("layers")),
+        ("rank_pattern", serde_json::json!({"q_proj": 8})),
+        ("alpha_pattern", serde_json::json!({"v_proj": 32})),
+        ("bias", serde_json::json!("lora_only")),
+        ("lora_bias", serde_json::json!(true)),
+        ("use_dora", serde_json::json!(true)),
+    ] {
+        let err = load_with(key, value).expect_err(key);
+        assert!(err.contains(&format!("uses {key}")), "{key}: {err}");
+    }
+    // the values PEFT writes when the options are unused are fine
+    for (key, value) in [("layers_to_transform", serde_json::Value::Null), ("rank_pattern", serde_json::json!({})), ("lora_bias", serde_json::json!(false))] {
+        load_with(key, value).unwrap_or_else(|e| panic!("{key}: {e}"));
+    }
+    load_with("bias", serde_json::json!("none")).unwrap();
+
+    // factors missing from the first layer (a subset of layers, not declared): refused, not
+    // served as the bare base model
+    let tensors = adapter::read_tensors(&dir.join(WEIGHTS_FILE)).unwrap();
+    let keep = |pred: &dyn Fn(&str) -> bool| {
+        let kept: std::collections::HashMap<String, Tensor> =
+            tensors.iter().filter(|(k, _)| pred(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        candle_core::safetensors::save(&kept, dir.join(WEIGHTS_FILE)).unwrap();
+        adapter::load(&dir, &m.llama).map(|_| ()).map_err(|e| e.to_string())
+    };
+    let err = keep(&|k| !k.contains("layers.0.")).unwrap_err();
+    assert!(err.contains("missing tensor") && err.contains("layers.0."), "{err}");
+    let err = keep(&|k| !k.contains("lora_")).unwrap_err();
+    assert!(err.contains("no LoRA factors"), "{err}");
+}
+
+#[test]
 fn a_checkpoint_that_cannot_be_written_is_a_passing_failure() {
     // A full or failing disk is no reason to fail the job for good: the runner gives it back
     // and a later attempt resumes from the last checkpoint written.

@@ -47,6 +47,40 @@ pub struct PeftConfig {
     pub use_dora: bool,
     #[serde(default)]
     pub init_lora_weights: serde_json::Value,
+    /// Options that change which layers or how strongly the adapter applies, read so that an
+    /// adapter using them is refused rather than served wrong: a subset of layers, per-module
+    /// ranks or alphas, trained biases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_to_transform: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers_pattern: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank_pattern: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_pattern: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora_bias: Option<bool>,
+}
+
+impl PeftConfig {
+    /// The options of this config that Arbiter cannot honour, by name.
+    fn unsupported(&self) -> Vec<&'static str> {
+        let set = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
+        let non_empty = |m: &Option<serde_json::Map<String, serde_json::Value>>| m.as_ref().is_some_and(|m| !m.is_empty());
+        [
+            ("use_dora", self.use_dora),
+            ("fan_in_fan_out", self.fan_in_fan_out),
+            ("layers_to_transform", set(&self.layers_to_transform)),
+            ("layers_pattern", set(&self.layers_pattern)),
+            ("rank_pattern", non_empty(&self.rank_pattern)),
+            ("alpha_pattern", non_empty(&self.alpha_pattern)),
+            ("bias", self.bias != "none"),
+            ("lora_bias", self.lora_bias == Some(true)),
+        ]
+        .into_iter()
+        .filter_map(|(name, used)| used.then_some(name))
+        .collect()
+    }
 }
 
 fn bias_none() -> String {
@@ -135,6 +169,11 @@ pub fn save(dir: &Path, llama: &Llama, lora: &Lora, head: &Tensor, meta: &Adapte
         use_rslora: false,
         use_dora: false,
         init_lora_weights: serde_json::Value::Bool(true),
+        layers_to_transform: None,
+        layers_pattern: None,
+        rank_pattern: None,
+        alpha_pattern: None,
+        lora_bias: None,
     };
     let mut meta = meta.clone();
     meta.labels = labels();
@@ -167,8 +206,12 @@ pub fn load(dir: &Path, llama: &Llama) -> Result<Adapter, MlError> {
     if config.peft_type != "LORA" {
         return Err(MlError::Adapter(format!("peft_type {:?} is not supported (LORA only)", config.peft_type)));
     }
-    if config.use_dora || config.fan_in_fan_out {
-        return Err(MlError::Adapter("DoRA and fan_in_fan_out adapters are not supported".into()));
+    let unsupported = config.unsupported();
+    if !unsupported.is_empty() {
+        return Err(MlError::Adapter(format!(
+            "{CONFIG_FILE} uses {} (not supported: Arbiter applies one rank and alpha to every layer, without biases)",
+            unsupported.join(", ")
+        )));
     }
     let targets = match &config.target_modules {
         TargetModules::List(v) => v.clone(),
@@ -182,9 +225,20 @@ pub fn load(dir: &Path, llama: &Llama) -> Result<Adapter, MlError> {
     // PEFT may keep the adapter name in keys (`.default.`); strip it
     tensors = tensors.into_iter().map(|(k, v)| (k.replace(".default.", "."), v)).collect();
     let lcfg = LoraConfig::from_names(config.r, config.lora_alpha, config.lora_dropout, &targets)?;
-    // only targets that actually have tensors (a regex target may name absent modules)
-    let present: Vec<Proj> =
-        lcfg.targets.iter().copied().filter(|p| tensors.contains_key(&peft_name(0, *p, "lora_A"))).collect();
+    // only targets that have tensors (a regex target may name absent modules); a target present
+    // in some layers must be in all of them, which `from_named` checks
+    let layers = llama.config().num_layers;
+    let present: Vec<Proj> = lcfg
+        .targets
+        .iter()
+        .copied()
+        .filter(|p| (0..layers).any(|l| tensors.contains_key(&peft_name(l, *p, "lora_A"))))
+        .collect();
+    if present.is_empty() {
+        return Err(MlError::Adapter(format!(
+            "{WEIGHTS_FILE} holds no LoRA factors for the target modules of {CONFIG_FILE} in this base model's {layers} layers"
+        )));
+    }
     let lcfg = LoraConfig { targets: present, ..lcfg };
     let mut lora_scale_cfg = lcfg.clone();
     if config.use_rslora {
