@@ -612,6 +612,99 @@ async fn adapters_are_listed_newest_first_and_their_files_download() {
     }
 }
 
+/// A multipart import form with the files of adapter directory `dir` (`files` as given, each
+/// replaced by `replace` where it names it) and text fields.
+fn import_form(dir: &Path, files: &[&str], replace: &[(&str, Vec<u8>)], text: &[(&str, &str)]) -> reqwest::multipart::Form {
+    let mut form = reqwest::multipart::Form::new();
+    for f in files {
+        let bytes = replace.iter().find(|(n, _)| n == f).map(|(_, b)| b.clone()).unwrap_or_else(|| std::fs::read(dir.join(f)).unwrap());
+        form = form.part(f.to_string(), reqwest::multipart::Part::bytes(bytes).file_name(f.to_string()));
+    }
+    for (k, v) in text {
+        form = form.text(k.to_string(), v.to_string());
+    }
+    form
+}
+
+#[tokio::test]
+async fn an_adapter_trained_elsewhere_is_imported_served_and_deleted() {
+    let f = fixture();
+    let app = spawn().arg("--model", f.model.to_str().unwrap()).start().await;
+    register(&app, "ad-a", "first", &f.model, &f.adapters[0]).await;
+    let all = ["adapter_config.json", "adapter_model.safetensors", "arbiter.json"];
+    let import = |form: reqwest::multipart::Form| app.client.post(app.url("/v1/adapters")).multipart(form).send();
+
+    let res = import(import_form(&f.adapters[0], &all, &[], &[("name", "imported")])).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let imported: Value = res.json().await.unwrap();
+    assert_eq!((imported["name"].as_str(), imported["job_id"].is_null()), (Some("imported"), true));
+    assert_eq!(imported["files"].as_array().unwrap().len(), 3);
+    let id = imported["id"].as_str().unwrap().to_string();
+    // the same files on the same base answer as the registered original does
+    let pairs = json!([pair(1, &[2, 3], 1), pair(2, &[4, 5], 3)]);
+    let theirs = predict_ok(&app, &json!({"adapter": "first", "pairs": pairs})).await;
+    let ours = predict_ok(&app, &json!({"adapter": "imported", "pairs": pairs})).await;
+    for k in 0..2 {
+        assert!(max_diff(probs(&theirs["predictions"][k]), probs(&ours["predictions"][k])) < 1e-6, "{theirs} vs {ours}");
+    }
+    // a PEFT adapter without Arbiter's file: served at temperature 1, named by default
+    let res = import(import_form(&f.adapters[1], &all[..2], &[], &[])).await.unwrap();
+    assert_eq!(res.status(), 201);
+    let plain: Value = res.json().await.unwrap();
+    assert!(plain["name"].as_str().unwrap().starts_with("peft:"), "{plain}");
+    assert_eq!(app.get_json(&format!("/v1/adapters/{}", plain["id"].as_str().unwrap())).await["temperature"], 1.0);
+
+    // bad uploads: a 4xx naming the file or field, nothing stored
+    let config: Value = serde_json::from_slice(&std::fs::read(f.adapters[0].join("adapter_config.json")).unwrap()).unwrap();
+    let mut patterned = config.clone();
+    patterned["rank_pattern"] = json!({"q_proj": 8});
+    let mut weights: HashMap<String, Tensor> =
+        candle_core::safetensors::load(f.adapters[0].join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let a0 = weights.keys().find(|k| k.contains("layers.0.") && k.contains("lora_A")).unwrap().clone();
+    weights.insert(a0, Tensor::zeros((3, 7), candle_core::DType::F32, &Device::Cpu).unwrap());
+    let reshaped = work_file(|p| candle_core::safetensors::save(&weights, p).unwrap());
+    let cases: Vec<(reqwest::multipart::Form, u16, &str, &str)> = vec![
+        (import_form(&f.adapters[0], &all[..1], &[], &[]), 422, "missing_file", "adapter_model.safetensors"),
+        (import_form(&f.adapters[0], &all[1..2], &[], &[]), 422, "missing_file", "adapter_config.json"),
+        (import_form(&f.adapters[0], &all, &[("adapter_config.json", patterned.to_string().into_bytes())], &[]), 422, "adapter_invalid", "adapter_config.json"),
+        (import_form(&f.adapters[0], &all, &[("adapter_config.json", b"{not json".to_vec())], &[]), 422, "adapter_invalid", "adapter_config.json"),
+        (import_form(&f.adapters[0], &all, &[("adapter_model.safetensors", b"not safetensors".to_vec())], &[]), 422, "adapter_invalid", "adapter_model.safetensors"),
+        (import_form(&f.adapters[0], &all, &[("adapter_model.safetensors", reshaped)], &[]), 422, "adapter_invalid", "adapter_model.safetensors"),
+        (import_form(&f.adapters[0], &all, &[], &[("name", "imported")]), 409, "name_taken", "name"),
+        (import_form(&f.adapters[0], &all, &[], &[("name", "bad name!")]), 422, "invalid_request", "name"),
+        (import_form(&f.adapters[0], &all, &[], &[("base_model", "../elsewhere")]), 422, "invalid_request", "base_model"),
+        (import_form(&f.adapters[0], &all, &[], &[("colour", "blue")]), 422, "invalid_request", "colour"),
+    ];
+    for (form, status, code, field) in cases {
+        let err = error_of(import(form).await.unwrap(), status).await;
+        assert_eq!((err["code"].as_str(), err["field"].as_str()), (Some(code), Some(field)), "{err}");
+    }
+    let names = |list: Value| list["data"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    assert_eq!(names(app.get_json("/v1/adapters").await).len(), 3, "nothing registered by the bad uploads");
+    let stored = || std::fs::read_dir(app.data_dir().join("adapters")).unwrap().count();
+    assert_eq!(stored(), 2, "and nothing left on disk");
+
+    // deleting: by name, then it is gone everywhere; files the service did not make stay
+    let res = app.client.delete(app.url("/v1/adapters/imported")).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    error_of(app.post_json("/v1/predict", &json!({"adapter": "imported", "pairs": pairs})).await, 404).await;
+    error_of(app.get(&format!("/v1/adapters/{id}")).await, 404).await;
+    assert!(!app.data_dir().join("adapters").join(&id).exists());
+    error_of(app.client.delete(app.url(&format!("/v1/adapters/{id}"))).send().await.unwrap(), 404).await;
+    assert_eq!(app.client.delete(app.url("/v1/adapters/ad-a")).send().await.unwrap().status(), 204);
+    assert!(f.adapters[0].join("adapter_model.safetensors").is_file(), "registered from elsewhere: its files stay");
+    assert_eq!(names(app.get_json("/v1/adapters").await).len(), 1);
+    app.assert_up().await;
+}
+
+/// The bytes of a file that `write` makes in a temporary directory.
+fn work_file(write: impl FnOnce(&Path)) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("file");
+    write(&path);
+    std::fs::read(path).unwrap()
+}
+
 #[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after_and_nothing_else_fails() {
     let app = app_with(&[("--predict-max-pairs", "2"), ("--predict-queue-rows", "4"), ("--predict-batching", "false")]).await;

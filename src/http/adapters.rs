@@ -1,12 +1,13 @@
 //! `/v1/adapters`: trained adapters (newest first), one adapter, and its files in the PEFT
-//! layout for download (a fixed list of names: nothing else under the directory is reachable).
+//! layout for download (a fixed list of names: nothing else under the directory is reachable);
+//! adapters trained elsewhere (PEFT in Python) imported by upload; deleting one.
 
 use std::path::PathBuf;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -15,22 +16,24 @@ use utoipa::{OpenApi, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
 use super::{json_doc, timestamp, AppState};
+use super::jobs::{check_name, resolve_base_model};
 use crate::ml::adapter::{AdapterMeta, CONFIG_FILE, META_FILE, WEIGHTS_FILE};
+use crate::ml::serve::ServeError;
 use crate::store::artifacts::ArtifactError;
-use crate::store::AdapterRecord;
+use crate::store::{now_ms, AdapterRecord, NewAdapter};
 
 #[derive(OpenApi)]
 #[openapi(
-    paths(list_adapters, get_adapter, get_adapter_file),
-    components(schemas(Adapter, AdapterList)),
-    tags((name = "adapters", description = "Trained adapters and their files"))
+    paths(list_adapters, import_adapter, get_adapter, delete_adapter, get_adapter_file),
+    components(schemas(Adapter, AdapterList, ImportForm)),
+    tags((name = "adapters", description = "Trained and imported adapters, and their files"))
 )]
 pub struct ApiDoc;
 
 pub fn router() -> Router<AppState> {
     Router::new()
-        .route("/v1/adapters", get(list_adapters))
-        .route("/v1/adapters/{id}", get(get_adapter))
+        .route("/v1/adapters", get(list_adapters).post(import_adapter))
+        .route("/v1/adapters/{id}", get(get_adapter).delete(delete_adapter))
         .route("/v1/adapters/{id}/files/{name}", get(get_adapter_file))
 }
 
@@ -130,11 +133,15 @@ pub async fn get_adapter(State(state): State<AppState>, Path(id): Path<String>) 
             files.push(name.to_string());
         }
     }
-    if let Ok(text) = tokio::fs::read_to_string(dir.join(META_FILE)).await {
-        if let Ok(meta) = serde_json::from_str::<AdapterMeta>(&text) {
-            a.temperature = Some(meta.temperature);
-            a.max_length = Some(meta.max_length);
-        }
+    let meta = match tokio::fs::read_to_string(dir.join(META_FILE)).await {
+        Ok(text) => serde_json::from_str::<AdapterMeta>(&text).ok(),
+        // a PEFT adapter: served with the defaults
+        Err(_) if files.iter().any(|f| f == CONFIG_FILE) => Some(AdapterMeta::without_file(String::new())),
+        Err(_) => None,
+    };
+    if let Some(meta) = meta {
+        a.temperature = Some(meta.temperature);
+        a.max_length = Some(meta.max_length);
     }
     a.files = Some(files);
     Ok(axum::Json(a))
@@ -181,6 +188,241 @@ pub async fn get_adapter_file(State(state): State<AppState>, Path((id, name)): P
         body,
     )
         .into_response())
+}
+
+/// The multipart form of an import: the adapter's files under their PEFT names, and two text
+/// fields.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documents the form for OpenAPI only
+pub struct ImportForm {
+    /// PEFT's `adapter_config.json` (a LoRA config for sequence classification).
+    #[schema(rename = "adapter_config.json", value_type = String, format = Binary)]
+    config: Vec<u8>,
+    /// PEFT's `adapter_model.safetensors`: the LoRA factors and the `score` head (3 rows).
+    #[schema(rename = "adapter_model.safetensors", value_type = String, format = Binary)]
+    weights: Vec<u8>,
+    /// Arbiter's `arbiter.json` (temperature, token budget, calibration), when the adapter
+    /// was exported from Arbiter; without it the temperature is 1 and the budget 1024 tokens.
+    #[schema(rename = "arbiter.json", value_type = Option<String>, format = Binary)]
+    meta: Option<Vec<u8>>,
+    /// Name to predict with (default `peft:` and the end of its id).
+    name: Option<String>,
+    /// The base model it was trained on, in the server's models directory (default: the
+    /// server's default model).
+    base_model: Option<String>,
+}
+
+/// Where an upload's files are staged until they are checked: a `.tmp` directory, which the
+/// start-up reconciliation removes if the process dies meanwhile.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The text fields of an import form.
+#[derive(Default)]
+struct ImportFields {
+    name: Option<String>,
+    base_model: Option<String>,
+}
+
+/// Streams the form's files into `dir` (synced), and returns its text fields.
+async fn receive_import(state: &AppState, req: Request, dir: &std::path::Path) -> Result<ImportFields, ApiError> {
+    use tokio::io::AsyncWriteExt;
+    let limit = state.limits.max_body_bytes;
+    let multipart_error = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::bad_request("invalid_multipart", format!("the multipart body could not be read: {}", e.body_text()))
+        }
+    };
+    let mut multipart = Multipart::from_request(req, state)
+        .await
+        .map_err(|r| ApiError::bad_request("invalid_multipart", r.body_text()))?;
+    let mut fields = ImportFields::default();
+    let mut seen: Vec<String> = Vec::new();
+    while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {
+        let name = field.name().unwrap_or_default().to_string();
+        if seen.contains(&name) {
+            return Err(ApiError::unprocessable("invalid_request", format!("the form gives {name} twice")).with_field(name));
+        }
+        seen.push(name.clone());
+        if let Some((file, _)) = FILES.iter().find(|(f, _)| *f == name) {
+            let path = dir.join(file);
+            let io = |e: std::io::Error| ApiError::internal(format!("writing {}: {e}", path.display()));
+            let mut out = tokio::fs::File::create(&path).await.map_err(io)?;
+            while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                out.write_all(&chunk).await.map_err(io)?;
+            }
+            out.sync_all().await.map_err(io)?;
+            continue;
+        }
+        let text = |field_name: &str, bytes: bytes::Bytes| {
+            String::from_utf8(bytes.to_vec()).map(|t| t.trim().to_string()).map_err(|_| {
+                ApiError::unprocessable("invalid_request", format!("{field_name} must be UTF-8 text")).with_field(field_name)
+            })
+        };
+        match name.as_str() {
+            "name" => fields.name = Some(text("name", field.bytes().await.map_err(multipart_error)?)?),
+            "base_model" => fields.base_model = Some(text("base_model", field.bytes().await.map_err(multipart_error)?)?),
+            _ => {
+                return Err(ApiError::unprocessable(
+                    "invalid_request",
+                    format!("unknown form field {name:?}: expected {CONFIG_FILE}, {WEIGHTS_FILE}, {META_FILE}, name or base_model"),
+                )
+                .with_field(name))
+            }
+        }
+    }
+    for required in [CONFIG_FILE, WEIGHTS_FILE] {
+        if !seen.iter().any(|s| s == required) {
+            return Err(ApiError::unprocessable("missing_file", format!("the form has no {required} file")).with_field(required));
+        }
+    }
+    Ok(fields)
+}
+
+/// Import an adapter trained elsewhere (PEFT in Python) so that `/v1/predict` can serve it:
+/// a multipart form with its `adapter_config.json` and `adapter_model.safetensors` (and
+/// Arbiter's `arbiter.json` if it came from here). It is loaded on its base model before it
+/// is registered: an adapter that cannot serve that base is refused, saying why.
+#[utoipa::path(
+    post,
+    path = "/v1/adapters",
+    tag = "adapters",
+    request_body(content = ImportForm, content_type = "multipart/form-data"),
+    responses(
+        (status = 201, description = "Registered", body = Adapter),
+        (status = 400, description = "Malformed multipart body", body = ErrorBody),
+        (status = 409, description = "Name taken (by an adapter, or by a queued or running job)", body = ErrorBody),
+        (status = 413, description = "Body over the size limit", body = ErrorBody),
+        (status = 422, description = "A file missing, or an adapter this base model cannot serve (the error names the file or field)", body = ErrorBody),
+        (status = 503, description = "The base model cannot be loaded to check the adapter", body = ErrorBody),
+    )
+)]
+pub async fn import_adapter(State(state): State<AppState>, req: Request) -> Result<(StatusCode, axum::Json<Adapter>), ApiError> {
+    let id = uuid::Uuid::now_v7().to_string();
+    let dest = state.dirs.adapter_dir(&id);
+    let staging = Staging(dest.with_file_name(format!("{id}{}", crate::ml::fsutil::TMP_SUFFIX)));
+    tokio::fs::create_dir_all(&staging.0).await.map_err(|e| ApiError::internal(format!("staging the upload: {e}")))?;
+    let fields = receive_import(&state, req, &staging.0).await?;
+
+    // the id's last characters: its first ones are a timestamp, shared by the uploads of a minute
+    let name = fields.name.unwrap_or_else(|| format!("peft:{}", &id[id.len() - 8..]));
+    check_name("name", &name, 128)?;
+    let taken = || ApiError::conflict("name_taken", format!("an adapter named {name:?} already exists")).with_field("name");
+    if state.store.get_adapter_by_name(&name).await?.is_some() {
+        return Err(taken());
+    }
+    if state.store.name_pending(&name).await? {
+        return Err(ApiError::conflict("name_taken", format!("a queued or running job already makes an adapter named {name:?}"))
+            .with_field("name"));
+    }
+    let base_model = match fields.base_model.as_deref() {
+        None => state.default_model.to_string_lossy().into_owned(),
+        Some("") => return Err(ApiError::unprocessable("invalid_request", "base_model must not be empty").with_field("base_model")),
+        Some(m) => resolve_base_model(&state.models_dir, m).await?,
+    };
+
+    // loaded for real on its base, as a prediction would load it
+    let engine = state.predictor.engine.clone();
+    let (dir, base_path) = (staging.0.clone(), PathBuf::from(&base_model));
+    let checked = tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        let base = engine.base(&base_path).map_err(|e| match e {
+            ServeError::BaseModel => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model_unavailable",
+                "the base model cannot be loaded to check the adapter against it",
+            ),
+            other => ApiError::internal(format!("{other:?}")),
+        })?;
+        crate::ml::adapter::load(&dir, &base.llama).map(|_| ()).map_err(|e| {
+            let message = e.to_string();
+            let file = [CONFIG_FILE, META_FILE].into_iter().find(|f| message.contains(f)).unwrap_or(WEIGHTS_FILE);
+            ApiError::unprocessable("adapter_invalid", format!("the adapter cannot serve base model {}: {message}", base.name))
+                .with_field(file)
+        })
+    })
+    .await
+    .map_err(ApiError::internal)?;
+    checked?;
+
+    let place = |e: std::io::Error| ApiError::internal(format!("storing the adapter: {e}"));
+    let (from, to) = (staging.0.clone(), dest.clone());
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        crate::ml::fsutil::sync_dir(&from).map_err(std::io::Error::other)?;
+        std::fs::rename(&from, &to)?;
+        to.parent().map_or(Ok(()), |p| crate::ml::fsutil::sync_dir(p).map_err(std::io::Error::other))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(place)?;
+    let forget = |dest: PathBuf| async move {
+        let _ = tokio::fs::remove_dir_all(&dest).await;
+    };
+    if let Err(e) = state.artifacts.publish(&dest).await {
+        forget(dest).await;
+        return Err(ApiError::internal(format!("publishing the adapter: {e}")));
+    }
+    let new = NewAdapter {
+        id: id.clone(),
+        name: name.clone(),
+        job_id: None,
+        base_model,
+        path: dest.to_string_lossy().into_owned(),
+        metrics: serde_json::json!({}),
+    };
+    let record = match state.store.insert_adapter(&new, now_ms()).await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = state.artifacts.unpublish(&dest).await;
+            forget(dest).await;
+            return Err(if e.is_unique_violation() { taken() } else { e.into() });
+        }
+    };
+    tracing::info!(adapter_id = %id, %name, "adapter imported");
+    let mut a = to_api(record, &[]);
+    a.files = Some(FILES.iter().map(|(f, _)| *f).filter(|f| dest.join(f).is_file()).map(str::to_string).collect());
+    Ok((StatusCode::CREATED, axum::Json(a)))
+}
+
+/// Delete an adapter, by id or name: its row, its files (in this node's data directory and
+/// in the shared store) and its place in the predictor's cache. Jobs that made it keep its id.
+#[utoipa::path(
+    delete,
+    path = "/v1/adapters/{id}",
+    tag = "adapters",
+    params(("id" = String, Path, description = "Adapter id or name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 404, description = "No such adapter", body = ErrorBody),
+    )
+)]
+pub async fn delete_adapter(State(state): State<AppState>, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let r = find(&state, &id).await?;
+    let Some(r) = state.store.delete_adapter(&r.id).await? else {
+        return Err(ApiError::not_found("adapter", &id));
+    };
+    state.predictor.engine.forget_adapter(&r.id);
+    // only a directory this service made is removed: an adapter registered from elsewhere
+    // keeps its files
+    let own = state.dirs.adapter_dir(&r.id);
+    if PathBuf::from(&r.path) == own {
+        if let Err(e) = state.artifacts.unpublish(&own).await {
+            tracing::warn!(error = %e, adapter_id = %r.id, "could not remove the shared copy of the adapter");
+        }
+        if let Err(e) = tokio::fs::remove_dir_all(&own).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, adapter_id = %r.id, "could not remove the adapter's files");
+            }
+        }
+    }
+    tracing::info!(adapter_id = %r.id, name = %r.name, "adapter deleted");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// A file as a stream of 64 KiB chunks (weights can be large: never read whole).

@@ -351,7 +351,7 @@ pub struct EventParams {
     pub limit: Option<i64>,
 }
 
-fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), ApiError> {
+pub(super) fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), ApiError> {
     let ok_chars = value.chars().all(|c| c.is_ascii_alphanumeric() || "._:-".contains(c));
     let ok_start = value.starts_with(|c: char| c.is_ascii_alphanumeric());
     if value.is_empty() || value.len() > max || !ok_chars || !ok_start {
@@ -367,7 +367,7 @@ fn check_name(field: &'static str, value: &str, max: usize) -> Result<(), ApiErr
 /// A `base_model` named in a request: a file or directory inside the models directory, given
 /// relative to it or as a full path. The name is checked before it touches the file system
 /// (no `..`, no NUL), and the resolved path (symbolic links followed) must stay inside.
-async fn resolve_base_model(models_dir: &std::path::Path, name: &str) -> Result<String, ApiError> {
+pub(super) async fn resolve_base_model(models_dir: &std::path::Path, name: &str) -> Result<String, ApiError> {
     use std::path::{Component, Path};
     let invalid = |why: String| ApiError::unprocessable("invalid_request", why).with_field("base_model");
     let path = Path::new(name);

@@ -444,7 +444,8 @@ impl Runner {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "base".into());
             let suffix = job.suffix.as_deref().map(|s| format!(":{s}")).unwrap_or_default();
-            format!("ft:{stem}{suffix}:{}", &job.id[..8.min(job.id.len())])
+            // the id's last characters: its first ones are a timestamp, shared by the jobs of a minute
+            format!("ft:{stem}{suffix}:{}", &job.id[job.id.len().saturating_sub(8)..])
         });
         let mut adapter = NewAdapter {
             id: adapter_id.clone(),

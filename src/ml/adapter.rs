@@ -117,6 +117,19 @@ pub struct AdapterMeta {
 impl AdapterMeta {
     /// Calibrated logits of a row, given its [`calibrate::length_features`]: softmax them
     /// for the adapter's probabilities.
+    /// What an adapter without Arbiter's file (one trained by PEFT) is served with: no
+    /// calibration, and the reference notebook's token budget.
+    pub fn without_file(base_model: String) -> AdapterMeta {
+        AdapterMeta {
+            labels: labels(),
+            temperature: 1.0,
+            max_length: 1024,
+            base_model,
+            metrics: serde_json::Value::Null,
+            length_calibration: None,
+        }
+    }
+
     pub fn calibrated_logits(&self, logits: &[f32; 3], features: &[f64; 3]) -> [f32; 3] {
         calibrate::calibrated_logits(self.temperature, self.length_calibration.as_ref(), logits, features)
     }
@@ -266,14 +279,7 @@ pub fn load(dir: &Path, llama: &Llama) -> Result<Adapter, MlError> {
     let head = head.to_device(llama.device())?.to_dtype(DType::F32)?;
     let meta = match std::fs::read_to_string(dir.join(META_FILE)) {
         Ok(t) => serde_json::from_str(&t).map_err(|e| MlError::Adapter(format!("{META_FILE}: {e}")))?,
-        Err(_) => AdapterMeta {
-            labels: labels(),
-            temperature: 1.0,
-            max_length: 1024,
-            base_model: config.base_model_name_or_path.clone().unwrap_or_default(),
-            metrics: serde_json::Value::Null,
-            length_calibration: None,
-        },
+        Err(_) => AdapterMeta::without_file(config.base_model_name_or_path.clone().unwrap_or_default()),
     };
     if !(meta.temperature.is_finite() && meta.temperature > 0.0) {
         return Err(MlError::Adapter(format!("temperature {} is not a positive number", meta.temperature)));

@@ -23,7 +23,8 @@ pub fn save_safetensors_synced(tensors: &HashMap<String, Tensor>, path: &Path) -
     Ok(())
 }
 
-fn sync_dir(dir: &Path) -> Result<(), MlError> {
+/// fsync a directory: its entries (files created or renamed in it) are durable.
+pub fn sync_dir(dir: &Path) -> Result<(), MlError> {
     std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }

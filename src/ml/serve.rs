@@ -450,6 +450,12 @@ impl Engine {
         Ok(a)
     }
 
+    /// Drops the adapter under `key` from the cache (it was deleted); requests already holding
+    /// it finish with it.
+    pub fn forget_adapter(&self, key: &str) {
+        lock(&self.inner.adapters).entries.remove(key);
+    }
+
     /// Keys of the adapters loaded now, most recently used first.
     pub fn hot_adapters(&self) -> Vec<String> {
         lock(&self.inner.adapters).keys_by_recency()
