@@ -101,6 +101,11 @@ async fn list_get_delete() {
     let next = app.get_json(&format!("/v1/datasets?limit=2&after={}", page["next_cursor"].as_str().unwrap())).await;
     assert_eq!(next["data"][0]["id"], a.as_str());
     assert_eq!(next["has_more"], false);
+    // a cursor whose dataset was deleted meanwhile is an error, not an empty last page
+    let d = app.create_dataset(3).await;
+    assert_eq!(app.client.delete(app.url(&format!("/v1/datasets/{d}"))).send().await.unwrap().status(), 204);
+    let err = error_of(app.get(&format!("/v1/datasets?limit=2&after={d}")).await, 422).await;
+    assert_eq!((err["code"].as_str(), err["field"].as_str()), (Some("invalid_cursor"), Some("after")), "{err}");
 
     let res = app.client.delete(app.url(&format!("/v1/datasets/{a}"))).send().await.unwrap();
     assert_eq!(res.status(), 204);

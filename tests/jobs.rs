@@ -88,6 +88,8 @@ async fn cursor_pagination_walks_every_job_once() {
     assert_eq!(err["field"], "status");
     let err = error_of(app.get("/v1/fine-tuning/jobs?limit=0").await, 422).await;
     assert_eq!(err["field"], "limit");
+    let err = error_of(app.get("/v1/fine-tuning/jobs?after=no-such-job").await, 422).await;
+    assert_eq!((err["code"].as_str(), err["field"].as_str()), (Some("invalid_cursor"), Some("after")));
 }
 
 #[tokio::test]

@@ -383,6 +383,13 @@ async fn store_dataset(
 )]
 pub async fn list_datasets(State(state): State<AppState>, Query(page): Query<Page>) -> Result<axum::Json<DatasetList>, ApiError> {
     let limit = page.limit()?;
+    if let Some(after) = page.after.as_deref() {
+        // a cursor whose dataset is gone cannot say where the page starts: an empty page would
+        // read as the end of the list
+        if state.store.get_dataset(after).await?.is_none() {
+            return Err(super::invalid_cursor("dataset", after));
+        }
+    }
     let mut rows = state.store.list_datasets(page.after.as_deref(), limit + 1).await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);

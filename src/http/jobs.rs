@@ -508,6 +508,11 @@ pub async fn list_jobs(State(state): State<AppState>, Query(q): Query<JobListPar
             .with_field("status")
         })?),
     };
+    if let Some(after) = q.after.as_deref() {
+        if state.store.get_job(after).await?.is_none() {
+            return Err(super::invalid_cursor("job", after));
+        }
+    }
     let mut rows = state.store.list_jobs(status, q.after.as_deref(), limit + 1).await?;
     let has_more = rows.len() as i64 > limit;
     rows.truncate(limit as usize);

@@ -147,6 +147,15 @@ pub struct Page {
     pub after: Option<String>,
 }
 
+/// The answer to a list whose `after` cursor names no `what`.
+pub fn invalid_cursor(what: &str, after: &str) -> error::ApiError {
+    error::ApiError::unprocessable(
+        "invalid_cursor",
+        format!("after names no {what} ({after:?}); it may have been deleted since the last page: list again from the start"),
+    )
+    .with_field("after")
+}
+
 impl Page {
     pub fn limit(&self) -> Result<i64, error::ApiError> {
         match self.limit {
