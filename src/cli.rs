@@ -60,7 +60,8 @@ pub struct TrainArgs {
     /// Validation data; without it, `--validation-fraction` of the training rows is held out.
     #[arg(long)]
     pub validation_data: Option<PathBuf>,
-    /// Share of the training rows held out for validation when no validation file is given.
+    /// Share of the training rows held out for validation when no validation file is given (0:
+    /// none), chosen as the service chooses it for a job with the same seed.
     #[arg(long, default_value_t = 0.1)]
     pub validation_fraction: f64,
     /// Output directory: the adapter (PEFT layout) and checkpoints.
@@ -198,25 +199,6 @@ pub fn read_rows(path: &Path) -> anyhow::Result<Vec<ArenaRow>> {
     Ok(read_dataset(path)?.rows)
 }
 
-/// Deterministic split: every row whose seeded hash falls under `fraction` is held out.
-pub fn split_rows(rows: Vec<ArenaRow>, fraction: f64, seed: u64) -> (Vec<ArenaRow>, Vec<ArenaRow>) {
-    use rand::seq::SliceRandom;
-    use rand::SeedableRng;
-    let mut idx: Vec<usize> = (0..rows.len()).collect();
-    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5eed));
-    let n_val = ((rows.len() as f64) * fraction).round() as usize;
-    let held: std::collections::HashSet<usize> = idx[..n_val.min(rows.len())].iter().copied().collect();
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (i, r) in rows.into_iter().enumerate() {
-        if held.contains(&i) {
-            val.push(r);
-        } else {
-            train.push(r);
-        }
-    }
-    (train, val)
-}
-
 struct BarObserver {
     bar: ProgressBar,
     last_eval: Mutex<Option<EvalMetrics>>,
@@ -269,7 +251,8 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     let rows = read_rows(&args.data)?;
     let (train_rows, val_rows) = match &args.validation_data {
         Some(p) => (rows, read_rows(p)?),
-        None => split_rows(rows, args.validation_fraction, hp.seed),
+        None if args.validation_fraction > 0.0 => crate::data::split_validation(rows, args.validation_fraction, hp.seed),
+        None => (rows, Vec::new()),
     };
     let base = args.base.load()?;
     let bar = ProgressBar::new(1);

@@ -8,8 +8,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +19,7 @@ use super::trainer::{TrainError, TrainOutcome, TrainRequest, Trainer};
 use super::device::{self, DeviceError};
 use crate::config::{QueueArgs, StoreArgs};
 use crate::data::hyper::Hyperparameters;
-use crate::data::ArenaRow;
+use crate::data::{split_validation, ArenaRow};
 use crate::store::artifacts::{ArtifactError, Artifacts};
 use crate::store::files::{self, DataDir, FileError};
 use crate::store::{now_ms, CheckpointRecord, JobRecord, JobStatus, NewAdapter, NewEvent, Release, Store, WorkerDevice};
@@ -331,7 +329,7 @@ impl Runner {
         let train = self.load_rows(&job.dataset_id).await?;
         let (train_rows, validation_rows) = match (&job.validation_dataset_id, job.validation_fraction) {
             (Some(v), _) => (train, self.load_rows(v).await?),
-            (None, Some(f)) => split(train, f, hyperparameters.seed),
+            (None, Some(f)) => split_validation(train, f, hyperparameters.seed),
             (None, None) => (train, Vec::new()),
         };
         if train_rows.is_empty() {
@@ -539,49 +537,4 @@ async fn heartbeat(
 fn retry_delay(first: Duration, counted: i64) -> Duration {
     let doublings = u32::try_from(counted.saturating_sub(1)).unwrap_or(0).min(16);
     first.saturating_mul(1 << doublings)
-}
-
-/// A deterministic split: `fraction` of the rows (at least one, leaving at least one) for
-/// validation, chosen by a shuffle seeded with the job's seed.
-fn split(rows: Vec<ArenaRow>, fraction: f64, seed: u64) -> (Vec<ArenaRow>, Vec<ArenaRow>) {
-    if rows.len() < 2 {
-        return (rows, Vec::new());
-    }
-    let n_val = ((rows.len() as f64 * fraction).round() as usize).clamp(1, rows.len() - 1);
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-    let mut is_val = vec![false; rows.len()];
-    for &i in &order[..n_val] {
-        is_val[i] = true;
-    }
-    let (mut train, mut val) = (Vec::new(), Vec::new());
-    for (row, v) in rows.into_iter().zip(is_val) {
-        if v {
-            val.push(row);
-        } else {
-            train.push(row);
-        }
-    }
-    (train, val)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn rows(n: usize) -> Vec<ArenaRow> {
-        (0..n)
-            .map(|i| ArenaRow { id: i.to_string(), prompt: vec![], response_a: vec![], response_b: vec![], label: None })
-            .collect()
-    }
-
-    #[test]
-    fn split_is_deterministic_and_keeps_every_row() {
-        let (t, v) = split(rows(100), 0.1, 7);
-        assert_eq!((t.len(), v.len()), (90, 10));
-        let (t2, v2) = split(rows(100), 0.1, 7);
-        assert_eq!((t, v), (t2, v2));
-        let (t, v) = split(rows(3), 0.01, 7);
-        assert_eq!((t.len(), v.len()), (2, 1));
-    }
 }

@@ -157,7 +157,8 @@ pub fn metrics(probs: &[[f32; 3]], labels: &[usize]) -> EvalMetrics {
     let mut per_class = [(0usize, 0usize); 3];
     for (p, &y) in probs.iter().zip(labels) {
         ll -= (p[y] as f64).clamp(1e-15, 1.0).ln();
-        let pred = (0..3).max_by(|a, b| p[*a].total_cmp(&p[*b])).unwrap_or(0);
+        // the first of equal maxima (`max_by` would take the last: exact ties would all read as "tie")
+        let pred = (1..3).fold(0, |best, k| if p[k] > p[best] { k } else { best });
         per_class[y].1 += 1;
         if pred == y {
             correct += 1;
@@ -544,6 +545,9 @@ mod tests {
         let m = metrics(&probs, &[0, 1, 2, 1]);
         assert_eq!(m.accuracy, 0.75);
         assert!((m.balanced_accuracy - (1.0 + 0.5 + 1.0) / 3.0).abs() < 1e-12);
+        // exact ties predict the first class among them, not "tie"
+        let even = [[1.0 / 3.0; 3], [0.4, 0.4, 0.2]];
+        assert_eq!(metrics(&even, &[0, 0]).accuracy, 1.0);
     }
 
     #[test]
