@@ -550,6 +550,33 @@ fn peft_adapters_the_loader_cannot_honour_are_refused_naming_why() {
 }
 
 #[test]
+fn a_max_length_the_template_fills_is_refused_before_training() {
+    // The default model's tokenizer spends more than a dozen tokens on the template: a budget
+    // of 16, which the hyperparameters allow, would train on the headers alone.
+    let gguf = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !gguf.exists() {
+        println!("skipped: {} is absent (run scripts/fetch-model.sh)", gguf.display());
+        return;
+    }
+    let m = BaseModel::load(&gguf, BaseFormat::Q4_1, &Device::Cpu).unwrap();
+    let fixed = m.template_tokens();
+    assert!(fixed + 3 > 16, "the template takes {fixed} tokens");
+    let rows = synthetic_rows(4, 41);
+    let train_with = |max_length: usize| {
+        let hp = Hyperparameters { epochs: 1, batch_size: 4, max_length, ..Default::default() };
+        let work = tempfile::tempdir().unwrap();
+        let spec = TrainSpec { base: &m, hp: &hp, train_rows: &rows, validation_rows: &[], work_dir: work.path(), resume_from: None };
+        train::train(&spec, &recorder()).map(|_| ())
+    };
+    match train_with(16) {
+        Err(train::TrainFailure::Failed(message)) => {
+            assert!(message.contains(&format!("template alone takes {fixed} tokens")) && message.contains(&format!("at least {}", fixed + 3)), "{message}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
 fn a_checkpoint_that_cannot_be_written_is_a_passing_failure() {
     // A full or failing disk is no reason to fail the job for good: the runner gives it back
     // and a later attempt resumes from the last checkpoint written.

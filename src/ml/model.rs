@@ -107,6 +107,12 @@ impl BaseModel {
         }
     }
 
+    /// Tokens every encoded row spends on the template around its texts (the BOS token too).
+    pub fn template_tokens(&self) -> usize {
+        let pieces: usize = crate::data::template::TEMPLATE_PIECES.iter().map(|p| self.tokenize(p).len()).sum();
+        usize::from(self.bos_id.is_some()) + pieces
+    }
+
     /// Encode an arena row into at most `max_length` tokens with the balanced truncation.
     pub fn encode_row(&self, row: &crate::data::ArenaRow, max_length: usize) -> crate::data::template::Encoded {
         crate::data::template::encode_pair(row, max_length, |s| self.tokenize(s), self.bos_id)

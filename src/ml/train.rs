@@ -253,6 +253,15 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
         return Err(TrainFailure::Failed(format!("{}: {}", e.field, e.reason)));
     }
     let base = spec.base;
+    // a budget the template alone fills would train on the headers only
+    let fixed = base.template_tokens();
+    if hp.max_length < fixed + 3 {
+        return Err(TrainFailure::Failed(format!(
+            "max_length: {} leaves no room for the texts: the template alone takes {fixed} tokens of this base model; use at least {}",
+            hp.max_length,
+            fixed + 3
+        )));
+    }
     let device = base.llama.device().clone();
     let started = std::time::Instant::now();
     let train = encode_all(base, spec.train_rows, hp.max_length, hp.swap_augmentation);
