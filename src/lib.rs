@@ -87,10 +87,14 @@ pub async fn open_store(args: &StoreArgs) -> anyhow::Result<(Store, DataDir, Art
 
 /// The start-up check of rows against files (see `store::reconcile`); problems are logged.
 /// With a shared artifact store the data directory is only a working copy (files a node lacks
-/// are fetched when needed), so the check is skipped.
+/// are fetched when needed): only the temporaries of interrupted writes and downloads go.
 pub async fn reconcile(store: &Store, dirs: &DataDir, artifacts: &Artifacts) {
     if artifacts.is_shared() {
-        tracing::info!("shared artifact store: the data directory is a working copy, no start-up file check");
+        match store::reconcile::remove_temporaries(store, dirs.root()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(temp_removed = n, "start-up check of the data directory (a working copy)"),
+            Err(e) => tracing::warn!(error = %e, "the start-up check of the data directory failed"),
+        }
         return;
     }
     match store.reconcile(dirs, store::now_ms()).await {

@@ -222,9 +222,14 @@ impl Artifacts {
             Err(e) => return Err(e.into()),
         };
         let tmp = temp_sibling(&local);
-        write_file(&tmp, &bytes).await?;
-        tokio::fs::rename(&tmp, &local).await.map_err(io(&local))?;
-        Ok(local)
+        let placed = match write_file(&tmp, &bytes).await {
+            Ok(()) => tokio::fs::rename(&tmp, &local).await.map_err(io(&local)),
+            Err(e) => Err(e),
+        };
+        if placed.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        placed.map(|()| local)
     }
 
     /// The local copy of directory `rel`, downloaded whole (into a temporary directory, then

@@ -1,9 +1,9 @@
 //! The start-up check of the database against the files on disk.
 //!
 //! Every file is written under a temporary name and renamed into place, so a crash can leave
-//! two things behind: a temporary file or directory (`*.tmp`) nobody will finish, and (if a
-//! file was removed by hand or a disk was restored from an older copy) rows whose files are
-//! gone. On start the service:
+//! two things behind: a temporary file or directory (`*.tmp`, or `*.part` for a download from
+//! the shared artifact store) nobody will finish, and (if a file was removed by hand or a disk
+//! was restored from an older copy) rows whose files are gone. On start the service:
 //! - flags checkpoint rows whose directory is missing (`file_missing_at`; a resuming job skips
 //!   them, the checkpoint list shows them as missing);
 //! - logs dataset and adapter rows whose files are missing (they answer 404/errors on use);
@@ -12,7 +12,11 @@
 //!   directory may be writing a young one right now);
 //! - removes dataset files and adapter directories that no row names, older than
 //!   [`ORPHAN_AGE`] (a crash between the rename and the insert; a young one may be an upload
-//!   or a job finishing right now).
+//!   or a job finishing right now). Only names the service gives (an id) count: anything else
+//!   put there by hand stays.
+//!
+//! With a shared artifact store the data directory is a working copy: only the temporaries are
+//! removed ([`remove_temporaries`]).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -64,11 +68,7 @@ impl Store {
                 out.adapters_missing += 1;
             }
         }
-        let sql = "SELECT id FROM jobs WHERE status = 'running'";
-        let running: HashSet<String> = with_pool!(self, pool => sqlx::query_as::<_, (String,)>(sql).fetch_all(pool).await)?
-                .into_iter()
-                .map(|(id,)| id)
-                .collect();
+        let running = self.running_job_ids().await?;
         let root = dirs.root().to_path_buf();
         let (temp, unreferenced) =
             tokio::task::spawn_blocking(move || remove_orphans(&root, &running, &known, SystemTime::now()))
@@ -84,9 +84,32 @@ fn file_name(path: &str) -> Option<String> {
     Path::new(path).file_name().map(|n| n.to_string_lossy().into_owned())
 }
 
-/// Removes orphan temporary entries, then old dataset files and adapter directories that no
-/// row names (`known` holds the file names rows point at); returns how many of each.
-fn remove_orphans(root: &Path, running: &HashSet<String>, known: &HashSet<String>, now: SystemTime) -> (usize, usize) {
+/// Removes the orphan temporary entries under the data directory `root` (see the module docs);
+/// returns how many.
+pub async fn remove_temporaries(store: &Store, root: &Path) -> Result<usize> {
+    let running = store.running_job_ids().await?;
+    let root = root.to_path_buf();
+    Ok(tokio::task::spawn_blocking(move || remove_temp(&root, &running, SystemTime::now())).await.unwrap_or(0))
+}
+
+impl Store {
+    async fn running_job_ids(&self) -> Result<HashSet<String>> {
+        let sql = "SELECT id FROM jobs WHERE status = 'running'";
+        Ok(with_pool!(self, pool => sqlx::query_as::<_, (String,)>(sql).fetch_all(pool).await)?
+            .into_iter()
+            .map(|(id,)| id)
+            .collect())
+    }
+}
+
+/// Whether `name` is one the service gives an entry of `dir`: `ID.jsonl` for a dataset, `ID`
+/// for an adapter directory.
+fn service_named(dir: &str, name: &str) -> bool {
+    let id = if dir == "datasets" { name.strip_suffix(".jsonl") } else { Some(name) };
+    id.is_some_and(|id| uuid::Uuid::try_parse(id).is_ok())
+}
+
+fn remove_temp(root: &Path, running: &HashSet<String>, now: SystemTime) -> usize {
     let mut temp = 0;
     for dir in ["datasets", "adapters"] {
         for tmp in temp_entries(&root.join(dir), 1) {
@@ -105,15 +128,19 @@ fn remove_orphans(root: &Path, running: &HashSet<String>, known: &HashSet<String
             }
         }
     }
+    temp
+}
+
+/// Removes orphan temporary entries, then old dataset files and adapter directories that no
+/// row names (`known` holds the file names rows point at); returns how many of each.
+fn remove_orphans(root: &Path, running: &HashSet<String>, known: &HashSet<String>, now: SystemTime) -> (usize, usize) {
+    let temp = remove_temp(root, running, now);
     let mut unreferenced = 0;
-    for (dir, is_ours) in [
-        ("datasets", (|n: &str| n.ends_with(".jsonl")) as fn(&str) -> bool),
-        ("adapters", (|n: &str| !n.ends_with(".tmp")) as fn(&str) -> bool),
-    ] {
+    for dir in ["datasets", "adapters"] {
         let Ok(entries) = std::fs::read_dir(root.join(dir)) else { continue };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if is_ours(&name) && !known.contains(&name) && older_than(&e.path(), ORPHAN_AGE, now) {
+            if service_named(dir, &name) && !known.contains(&name) && older_than(&e.path(), ORPHAN_AGE, now) {
                 unreferenced += remove(&e.path());
             }
         }
@@ -121,14 +148,16 @@ fn remove_orphans(root: &Path, running: &HashSet<String>, known: &HashSet<String
     (temp, unreferenced)
 }
 
-/// Entries named `*.tmp` under `dir`, looking `depth` levels down (not into the temporaries).
+/// Temporary entries (`*.tmp`, `*.part`) under `dir`, looking `depth` levels down (not into
+/// the temporaries).
 fn temp_entries(dir: &Path, depth: usize) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let Ok(entries) = std::fs::read_dir(dir) else { return found };
     for e in entries.flatten() {
         let path = e.path();
         let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
-        if e.file_name().to_string_lossy().ends_with(".tmp") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".tmp") || name.ends_with(".part") {
             found.push(path);
         } else if is_dir && depth > 1 {
             found.extend(temp_entries(&path, depth - 1));
@@ -184,10 +213,19 @@ mod tests {
         assert_eq!(remove_orphans(root.path(), &running, &known, SystemTime::now()), (1, 0));
         assert!(!idle_ckpt.exists() && busy_ckpt.exists() && young_dataset.exists() && kept.exists() && unnamed.exists());
 
-        // An hour later every temporary is an orphan, and so is a file no row names; files
-        // rows name stay.
+        // An hour later every temporary is an orphan (a download's `.part` too), and so is a
+        // file no row names if the service named it; files rows name stay, and so does what
+        // was put there by hand.
+        let download = d.datasets().join(".y.jsonl.0123abcd.part");
+        std::fs::write(&download, b"half").unwrap();
+        let own = uuid::Uuid::now_v7().to_string();
+        std::fs::create_dir_all(d.adapter_dir(&own)).unwrap();
+        let by_hand = d.adapter_dir("my-peft-adapter");
+        std::fs::create_dir_all(&by_hand).unwrap();
         let later = SystemTime::now() + Duration::from_secs(3600);
-        assert_eq!(remove_orphans(root.path(), &running, &known, later), (2, 1));
-        assert!(!busy_ckpt.exists() && !young_dataset.exists() && !unnamed.exists() && kept.exists());
+        assert_eq!(remove_orphans(root.path(), &running, &known, later), (3, 1));
+        assert!(!busy_ckpt.exists() && !young_dataset.exists() && !download.exists() && kept.exists());
+        assert!(unnamed.exists(), "z.jsonl is no name the service gives");
+        assert!(!d.adapter_dir(&own).exists() && by_hand.exists());
     }
 }
