@@ -138,15 +138,26 @@ async fn nodes_with_separate_data_directories_share_datasets_checkpoints_and_ada
         .collect();
     assert_eq!(newest.first(), Some(&step), "the newest checkpoint of attempt one");
 
-    // The API node serves the adapter's files, which only worker two wrote.
+    // The API node describes the adapter, which only worker two wrote, from a listing of the
+    // store (nothing downloaded), then serves its files.
     let adapter_id = done["adapter_id"].as_str().unwrap();
     assert!(!api.data_dir().join("adapters").join(adapter_id).exists());
+    let adapter = api.get_json(&format!("/v1/adapters/{adapter_id}")).await;
+    assert_eq!(adapter["files"], serde_json::json!(["adapter_config.json"]));
+    assert_eq!(adapter["temperature"], 1.0, "no arbiter.json: served with the defaults");
+    assert!(!api.data_dir().join("adapters").join(adapter_id).exists(), "described without a download");
     let res = api.get(&format!("/v1/adapters/{adapter_id}/files/adapter_config.json")).await;
     assert_eq!(res.status(), 200);
     assert_eq!(res.text().await.unwrap(), "{\"peft_type\":\"LORA\"}");
-    let adapter = api.get_json(&format!("/v1/adapters/{adapter_id}")).await;
-    assert_eq!(adapter["files"], serde_json::json!(["adapter_config.json"]));
     two.shutdown().await;
+
+    // Deleting the adapter removes the shared copy too.
+    let res = api.client.delete(api.url(&format!("/v1/adapters/{adapter_id}"))).send().await.unwrap();
+    assert_eq!(res.status(), 204);
+    let later = tempfile::tempdir().unwrap();
+    let elsewhere = Artifacts::open(Some(&store_url), later.path()).unwrap();
+    let gone = elsewhere.adapter_dir(adapter_id, "/unused").await;
+    assert!(matches!(gone, Err(ArtifactError::Missing(_))), "{gone:?}");
 
     // Deleting the dataset removes the shared copy too.
     let fresh = tempfile::tempdir().unwrap();

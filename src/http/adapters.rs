@@ -125,19 +125,23 @@ pub async fn list_adapters(State(state): State<AppState>) -> Result<axum::Json<A
 )]
 pub async fn get_adapter(State(state): State<AppState>, Path(id): Path<String>) -> Result<axum::Json<Adapter>, ApiError> {
     let r = find(&state, &id).await?;
-    let dir = adapter_dir(&state, &r).await?;
+    // listed and read where they are: with a shared store, nothing is downloaded for this
+    let present = match state.artifacts.adapter_file_names(&r.id, &r.path).await {
+        Ok(names) => names,
+        Err(ArtifactError::Missing(_)) => Vec::new(),
+        Err(e) => return Err(ApiError::internal(e)),
+    };
+    let files: Vec<String> = FILES.iter().map(|(f, _)| f.to_string()).filter(|f| present.contains(f)).collect();
+    let meta_bytes = match files.iter().any(|f| f == META_FILE) {
+        true => state.artifacts.adapter_file_bytes(&r.id, &r.path, META_FILE).await.map_err(ApiError::internal)?,
+        false => None,
+    };
     let mut a = to_api(r, &state.predictor.engine.hot_adapters());
-    let mut files = Vec::new();
-    for (name, _) in FILES {
-        if tokio::fs::metadata(dir.join(name)).await.is_ok_and(|m| m.is_file()) {
-            files.push(name.to_string());
-        }
-    }
-    let meta = match tokio::fs::read_to_string(dir.join(META_FILE)).await {
-        Ok(text) => serde_json::from_str::<AdapterMeta>(&text).ok(),
+    let meta = match meta_bytes {
+        Some(bytes) => serde_json::from_slice::<AdapterMeta>(&bytes).ok(),
         // a PEFT adapter: served with the defaults
-        Err(_) if files.iter().any(|f| f == CONFIG_FILE) => Some(AdapterMeta::without_file(String::new())),
-        Err(_) => None,
+        None if files.iter().any(|f| f == CONFIG_FILE) => Some(AdapterMeta::without_file(String::new())),
+        None => None,
     };
     if let Some(meta) = meta {
         a.temperature = Some(meta.temperature);
@@ -408,10 +412,10 @@ pub async fn delete_adapter(State(state): State<AppState>, Path(id): Path<String
         return Err(ApiError::not_found("adapter", &id));
     };
     state.predictor.engine.forget_adapter(&r.id);
-    // only a directory this service made is removed: an adapter registered from elsewhere
-    // keeps its files
+    // only a directory this service made (`adapters/ID` under some node's data directory) is
+    // removed, here and in the shared store: an adapter registered from elsewhere keeps its files
     let own = state.dirs.adapter_dir(&r.id);
-    if PathBuf::from(&r.path) == own {
+    if PathBuf::from(&r.path).ends_with(std::path::Path::new("adapters").join(&r.id)) {
         if let Err(e) = state.artifacts.unpublish(&own).await {
             tracing::warn!(error = %e, adapter_id = %r.id, "could not remove the shared copy of the adapter");
         }

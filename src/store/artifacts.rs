@@ -125,6 +125,64 @@ impl Artifacts {
         self.fetch_dir(&format!("adapters/{id}")).await
     }
 
+    /// The names of the files in adapter `id`'s directory (recorded at `stored`), read where
+    /// they are: the local copy if this node has one, else a listing of the shared store, which
+    /// downloads nothing.
+    pub async fn adapter_file_names(&self, id: &str, stored: &str) -> Result<Vec<String>> {
+        let local = self.adapter_local(id, stored);
+        if let Ok(mut entries) = tokio::fs::read_dir(&local).await {
+            let mut names = Vec::new();
+            while let Some(e) = entries.next_entry().await.map_err(io(&local))? {
+                if e.file_type().await.is_ok_and(|t| t.is_file()) {
+                    names.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            return Ok(names);
+        }
+        let Some(remote) = &self.remote else { return Err(ArtifactError::Missing(format!("adapters/{id}"))) };
+        let prefix = self.key(remote, &format!("adapters/{id}"))?;
+        let objects: Vec<_> = remote.store.list(Some(&prefix)).try_collect().await?;
+        if objects.is_empty() {
+            return Err(ArtifactError::Missing(format!("adapters/{id}")));
+        }
+        Ok(objects
+            .iter()
+            .filter_map(|m| {
+                let parts: Vec<_> = m.location.prefix_match(&prefix)?.collect();
+                (parts.len() == 1).then(|| parts[0].as_ref().to_string())
+            })
+            .collect())
+    }
+
+    /// The bytes of file `name` of adapter `id` (a small one: its config), read where it is
+    /// without fetching the rest of the directory; None when the adapter has no such file.
+    pub async fn adapter_file_bytes(&self, id: &str, stored: &str, name: &str) -> Result<Option<Vec<u8>>> {
+        let local = self.adapter_local(id, stored);
+        if tokio::fs::metadata(&local).await.is_ok_and(|m| m.is_dir()) || self.remote.is_none() {
+            let path = local.join(name);
+            return match tokio::fs::read(&path).await {
+                Ok(bytes) => Ok(Some(bytes)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(ArtifactError::Io { path, source: e }),
+            };
+        }
+        let Some(remote) = &self.remote else { return Ok(None) };
+        match remote.store.get(&self.key(remote, &format!("adapters/{id}/{name}"))?).await {
+            Ok(got) => Ok(Some(got.bytes().await?.to_vec())),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Where adapter `id`'s directory is, or would be fetched to, on this node.
+    fn adapter_local(&self, id: &str, stored: &str) -> PathBuf {
+        if self.remote.is_none() {
+            PathBuf::from(stored)
+        } else {
+            self.root.join("adapters").join(id)
+        }
+    }
+
     /// The local copy of a checkpoint directory of job `job_id` recorded at `stored`, if it
     /// exists anywhere.
     pub async fn checkpoint_dir(&self, job_id: &str, stored: &str) -> Result<Option<PathBuf>> {
