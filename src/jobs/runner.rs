@@ -418,6 +418,14 @@ impl Runner {
             })
     }
 
+    /// Removes an adapter directory no row will name, here and in the shared store.
+    async fn discard(&self, dir: &std::path::Path) {
+        if let Err(e) = self.artifacts.unpublish(dir).await {
+            tracing::warn!(error = %e, "could not remove the shared copy of a discarded adapter");
+        }
+        let _ = tokio::fs::remove_dir_all(dir).await;
+    }
+
     async fn succeed(&self, job: &JobRecord, outcome: TrainOutcome) {
         let worker = &self.config.worker_id;
         let adapter_id = uuid::Uuid::now_v7().to_string();
@@ -432,7 +440,7 @@ impl Runner {
         if let Err(moved) = stored {
             // The next attempt resumes from the last checkpoint, which the last step wrote.
             tracing::error!(error = %moved, "could not store the adapter");
-            let _ = tokio::fs::remove_dir_all(&dest).await;
+            self.discard(&dest).await;
             self.retry_later(job, "trained, but its adapter could not be stored (the cause is in the server log)").await;
             return;
         }
@@ -467,12 +475,12 @@ impl Runner {
             }
             Ok(None) => {
                 Span::current().record("outcome", "lease_lost");
-                let _ = tokio::fs::remove_dir_all(&dest).await;
+                self.discard(&dest).await;
                 self.event(&job.id, job.attempt, "warn", "finished after its lease was lost; result discarded".into()).await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "could not record the job's success");
-                let _ = tokio::fs::remove_dir_all(&dest).await;
+                self.discard(&dest).await;
             }
         }
     }
