@@ -285,8 +285,12 @@ async fn cancelling_a_running_job_stops_the_trainer_within_seconds() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), stopped).await.expect("the runner stops within 5 s");
+    let events = tokio::time::timeout(Duration::from_secs(5), stopped).await.expect("the runner stops within 5 s");
     assert!(cancelled_at.elapsed() < Duration::from_secs(5));
+    // the trainer ran on until it noticed, but none of its reports is written after the cancel
+    let cancel = events.iter().position(|e| e["message"].as_str().unwrap_or("").starts_with("cancel")).expect("the cancel event");
+    let after: Vec<_> = events[cancel..].iter().filter(|e| e["type"] == "train_step" || e["type"] == "checkpoint").collect();
+    assert!(after.is_empty(), "reports after the cancel: {after:?}");
     let job = app.get_json(&format!("/v1/fine-tuning/jobs/{id}")).await;
     assert_eq!(job["status"], "cancelled");
     let err = error_of(app.client.post(app.url(&format!("/v1/fine-tuning/jobs/{id}/cancel"))).send().await.unwrap(), 409).await;

@@ -305,6 +305,11 @@ async fn a_lost_lease_changes_nothing_for_the_old_worker(db: Db) {
     assert!(!store.merge_job_metrics(&id, "old", &serde_json::json!({"eval_accuracy": 0.0}), now).await.unwrap());
     assert!(!store.fail_job(&id, "old", "stale", now).await.unwrap());
     assert!(!store.release_job(&id, "old", now, Release::Shutdown).await.unwrap());
+    let report = arbiter::store::NewEvent { job_id: id.clone(), attempt: 1, level: "info", kind: "log", message: "stale".into(), data: None };
+    assert_eq!(store.insert_event_held(&report, "old", now).await.unwrap(), None);
+    assert_eq!(store.insert_checkpoint_held(&id, "old", 1, 9, "/stale", None, now).await.unwrap().map(|c| c.id), None);
+    assert!(store.insert_event_held(&report, "new", now).await.unwrap().is_some(), "the holder's reports are written");
+    assert!(store.insert_checkpoint_held(&id, "new", 2, 9, "/fresh", None, now).await.unwrap().is_some());
     assert!(!store.release_job(&id, "old", now, Release::Retry { at: now }).await.unwrap());
     let adapter = arbiter::store::NewAdapter {
         id: "stale-adapter".into(),

@@ -76,7 +76,9 @@ fn eval_json(step: u64, m: &EvalMetrics) -> serde_json::Value {
 }
 
 /// Writes reports until every sender is gone. Store errors are logged, not fatal: losing one
-/// progress line must not kill a training run; a lost lease stops it.
+/// progress line must not kill a training run; a lost lease stops it. Every write says which
+/// worker makes it, so once the lease is lost (reaped, or the job cancelled) nothing more is
+/// written: no step after the cancel in the job's log, no checkpoint row of a stale attempt.
 pub(crate) async fn write_reports(
     store: Store,
     artifacts: Artifacts,
@@ -94,6 +96,14 @@ pub(crate) async fn write_reports(
         message,
         data,
     };
+    let lost = || flags.lease_lost.store(true, std::sync::atomic::Ordering::Relaxed);
+    // a report of a worker that no longer holds the job: nothing was written
+    let held = |written: Option<i64>| {
+        if written.is_none() {
+            lost();
+        }
+        written.is_some()
+    };
     while let Some(report) = rx.recv().await {
         let now = now_ms();
         let result = match report {
@@ -103,15 +113,16 @@ pub(crate) async fn write_reports(
                     "loss": num(loss), "learning_rate": num(learning_rate),
                 });
                 let msg = format!("step {step}/{total_steps} loss {loss:.4} lr {learning_rate:.3e}");
-                match store.insert_event(&event("info", "train_step", msg, Some(data)), now).await {
+                match store.insert_event_held(&event("info", "train_step", msg, Some(data)), &worker, now).await {
+                    Ok(written) if !held(written) => Ok(()),
                     Ok(_) => {
                         let metrics = json!({ "train_loss": num(loss), "learning_rate": num(learning_rate) });
                         store
                             .update_job_progress(&job_id, &worker, step as i64, total_steps as i64, epoch, &metrics, now)
                             .await
-                            .map(|held| {
-                                if !held {
-                                    flags.lease_lost.store(true, std::sync::atomic::Ordering::Relaxed);
+                            .map(|still| {
+                                if !still {
+                                    lost();
                                 }
                             })
                     }
@@ -129,13 +140,20 @@ pub(crate) async fn write_reports(
                     "eval_accuracy": num(metrics.accuracy),
                     "eval_balanced_accuracy": num(metrics.balanced_accuracy),
                 });
-                let r = store.insert_event(&event("info", "eval", msg, Some(eval_json(step, &metrics))), now).await;
+                let r = store.insert_event_held(&event("info", "eval", msg, Some(eval_json(step, &metrics))), &worker, now).await;
                 match r {
+                    Ok(written) if !held(written) => Ok(()),
                     Ok(_) => store.merge_job_metrics(&job_id, &worker, &latest, now).await.map(|_| ()),
                     Err(e) => Err(e),
                 }
             }
             Report::Checkpoint { step, path, metrics } => {
+                // Not shared once the job has moved on: the next attempt writes the same keys.
+                let holds = matches!(store.get_job(&job_id).await, Ok(Some(j)) if j.lock_by.as_deref() == Some(worker.as_str()) && j.status == "running");
+                if !holds {
+                    lost();
+                    continue;
+                }
                 // Shared before it is recorded: a recorded checkpoint can be resumed anywhere.
                 if let Err(e) = artifacts.publish(&path).await {
                     tracing::warn!(error = %e, step, "could not publish the checkpoint; not recording it");
@@ -143,8 +161,12 @@ pub(crate) async fn write_reports(
                 }
                 let m = metrics.as_ref().map(|m| eval_json(step, m));
                 let path_str = path.to_string_lossy().into_owned();
-                match store.insert_checkpoint(&job_id, attempt, step as i64, &path_str, m.as_ref(), now).await {
-                    Ok(c) => store
+                match store.insert_checkpoint_held(&job_id, &worker, attempt, step as i64, &path_str, m.as_ref(), now).await {
+                    Ok(None) => {
+                        lost();
+                        Ok(())
+                    }
+                    Ok(Some(c)) => store
                         .insert_event(
                             &event(
                                 "info",
@@ -159,7 +181,9 @@ pub(crate) async fn write_reports(
                     Err(e) => Err(e),
                 }
             }
-            Report::Log(message) => store.insert_event(&event("info", "log", message, None), now).await.map(|_| ()),
+            Report::Log(message) => store.insert_event_held(&event("info", "log", message, None), &worker, now).await.map(|w| {
+                held(w);
+            }),
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "could not record training report");

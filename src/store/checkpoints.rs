@@ -31,19 +31,56 @@ impl Store {
         metrics: Option<&serde_json::Value>,
         now: i64,
     ) -> Result<CheckpointRecord> {
+        let c = self.insert_checkpoint_if(job_id, attempt, step, path, metrics, now, None).await?;
+        c.ok_or_else(|| sqlx::Error::RowNotFound.into())
+    }
+
+    /// Records a checkpoint of worker `worker` while it holds the job; None (nothing written)
+    /// once it does not.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert_checkpoint_held(
+        &self,
+        job_id: &str,
+        worker: &str,
+        attempt: i64,
+        step: i64,
+        path: &str,
+        metrics: Option<&serde_json::Value>,
+        now: i64,
+    ) -> Result<Option<CheckpointRecord>> {
+        self.insert_checkpoint_if(job_id, attempt, step, path, metrics, now, Some(worker)).await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn insert_checkpoint_if(
+        &self,
+        job_id: &str,
+        attempt: i64,
+        step: i64,
+        path: &str,
+        metrics: Option<&serde_json::Value>,
+        now: i64,
+        held_by: Option<&str>,
+    ) -> Result<Option<CheckpointRecord>> {
         let metrics = metrics.map(serde_json::to_string).transpose()?;
-        let sql = format!("INSERT INTO checkpoints ({INSERT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}");
+        let held = "WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND lock_by = $8 AND status = 'running')";
+        let sql = format!(
+            "INSERT INTO checkpoints ({INSERT_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7 {} RETURNING {COLUMNS}",
+            if held_by.is_some() { held } else { "" }
+        );
         let id = uuid::Uuid::now_v7().to_string();
-        Ok(with_pool!(self, pool => sqlx::query_as::<_, CheckpointRecord>(&sql)
-            .bind(&id)
-            .bind(job_id)
-            .bind(attempt)
-            .bind(step)
-            .bind(path)
-            .bind(&metrics)
-            .bind(now)
-            .fetch_one(pool)
-            .await)?)
+        Ok(with_pool!(self, pool => {
+            let q = sqlx::query_as::<_, CheckpointRecord>(&sql)
+                .bind(&id)
+                .bind(job_id)
+                .bind(attempt)
+                .bind(step)
+                .bind(path)
+                .bind(&metrics)
+                .bind(now);
+            let q = if let Some(w) = held_by { q.bind(w) } else { q };
+            q.fetch_optional(pool).await
+        })?)
     }
 
     /// All checkpoints of a job, newest (highest step) first.

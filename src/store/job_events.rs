@@ -31,6 +31,12 @@ pub struct NewEvent {
 pub(super) const INSERT_EVENT_SQL: &str = "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
                                            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
 
+/// [`INSERT_EVENT_SQL`] that inserts only while worker `$8` holds the job (the reports of a
+/// worker whose lease was lost, or whose job was cancelled, are dropped).
+const INSERT_HELD_EVENT_SQL: &str = "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
+     SELECT $1, $2, $3, $4, $5, $6, $7 \
+     WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lock_by = $8 AND status = 'running') RETURNING id";
+
 /// `INSERT_EVENT_SQL` with its parameters bound: the event, its `data` as JSON text and the
 /// time. A macro, so one bind chain serves both backends' query types.
 macro_rules! bind_event {
@@ -49,9 +55,26 @@ impl NewEvent {
 
 impl Store {
     pub async fn insert_event(&self, e: &NewEvent, now: i64) -> Result<i64> {
+        let id = self.insert_event_if(e, now, None).await?;
+        // unconditional: the insert always returns its row
+        id.ok_or_else(|| sqlx::Error::RowNotFound.into())
+    }
+
+    /// Inserts a report of worker `worker` while it holds the job; None (nothing written) once
+    /// it does not.
+    pub async fn insert_event_held(&self, e: &NewEvent, worker: &str, now: i64) -> Result<Option<i64>> {
+        self.insert_event_if(e, now, Some(worker)).await
+    }
+
+    async fn insert_event_if(&self, e: &NewEvent, now: i64, held_by: Option<&str>) -> Result<Option<i64>> {
         let data = e.data_json()?;
-        let (id,): (i64,) = match &self.pool {
-            Pool::Sqlite(pool) => bind_event!(sqlx::query_as(INSERT_EVENT_SQL), e, &data, now).fetch_one(pool).await?,
+        let sql = if held_by.is_some() { INSERT_HELD_EVENT_SQL } else { INSERT_EVENT_SQL };
+        let row: Option<(i64,)> = match &self.pool {
+            Pool::Sqlite(pool) => {
+                let q = bind_event!(sqlx::query_as(sql), e, &data, now);
+                let q = if let Some(w) = held_by { q.bind(w) } else { q };
+                q.fetch_optional(pool).await?
+            }
             Pool::Postgres(pool) => {
                 // Ids come from a sequence and several processes may write events of one job
                 // at once (a worker's progress, an API node's cancel): a per-job lock held to
@@ -59,12 +82,14 @@ impl Store {
                 // never passes an id that commits later. (SQLite serialises all writers.)
                 let mut tx = pool.begin().await?;
                 sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))").bind(&e.job_id).execute(&mut *tx).await?;
-                let row = bind_event!(sqlx::query_as(INSERT_EVENT_SQL), e, &data, now).fetch_one(&mut *tx).await?;
+                let q = bind_event!(sqlx::query_as(sql), e, &data, now);
+                let q = if let Some(w) = held_by { q.bind(w) } else { q };
+                let row = q.fetch_optional(&mut *tx).await?;
                 tx.commit().await?;
                 row
             }
         };
-        Ok(id)
+        Ok(row.map(|(id,)| id))
     }
 
     /// Events of a job with id greater than `after`, oldest first.
