@@ -552,3 +552,47 @@ fn boolean_settings_from_the_environment_take_1_yes_on_and_off() {
         assert!(stderr.contains("must be at least twice --heartbeat-ms"), "{yes}/{no}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn postgres_a_job_submit_and_a_dataset_delete_never_cross() {
+    use sqlx::Connection;
+    let Some(db) = Db::postgres() else { return };
+    let api = spawn().on(&db).flag("--no-worker").start().await;
+    let mut conn = sqlx::PgConnection::connect(&api.database_url()).await.unwrap();
+    let pending = Duration::from_millis(300);
+
+    // A delete in flight (its transaction open): a job submitted meanwhile waits for it, then
+    // finds the dataset gone.
+    let ds = api.create_dataset(3).await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM datasets WHERE id = $1 FOR UPDATE").bind(&ds).execute(&mut *tx).await.unwrap();
+    sqlx::query("DELETE FROM datasets WHERE id = $1").bind(&ds).execute(&mut *tx).await.unwrap();
+    let body = serde_json::json!({ "dataset_id": ds });
+    let submit = api.post_json("/v1/fine-tuning/jobs", &body);
+    tokio::pin!(submit);
+    assert!(tokio::time::timeout(pending, &mut submit).await.is_err(), "the submit waits for the delete");
+    tx.commit().await.unwrap();
+    let err = common::error_of(submit.await, 404).await;
+    assert_eq!(err["field"], "dataset_id");
+
+    // A job insert in flight (the dataset held FOR SHARE as the submit holds it, the job
+    // inserted, not committed): a delete waits for it, then sees the job and refuses.
+    let ds = api.create_dataset(3).await;
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM datasets WHERE id = $1 FOR SHARE").bind(&ds).execute(&mut *tx).await.unwrap();
+    sqlx::query(
+        "INSERT INTO jobs (id, status, dataset_id, base_model, hyperparameters, max_attempts, run_at, created_at, updated_at) \
+         VALUES ($1, 'queued', $2, 'model', '{}', 3, 0, 0, 0)",
+    )
+    .bind(uuid::Uuid::now_v7().to_string())
+    .bind(&ds)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let delete = api.client.delete(api.url(&format!("/v1/datasets/{ds}"))).send();
+    tokio::pin!(delete);
+    assert!(tokio::time::timeout(pending, &mut delete).await.is_err(), "the delete waits for the submit");
+    tx.commit().await.unwrap();
+    let err = common::error_of(delete.await.unwrap(), 409).await;
+    assert_eq!(err["code"], "dataset_in_use", "{err}");
+}

@@ -2,7 +2,7 @@
 
 use sqlx::FromRow;
 
-use super::{Result, Store};
+use super::{Pool, Result, Store};
 
 #[derive(Debug, Clone, FromRow)]
 pub struct DatasetRecord {
@@ -83,14 +83,25 @@ impl Store {
         Ok(with_pool!(self, pool => sqlx::query_as::<_, DatasetRecord>(&sql).bind(after).bind(limit).fetch_all(pool).await)?)
     }
 
-    /// Deletes the row in one statement unless a queued or running job uses the dataset.
+    /// Deletes the row in one statement unless a queued or running job uses the dataset. On
+    /// Postgres the row is first locked `FOR UPDATE`, in the same transaction: that waits for a
+    /// job insert that holds it `FOR SHARE` to commit, and the delete's own statement then sees
+    /// that job (under READ COMMITTED each statement reads what committed before it began).
     pub async fn delete_dataset(&self, id: &str) -> Result<DeleteDataset> {
         let sql = "DELETE FROM datasets WHERE id = $1 AND NOT EXISTS (\
                 SELECT 1 FROM jobs WHERE (dataset_id = $1 OR validation_dataset_id = $1) \
                 AND status IN ('queued', 'running')) \
              RETURNING path";
-        let deleted: Option<(String,)> =
-            with_pool!(self, pool => sqlx::query_as(sql).bind(id).fetch_optional(pool).await)?;
+        let deleted: Option<(String,)> = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query_as(sql).bind(id).fetch_optional(pool).await?,
+            Pool::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT 1 FROM datasets WHERE id = $1 FOR UPDATE").bind(id).execute(&mut *tx).await?;
+                let deleted = sqlx::query_as(sql).bind(id).fetch_optional(&mut *tx).await?;
+                tx.commit().await?;
+                deleted
+            }
+        };
         if let Some((path,)) = deleted {
             return Ok(DeleteDataset::Deleted(path));
         }

@@ -137,21 +137,26 @@ pub enum InsertJob {
 impl Store {
     /// Inserts a queued job and its first event (`created`) in one transaction, so a job never
     /// exists without it; the dataset check and the job's insert are one statement, so a
-    /// dataset deleted concurrently cannot leave a job pointing at nothing. No other writer can
-    /// add events to the job before it commits, so the events' id order needs no lock here.
+    /// dataset deleted concurrently cannot leave a job pointing at nothing (SQLite serialises
+    /// the two; on Postgres the check holds the datasets' rows `FOR SHARE`, which the delete
+    /// waits for, see [`Store::delete_dataset`]). No other writer can add events to the job
+    /// before it commits, so the events' id order needs no lock here.
     pub async fn insert_job(&self, j: &NewJob, created: &NewEvent, now: i64) -> Result<InsertJob> {
-        let sql = "INSERT INTO jobs (id, status, dataset_id, validation_dataset_id, validation_fraction, base_model, \
+        let lock = self.sql("", " FOR SHARE");
+        let sql = format!(
+            "INSERT INTO jobs (id, status, dataset_id, validation_dataset_id, validation_fraction, base_model, \
                                hyperparameters, name, suffix, max_attempts, run_at, created_at, updated_at, \
                                required_device, required_memory_bytes) \
              SELECT $1, 'queued', $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, $10, $11, $12 \
-             WHERE EXISTS (SELECT 1 FROM datasets WHERE id = $2) \
-               AND ($3 IS NULL OR EXISTS (SELECT 1 FROM datasets WHERE id = $3)) \
-             RETURNING *";
+             WHERE EXISTS (SELECT 1 FROM datasets WHERE id = $2{lock}) \
+               AND ($3 IS NULL OR EXISTS (SELECT 1 FROM datasets WHERE id = $3{lock})) \
+             RETURNING *"
+        );
         let hyperparameters = serde_json::to_string(&j.hyperparameters)?;
         let data = created.data_json()?;
         let inserted = with_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            let job = sqlx::query_as::<_, JobRecord>(sql)
+            let job = sqlx::query_as::<_, JobRecord>(&sql)
                 .bind(&j.id)
                 .bind(&j.dataset_id)
                 .bind(&j.validation_dataset_id)
