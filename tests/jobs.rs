@@ -266,6 +266,43 @@ async fn a_trained_adapter_that_cannot_be_stored_is_stored_by_the_next_attempt()
 }
 
 #[tokio::test]
+async fn a_checkpoint_that_cannot_be_resumed_is_set_aside_for_the_one_before() {
+    // A job given back at a shutdown whose newest checkpoint turns out unreadable: the next
+    // attempt reports it, the runner sets it aside, and the attempt after resumes from the
+    // checkpoint before it.
+    let slow = Arc::new(ScriptedTrainer::new(10_000, Duration::from_millis(20)));
+    let one = spawn().trainer(slow).start().await;
+    let ds = one.create_dataset(4).await;
+    let id = one.create_job(&ds).await["id"].as_str().unwrap().to_string();
+    one.wait_job(&id, WAIT, |j| j["status"] == "running" && j["progress"]["step"].as_i64() >= Some(5)).await;
+    let dir = one.dir.clone();
+    let checkpoints = one.data_dir().join("jobs").join(&id).join("checkpoints");
+    one.shutdown().await;
+    let newest = (1..10_000).rev().step_by(1).find(|s| checkpoints.join(format!("step-{s}")).is_dir()).expect("a checkpoint");
+    std::fs::write(checkpoints.join(format!("step-{newest}")).join("state.json"), b"{half a wri").unwrap();
+
+    let fast = Arc::new(ScriptedTrainer::new(newest + 4, Duration::from_millis(1)));
+    let two = spawn().in_dir(dir).trainer(fast.clone()).start().await;
+    let done = two.wait_status(&id, "succeeded", WAIT).await;
+    let resumed: Vec<_> = fast.seen().iter().map(|s| s.resume_from.as_ref().map(|d| d.file_name().unwrap().to_string_lossy().into_owned())).collect();
+    assert_eq!(resumed, [Some(format!("step-{newest}")), Some(format!("step-{}", newest - 2))]);
+    let set_aside = wait_event(&two, &id, "it is set aside").await;
+    assert!(set_aside["message"].as_str().unwrap().contains(&format!("could not resume from the checkpoint of step {newest} (its state:")), "{set_aside}");
+    assert!(set_aside["message"].as_str().unwrap().contains("the job runs again in 0.0 s"), "{set_aside}");
+    let listed = two.get_json(&format!("/v1/fine-tuning/jobs/{id}/checkpoints")).await;
+    // attempt one's row is set aside; attempt three wrote that step again
+    let rows: Vec<(i64, bool)> = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["step"] == newest)
+        .map(|c| (c["attempt"].as_i64().unwrap(), c["file_missing"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(rows, [(3, false), (1, true)]);
+    assert_eq!(done["attempt"], 3, "given back, set aside, then done");
+}
+
+#[tokio::test]
 async fn cancelling_a_running_job_stops_the_trainer_within_seconds() {
     let trainer = Arc::new(ScriptedTrainer::new(10_000, Duration::from_millis(20)));
     let app = spawn().trainer(trainer.clone()).start().await;

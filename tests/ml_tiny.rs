@@ -726,6 +726,17 @@ fn resumed_run_ends_with_the_same_adapter() {
     let w1 = std::fs::read(s1.adapter_dir.join("adapter_model.safetensors")).unwrap();
     let w2 = std::fs::read(s2.adapter_dir.join("adapter_model.safetensors")).unwrap();
     assert!(w1 == w2, "resumed adapter differs from the uninterrupted one");
+
+    // a checkpoint whose weights were cut short cannot be resumed, and says so as such (the
+    // runner then sets it aside), rather than as a failed run
+    let trainable = ckpt.join("trainable.safetensors");
+    let bytes = std::fs::read(&trainable).unwrap();
+    std::fs::write(&trainable, &bytes[..bytes.len() / 2]).unwrap();
+    let spec3 = TrainSpec { work_dir: part.path(), resume_from: Some(&ckpt), ..spec };
+    match train::train(&spec3, &recorder()) {
+        Err(train::TrainFailure::UnusableCheckpoint(why)) => assert!(why.contains("trainable.safetensors"), "{why}"),
+        other => panic!("expected an unusable checkpoint, got {:?}", other.map(|s| s.steps)),
+    }
 }
 
 #[test]

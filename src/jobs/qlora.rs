@@ -75,6 +75,7 @@ impl Trainer for QloraTrainer {
             Err(TrainFailure::Stopped) => Err(TrainError::Stopped),
             Err(TrainFailure::Failed(m)) => Err(TrainError::Failed(m)),
             Err(TrainFailure::Passing(m)) => Err(TrainError::Passing(m)),
+            Err(TrainFailure::UnusableCheckpoint(m)) => Err(TrainError::UnusableCheckpoint(m)),
         }
     }
 }

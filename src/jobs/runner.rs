@@ -200,7 +200,7 @@ impl Runner {
             .instrument(Span::current()),
         );
         let prepared = self.prepare(&job).await;
-        let request = match prepared {
+        let (request, resumed) = match prepared {
             Ok(r) => r,
             Err(e) => {
                 beat_stop.cancel();
@@ -208,7 +208,7 @@ impl Runner {
                 tracing::warn!(error = %e, "job cannot start");
                 match e {
                     PrepareError::User(message) => self.fail(&job, &message).await,
-                    PrepareError::Passing(message) => self.retry_later(&job, &format!("could not start: {message}")).await,
+                    PrepareError::Passing(message) => self.retry_later(&job, &format!("could not start: {message}"), true).await,
                 }
                 return;
             }
@@ -274,7 +274,20 @@ impl Runner {
                 }
             }
             Ok(Err(TrainError::Failed(message))) => self.fail(&job, &message).await,
-            Ok(Err(TrainError::Passing(message))) => self.retry_later(&job, &format!("stopped: {message}")).await,
+            Ok(Err(TrainError::Passing(message))) => self.retry_later(&job, &format!("stopped: {message}"), true).await,
+            Ok(Err(TrainError::UnusableCheckpoint(why))) => {
+                // set aside (as a checkpoint whose files are gone): the next attempt resumes from
+                // the one before it, or from the start
+                let Some(c) = resumed else {
+                    return self.fail(&job, &format!("the trainer reported an unusable checkpoint it was not given: {why}")).await;
+                };
+                if let Err(e) = self.store.flag_checkpoint_missing(&c.id, now_ms()).await {
+                    tracing::error!(error = %e, "could not set the unusable checkpoint aside");
+                }
+                let what = format!("could not resume from the checkpoint of step {} ({why}); it is set aside", c.step);
+                // nothing that waiting mends: at once
+                self.retry_later(&job, &what, false).await
+            }
             Err(join) => {
                 tracing::error!(error = %join, "trainer panicked");
                 self.fail(&job, "training crashed unexpectedly; the cause is in the server log").await;
@@ -293,18 +306,19 @@ impl Runner {
         }
     }
 
-    /// After a passing failure (`what` happened to this attempt): the attempt counts, and the
-    /// job goes back to the queue to run again after a delay that doubles with each attempt;
-    /// out of attempts, it fails. If even the database cannot be reached, the lease lapses and
-    /// the reaper requeues the job.
-    async fn retry_later(&self, job: &JobRecord, what: &str) {
+    /// After a failure a later attempt may not meet (`what` happened to this attempt): the
+    /// attempt counts, and the job goes back to the queue to run again, after a delay that
+    /// doubles with each attempt when `wait` (the database, the disk or the store may need
+    /// time), else at once; out of attempts, it fails. If even the database cannot be reached,
+    /// the lease lapses and the reaper requeues the job.
+    async fn retry_later(&self, job: &JobRecord, what: &str, wait: bool) {
         let counted = job.attempt - job.released_attempts;
         if counted >= job.max_attempts {
             let allowed = job.max_attempts;
             return self.fail(job, &format!("attempt {} {what}; no attempts left ({allowed} allowed)", job.attempt)).await;
         }
         Span::current().record("outcome", "retried");
-        let delay = retry_delay(self.config.retry_delay, counted);
+        let delay = if wait { retry_delay(self.config.retry_delay, counted) } else { Duration::ZERO };
         let now = now_ms();
         let at = now.saturating_add(delay.as_millis().min(i64::MAX as u128) as i64);
         match self.store.release_job(&job.id, &self.config.worker_id, now, Release::Retry { at }).await {
@@ -322,8 +336,9 @@ impl Runner {
         }
     }
 
-    /// Loads the rows, splits validation, finds the checkpoint to resume from.
-    async fn prepare(&self, job: &JobRecord) -> Result<TrainRequest, PrepareError> {
+    /// Loads the rows, splits validation, finds the checkpoint to resume from (and returns its
+    /// row too).
+    async fn prepare(&self, job: &JobRecord) -> Result<(TrainRequest, Option<CheckpointRecord>), PrepareError> {
         let hyperparameters: Hyperparameters = serde_json::from_str(&job.hyperparameters)
             .map_err(|e| PrepareError::User(format!("stored hyperparameters are unreadable: {e}")))?;
         let train = self.load_rows(&job.dataset_id).await?;
@@ -348,17 +363,17 @@ impl Runner {
         let resumed = self.fetch_first(&job.id, checkpoints.iter(), "could not fetch a checkpoint; trying an older one").await;
         // The adapter is the best checkpoint by validation loss: the trainer reads it from this
         // node's directory at the end, so an older one written elsewhere comes along now.
-        if let Some((step, dir)) = &resumed {
+        if let Some((from, dir)) = &resumed {
             let best = crate::ml::train::checkpoint_best_step(dir).and_then(|b| i64::try_from(b).ok());
-            if let Some(best) = best.filter(|b| b != step) {
+            if let Some(best) = best.filter(|b| *b != from.step) {
                 let rows = checkpoints.iter().filter(|c| c.step == best);
                 if self.fetch_first(&job.id, rows, "could not fetch the best checkpoint").await.is_none() {
                     tracing::warn!(step = best, "the best checkpoint is nowhere to be found; the final weights will be used");
                 }
             }
         }
-        let resume_from = resumed.map(|(_, dir)| dir);
-        Ok(TrainRequest {
+        let (from, resume_from) = resumed.map(|(c, dir)| (c.clone(), dir)).unzip();
+        let request = TrainRequest {
             job_id: job.id.clone(),
             attempt: job.attempt,
             base_model: PathBuf::from(&job.base_model),
@@ -367,20 +382,21 @@ impl Runner {
             validation_rows,
             work_dir,
             resume_from,
-        })
+        };
+        Ok((request, from))
     }
 
-    /// The step and local directory of the first of `rows` whose files this node has or can
-    /// fetch from the shared store.
-    async fn fetch_first(
+    /// The first of `rows` whose files this node has or can fetch from the shared store, and
+    /// its local directory.
+    async fn fetch_first<'c>(
         &self,
         job_id: &str,
-        rows: impl Iterator<Item = &CheckpointRecord>,
+        rows: impl Iterator<Item = &'c CheckpointRecord>,
         failed: &str,
-    ) -> Option<(i64, PathBuf)> {
+    ) -> Option<(&'c CheckpointRecord, PathBuf)> {
         for c in rows {
             match self.artifacts.checkpoint_dir(job_id, &c.path).await {
-                Ok(Some(dir)) => return Some((c.step, dir)),
+                Ok(Some(dir)) => return Some((c, dir)),
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, step = c.step, "{failed}"),
             }
@@ -441,7 +457,7 @@ impl Runner {
             // The next attempt resumes from the last checkpoint, which the last step wrote.
             tracing::error!(error = %moved, "could not store the adapter");
             self.discard(&dest).await;
-            self.retry_later(job, "trained, but its adapter could not be stored (the cause is in the server log)").await;
+            self.retry_later(job, "trained, but its adapter could not be stored (the cause is in the server log)", true).await;
             return;
         }
         let base_name = job.name.clone().unwrap_or_else(|| {

@@ -49,6 +49,10 @@ pub enum TrainError {
     /// later, from its last checkpoint. The message is shown to the user.
     #[error("{0}")]
     Passing(String),
+    /// `resume_from` cannot be read back (why): the runner sets that checkpoint aside and the
+    /// job runs again from an older one.
+    #[error("{0}")]
+    UnusableCheckpoint(String),
 }
 
 /// Trains one job. Called on a blocking thread; must poll `observer.should_stop()` at least

@@ -37,6 +37,10 @@ pub enum TrainFailure {
     /// written): a later attempt resumes from the last checkpoint.
     #[error("{0}")]
     Passing(String),
+    /// The checkpoint to resume from cannot be read back (why): a later attempt resumes from an
+    /// older one.
+    #[error("{0}")]
+    UnusableCheckpoint(String),
 }
 
 /// A write that failed: it may succeed later.
@@ -298,21 +302,27 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
     };
     let (lora, head, mut opt) = match spec.resume_from {
         Some(dir) => {
-            let st: TrainState = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(MlError::Io)?)
-                .map_err(|e| TrainFailure::Failed(format!("checkpoint state: {e}")))?;
-            if st.hyperparameters != *hp {
-                return Err(TrainFailure::Failed("checkpoint was written with other hyperparameters".into()));
-            }
-            let tensors = adapter::read_tensors(&dir.join(TRAINABLE_FILE))?;
-            let lora = Lora::from_named(lcfg, &mcfg, &tensors, &device, Some(&mut vars))?;
-            let head_t = tensors
-                .get(classifier::HEAD_NAME)
-                .ok_or_else(|| TrainFailure::Failed("checkpoint lacks the score head".into()))?;
-            let head = Var::from_tensor(&head_t.to_device(&device)?)?;
-            vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
-            let mut opt = AdamW::new(vars.clone(), hp.weight_decay)?;
-            let ot: HashMap<String, Tensor> = adapter::read_tensors(&dir.join(OPTIMIZER_FILE))?.into_iter().collect();
-            opt.load_state(st.step, &ot, &device)?;
+            // whatever is wrong with it, this checkpoint cannot be resumed: the caller sets it
+            // aside and resumes from an older one
+            let resumed = (|| -> Result<_, TrainFailure> {
+                let st: TrainState = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(MlError::Io)?)
+                    .map_err(|e| TrainFailure::Failed(format!("its state: {e}")))?;
+                if st.hyperparameters != *hp {
+                    return Err(TrainFailure::Failed("it was written with other hyperparameters".into()));
+                }
+                let tensors = adapter::read_tensors(&dir.join(TRAINABLE_FILE))?;
+                let lora = Lora::from_named(lcfg, &mcfg, &tensors, &device, Some(&mut vars))?;
+                let head_t =
+                    tensors.get(classifier::HEAD_NAME).ok_or_else(|| TrainFailure::Failed("it lacks the score head".into()))?;
+                let head = Var::from_tensor(&head_t.to_device(&device)?)?;
+                vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
+                let mut opt = AdamW::new(vars.clone(), hp.weight_decay)?;
+                let ot: HashMap<String, Tensor> = adapter::read_tensors(&dir.join(OPTIMIZER_FILE))?.into_iter().collect();
+                opt.load_state(st.step, &ot, &device)?;
+                Ok((st, lora, head, opt))
+            })()
+            .map_err(|e| TrainFailure::UnusableCheckpoint(e.to_string()))?;
+            let (st, lora, head, opt) = resumed;
             obs.on_log(&format!("resumed from checkpoint at step {}", st.step));
             state = st;
             (lora, head, opt)

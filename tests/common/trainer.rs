@@ -80,6 +80,13 @@ impl Trainer for ScriptedTrainer {
             train_rows: req.train_rows.len(),
             validation_rows: req.validation_rows.len(),
         });
+        // as the real trainer reads its checkpoint back: one that does not parse is unusable
+        if let Some(dir) = &req.resume_from {
+            let state = std::fs::read(dir.join("state.json")).unwrap_or_default();
+            if let Err(e) = serde_json::from_slice::<serde_json::Value>(&state) {
+                return Err(TrainError::UnusableCheckpoint(format!("its state: {e}")));
+            }
+        }
         let start = req.resume_from.as_deref().and_then(step_of).unwrap_or(0);
         self.journal(format!("start {} {} {} {start}", self.label(), req.job_id, req.attempt))?;
         obs.on_log(&format!("scripted trainer: {} rows, starting after step {start}", req.train_rows.len()));
