@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = ParseLimits { max_rows: 64, max_text_chars: 256 };
     for parsed in [parse_csv_limited(data, &limits), parse_jsonl_limited(data, &limits)] {
         let Ok(d) = parsed else { continue };
-        assert!(d.rows.len() + d.dropped_rows <= limits.max_rows);
+        assert!(d.rows.len() + d.dropped_rows() <= limits.max_rows);
         if d.labelled {
             assert_eq!(d.label_counts.iter().sum::<usize>(), d.rows.len());
         }

@@ -369,6 +369,8 @@ pub async fn import_adapter(State(state): State<AppState>, req: Request) -> Resu
         let _ = tokio::fs::remove_dir_all(&dest).await;
     };
     if let Err(e) = state.artifacts.publish(&dest).await {
+        // the files it did write go too
+        let _ = state.artifacts.unpublish(&dest).await;
         forget(dest).await;
         return Err(ApiError::internal(format!("publishing the adapter: {e}")));
     }

@@ -308,7 +308,8 @@ pub struct Checkpoint {
     pub metrics: Option<serde_json::Value>,
     #[schema(format = DateTime)]
     pub created_at: String,
-    /// The checkpoint's files were found missing at a start-up check; a resume skips it.
+    /// The checkpoint's files were found missing at a start-up check, or could not be read back
+    /// when a job resumed from them; a resume skips it.
     pub file_missing: bool,
 }
 

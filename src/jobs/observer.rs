@@ -148,11 +148,16 @@ pub(crate) async fn write_reports(
                 }
             }
             Report::Checkpoint { step, path, metrics } => {
-                // Not shared once the job has moved on: the next attempt writes the same keys.
-                let holds = matches!(store.get_job(&job_id).await, Ok(Some(j)) if j.lock_by.as_deref() == Some(worker.as_str()) && j.status == "running");
-                if !holds {
-                    lost();
-                    continue;
+                // Not shared once the job is known to have moved on (the next attempt writes the
+                // same keys); this narrows the window, the row's insert below closes it. A store
+                // error here decides nothing.
+                match store.get_job(&job_id).await {
+                    Ok(Some(j)) if j.lock_by.as_deref() == Some(worker.as_str()) && j.status == "running" => {}
+                    Ok(_) => {
+                        lost();
+                        continue;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "could not check the lease before sharing a checkpoint"),
                 }
                 // Shared before it is recorded: a recorded checkpoint can be resumed anywhere.
                 if let Err(e) = artifacts.publish(&path).await {
@@ -166,18 +171,13 @@ pub(crate) async fn write_reports(
                         lost();
                         Ok(())
                     }
-                    Ok(Some(c)) => store
-                        .insert_event(
-                            &event(
-                                "info",
-                                "checkpoint",
-                                format!("checkpoint at step {step}"),
-                                Some(json!({ "step": step, "checkpoint_id": c.id })),
-                            ),
-                            now,
-                        )
-                        .await
-                        .map(|_| ()),
+                    Ok(Some(c)) => {
+                        let data = Some(json!({ "step": step, "checkpoint_id": c.id }));
+                        let e = event("info", "checkpoint", format!("checkpoint at step {step}"), data);
+                        store.insert_event_held(&e, &worker, now).await.map(|w| {
+                            held(w);
+                        })
+                    }
                     Err(e) => Err(e),
                 }
             }

@@ -242,9 +242,8 @@ impl Runner {
         if let Err(e) = writer.await {
             tracing::error!(error = %e, "report writer task failed");
         }
-        beat_stop.cancel();
-        let _ = heartbeat.await;
-
+        // the lease is renewed until the outcome is recorded: storing the adapter in the shared
+        // store may take a while
         let lost = flags.lease_lost.load(Ordering::Relaxed);
         match result {
             Ok(Ok(outcome)) if !lost => self.succeed(&job, outcome).await,
@@ -278,15 +277,17 @@ impl Runner {
             Ok(Err(TrainError::UnusableCheckpoint(why))) => {
                 // set aside (as a checkpoint whose files are gone): the next attempt resumes from
                 // the one before it, or from the start
-                let Some(c) = resumed else {
-                    return self.fail(&job, &format!("the trainer reported an unusable checkpoint it was not given: {why}")).await;
-                };
-                if let Err(e) = self.store.flag_checkpoint_missing(&c.id, now_ms()).await {
-                    tracing::error!(error = %e, "could not set the unusable checkpoint aside");
+                match &resumed {
+                    None => self.fail(&job, &format!("the trainer reported an unusable checkpoint it was not given: {why}")).await,
+                    Some(c) => {
+                        if let Err(e) = self.store.flag_checkpoint_path_missing(&job.id, &c.path, now_ms()).await {
+                            tracing::error!(error = %e, "could not set the unusable checkpoint aside");
+                        }
+                        let what = format!("could not resume from the checkpoint of step {} ({why}); it is set aside", c.step);
+                        // nothing that waiting mends: at once
+                        self.retry_later(&job, &what, false).await
+                    }
                 }
-                let what = format!("could not resume from the checkpoint of step {} ({why}); it is set aside", c.step);
-                // nothing that waiting mends: at once
-                self.retry_later(&job, &what, false).await
             }
             Err(join) => {
                 tracing::error!(error = %join, "trainer panicked");
@@ -294,6 +295,8 @@ impl Runner {
                 Span::current().record("outcome", "crashed");
             }
         }
+        beat_stop.cancel();
+        let _ = heartbeat.await;
     }
 
     /// Fails the job for good with `message`, shown to the user.

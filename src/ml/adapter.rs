@@ -115,8 +115,6 @@ pub struct AdapterMeta {
 }
 
 impl AdapterMeta {
-    /// Calibrated logits of a row, given its [`calibrate::length_features`]: softmax them
-    /// for the adapter's probabilities.
     /// What an adapter without Arbiter's file (one trained by PEFT) is served with: no
     /// calibration, and the reference notebook's token budget.
     pub fn without_file(base_model: String) -> AdapterMeta {
@@ -130,6 +128,8 @@ impl AdapterMeta {
         }
     }
 
+    /// Calibrated logits of a row, given its [`calibrate::length_features`]: softmax them
+    /// for the adapter's probabilities.
     pub fn calibrated_logits(&self, logits: &[f32; 3], features: &[f64; 3]) -> [f32; 3] {
         calibrate::calibrated_logits(self.temperature, self.length_calibration.as_ref(), logits, features)
     }

@@ -43,6 +43,20 @@ pub enum TrainFailure {
     UnusableCheckpoint(String),
 }
 
+/// How a resume that failed on `e` ends: the checkpoint's content is wrong or gone (it is set
+/// aside), the disk failed (a later attempt), or the device did (the run fails).
+fn resume_failure(e: MlError) -> TrainFailure {
+    use std::io::ErrorKind;
+    match e {
+        MlError::Adapter(why) | MlError::Model(why) => TrainFailure::UnusableCheckpoint(why),
+        MlError::Io(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidData | ErrorKind::UnexpectedEof) => {
+            TrainFailure::UnusableCheckpoint(e.to_string())
+        }
+        MlError::Io(e) => TrainFailure::Passing(format!("the checkpoint could not be read: {e}")),
+        other => TrainFailure::from(other),
+    }
+}
+
 /// A write that failed: it may succeed later.
 fn passing(what: &str) -> impl FnOnce(MlError) -> TrainFailure + '_ {
     move |e| TrainFailure::Passing(format!("{what} could not be written: {e}"))
@@ -302,27 +316,23 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
     };
     let (lora, head, mut opt) = match spec.resume_from {
         Some(dir) => {
-            // whatever is wrong with it, this checkpoint cannot be resumed: the caller sets it
-            // aside and resumes from an older one
-            let resumed = (|| -> Result<_, TrainFailure> {
-                let st: TrainState = serde_json::from_slice(&std::fs::read(dir.join(STATE_FILE)).map_err(MlError::Io)?)
-                    .map_err(|e| TrainFailure::Failed(format!("its state: {e}")))?;
-                if st.hyperparameters != *hp {
-                    return Err(TrainFailure::Failed("it was written with other hyperparameters".into()));
-                }
-                let tensors = adapter::read_tensors(&dir.join(TRAINABLE_FILE))?;
-                let lora = Lora::from_named(lcfg, &mcfg, &tensors, &device, Some(&mut vars))?;
-                let head_t =
-                    tensors.get(classifier::HEAD_NAME).ok_or_else(|| TrainFailure::Failed("it lacks the score head".into()))?;
-                let head = Var::from_tensor(&head_t.to_device(&device)?)?;
-                vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
-                let mut opt = AdamW::new(vars.clone(), hp.weight_decay)?;
-                let ot: HashMap<String, Tensor> = adapter::read_tensors(&dir.join(OPTIMIZER_FILE))?.into_iter().collect();
-                opt.load_state(st.step, &ot, &device)?;
-                Ok((st, lora, head, opt))
-            })()
-            .map_err(|e| TrainFailure::UnusableCheckpoint(e.to_string()))?;
-            let (st, lora, head, opt) = resumed;
+            // a checkpoint whose content is wrong cannot be resumed (the caller sets it aside and
+            // resumes from an older one); a failing disk or device is another matter
+            let unusable = |why: String| TrainFailure::UnusableCheckpoint(why);
+            let state_bytes = std::fs::read(dir.join(STATE_FILE)).map_err(|e| resume_failure(MlError::Io(e)))?;
+            let st: TrainState = serde_json::from_slice(&state_bytes).map_err(|e| unusable(format!("its state: {e}")))?;
+            if st.hyperparameters != *hp {
+                return Err(unusable("it was written with other hyperparameters".into()));
+            }
+            let tensors = adapter::read_tensors(&dir.join(TRAINABLE_FILE)).map_err(resume_failure)?;
+            let lora = Lora::from_named(lcfg, &mcfg, &tensors, &device, Some(&mut vars)).map_err(resume_failure)?;
+            let head_t = tensors.get(classifier::HEAD_NAME).ok_or_else(|| unusable("it lacks the score head".into()))?;
+            let head = Var::from_tensor(&head_t.to_device(&device)?)?;
+            vars.push((classifier::HEAD_NAME.to_string(), head.clone()));
+            let mut opt = AdamW::new(vars.clone(), hp.weight_decay)?;
+            let ot: HashMap<String, Tensor> =
+                adapter::read_tensors(&dir.join(OPTIMIZER_FILE)).map_err(resume_failure)?.into_iter().collect();
+            opt.load_state(st.step, &ot, &device).map_err(resume_failure)?;
             obs.on_log(&format!("resumed from checkpoint at step {}", st.step));
             state = st;
             (lora, head, opt)

@@ -63,10 +63,14 @@ impl Store {
         held_by: Option<&str>,
     ) -> Result<Option<CheckpointRecord>> {
         let metrics = metrics.map(serde_json::to_string).transpose()?;
-        let held = "WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND lock_by = $8 AND status = 'running')";
+        // as for events (`INSERT_HELD_EVENT_SQL`): on Postgres the job's row is held FOR SHARE
+        let held = format!(
+            "WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $2 AND lock_by = $8 AND status = 'running'{})",
+            self.sql("", " FOR SHARE")
+        );
         let sql = format!(
             "INSERT INTO checkpoints ({INSERT_COLUMNS}) SELECT $1, $2, $3, $4, $5, $6, $7 {} RETURNING {COLUMNS}",
-            if held_by.is_some() { held } else { "" }
+            if held_by.is_some() { held.as_str() } else { "" }
         );
         let id = uuid::Uuid::now_v7().to_string();
         Ok(with_pool!(self, pool => {
@@ -97,6 +101,14 @@ impl Store {
     }
 
     /// Flags a checkpoint whose directory is gone.
+    /// Sets aside every row of job `job_id` that names the directory `path` (several attempts
+    /// may have written the same step there), as [`Store::flag_checkpoint_missing`] does.
+    pub async fn flag_checkpoint_path_missing(&self, job_id: &str, path: &str, now: i64) -> Result<()> {
+        let sql = "UPDATE checkpoints SET file_missing_at = $1 WHERE job_id = $2 AND path = $3 AND file_missing_at IS NULL";
+        with_pool!(self, pool => sqlx::query(sql).bind(now).bind(job_id).bind(path).execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
     pub async fn flag_checkpoint_missing(&self, id: &str, now: i64) -> Result<()> {
         let sql = "UPDATE checkpoints SET file_missing_at = $1 WHERE id = $2";
         with_pool!(self, pool => sqlx::query(sql).bind(now).bind(id).execute(pool).await.map(|_| ()))?;

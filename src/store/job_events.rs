@@ -32,10 +32,12 @@ pub(super) const INSERT_EVENT_SQL: &str = "INSERT INTO job_events (job_id, attem
                                            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id";
 
 /// [`INSERT_EVENT_SQL`] that inserts only while worker `$8` holds the job (the reports of a
-/// worker whose lease was lost, or whose job was cancelled, are dropped).
+/// worker whose lease was lost, or whose job was cancelled, are dropped). SQLite serialises
+/// writers; on Postgres the check holds the job's row `FOR SHARE`, so a cancel or a reap being
+/// committed is waited for and then seen.
 const INSERT_HELD_EVENT_SQL: &str = "INSERT INTO job_events (job_id, attempt, level, kind, message, data, created_at) \
      SELECT $1, $2, $3, $4, $5, $6, $7 \
-     WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lock_by = $8 AND status = 'running') RETURNING id";
+     WHERE EXISTS (SELECT 1 FROM jobs WHERE id = $1 AND lock_by = $8 AND status = 'running'{LOCK}) RETURNING id";
 
 /// `INSERT_EVENT_SQL` with its parameters bound: the event, its `data` as JSON text and the
 /// time. A macro, so one bind chain serves both backends' query types.
@@ -68,7 +70,13 @@ impl Store {
 
     async fn insert_event_if(&self, e: &NewEvent, now: i64, held_by: Option<&str>) -> Result<Option<i64>> {
         let data = e.data_json()?;
-        let sql = if held_by.is_some() { INSERT_HELD_EVENT_SQL } else { INSERT_EVENT_SQL };
+        let held_sql = |lock: &str| INSERT_HELD_EVENT_SQL.replace("{LOCK}", lock);
+        let sql = match (held_by.is_some(), &self.pool) {
+            (false, _) => INSERT_EVENT_SQL.to_string(),
+            (true, Pool::Sqlite(_)) => held_sql(""),
+            (true, Pool::Postgres(_)) => held_sql(" FOR SHARE"),
+        };
+        let sql = sql.as_str();
         let row: Option<(i64,)> = match &self.pool {
             Pool::Sqlite(pool) => {
                 let q = bind_event!(sqlx::query_as(sql), e, &data, now);

@@ -384,7 +384,6 @@ impl Store {
         })
     }
 
-    /// Number of jobs per status (statuses without jobs are absent).
     /// Whether a queued or running job will make an adapter named `name`.
     pub async fn name_pending(&self, name: &str) -> Result<bool> {
         let sql = "SELECT COUNT(*) FROM jobs WHERE name = $1 AND status IN ('queued', 'running')";
@@ -392,6 +391,7 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Number of jobs per status (statuses without jobs are absent).
     pub async fn count_jobs_by_status(&self) -> Result<Vec<(String, i64)>> {
         let sql = "SELECT status, COUNT(*) FROM jobs GROUP BY status";
         Ok(with_pool!(self, pool => sqlx::query_as::<_, (String, i64)>(sql).fetch_all(pool).await)?)

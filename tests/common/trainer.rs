@@ -80,9 +80,9 @@ impl Trainer for ScriptedTrainer {
             train_rows: req.train_rows.len(),
             validation_rows: req.validation_rows.len(),
         });
-        // as the real trainer reads its checkpoint back: one that does not parse is unusable
-        if let Some(dir) = &req.resume_from {
-            let state = std::fs::read(dir.join("state.json")).unwrap_or_default();
+        // as the real trainer reads its checkpoint back: a state that does not parse is unusable
+        // (a directory without one, as some tests make, resumes by its name)
+        if let Some(Ok(state)) = req.resume_from.as_ref().map(|d| std::fs::read(d.join("state.json"))) {
             if let Err(e) = serde_json::from_slice::<serde_json::Value>(&state) {
                 return Err(TrainError::UnusableCheckpoint(format!("its state: {e}")));
             }
