@@ -275,14 +275,15 @@ async fn a_checkpoint_that_cannot_be_resumed_is_set_aside_for_the_one_before() {
     let ds = one.create_dataset(4).await;
     let id = one.create_job(&ds).await["id"].as_str().unwrap().to_string();
     one.wait_job(&id, WAIT, |j| j["status"] == "running" && j["progress"]["step"].as_i64() >= Some(5)).await;
-    let dir = one.dir.clone();
+    let (dir, url) = (one.dir.clone(), one.database_url());
     let checkpoints = one.data_dir().join("jobs").join(&id).join("checkpoints");
     one.shutdown().await;
     let newest = (1..10_000).rev().step_by(1).find(|s| checkpoints.join(format!("step-{s}")).is_dir()).expect("a checkpoint");
     std::fs::write(checkpoints.join(format!("step-{newest}")).join("state.json"), b"{half a wri").unwrap();
 
     let fast = Arc::new(ScriptedTrainer::new(newest + 4, Duration::from_millis(1)));
-    let two = spawn().in_dir(dir).trainer(fast.clone()).start().await;
+    // the same data directory and database (a restart)
+    let two = spawn().in_dir(dir).database_url(url).trainer(fast.clone()).start().await;
     let done = two.wait_status(&id, "succeeded", WAIT).await;
     let resumed: Vec<_> = fast.seen().iter().map(|s| s.resume_from.as_ref().map(|d| d.file_name().unwrap().to_string_lossy().into_owned())).collect();
     assert_eq!(resumed, [Some(format!("step-{newest}")), Some(format!("step-{}", newest - 2))]);

@@ -159,6 +159,12 @@ impl Spawn {
         self
     }
 
+    /// Use the database at `url` (e.g. that of a server that was shut down).
+    pub fn database_url(mut self, url: String) -> Spawn {
+        self.database_url = Some(url);
+        self
+    }
+
     /// Use this data directory (e.g. that of a server that was shut down; with SQLite, its
     /// database too).
     pub fn in_dir(mut self, dir: Arc<TempDir>) -> Spawn {
