@@ -697,6 +697,27 @@ async fn an_adapter_trained_elsewhere_is_imported_served_and_deleted() {
     app.assert_up().await;
 }
 
+#[tokio::test]
+async fn an_import_is_checked_before_its_base_model_is_loaded() {
+    // A server whose model file cannot be loaded: files that are no adapter are refused for
+    // what they are, and only a well-formed adapter meets the unavailable base.
+    let f = fixture();
+    let app = spawn().start().await;
+    let all = ["adapter_config.json", "adapter_model.safetensors"];
+    let import = |form: reqwest::multipart::Form| app.client.post(app.url("/v1/adapters")).multipart(form).send();
+    let png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let garbage = import_form(&f.adapters[0], &all, &[("adapter_config.json", png.clone()), ("adapter_model.safetensors", png)], &[]);
+    let err = error_of(import(garbage).await.unwrap(), 422).await;
+    assert_eq!((err["code"].as_str(), err["field"].as_str()), (Some("adapter_invalid"), Some("adapter_config.json")), "{err}");
+    let weights_only = import_form(&f.adapters[0], &all, &[("adapter_model.safetensors", b"{}".to_vec())], &[]);
+    let err = error_of(import(weights_only).await.unwrap(), 422).await;
+    assert_eq!(err["field"], "adapter_model.safetensors", "{err}");
+    let err = error_of(import(import_form(&f.adapters[0], &all, &[], &[])).await.unwrap(), 503).await;
+    assert_eq!(err["code"], "model_unavailable");
+    assert_eq!(std::fs::read_dir(app.data_dir().join("adapters")).unwrap().count(), 0, "nothing stored");
+    app.assert_up().await;
+}
+
 /// The bytes of a file that `write` makes in a temporary directory.
 fn work_file(write: impl FnOnce(&Path)) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();

@@ -332,10 +332,25 @@ pub async fn import_adapter(State(state): State<AppState>, req: Request) -> Resu
         Some(m) => resolve_base_model(&state.models_dir, m).await?,
     };
 
-    // loaded for real on its base, as a prediction would load it
+    // the files first, on their own; then loaded for real on its base, as a prediction would
     let engine = state.predictor.engine.clone();
     let (dir, base_path) = (staging.0.clone(), PathBuf::from(&base_model));
     let checked = tokio::task::spawn_blocking(move || -> Result<(), ApiError> {
+        let invalid = |e: crate::ml::MlError, base: Option<&str>| {
+            let message = e.to_string();
+            // the file the message names first is the one at fault
+            let file = FILES
+                .iter()
+                .filter_map(|(f, _)| message.find(f).map(|at| (at, *f)))
+                .min()
+                .map_or(WEIGHTS_FILE, |(_, f)| f);
+            let message = match base {
+                Some(name) => format!("the adapter cannot serve base model {name}: {message}"),
+                None => format!("the adapter's files are not usable: {message}"),
+            };
+            ApiError::unprocessable("adapter_invalid", message).with_field(file)
+        };
+        crate::ml::adapter::check_files(&dir).map_err(|e| invalid(e, None))?;
         let base = engine.base(&base_path).map_err(|e| match e {
             ServeError::BaseModel => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -344,12 +359,7 @@ pub async fn import_adapter(State(state): State<AppState>, req: Request) -> Resu
             ),
             other => ApiError::internal(format!("{other:?}")),
         })?;
-        crate::ml::adapter::load(&dir, &base.llama).map(|_| ()).map_err(|e| {
-            let message = e.to_string();
-            let file = [CONFIG_FILE, META_FILE].into_iter().find(|f| message.contains(f)).unwrap_or(WEIGHTS_FILE);
-            ApiError::unprocessable("adapter_invalid", format!("the adapter cannot serve base model {}: {message}", base.name))
-                .with_field(file)
-        })
+        crate::ml::adapter::load(&dir, &base.llama).map(|_| ()).map_err(|e| invalid(e, Some(&base.name)))
     })
     .await
     .map_err(ApiError::internal)?;

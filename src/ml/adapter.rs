@@ -211,33 +211,8 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>, MlError> {
 
 /// Load an adapter directory (made by Arbiter or by PEFT) for a base model.
 pub fn load(dir: &Path, llama: &Llama) -> Result<Adapter, MlError> {
-    let cfg_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path)
-        .map_err(|e| MlError::Adapter(format!("{}: {e}", cfg_path.display())))?;
-    let config: PeftConfig =
-        serde_json::from_str(&text).map_err(|e| MlError::Adapter(format!("{CONFIG_FILE}: {e}")))?;
-    if config.peft_type != "LORA" {
-        return Err(MlError::Adapter(format!("peft_type {:?} is not supported (LORA only)", config.peft_type)));
-    }
-    let unsupported = config.unsupported();
-    if !unsupported.is_empty() {
-        return Err(MlError::Adapter(format!(
-            "{CONFIG_FILE} uses {} (not supported: Arbiter applies one rank and alpha to every layer, without biases)",
-            unsupported.join(", ")
-        )));
-    }
-    let targets = match &config.target_modules {
-        TargetModules::List(v) => v.clone(),
-        TargetModules::One(s) => Proj::ALL
-            .iter()
-            .map(|p| p.hf_name().to_string())
-            .filter(|n| s == n || s == "all-linear" || s.contains(n.as_str()))
-            .collect(),
-    };
-    let mut tensors = read_tensors(&dir.join(WEIGHTS_FILE))?;
-    // PEFT may keep the adapter name in keys (`.default.`); strip it
-    tensors = tensors.into_iter().map(|(k, v)| (k.replace(".default.", "."), v)).collect();
-    let lcfg = LoraConfig::from_names(config.r, config.lora_alpha, config.lora_dropout, &targets)?;
+    let (config, lcfg) = read_config(dir)?;
+    let mut tensors = read_weights(dir)?;
     // only targets that have tensors (a regex target may name absent modules); a target present
     // in some layers must be in all of them, which `from_named` checks
     let layers = llama.config().num_layers;
@@ -268,21 +243,79 @@ pub fn load(dir: &Path, llama: &Llama) -> Result<Adapter, MlError> {
         }
     }
     let lora = Lora::from_named(lora_scale_cfg, llama.config(), &tensors, llama.device(), None)?;
-    let head = tensors
-        .get(HEAD_NAME)
-        .or_else(|| tensors.get("base_model.model.score.modules_to_save.weight"))
-        .ok_or_else(|| MlError::Adapter(format!("missing score head tensor {HEAD_NAME}")))?;
+    let head = score_head(&tensors)?;
     let hidden = llama.config().hidden_size;
     if head.dims() != [3, hidden] {
-        return Err(MlError::Adapter(format!("score head has shape {:?}, expected [3, {hidden}]", head.dims())));
+        return Err(MlError::Adapter(format!("{WEIGHTS_FILE}: the score head has shape {:?}, expected [3, {hidden}]", head.dims())));
     }
     let head = head.to_device(llama.device())?.to_dtype(DType::F32)?;
+    let meta = read_meta(dir, &config)?;
+    Ok(Adapter { lora, head, meta, config })
+}
+
+/// Checks what can be checked of an adapter directory without its base model: its config (one
+/// Arbiter can serve), its weights file (readable, with a score head and LoRA factors) and
+/// Arbiter's file if there is one. Errors start with the name of the file at fault.
+pub fn check_files(dir: &Path) -> Result<(), MlError> {
+    let (config, _) = read_config(dir)?;
+    let tensors = read_weights(dir)?;
+    score_head(&tensors)?;
+    if !tensors.keys().any(|k| k.contains(".lora_A.")) {
+        return Err(MlError::Adapter(format!("{WEIGHTS_FILE} holds no LoRA factors")));
+    }
+    read_meta(dir, &config).map(|_| ())
+}
+
+/// The PEFT config of the adapter at `dir`, refused unless Arbiter can serve it, and its LoRA
+/// settings.
+fn read_config(dir: &Path) -> Result<(PeftConfig, LoraConfig), MlError> {
+    let bad = |why: String| MlError::Adapter(format!("{CONFIG_FILE}: {why}"));
+    let text = std::fs::read_to_string(dir.join(CONFIG_FILE)).map_err(|e| bad(e.to_string()))?;
+    let config: PeftConfig = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    if config.peft_type != "LORA" {
+        return Err(bad(format!("peft_type {:?} is not supported (LORA only)", config.peft_type)));
+    }
+    let unsupported = config.unsupported();
+    if !unsupported.is_empty() {
+        return Err(MlError::Adapter(format!(
+            "{CONFIG_FILE} uses {} (not supported: Arbiter applies one rank and alpha to every layer, without biases)",
+            unsupported.join(", ")
+        )));
+    }
+    let targets = match &config.target_modules {
+        TargetModules::List(v) => v.clone(),
+        TargetModules::One(s) => Proj::ALL
+            .iter()
+            .map(|p| p.hf_name().to_string())
+            .filter(|n| s == n || s == "all-linear" || s.contains(n.as_str()))
+            .collect(),
+    };
+    let lcfg = LoraConfig::from_names(config.r, config.lora_alpha, config.lora_dropout, &targets).map_err(|e| bad(e.to_string()))?;
+    Ok((config, lcfg))
+}
+
+/// The adapter's tensors, under PEFT's names without the adapter's own name (`.default.`).
+fn read_weights(dir: &Path) -> Result<BTreeMap<String, Tensor>, MlError> {
+    let tensors = read_tensors(&dir.join(WEIGHTS_FILE))?;
+    Ok(tensors.into_iter().map(|(k, v)| (k.replace(".default.", "."), v)).collect())
+}
+
+/// The score head among the adapter's tensors (saved as `modules_to_save`, either way PEFT names it).
+fn score_head(tensors: &BTreeMap<String, Tensor>) -> Result<&Tensor, MlError> {
+    tensors
+        .get(HEAD_NAME)
+        .or_else(|| tensors.get("base_model.model.score.modules_to_save.weight"))
+        .ok_or_else(|| MlError::Adapter(format!("{WEIGHTS_FILE}: missing score head tensor {HEAD_NAME}")))
+}
+
+/// Arbiter's file beside the adapter, or the defaults a PEFT adapter is served with.
+fn read_meta(dir: &Path, config: &PeftConfig) -> Result<AdapterMeta, MlError> {
     let meta = match std::fs::read_to_string(dir.join(META_FILE)) {
         Ok(t) => serde_json::from_str(&t).map_err(|e| MlError::Adapter(format!("{META_FILE}: {e}")))?,
         Err(_) => AdapterMeta::without_file(config.base_model_name_or_path.clone().unwrap_or_default()),
     };
     if !(meta.temperature.is_finite() && meta.temperature > 0.0) {
-        return Err(MlError::Adapter(format!("temperature {} is not a positive number", meta.temperature)));
+        return Err(MlError::Adapter(format!("{META_FILE}: temperature {} is not a positive number", meta.temperature)));
     }
-    Ok(Adapter { lora, head, meta, config })
+    Ok(meta)
 }
