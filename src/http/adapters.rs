@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use axum::body::Body;
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::header::{CONTENT_DISPOSITION, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -236,17 +236,7 @@ struct ImportFields {
 /// Streams the form's files into `dir` (synced), and returns its text fields.
 async fn receive_import(state: &AppState, req: Request, dir: &std::path::Path) -> Result<ImportFields, ApiError> {
     use tokio::io::AsyncWriteExt;
-    let limit = state.limits.max_body_bytes;
-    let multipart_error = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(limit)
-        } else {
-            ApiError::bad_request("invalid_multipart", format!("the multipart body could not be read: {}", e.body_text()))
-        }
-    };
-    let mut multipart = Multipart::from_request(req, state)
-        .await
-        .map_err(|r| ApiError::bad_request("invalid_multipart", r.body_text()))?;
+    let (mut multipart, multipart_error) = super::extract::multipart(req, state).await?;
     let mut fields = ImportFields::default();
     let mut seen: Vec<String> = Vec::new();
     while let Some(mut field) = multipart.next_field().await.map_err(multipart_error)? {

@@ -4,7 +4,7 @@
 //! written atomically as JSONL under the data directory and the row is inserted. Any failure on
 //! the way leaves nothing behind.
 
-use axum::extract::{FromRequest, Multipart, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{read_body, Query};
+use super::extract::{self, read_body, Query};
 use super::{timestamp, AppState, Page};
 use crate::data::arena::{self, DatasetError, ParsedDataset};
 use crate::store::datasets::DeleteDataset;
@@ -260,17 +260,7 @@ fn check_dataset_name(name: &str) -> Result<(), ApiError> {
 }
 
 async fn read_multipart(req: Request, state: &AppState) -> Result<(Vec<u8>, Option<Format>, Option<String>), ApiError> {
-    let limit = state.limits.max_body_bytes;
-    let multipart_error = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::payload_too_large(limit)
-        } else {
-            ApiError::bad_request("invalid_multipart", format!("the multipart body could not be read: {}", e.body_text()))
-        }
-    };
-    let mut multipart = Multipart::from_request(req, state)
-        .await
-        .map_err(|r| ApiError::bad_request("invalid_multipart", r.body_text()))?;
+    let (mut multipart, multipart_error) = extract::multipart(req, state).await?;
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
         let is_file = field.name() == Some("file") || field.file_name().is_some();
         if !is_file {

@@ -96,3 +96,23 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
             .map_err(|r| ApiError::unprocessable("invalid_query", r.body_text()))
     }
 }
+
+/// A multipart form body, and the mapping of its read errors: 413 past the body limit, else
+/// 400 `invalid_multipart`.
+pub async fn multipart(
+    req: Request,
+    state: &AppState,
+) -> Result<(axum::extract::Multipart, impl Fn(axum::extract::multipart::MultipartError) -> ApiError + Copy), ApiError> {
+    let limit = state.limits.max_body_bytes;
+    let read_error = move |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::payload_too_large(limit)
+        } else {
+            ApiError::bad_request("invalid_multipart", format!("the multipart body could not be read: {}", e.body_text()))
+        }
+    };
+    let form = axum::extract::Multipart::from_request(req, state)
+        .await
+        .map_err(|r| ApiError::bad_request("invalid_multipart", r.body_text()))?;
+    Ok((form, read_error))
+}
