@@ -100,7 +100,6 @@ impl Store {
         Ok(with_pool!(self, pool => sqlx::query_as::<_, (String, String)>(sql).fetch_all(pool).await)?)
     }
 
-    /// Flags a checkpoint whose directory is gone.
     /// Sets aside every row of job `job_id` that names the directory `path` (several attempts
     /// may have written the same step there), as [`Store::flag_checkpoint_missing`] does.
     pub async fn flag_checkpoint_path_missing(&self, job_id: &str, path: &str, now: i64) -> Result<()> {
@@ -109,6 +108,7 @@ impl Store {
         Ok(())
     }
 
+    /// Flags a checkpoint whose directory is gone.
     pub async fn flag_checkpoint_missing(&self, id: &str, now: i64) -> Result<()> {
         let sql = "UPDATE checkpoints SET file_missing_at = $1 WHERE id = $2";
         with_pool!(self, pool => sqlx::query(sql).bind(now).bind(id).execute(pool).await.map(|_| ()))?;
