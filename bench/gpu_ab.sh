@@ -4,7 +4,8 @@
 # not one between machines or calls. One JSON line per run, tagged with its build, into
 # OUT/ab.jsonl, then a table of each build's median tokens/s per line of ARGS.
 # Usage: bench/gpu_ab.sh OUTDIR "NAME=DIR/arbiter-cuda.xz NAME=DIR/arbiter-cuda.xz ..." (ARGS, ROUNDS
-# in the env)
+# in the env). A build may carry environment settings for its runs after the path, separated by
+# commas: NAME=DIR/arbiter-cuda.xz,VAR=VALUE (one binary run two ways).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=$1 BUILDS=$2
@@ -14,9 +15,10 @@ for round in $(seq 1 "${ROUNDS:-2}"); do
   while read -r args; do
     [ -z "$args" ] && continue
     for build in $BUILDS; do
-      name=${build%%=*}
-      BENCH_XZ=${build#*=} source bench/gpu_common.sh target-ship/arbiter-cuda.xz
-      line=$(timeout ${RUN_TIMEOUT:-150} $BIN $args 2>>"$OUT/ab.err" | tail -1)
+      name=${build%%=*} spec=${build#*=}
+      IFS=, read -ra parts <<< "$spec"
+      BENCH_XZ=${parts[0]} source bench/gpu_common.sh target-ship/arbiter-cuda.xz
+      line=$(env "${parts[@]:1}" timeout ${RUN_TIMEOUT:-150} $BIN $args 2>>"$OUT/ab.err" | tail -1)
       echo "{\"build\":\"$name\",\"round\":$round,\"args\":\"$args\",\"run\":${line:-null}}" | tee -a "$OUT/ab.jsonl" >/dev/null
     done
   done <<< "$ARGS"
