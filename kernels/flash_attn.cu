@@ -120,6 +120,14 @@ __device__ __forceinline__ void wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// 2^x with the multi-function unit's one instruction, results below 2^-126 flushed to zero
+// (exp2f adds a range fix-up for those around it: three more instructions per score).
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ bool visible(int query, int key, int start) {
     return key <= query && (key >= start || key == query);
 }
@@ -230,107 +238,152 @@ __device__ __forceinline__ void next_stage(bool more, F fetch) {
     __syncthreads();
 }
 
-template <int D>
+// The forward with M query tiles of 16 rows per warp (a block of 64 M queries): each B operand
+// read from shared memory (k for the scores, v for p v) serves the warp's M tiles, so M = 2
+// halves the shared-memory reads per product, at the registers of twice the scores and sums.
+template <int D, int M>
 __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, Rows sq, Rows sk,
                           Rows sv, Rows so, int t, int h, int kvh, const uint32_t* starts, float scale_log2) {
-    constexpr int P = D + 8, TILE = kTile * P;
+    constexpr int P = D + 8, TILE = kTile * P, QT = kTile * M;
     extern __shared__ __align__(16) unsigned char smem[];
-    // two stages of (k, v) tiles; q is staged through the second stage's k tile
+    // two stages of (k, v) tiles; q (QT rows) is staged through the second stage
     bf16* buf = reinterpret_cast<bf16*>(smem);
     // the longest rows (last tiles) first
-    const int q0 = (gridDim.z - 1 - blockIdx.z) * kTile, hh = blockIdx.x, bb = blockIdx.y, kh = hh / (h / kvh);
+    const int q0 = (gridDim.z - 1 - blockIdx.z) * QT, hh = blockIdx.x, bb = blockIdx.y, kh = hh / (h / kvh);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
     const int start = (int)starts[bb];
     const bf16* qb = q + bb * sq.b + hh * sq.h;
     const bf16* kb = k + bb * sk.b + kh * sk.h;
     const bf16* vb = v + bb * sv.b + kh * sv.h;
-    const int first = min(start, q0) / kTile * kTile, last = min(q0 + kTile, t) - 1;
-    load_tile<D>(buf + 2 * TILE, qb, sq.r, q0, kTile, t);
+    const int first = min(start, q0) / kTile * kTile, last = min(q0 + QT, t) - 1;
+    load_tile<D>(buf + 2 * TILE, qb, sq.r, q0, QT, t);
     load_kv<D>(buf, kb, sk.r, vb, sv.r, first, t);
     commit();
     wait<0>();
     __syncthreads();
-    uint32_t qf[D / 16][4];
+    // this warp's rows: w0 .. w0 + 16 M - 1, tile i from w0 + 16 i
+    const int w0 = q0 + warp * 16 * M;
+    uint32_t qf[M][D / 16][4];
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) load_a(qf[kk], buf + 2 * TILE, P, warp * 16, kk * 16);
+    for (int i = 0; i < M; ++i)
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) load_a(qf[i][kk], buf + 2 * TILE, P, warp * 16 * M + i * 16, kk * 16);
     __syncthreads();
-    float acc[D / 8][4];
-    zero<D / 8>(acc);
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-    const int r0 = q0 + warp * 16 + g;
+    float acc[M][D / 8][4];
+    float m[M][2], l[M][2];
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+        zero<D / 8>(acc[i]);
+        m[i][0] = m[i][1] = -INFINITY;
+        l[i][0] = l[i][1] = 0.0f;
+    }
     int stage = 0;
     for (int k0 = first; k0 <= last; k0 += kTile, stage ^= 1) {
         next_stage(k0 + kTile <= last, [&] { load_kv<D>(buf + (stage ^ 1) * 2 * TILE, kb, sk.r, vb, sv.r, k0 + kTile, t); });
-        const bf16* ks = buf + stage * 2 * TILE;
-        const bf16* vs = ks + TILE;
-        float s[8][4];
-        zero<8>(s);
+        // a tile wholly after the warp's last row is seen by none of its queries
+        if (k0 <= w0 + 16 * M - 1) {
+            const bf16* ks = buf + stage * 2 * TILE;
+            const bf16* vs = ks + TILE;
+            // raw scores q k^T; scaled into base 2 with the maximum taken off in one fma below
+            float s[M][8][4];
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk)
+            for (int i = 0; i < M; ++i) zero<8>(s[i]);
 #pragma unroll
-            for (int nn = 0; nn < 4; ++nn) mma_nk(s + 2 * nn, qf[kk], ks, P, nn * 16, kk * 16);
-        float mx[2] = {-INFINITY, -INFINITY};
-        if (k0 + kTile <= q0 && k0 >= start) {
-            // every query of the block sees every key of the tile: no mask
+            for (int kk = 0; kk < D / 16; ++kk)
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+                for (int nn = 0; nn < 4; ++nn) {
+                    uint32_t b[4];
+                    load_b_nk(b, ks, P, nn * 16, kk * 16);
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    s[n][e] *= scale_log2;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], s[n][e]);
+                    for (int i = 0; i < M; ++i) {
+                        mma(s[i][2 * nn], qf[i][kk], b[0], b[1]);
+                        mma(s[i][2 * nn + 1], qf[i][kk], b[2], b[3]);
+                    }
                 }
-        } else {
 #pragma unroll
-            for (int n = 0; n < 8; ++n)
+            for (int i = 0; i < M; ++i) {
+                const int r0 = w0 + i * 16 + g;
+                float mx[2] = {-INFINITY, -INFINITY};
+                if (k0 + kTile - 1 <= w0 + i * 16 && k0 >= start) {
+                    // every query of the tile sees every key: no mask
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int key = k0 + n * 8 + 2 * c + (e & 1);
-                    const float x = visible(r0 + (e >> 1) * 8, key, start) ? s[n][e] * scale_log2 : -INFINITY;
-                    s[n][e] = x;
-                    mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                    for (int n = 0; n < 8; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) mx[e >> 1] = fmaxf(mx[e >> 1], s[i][n][e]);
+                } else {
+#pragma unroll
+                    for (int n = 0; n < 8; ++n)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            const int key = k0 + n * 8 + 2 * c + (e & 1);
+                            const float x = visible(r0 + (e >> 1) * 8, key, start) ? s[i][n][e] : -INFINITY;
+                            s[i][n][e] = x;
+                            mx[e >> 1] = fmaxf(mx[e >> 1], x);
+                        }
                 }
-        }
-        float base[2], corr[2];
+                float base[2], corr[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-            const float mn = fmaxf(m[i], quad_max(mx[i]));
-            base[i] = mn == -INFINITY ? 0.0f : mn;
-            corr[i] = exp2f(m[i] - base[i]);
-            m[i] = mn;
-            l[i] *= corr[i];
-        }
+                for (int j = 0; j < 2; ++j) {
+                    // the scale is positive: the maximum of the scaled scores is the scaled maximum
+                    const float mn = fmaxf(m[i][j], quad_max(mx[j]) * scale_log2);
+                    base[j] = mn == -INFINITY ? 0.0f : mn;
+                    corr[j] = ex2(m[i][j] - base[j]);
+                    m[i][j] = mn;
+                    l[i][j] *= corr[j];
+                }
 #pragma unroll
-        for (int n = 0; n < 8; ++n)
+                for (int n = 0; n < 8; ++n)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float p = exp2f(s[n][e] - base[e >> 1]);
-                s[n][e] = p;
-                l[e >> 1] += p;
+                    for (int e = 0; e < 4; ++e) {
+                        const float p = ex2(fmaf(s[i][n][e], scale_log2, -base[e >> 1]));
+                        s[i][n][e] = p;
+                        l[i][e >> 1] += p;
+                    }
+#pragma unroll
+                for (int n = 0; n < D / 8; ++n) {
+                    acc[i][n][0] *= corr[0];
+                    acc[i][n][1] *= corr[0];
+                    acc[i][n][2] *= corr[1];
+                    acc[i][n][3] *= corr[1];
+                }
             }
+            // acc += p v, each v operand read once for the warp's tiles
 #pragma unroll
-        for (int n = 0; n < D / 8; ++n) {
-            acc[n][0] *= corr[0];
-            acc[n][1] *= corr[0];
-            acc[n][2] *= corr[1];
-            acc[n][3] *= corr[1];
+            for (int kk = 0; kk < 4; ++kk) {
+                uint32_t a[M][4];
+#pragma unroll
+                for (int i = 0; i < M; ++i) to_a(a[i], s[i][2 * kk], s[i][2 * kk + 1]);
+#pragma unroll
+                for (int nn = 0; nn < D / 16; ++nn) {
+                    uint32_t b[4];
+                    load_b_kn(b, vs, P, kk * 16, nn * 16);
+#pragma unroll
+                    for (int i = 0; i < M; ++i) {
+                        mma(acc[i][2 * nn], a[i], b[0], b[1]);
+                        mma(acc[i][2 * nn + 1], a[i], b[2], b[3]);
+                    }
+                }
+            }
         }
-        mma_p<D, 4>(acc, s, vs, P);
         __syncthreads();  // this stage is the next prefetch's target
     }
-    l[0] = quad_sum(l[0]);
-    l[1] = quad_sum(l[1]);
-    store_rows<D>(o + bb * so.b + hh * so.h, so.r, acc, r0, t, 1.0f / l[0], 1.0f / l[1]);
     const size_t lrow = ((size_t)bb * h + hh) * t;
-    if (c == 0) {
-        if (r0 < t) lse[lrow + r0] = m[0] + log2f(l[0]);
-        if (r0 + 8 < t) lse[lrow + r0 + 8] = m[1] + log2f(l[1]);
+#pragma unroll
+    for (int i = 0; i < M; ++i) {
+        const int r0 = w0 + i * 16 + g;
+        const float l0 = quad_sum(l[i][0]), l1 = quad_sum(l[i][1]);
+        store_rows<D>(o + bb * so.b + hh * so.h, so.r, acc[i], r0, t, 1.0f / l0, 1.0f / l1);
+        if (c == 0) {
+            if (r0 < t) lse[lrow + r0] = m[i][0] + log2f(l0);
+            if (r0 + 8 < t) lse[lrow + r0 + 8] = m[i][1] + log2f(l1);
+        }
     }
 }
 
 template <int D>
-__device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
-                         const float* dsum, bf16* dq, Rows sq, Rows sk, Rows sv, Rows sdo, Rows sdq, int t, int h,
-                         int kvh, const uint32_t* starts, float scale_log2, float scale) {
+__device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
+                         const float* lse, float* dsum, bf16* dq, Rows sq, Rows sk, Rows sv, Rows sdo, Rows so,
+                         Rows sdq, int t, int h, int kvh, const uint32_t* starts, float scale_log2, float scale) {
     constexpr int P = D + 8, TILE = kTile * P;
     extern __shared__ __align__(16) unsigned char smem[];
     // q, do, then two stages of (k, v)
@@ -349,12 +402,38 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
     commit();
     const int r0 = q0 + warp * 16 + g;
     const size_t lrow = ((size_t)bb * h + hh) * t;
+    // D = sum_d do * o of the warp's 16 rows, lanes 2j and 2j + 1 taking halves of row j, read
+    // from global memory while the tiles load; written for flash_dkv, which runs next
+    float dot = 0.0f;
+    {
+        const int row = q0 + warp * 16 + (lane >> 1), half = (lane & 1) * (D / 2);
+        if (row < t) {
+            const bf16* dp = dout + bb * sdo.b + hh * sdo.h + row * sdo.r + half;
+            const bf16* op = o + bb * so.b + hh * so.h + row * so.r + half;
+#pragma unroll
+            for (int j = 0; j < D / 16; ++j) {
+                const uint4 a = *reinterpret_cast<const uint4*>(dp + 8 * j);
+                const uint4 b = *reinterpret_cast<const uint4*>(op + 8 * j);
+                const __nv_bfloat162* a2 = reinterpret_cast<const __nv_bfloat162*>(&a);
+                const __nv_bfloat162* b2 = reinterpret_cast<const __nv_bfloat162*>(&b);
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float2 x = __bfloat1622float2(a2[e]), y = __bfloat1622float2(b2[e]);
+                    dot = fmaf(x.x, y.x, dot);
+                    dot = fmaf(x.y, y.y, dot);
+                }
+            }
+        }
+        dot += __shfl_xor_sync(0xffffffff, dot, 1);
+        if ((lane & 1) == 0 && row < t) dsum[lrow + row] = dot;
+    }
     float lrows[2], drows[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int row = r0 + i * 8;
+        // row r0 + 8 i of the warp is row g + 8 i of its 16, summed in lane 2 (g + 8 i)
+        drows[i] = __shfl_sync(0xffffffff, dot, 2 * (g + 8 * i));
         lrows[i] = row < t ? lse[lrow + row] : 0.0f;
-        drows[i] = row < t ? dsum[lrow + row] : 0.0f;
     }
     float acc[D / 8][4];
     zero<D / 8>(acc);
@@ -385,7 +464,7 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = e >> 1;
-                    s[n][e] = exp2f(s[n][e] * scale_log2 - lrows[i]) * (dp[n][e] - drows[i]);
+                    s[n][e] = ex2(fmaf(s[n][e], scale_log2, -lrows[i])) * (dp[n][e] - drows[i]);
                 }
         } else {
 #pragma unroll
@@ -393,7 +472,7 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int i = e >> 1, key = k0 + n * 8 + 2 * c + (e & 1);
-                    const float p = visible(r0 + i * 8, key, start) ? exp2f(s[n][e] * scale_log2 - lrows[i]) : 0.0f;
+                    const float p = visible(r0 + i * 8, key, start) ? ex2(fmaf(s[n][e], scale_log2, -lrows[i])) : 0.0f;
                     s[n][e] = p * (dp[n][e] - drows[i]);
                 }
         }
@@ -475,7 +554,7 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
                     const int col = j * 8 + 2 * c + (e & 1);
-                    const float p = exp2f(s[j][e] * scale_log2 - ls[col]);
+                    const float p = ex2(fmaf(s[j][e], scale_log2, -ls[col]));
                     s[j][e] = p;
                     dp[j][e] = p * (dp[j][e] - dd[col]);
                 }
@@ -486,7 +565,7 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
                 for (int e = 0; e < 4; ++e) {
                     const int col = j * 8 + 2 * c + (e & 1), query = q0 + col;
                     const float p = query < t && visible(query, key0 + (e >> 1) * 8, start)
-                                        ? exp2f(s[j][e] * scale_log2 - ls[col])
+                                        ? ex2(fmaf(s[j][e], scale_log2, -ls[col]))
                                         : 0.0f;
                     s[j][e] = p;
                     dp[j][e] = p * (dp[j][e] - dd[col]);
@@ -523,18 +602,18 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
 //   flash_fwd  2 stages x (k, v) x 64 rows
 //   flash_dq   (q, do) x 64 rows + 2 stages x (k, v) x 64 rows
 //   flash_dkv  (k, v) x 64 rows + 2 stages x (q, do) x step rows + 2 stages x (lse, D) x step
-#define FLASH(D, DQ_BOUNDS, DKV_BOUNDS)                                                                   \
-    extern "C" __global__ void __launch_bounds__(kThreads) flash_fwd_##D(                               \
+#define FLASH(D, FWD_BOUNDS, DQ_BOUNDS, DKV_BOUNDS)                                                              \
+    extern "C" __global__ void __launch_bounds__ FWD_BOUNDS flash_fwd_##D(                            \
         const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, Rows sq, Rows sk, Rows sv,     \
         Rows so, int t, int h, int kvh, const uint32_t* starts, float scale_log2) {                      \
-        flash_fwd<D>(q, k, v, o, lse, sq, sk, sv, so, t, h, kvh, starts, scale_log2);                   \
+        flash_fwd<D, 1>(q, k, v, o, lse, sq, sk, sv, so, t, h, kvh, starts, scale_log2);                \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__ DQ_BOUNDS flash_dq_##D(                               \
-        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                 \
-        const float* dsum, bf16* dq, Rows sq, Rows sk, Rows sv, Rows sdo, Rows sdq, int t, int h,        \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o, const float* lse,  \
+        float* dsum, bf16* dq, Rows sq, Rows sk, Rows sv, Rows sdo, Rows so, Rows sdq, int t, int h,     \
         int kvh, const uint32_t* starts, float scale_log2, float scale) {                                \
-        flash_dq<D>(q, k, v, dout, lse, dsum, dq, sq, sk, sv, sdo, sdq, t, h, kvh, starts, scale_log2,  \
-                    scale);                                                                              \
+        flash_dq<D>(q, k, v, dout, o, lse, dsum, dq, sq, sk, sv, sdo, so, sdq, t, h, kvh, starts,       \
+                    scale_log2, scale);                                                                  \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__ DKV_BOUNDS flash_dkv_##D(                              \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                 \
@@ -553,11 +632,19 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
 // indices cost the registers that three blocks per SM leave (52 bytes of spills), so there the
 // kernel is compiled for one part (`splits` is ignored; the host passes 1).
 #define DKV_SPLITS 1
-FLASH(64, (kThreads, 3), (kThreads, 3))
+FLASH(64, (kThreads, 4), (kThreads, 3), (kThreads, 3))
 #undef DKV_SPLITS
 #define DKV_SPLITS splits
-FLASH(128, (kThreads), (kThreads))
+FLASH(128, (kThreads), (kThreads), (kThreads))
 #undef DKV_SPLITS
+
+// The forward with two query tiles per warp (128-query blocks), head size 64 only: at 128 the
+// accumulators alone would take 128 registers a thread.
+extern "C" __global__ void __launch_bounds__(kThreads, 2) flash_fwd2_64(
+    const bf16* q, const bf16* k, const bf16* v, bf16* o, float* lse, Rows sq, Rows sk, Rows sv, Rows so, int t,
+    int h, int kvh, const uint32_t* starts, float scale_log2) {
+    flash_fwd<64, 2>(q, k, v, o, lse, sq, sk, sv, so, t, h, kvh, starts, scale_log2);
+}
 
 // dk and dv from flash_dkv's `splits` partial sums [2][splits][b][kvh][t][d] (f32), two elements
 // per thread, written as bf16 rows of their tensors.

@@ -539,12 +539,10 @@ impl Layer {
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
         let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h)?;
         let d_o = self.heads(&d_y, cfg.num_heads)?;
-        // D = sum over head_dim of dO * O, per head and query: [b, heads, t, 1] (f32)
-        let (b, t) = (self.inp.b, self.inp.t);
-        let dsum = fused::head_dot(&d_y, &y, cfg.head_dim)?.transpose(1, 2)?.reshape((b, cfg.num_heads, t, 1))?;
+        let o = self.heads(&y, cfg.num_heads)?;
         drop((d_y, y));
-        let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &dsum, lse.as_ref())?;
-        drop((q, k, v, d_o, dsum, lse));
+        let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &o, lse.as_ref())?;
+        drop((q, k, v, d_o, o, lse));
         super::pool::trace(x.device(), "block backward, attention", self.li);
         let (dq, dk) = self.rope_qk(dq, dk, true)?;
         let dq = then(dq, |dq| self.merge(dq))?;

@@ -41,7 +41,7 @@ mod launch {
     use candle_core::{CudaStorage, Device, Result, Storage, Tensor};
     use half::bf16;
 
-    use super::{CausalSpans, KERNELS};
+    use super::{CausalSpans, Tiles, KERNELS};
 
     /// Element strides of a `[b, heads, t, d]` tensor's batch, head and row (the kernels' `Rows`).
     #[repr(C)]
@@ -124,7 +124,12 @@ mod launch {
         /// so all blocks of one tile rank (the kernels order the ranks longest first) start
         /// before any of the next, and the last to start are the shortest.
         fn cfg(&self, heads: usize, smem: usize) -> LaunchConfig {
-            LaunchConfig { grid_dim: (heads as u32, self.b as u32, self.t.div_ceil(64) as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 }
+            self.cfg_tiles(heads, 64, smem)
+        }
+
+        /// `cfg` with tiles of `rows` rows.
+        fn cfg_tiles(&self, heads: usize, rows: usize, smem: usize) -> LaunchConfig {
+            LaunchConfig { grid_dim: (heads as u32, self.b as u32, self.t.div_ceil(rows) as u32), block_dim: (128, 1, 1), shared_mem_bytes: smem as u32 }
         }
 
         /// Shared memory rows are `d + 8` elements (the padding spreads ldmatrix's rows over the
@@ -164,7 +169,7 @@ mod launch {
         }
     }
 
-    pub fn forward(a: &Args, q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64) -> Result<(Tensor, Tensor)> {
+    pub fn forward(a: &Args, q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64, tiles: Tiles) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = (readable(q)?, readable(k)?, readable(v)?);
         let starts = spans.device_starts();
         let (qg, kg, vg, sg) = (q.storage_and_layout().0, k.storage_and_layout().0, v.storage_and_layout().0, starts.storage_and_layout().0);
@@ -173,7 +178,11 @@ mod launch {
         let o = a.out_like(&q)?;
         let lse = a.f32s(a.b * a.h * a.t)?;
         let smem = 4 * 64 * a.pitch_bytes();
-        let func = a.func("flash_fwd", smem)?;
+        let (name, rows) = match tiles {
+            Tiles::Two if a.d == 64 => ("flash_fwd2", 128),
+            _ => ("flash_fwd", 64),
+        };
+        let func = a.func(name, smem)?;
         let (t, h, kvh) = (a.t as i32, a.h as i32, a.kvh as i32);
         let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
         let stream = a.dev.cuda_stream();
@@ -181,7 +190,7 @@ mod launch {
         bld.arg(&qs).arg(&ks).arg(&vs).arg(&o.slice).arg(&lse).arg(&sq).arg(&sk).arg(&sv).arg(&o.rows);
         bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2);
         // SAFETY: argument types and order match the kernel's signature
-        unsafe { bld.launch(a.cfg(a.h, smem)) }.w()?;
+        unsafe { bld.launch(a.cfg_tiles(a.h, rows, smem)) }.w()?;
         drop(bld);
         let lse = Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(lse, a.dev.clone())), (a.b, a.h, a.t), BackpropOp::none(), false);
         Ok((a.tensor(o)?, lse))
@@ -194,18 +203,21 @@ mod launch {
         k: &Tensor,
         v: &Tensor,
         d_o: &Tensor,
+        o: &Tensor,
         lse: &Tensor,
-        dsum: &Tensor,
         spans: &CausalSpans,
         scale: f64,
     ) -> Result<[Tensor; 3]> {
-        let (q, k, v, d_o) = (readable(q)?, readable(k)?, readable(v)?, readable(d_o)?);
-        let (lse, dsum) = (lse.contiguous()?, dsum.contiguous()?);
+        let (q, k, v, d_o, o) = (readable(q)?, readable(k)?, readable(v)?, readable(d_o)?, readable(o)?);
+        let lse = lse.contiguous()?;
         let starts = spans.device_starts();
-        let [qg, kg, vg, og] = [&q, &k, &v, &d_o].map(|x| x.storage_and_layout().0);
-        let ((qs, sq), (ks, sk), (vs, sv), (os, so)) = (view(&qg, &q)?, view(&kg, &k)?, view(&vg, &v)?, view(&og, &d_o)?);
-        let (lg, dg, sg) = (lse.storage_and_layout().0, dsum.storage_and_layout().0, starts.storage_and_layout().0);
-        let (ls, ds, ss) = (cuda_slice_of!(lg, lse, f32), cuda_slice_of!(dg, dsum, f32), cuda_slice_of!(sg, starts, u32));
+        let [qg, kg, vg, dog, og] = [&q, &k, &v, &d_o, &o].map(|x| x.storage_and_layout().0);
+        let ((qs, sq), (ks, sk), (vs, sv), (dos, sdo)) = (view(&qg, &q)?, view(&kg, &k)?, view(&vg, &v)?, view(&dog, &d_o)?);
+        let (os, so) = view(&og, &o)?;
+        let (lg, sg) = (lse.storage_and_layout().0, starts.storage_and_layout().0);
+        let (ls, ss) = (cuda_slice_of!(lg, lse, f32), cuda_slice_of!(sg, starts, u32));
+        // D = sum_d do * o per query, written by the dq kernel for the dk/dv kernel
+        let ds = a.f32s(a.b * a.h * a.t)?;
         let (t, h, kvh) = (a.t as i32, a.h as i32, a.kvh as i32);
         let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
         let scale = scale as f32;
@@ -215,8 +227,8 @@ mod launch {
             let smem = 6 * 64 * a.pitch_bytes();
             let func = a.func("flash_dq", smem)?;
             let mut bld = stream.launch_builder(&func);
-            bld.arg(&qs).arg(&ks).arg(&vs).arg(&os).arg(&ls).arg(&ds).arg(&dq.slice);
-            bld.arg(&sq).arg(&sk).arg(&sv).arg(&so).arg(&dq.rows);
+            bld.arg(&qs).arg(&ks).arg(&vs).arg(&dos).arg(&os).arg(&ls).arg(&ds).arg(&dq.slice);
+            bld.arg(&sq).arg(&sk).arg(&sv).arg(&sdo).arg(&so).arg(&dq.rows);
             bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
             // SAFETY: argument types and order match the kernel's signature
             unsafe { bld.launch(a.cfg(a.h, smem)) }.w()?;
@@ -232,8 +244,8 @@ mod launch {
             let part = a.f32s(if splits > 1 { 2 * splits * n } else { 1 })?;
             let splits_i = splits as i32;
             let mut bld = stream.launch_builder(&func);
-            bld.arg(&qs).arg(&ks).arg(&vs).arg(&os).arg(&ls).arg(&ds).arg(&dk.slice).arg(&dv.slice).arg(&part).arg(&splits_i);
-            bld.arg(&sq).arg(&sk).arg(&sv).arg(&so).arg(&dk.rows).arg(&dv.rows);
+            bld.arg(&qs).arg(&ks).arg(&vs).arg(&dos).arg(&ls).arg(&ds).arg(&dk.slice).arg(&dv.slice).arg(&part).arg(&splits_i);
+            bld.arg(&sq).arg(&sk).arg(&sv).arg(&sdo).arg(&dk.rows).arg(&dv.rows);
             bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
             // SAFETY: argument types and order match the kernel's signature; `part` holds the
             // 2 · splits · n floats a split launch writes
@@ -271,46 +283,72 @@ pub fn dkv_splits(blocks: usize, rep: usize) -> usize {
     splits
 }
 
+/// The forward kernel's query tiles per warp (of 16 rows each).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Tiles {
+    One,
+    /// Head size 64 only (128-query blocks; elsewhere `One`): each key and value operand read
+    /// from shared memory serves both tiles.
+    Two,
+}
+
+impl Tiles {
+    /// `Two`, unless the environment sets `ARBITER_FLASH_FORWARD=one` (to compare the two).
+    fn chosen() -> Tiles {
+        static ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        if *ONE.get_or_init(|| std::env::var("ARBITER_FLASH_FORWARD").is_ok_and(|v| v == "one")) {
+            Tiles::One
+        } else {
+            Tiles::Two
+        }
+    }
+}
+
 /// Attention over `q` `[b, heads, t, d]`, `k` and `v` `[b, kv_heads, t, d]` (see `applies`):
 /// the output `[b, heads, t, d]` and each query's log-sum-exp of the scaled scores, base 2,
 /// `[b, heads, t]` f32. No autograd.
 pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64) -> Result<(Tensor, Tensor)> {
+    forward_tiles(q, k, v, spans, scale, Tiles::chosen())
+}
+
+fn forward_tiles(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64, tiles: Tiles) -> Result<(Tensor, Tensor)> {
     check(q, k, v, spans)?;
     #[cfg(feature = "cuda")]
     {
-        launch::forward(&launch::Args::new(q, k)?, q, k, v, spans, scale)
+        launch::forward(&launch::Args::new(q, k)?, q, k, v, spans, scale, tiles)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (v, scale);
+        let _ = (v, scale, tiles);
         unreachable!("check refuses every tensor without the cuda feature")
     }
 }
 
-/// `[dq, dk, dv]` for the output gradient `d_o` `[b, heads, t, d]`, the forward's `lse` and
-/// `dsum = sum_d d_o * o` `[b, heads, t]` (f32). No autograd.
+/// `[dq, dk, dv]` for the output gradient `d_o` `[b, heads, t, d]`, given the forward's output
+/// `o` and `lse`. No autograd. (`D = sum_d d_o * o` per query is computed by the dq kernel.)
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     d_o: &Tensor,
+    o: &Tensor,
     lse: &Tensor,
-    dsum: &Tensor,
     spans: &CausalSpans,
     scale: f64,
 ) -> Result<[Tensor; 3]> {
     check(q, k, v, spans)?;
     let rows = (q.dim(0)?, q.dim(1)?, q.dim(2)?);
-    if d_o.shape() != q.shape() || lse.dims() != [rows.0, rows.1, rows.2] || dsum.dims() != lse.dims() {
-        candle_core::bail!("flash attention backward: d_o {:?}, lse {:?} or D {:?} do not fit q {:?}", d_o.shape(), lse.shape(), dsum.shape(), q.shape());
+    if d_o.shape() != q.shape() || o.shape() != q.shape() || lse.dims() != [rows.0, rows.1, rows.2] {
+        candle_core::bail!("flash attention backward: d_o {:?}, o {:?} or lse {:?} do not fit q {:?}", d_o.shape(), o.shape(), lse.shape(), q.shape());
     }
-    if lse.dtype() != DType::F32 || dsum.dtype() != DType::F32 {
-        candle_core::bail!("flash attention backward: lse and D are f32");
+    if lse.dtype() != DType::F32 {
+        candle_core::bail!("flash attention backward: lse is f32");
     }
     #[cfg(feature = "cuda")]
     {
-        launch::backward(&launch::Args::new(q, k)?, q, k, v, &d_o.to_dtype(DType::BF16)?, lse, dsum, spans, scale)
+        let bf = |x: &Tensor| x.to_dtype(DType::BF16);
+        launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -335,10 +373,12 @@ fn check(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans) -> Result<()> 
 /// The kernels against the chunked path on the CPU (f32 arithmetic on the same bf16 inputs)
 /// for both head sizes, both layouts (contiguous, and `[b, t, heads, d]` transposed), a length
 /// that is not a multiple of the 64-row tiles, grouped query heads and batch rows padded on the
-/// left (one past two whole key tiles). The backward is given the CPU's `D`. Tolerances: the output within 2^-7 of the largest |v| (the probabilities and the
-/// output are each rounded once to bf16); the gradients within 2^-5 of their largest magnitude
-/// (the probabilities or score gradients are rounded to bf16 before their second product, then
-/// the result), as the bf16 parity check allows.
+/// left (one past two whole key tiles), the forward with one and two query tiles per warp. The
+/// backward reads the kernel's output (and computes `D` from it). Tolerances: the output within
+/// 2^-7 of the largest |v| (the probabilities and the output are each rounded once to bf16); the
+/// gradients within 2^-5 of their largest magnitude (the probabilities or score gradients are
+/// rounded to bf16 before their second product, then the result), as the bf16 parity check
+/// allows.
 pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     if !device.is_cuda() {
@@ -358,12 +398,19 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let (qf, kf, vf, of) = (qf?, kf?, vf?, of?);
         let plan = super::ops::AttentionPlan::new(&qf, &kf, &spans_cpu, 64, scale)?;
         let want = plan.forward(&qf, &kf, &vf)?;
-        let dsum = (&of * &want)?.sum_keepdim(3)?;
-        let [dq, dk, dv] = plan.backward(&qf, &kf, &vf, &of, &dsum, None)?;
+        let [dq, dk, dv] = plan.backward(&qf, &kf, &vf, &of, &want, None)?;
         let diff = |want: &Tensor, got: &Tensor| -> Result<f32> { max(&(want - got.to_device(&cpu)?.to_dtype(DType::F32)?)?) };
         // contiguous, then each input a [b, t, heads, d] tensor transposed (as projections give
-        // them), read in place
-        for (names, by_row) in [(["flash attention", "flash attention dq", "flash attention dk", "flash attention dv"], false), (["flash attention btHd", "flash attention btHd dq", "flash attention btHd dk", "flash attention btHd dv"], true)] {
+        // them), read in place; at head size 64 both forward kernels
+        let cases = [
+            (["flash attention", "flash attention dq", "flash attention dk", "flash attention dv"], false, Tiles::One),
+            (["flash attention btHd", "flash attention btHd dq", "flash attention btHd dk", "flash attention btHd dv"], true, Tiles::One),
+            (["flash attention 2 tiles", "flash attention 2 tiles dq", "flash attention 2 tiles dk", "flash attention 2 tiles dv"], true, Tiles::Two),
+        ];
+        for (names, by_row, tiles) in cases {
+            if tiles == Tiles::Two && d != 64 {
+                continue;
+            }
             let on = |x: &Tensor| -> Result<Tensor> {
                 if by_row {
                     x.transpose(1, 2)?.contiguous()?.to_device(device)?.transpose(1, 2)
@@ -371,8 +418,9 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
                     x.to_device(device)
                 }
             };
-            let (got, lse) = forward(&on(&q)?, &on(&k)?, &on(&v)?, &spans_dev, scale)?;
-            let grads = backward(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &lse, &dsum.squeeze(3)?.to_device(device)?, &spans_dev, scale)?;
+            let (got, lse) = forward_tiles(&on(&q)?, &on(&k)?, &on(&v)?, &spans_dev, scale, tiles)?;
+            // the backward reads the kernel's own output, as in training
+            let grads = backward(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &got, &lse, &spans_dev, scale)?;
             let tol = 2f32.powi(-7) * max(&vf)?;
             out.push(KernelCheck { kernel: names[0], dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(&want, &got)?, tolerance: tol });
             for (kernel, want, got) in [(names[1], &dq, &grads[0]), (names[2], &dk, &grads[1]), (names[3], &dv, &grads[2])] {

@@ -648,9 +648,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans,
         // on detached copies, so the gradients carry no graph holding q, k, v or o
         let (q, k, v, o) = (&q.detach(), &k.detach(), &v.detach(), &o.detach());
         let d_o = d_o.to_dtype(q.dtype())?.contiguous()?;
-        // D = sum over head_dim of dO * O: [b, h, t, 1]
-        let dsum = super::fused::head_dot(&d_o, o, d_o.dim(3)?)?.unsqueeze(3)?;
-        plan.backward(q, k, v, &d_o, &dsum, lse.as_ref())
+        plan.backward(q, k, v, &d_o, o, lse.as_ref())
     };
     let out = out.contiguous()?;
     q.apply_op3(k, v, WithGrad3 { name: "causal-attention", value: Mutex::new(Some(out)), backward: Box::new(backward) })
@@ -739,20 +737,22 @@ impl AttentionPlan {
         Tensor::cat(&outs, 2)
     }
 
-    /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous) and
-    /// `dsum = sum_d d_o * o` `[b, h, t, 1]` (f32; f64 for f64 data). Each chunk's
-    /// probabilities are recomputed; the flash kernels recompute them from `lse` (the forward's,
-    /// from `forward_saving`; computed again when `None`).
-    pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, dsum: &Tensor, lse: Option<&Tensor>) -> Result<[Tensor; 3]> {
+    /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous), given the forward's
+    /// output `o` `[b, h, t, d]` (any layout). Each chunk's probabilities are recomputed; the
+    /// flash kernels recompute them from `lse` (the forward's, from `forward_saving`; computed
+    /// again when `None`). Both need `D = sum_d d_o * o` per query: the flash dq kernel computes
+    /// it on the way, the chunked path first (f32; f64 for f64 data).
+    pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: Option<&Tensor>) -> Result<[Tensor; 3]> {
         let (b, h, kvh, t, d) = (self.b, self.h, self.kvh, self.t, self.d);
         if self.flash {
             let lse = match lse {
                 Some(lse) => lse.clone(),
                 None => super::flash::forward(q, k, v, &self.spans, self.scale)?.1,
             };
-            let dsum = dsum.to_dtype(DType::F32)?.reshape((b, h, t))?;
-            return super::flash::backward(q, k, v, d_o, &lse, &dsum, &self.spans, self.scale);
+            return super::flash::backward(q, k, v, d_o, o, &lse, &self.spans, self.scale);
         }
+        let dsum = super::fused::head_dot(d_o, o, d)?.unsqueeze(3)?;
+        let dsum = &dsum;
         let scale = self.scale as f32;
         let dtype = q.dtype();
         let mut dqs = Vec::with_capacity(self.chunks.len());
