@@ -27,6 +27,8 @@ namespace {
 typedef __nv_bfloat16 bf16;
 
 constexpr int MAX_M = 3;
+// Row tiles of 16 per warp in lora_dx (`DX_TILES` in lora_group.rs).
+constexpr int DX_TILES = 4;
 
 __device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
@@ -222,82 +224,104 @@ __device__ __forceinline__ void gh_fragment(uint32_t* f, const bf16* ght, size_t
     f[3] = pack(at(c + 8, rb, vb), at(c + 9, rb, vb));
 }
 
-// A warp per 16 rows and 64 columns (COLS / 8 n-tiles): its dx is loaded first, then the
-// products of every adapter added, then stored.
+// A warp per 64 columns (COLS / 8 n-tiles) of TILES tiles of 16 rows: for each tile its dx is
+// loaded first, then the products of every adapter added, then stored. A's B operands for the
+// warp's columns do not change from tile to tile: at ranks up to 16 (6 registers per n-tile and
+// adapter at most) they are loaded once, before the first tile.
 template <int R>
 __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1, const bf16* gh2,
                         uint32_t threshold, float scale) {
     const bf16* gh[MAX_M] = {gh0, gh1, gh2};
     constexpr int KS = (R + 15) / 16, COLS = 64, NT = COLS / 8;
+    constexpr bool HOIST = R <= 16;
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
     const size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
     const size_t chunks = (K + COLS - 1) / COLS;
-    const size_t r0 = warp / chunks * 16;
+    const size_t t0 = warp / chunks * DX_TILES;
     const int c0 = (int)(warp % chunks) * COLS;
-    if (r0 >= rows) return;
-    const size_t ra = r0 + g, rb = r0 + g + 8;
-    const bool va = ra < rows, vb = rb < rows;
-    __nv_bfloat162 da[NT], db[NT];
+    if (t0 * 16 >= rows) return;
+    // the B operand pair of A at n-tile nt, k-step ks of adapter m
+    auto b_of = [&](int m, int nt, int ks, uint32_t* b) {
+        const bf16* a = grp.a[m] + c0 + nt * 8 + g;
+        const int k = ks * 16 + 2 * i;
+        b[0] = pack(a[(size_t)k * K], a[(size_t)(k + 1) * K]);
+        b[1] = k + 8 < R ? pack(a[(size_t)(k + 8) * K], a[(size_t)(k + 9) * K]) : 0u;
+    };
+    uint32_t bh[HOIST ? MAX_M : 1][HOIST ? NT : 1][2];
+    if constexpr (HOIST) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int col = c0 + nt * 8 + 2 * i;
-        const bool in = c0 + nt * 8 < K;
-        if (va && in) da[nt] = *reinterpret_cast<const __nv_bfloat162*>(dx + ra * K + col);
-        if (vb && in) db[nt] = *reinterpret_cast<const __nv_bfloat162*>(dx + rb * K + col);
+        for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+                if (m < grp.n && c0 + nt * 8 < K) b_of(m, nt, 0, bh[m][nt]);
     }
-    uint32_t af[MAX_M][KS][4];
+    for (size_t tile = t0; tile < t0 + DX_TILES && tile * 16 < rows; ++tile) {
+        const size_t ra = tile * 16 + g, rb = ra + 8;
+        const bool va = ra < rows, vb = rb < rows;
+        __nv_bfloat162 da[NT], db[NT];
 #pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-#pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            if (m < grp.n) gh_fragment<R>(af[m][ks], gh[m], rows, ra, rb, va, vb, ks * 16, i);
+        for (int nt = 0; nt < NT; ++nt) {
+            const int col = c0 + nt * 8 + 2 * i;
+            const bool in = c0 + nt * 8 < K;
+            if (va && in) da[nt] = *reinterpret_cast<const __nv_bfloat162*>(dx + ra * K + col);
+            if (vb && in) db[nt] = *reinterpret_cast<const __nv_bfloat162*>(dx + rb * K + col);
         }
-    }
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int n0 = c0 + nt * 8;
-        if (n0 >= K) break;
-        const int col = n0 + 2 * i;
-        float sum[4] = {};
+        uint32_t af[MAX_M][KS][4];
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) {
-            if (m >= grp.n) break;
-            const bf16* a = grp.a[m] + n0 + g;
-            float c[4] = {};
 #pragma unroll
             for (int ks = 0; ks < KS; ++ks) {
-                const int k = ks * 16 + 2 * i;
-                const uint32_t b0 = pack(a[(size_t)k * K], a[(size_t)(k + 1) * K]);
-                const uint32_t b1 = k + 8 < R ? pack(a[(size_t)(k + 8) * K], a[(size_t)(k + 9) * K]) : 0u;
-                mma(c, af[m][ks], b0, b1);
-            }
-            if (threshold) {
-                const uint32_t ka = pair_keep(grp.seed[m], ((uint32_t)ra * K + col) >> 1, threshold);
-                const uint32_t kb = pair_keep(grp.seed[m], ((uint32_t)rb * K + col) >> 1, threshold);
-                sum[0] += ka & 2u ? c[0] * scale : 0.0f;
-                sum[1] += ka & 1u ? c[1] * scale : 0.0f;
-                sum[2] += kb & 2u ? c[2] * scale : 0.0f;
-                sum[3] += kb & 1u ? c[3] * scale : 0.0f;
-            } else {
-#pragma unroll
-                for (int j = 0; j < 4; ++j) sum[j] += c[j];
+                if (m < grp.n) gh_fragment<R>(af[m][ks], gh[m], rows, ra, rb, va, vb, ks * 16, i);
             }
         }
-        if (va) {
-            const float2 d = __bfloat1622float2(da[nt]);
-            da[nt] = __floats2bfloat162_rn(d.x + sum[0], d.y + sum[1]);
-        }
-        if (vb) {
-            const float2 d = __bfloat1622float2(db[nt]);
-            db[nt] = __floats2bfloat162_rn(d.x + sum[2], d.y + sum[3]);
-        }
-    }
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const int col = c0 + nt * 8 + 2 * i;
-        const bool in = c0 + nt * 8 < K;
-        if (va && in) *reinterpret_cast<__nv_bfloat162*>(dx + ra * K + col) = da[nt];
-        if (vb && in) *reinterpret_cast<__nv_bfloat162*>(dx + rb * K + col) = db[nt];
+        for (int nt = 0; nt < NT; ++nt) {
+            const int n0 = c0 + nt * 8;
+            if (n0 >= K) break;
+            const int col = n0 + 2 * i;
+            float sum[4] = {};
+#pragma unroll
+            for (int m = 0; m < MAX_M; ++m) {
+                if (m >= grp.n) break;
+                float c[4] = {};
+#pragma unroll
+                for (int ks = 0; ks < KS; ++ks) {
+                    if constexpr (HOIST) {
+                        mma(c, af[m][ks], bh[m][nt][0], bh[m][nt][1]);
+                    } else {
+                        uint32_t b[2];
+                        b_of(m, nt, ks, b);
+                        mma(c, af[m][ks], b[0], b[1]);
+                    }
+                }
+                if (threshold) {
+                    const uint32_t ka = pair_keep(grp.seed[m], ((uint32_t)ra * K + col) >> 1, threshold);
+                    const uint32_t kb = pair_keep(grp.seed[m], ((uint32_t)rb * K + col) >> 1, threshold);
+                    sum[0] += ka & 2u ? c[0] * scale : 0.0f;
+                    sum[1] += ka & 1u ? c[1] * scale : 0.0f;
+                    sum[2] += kb & 2u ? c[2] * scale : 0.0f;
+                    sum[3] += kb & 1u ? c[3] * scale : 0.0f;
+                } else {
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) sum[j] += c[j];
+                }
+            }
+            if (va) {
+                const float2 d = __bfloat1622float2(da[nt]);
+                da[nt] = __floats2bfloat162_rn(d.x + sum[0], d.y + sum[1]);
+            }
+            if (vb) {
+                const float2 d = __bfloat1622float2(db[nt]);
+                db[nt] = __floats2bfloat162_rn(d.x + sum[2], d.y + sum[3]);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            const int col = c0 + nt * 8 + 2 * i;
+            const bool in = c0 + nt * 8 < K;
+            if (va && in) *reinterpret_cast<__nv_bfloat162*>(dx + ra * K + col) = da[nt];
+            if (vb && in) *reinterpret_cast<__nv_bfloat162*>(dx + rb * K + col) = db[nt];
+        }
     }
 }
 

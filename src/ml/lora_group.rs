@@ -113,6 +113,9 @@ mod cuda {
 
     const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
 
+    /// Row tiles of 16 that each warp of `lora_dx` takes (`DX_TILES` in the kernel).
+    const DX_TILES: usize = 4;
+
     fn device(x: &Tensor) -> Result<&CudaDevice> {
         match x.device() {
             Device::Cuda(d) => Ok(d),
@@ -278,7 +281,7 @@ mod cuda {
             b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2));
             b.arg(&threshold).arg(&scale);
             // SAFETY: argument types and order match the kernel's signature
-            unsafe { b.launch(warps(rows.div_ceil(16) * k.div_ceil(64))) }.w()?;
+            unsafe { b.launch(warps(rows.div_ceil(16).div_ceil(DX_TILES) * k.div_ceil(64))) }.w()?;
             Ok(())
         }
     }
