@@ -57,6 +57,9 @@ struct Saved {
     mlp: Option<(Tensor, Tensor)>,
     /// Each adapted linear's `dropout(x) A^T` `[rows, r]`, so the backward need not redo it.
     lora_h: BTreeMap<Proj, Tensor>,
+    /// The attention norm's output `[b, t, hidden]` where the layer keeps it (`Layer::keep_norm`);
+    /// else the backward recomputes it.
+    norm: Option<Tensor>,
 }
 
 /// What the last block keeps where it computes only each row's last position
@@ -113,6 +116,9 @@ struct Layer {
     pruned: bool,
     /// The last block of a training forward that computes every row (`down_in_chunks`).
     chunk_mlp: bool,
+    /// A block that keeps all its activations keeps the attention norm's output as well
+    /// (`LoraCtx::keep_norms`).
+    keep_norm: bool,
 }
 
 impl Layer {
@@ -128,7 +134,7 @@ impl Layer {
                 }
             }
         }
-        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some(), chunk_mlp: false })
+        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some(), chunk_mlp: false, keep_norm: false })
     }
 
     fn eps(&self) -> f32 {
@@ -263,8 +269,12 @@ impl Layer {
     /// factors' gradients read the linear's input); `None` otherwise, as with the default
     /// adapters on q/k/v/o, whose MLP norm output no gradient reads.
     fn norm_for(&self, projs: &[Proj], x: &Tensor, weight: &Tensor) -> Result<Option<Tensor>> {
-        let adapted = self.lora.factors().any(|((li, p), _)| *li == self.li && projs.contains(p));
-        adapted.then(|| ops::rms_norm(x, weight, self.eps())).transpose()
+        self.adapted(projs).then(|| ops::rms_norm(x, weight, self.eps())).transpose()
+    }
+
+    /// Whether one of `projs` has an adapter in this layer.
+    fn adapted(&self, projs: &[Proj]) -> bool {
+        self.lora.factors().any(|((li, p), _)| *li == self.li && projs.contains(p))
     }
 
     fn plan(&self, q: &Tensor, k: &Tensor) -> Result<AttentionPlan> {
@@ -328,7 +338,8 @@ impl Layer {
         let mut lora_h = (keep != Keep::Nothing).then(BTreeMap::new);
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
         let [q, k, v] = self.linears([Proj::Q, Proj::K, Proj::V], &h, lora_h.as_mut())?;
-        drop(h);
+        // kept where the backward would otherwise recompute it (`norm_for`)
+        let norm = (self.keep_norm && keep == Keep::All && self.adapted(&[Proj::Q, Proj::K, Proj::V])).then_some(h);
         let (q, k) = self.rope_qk(self.heads(&q, cfg.num_heads)?, self.heads(&k, cfg.num_kv_heads)?, false)?;
         let v = self.heads(&v, cfg.num_kv_heads)?;
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
@@ -357,7 +368,7 @@ impl Layer {
             };
             (out, mlp)
         };
-        let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, mlp, lora_h: lora_h.unwrap_or_default() });
+        let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, mlp, lora_h: lora_h.unwrap_or_default(), norm });
         Ok((out, saved))
     }
 
@@ -524,7 +535,7 @@ impl Layer {
     fn backward_whole(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
         let cfg = &self.inp.cfg;
         let eps = self.eps();
-        let Saved { q, k, v, y, lse, mid, mlp, lora_h } = saved;
+        let Saved { q, k, v, y, lse, mid, mlp, lora_h, norm } = saved;
         let grad = grad.to_dtype(x.dtype())?;
         // recomputed as the forward ran them: dropout masks are drawn from their seeds, and the
         // forward's r-wide products are already in `lora_h`
@@ -548,7 +559,10 @@ impl Layer {
         let dq = then(dq, |dq| self.merge(dq))?;
         let dk = then(dk, |dk| self.merge(dk))?;
         let dv = then(dv, |dv| self.merge(dv))?;
-        let h = self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?;
+        let h = match norm {
+            Some(h) => Some(h),
+            None => self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?,
+        };
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
         let d_h = self.linears_backward(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h)?;
         drop(h);
@@ -623,6 +637,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
         let mut layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some((h.dtype(), grads)), li + 1 == blocks.len())?;
         // the last block that computes every row: its forward ends at the step's peak of memory
         layer.chunk_mlp = li + 1 + usize::from(inp.last.is_some()) == blocks.len();
+        layer.keep_norm = ctx.keep_norms;
         let mlp_only = li >= ctx.recompute_layers && li - ctx.recompute_layers < ctx.recompute_mlp_layers;
         let keep = if li < ctx.recompute_layers {
             Keep::Nothing

@@ -71,13 +71,17 @@ pub struct LoraCtx {
     /// memory (`offload`) instead of recomputing them: the same memory on the device, no GEMM
     /// redone. A run's steps share one `Parking` (its host buffers).
     pub mlp_parking: Option<Parking>,
+    /// With `block_grads`: the blocks that keep their activations keep the attention norm's
+    /// output too, where the backward reads it (adapted q, k or v), instead of recomputing it:
+    /// for a run without activation checkpointing, whose memory is not at a premium.
+    pub keep_norms: bool,
 }
 
 impl LoraCtx {
     /// The context of a training forward: hand-written block backwards, the first
     /// `recompute_layers` blocks under activation checkpointing.
     pub fn training(dropout: Option<(f32, u64)>, recompute_layers: usize) -> LoraCtx {
-        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0, mlp_parking: None }
+        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0, mlp_parking: None, keep_norms: false }
     }
 
     /// The same context with `recompute_mlp_layers` blocks, after the recomputed ones,
@@ -92,6 +96,12 @@ impl LoraCtx {
     /// recomputing them.
     pub fn with_mlp_parking(mut self, parking: Option<&Parking>) -> LoraCtx {
         self.mlp_parking = parking.cloned();
+        self
+    }
+
+    /// The same context with `keep_norms` set to `keep`.
+    pub fn with_kept_norms(mut self, keep: bool) -> LoraCtx {
+        self.keep_norms = keep;
         self
     }
 
