@@ -48,17 +48,7 @@ struct Group {
     const bf16* a[MAX_M];
     uint64_t seed[MAX_M];
     int n;
-    // Each adapter's dropout mask as bits [rows, K / 32] (bit b of word (row, w): column 32 w + b
-    // kept), or null. lora_down_wide writes them where given; lora_dx and lora_grad_a read them
-    // where given instead of drawing the mask again.
-    uint32_t* bits[MAX_M];
 };
-
-// pair_keep's two bits (2: the even column, 1: the odd one) for columns c, c + 1 (c even) from
-// a row's mask words.
-__device__ __forceinline__ uint32_t bits_pair(uint32_t word, int c) {
-    return (((word >> (c & 31)) & 1u) << 1) | ((word >> ((c & 31) + 1)) & 1u);
-}
 
 // The forward's share of `units` (k-steps or chunks) for warp `warp` of four: blockIdx.y takes
 // a split of gridDim.y, its warps a quarter of that each; [x, y), empty past the end.
@@ -195,38 +185,14 @@ __device__ void lora_down_wide(const bf16* x, size_t rows, int K, Group grp, bf1
         for (int m = 0; m < MAX_M; ++m) {
             if (m >= grp.n) break;
             uint32_t xm[2][8];
-            // the mask's bits of this lane's 8 columns at lo and at hi, of rows a and b
-            uint32_t kb[2][2] = {{0u, 0u}, {0u, 0u}};
 #pragma unroll
             for (int rw = 0; rw < 2; ++rw) {
                 const uint32_t row = (uint32_t)(rw ? rb : ra);
 #pragma unroll
                 for (int w = 0; w < 8; ++w) {
                     const uint32_t col = (uint32_t)(w < 4 ? lo + 2 * w : hi + 2 * (w - 4));
-                    if (threshold) {
-                        const uint32_t keep = pair_keep(grp.seed[m], (row * K + col) >> 1, threshold);
-                        xm[rw][w] = mask_pair(xw[rw][w], keep, scale);
-                        kb[rw][w >> 2] |= (((keep >> 1) & 1u) | ((keep & 1u) << 1)) << (2 * (w & 3));
-                    } else {
-                        xm[rw][w] = xw[rw][w];
-                    }
+                    xm[rw][w] = threshold ? mask_pair(xw[rw][w], pair_keep(grp.seed[m], (row * K + col) >> 1, threshold), scale) : xw[rw][w];
                 }
-            }
-            if (threshold && grp.bits[m]) {
-                // words 2 ch (columns lo) and 2 ch + 1 (hi) of rows a and b: lane i's byte at
-                // bit 8 i, gathered over the four lanes of the row pair; lane i writes one
-                uint32_t words[2][2];
-#pragma unroll
-                for (int rw = 0; rw < 2; ++rw)
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        uint32_t v = kb[rw][half] << (8 * i);
-                        v |= __shfl_xor_sync(0xffffffffu, v, 1);
-                        v |= __shfl_xor_sync(0xffffffffu, v, 2);
-                        words[rw][half] = v;
-                    }
-                const int rw = i >> 1, half = i & 1;
-                if (rw ? vb : va) grp.bits[m][(rw ? rb : ra) * (size_t)(K / 32) + 2 * ch + half] = words[rw][half];
             }
             const bf16* a = grp.a[m];
 #pragma unroll
@@ -329,18 +295,8 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
                     }
                 }
                 if (threshold) {
-                    uint32_t ka, kb;
-                    if (grp.bits[m]) {
-                        // the forward's mask: this chunk's two words of each row (K is a
-                        // multiple of 64 where they exist)
-                        const uint32_t* wa = grp.bits[m] + ra * (size_t)(K / 32) + c0 / 32;
-                        const uint32_t* wb = grp.bits[m] + rb * (size_t)(K / 32) + c0 / 32;
-                        ka = va ? bits_pair(wa[nt >> 2], col) : 0u;
-                        kb = vb ? bits_pair(wb[nt >> 2], col) : 0u;
-                    } else {
-                        ka = pair_keep(grp.seed[m], ((uint32_t)ra * K + col) >> 1, threshold);
-                        kb = pair_keep(grp.seed[m], ((uint32_t)rb * K + col) >> 1, threshold);
-                    }
+                    const uint32_t ka = pair_keep(grp.seed[m], ((uint32_t)ra * K + col) >> 1, threshold);
+                    const uint32_t kb = pair_keep(grp.seed[m], ((uint32_t)rb * K + col) >> 1, threshold);
                     sum[0] += ka & 2u ? c[0] * scale : 0.0f;
                     sum[1] += ka & 1u ? c[1] * scale : 0.0f;
                     sum[2] += kb & 2u ? c[2] * scale : 0.0f;
@@ -399,15 +355,7 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
         for (int m = 0; m < MAX_M; ++m) {
             if (m >= grp.n) break;
             uint32_t keep = 0xffu;  // bit 2 * j for column a of row slot j, bit 2 * j + 1 for column b
-            if (threshold && grp.bits[m]) {
-                // the forward's mask: columns a and b lie in one word of each row
-                keep = 0;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const uint32_t w = rr[j] < end ? grp.bits[m][rr[j] * (size_t)(K / 32) + ca / 32] : 0u;
-                    keep |= (((w >> (ca & 31)) & 1u) | (((w >> (cb & 31)) & 1u) << 1)) << (2 * j);
-                }
-            } else if (threshold) {
+            if (threshold) {
                 // own rows: slots odd and odd + 2; per row a nibble, pair_keep's bits of column
                 // pair a (bits 1, 0: even, odd column) and of pair b (bits 3, 2)
                 uint32_t own = 0;
@@ -499,35 +447,31 @@ extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, s
     }
 }
 
-// The dropout masks' bits (`Group::bits`) come as b0, b1, b2 (null: none).
 #define LORA(R)                                                                                                      \
     extern "C" __global__ void lora_down_r##R(const bf16* x, size_t rows, int K, const bf16* a0, const bf16* a1,      \
                                               const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,          \
                                               bf16* h0, bf16* h1, bf16* h2, uint32_t threshold, float scale,         \
                                               float* part) {                                                         \
-        lora_down<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n, {nullptr, nullptr, nullptr}}, h0, h1, h2,     \
-                     threshold, scale, part);                                                                        \
+        lora_down<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale, part);         \
     }                                                                                                                \
     extern "C" __global__ void lora_down_wide_r##R(const bf16* x, size_t rows, int K, const bf16* a0,                 \
                                                    const bf16* a1, const bf16* a2, uint64_t s0, uint64_t s1,         \
                                                    uint64_t s2, int n, bf16* h0, bf16* h1, bf16* h2,                 \
-                                                   uint32_t threshold, float scale, float* part, uint32_t* b0,       \
-                                                   uint32_t* b1, uint32_t* b2) {                                     \
-        lora_down_wide<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n, {b0, b1, b2}}, h0, h1, h2, threshold,    \
-                          scale, part);                                                                              \
+                                                   uint32_t threshold, float scale, float* part) {                   \
+        lora_down_wide<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale, part);    \
     }                                                                                                                \
     extern "C" __global__ void lora_dx_r##R(bf16* dx, size_t rows, int K, const bf16* a0, const bf16* a1,             \
                                             const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,            \
                                             const bf16* gh0, const bf16* gh1, const bf16* gh2, uint32_t threshold,   \
-                                            float scale, uint32_t* b0, uint32_t* b1, uint32_t* b2) {                 \
-        lora_dx<R>(dx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n, {b0, b1, b2}}, gh0, gh1, gh2, threshold, scale); \
+                                            float scale) {                                                           \
+        lora_dx<R>(dx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold, scale);             \
     }                                                                                                                \
     extern "C" __global__ void lora_grad_a_r##R(const bf16* x, size_t rows, int K, uint64_t s0, uint64_t s1,         \
                                                 uint64_t s2, int n, const bf16* gh0, const bf16* gh1,                \
                                                 const bf16* gh2, uint32_t threshold, float scale, size_t chunk,      \
-                                                float* part, uint32_t* b0, uint32_t* b1, uint32_t* b2) {             \
-        lora_grad_a<R>(x, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n, {b0, b1, b2}}, gh0, gh1,    \
-                       gh2, threshold, scale, chunk, part);                                                          \
+                                                float* part) {                                                       \
+        lora_grad_a<R>(x, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold,  \
+                       scale, chunk, part);                                                                          \
     }
 
 LORA(8)

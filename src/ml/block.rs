@@ -57,7 +57,7 @@ struct Saved {
     mlp: Option<(Tensor, Tensor)>,
     /// Each adapted linear's `dropout(x) A^T` `[rows, r]`, so the backward need not redo it.
     lora_h: BTreeMap<Proj, Tensor>,
-    /// The attention norm's output `[b, t, hidden]` where the layer keeps it (`Layer::spare_memory`);
+    /// The attention norm's output `[b, t, hidden]` where the layer keeps it (`Layer::keep_norm`);
     /// else the backward recomputes it.
     norm: Option<Tensor>,
 }
@@ -116,11 +116,9 @@ struct Layer {
     pruned: bool,
     /// The last block of a training forward that computes every row (`down_in_chunks`).
     chunk_mlp: bool,
-    /// A block that keeps all its activations keeps the attention norm's output and its
-    /// adapters' dropout masks as well (`LoraCtx::spare_memory`).
-    spare_memory: bool,
-    /// The masks kept by the forward's adapter groups, until the backward's group reads them.
-    masks: Mutex<BTreeMap<Proj, Tensor>>,
+    /// A block that keeps all its activations keeps the attention norm's output as well
+    /// (`LoraCtx::keep_norms`).
+    keep_norm: bool,
 }
 
 impl Layer {
@@ -136,7 +134,7 @@ impl Layer {
                 }
             }
         }
-        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some(), chunk_mlp: false, spare_memory: false, masks: Mutex::new(BTreeMap::new()) })
+        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some(), chunk_mlp: false, keep_norm: false })
     }
 
     fn eps(&self) -> f32 {
@@ -184,11 +182,7 @@ impl Layer {
         let n_in = x.dim(D::Minus1)?;
         let rows = x.elem_count() / n_in;
         let (members, prob) = Adapted::members(&group);
-        let (hs, masks) = lora_group::down_keeping_masks(&x.reshape((rows, n_in))?, &members, prob, self.spare_memory && lora_h.is_some())?;
-        if let Some(masks) = masks {
-            self.masks.lock().map_err(|_| candle_core::Error::Msg("block masks poisoned".into()))?.extend(group.iter().map(|m| m.proj).zip(masks));
-        }
-        let mut hs: BTreeMap<Proj, Tensor> = group.iter().map(|m| m.proj).zip(hs).collect();
+        let mut hs: BTreeMap<Proj, Tensor> = group.iter().map(|m| m.proj).zip(lora_group::down(&x.reshape((rows, n_in))?, &members, prob)?).collect();
         array(projs.iter().map(|&p| {
             let y = self.blk.proj[p as usize].forward_detached(x)?;
             let Some((m, h)) = group.iter().find(|m| m.proj == p).zip(hs.remove(&p)) else { return Ok(y) };
@@ -230,12 +224,6 @@ impl Layer {
             ght.push(gemm::product(&m.cast.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
         }
         let (members, prob) = Adapted::members(&group);
-        // the forward's masks, if it kept them, read here for the last time
-        let masks: BTreeMap<Proj, Tensor> = {
-            let mut kept = self.masks.lock().map_err(|_| candle_core::Error::Msg("block masks poisoned".into()))?;
-            group.iter().filter_map(|m| kept.remove(&m.proj).map(|t| (m.proj, t))).collect()
-        };
-        let members: Vec<Member> = members.into_iter().zip(&group).map(|(mb, m)| Member { mask: masks.get(&m.proj), ..mb }).collect();
         let ght: Vec<&Tensor> = ght.iter().collect();
         {
             let x = x()?.reshape((rows, n_in))?;
@@ -351,7 +339,7 @@ impl Layer {
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
         let [q, k, v] = self.linears([Proj::Q, Proj::K, Proj::V], &h, lora_h.as_mut())?;
         // kept where the backward would otherwise recompute it (`norm_for`)
-        let norm = (self.spare_memory && keep == Keep::All && self.adapted(&[Proj::Q, Proj::K, Proj::V])).then_some(h);
+        let norm = (self.keep_norm && keep == Keep::All && self.adapted(&[Proj::Q, Proj::K, Proj::V])).then_some(h);
         let (q, k) = self.rope_qk(self.heads(&q, cfg.num_heads)?, self.heads(&k, cfg.num_kv_heads)?, false)?;
         let v = self.heads(&v, cfg.num_kv_heads)?;
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
@@ -596,7 +584,7 @@ impl Adapted<'_> {
     /// The group's adapters as `lora_group` takes them, and their dropout probability (one for
     /// the whole forward).
     fn members<'a>(group: &'a [Adapted]) -> (Vec<Member<'a>>, f32) {
-        let members = group.iter().map(|m| Member { a: &m.cast.a, seed: m.parts.dropout.map_or(0, |(_, s)| s), mask: None }).collect();
+        let members = group.iter().map(|m| Member { a: &m.cast.a, seed: m.parts.dropout.map_or(0, |(_, s)| s) }).collect();
         let prob = group.iter().find_map(|m| m.parts.dropout.map(|(p, _)| p)).unwrap_or(0.0);
         (members, prob)
     }
@@ -649,7 +637,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
         let mut layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some((h.dtype(), grads)), li + 1 == blocks.len())?;
         // the last block that computes every row: its forward ends at the step's peak of memory
         layer.chunk_mlp = li + 1 + usize::from(inp.last.is_some()) == blocks.len();
-        layer.spare_memory = ctx.spare_memory;
+        layer.keep_norm = ctx.keep_norms;
         let mlp_only = li >= ctx.recompute_layers && li - ctx.recompute_layers < ctx.recompute_mlp_layers;
         let keep = if li < ctx.recompute_layers {
             Keep::Nothing

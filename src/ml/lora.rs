@@ -71,18 +71,17 @@ pub struct LoraCtx {
     /// memory (`offload`) instead of recomputing them: the same memory on the device, no GEMM
     /// redone. A run's steps share one `Parking` (its host buffers).
     pub mlp_parking: Option<Parking>,
-    /// With `block_grads`: memory is not at a premium (a run without activation checkpointing),
-    /// so the blocks that keep their activations also keep what their backward would otherwise
-    /// recompute: the attention norm's output where an adapted q, k or v reads it, and the
-    /// adapters' dropout masks as bits (`lora_group::down_keeping_masks`).
-    pub spare_memory: bool,
+    /// With `block_grads`: the blocks that keep their activations keep the attention norm's
+    /// output too, where the backward reads it (adapted q, k or v), instead of recomputing it:
+    /// for a run without activation checkpointing, whose memory is not at a premium.
+    pub keep_norms: bool,
 }
 
 impl LoraCtx {
     /// The context of a training forward: hand-written block backwards, the first
     /// `recompute_layers` blocks under activation checkpointing.
     pub fn training(dropout: Option<(f32, u64)>, recompute_layers: usize) -> LoraCtx {
-        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0, mlp_parking: None, spare_memory: false }
+        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0, mlp_parking: None, keep_norms: false }
     }
 
     /// The same context with `recompute_mlp_layers` blocks, after the recomputed ones,
@@ -100,9 +99,9 @@ impl LoraCtx {
         self
     }
 
-    /// The same context with `spare_memory` set to `spare`.
-    pub fn with_spare_memory(mut self, spare: bool) -> LoraCtx {
-        self.spare_memory = spare;
+    /// The same context with `keep_norms` set to `keep`.
+    pub fn with_kept_norms(mut self, keep: bool) -> LoraCtx {
+        self.keep_norms = keep;
         self
     }
 

@@ -24,13 +24,11 @@ use super::{dropout, gemm, ops, KernelCheck};
 /// Adapters sharing one input that one launch takes.
 pub const MAX_MEMBERS: usize = 3;
 
-/// One adapter of a group: its A factor `[r, in]` in the input's dtype and its mask seed; for
-/// the backward, the mask as the forward's kernel kept it, if it did (`down_keeping_masks`).
+/// One adapter of a group: its A factor `[r, in]` in the input's dtype and its mask seed.
 #[derive(Clone, Copy)]
 pub struct Member<'a> {
     pub a: &'a Tensor,
     pub seed: u64,
-    pub mask: Option<&'a Tensor>,
 }
 
 /// Whether the kernels take this group: on CUDA, a contiguous bf16 input `[rows, in]` with `in`
@@ -55,38 +53,24 @@ fn whole_pairs(t: &Tensor) -> bool {
     t.is_contiguous() && t.layout().start_offset().is_multiple_of(2)
 }
 
-/// `fused` for `x` and the transposed gradients `ght` `[r, rows]` of these adapters. A kept mask
-/// must be the one `down_keeping_masks` makes for an input of `x`'s shape.
+/// `fused` for `x` and the transposed gradients `ght` `[r, rows]` of these adapters.
 fn fused_with(x: &Tensor, members: &[Member], ght: &[&Tensor]) -> Result<bool> {
     if members.len() != ght.len() {
         candle_core::bail!("lora group: {} adapters, {} gradients", members.len(), ght.len());
     }
-    let (rows, k) = x.dims2()?;
-    if let Some(mask) = members.iter().find_map(|m| m.mask.filter(|t| t.dims() != [rows, k / 32] || t.dtype() != DType::U32 || !t.is_contiguous())) {
-        candle_core::bail!("lora group: a kept mask {:?} {:?} for an input of {:?}", mask.shape(), mask.dtype(), x.shape());
-    }
     Ok(fused(x, members) && {
-        let r = members[0].a.dim(0)?;
+        let (rows, r) = (x.dim(0)?, members[0].a.dim(0)?);
         ght.iter().all(|g| g.dims() == [r, rows] && g.dtype() == DType::BF16 && whole_pairs(g))
     })
 }
 
 /// Each adapter's `dropout(x) A^T` `[rows, r]` in `x`'s dtype, for `x` `[rows, in]`.
 pub fn down(x: &Tensor, members: &[Member], p: f32) -> Result<Vec<Tensor>> {
-    Ok(down_keeping_masks(x, members, p, false)?.0)
-}
-
-/// `down`, and with `keep`, where the kernels run with dropout and `in` is a multiple of 64,
-/// each adapter's mask as bits (`[rows, in / 32]` u32, bit `b` of word `w` for column
-/// `32 w + b`), which `add_dx` and `grad_a` read (`Member::mask`) instead of drawing the mask
-/// again: 1/16 of a bf16 input's bytes per adapter, for two of the three draws per element.
-pub fn down_keeping_masks(x: &Tensor, members: &[Member], p: f32, keep: bool) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
     if fused(x, members) {
         #[cfg(feature = "cuda")]
-        return cuda::down(x, members, p, keep);
+        return cuda::down(x, members, p);
     }
-    let _ = keep;
-    Ok((members.iter().map(|m| ops::linear_nt(&dropout::masked(x, p, m.seed)?, m.a)).collect::<Result<_>>()?, None))
+    members.iter().map(|m| ops::linear_nt(&dropout::masked(x, p, m.seed)?, m.a)).collect()
 }
 
 /// `dx + Σ dropout(gh_m A_m)` in `dx`'s dtype and shape, for `dx` `[rows, in]` and each
@@ -119,7 +103,7 @@ pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DTyp
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, LaunchConfig, PushKernelArg, SyncOnDrop};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, Device, InplaceOp1, Layout, Result, Storage, Tensor};
@@ -152,22 +136,6 @@ mod cuda {
         &xs[i.min(xs.len() - 1)]
     }
 
-    /// The device addresses of locked masks (0 for none), with what keeps the stream's view of
-    /// them until the launch is queued.
-    /// (`locked`: each member's `mask.storage_and_layout()`.)
-    fn mask_ptrs<'a, G: std::ops::Deref<Target = Storage>>(locked: &'a [Option<(G, &'a Layout)>], stream: &'a CudaStream) -> Result<([u64; MAX_MEMBERS], Vec<SyncOnDrop<'a>>)> {
-        let mut bits = [0u64; MAX_MEMBERS];
-        let mut reads = Vec::new();
-        for (o, lock) in bits.iter_mut().zip(locked) {
-            let Some((storage, layout)) = lock else { continue };
-            let Storage::Cuda(c) = &**storage else { candle_core::bail!("lora group: a kept mask is not on the CUDA device") };
-            let (ptr, read) = c.as_cuda_slice::<u32>()?.device_ptr(stream);
-            *o = ptr + 4 * layout.start_offset() as u64;
-            reads.push(read);
-        }
-        Ok((bits, reads))
-    }
-
     fn seeds(members: &[Member]) -> [u64; MAX_MEMBERS] {
         let mut s = [0; MAX_MEMBERS];
         for (o, m) in s.iter_mut().zip(members) {
@@ -185,7 +153,7 @@ mod cuda {
         Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
     }
 
-    pub fn down(x: &Tensor, members: &[Member], p: f32, keep: bool) -> Result<(Vec<Tensor>, Option<Vec<Tensor>>)> {
+    pub fn down(x: &Tensor, members: &[Member], p: f32) -> Result<Vec<Tensor>> {
         let dev = device(x)?;
         let (rows, k) = x.dims2()?;
         let r = members[0].a.dim(0)?;
@@ -208,24 +176,11 @@ mod cuda {
         // 64-column chunks read 16 bytes at a time where the rows and factors allow
         let aligned = |t: &Tensor| t.layout().start_offset() % 8 == 0;
         let wide = k % 64 == 0 && aligned(x) && members.iter().all(|m| aligned(m.a));
-        // SAFETY: the wide kernel writes every word of each mask (each row's every 64-column chunk)
-        let masks = (keep && wide && threshold > 0)
-            .then(|| members.iter().map(|_| unsafe { dev.alloc::<u32>(rows * (k / 32)) }).collect::<Result<Vec<_>>>())
-            .transpose()?;
-        let stream = dev.cuda_stream();
-        let mask_ptrs: Vec<_> = masks.iter().flatten().map(|m| m.device_ptr(&stream)).collect();
-        let mut bits = [0u64; MAX_MEMBERS];
-        for (o, (ptr, _)) in bits.iter_mut().zip(&mask_ptrs) {
-            *o = *ptr;
-        }
         let func = dev.get_or_load_custom_func(&format!("lora_down{}_r{r}", if wide { "_wide" } else { "" }), "lora", KERNELS)?;
         let mut b = func.builder();
         b.arg(&xv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
         b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));
         b.arg(&threshold).arg(&scale).arg(&part);
-        if wide {
-            b.arg(&bits[0]).arg(&bits[1]).arg(&bits[2]);
-        }
         let cfg = LaunchConfig { grid_dim: (tiles as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: argument types and order match the kernel's signature
         unsafe { b.launch(cfg) }.w()?;
@@ -240,9 +195,7 @@ mod cuda {
             // SAFETY: argument types and order match the kernel's signature
             unsafe { b.launch(cfg) }.w()?;
         }
-        drop(mask_ptrs);
-        let masks = masks.map(|ms| ms.into_iter().map(|m| tensor(m, dev, (rows, k / 32))).collect());
-        Ok((outs.into_iter().map(|o| tensor(o, dev, (rows, r))).collect(), masks))
+        Ok(outs.into_iter().map(|o| tensor(o, dev, (rows, r))).collect())
     }
 
     pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Vec<Tensor>> {
@@ -273,9 +226,6 @@ mod cuda {
         let mut b = stream.launch_builder(&func);
         b.arg(&xv).arg(&rows64).arg(&k32).arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32);
         b.arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2)).arg(&threshold).arg(&scale).arg(&chunk64).arg(&part);
-        let locked: Vec<_> = members.iter().map(|m| m.mask.map(|t| t.storage_and_layout())).collect();
-        let (bits, _reads) = mask_ptrs(&locked, &stream)?;
-        b.arg(&bits[0]).arg(&bits[1]).arg(&bits[2]);
         let cfg = LaunchConfig { grid_dim: (col_blocks as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: argument types and order match the kernel's signature
         unsafe { b.launch(cfg) }.w()?;
@@ -330,10 +280,6 @@ mod cuda {
             b.arg(&mut dxv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
             b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2));
             b.arg(&threshold).arg(&scale);
-            let stream = dev.cuda_stream();
-            let locked: Vec<_> = self.members.iter().map(|m| m.mask.map(|t| t.storage_and_layout())).collect();
-            let (bits, _reads) = mask_ptrs(&locked, &stream)?;
-            b.arg(&bits[0]).arg(&bits[1]).arg(&bits[2]);
             // SAFETY: argument types and order match the kernel's signature
             unsafe { b.launch(warps(rows.div_ceil(16).div_ceil(DX_TILES) * k.div_ceil(64))) }.w()?;
             Ok(())
@@ -343,8 +289,7 @@ mod cuda {
 
 /// The kernels on `device` against the unfused formulas on the CPU (f32 products of the same
 /// bf16-rounded inputs, the same masks), for groups of one to three adapters, each rank, with
-/// and without dropout, and a row count that leaves a partial tile; where the forward keeps its
-/// masks, the backward's kernels again reading them. Tolerances relative to the
+/// and without dropout, and a row count that leaves a partial tile. Tolerances relative to the
 /// largest reference value: 2^-7 (the kernels' bf16 outputs rounded once, the masked input rounded
 /// to bf16 on both sides).
 pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
@@ -377,30 +322,19 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             .collect::<Result<_>>()?;
         let on = |t: &Tensor| t.to_device(device);
         let (a_d, gh_d) = (a.iter().map(on).collect::<Result<Vec<_>>>()?, ght.iter().map(on).collect::<Result<Vec<_>>>()?);
-        let m: Vec<Member> = a_d.iter().zip(&seeds).map(|(a, &seed)| Member { a, seed, mask: None }).collect();
+        let m: Vec<Member> = a_d.iter().zip(&seeds).map(|(a, &seed)| Member { a, seed }).collect();
         let gh_refs: Vec<&Tensor> = gh_d.iter().collect();
         let x_d = on(&x)?;
         let got_down = down(&x_d, &m, p)?;
         let got_dx = add_dx(on(&dx)?.copy()?, &m, &gh_refs, p)?;
         let got_da = grad_a(&x_d, &m, &gh_refs, p, DType::F32)?;
         let mut cases: Vec<(&'static str, Tensor, Tensor)> = Vec::new();
-        for (w, g) in want_down.into_iter().zip(&got_down) {
-            cases.push(("lora group down", w, g.clone()));
+        for (w, g) in want_down.into_iter().zip(got_down) {
+            cases.push(("lora group down", w, g));
         }
-        cases.push(("lora group dx", want_dx.clone(), got_dx));
-        for (w, g) in want_da.iter().zip(got_da) {
-            cases.push(("lora group dA", w.clone(), g));
-        }
-        // the same with the masks the forward kept (where it keeps them: dropout, 64-column
-        // chunks), which the backward reads instead of drawing them again
-        let (got_down_kept, masks) = down_keeping_masks(&x_d, &m, p, true)?;
-        if let Some(masks) = masks {
-            let mk: Vec<Member> = m.iter().zip(&masks).map(|(mb, mask)| Member { mask: Some(mask), ..*mb }).collect();
-            cases.push(("lora group down keeping masks", f32s(&got_down[0])?, got_down_kept[0].clone()));
-            cases.push(("lora group dx kept masks", want_dx.clone(), add_dx(on(&dx)?.copy()?, &mk, &gh_refs, p)?));
-            for (w, g) in want_da.iter().zip(grad_a(&x_d, &mk, &gh_refs, p, DType::F32)?) {
-                cases.push(("lora group dA kept masks", w.clone(), g));
-            }
+        cases.push(("lora group dx", want_dx, got_dx));
+        for (w, g) in want_da.into_iter().zip(got_da) {
+            cases.push(("lora group dA", w, g));
         }
         for (kernel, want, got) in cases {
             out.push(KernelCheck::relative(kernel, format!("r{r} x{n} p{p}"), (rows, k), &want, &got, 1.0 / 128.0)?);

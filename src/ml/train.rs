@@ -412,7 +412,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
             let ctx = LoraCtx::training(Some((dropout, micro_seed)), hp.recomputed_layers())
                 .with_mlp_recompute(hp.recomputed_mlp_layers())
                 .with_mlp_parking(parking.as_ref())
-                .with_spare_memory(!hp.gradient_checkpointing)
+                .with_kept_norms(!hp.gradient_checkpointing)
                 .with_grads(&step_grads);
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             // each micro-batch weighs by its share of the group's rows
