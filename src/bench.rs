@@ -399,7 +399,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                     let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers())
                         .with_mlp_recompute(hp.recomputed_mlp_layers())
                         .with_mlp_parking(parking.as_ref())
-                .with_kept_norms(!hp.gradient_checkpointing)
+                        .with_kept_norms(!hp.gradient_checkpointing)
                         .with_grads(&step_grads);
                     let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), batch)?;
                     sample();
