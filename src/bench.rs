@@ -214,6 +214,22 @@ impl Drop for PeakSampler {
     }
 }
 
+/// Starts (or stops) the CUDA profiler's collection around the measured steps, so that a
+/// profiler started with collection off (Nsight Compute's `--profile-from-start off`,
+/// `STEPS_ONLY=1 bench/profile_gpu.sh`) sees those steps alone, not the model's initialisation
+/// or the warm-up. Without a profiler attached the driver does nothing; its answer is not
+/// checked, so the benchmark never fails on it.
+fn profiler(device: &Device, start: bool) {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // SAFETY: plain driver calls on the thread's current context (the device's), no memory
+        // passed
+        let _ = unsafe { if start { sys::cuProfilerStart() } else { sys::cuProfilerStop() } };
+    }
+    let _ = (device, start);
+}
+
 fn sync(device: &Device) -> anyhow::Result<()> {
     device.synchronize()?;
     Ok(())
@@ -430,11 +446,13 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         sync(&device)?;
         queued.set(0.0);
         let t0 = Instant::now();
+        profiler(&device, true);
         for _ in 0..args.steps {
             run(training)?;
         }
         sync(&device)?;
         let secs = t0.elapsed().as_secs_f64();
+        profiler(&device, false);
         let tokens = (b * args.seq_len * args.steps) as f64;
         // the reference benchmark's FLOP model: N = matmul parameters (blocks + score head);
         // causal attention averages T/2 keys; frozen-base LoRA training = fwd 2N + input-grad
