@@ -12,16 +12,17 @@
 //   flash_fwd   o = softmax(scale * q k^T) v over the visible keys, and per query
 //               lse = log2(sum_j exp2(scale * log2(e) * s_ij)) (the row's log-sum-exp, base 2,
 //               [b, heads, t] contiguous)
-//   flash_dq    dq = scale * ds k, with ds = p * (do v^T - D), p recomputed from lse
+//   flash_dq    dq = scale * ds k, with ds = p * (do v^T - D), p recomputed from lse; it computes
+//               D = sum_d do * o per query from o (f32, [b, heads, t] contiguous) and writes it
 //   flash_dkv   dk = scale * ds^T q and dv = p^T do, summed over the query heads sharing the kv
-//               head; one block owns its keys, so no atomics
-// D = sum_d do * o per query (f32, [b, heads, t] contiguous).
+//               head; one block owns its keys, so no atomics; it reads dq's D (it runs after)
 //
 // The grid is (heads, batch rows, tiles), the tile slowest, so that blocks start in the order of
 // their work, longest first, across all heads and rows (a tail of long blocks would leave most
 // multiprocessors idle). Each block has four warps. The forward and dq kernels give each warp 16
-// queries of a 64-query tile and walk the key tiles up to the diagonal; dkv gives each warp 16
-// keys of a 64-key tile and walks the query tiles from the diagonal on. Products use mma.sync m16n8k16 (bf16 in, f32
+// queries of a 64-query tile (flash_fwd2_64: two such tiles of a 128-query block) and walk the
+// key tiles up to the diagonal; dkv gives each warp 16 keys of a 64-key tile and walks the query
+// tiles from the diagonal on. Products use mma.sync m16n8k16 (bf16 in, f32
 // accumulate), operands staged in shared memory by cp.async (the next tile loads while the
 // current one is multiplied) and read with ldmatrix; a product's f32 accumulator is rounded to
 // bf16 in registers to become the next product's A operand (the layouts of the m16n8
