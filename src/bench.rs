@@ -222,10 +222,16 @@ impl Drop for PeakSampler {
 fn profiler(device: &Device, start: bool) {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        // SAFETY: plain driver calls on the thread's current context (the device's), no memory
+        // the runtime's entry points: the driver's cuProfilerStart lives in cudaProfiler.h, which
+        // the link-time driver stub of scripts/setup-cuda-toolkit.sh does not cover
+        #[link(name = "cudart")]
+        unsafe extern "C" {
+            fn cudaProfilerStart() -> i32;
+            fn cudaProfilerStop() -> i32;
+        }
+        // SAFETY: plain runtime calls on the thread's current context (the device's), no memory
         // passed
-        let _ = unsafe { if start { sys::cuProfilerStart() } else { sys::cuProfilerStop() } };
+        let _ = unsafe { if start { cudaProfilerStart() } else { cudaProfilerStop() } };
     }
     let _ = (device, start);
 }
