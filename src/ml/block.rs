@@ -179,12 +179,46 @@ impl Layer {
         let Some(group) = self.group(&projs, None) else {
             return array(projs.iter().map(|&p| self.linear(p, x, lora_h.as_deref_mut())).collect());
         };
+        self.adapted_linears(projs, x, &group, |p| self.blk.proj[p as usize].forward_detached(x), lora_h)
+    }
+
+    /// `residual + linear p (x)`, the linear as `linears` computes it. On CUDA the frozen
+    /// weight's GEMM reads the residual as its addend and writes the sum
+    /// (`FrozenLinear::forward_plus`), an adapter's product then accumulated into it: no
+    /// separate sum, nor a copy of the residual to accumulate into. Elsewhere the linear, then
+    /// the sum.
+    fn linear_plus(&self, p: Proj, x: &Tensor, residual: &Tensor, lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Tensor> {
+        let base = &self.blk.proj[p as usize];
+        if x.device().is_cuda() {
+            if let Some(group) = self.group(&[p], None) {
+                let [y] = self.adapted_linears([p], x, &group, |_| base.forward_plus(residual, x), lora_h)?;
+                return Ok(y);
+            }
+            if self.lora.parts(base, self.li, p, self.dropout).is_none() {
+                return base.forward_plus(residual, x);
+            }
+        }
+        let [y] = self.linears([p], x, lora_h)?;
+        fused::add(residual, &y)
+    }
+
+    /// `linears` of a training block's adapted `group`: the frozen weights' products from
+    /// `base`, the adapters' r-wide products from one pass over `x`, each accumulated into its
+    /// linear's product.
+    fn adapted_linears<const N: usize>(
+        &self,
+        projs: [Proj; N],
+        x: &Tensor,
+        group: &[Adapted],
+        base: impl Fn(Proj) -> Result<Tensor>,
+        mut lora_h: Option<&mut BTreeMap<Proj, Tensor>>,
+    ) -> Result<[Tensor; N]> {
         let n_in = x.dim(D::Minus1)?;
         let rows = x.elem_count() / n_in;
-        let (members, prob) = Adapted::members(&group);
+        let (members, prob) = Adapted::members(group);
         let mut hs: BTreeMap<Proj, Tensor> = group.iter().map(|m| m.proj).zip(lora_group::down(&x.reshape((rows, n_in))?, &members, prob)?).collect();
         array(projs.iter().map(|&p| {
-            let y = self.blk.proj[p as usize].forward_detached(x)?;
+            let y = base(p)?;
             let Some((m, h)) = group.iter().find(|m| m.proj == p).zip(hs.remove(&p)) else { return Ok(y) };
             let y = gemm::accumulate(y, &h, &m.cast.bs.t()?, 1.0)?;
             if let Some(kept) = lora_h.as_deref_mut() {
@@ -344,8 +378,7 @@ impl Layer {
         let v = self.heads(&v, cfg.num_kv_heads)?;
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
         let y = self.merge(&y)?;
-        let [o] = self.linears([Proj::O], &y, lora_h.as_mut())?;
-        let mid = fused::add(x, &o)?;
+        let mid = self.linear_plus(Proj::O, &y, x, lora_h.as_mut())?;
         let attention = (keep != Keep::Nothing).then_some((q, k, v, y, lse));
         let [gate, up] = self.gate_up(&mid, lora_h.as_mut())?;
         let base = &self.blk.proj[Proj::Down as usize];
@@ -358,13 +391,12 @@ impl Layer {
             // unless kept, gate and up are freed here, before down_proj's GEMM
             let mlp = (keep == Keep::All).then_some((gate, up));
             let out = if frozen_down {
-                // a frozen down_proj accumulates into a copy of the residual: its product has no
-                // buffer of its own (16 MB less at the end of a training forward of the 8B at
+                // a frozen down_proj's product has no buffer of its own: its GEMM writes the sum
+                // with the residual (16 MB less at the end of a training forward of the 8B at
                 // 2,048 tokens, where the step's memory peaks)
-                base.forward_into(mid.copy()?, &s)?
+                base.forward_plus(&mid, &s)?
             } else {
-                let [down] = self.linears([Proj::Down], &s, lora_h.as_mut())?;
-                fused::add(&mid, &down)?
+                self.linear_plus(Proj::Down, &s, &mid, lora_h.as_mut())?
             };
             (out, mlp)
         };
@@ -433,12 +465,10 @@ impl Layer {
         let v = then(v, |v| self.by_head(v, cfg.num_kv_heads))?;
         let q = then(q, |q| ops::rope_detached(&q.reshape((b, cfg.num_heads, 1, hd))?, &last.cos, &last.sin, interleaved))?;
         let (y, p) = ops::last_query_attention(&q, &k, &v, &last.mask, self.scale())?;
-        let [o] = self.linears([Proj::O], &y, lora_h.as_mut())?;
-        let mid = fused::add(&self.last_of(x)?, &o)?;
+        let mid = self.linear_plus(Proj::O, &y, &self.last_of(x)?, lora_h.as_mut())?;
         let [gate, up] = self.gate_up(&mid, lora_h.as_mut())?;
         let s = fused::swiglu(&gate, &up)?;
-        let [down] = self.linears([Proj::Down], &s, lora_h.as_mut())?;
-        let out = fused::add(&mid, &down)?;
+        let out = self.linear_plus(Proj::Down, &s, &mid, lora_h.as_mut())?;
         let saved = lora_h.map(|lora_h| SavedLast { q, k, v, p, y, mid, gate, up, lora_h });
         Ok((out, saved))
     }

@@ -82,6 +82,31 @@ pub fn product(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Tensor>
     candle_core::bail!("gemm: no cuBLAS on {:?}", a.device())
 }
 
+/// `c + a b` in a new tensor of `c`'s dtype and shape, for `a` `[m, k]` and `b` `[k, n]` of
+/// `c`'s float dtype and `c` of `m · n` elements. On CUDA, with bf16 or f32 operands (row-major
+/// or transposed views) and a contiguous `c`, one cuBLASLt GEMM reads `c` as its addend and
+/// writes the sum to the new buffer (beta = 1, C and D apart): neither a copy of `c` to
+/// accumulate into nor a separate sum of the product; otherwise a product and a sum.
+pub fn product_plus(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (m, k, n) = dims(Some(c.elem_count()), a, b)?;
+    if !on_cublas(c.dtype(), a, b) || c.dtype() != a.dtype() || !c.is_contiguous() {
+        let product = a.matmul(b)?.to_dtype(c.dtype())?.reshape(c.shape())?;
+        return c + product;
+    }
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = a.device() {
+        // SAFETY: the GEMM writes every element
+        let mut storage = match c.dtype() {
+            DType::BF16 => candle_core::CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(m * n)? }, dev.clone()),
+            _ => candle_core::CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * n)? }, dev.clone()),
+        };
+        cuda::gemm_plus(&mut storage, c, a, b, (m, k, n))?;
+        return Ok(Tensor::from_storage(candle_core::Storage::Cuda(storage), c.shape(), candle_core::op::BackpropOp::none(), false));
+    }
+    let _ = (m, k, n);
+    candle_core::bail!("gemm: no cuBLAS on {:?}", a.device())
+}
+
 fn scaled(t: Tensor, alpha: f64) -> Result<Tensor> {
     if alpha == 1.0 {
         Ok(t)
@@ -123,8 +148,12 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::cublaslt as lt;
+    use candle_core::cuda_backend::cudarc::driver::CudaSlice;
+    use candle_core::cuda_backend::DeviceId;
     use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
     use half::bf16;
+    use std::sync::Mutex;
 
     use super::{operand, Operand};
 
@@ -200,6 +229,159 @@ mod cuda {
         }
         Ok(())
     }
+
+    /// A cuBLASLt handle and its workspace, one per device.
+    struct Lt {
+        handle: lt::sys::cublasLtHandle_t,
+        workspace: CudaSlice<u8>,
+    }
+
+    // SAFETY: the handle is only used under the mutex below, on its device's stream
+    unsafe impl Send for Lt {}
+
+    /// Workspace of each handle: what the heuristic may pick split-K algorithms with.
+    const LT_WORKSPACE: usize = 4 << 20;
+
+    static LTS: Mutex<Vec<(DeviceId, Lt)>> = Mutex::new(Vec::new());
+
+    fn lt_error(e: lt::result::CublasError) -> candle_core::Error {
+        candle_core::Error::Msg(format!("cublasLt: {e:?}"))
+    }
+
+    /// Owns cuBLASLt descriptors for the length of one call.
+    struct Descs {
+        layouts: Vec<lt::sys::cublasLtMatrixLayout_t>,
+        desc: Option<lt::sys::cublasLtMatmulDesc_t>,
+        pref: Option<lt::sys::cublasLtMatmulPreference_t>,
+    }
+
+    impl Drop for Descs {
+        fn drop(&mut self) {
+            // SAFETY: each was created once and is destroyed once, after the launch
+            unsafe {
+                for &l in &self.layouts {
+                    let _ = lt::result::destroy_matrix_layout(l);
+                }
+                if let Some(d) = self.desc {
+                    let _ = lt::result::destroy_matmul_desc(d);
+                }
+                if let Some(p) = self.pref {
+                    let _ = lt::result::destroy_matmul_pref(p);
+                }
+            }
+        }
+    }
+
+    /// `d = c + a b` (`[m, n]` row-major each, `d` from its first element, `c` as its layout
+    /// says), one cuBLASLt matmul with C and D apart.
+    pub(super) fn gemm_plus(d: &mut CudaStorage, c: &Tensor, a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize)) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let dev = d.device().clone();
+        let stream = dev.cuda_stream();
+        let (oa, ob) = match (operand(a), operand(b)) {
+            (Some(oa), Some(ob)) => (oa, ob),
+            _ => candle_core::bail!("gemm: operands {:?} and {:?} are neither row-major nor transposed", a.layout(), b.layout()),
+        };
+        let (ga, gb, gc) = (a.storage_and_layout().0, b.storage_and_layout().0, c.storage_and_layout().0);
+        let (sa, sb, sc) = match (&*ga, &*gb, &*gc) {
+            (Storage::Cuda(sa), Storage::Cuda(sb), Storage::Cuda(sc)) => (sa, sb, sc),
+            _ => candle_core::bail!("gemm: operands not on the cuda device"),
+        };
+        let (oa_start, ob_start, c_start) = (a.layout().start_offset(), b.layout().start_offset(), c.layout().start_offset());
+        let ty = match a.dtype() {
+            DType::BF16 => lt::sys::cudaDataType_t::CUDA_R_16BF,
+            _ => lt::sys::cudaDataType_t::CUDA_R_32F,
+        };
+        // row-major d = c + a b is column-major d^T = c^T + b^T a^T: cuBLAS's first operand is
+        // b, stored [n, k] (op N) or [k, n] (op T) column-major, the second a, [k, m] or [m, k]
+        let stored = |o: Operand, rows: usize, cols: usize| if o.transposed { (cols, rows) } else { (rows, cols) };
+        let (b_rows, b_cols) = stored(ob, n, k);
+        let (a_rows, a_cols) = stored(oa, k, m);
+        let mut descs = Descs { layouts: Vec::with_capacity(3), desc: None, pref: None };
+        for (rows, cols, ld) in [(b_rows, b_cols, ob.ld), (a_rows, a_cols, oa.ld), (n, m, n)] {
+            descs.layouts.push(lt::result::create_matrix_layout(ty, rows as u64, cols as u64, ld as i64).map_err(lt_error)?);
+        }
+        let desc = lt::result::create_matmul_desc(lt::sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, lt::sys::cudaDataType_t::CUDA_R_32F).map_err(lt_error)?;
+        descs.desc = Some(desc);
+        // cublasOperation_t as cuBLASLt reads it: 0 N, 1 T
+        let op = |o: Operand| o.transposed as i32;
+        let pref = lt::result::create_matmul_pref().map_err(lt_error)?;
+        descs.pref = Some(pref);
+        // SAFETY: the attributes are written from values of the types cuBLASLt reads for them
+        unsafe {
+            for (attr, o) in [
+                (lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, op(ob)),
+                (lt::sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSB, op(oa)),
+            ] {
+                lt::result::set_matmul_desc_attribute(desc, attr, (&o) as *const _ as *const _, std::mem::size_of_val(&o)).map_err(lt_error)?;
+            }
+            let size = LT_WORKSPACE as u64;
+            lt::result::set_matmul_pref_attribute(
+                pref,
+                lt::sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&size) as *const _ as *const _,
+                std::mem::size_of_val(&size),
+            )
+            .map_err(lt_error)?;
+        }
+        let mut lts = LTS.lock().map_err(|_| candle_core::Error::Msg("cublasLt: a poisoned handle lock".into()))?;
+        if !lts.iter().any(|(id, _)| *id == dev.id()) {
+            stream.context().bind_to_thread().w()?;
+            let handle = lt::result::create_handle().map_err(lt_error)?;
+            // SAFETY: scratch memory, never read before cuBLASLt writes it
+            let workspace = unsafe { stream.alloc::<u8>(LT_WORKSPACE) }.w()?;
+            lts.push((dev.id(), Lt { handle, workspace }));
+        }
+        let lt_dev = lts.iter().find(|(id, _)| *id == dev.id()).map(|(_, l)| l).ok_or_else(|| candle_core::Error::Msg("cublasLt: no handle".into()))?;
+        let [lb, la, lc] = [descs.layouts[0], descs.layouts[1], descs.layouts[2]];
+        // SAFETY: the descriptors describe the operands' memory as `operand` found it
+        let heuristic = unsafe { lt::result::get_matmul_algo_heuristic(lt_dev.handle, desc, lb, la, lc, lc, pref) }.map_err(lt_error)?;
+        let (alpha, beta) = (1.0f32, 1.0f32);
+        macro_rules! go {
+            ($t:ty) => {{
+                let va = sa.as_cuda_slice::<$t>()?.slice(oa_start..oa_start + m * k);
+                let vb = sb.as_cuda_slice::<$t>()?.slice(ob_start..ob_start + k * n);
+                let vc = sc.as_cuda_slice::<$t>()?.slice(c_start..c_start + m * n);
+                let (pa, _ga) = va.device_ptr(&stream);
+                let (pb, _gb) = vb.device_ptr(&stream);
+                let (pc, _gc) = vc.device_ptr(&stream);
+                let mut vd = d.as_cuda_slice_mut::<$t>()?.slice_mut(0..m * n);
+                let (pd, _gd) = vd.device_ptr_mut(&stream);
+                let (pw, _gw) = lt_dev.workspace.device_ptr(&stream);
+                // SAFETY: a, b, c and d hold m·k, k·n, m·n and m·n elements from these pointers,
+                // as the layouts say; alpha and beta are f32 for the f32 compute type
+                unsafe {
+                    lt::result::matmul(
+                        lt_dev.handle,
+                        desc,
+                        (&alpha) as *const f32 as *const _,
+                        (&beta) as *const f32 as *const _,
+                        pb as *const _,
+                        lb,
+                        pa as *const _,
+                        la,
+                        pc as *const _,
+                        lc,
+                        pd as *mut _,
+                        lc,
+                        &heuristic.algo,
+                        pw as *mut _,
+                        LT_WORKSPACE,
+                        stream.cu_stream() as *mut _,
+                    )
+                }
+                .map_err(lt_error)?;
+            }};
+        }
+        match a.dtype() {
+            DType::BF16 => go!(bf16),
+            DType::F32 => go!(f32),
+            dt => candle_core::bail!("gemm: {dt:?} operands"),
+        }
+        Ok(())
+    }
 }
 
 /// The GEMMs on `device` against f32 products on the CPU, on row-major and transposed operands:
@@ -241,6 +423,12 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<KernelCheck>> {
         let want_acc = (round(&acc)? + (round(&a_rm)?.matmul(&b_r)? * 0.5)?)?;
         let got = accumulate(acc_d, &a_rm.to_device(device)?.to_dtype(dtype)?, &b_view, 0.5)?;
         push("gemm-accumulate", &want_acc, got, if dtype == DType::F32 { 1e-5 } else { 2f32.powi(-6) })?;
+        // c + a b into a new buffer (cuBLASLt, C and D apart); c itself is left as it was
+        let c_d = acc.to_device(device)?.to_dtype(dtype)?;
+        let want_plus = (round(&acc)? + round(&a_rm)?.matmul(&b_r)?)?;
+        let got = product_plus(&c_d, &a_rm.to_device(device)?.to_dtype(dtype)?, &b_view)?;
+        push("gemm-product-plus", &want_plus, got, if dtype == DType::F32 { 1e-5 } else { 2f32.powi(-6) })?;
+        push("gemm-product-plus-addend", &round(&acc)?, c_d, 0.0)?;
     }
     Ok(out)
 }

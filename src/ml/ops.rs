@@ -282,6 +282,25 @@ impl FrozenLinear {
         super::gemm::accumulate(acc, &x, &self.dense_weight(x.dtype())?.t()?, 1.0)
     }
 
+    /// `residual + x @ W^T` in a new tensor of `residual`'s dtype and shape, outside any graph.
+    /// On CUDA, where `x` and `residual` share the weight's float dtype (or the weight is
+    /// quantized), the GEMM reads the residual as its addend and writes the sum
+    /// (`gemm::product_plus`); elsewhere `forward_into` a copy of the residual.
+    pub fn forward_plus(&self, residual: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let dtype = residual.dtype();
+        let fits = match &self.weight {
+            FrozenWeight::Dense(w) => w.dtype() == dtype,
+            FrozenWeight::Quantized(_) => true,
+        };
+        if !(x.device().is_cuda() && fits && x.dtype() == dtype && matches!(dtype, DType::BF16 | DType::F32)) {
+            return self.forward_into(residual.copy()?, x);
+        }
+        let rows = x.elem_count() / self.in_features.max(1);
+        let w = self.dense_weight(dtype)?;
+        let sum = super::gemm::product_plus(&residual.reshape((rows, self.out_features))?, &x.reshape((rows, self.in_features))?, &w.t()?)?;
+        sum.reshape(residual.shape())
+    }
+
     /// `x @ W^T`; in backprop only `grad @ W` flows back to `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.forward_detached(&x.detach())?;
