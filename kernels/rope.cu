@@ -1,5 +1,6 @@
 // Half-split rotary embedding of q and k in one launch, in place. q is [rows, hq, d] and k
-// [rows, hk, d] (rows = b * t, contiguous); element j < d/2 of a head pairs with element
+// [rows, hk, d] (rows = b * t), each row's heads contiguous and rows ldq (ldk) elements apart
+// (hq * d for a contiguous q; more where q is some heads of a wider packed row); element j < d/2 of a head pairs with element
 // j + d/2: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos), with sin negated for the backward
 // (the inverse rotation). The tables are [t, d/2] (every row of the batch starts at position
 // 0) or [b, t, d/2], in the data's dtype. Products and sums in f32, rounded once. A thread
@@ -14,8 +15,8 @@
 namespace {
 
 template <typename T>
-__device__ void rope_qk(T* q, T* k, const T* cos, const T* sin, size_t rows, int t, int hq, int hk, int d,
-                        int per_row_tables, float sign) {
+__device__ void rope_qk(T* q, T* k, const T* cos, const T* sin, size_t rows, size_t ldq, size_t ldk, int t, int hq,
+                        int hk, int d, int per_row_tables, float sign) {
     constexpr int V = Vec<T>::n;
     const int half = d / 2, chunks = half / V, heads = hq + hk;
     const size_t n = rows * heads * chunks;
@@ -25,7 +26,7 @@ __device__ void rope_qk(T* q, T* k, const T* cos, const T* sin, size_t rows, int
         const size_t rest = i / chunks;
         const int h = rest % heads;
         const size_t row = rest / heads;
-        T* p = h < hq ? q + (row * hq + h) * d : k + (row * hk + (h - hq)) * d;
+        T* p = h < hq ? q + row * ldq + h * d : k + row * ldk + (h - hq) * d;
         const size_t cs = (per_row_tables ? row : row % t) * half + c * V;
         float x1[V], x2[V], cv[V], sv[V], y1[V], y2[V];
         load16(p + c * V, x1);
@@ -46,9 +47,10 @@ __device__ void rope_qk(T* q, T* k, const T* cos, const T* sin, size_t rows, int
 }  // namespace
 
 #define ROPE(SUFFIX, T)                                                                                   \
-    extern "C" __global__ void rope_qk_##SUFFIX(T* q, T* k, const T* cos, const T* sin, size_t rows, int t, \
-                                                int hq, int hk, int d, int per_row_tables, float sign) {  \
-        rope_qk<T>(q, k, cos, sin, rows, t, hq, hk, d, per_row_tables, sign);                             \
+    extern "C" __global__ void rope_qk_##SUFFIX(T* q, T* k, const T* cos, const T* sin, size_t rows,       \
+                                                size_t ldq, size_t ldk, int t, int hq, int hk, int d,     \
+                                                int per_row_tables, float sign) {                         \
+        rope_qk<T>(q, k, cos, sin, rows, ldq, ldk, t, hq, hk, d, per_row_tables, sign);                   \
     }
 
 ROPE(f32, float)

@@ -178,10 +178,31 @@ impl InplaceOp2 for Update {
     }
 }
 
+/// `bf16(bf16(x) · scale)` of each `(x, scale)`, f32 tensors on one CUDA device, in one launch
+/// (`factor_casts`): the trained factors in the activations' dtype for a step's forwards, the
+/// same values as a cast then a scaling in bf16, which took two launches per factor. The results
+/// are views of one buffer, each starting 128 bytes apart at least. `None` where the tensors are
+/// not all contiguous f32 on the same CUDA device (the caller casts them one by one).
+pub(crate) fn cast_scaled_bf16(xs: &[(&Tensor, f64)]) -> Result<Option<Vec<Tensor>>> {
+    let Some((first, _)) = xs.first() else { return Ok(Some(Vec::new())) };
+    let Device::Cuda(dev) = first.device() else { return Ok(None) };
+    if xs.iter().any(|(x, _)| x.dtype() != DType::F32 || !x.is_contiguous() || !x.device().same_device(first.device())) {
+        return Ok(None);
+    }
+    #[cfg(feature = "cuda")]
+    return cuda::cast_scaled_bf16(dev, xs).map(Some);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        Ok(None)
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+    use candle_core::op::BackpropOp;
     use candle_core::{Result, Storage, Tensor, Var};
 
     use super::{Moments, Update};
@@ -244,6 +265,52 @@ mod cuda {
         drop(reads);
         Ok(())
     }
+
+    /// See `super::cast_scaled_bf16`; every tensor is contiguous f32 on `dev`.
+    pub(super) fn cast_scaled_bf16(dev: &CudaDevice, xs: &[(&Tensor, f64)]) -> Result<Vec<Tensor>> {
+        // each result starts on a 64-element (128-byte) boundary of the one buffer
+        let mut starts = Vec::with_capacity(xs.len());
+        let mut total = 0;
+        for (x, _) in xs {
+            starts.push(total);
+            total += x.elem_count().div_ceil(64) * 64;
+        }
+        let n = xs.len();
+        if n > 65_535 {
+            candle_core::bail!("factor casts: {n} tensors, more than a grid has rows");
+        }
+        let stream = dev.cuda_stream();
+        // SAFETY: the kernel writes every element of each result; the padding between them is
+        // never read
+        let out = unsafe { dev.alloc::<half::bf16>(total.max(1))? };
+        let (base, out_read) = out.device_ptr(&stream);
+        let locks: Vec<_> = xs.iter().map(|(x, _)| x.storage_and_layout()).collect();
+        let mut table = Vec::with_capacity(4 * n);
+        let mut reads = Vec::with_capacity(n);
+        let mut longest = 1;
+        for (((x, scale), (g, l)), start) in xs.iter().zip(&locks).zip(&starts) {
+            let Storage::Cuda(cs) = &**g else { candle_core::bail!("factor casts: a tensor is not on the cuda device") };
+            let (p, read) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
+            reads.push(read);
+            // the scale as the bf16 scaling would round it
+            let scale = half::bf16::from_f64(*scale).to_f32();
+            table.extend_from_slice(&[p + 4 * l.start_offset() as u64, base + 2 * *start as u64, x.elem_count() as u64, scale.to_bits() as u64]);
+            longest = longest.max(x.elem_count());
+        }
+        drop(out_read);
+        let table = stream.clone_htod(&table).w()?;
+        let f = dev.get_or_load_custom_func("factor_casts", "adamw", KERNELS)?;
+        let mut b = f.builder();
+        b.arg(&table);
+        let blocks = longest.div_ceil(256).clamp(1, 64) as u32;
+        // SAFETY: the argument matches the kernel's signature; the table holds `n` segments of
+        // live f32 sources and bf16 destinations inside `out`, of the lengths it gives
+        unsafe { b.launch(LaunchConfig { grid_dim: (blocks, n as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+        drop(b);
+        drop(reads);
+        let flat = Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())), total.max(1), BackpropOp::none(), false);
+        xs.iter().zip(starts).map(|((x, _), start)| flat.narrow(0, start, x.elem_count())?.reshape(x.shape())).collect()
+    }
 }
 
 /// Three steps on `device` against the CPU on the same variables and gradients, two variables
@@ -271,6 +338,20 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     for (kernel, max_norm) in [("adamw", 0.0), ("adamw-clipped", 10.0)] {
         let (want, got) = (run(&cpu, max_norm)?, run(device, max_norm)?);
         out.push(KernelCheck::relative(kernel, "F32".into(), (0, 0), &want, &got, 1e-6)?);
+    }
+    // the factors' casts against candle's cast and bf16 scaling on the CPU, bit for bit: scales
+    // of one, a power of two and one bf16 rounds
+    let xs: Vec<(Tensor, f64)> = [((16, 576), 1.0), ((576, 16), 2.0), ((8, 37), 1.3)]
+        .into_iter()
+        .map(|(s, scale)| Ok((Tensor::randn(0f32, 1.0, s, &cpu)?, scale)))
+        .collect::<Result<_>>()?;
+    let on_dev: Vec<(Tensor, f64)> = xs.iter().map(|(x, s)| Ok((x.to_device(device)?, *s))).collect::<Result<_>>()?;
+    let refs: Vec<(&Tensor, f64)> = on_dev.iter().map(|(x, s)| (x, *s)).collect();
+    if let Some(got) = cast_scaled_bf16(&refs)? {
+        for ((x, scale), got) in xs.iter().zip(got) {
+            let want = (x.to_dtype(DType::BF16)? * *scale)?;
+            out.push(KernelCheck::relative("factor-casts", "BF16".into(), (0, 0), &want, &got, 0.0)?);
+        }
     }
     Ok(out)
 }

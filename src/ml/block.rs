@@ -231,10 +231,30 @@ impl Layer {
     /// The summed input gradient of linears which all read the input `x`, for their output
     /// gradients (`linear_backward` each, summed). In a training block the adapted ones' masked
     /// input gradients and A gradients come from one pass each (`lora_group`).
-    fn linears_backward(&self, outs: &[(Proj, &Tensor)], x: impl Fn() -> Result<Tensor>, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>) -> Result<Tensor> {
+    ///
+    /// With `fused`, the linears' weights as one matrix and their output gradients as one
+    /// `[rows, outs]` tensor (each of `outs`' gradients a slice of its columns): the frozen
+    /// weights' input gradient is one GEMM over the two.
+    fn linears_backward(
+        &self,
+        outs: &[(Proj, &Tensor)],
+        x: impl Fn() -> Result<Tensor>,
+        grads: &BlockGrads,
+        lora_h: &BTreeMap<Proj, Tensor>,
+        fused: Option<(&FrozenLinear, &Tensor)>,
+    ) -> Result<Tensor> {
         let missing = |what: &str| candle_core::Error::Msg(format!("linears backward: {what}"));
         let projs: Vec<Proj> = outs.iter().map(|(p, _)| *p).collect();
         let Some(group) = self.group(&projs, Some(lora_h)) else {
+            if let Some((w, g)) = fused.filter(|_| !self.adapted(&projs)) {
+                let dx = w.input_grad(g, g.dtype())?;
+                let first = outs.first().map(|(_, g)| *g).ok_or_else(|| missing("no linear"))?;
+                let mut shape = first.dims().to_vec();
+                if let Some(last) = shape.last_mut() {
+                    *last = w.in_features();
+                }
+                return dx.reshape(shape);
+            }
             let mut acc = None;
             for (p, g) in outs {
                 acc = Some(self.linear_backward(*p, &x, g, grads, acc.take(), lora_h)?);
@@ -250,7 +270,7 @@ impl Layer {
         let mut ght = Vec::with_capacity(group.len());
         for m in &group {
             let g = outs.iter().find(|(p, _)| *p == m.proj).map(|(_, g)| *g).ok_or_else(|| missing("no gradient"))?;
-            let g2 = g.to_dtype(dtype)?.reshape((rows, m.cast.bs.dim(0)?))?;
+            let g2 = as_rows(&g.to_dtype(dtype)?, rows, m.cast.bs.dim(0)?)?;
             let h = lora_h.get(&m.proj).ok_or_else(|| missing("no kept product"))?;
             // dB = scale g^T h
             grads.add_product(m.b, &g2.t()?, &h.reshape((rows, h.elem_count() / rows.max(1)))?, m.parts.scale)?;
@@ -266,15 +286,23 @@ impl Layer {
             }
         }
         let mut dx: Option<Tensor> = None;
-        for (p, g) in outs {
-            let base = &self.blk.proj[*p as usize];
-            dx = Some(match dx {
-                Some(acc) => base.input_grad_into(acc, g)?,
-                None => base.input_grad(g, g.dtype())?,
-            });
+        match fused {
+            Some((w, g)) => dx = Some(w.input_grad(g, g.dtype())?),
+            None => {
+                for (p, g) in outs {
+                    let base = &self.blk.proj[*p as usize];
+                    dx = Some(match dx {
+                        Some(acc) => base.input_grad_into(acc, g)?,
+                        None => base.input_grad(g, g.dtype())?,
+                    });
+                }
+            }
         }
         let dx = dx.ok_or_else(|| missing("no linear"))?;
-        let shape = dx.shape().clone();
+        let mut shape = first.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n_in;
+        }
         lora_group::add_dx(dx.reshape((rows, n_in))?, &members, &ght, prob)?.reshape(shape)
     }
 
@@ -510,7 +538,7 @@ impl Layer {
         let grad = grad.to_dtype(x.dtype())?;
         let d_mid = self.mlp_backward(&mid, gate, up, &grad, grads, &lora_h)?;
         drop((mid, grad));
-        let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h)?;
+        let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h, None)?;
         drop(y);
         let [dq, dk, dv] = ops::last_query_attention_backward(&q, &k, &v, &p, &d_y, self.scale())?;
         drop((q, k, v, p, d_y));
@@ -523,10 +551,10 @@ impl Layer {
         // recomputed only where an adapter's gradient reads it, and freed right after (this
         // backward runs with every block's activations still kept, near the step's peak)
         let norm = &self.blk.attn_norm;
-        let d_h = self.linears_backward(&[(Proj::K, &dk), (Proj::V, &dv)], || ops::rms_norm(x, norm, eps), grads, &lora_h)?;
+        let d_h = self.linears_backward(&[(Proj::K, &dk), (Proj::V, &dv)], || ops::rms_norm(x, norm, eps), grads, &lora_h, None)?;
         drop((dk, dv));
         let x_last = self.last_of(x)?;
-        let d_h_last = self.linears_backward(&[(Proj::Q, &dq)], || ops::rms_norm(&x_last, norm, eps), grads, &lora_h)?;
+        let d_h_last = self.linears_backward(&[(Proj::Q, &dq)], || ops::rms_norm(&x_last, norm, eps), grads, &lora_h, None)?;
         let n = cfg.hidden_size;
         let d_h = then(d_h, |d_h| d_h.reshape((b * t, n))?.index_add(&last.idx, &d_h_last, 0)?.reshape(x.shape()))?;
         let dx = rms_norm_backward_add(x, &d_h, norm, eps, None)?;
@@ -551,13 +579,13 @@ impl Layer {
             }
             (gate, up)
         } else {
-            let d_s = self.linears_backward(&[(Proj::Down, grad)], || fused::swiglu(&gate, &up), grads, lora_h)?;
+            let d_s = self.linears_backward(&[(Proj::Down, grad)], || fused::swiglu(&gate, &up), grads, lora_h, None)?;
             // gate and up are not read again: their memory takes the gradients
             fused::swiglu_backward_in_place(gate, up, &d_s)?
         };
         let h = self.norm_for(&[Proj::Gate, Proj::Up], mid, &self.blk.ffn_norm)?;
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("ffn norm not recomputed".into()));
-        let d_h = self.linears_backward(&[(Proj::Gate, &d_gate), (Proj::Up, &d_up)], normed, grads, lora_h)?;
+        let d_h = self.linears_backward(&[(Proj::Gate, &d_gate), (Proj::Up, &d_up)], normed, grads, lora_h, None)?;
         drop((h, d_gate, d_up));
         rms_norm_backward_add(mid, &d_h, &self.blk.ffn_norm, self.eps(), Some(grad))
     }
@@ -578,25 +606,64 @@ impl Layer {
         drop((mid, grad));
         super::pool::trace(x.device(), "block backward, MLP", self.li);
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
-        let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h)?;
+        let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h, None)?;
         let d_o = self.heads(&d_y, cfg.num_heads)?;
         let o = self.heads(&y, cfg.num_heads)?;
         drop((d_y, y));
-        let [dq, dk, dv] = self.plan(&q, &k)?.backward(&q, &k, &v, &d_o, &o, lse.as_ref())?;
-        drop((q, k, v, d_o, o, lse));
+        let plan = self.plan(&q, &k)?;
+        // with q, k and v's weights in one matrix, their gradients come packed as that matrix's
+        // output would lie, rotated back there, and the input gradient is one GEMM over them
+        let packed = match &self.blk.qkv {
+            Some(_) if self.by_row(&q) => plan.backward_packed(&q, &k, &v, &d_o, &o, lse.as_ref())?.map(|p| self.unrotate_packed(p)).transpose()?.flatten(),
+            _ => None,
+        };
+        let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let grads_qkv = match packed {
+            Some(p) => {
+                drop((q, k, v, d_o, o, lse));
+                let width = p.dim(D::Minus1)?;
+                let p = p.reshape((p.elem_count() / width, width))?;
+                let cols = |h0: usize, n: usize| p.narrow(1, h0 * hd, n * hd);
+                ([cols(0, hq)?, cols(hq, hk)?, cols(hq + hk, hk)?], Some(p))
+            }
+            None => {
+                let [dq, dk, dv] = plan.backward(&q, &k, &v, &d_o, &o, lse.as_ref())?;
+                drop((q, k, v, d_o, o, lse));
+                let (dq, dk) = self.rope_qk(dq, dk, true)?;
+                let dq = then(dq, |dq| self.merge(dq))?;
+                let dk = then(dk, |dk| self.merge(dk))?;
+                let dv = then(dv, |dv| self.merge(dv))?;
+                ([dq, dk, dv], None)
+            }
+        };
         super::pool::trace(x.device(), "block backward, attention", self.li);
-        let (dq, dk) = self.rope_qk(dq, dk, true)?;
-        let dq = then(dq, |dq| self.merge(dq))?;
-        let dk = then(dk, |dk| self.merge(dk))?;
-        let dv = then(dv, |dv| self.merge(dv))?;
+        let ([dq, dk, dv], packed) = grads_qkv;
         let h = match norm {
             Some(h) => Some(h),
             None => self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?,
         };
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
-        let d_h = self.linears_backward(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h)?;
-        drop(h);
+        let fused = self.blk.qkv.as_ref().zip(packed.as_ref());
+        let d_h = self.linears_backward(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h, fused)?;
+        drop((h, dq, dk, dv, packed));
+        let d_h = d_h.reshape(x.shape())?;
         rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
+    }
+
+    /// The packed `[b, t, (heads + 2 kv_heads) hd]` gradients of attention with dq's and dk's
+    /// heads rotated back in place; `None` where RoPE would not rotate them in place (the
+    /// caller then takes the gradients apart).
+    fn unrotate_packed(&self, p: Tensor) -> Result<Option<Tensor>> {
+        let cfg = &self.inp.cfg;
+        let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let heads = p.reshape((self.inp.b, self.inp.t, hq + 2 * hk, hd))?;
+        let (dq, dk) = (heads.narrow(2, 0, hq)?, heads.narrow(2, hq, hk)?);
+        let (cos, sin) = (&self.inp.cos, &self.inp.sin);
+        if !rope::rotates_in_place(&dq, &dk, cos, sin) {
+            return Ok(None);
+        }
+        rope::rope_pair(dq, dk, cos, sin, true)?;
+        Ok(Some(p))
     }
 }
 
@@ -624,6 +691,16 @@ impl Adapted<'_> {
 /// weight of `acc`'s float dtype on CUDA (cuBLAS with beta = 1).
 fn in_place(base: &FrozenLinear, acc: &Tensor) -> bool {
     matches!(base.weight(), FrozenWeight::Dense(w) if w.dtype() == acc.dtype()) && acc.device().is_cuda() && matches!(acc.dtype(), DType::BF16 | DType::F32)
+}
+
+/// `g` as `[rows, n]`: itself where it already is (a slice of a wider matrix's columns stays a
+/// view, which a reshape would copy), else reshaped.
+fn as_rows(g: &Tensor, rows: usize, n: usize) -> Result<Tensor> {
+    if g.dims() == [rows, n] {
+        Ok(g.clone())
+    } else {
+        g.reshape((rows, n))
+    }
 }
 
 /// `f` of `x`, which is freed once `f` has run: `let y = then(y, ..)` gives the old `y` up, where
@@ -662,6 +739,7 @@ const FETCH_AHEAD: usize = 2;
 pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &LoraCtx, grads: &BlockGrads, inp: &Arc<BlockInputs>) -> Result<Tensor> {
     let mut pending = Vec::with_capacity(blocks.len());
     let mut h = x.detach();
+    grads.cast_ahead(lora, h.dtype())?;
     for (li, blk) in blocks.iter().enumerate() {
         let _span = tracing::trace_span!("block", layer = li).entered();
         let mut layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some((h.dtype(), grads)), li + 1 == blocks.len())?;

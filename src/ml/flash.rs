@@ -196,6 +196,26 @@ mod launch {
         Ok((a.tensor(o)?, lse))
     }
 
+    /// Where the backward writes dq, dk and dv.
+    pub enum Grads {
+        /// Three tensors, each laid out as its input.
+        Apart,
+        /// One `[b, t, (heads + 2 kv_heads) d]` tensor, each row dq's heads, then dk's, then dv's.
+        Packed,
+    }
+
+    /// The backward's result (see `Grads`).
+    pub enum Written {
+        Apart([Tensor; 3]),
+        Packed(Tensor),
+    }
+
+    /// A gradient's first element and strides in the memory the kernels write.
+    struct Dest {
+        ptr: u64,
+        rows: Rows,
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         a: &Args,
@@ -207,7 +227,54 @@ mod launch {
         lse: &Tensor,
         spans: &CausalSpans,
         scale: f64,
-    ) -> Result<[Tensor; 3]> {
+        grads: Grads,
+    ) -> Result<Written> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+        let stream = a.dev.cuda_stream();
+        match grads {
+            Grads::Apart => {
+                let (mut dq, mut dk, mut dv) = (a.out_like(q)?, a.out_like(k)?, a.out_like(v)?);
+                {
+                    let (pq, _gq) = dq.slice.device_ptr_mut(&stream);
+                    let (pk, _gk) = dk.slice.device_ptr_mut(&stream);
+                    let (pv, _gv) = dv.slice.device_ptr_mut(&stream);
+                    let dest = [Dest { ptr: pq, rows: dq.rows }, Dest { ptr: pk, rows: dk.rows }, Dest { ptr: pv, rows: dv.rows }];
+                    launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &dest)?;
+                }
+                Ok(Written::Apart([a.tensor(dq)?, a.tensor(dk)?, a.tensor(dv)?]))
+            }
+            Grads::Packed => {
+                let (b, t, d, h, kvh) = (a.b, a.t, a.d, a.h, a.kvh);
+                let width = (h + 2 * kvh) * d;
+                // SAFETY: the kernels write every element: each row's heads of dq, dk and dv
+                let mut slice = unsafe { a.dev.alloc::<bf16>(b * t * width)? };
+                {
+                    let (p, _g) = slice.device_ptr_mut(&stream);
+                    let rows = Rows { b: (t * width) as i64, h: d as i64, r: width as i64 };
+                    let at = |heads: usize| Dest { ptr: p + 2 * (heads * d) as u64, rows };
+                    launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &[at(0), at(h), at(h + kvh)])?;
+                }
+                let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, a.dev.clone()));
+                Ok(Written::Packed(Tensor::from_storage(storage, (b, t, width), BackpropOp::none(), false)))
+            }
+        }
+    }
+
+    /// The backward's kernels, writing dq, dk and dv to `dest`, memory of the sizes their
+    /// strides say that nothing else reads or writes meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_backward(
+        a: &Args,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        d_o: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        spans: &CausalSpans,
+        scale: f64,
+        dest: &[Dest; 3],
+    ) -> Result<()> {
         let (q, k, v, d_o, o) = (readable(q)?, readable(k)?, readable(v)?, readable(d_o)?, readable(o)?);
         let lse = lse.contiguous()?;
         let starts = spans.device_starts();
@@ -222,12 +289,12 @@ mod launch {
         let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
         let scale = scale as f32;
         let stream = a.dev.cuda_stream();
-        let (dq, dk, dv) = (a.out_like(&q)?, a.out_like(&k)?, a.out_like(&v)?);
+        let [dq, dk, dv] = dest;
         {
             let smem = 6 * 64 * a.pitch_bytes();
             let func = a.func("flash_dq", smem)?;
             let mut bld = stream.launch_builder(&func);
-            bld.arg(&qs).arg(&ks).arg(&vs).arg(&dos).arg(&os).arg(&ls).arg(&ds).arg(&dq.slice);
+            bld.arg(&qs).arg(&ks).arg(&vs).arg(&dos).arg(&os).arg(&ls).arg(&ds).arg(&dq.ptr);
             bld.arg(&sq).arg(&sk).arg(&sv).arg(&sdo).arg(&so).arg(&dq.rows);
             bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
             // SAFETY: argument types and order match the kernel's signature
@@ -244,7 +311,7 @@ mod launch {
             let part = a.f32s(if splits > 1 { 2 * splits * n } else { 1 })?;
             let splits_i = splits as i32;
             let mut bld = stream.launch_builder(&func);
-            bld.arg(&qs).arg(&ks).arg(&vs).arg(&dos).arg(&ls).arg(&ds).arg(&dk.slice).arg(&dv.slice).arg(&part).arg(&splits_i);
+            bld.arg(&qs).arg(&ks).arg(&vs).arg(&dos).arg(&ls).arg(&ds).arg(&dk.ptr).arg(&dv.ptr).arg(&part).arg(&splits_i);
             bld.arg(&sq).arg(&sk).arg(&sv).arg(&sdo).arg(&dk.rows).arg(&dv.rows);
             bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
             // SAFETY: argument types and order match the kernel's signature; `part` holds the
@@ -256,12 +323,12 @@ mod launch {
                 let (b, kvh, d) = (a.b as i32, a.kvh as i32, a.d as i32);
                 let blocks = (n / 2).div_ceil(256).min(132 * 16) as u32;
                 let mut bld = func.builder();
-                bld.arg(&part).arg(&dk.slice).arg(&dv.slice).arg(&dk.rows).arg(&dv.rows).arg(&splits_i).arg(&b).arg(&kvh).arg(&t).arg(&d);
+                bld.arg(&part).arg(&dk.ptr).arg(&dv.ptr).arg(&dk.rows).arg(&dv.rows).arg(&splits_i).arg(&b).arg(&kvh).arg(&t).arg(&d);
                 // SAFETY: argument types and order match the kernel's signature
                 unsafe { bld.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
             }
         }
-        Ok([a.tensor(dq)?, a.tensor(dk)?, a.tensor(dv)?])
+        Ok(())
     }
 }
 
@@ -337,6 +404,44 @@ pub fn backward(
     spans: &CausalSpans,
     scale: f64,
 ) -> Result<[Tensor; 3]> {
+    check_backward(q, k, v, d_o, o, lse, spans)?;
+    #[cfg(feature = "cuda")]
+    {
+        let bf = |x: &Tensor| x.to_dtype(DType::BF16);
+        match launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, launch::Grads::Apart)? {
+            launch::Written::Apart(g) => Ok(g),
+            launch::Written::Packed(_) => unreachable!("asked for the gradients apart"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (v, scale);
+        unreachable!("check refuses every tensor without the cuda feature")
+    }
+}
+
+/// `backward`'s gradients packed in one `[b, t, (heads + 2 kv_heads) d]` tensor: each row the
+/// row's dq heads, then dk's, then dv's, as a fused q/k/v projection's output lies, so that the
+/// three projections' input gradient is one GEMM over it.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_packed(q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: &Tensor, spans: &CausalSpans, scale: f64) -> Result<Tensor> {
+    check_backward(q, k, v, d_o, o, lse, spans)?;
+    #[cfg(feature = "cuda")]
+    {
+        let bf = |x: &Tensor| x.to_dtype(DType::BF16);
+        match launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, launch::Grads::Packed)? {
+            launch::Written::Packed(g) => Ok(g),
+            launch::Written::Apart(_) => unreachable!("asked for the gradients packed"),
+        }
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (v, scale);
+        unreachable!("check refuses every tensor without the cuda feature")
+    }
+}
+
+fn check_backward(q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: &Tensor, spans: &CausalSpans) -> Result<()> {
     check(q, k, v, spans)?;
     let rows = (q.dim(0)?, q.dim(1)?, q.dim(2)?);
     if d_o.shape() != q.shape() || o.shape() != q.shape() || lse.dims() != [rows.0, rows.1, rows.2] {
@@ -345,16 +450,7 @@ pub fn backward(
     if lse.dtype() != DType::F32 {
         candle_core::bail!("flash attention backward: lse is f32");
     }
-    #[cfg(feature = "cuda")]
-    {
-        let bf = |x: &Tensor| x.to_dtype(DType::BF16);
-        launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (v, scale);
-        unreachable!("check refuses every tensor without the cuda feature")
-    }
+    Ok(())
 }
 
 fn check(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans) -> Result<()> {
@@ -425,6 +521,15 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             out.push(KernelCheck { kernel: names[0], dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(&want, &got)?, tolerance: tol });
             for (kernel, want, got) in [(names[1], &dq, &grads[0]), (names[2], &dk, &grads[1]), (names[3], &dv, &grads[2])] {
                 out.push(KernelCheck { kernel, dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(want, got)?, tolerance: 2f32.powi(-5) * max(want)? });
+            }
+            if by_row && tiles == Tiles::One {
+                // the same gradients packed in one [b, t, (h + 2 kvh) d] tensor
+                let packed = backward_packed(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &got, &lse, &spans_dev, scale)?.reshape((b, t, h + 2 * kvh, d))?;
+                let heads = |h0: usize, n: usize| packed.narrow(2, h0, n)?.transpose(1, 2);
+                let names = ["flash attention packed dq", "flash attention packed dk", "flash attention packed dv"];
+                for (kernel, want, got) in [(names[0], &dq, heads(0, h)?), (names[1], &dk, heads(h, kvh)?), (names[2], &dv, heads(h + kvh, kvh)?)] {
+                    out.push(KernelCheck { kernel, dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(want, &got)?, tolerance: 2f32.powi(-5) * max(want)? });
+                }
             }
         }
     }

@@ -9,21 +9,36 @@ use candle_core::{DType, Result, Tensor};
 
 use super::KernelCheck;
 
-/// How a 2-D operand lies in memory: row-major, or the transpose of a row-major matrix.
+/// How a 2-D operand lies in memory: row-major, or the transpose of a row-major matrix, whose
+/// rows may lie further apart than their length (a slice of a wider matrix's columns).
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Operand {
     transposed: bool,
-    /// cuBLAS's leading dimension: the row length of the row-major matrix in memory.
+    /// cuBLAS's leading dimension: the distance between rows of the row-major matrix in memory.
     ld: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl Operand {
+    /// Elements from the first of an `[rows, cols]` operand to its last, both included.
+    fn span(self, rows: usize, cols: usize) -> usize {
+        let (outer, inner) = if self.transposed { (cols, rows) } else { (rows, cols) };
+        if outer == 0 || inner == 0 {
+            0
+        } else {
+            (outer - 1) * self.ld + inner
+        }
+    }
 }
 
 fn operand(t: &Tensor) -> Option<Operand> {
     let (r, c) = t.dims2().ok()?;
-    if t.is_contiguous() {
-        return Some(Operand { transposed: false, ld: c.max(1) });
+    let st = t.stride();
+    if (st[1] == 1 || c <= 1) && st[0] >= c && (st[0] > 0 || r <= 1) {
+        return Some(Operand { transposed: false, ld: st[0].max(c).max(1) });
     }
-    t.t().ok()?.is_contiguous().then_some(Operand { transposed: true, ld: r.max(1) })
+    ((st[0] == 1 || r <= 1) && st[1] >= r && (st[1] > 0 || c <= 1)).then_some(Operand { transposed: true, ld: st[1].max(r).max(1) })
 }
 
 fn dims(acc_elems: Option<usize>, a: &Tensor, b: &Tensor) -> Result<(usize, usize, usize)> {
@@ -48,16 +63,23 @@ fn on_cublas(c_dtype: DType, a: &Tensor, b: &Tensor) -> bool {
 /// `acc + alpha · a b` in `acc`'s dtype and shape, for `a` `[m, k]` and `b` `[k, n]` of one
 /// float dtype and `acc` of `m · n` elements. On CUDA, with bf16 or f32 operands (row-major or
 /// transposed views) and `acc` of their dtype or f32, one GEMM accumulates into `acc`'s storage
-/// (beta = 1; the caller must own `acc`); otherwise a product and a sum.
+/// (beta = 1; the caller must own `acc`), which may also be an `[m, n]` view of some columns of
+/// a wider row-major matrix (written in place there); otherwise a product and a sum.
 pub fn accumulate(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
     let (m, k, n) = dims(Some(acc.elem_count()), a, b)?;
     if !on_cublas(acc.dtype(), a, b) {
         let product = scaled(a.matmul(b)?, alpha)?.to_dtype(acc.dtype())?.reshape(acc.shape())?;
         return acc + product;
     }
-    let acc = acc.contiguous()?;
+    let acc = if row_strided(&acc, m, n) { acc } else { acc.contiguous()? };
     acc.inplace_op1(&Accumulate { a, b, m, k, n, alpha })?;
     Ok(acc)
+}
+
+/// Whether `t` is an `[m, n]` matrix whose rows are contiguous and evenly spaced (cuBLAS's
+/// output with a leading dimension).
+fn row_strided(t: &Tensor, m: usize, n: usize) -> bool {
+    t.dims() == [m, n] && (t.stride()[1] == 1 || n <= 1) && t.stride()[0] >= n
 }
 
 /// `alpha · a b` in `out`, for `a` `[m, k]` and `b` `[k, n]` of one float dtype. On CUDA, with
@@ -75,7 +97,7 @@ pub fn product(a: &Tensor, b: &Tensor, alpha: f64, out: DType) -> Result<Tensor>
             DType::BF16 => candle_core::CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(m * n)? }, dev.clone()),
             _ => candle_core::CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * n)? }, dev.clone()),
         };
-        cuda::gemm(&mut storage, 0, a, b, (m, k, n), alpha as f32, 0.0)?;
+        cuda::gemm(&mut storage, 0, n, a, b, (m, k, n), alpha as f32, 0.0)?;
         return Ok(Tensor::from_storage(candle_core::Storage::Cuda(storage), (m, n), candle_core::op::BackpropOp::none(), false));
     }
     let _ = (m, k, n);
@@ -137,8 +159,14 @@ impl candle_core::InplaceOp1 for Accumulate<'_> {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &candle_core::Layout) -> Result<()> {
-        let (start, _) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("accumulate-gemm: not contiguous".into()))?;
-        cuda::gemm(s, start, self.a, self.b, (self.m, self.k, self.n), self.alpha as f32, 1.0)
+        let ldc = if l.is_contiguous() {
+            self.n
+        } else if l.dims() == [self.m, self.n] && l.stride()[1] == 1 && l.stride()[0] >= self.n {
+            l.stride()[0]
+        } else {
+            candle_core::bail!("accumulate-gemm: {:?} is neither contiguous nor row-strided", l)
+        };
+        cuda::gemm(s, l.start_offset(), ldc, self.a, self.b, (self.m, self.k, self.n), self.alpha as f32, 1.0)
     }
 }
 
@@ -164,8 +192,10 @@ mod cuda {
         }
     }
 
-    /// `c = beta · c + alpha · a b` on `c`'s storage from element `start` (`[m, n]` row-major).
-    pub(super) fn gemm(c: &mut CudaStorage, start: usize, a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize), alpha: f32, beta: f32) -> Result<()> {
+    /// `c = beta · c + alpha · a b` on `c`'s storage from element `start` (`[m, n]` row-major,
+    /// rows `ldc` apart).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(c: &mut CudaStorage, start: usize, ldc: usize, a: &Tensor, b: &Tensor, (m, k, n): (usize, usize, usize), alpha: f32, beta: f32) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -187,11 +217,11 @@ mod cuda {
         // row-major c = a b is column-major c^T = b^T a^T: cuBLAS's first operand is b
         macro_rules! go {
             ($tab:ty, $tc:ty) => {{
-                let va = sa.as_cuda_slice::<$tab>()?.slice(oa_start..oa_start + m * k);
-                let vb = sb.as_cuda_slice::<$tab>()?.slice(ob_start..ob_start + k * n);
+                let va = sa.as_cuda_slice::<$tab>()?.slice(oa_start..oa_start + oa.span(m, k));
+                let vb = sb.as_cuda_slice::<$tab>()?.slice(ob_start..ob_start + ob.span(k, n));
                 let (pa, _ga) = va.device_ptr(&stream);
                 let (pb, _gb) = vb.device_ptr(&stream);
-                let mut cs = c.as_cuda_slice_mut::<$tc>()?.slice_mut(start..start + m * n);
+                let mut cs = c.as_cuda_slice_mut::<$tc>()?.slice_mut(start..start + (m - 1) * ldc + n);
                 let (pc, _gc) = cs.device_ptr_mut(&stream);
                 // SAFETY: a, b and c hold m·k, k·n and m·n elements from these pointers, laid out
                 // as `operand` found; alpha and beta are f32 for the f32 compute type
@@ -213,7 +243,7 @@ mod cuda {
                         (&beta) as *const f32 as *const _,
                         pc as *mut _,
                         data_type(c_dtype),
-                        n as i32,
+                        ldc as i32,
                         sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                     )
@@ -341,8 +371,8 @@ mod cuda {
         let (alpha, beta) = (1.0f32, 1.0f32);
         macro_rules! go {
             ($t:ty) => {{
-                let va = sa.as_cuda_slice::<$t>()?.slice(oa_start..oa_start + m * k);
-                let vb = sb.as_cuda_slice::<$t>()?.slice(ob_start..ob_start + k * n);
+                let va = sa.as_cuda_slice::<$t>()?.slice(oa_start..oa_start + oa.span(m, k));
+                let vb = sb.as_cuda_slice::<$t>()?.slice(ob_start..ob_start + ob.span(k, n));
                 let vc = sc.as_cuda_slice::<$t>()?.slice(c_start..c_start + m * n);
                 let (pa, _ga) = va.device_ptr(&stream);
                 let (pb, _gb) = vb.device_ptr(&stream);
@@ -429,6 +459,22 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<KernelCheck>> {
         let got = product_plus(&c_d, &a_rm.to_device(device)?.to_dtype(dtype)?, &b_view)?;
         push("gemm-product-plus", &want_plus, got, if dtype == DType::F32 { 1e-5 } else { 2f32.powi(-6) })?;
         push("gemm-product-plus-addend", &round(&acc)?, c_d, 0.0)?;
+        // operands and the sum as column slices of wider matrices (rows further apart than
+        // their length): a [48, 40] = columns 8..48 of [48, 56], the sum columns 16..40 of
+        // [48, 40]; the sum's other columns are left as they were
+        let wide_a = Tensor::randn(0f32, 1.0, (48, 56), &cpu)?;
+        let wide_acc = Tensor::randn(0f32, 1.0, (48, 40), &cpu)?;
+        let a_r = round(&wide_a.narrow(1, 8, 40)?)?;
+        let wide_acc_d = wide_acc.to_device(device)?.to_dtype(dtype)?;
+        let a_view = wide_a.to_device(device)?.to_dtype(dtype)?.narrow(1, 8, 40)?;
+        accumulate(wide_acc_d.narrow(1, 16, 24)?, &a_view, &b_view, 1.0)?;
+        let sum = (round(&wide_acc.narrow(1, 16, 24)?)? + a_r.matmul(&b_r)?)?;
+        let want = Tensor::cat(&[round(&wide_acc.narrow(1, 0, 16)?)?, sum], 1)?;
+        push("gemm-accumulate-strided", &want, wide_acc_d, if dtype == DType::F32 { 1e-5 } else { 2f32.powi(-6) })?;
+        // the strided operand transposed: a^T [40, 48] @ acc [48, 24]
+        let want = a_r.t()?.matmul(&round(&acc)?)?;
+        let got = product(&a_view.t()?, &acc.to_device(device)?.to_dtype(dtype)?, 1.0, DType::F32)?;
+        push("gemm-product-strided", &want, got, rel)?;
     }
     Ok(out)
 }

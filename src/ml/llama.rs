@@ -218,6 +218,36 @@ pub(super) struct Block {
     pub(super) attn_norm: Tensor,
     pub(super) ffn_norm: Tensor,
     pub(super) proj: [FrozenLinear; 7],
+    /// q, k and v's weights as one `[q_out + 2 kv_out, hidden]` matrix, whose row slices the
+    /// three projections hold (`fuse_qkv`): the training backward's input gradient of the three
+    /// is one GEMM over it, where three accumulating ones read and wrote the sum twice more and
+    /// k's and v's, 192 columns wide at the 135M shape, ran at half the tensor cores' rate.
+    /// `None` where the weights are not all dense, off CUDA, and where a projection's weight
+    /// was replaced (`Llama::merged`).
+    pub(super) qkv: Option<FrozenLinear>,
+}
+
+impl Block {
+    /// This block with q, k and v's weights in one matrix (`qkv`) where they are dense, of
+    /// one dtype, on a CUDA device; as it is elsewhere. The separate weights are freed.
+    fn fuse_qkv(mut self) -> candle_core::Result<Block> {
+        let dense = |p: Proj| match self.proj[p as usize].weight() {
+            ops::FrozenWeight::Dense(w) if w.device().is_cuda() && w.is_contiguous() => Some(w.clone()),
+            _ => None,
+        };
+        let (Some(q), Some(k), Some(v)) = (dense(Proj::Q), dense(Proj::K), dense(Proj::V)) else { return Ok(self) };
+        if k.dtype() != q.dtype() || v.dtype() != q.dtype() || k.dim(1)? != q.dim(1)? || v.dim(1)? != q.dim(1)? {
+            return Ok(self);
+        }
+        let (nq, nk, nv) = (q.dim(0)?, k.dim(0)?, v.dim(0)?);
+        let fused = Tensor::cat(&[&q, &k, &v], 0)?;
+        drop((q, k, v));
+        self.proj[Proj::Q as usize] = FrozenLinear::dense(fused.narrow(0, 0, nq)?)?;
+        self.proj[Proj::K as usize] = FrozenLinear::dense(fused.narrow(0, nq, nk)?)?;
+        self.proj[Proj::V as usize] = FrozenLinear::dense(fused.narrow(0, nq + nk, nv)?)?;
+        self.qkv = Some(FrozenLinear::dense(fused)?);
+        Ok(self)
+    }
 }
 
 /// The frozen backbone.
@@ -383,6 +413,10 @@ impl Llama {
             let w = dense(layer, p).ok_or_else(|| MlError::Model("merged weight not dense".into()))?;
             let merged = (w.to_dtype(DType::F32)? + delta)?.to_dtype(w.dtype())?;
             blocks[layer].proj[p as usize] = FrozenLinear::dense(merged)?;
+            if matches!(p, Proj::Q | Proj::K | Proj::V) {
+                // the fused matrix holds the weight as it was
+                blocks[layer].qkv = None;
+            }
         }
         Ok(Some(Llama { blocks, ..self.clone() }))
     }
@@ -460,6 +494,7 @@ impl Llama {
                 attn_norm: norm(&format!("blk.{i}.attn_norm.weight"), reader)?,
                 ffn_norm: norm(&format!("blk.{i}.ffn_norm.weight"), reader)?,
                 proj: proj.try_into().map_err(|_| MlError::Model("block has 7 projections".into()))?,
+                qkv: None,
             });
         }
         let embed = embed_q.dequantize(device)?.to_dtype(act_dtype)?;
@@ -469,7 +504,7 @@ impl Llama {
             Err(_) => FrozenLinear::dense(embed.clone())?,
         };
         let norm_w = norm("output_norm.weight", reader)?;
-        Ok(Self::assemble(cfg, embed, blocks, norm_w, lm_head, device, act_dtype))
+        Self::assemble(cfg, embed, blocks, norm_w, lm_head, device, act_dtype)
     }
 
     /// Load a Hugging Face model directory (`config.json`, `*.safetensors`).
@@ -515,6 +550,7 @@ impl Llama {
                 attn_norm: get(&format!("model.layers.{i}.input_layernorm.weight"))?.to_dtype(act_dtype)?,
                 ffn_norm: get(&format!("model.layers.{i}.post_attention_layernorm.weight"))?.to_dtype(act_dtype)?,
                 proj: proj.try_into().map_err(|_| MlError::Model("block has 7 projections".into()))?,
+                qkv: None,
             });
         }
         let embed = get("model.embed_tokens.weight")?.to_dtype(act_dtype)?;
@@ -527,7 +563,7 @@ impl Llama {
             }
         };
         let norm = get("model.norm.weight")?.to_dtype(act_dtype)?;
-        Ok(Self::assemble(cfg, embed, blocks, norm, lm_head, device, act_dtype))
+        Self::assemble(cfg, embed, blocks, norm, lm_head, device, act_dtype)
     }
 
     /// Random weights of a given shape (benchmarks and tests), drawn on the device (uniform
@@ -558,12 +594,13 @@ impl Llama {
                 attn_norm: Tensor::ones(cfg.hidden_size, dtype, device)?,
                 ffn_norm: Tensor::ones(cfg.hidden_size, dtype, device)?,
                 proj: proj.try_into().map_err(|_| MlError::Model("block has 7 projections".into()))?,
+                qkv: None,
             });
         }
         let embed = randn((cfg.vocab_size, cfg.hidden_size))?;
         let lm_head = FrozenLinear::dense(embed.clone())?;
         let norm = Tensor::ones(cfg.hidden_size, dtype, device)?;
-        Ok(Self::assemble(cfg, embed, blocks, norm, lm_head, device, dtype))
+        Self::assemble(cfg, embed, blocks, norm, lm_head, device, dtype)
     }
 
     fn assemble(
@@ -574,12 +611,13 @@ impl Llama {
         lm_head: FrozenLinear,
         device: &Device,
         dtype: DType,
-    ) -> Llama {
+    ) -> Result<Llama, MlError> {
+        let blocks = blocks.into_iter().map(Block::fuse_qkv).collect::<candle_core::Result<Vec<_>>>()?;
         let half = cfg.head_dim / 2;
         let inv_freq = (0..half)
             .map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / cfg.head_dim as f32))
             .collect();
-        Llama { cfg, embed, host_table: None, blocks, norm, lm_head, inv_freq, device: device.clone(), dtype }
+        Ok(Llama { cfg, embed, host_table: None, blocks, norm, lm_head, inv_freq, device: device.clone(), dtype })
     }
 
     /// cos/sin tables for the batch: `[t, d/2]` when every row starts at 0, else `[b, t, d/2]`.

@@ -761,6 +761,20 @@ impl AttentionPlan {
     /// flash kernels recompute them from `lse` (the forward's, from `forward_saving`; computed
     /// again when `None`). Both need `D = sum_d d_o * o` per query: the flash dq kernel computes
     /// it on the way, the chunked path first (f32; f64 for f64 data).
+    /// `backward`'s gradients packed in one `[b, t, (heads + 2 kv_heads) d]` tensor (dq's heads,
+    /// dk's, dv's in each row: `flash::backward_packed`) where the flash kernels run; `None`
+    /// elsewhere.
+    pub fn backward_packed(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: Option<&Tensor>) -> Result<Option<Tensor>> {
+        if !self.flash {
+            return Ok(None);
+        }
+        let lse = match lse {
+            Some(lse) => lse.clone(),
+            None => super::flash::forward(q, k, v, &self.spans, self.scale)?.1,
+        };
+        super::flash::backward_packed(q, k, v, d_o, o, &lse, &self.spans, self.scale).map(Some)
+    }
+
     pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: Option<&Tensor>) -> Result<[Tensor; 3]> {
         let (b, h, kvh, t, d) = (self.b, self.h, self.kvh, self.t, self.d);
         if self.flash {

@@ -12,8 +12,10 @@ const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/rope.ptx"));
 
 /// `q` `[b, t, hq, d]` and `k` `[b, t, hk, d]` rotated by the tables `cos` and `sin`
 /// (`[t, d/2]`, or `[b, t, d/2]` where rows start at other positions), or rotated back with
-/// `inverse`. On CUDA (f32 or bf16, everything contiguous and of one dtype, `d/2` a whole number
-/// of 16-byte pieces) both are rotated in their own storage, which the caller must own.
+/// `inverse`. On CUDA (f32 or bf16 of one dtype, `d/2` a whole number of 16-byte pieces, the
+/// tables contiguous, q and k each with its rows' heads contiguous and its rows evenly spaced:
+/// contiguous, or some heads of a wider packed row; see `rotates_in_place`) both are rotated in
+/// their own storage, which the caller must own.
 pub fn rope_pair(q: Tensor, k: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<(Tensor, Tensor)> {
     let (b, t, hq, d) = q.dims4()?;
     let (bk, tk, hk, dk) = k.dims4()?;
@@ -24,23 +26,45 @@ pub fn rope_pair(q: Tensor, k: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool
     if !table(cos) || !table(sin) {
         candle_core::bail!("rope: tables {:?} and {:?} do not fit queries {:?}", cos.shape(), sin.shape(), q.shape());
     }
-    let dtype = q.dtype();
-    let piece = 16 / dtype.size_in_bytes();
-    let aligned = |x: &Tensor| x.is_contiguous() && (x.layout().start_offset() * dtype.size_in_bytes()).is_multiple_of(16);
-    let fits = q.device().is_cuda()
-        && matches!(dtype, DType::F32 | DType::BF16)
-        && [&k, cos, sin].iter().all(|x| x.dtype() == dtype)
-        && (d / 2) % piece == 0
-        && [&q, &k, cos, sin].iter().all(|x| aligned(x));
-    if !fits {
+    let (Some(ldq), Some(ldk)) = (in_place_rows(&q, cos, sin), in_place_rows(&k, cos, sin)) else {
         let sin = if inverse { sin.neg()? } else { sin.clone() };
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, &sin)?;
         let k = candle_nn::rotary_emb::rope_thd(&k.contiguous()?, cos, &sin)?;
         return Ok((q, k));
-    }
+    };
     let per_row_tables = cos.rank() == 3;
-    q.inplace_op1(&RopePair { k: &k, cos, sin, t, hq, hk, d, per_row_tables, sign: if inverse { -1.0 } else { 1.0 } })?;
+    q.inplace_op1(&RopePair { k: &k, cos, sin, rows: b * t, ldq, ldk, t, hq, hk, d, per_row_tables, sign: if inverse { -1.0 } else { 1.0 } })?;
     Ok((q, k))
+}
+
+/// Whether `rope_pair` rotates `q` and `k` in their own storage (the kernel's case), rather than
+/// into new tensors.
+pub fn rotates_in_place(q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+    in_place_rows(q, cos, sin).is_some() && in_place_rows(k, cos, sin).is_some()
+}
+
+/// The distance between `x`'s rows (`[b, t, h, d]`) where the kernel rotates it in place with
+/// these tables: on CUDA, f32 or bf16 like the contiguous tables, `d/2` a whole number of
+/// 16-byte pieces, each row's heads contiguous and the rows evenly spaced, every row starting
+/// on 16 bytes.
+fn in_place_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<usize> {
+    let dtype = x.dtype();
+    let size = dtype.size_in_bytes();
+    let piece = 16 / size;
+    let (_, t, h, d) = x.dims4().ok()?;
+    let st = x.stride();
+    let aligned = |x: &Tensor| (x.layout().start_offset() * size).is_multiple_of(16);
+    let fits = x.device().is_cuda()
+        && matches!(dtype, DType::F32 | DType::BF16)
+        && [cos, sin].iter().all(|y| y.dtype() == dtype && y.is_contiguous() && aligned(y))
+        && (d / 2) % piece == 0
+        && aligned(x)
+        && st[3] == 1
+        && (st[2] == d || h == 1)
+        && st[1] >= h * d
+        && st[1] % piece == 0
+        && st[0] == t * st[1];
+    fits.then_some(st[1])
 }
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
@@ -48,6 +72,10 @@ struct RopePair<'a> {
     k: &'a Tensor,
     cos: &'a Tensor,
     sin: &'a Tensor,
+    rows: usize,
+    /// Elements between consecutive rows of q and of k.
+    ldq: usize,
+    ldk: usize,
     t: usize,
     hq: usize,
     hk: usize,
@@ -70,10 +98,14 @@ impl InplaceOp1 for RopePair<'_> {
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::WrapErr;
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("rope-pair: queries not contiguous".into()))?;
         let dev = s.device().clone();
         let dtype = s.dtype();
-        let rows = ((b - a) / (self.hq * self.d)) as u64;
+        // each tensor's elements from its first to its last
+        let span = |ld: usize, heads: usize| if self.rows == 0 { 0 } else { (self.rows - 1) * ld + heads * self.d };
+        let a = l.start_offset();
+        let b = a + span(self.ldq, self.hq);
+        let rows = self.rows as u64;
+        let (ldq, ldk) = (self.ldq as u64, self.ldk as u64);
         let pieces = rows * ((self.hq + self.hk) * self.d / 2 / (16 / dtype.size_in_bytes())) as u64;
         let cfg = LaunchConfig { grid_dim: (pieces.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (k, cos, sin) = (self.k, self.cos, self.sin);
@@ -83,12 +115,18 @@ impl InplaceOp1 for RopePair<'_> {
         macro_rules! go {
             ($t:ty, $suffix:literal) => {{
                 let mut qs = s.as_cuda_slice_mut::<$t>()?.slice_mut(a..b);
-                let ks = cuda_slice_of!(k_guard, k, $t);
+                let ks = match &*k_guard {
+                    candle_core::Storage::Cuda(c) => {
+                        let k0 = k.layout().start_offset();
+                        c.as_cuda_slice::<$t>()?.slice(k0..k0 + span(self.ldk, self.hk))
+                    }
+                    _ => candle_core::bail!("rope-pair: keys not on the cuda device"),
+                };
                 let cs = cuda_slice_of!(cos_guard, cos, $t);
                 let ss = cuda_slice_of!(sin_guard, sin, $t);
                 let func = dev.get_or_load_custom_func(concat!("rope_qk_", $suffix), "rope", KERNELS)?;
                 let mut builder = func.builder();
-                builder.arg(&mut qs).arg(&ks).arg(&cs).arg(&ss).arg(&rows).arg(&t).arg(&hq).arg(&hk).arg(&d).arg(&per_row).arg(&self.sign);
+                builder.arg(&mut qs).arg(&ks).arg(&cs).arg(&ss).arg(&rows).arg(&ldq).arg(&ldk).arg(&t).arg(&hq).arg(&hk).arg(&d).arg(&per_row).arg(&self.sign);
                 // SAFETY: argument types and order match the kernel's signature; the kernel also
                 // writes k's storage, which the caller owns (see `rope_pair`)
                 unsafe { builder.launch(cfg) }.w()?;
@@ -130,6 +168,17 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
                     for (kernel, want, got) in [("rope q", &want_q, got_q), ("rope k", &want_k, got_k)] {
                         out.push(KernelCheck::relative(kernel, format!("{dtype:?}"), (per_row as usize, d), want, &got, rel)?);
                     }
+                    // q and k as heads of one packed row [q | k | v] (v's heads, k's copy, are
+                    // left as they were): rotated in the packed memory
+                    let packed = on(&Tensor::cat(&[&q, &k, &k], 2)?)?;
+                    let (pq, pk) = (packed.narrow(2, 0, hq)?, packed.narrow(2, hq, hk)?);
+                    let (cos_d, sin_d) = (on(&cos)?, on(&sin)?);
+                    if !rotates_in_place(&pq, &pk, &cos_d, &sin_d) {
+                        continue;
+                    }
+                    rope_pair(pq, pk, &cos_d, &sin_d, inverse)?;
+                    let want = Tensor::cat(&[&want_q, &want_k, &kr], 2)?;
+                    out.push(KernelCheck::relative("rope packed", format!("{dtype:?}"), (per_row as usize, d), &want, &packed, rel)?);
                 }
             }
         }
