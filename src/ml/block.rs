@@ -399,11 +399,16 @@ impl Layer {
         let cfg = &self.inp.cfg;
         let mut lora_h = (keep != Keep::Nothing).then(BTreeMap::new);
         let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
-        let [q, k, v] = self.linears([Proj::Q, Proj::K, Proj::V], &h, lora_h.as_mut())?;
+        let [q, k, v] = match self.fused_qkv(&h, lora_h.as_mut())? {
+            Some(qkv) => qkv,
+            None => {
+                let [q, k, v] = self.linears([Proj::Q, Proj::K, Proj::V], &h, lora_h.as_mut())?;
+                let (q, k) = self.rope_qk(self.heads(&q, cfg.num_heads)?, self.heads(&k, cfg.num_kv_heads)?, false)?;
+                [q, k, self.heads(&v, cfg.num_kv_heads)?]
+            }
+        };
         // kept where the backward would otherwise recompute it (`norm_for`)
         let norm = (self.keep_norm && keep == Keep::All && self.adapted(&[Proj::Q, Proj::K, Proj::V])).then_some(h);
-        let (q, k) = self.rope_qk(self.heads(&q, cfg.num_heads)?, self.heads(&k, cfg.num_kv_heads)?, false)?;
-        let v = self.heads(&v, cfg.num_kv_heads)?;
         let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
         let y = self.merge(&y)?;
         let mid = self.linear_plus(Proj::O, &y, x, lora_h.as_mut())?;
@@ -430,6 +435,46 @@ impl Layer {
         };
         let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, mlp, lora_h: lora_h.unwrap_or_default(), norm });
         Ok((out, saved))
+    }
+
+    /// q (rotated), k (rotated) and v `[b, heads, t, hd]` of the attention norm's output `h`
+    /// from q, k and v's weights in one matrix (`Block::qkv`): one GEMM writes the three
+    /// projections side by side in each row, the adapters' products are accumulated into their
+    /// columns, RoPE rotates q's and k's heads there, and the three are views of that one
+    /// tensor, as the flash kernels read them. `None` where the block has no such matrix, the
+    /// flash layout does not apply (`by_row`) or an adapted projection's factors were not cast
+    /// (a forward outside training); with `lora_h`, the adapters' r-wide products are left there.
+    fn fused_qkv(&self, h: &Tensor, mut lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Option<[Tensor; 3]>> {
+        let projs = [Proj::Q, Proj::K, Proj::V];
+        let Some(w) = self.blk.qkv.as_ref().filter(|_| self.by_row(h)) else { return Ok(None) };
+        let group = self.group(&projs, None);
+        if group.is_none() && self.adapted(&projs) {
+            return Ok(None);
+        }
+        let cfg = &self.inp.cfg;
+        let (b, t, hq, hk, hd) = (self.inp.b, self.inp.t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let n_in = h.dim(D::Minus1)?;
+        let rows = h.elem_count() / n_in.max(1);
+        let h2 = h.reshape((rows, n_in))?;
+        let y = w.forward_detached(&h2)?;
+        if let Some(group) = group {
+            let (members, prob) = Adapted::members(&group);
+            for (m, hm) in group.iter().zip(lora_group::down(&h2, &members, prob)?) {
+                let (first, heads) = match m.proj {
+                    Proj::Q => (0, hq),
+                    Proj::K => (hq, hk),
+                    _ => (hq + hk, hk),
+                };
+                gemm::accumulate_in_place(&y.narrow(1, first * hd, heads * hd)?, &hm, &m.cast.bs.t()?, 1.0)?;
+                if let Some(kept) = lora_h.as_deref_mut() {
+                    kept.insert(m.proj, hm);
+                }
+            }
+        }
+        let heads = y.reshape((b, t, hq + 2 * hk, hd))?;
+        let (q, k) = rope::rope_pair(heads.narrow(2, 0, hq)?, heads.narrow(2, hq, hk)?, &self.inp.cos, &self.inp.sin, false)?;
+        let v = heads.narrow(2, hq + hk, hk)?;
+        Ok(Some([q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?]))
     }
 
     /// `mid + down(silu(gate) * up)` for a frozen down_proj, the product made for about 16 MiB

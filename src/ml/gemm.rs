@@ -76,6 +76,17 @@ pub fn accumulate(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Ten
     Ok(acc)
 }
 
+/// `acc += alpha · a b` in `acc`'s own storage, for a contiguous or row-strided `[m, n]` `acc`
+/// (some columns of a wider matrix, as `accumulate` takes it) and operands of its dtype on CUDA
+/// that cuBLAS reads; an error where one GEMM cannot do it in place.
+pub fn accumulate_in_place(acc: &Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<()> {
+    let (m, k, n) = dims(Some(acc.elem_count()), a, b)?;
+    if !on_cublas(acc.dtype(), a, b) || !(acc.is_contiguous() || row_strided(acc, m, n)) {
+        candle_core::bail!("gemm: {:?} += {:?} @ {:?} cannot be accumulated in place", acc.layout(), a.layout(), b.layout());
+    }
+    acc.inplace_op1(&Accumulate { a, b, m, k, n, alpha })
+}
+
 /// Whether `t` is an `[m, n]` matrix whose rows are contiguous and evenly spaced (cuBLAS's
 /// output with a leading dimension).
 fn row_strided(t: &Tensor, m: usize, n: usize) -> bool {
