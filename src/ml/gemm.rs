@@ -489,3 +489,47 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<KernelCheck>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// How cuBLAS is told each layout: row-major with its row distance, the transpose of one, or
+    /// none (the caller then copies), and the elements from an operand's first to its last.
+    #[test]
+    fn operands_are_described_by_their_strides() -> Result<()> {
+        let m = Tensor::zeros((6, 10), DType::F32, &Device::Cpu)?;
+        let describe = |t: &Tensor| operand(t).map(|o| (o.transposed, o.ld));
+        // contiguous, and its transpose
+        assert_eq!(describe(&m), Some((false, 10)));
+        assert_eq!(describe(&m.t()?), Some((true, 10)));
+        // columns 2..6: rows 10 apart; its transpose likewise
+        let cols = m.narrow(1, 2, 4)?;
+        assert_eq!(describe(&cols), Some((false, 10)));
+        assert_eq!(describe(&cols.t()?), Some((true, 10)));
+        assert_eq!(operand(&cols).map(|o| o.span(6, 4)), Some(5 * 10 + 4));
+        assert_eq!(operand(&cols.t()?).map(|o| o.span(4, 6)), Some(5 * 10 + 4));
+        // one row or one column of any stride is still a matrix cuBLAS reads
+        assert_eq!(describe(&m.narrow(0, 3, 1)?), Some((false, 10)));
+        assert_eq!(describe(&m.narrow(1, 3, 1)?), Some((false, 10)));
+        // every other column, and a broadcast, are neither
+        let every_other = m.reshape((6, 5, 2))?.narrow(2, 0, 1)?.squeeze(2)?;
+        assert_eq!(describe(&every_other), None);
+        let broadcast = Tensor::zeros((1, 10), DType::F32, &Device::Cpu)?.broadcast_as((6, 10))?;
+        assert_eq!(describe(&broadcast), None);
+        Ok(())
+    }
+
+    #[test]
+    fn a_sum_in_place_takes_contiguous_or_row_strided_matrices() -> Result<()> {
+        let m = Tensor::zeros((6, 10), DType::F32, &Device::Cpu)?;
+        assert!(row_strided(&m.narrow(1, 2, 4)?, 6, 4));
+        assert!(!row_strided(&m.t()?, 10, 6));
+        assert!(!row_strided(&m.narrow(1, 2, 4)?, 4, 6));
+        // off CUDA nothing is summed in place: an error, not a silent copy
+        let (a, b) = (Tensor::zeros((6, 3), DType::F32, &Device::Cpu)?, Tensor::zeros((3, 4), DType::F32, &Device::Cpu)?);
+        assert!(accumulate_in_place(&m.narrow(1, 2, 4)?, &a, &b, 1.0).is_err());
+        Ok(())
+    }
+}
