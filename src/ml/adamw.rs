@@ -200,7 +200,7 @@ pub(crate) fn cast_scaled_bf16(xs: &[(&Tensor, f64)]) -> Result<Option<Vec<Tenso
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{Result, Storage, Tensor, Var};
@@ -282,8 +282,8 @@ mod cuda {
         let stream = dev.cuda_stream();
         // SAFETY: the kernel writes every element of each result; the padding between them is
         // never read
-        let out = unsafe { dev.alloc::<half::bf16>(total.max(1))? };
-        let (base, out_read) = out.device_ptr(&stream);
+        let mut out = unsafe { dev.alloc::<half::bf16>(total.max(1))? };
+        let (base, out_write) = out.device_ptr_mut(&stream);
         let locks: Vec<_> = xs.iter().map(|(x, _)| x.storage_and_layout()).collect();
         let mut table = Vec::with_capacity(4 * n);
         let mut reads = Vec::with_capacity(n);
@@ -297,7 +297,6 @@ mod cuda {
             table.extend_from_slice(&[p + 4 * l.start_offset() as u64, base + 2 * *start as u64, x.elem_count() as u64, scale.to_bits() as u64]);
             longest = longest.max(x.elem_count());
         }
-        drop(out_read);
         let table = stream.clone_htod(&table).w()?;
         let f = dev.get_or_load_custom_func("factor_casts", "adamw", KERNELS)?;
         let mut b = f.builder();
@@ -307,7 +306,7 @@ mod cuda {
         // live f32 sources and bf16 destinations inside `out`, of the lengths it gives
         unsafe { b.launch(LaunchConfig { grid_dim: (blocks, n as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
         drop(b);
-        drop(reads);
+        drop((reads, out_write));
         let flat = Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())), total.max(1), BackpropOp::none(), false);
         xs.iter().zip(starts).map(|((x, _), start)| flat.narrow(0, start, x.elem_count())?.reshape(x.shape())).collect()
     }
@@ -345,7 +344,15 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         .into_iter()
         .map(|(s, scale)| Ok((Tensor::randn(0f32, 1.0, s, &cpu)?, scale)))
         .collect::<Result<_>>()?;
-    let on_dev: Vec<(Tensor, f64)> = xs.iter().map(|(x, s)| Ok((x.to_device(device)?, *s))).collect::<Result<_>>()?;
+    // the last source starts three rows into a larger tensor's storage
+    let on_dev: Vec<(Tensor, f64)> = xs
+        .iter()
+        .enumerate()
+        .map(|(i, (x, s))| {
+            let x = if i + 1 == xs.len() { Tensor::cat(&[&x.narrow(0, 0, 3)?, x], 0)?.to_device(device)?.narrow(0, 3, x.dim(0)?)? } else { x.to_device(device)? };
+            Ok((x, *s))
+        })
+        .collect::<Result<_>>()?;
     let refs: Vec<(&Tensor, f64)> = on_dev.iter().map(|(x, s)| (x, *s)).collect();
     if let Some(got) = cast_scaled_bf16(&refs)? {
         for ((x, scale), got) in xs.iter().zip(got) {

@@ -472,7 +472,10 @@ impl Layer {
             }
         }
         let heads = y.reshape((b, t, hq + 2 * hk, hd))?;
-        let (q, k) = rope::rope_pair(heads.narrow(2, 0, hq)?, heads.narrow(2, hq, hk)?, &self.inp.cos, &self.inp.sin, false)?;
+        // q's and k's heads rotated as one tensor, in place (or, where the kernel does not
+        // apply, into a new one)
+        let qk = rope::rope_heads(heads.narrow(2, 0, hq + hk)?, &self.inp.cos, &self.inp.sin, false)?;
+        let (q, k) = (qk.narrow(2, 0, hq)?, qk.narrow(2, hq, hk)?);
         let v = heads.narrow(2, hq + hk, hk)?;
         Ok(Some([q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?]))
     }
@@ -702,12 +705,12 @@ impl Layer {
         let cfg = &self.inp.cfg;
         let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let heads = p.reshape((self.inp.b, self.inp.t, hq + 2 * hk, hd))?;
-        let (dq, dk) = (heads.narrow(2, 0, hq)?, heads.narrow(2, hq, hk)?);
+        let dqk = heads.narrow(2, 0, hq + hk)?;
         let (cos, sin) = (&self.inp.cos, &self.inp.sin);
-        if !rope::rotates_in_place(&dq, &dk, cos, sin) {
+        if !rope::rotates_in_place(&dqk, cos, sin) {
             return Ok(None);
         }
-        rope::rope_pair(dq, dk, cos, sin, true)?;
+        rope::rope_heads(dqk, cos, sin, true)?;
         Ok(Some(p))
     }
 }

@@ -90,7 +90,11 @@ pub fn accumulate_in_place(acc: &Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> 
 /// Whether `t` is an `[m, n]` matrix whose rows are contiguous and evenly spaced (cuBLAS's
 /// output with a leading dimension).
 fn row_strided(t: &Tensor, m: usize, n: usize) -> bool {
-    t.dims() == [m, n] && (t.stride()[1] == 1 || n <= 1) && t.stride()[0] >= n
+    layout_row_strided(t.layout(), m, n)
+}
+
+fn layout_row_strided(l: &candle_core::Layout, m: usize, n: usize) -> bool {
+    l.dims() == [m, n] && l.stride()[1] == 1 && l.stride()[0] >= n
 }
 
 /// `alpha · a b` in `out`, for `a` `[m, k]` and `b` `[k, n]` of one float dtype. On CUDA, with
@@ -172,7 +176,7 @@ impl candle_core::InplaceOp1 for Accumulate<'_> {
     fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &candle_core::Layout) -> Result<()> {
         let ldc = if l.is_contiguous() {
             self.n
-        } else if l.dims() == [self.m, self.n] && l.stride()[1] == 1 && l.stride()[0] >= self.n {
+        } else if layout_row_strided(l, self.m, self.n) {
             l.stride()[0]
         } else {
             candle_core::bail!("accumulate-gemm: {:?} is neither contiguous nor row-strided", l)

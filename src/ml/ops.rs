@@ -756,11 +756,6 @@ impl AttentionPlan {
         Tensor::cat(&outs, 2)
     }
 
-    /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous), given the forward's
-    /// output `o` `[b, h, t, d]` (any layout). Each chunk's probabilities are recomputed; the
-    /// flash kernels recompute them from `lse` (the forward's, from `forward_saving`; computed
-    /// again when `None`). Both need `D = sum_d d_o * o` per query: the flash dq kernel computes
-    /// it on the way, the chunked path first (f32; f64 for f64 data).
     /// `backward`'s gradients packed in one `[b, t, (heads + 2 kv_heads) d]` tensor (dq's heads,
     /// dk's, dv's in each row: `flash::backward_packed`) where the flash kernels run; `None`
     /// elsewhere.
@@ -775,6 +770,11 @@ impl AttentionPlan {
         super::flash::backward_packed(q, k, v, d_o, o, &lse, &self.spans, self.scale).map(Some)
     }
 
+    /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous), given the forward's
+    /// output `o` `[b, h, t, d]` (any layout). Each chunk's probabilities are recomputed; the
+    /// flash kernels recompute them from `lse` (the forward's, from `forward_saving`; computed
+    /// again when `None`). Both need `D = sum_d d_o * o` per query: the flash dq kernel computes
+    /// it on the way, the chunked path first (f32; f64 for f64 data).
     pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: Option<&Tensor>) -> Result<[Tensor; 3]> {
         let (b, h, kvh, t, d) = (self.b, self.h, self.kvh, self.t, self.d);
         if self.flash {

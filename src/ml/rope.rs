@@ -33,14 +33,33 @@ pub fn rope_pair(q: Tensor, k: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool
         return Ok((q, k));
     };
     let per_row_tables = cos.rank() == 3;
-    q.inplace_op1(&RopePair { k: &k, cos, sin, rows: b * t, ldq, ldk, t, hq, hk, d, per_row_tables, sign: if inverse { -1.0 } else { 1.0 } })?;
+    q.inplace_op1(&RopePair { k: Some(&k), cos, sin, rows: b * t, ldq, ldk, t, hq, hk, d, per_row_tables, sign: if inverse { -1.0 } else { 1.0 } })?;
     Ok((q, k))
 }
 
-/// Whether `rope_pair` rotates `q` and `k` in their own storage (the kernel's case), rather than
-/// into new tensors.
-pub fn rotates_in_place(q: &Tensor, k: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
-    in_place_rows(q, cos, sin).is_some() && in_place_rows(k, cos, sin).is_some()
+/// `rope_pair` for the heads of one tensor `x` `[b, t, h, d]`: the queries' and keys' heads side
+/// by side in one packed row (`x` a slice of its heads), rotated in their own storage by one
+/// launch where `rotates_in_place`, else into a new tensor. One tensor, because q and k as two
+/// slices of one storage would have the kernel's launch lock that storage twice.
+pub fn rope_heads(x: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor> {
+    let (b, t, h, d) = x.dims4()?;
+    let table = |y: &Tensor| y.dims() == [t, d / 2] || y.dims() == [b, t, d / 2];
+    if d % 2 != 0 || !table(cos) || !table(sin) {
+        candle_core::bail!("rope: tables {:?} and {:?} do not fit {:?}", cos.shape(), sin.shape(), x.shape());
+    }
+    let Some(ld) = in_place_rows(&x, cos, sin) else {
+        let sin = if inverse { sin.neg()? } else { sin.clone() };
+        return candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, &sin);
+    };
+    let per_row_tables = cos.rank() == 3;
+    x.inplace_op1(&RopePair { k: None, cos, sin, rows: b * t, ldq: ld, ldk: 0, t, hq: h, hk: 0, d, per_row_tables, sign: if inverse { -1.0 } else { 1.0 } })?;
+    Ok(x)
+}
+
+/// Whether `rope_heads` rotates `x` in its own storage (the kernel's case), rather than into a
+/// new tensor.
+pub fn rotates_in_place(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+    in_place_rows(x, cos, sin).is_some()
 }
 
 /// The distance between `x`'s rows (`[b, t, h, d]`) where the kernel rotates it in place with
@@ -69,7 +88,8 @@ fn in_place_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<usize> {
 
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct RopePair<'a> {
-    k: &'a Tensor,
+    /// None: the op's own tensor holds every head (`hk` 0).
+    k: Option<&'a Tensor>,
     cos: &'a Tensor,
     sin: &'a Tensor,
     rows: usize,
@@ -109,24 +129,35 @@ impl InplaceOp1 for RopePair<'_> {
         let pieces = rows * ((self.hq + self.hk) * self.d / 2 / (16 / dtype.size_in_bytes())) as u64;
         let cfg = LaunchConfig { grid_dim: (pieces.div_ceil(256).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (k, cos, sin) = (self.k, self.cos, self.sin);
-        let (k_guard, cos_guard, sin_guard) = (k.storage_and_layout().0, cos.storage_and_layout().0, sin.storage_and_layout().0);
+        let k_guard = k.map(|k| k.storage_and_layout());
+        let (cos_guard, sin_guard) = (cos.storage_and_layout().0, sin.storage_and_layout().0);
         let (t, hq, hk, d) = (self.t as i32, self.hq as i32, self.hk as i32, self.d as i32);
         let per_row = self.per_row_tables as i32;
         macro_rules! go {
             ($t:ty, $suffix:literal) => {{
                 let mut qs = s.as_cuda_slice_mut::<$t>()?.slice_mut(a..b);
-                let ks = match &*k_guard {
-                    candle_core::Storage::Cuda(c) => {
-                        let k0 = k.layout().start_offset();
-                        c.as_cuda_slice::<$t>()?.slice(k0..k0 + span(self.ldk, self.hk))
-                    }
-                    _ => candle_core::bail!("rope-pair: keys not on the cuda device"),
+                let ks = match &k_guard {
+                    Some((g, l)) => match &**g {
+                        candle_core::Storage::Cuda(c) => {
+                            let k0 = l.start_offset();
+                            Some(c.as_cuda_slice::<$t>()?.slice(k0..k0 + span(self.ldk, self.hk)))
+                        }
+                        _ => candle_core::bail!("rope-pair: keys not on the cuda device"),
+                    },
+                    None => None,
                 };
                 let cs = cuda_slice_of!(cos_guard, cos, $t);
                 let ss = cuda_slice_of!(sin_guard, sin, $t);
                 let func = dev.get_or_load_custom_func(concat!("rope_qk_", $suffix), "rope", KERNELS)?;
                 let mut builder = func.builder();
-                builder.arg(&mut qs).arg(&ks).arg(&cs).arg(&ss).arg(&rows).arg(&ldq).arg(&ldk).arg(&t).arg(&hq).arg(&hk).arg(&d).arg(&per_row).arg(&self.sign);
+                // without keys (hk 0) the kernel never reads its k pointer
+                let no_keys = 0u64;
+                builder.arg(&mut qs);
+                match &ks {
+                    Some(ks) => builder.arg(ks),
+                    None => builder.arg(&no_keys),
+                };
+                builder.arg(&cs).arg(&ss).arg(&rows).arg(&ldq).arg(&ldk).arg(&t).arg(&hq).arg(&hk).arg(&d).arg(&per_row).arg(&self.sign);
                 // SAFETY: argument types and order match the kernel's signature; the kernel also
                 // writes k's storage, which the caller owns (see `rope_pair`)
                 unsafe { builder.launch(cfg) }.w()?;
@@ -171,12 +202,12 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
                     // q and k as heads of one packed row [q | k | v] (v's heads, k's copy, are
                     // left as they were): rotated in the packed memory
                     let packed = on(&Tensor::cat(&[&q, &k, &k], 2)?)?;
-                    let (pq, pk) = (packed.narrow(2, 0, hq)?, packed.narrow(2, hq, hk)?);
+                    let qk = packed.narrow(2, 0, hq + hk)?;
                     let (cos_d, sin_d) = (on(&cos)?, on(&sin)?);
-                    if !rotates_in_place(&pq, &pk, &cos_d, &sin_d) {
+                    if !rotates_in_place(&qk, &cos_d, &sin_d) {
                         continue;
                     }
-                    rope_pair(pq, pk, &cos_d, &sin_d, inverse)?;
+                    rope_heads(qk, &cos_d, &sin_d, inverse)?;
                     let want = Tensor::cat(&[&want_q, &want_k, &kr], 2)?;
                     out.push(KernelCheck::relative("rope packed", format!("{dtype:?}"), (per_row as usize, d), &want, &packed, rel)?);
                 }
