@@ -2,7 +2,8 @@
 // its own dropout mask (seed), on tensor cores (mma.sync m16n8k16, f32 sums):
 //
 //   lora_down     h_m = dropout_m(x) A_m^T                  [rows, R] bf16, the forward
-//   lora_dx       dx += sum_m dropout_m(gh_m A_m)           in place, the input gradient
+//   lora_dx       dx += sum_m dropout_m(gh_m A_m)           in place, the input gradient (or,
+//                                                           with accumulate 0, dx = the sum)
 //   lora_grad_a   dA_m = gh_m^T dropout_m(x)                per row split, then
 //   lora_grad_a_sum                                         the splits summed in a fixed order
 //
@@ -230,7 +231,7 @@ __device__ __forceinline__ void gh_fragment(uint32_t* f, const bf16* ght, size_t
 // adapter at most) they are loaded once, before the first tile.
 template <int R>
 __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1, const bf16* gh2,
-                        uint32_t threshold, float scale) {
+                        uint32_t threshold, float scale, int accumulate) {
     const bf16* gh[MAX_M] = {gh0, gh1, gh2};
     constexpr int KS = (R + 15) / 16, COLS = 64, NT = COLS / 8;
     constexpr bool HOIST = R <= 16;
@@ -263,6 +264,8 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
         for (int nt = 0; nt < NT; ++nt) {
             const int col = c0 + nt * 8 + 2 * i;
             const bool in = c0 + nt * 8 < K;
+            da[nt] = db[nt] = __floats2bfloat162_rn(0.0f, 0.0f);
+            if (!accumulate) continue;
             if (va && in) da[nt] = *reinterpret_cast<const __nv_bfloat162*>(dx + ra * K + col);
             if (vb && in) db[nt] = *reinterpret_cast<const __nv_bfloat162*>(dx + rb * K + col);
         }
@@ -463,8 +466,8 @@ extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, s
     extern "C" __global__ void lora_dx_r##R(bf16* dx, size_t rows, int K, const bf16* a0, const bf16* a1,             \
                                             const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,            \
                                             const bf16* gh0, const bf16* gh1, const bf16* gh2, uint32_t threshold,   \
-                                            float scale) {                                                           \
-        lora_dx<R>(dx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold, scale);             \
+                                            float scale, int accumulate) {                                           \
+        lora_dx<R>(dx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold, scale, accumulate); \
     }                                                                                                                \
     extern "C" __global__ void lora_grad_a_r##R(const bf16* x, size_t rows, int K, uint64_t s0, uint64_t s1,         \
                                                 uint64_t s2, int n, const bf16* gh0, const bf16* gh1,                \

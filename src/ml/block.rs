@@ -285,9 +285,19 @@ impl Layer {
                 grads.add(m.a, &da)?;
             }
         }
-        let mut dx: Option<Tensor> = None;
+        // on the kernels' path the adapters' masked input gradients are written first and the
+        // frozen weights' GEMMs accumulate onto them (the sum read in their epilogues, not by a
+        // pass of its own); elsewhere the GEMMs' sum first, the adapters' added to it
+        let lora_first = lora_group::dx(rows, n_in, dtype, first.device(), &members, &ght, prob)?;
+        let adapters_written = lora_first.is_some();
+        let mut dx = lora_first;
         match fused {
-            Some((w, g)) => dx = Some(w.input_grad(g, g.dtype())?),
+            Some((w, g)) => {
+                dx = Some(match dx {
+                    Some(acc) => w.input_grad_into(acc, g)?,
+                    None => w.input_grad(g, g.dtype())?,
+                })
+            }
             None => {
                 for (p, g) in outs {
                     let base = &self.blk.proj[*p as usize];
@@ -303,7 +313,9 @@ impl Layer {
         if let Some(last) = shape.last_mut() {
             *last = n_in;
         }
-        lora_group::add_dx(dx.reshape((rows, n_in))?, &members, &ght, prob)?.reshape(shape)
+        let dx = dx.reshape((rows, n_in))?;
+        let dx = if adapters_written { dx } else { lora_group::add_dx(dx, &members, &ght, prob)? };
+        dx.reshape(shape)
     }
 
     /// The input gradient of linear `p` for the output gradient `grad`, added to `acc` when

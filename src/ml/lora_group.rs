@@ -3,7 +3,8 @@
 //! at once:
 //!
 //! - `down`: each adapter's `dropout(x) A^T` `[rows, r]`, the forward's r-wide product;
-//! - `add_dx`: the adapters' part of the input gradient, `dx += Σ dropout(gh A)`, in place;
+//! - `add_dx`: the adapters' part of the input gradient, `dx += Σ dropout(gh A)`, in place, or
+//!   `dx`: that part alone, for the frozen weights' GEMMs to accumulate onto;
 //! - `grad_a`: the gradients of the A factors, `gh^T dropout(x)` (f32);
 //!
 //! where `gh` is a linear's output gradient times its scaled B, which the callers give as its
@@ -35,16 +36,20 @@ pub struct Member<'a> {
 /// a multiple of 16 and fewer than 2^32 elements, one to three adapters of one rank (8, 16, 32
 /// or 64) with contiguous bf16 factors.
 pub fn fused(x: &Tensor, members: &[Member]) -> bool {
+    x.dims2().is_ok_and(|(rows, k)| fused_shape(x.device(), x.dtype(), rows, k, members)) && whole_pairs(x)
+}
+
+/// `fused` for an input of this device, dtype and shape, whatever its layout.
+fn fused_shape(device: &Device, dtype: DType, rows: usize, k: usize, members: &[Member]) -> bool {
     let Some(first) = members.first() else { return false };
-    let (Ok((_, k)), Ok((r, _))) = (x.dims2(), first.a.dims2()) else { return false };
+    let Ok((r, _)) = first.a.dims2() else { return false };
     cfg!(feature = "cuda")
-        && x.device().is_cuda()
-        && x.dtype() == DType::BF16
+        && device.is_cuda()
+        && dtype == DType::BF16
         && k % 16 == 0
-        && x.elem_count() < 1 << 32
+        && rows * k < 1 << 32
         && matches!(r, 8 | 16 | 32 | 64)
         && members.len() <= MAX_MEMBERS
-        && whole_pairs(x)
         && members.iter().all(|m| m.a.dims() == [r, k] && m.a.dtype() == DType::BF16 && whole_pairs(m.a))
 }
 
@@ -87,6 +92,23 @@ pub fn add_dx(dx: Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result
         dx = if p > 0.0 { dropout::add_into(dx, &through, p, m.seed)? } else { (&dx + through.to_dtype(dx.dtype())?)? };
     }
     Ok(dx)
+}
+
+/// `Σ dropout(gh_m A_m)` alone, `[rows, in]` in `dtype` on `device`, for each adapter's `ght`
+/// `[r, rows]`: the adapters' part of an input gradient, for the frozen weights' GEMMs to
+/// accumulate theirs onto. Where the kernels take the group, one launch writes it, reading no
+/// gradient first (as `add_dx` must); elsewhere `None`, and the caller sums its GEMMs first, then
+/// `add_dx` (no zero-filled buffer to add into, and the CPU's order of the sums as before).
+pub fn dx(rows: usize, k: usize, dtype: DType, device: &Device, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Option<Tensor>> {
+    if members.len() == ght.len() && fused_shape(device, dtype, rows, k, members) {
+        let r = members[0].a.dim(0)?;
+        if ght.iter().all(|g| g.dims() == [r, rows] && g.dtype() == DType::BF16 && whole_pairs(g)) {
+            #[cfg(feature = "cuda")]
+            return cuda::dx(rows, k, device, members, ght, p).map(Some);
+        }
+    }
+    let _ = p;
+    Ok(None)
 }
 
 /// Each adapter's A gradient `gh^T dropout(x)` `[r, in]` in `out` (the trained factor's dtype;
@@ -243,14 +265,26 @@ mod cuda {
     }
 
     pub fn add_dx(dx: Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Tensor> {
-        dx.inplace_op1(&AddDx { members, ght, p })?;
+        dx.inplace_op1(&AddDx { members, ght, p, accumulate: true })?;
         Ok(dx)
+    }
+
+    pub fn dx(rows: usize, k: usize, device: &Device, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Tensor> {
+        let Device::Cuda(dev) = device else { candle_core::bail!("lora group: not on a CUDA device") };
+        // SAFETY: the kernel (accumulate 0) writes every element
+        let slice = unsafe { dev.alloc::<bf16>(rows * k)? };
+        let mut st = CudaStorage::wrap_cuda_slice(slice, dev.clone());
+        let layout = Layout::contiguous((rows, k));
+        AddDx { members, ght, p, accumulate: false }.cuda_fwd(&mut st, &layout)?;
+        Ok(Tensor::from_storage(Storage::Cuda(st), (rows, k), BackpropOp::none(), false))
     }
 
     struct AddDx<'a> {
         members: &'a [Member<'a>],
         ght: &'a [&'a Tensor],
         p: f32,
+        /// Add to the gradient in place; else write the sum alone over whatever the memory held.
+        accumulate: bool,
     }
 
     impl InplaceOp1 for AddDx<'_> {
@@ -279,7 +313,8 @@ mod cuda {
             let mut b = func.builder();
             b.arg(&mut dxv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
             b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2));
-            b.arg(&threshold).arg(&scale);
+            let accumulate = self.accumulate as i32;
+            b.arg(&threshold).arg(&scale).arg(&accumulate);
             // SAFETY: argument types and order match the kernel's signature
             unsafe { b.launch(warps(rows.div_ceil(16).div_ceil(DX_TILES) * k.div_ceil(64))) }.w()?;
             Ok(())
@@ -327,12 +362,21 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let x_d = on(&x)?;
         let got_down = down(&x_d, &m, p)?;
         let got_dx = add_dx(on(&dx)?.copy()?, &m, &gh_refs, p)?;
+        // the adapters' part alone, written into fresh memory
+        let got_part = super::lora_group::dx(rows, k, DType::BF16, device, &m, &gh_refs, p)?;
+        let want_part = (&want_dx - f32s(&dx)?)?;
+        if device.is_cuda() && got_part.is_none() {
+            candle_core::bail!("lora group check: the adapters' input gradient alone not written by the kernel");
+        }
         let got_da = grad_a(&x_d, &m, &gh_refs, p, DType::F32)?;
         let mut cases: Vec<(&'static str, Tensor, Tensor)> = Vec::new();
         for (w, g) in want_down.into_iter().zip(got_down) {
             cases.push(("lora group down", w, g));
         }
         cases.push(("lora group dx", want_dx, got_dx));
+        if let Some(got_part) = got_part {
+            cases.push(("lora group dx alone", want_part, got_part));
+        }
         for (w, g) in want_da.into_iter().zip(got_da) {
             cases.push(("lora group dA", w, g));
         }
