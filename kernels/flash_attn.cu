@@ -17,6 +17,9 @@
 //   flash_dkv   dk = scale * ds^T q and dv = p^T do, summed over the query heads sharing the kv
 //               head; one block owns its keys, so no atomics; it reads dq's D (it runs after)
 //
+// Given RoPE's tables (`Rope`), dq and dk are rotated back as they are stored: the gradients of
+// the projections before RoPE, with no pass of their own.
+//
 // The grid is (heads, batch rows, tiles), the tile slowest, so that blocks start in the order of
 // their work, longest first, across all heads and rows (a tail of long blocks would leave most
 // multiprocessors idle). Each block has four warps. The forward and dq kernels give each warp 16
@@ -158,6 +161,46 @@ __device__ __forceinline__ void store_rows(bf16* dst, long long stride, const fl
         for (int n = 0; n < D / 8; ++n)
             *reinterpret_cast<uint32_t*>(dst + row * stride + n * 8 + 2 * c) =
                 pack(acc[n][2 * half] * mul, acc[n][2 * half + 1] * mul);
+    }
+}
+
+// RoPE's tables to rotate a gradient back as it is stored: cos and sin [t, D/2] (or [b, t, D/2]
+// with per_row), bf16; a null cos: no rotation.
+struct Rope {
+    const bf16* cos;
+    const bf16* sin;
+    int per_row;
+};
+
+// The table offset of row `row` of batch row bb.
+__device__ __forceinline__ size_t rope_at(const Rope& rope, int bb, int row, int t, int half) {
+    return ((rope.per_row ? (size_t)bb * t : 0) + row) * half;
+}
+
+// As store_rows with one factor for both rows, each row's halves rotated back by RoPE at its
+// position: (x1, x2) -> (x1 cos + x2 sin, x2 cos - x1 sin), element j of the first half pairing
+// with j + D/2, which the same lane holds in n-tile n + D/16. The rotation is the inverse RoPE
+// pass's arithmetic, in f32 on the unrounded sums, rounded once.
+template <int D>
+__device__ __forceinline__ void store_rows_unrotated(bf16* dst, long long stride, const float (*acc)[4], int r, int t,
+                                                     float mul, const Rope& rope, int bb) {
+    constexpr int H = D / 2;
+    const int c = threadIdx.x & 3;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = r + half * 8;
+        if (row >= t) continue;
+        const size_t at = rope_at(rope, bb, row, t, H);
+#pragma unroll
+        for (int n = 0; n < D / 16; ++n) {
+            const int j = n * 8 + 2 * c;
+            const float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope.cos + at + j));
+            const float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope.sin + at + j));
+            const float x1a = acc[n][2 * half] * mul, x1b = acc[n][2 * half + 1] * mul;
+            const float x2a = acc[n + D / 16][2 * half] * mul, x2b = acc[n + D / 16][2 * half + 1] * mul;
+            *reinterpret_cast<uint32_t*>(dst + row * stride + j) = pack(x1a * cs.x + x2a * sn.x, x1b * cs.y + x2b * sn.y);
+            *reinterpret_cast<uint32_t*>(dst + row * stride + H + j) = pack(x2a * cs.x - x1a * sn.x, x2b * cs.y - x1b * sn.y);
+        }
     }
 }
 
@@ -384,7 +427,8 @@ __device__ void flash_fwd(const bf16* q, const bf16* k, const bf16* v, bf16* o, 
 template <int D>
 __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o,
                          const float* lse, float* dsum, bf16* dq, Rows sq, Rows sk, Rows sv, Rows sdo, Rows so,
-                         Rows sdq, int t, int h, int kvh, const uint32_t* starts, float scale_log2, float scale) {
+                         Rows sdq, int t, int h, int kvh, const uint32_t* starts, float scale_log2, float scale,
+                         Rope rope) {
     constexpr int P = D + 8, TILE = kTile * P;
     extern __shared__ __align__(16) unsigned char smem[];
     // q, do, then two stages of (k, v)
@@ -480,14 +524,17 @@ __device__ void flash_dq(const bf16* q, const bf16* k, const bf16* v, const bf16
         mma_p<D, 4>(acc, s, ks, P);
         __syncthreads();  // this stage is the next prefetch's target
     }
-    store_rows<D>(dq + bb * sdq.b + hh * sdq.h, sdq.r, acc, r0, t, scale, scale);
+    if (rope.cos)
+        store_rows_unrotated<D>(dq + bb * sdq.b + hh * sdq.h, sdq.r, acc, r0, t, scale, rope, bb);
+    else
+        store_rows<D>(dq + bb * sdq.b + hh * sdq.h, sdq.r, acc, r0, t, scale, scale);
 }
 
 template <int D>
 __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,
                           const float* dsum, bf16* dk, bf16* dv, float* part, int splits, Rows sq, Rows sk, Rows sv,
                           Rows sdo, Rows sdk, Rows sdv, int t, int h, int kvh, const uint32_t* starts,
-                          float scale_log2, float scale) {
+                          float scale_log2, float scale, Rope rope) {
     constexpr int P = D + 8, TILE = kTile * P, Q = dkv_step<D>(), QTILE = Q * P;
     extern __shared__ __align__(16) unsigned char smem[];
     // k, v, then two stages of (q, do) tiles of Q rows, then two stages of (lse, D) of Q queries
@@ -586,7 +633,10 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
         __syncthreads();  // this stage is the next prefetch's target
     }
     if (splits == 1) {
-        store_rows<D>(dk + bb * sdk.b + kh * sdk.h, sdk.r, dka, key0, t, scale, scale);
+        if (rope.cos)
+            store_rows_unrotated<D>(dk + bb * sdk.b + kh * sdk.h, sdk.r, dka, key0, t, scale, rope, bb);
+        else
+            store_rows<D>(dk + bb * sdk.b + kh * sdk.h, sdk.r, dka, key0, t, scale, scale);
         store_rows<D>(dv + bb * sdv.b + kh * sdv.h, sdv.r, dva, key0, t, 1.0f, 1.0f);
     } else {
         // partial sums [2][splits][b][kvh][t][D]: dk's, then dv's
@@ -612,17 +662,17 @@ __device__ void flash_dkv(const bf16* q, const bf16* k, const bf16* v, const bf1
     extern "C" __global__ void __launch_bounds__ DQ_BOUNDS flash_dq_##D(                               \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const bf16* o, const float* lse,  \
         float* dsum, bf16* dq, Rows sq, Rows sk, Rows sv, Rows sdo, Rows so, Rows sdq, int t, int h,     \
-        int kvh, const uint32_t* starts, float scale_log2, float scale) {                                \
+        int kvh, const uint32_t* starts, float scale_log2, float scale, Rope rope) {                     \
         flash_dq<D>(q, k, v, dout, o, lse, dsum, dq, sq, sk, sv, sdo, so, sdq, t, h, kvh, starts,       \
-                    scale_log2, scale);                                                                  \
+                    scale_log2, scale, rope);                                                            \
     }                                                                                                    \
     extern "C" __global__ void __launch_bounds__ DKV_BOUNDS flash_dkv_##D(                              \
         const bf16* q, const bf16* k, const bf16* v, const bf16* dout, const float* lse,                 \
         const float* dsum, bf16* dk, bf16* dv, float* part, int splits, Rows sq, Rows sk, Rows sv,      \
         Rows sdo, Rows sdk, Rows sdv, int t, int h, int kvh, const uint32_t* starts, float scale_log2,  \
-        float scale) {                                                                                   \
+        float scale, Rope rope) {                                                                        \
         flash_dkv<D>(q, k, v, dout, lse, dsum, dk, dv, part, DKV_SPLITS, sq, sk, sv, sdo, sdk, sdv, t, \
-                     h, kvh, starts, scale_log2, scale);                                                 \
+                     h, kvh, starts, scale_log2, scale, rope);                                           \
     }
 
 // The backward kernels' launch bounds: at head size 64 the register allocation must allow three
@@ -648,20 +698,37 @@ extern "C" __global__ void __launch_bounds__(kThreads, 2) flash_fwd2_64(
 }
 
 // dk and dv from flash_dkv's `splits` partial sums [2][splits][b][kvh][t][d] (f32), two elements
-// per thread, written as bf16 rows of their tensors.
+// per thread, written as bf16 rows of their tensors; with rope.cos, dk's rows rotated back as
+// `store_rows_unrotated` does (the thread of a pair in the first half also takes its partner in
+// the second).
 extern "C" __global__ void flash_dkv_sum(const float* part, bf16* dk, bf16* dv, Rows sdk, Rows sdv, int splits, int b,
-                                         int kvh, int t, int d) {
+                                         int kvh, int t, int d, Rope rope) {
     const size_t n = (size_t)b * kvh * t * d;
+    const int half = d / 2;
+    auto sum = [&](size_t first, size_t i) {
+        float2 acc = make_float2(0.0f, 0.0f);
+        for (int s = 0; s < splits; ++s) {
+            const float2 p = *reinterpret_cast<const float2*>(part + (first + s) * n + i);
+            acc.x += p.x, acc.y += p.y;
+        }
+        return acc;
+    };
     for (size_t i = 2 * (blockIdx.x * (size_t)blockDim.x + threadIdx.x); i < n; i += 2 * (size_t)blockDim.x * gridDim.x) {
         const int e = (int)(i % d), row = (int)(i / d % t), kh = (int)(i / ((size_t)d * t) % kvh);
         const int bb = (int)(i / ((size_t)d * t * kvh));
-        float2 sk = make_float2(0.0f, 0.0f), sv = make_float2(0.0f, 0.0f);
-        for (int s = 0; s < splits; ++s) {
-            const float2 pk = *reinterpret_cast<const float2*>(part + s * n + i);
-            const float2 pv = *reinterpret_cast<const float2*>(part + (splits + s) * n + i);
-            sk.x += pk.x, sk.y += pk.y, sv.x += pv.x, sv.y += pv.y;
-        }
-        *reinterpret_cast<__nv_bfloat162*>(dk + bb * sdk.b + kh * sdk.h + row * sdk.r + e) = __floats2bfloat162_rn(sk.x, sk.y);
+        const float2 sv = sum(splits, i);
         *reinterpret_cast<__nv_bfloat162*>(dv + bb * sdv.b + kh * sdv.h + row * sdv.r + e) = __floats2bfloat162_rn(sv.x, sv.y);
+        bf16* out = dk + bb * sdk.b + kh * sdk.h + row * sdk.r;
+        if (!rope.cos) {
+            const float2 sk = sum(0, i);
+            *reinterpret_cast<__nv_bfloat162*>(out + e) = __floats2bfloat162_rn(sk.x, sk.y);
+        } else if (e < half) {
+            const float2 x1 = sum(0, i), x2 = sum(0, i + half);
+            const size_t at = rope_at(rope, bb, row, t, half) + e;
+            const float2 cs = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope.cos + at));
+            const float2 sn = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(rope.sin + at));
+            *reinterpret_cast<__nv_bfloat162*>(out + e) = __floats2bfloat162_rn(x1.x * cs.x + x2.x * sn.x, x1.y * cs.y + x2.y * sn.y);
+            *reinterpret_cast<__nv_bfloat162*>(out + half + e) = __floats2bfloat162_rn(x2.x * cs.x - x1.x * sn.x, x2.y * cs.y - x1.y * sn.y);
+        }
     }
 }

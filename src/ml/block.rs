@@ -672,9 +672,18 @@ impl Layer {
         drop((d_y, y));
         let plan = self.plan(&q, &k)?;
         // with q, k and v's weights in one matrix, their gradients come packed as that matrix's
-        // output would lie, rotated back there, and the input gradient is one GEMM over them
+        // output would lie, rotated back, and the input gradient is one GEMM over them
         let packed = match &self.blk.qkv {
-            Some(_) if self.by_row(&q) => plan.backward_packed(&q, &k, &v, &d_o, &o, lse.as_ref())?.map(|p| self.unrotate_packed(p)).transpose()?.flatten(),
+            Some(_) if self.by_row(&q) => {
+                // the kernels rotate dq and dk back as they store them where the tables fit,
+                // else a RoPE pass over the packed gradients does
+                let (cos, sin) = (&self.inp.cos, &self.inp.sin);
+                if super::flash::rope_tables_fit(cos, sin, &q) {
+                    plan.backward_packed(&q, &k, &v, &d_o, &o, lse.as_ref(), Some((cos, sin)))?
+                } else {
+                    plan.backward_packed(&q, &k, &v, &d_o, &o, lse.as_ref(), None)?.map(|p| self.unrotate_packed(p)).transpose()?.flatten()
+                }
+            }
             _ => None,
         };
         let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);

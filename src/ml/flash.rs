@@ -55,6 +55,20 @@ mod launch {
     // SAFETY: a plain struct of three i64, laid out as the kernels' `Rows`
     unsafe impl DeviceRepr for Rows {}
 
+    /// RoPE's tables for the backward kernels to rotate dq and dk back as they store them (the
+    /// kernels' `Rope`): device addresses of bf16 cos and sin (`[t, d/2]`, or `[b, t, d/2]` with
+    /// `per_row`); a null cos for none.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    struct RopeArg {
+        cos: u64,
+        sin: u64,
+        per_row: i32,
+    }
+
+    // SAFETY: two u64 and an i32, laid out (and padded to 24 bytes) as the kernels' `Rope`
+    unsafe impl DeviceRepr for RopeArg {}
+
     /// `x` as the kernels read it: rows of `d` contiguous and every row on a 16-byte boundary
     /// (the kernels copy 16-byte pieces). A `[b, t, heads, d]` tensor transposed to
     /// `[b, heads, t, d]` qualifies as it is; anything else is copied.
@@ -228,9 +242,25 @@ mod launch {
         spans: &CausalSpans,
         scale: f64,
         grads: Grads,
+        rope: Option<(&Tensor, &Tensor)>,
     ) -> Result<Written> {
-        use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
         let stream = a.dev.cuda_stream();
+        let tables = rope.map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
+        let slices = match &tables {
+            None => None,
+            Some(((cg, cl), (sg, sl))) => match (&**cg, &**sg) {
+                (Storage::Cuda(c), Storage::Cuda(s)) => Some((c.as_cuda_slice::<bf16>()?, cl, s.as_cuda_slice::<bf16>()?, sl)),
+                _ => candle_core::bail!("flash attention: RoPE tables not on the cuda device"),
+            },
+        };
+        // the tables' addresses, read by the kernels (the guards kept to the end)
+        let reads = slices.as_ref().map(|(c, cl, s, sl)| {
+            let ((pc, gc), (ps, gs)) = (c.device_ptr(&stream), s.device_ptr(&stream));
+            let arg = RopeArg { cos: pc + 2 * cl.start_offset() as u64, sin: ps + 2 * sl.start_offset() as u64, per_row: (cl.dims().len() == 3) as i32 };
+            (arg, gc, gs)
+        });
+        let rope = reads.as_ref().map_or(RopeArg { cos: 0, sin: 0, per_row: 0 }, |r| r.0);
         match grads {
             Grads::Apart => {
                 let (mut dq, mut dk, mut dv) = (a.out_like(q)?, a.out_like(k)?, a.out_like(v)?);
@@ -239,7 +269,7 @@ mod launch {
                     let (pk, _gk) = dk.slice.device_ptr_mut(&stream);
                     let (pv, _gv) = dv.slice.device_ptr_mut(&stream);
                     let dest = [Dest { ptr: pq, rows: dq.rows }, Dest { ptr: pk, rows: dk.rows }, Dest { ptr: pv, rows: dv.rows }];
-                    launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &dest)?;
+                    launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &dest, rope)?;
                 }
                 Ok(Written::Apart([a.tensor(dq)?, a.tensor(dk)?, a.tensor(dv)?]))
             }
@@ -252,7 +282,7 @@ mod launch {
                     let (p, _g) = slice.device_ptr_mut(&stream);
                     let rows = Rows { b: (t * width) as i64, h: d as i64, r: width as i64 };
                     let at = |heads: usize| Dest { ptr: p + 2 * (heads * d) as u64, rows };
-                    launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &[at(0), at(h), at(h + kvh)])?;
+                    launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &[at(0), at(h), at(h + kvh)], rope)?;
                 }
                 let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, a.dev.clone()));
                 Ok(Written::Packed(Tensor::from_storage(storage, (b, t, width), BackpropOp::none(), false)))
@@ -274,6 +304,7 @@ mod launch {
         spans: &CausalSpans,
         scale: f64,
         dest: &[Dest; 3],
+        rope: RopeArg,
     ) -> Result<()> {
         let (q, k, v, d_o, o) = (readable(q)?, readable(k)?, readable(v)?, readable(d_o)?, readable(o)?);
         let lse = lse.contiguous()?;
@@ -296,7 +327,7 @@ mod launch {
             let mut bld = stream.launch_builder(&func);
             bld.arg(&qs).arg(&ks).arg(&vs).arg(&dos).arg(&os).arg(&ls).arg(&ds).arg(&dq.ptr);
             bld.arg(&sq).arg(&sk).arg(&sv).arg(&sdo).arg(&so).arg(&dq.rows);
-            bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
+            bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale).arg(&rope);
             // SAFETY: argument types and order match the kernel's signature
             unsafe { bld.launch(a.cfg(a.h, smem)) }.w()?;
         }
@@ -313,7 +344,7 @@ mod launch {
             let mut bld = stream.launch_builder(&func);
             bld.arg(&qs).arg(&ks).arg(&vs).arg(&dos).arg(&ls).arg(&ds).arg(&dk.ptr).arg(&dv.ptr).arg(&part).arg(&splits_i);
             bld.arg(&sq).arg(&sk).arg(&sv).arg(&sdo).arg(&dk.rows).arg(&dv.rows);
-            bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale);
+            bld.arg(&t).arg(&h).arg(&kvh).arg(&ss).arg(&scale_log2).arg(&scale).arg(&rope);
             // SAFETY: argument types and order match the kernel's signature; `part` holds the
             // 2 · splits · n floats a split launch writes
             unsafe { bld.launch(a.cfg(a.kvh * splits, smem)) }.w()?;
@@ -323,7 +354,7 @@ mod launch {
                 let (b, kvh, d) = (a.b as i32, a.kvh as i32, a.d as i32);
                 let blocks = (n / 2).div_ceil(256).min(132 * 16) as u32;
                 let mut bld = func.builder();
-                bld.arg(&part).arg(&dk.ptr).arg(&dv.ptr).arg(&dk.rows).arg(&dv.rows).arg(&splits_i).arg(&b).arg(&kvh).arg(&t).arg(&d);
+                bld.arg(&part).arg(&dk.ptr).arg(&dv.ptr).arg(&dk.rows).arg(&dv.rows).arg(&splits_i).arg(&b).arg(&kvh).arg(&t).arg(&d).arg(&rope);
                 // SAFETY: argument types and order match the kernel's signature
                 unsafe { bld.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
             }
@@ -408,7 +439,7 @@ pub fn backward(
     #[cfg(feature = "cuda")]
     {
         let bf = |x: &Tensor| x.to_dtype(DType::BF16);
-        match launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, launch::Grads::Apart)? {
+        match launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, launch::Grads::Apart, None)? {
             launch::Written::Apart(g) => Ok(g),
             launch::Written::Packed(_) => unreachable!("asked for the gradients apart"),
         }
@@ -422,14 +453,30 @@ pub fn backward(
 
 /// `backward`'s gradients packed in one `[b, t, (heads + 2 kv_heads) d]` tensor: each row the
 /// row's dq heads, then dk's, then dv's, as a fused q/k/v projection's output lies, so that the
-/// three projections' input gradient is one GEMM over it.
+/// three projections' input gradient is one GEMM over it. With `rope`, RoPE's tables `(cos,
+/// sin)` (`rope_tables_fit`), dq and dk come rotated back (the gradients before RoPE).
 #[allow(clippy::too_many_arguments)]
-pub fn backward_packed(q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: &Tensor, spans: &CausalSpans, scale: f64) -> Result<Tensor> {
+pub fn backward_packed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    d_o: &Tensor,
+    o: &Tensor,
+    lse: &Tensor,
+    spans: &CausalSpans,
+    scale: f64,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
     check_backward(q, k, v, d_o, o, lse, spans)?;
+    if let Some((cos, sin)) = rope {
+        if !rope_tables_fit(cos, sin, q) {
+            candle_core::bail!("flash attention backward: RoPE tables {:?} and {:?} do not fit q {:?}", cos.layout(), sin.layout(), q.shape());
+        }
+    }
     #[cfg(feature = "cuda")]
     {
         let bf = |x: &Tensor| x.to_dtype(DType::BF16);
-        match launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, launch::Grads::Packed)? {
+        match launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, launch::Grads::Packed, rope)? {
             launch::Written::Packed(g) => Ok(g),
             launch::Written::Apart(_) => unreachable!("asked for the gradients packed"),
         }
@@ -439,6 +486,20 @@ pub fn backward_packed(q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Ten
         let _ = (v, scale);
         unreachable!("check refuses every tensor without the cuda feature")
     }
+}
+
+/// Whether the backward kernels rotate dq and dk back with these RoPE tables for the queries
+/// `q` `[b, heads, t, d]`: contiguous bf16 `[t, d/2]` or `[b, t, d/2]` on q's device, starting on
+/// a 4-byte boundary (the kernels read them in pairs).
+pub fn rope_tables_fit(cos: &Tensor, sin: &Tensor, q: &Tensor) -> bool {
+    let Ok((b, _, t, d)) = q.dims4() else { return false };
+    [cos, sin].iter().all(|x| {
+        x.dtype() == DType::BF16
+            && x.is_contiguous()
+            && x.layout().start_offset().is_multiple_of(2)
+            && (x.dims() == [t, d / 2] || x.dims() == [b, t, d / 2])
+            && x.device().same_device(q.device())
+    }) && cos.dims() == sin.dims()
 }
 
 fn check_backward(q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: &Tensor, spans: &CausalSpans) -> Result<()> {
@@ -524,11 +585,33 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             }
             if by_row && tiles == Tiles::One {
                 // the same gradients packed in one [b, t, (h + 2 kvh) d] tensor
-                let packed = backward_packed(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &got, &lse, &spans_dev, scale)?.reshape((b, t, h + 2 * kvh, d))?;
+                let packed = backward_packed(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &got, &lse, &spans_dev, scale, None)?.reshape((b, t, h + 2 * kvh, d))?;
                 let heads = |h0: usize, n: usize| packed.narrow(2, h0, n)?.transpose(1, 2);
                 let names = ["flash attention packed dq", "flash attention packed dk", "flash attention packed dv"];
                 for (kernel, want, got) in [(names[0], &dq, heads(0, h)?), (names[1], &dk, heads(h, kvh)?), (names[2], &dv, heads(h + kvh, kvh)?)] {
                     out.push(KernelCheck { kernel, dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(want, &got)?, tolerance: 2f32.powi(-5) * max(want)? });
+                }
+                // dq and dk rotated back by RoPE as they are stored, with tables shared by the
+                // batch rows and with a table per row: against the reference's gradients rotated
+                // back on the CPU (`[b, t, heads, d]`, f32)
+                for per_row in [false, true] {
+                    let ang = Tensor::randn(0f32, 3.0, (b, t, d / 2), &cpu)?;
+                    let ang = if per_row { ang } else { ang.get(0)? };
+                    let (cos, sin) = (ang.cos()?.to_dtype(DType::BF16)?, ang.sin()?.to_dtype(DType::BF16)?);
+                    let (cos_f, sin_f) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
+                    let back = |x: &Tensor| candle_nn::rotary_emb::rope_thd(&x.transpose(1, 2)?.contiguous()?, &cos_f, &sin_f.neg()?);
+                    let (cos_d, sin_d) = (cos.to_device(device)?, sin.to_device(device)?);
+                    let rotated = backward_packed(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &got, &lse, &spans_dev, scale, Some((&cos_d, &sin_d)))?;
+                    let rotated = rotated.reshape((b, t, h + 2 * kvh, d))?;
+                    let names: [&'static str; 3] = if per_row {
+                        ["flash attention rotated dq, per-row tables", "flash attention rotated dk, per-row tables", "flash attention rotated dv, per-row tables"]
+                    } else {
+                        ["flash attention rotated dq", "flash attention rotated dk", "flash attention rotated dv"]
+                    };
+                    let cases = [(names[0], back(&dq)?, rotated.narrow(2, 0, h)?), (names[1], back(&dk)?, rotated.narrow(2, h, kvh)?), (names[2], dv.transpose(1, 2)?, rotated.narrow(2, h + kvh, kvh)?)];
+                    for (kernel, want, got) in cases {
+                        out.push(KernelCheck { kernel, dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(&want, &got)?, tolerance: 2f32.powi(-5) * max(&want)? });
+                    }
                 }
             }
         }

@@ -759,7 +759,10 @@ impl AttentionPlan {
     /// `backward`'s gradients packed in one `[b, t, (heads + 2 kv_heads) d]` tensor (dq's heads,
     /// dk's, dv's in each row: `flash::backward_packed`) where the flash kernels run; `None`
     /// elsewhere.
-    pub fn backward_packed(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: Option<&Tensor>) -> Result<Option<Tensor>> {
+    /// With `rope`, RoPE's tables `(cos, sin)` that the kernels rotate dq and dk back with
+    /// (`flash::rope_tables_fit`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_packed(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: Option<&Tensor>, rope: Option<(&Tensor, &Tensor)>) -> Result<Option<Tensor>> {
         if !self.flash {
             return Ok(None);
         }
@@ -767,7 +770,7 @@ impl AttentionPlan {
             Some(lse) => lse.clone(),
             None => super::flash::forward(q, k, v, &self.spans, self.scale)?.1,
         };
-        super::flash::backward_packed(q, k, v, d_o, o, &lse, &self.spans, self.scale).map(Some)
+        super::flash::backward_packed(q, k, v, d_o, o, &lse, &self.spans, self.scale, rope).map(Some)
     }
 
     /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous), given the forward's
