@@ -880,3 +880,71 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
 pub(super) fn inference_block(blk: &Block, li: usize, x: &Tensor, lora: &Lora, dropout: Option<(f32, u64)>, inp: &Arc<BlockInputs>, last: bool) -> Result<Tensor> {
     Ok(Layer::new(blk, li, lora, dropout, inp, None, last)?.forward(x, Keep::Nothing)?.0)
 }
+
+/// A training step's gradients through the fused q/k/v path on `device` (one GEMM over
+/// `Block::qkv`, the adapters accumulated into its columns, RoPE in place, the packed and
+/// rotated attention gradients, one input-gradient GEMM, the adapters' input gradients written
+/// first) against the same model and batch with the three weights apart
+/// (`Llama::with_qkv_apart`), adapters on q, k, v and o with dropout: the logits and every
+/// factor's gradient within 2^-5 of the reference's largest magnitude (both bf16; the paths sum
+/// the same products in other orders, some rounded once more or less). Nothing where the weights
+/// are never fused (the CPU).
+pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelCheck>> {
+    use super::classifier;
+    use super::llama::{Batch, Config, Llama, WeightFormat};
+    use super::lora::LoraConfig;
+    use candle_core::Var;
+    let err = |e: super::MlError| candle_core::Error::Msg(e.to_string());
+    let cfg = Config {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 3,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10_000.0,
+        vocab_size: 1000,
+        max_position_embeddings: 512,
+        rope_interleaved: false,
+    };
+    let fused = Llama::random(cfg.clone(), WeightFormat::Dense(DType::BF16), 11, device).map_err(err)?;
+    if !fused.has_fused_qkv() {
+        return Ok(Vec::new());
+    }
+    let apart = fused.with_qkv_apart();
+    let targets: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).into();
+    let mut vars: Vec<(String, Var)> = Vec::new();
+    let lcfg = LoraConfig::from_names(16, 32.0, 0.1, &targets).map_err(err)?;
+    let lora = Lora::init(lcfg, &cfg, 11, device, &mut vars).map_err(err)?;
+    for (name, v) in &vars {
+        if name.contains("lora_B") {
+            v.set(&(Tensor::randn(0f32, 1f32, v.shape(), device)? * 0.05)?)?;
+        }
+    }
+    let head = Tensor::randn(0f32, 1f32, (3, cfg.hidden_size), device)?;
+    let rows: Vec<Vec<u32>> = [70usize, 128, 33].iter().enumerate().map(|(r, &n)| (0..n).map(|j| ((r * 7919 + j * 104_729) % 999 + 1) as u32).collect()).collect();
+    let batch = Batch::right_padded(&rows, 0, device).map_err(err)?;
+    let onehot = Tensor::from_vec(vec![1f32, 0., 0., 0., 1., 0., 0., 0., 1.], (3, 3), device)?;
+    // the logits and each factor's gradient through one model
+    let run = |llama: &Llama| -> Result<Vec<Tensor>> {
+        let ctx = LoraCtx::training(Some((0.1, 5)), 0);
+        let logits = classifier::logits(llama, Some((&lora, &ctx)), &head, &batch).map_err(err)?;
+        let loss = (candle_nn::ops::log_softmax(&logits, 1)? * &onehot)?.sum_all()?.neg()?;
+        let g = loss.backward()?;
+        let mut out = vec![logits.detach()];
+        for (name, v) in &vars {
+            out.push(ctx.take_grad(&g, v.as_tensor()).ok_or_else(|| candle_core::Error::Msg(format!("no gradient of {name}")))?);
+        }
+        Ok(out)
+    };
+    let (want, got) = (run(&apart)?, run(&fused)?);
+    let mut checks = Vec::new();
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let kernel = if i == 0 { "fused q/k/v block logits" } else { "fused q/k/v block factor gradient" };
+        let what = if i == 0 { "logits".to_string() } else { vars[i - 1].0.clone() };
+        let check = super::KernelCheck::relative(kernel, format!("bf16 {what}"), (0, 0), &w.to_device(&candle_core::Device::Cpu)?, g, 2f32.powi(-5))?;
+        checks.push(check);
+    }
+    Ok(checks)
+}

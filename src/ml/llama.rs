@@ -391,6 +391,18 @@ impl Llama {
         x.reshape((b, t, self.cfg.hidden_size))
     }
 
+    /// Whether some block holds q, k and v's weights in one matrix (`Block::qkv`).
+    pub(super) fn has_fused_qkv(&self) -> bool {
+        self.blocks.iter().any(|b| b.qkv.is_some())
+    }
+
+    /// This model with each block's q, k and v used apart (the same weights, without their
+    /// matrix): the reference of the fused path's check (`block::check_device`).
+    pub(super) fn with_qkv_apart(&self) -> Llama {
+        let blocks = self.blocks.iter().map(|b| Block { qkv: None, ..b.clone() }).collect();
+        Llama { blocks, ..self.clone() }
+    }
+
     /// Bytes held by the frozen weights (the embedding table counted wherever it lives).
     pub fn weight_bytes(&self) -> usize {
         let lin: usize = self.blocks.iter().flat_map(|b| b.proj.iter()).map(|l| l.weight_bytes()).sum();
