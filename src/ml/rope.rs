@@ -81,7 +81,7 @@ fn in_place_rows(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Option<usize> {
         && st[3] == 1
         && (st[2] == d || h == 1)
         && st[1] >= h * d
-        && st[1] % piece == 0
+        && st[1].is_multiple_of(piece)
         && st[0] == t * st[1];
     fits.then_some(st[1])
 }
