@@ -673,17 +673,11 @@ impl Layer {
         let plan = self.plan(&q, &k)?;
         // with q, k and v's weights in one matrix, their gradients come packed as that matrix's
         // output would lie, rotated back, and the input gradient is one GEMM over them
+        // (the kernels rotate dq and dk back as they store them, where RoPE's tables fit them;
+        // elsewhere the gradients apart, as without the matrix)
+        let (cos, sin) = (&self.inp.cos, &self.inp.sin);
         let packed = match &self.blk.qkv {
-            Some(_) if self.by_row(&q) => {
-                // the kernels rotate dq and dk back as they store them where the tables fit,
-                // else a RoPE pass over the packed gradients does
-                let (cos, sin) = (&self.inp.cos, &self.inp.sin);
-                if super::flash::rope_tables_fit(cos, sin, &q) {
-                    plan.backward_packed(&q, &k, &v, &d_o, &o, lse.as_ref(), Some((cos, sin)))?
-                } else {
-                    plan.backward_packed(&q, &k, &v, &d_o, &o, lse.as_ref(), None)?.map(|p| self.unrotate_packed(p)).transpose()?.flatten()
-                }
-            }
+            Some(_) if self.by_row(&q) && super::flash::rope_tables_fit(cos, sin, &q) => plan.backward_packed(&q, &k, &v, &d_o, &o, lse.as_ref(), Some((cos, sin)))?,
             _ => None,
         };
         let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -717,22 +711,6 @@ impl Layer {
         drop((h, dq, dk, dv, packed));
         let d_h = d_h.reshape(x.shape())?;
         rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
-    }
-
-    /// The packed `[b, t, (heads + 2 kv_heads) hd]` gradients of attention with dq's and dk's
-    /// heads rotated back in place; `None` where RoPE would not rotate them in place (the
-    /// caller then takes the gradients apart).
-    fn unrotate_packed(&self, p: Tensor) -> Result<Option<Tensor>> {
-        let cfg = &self.inp.cfg;
-        let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let heads = p.reshape((self.inp.b, self.inp.t, hq + 2 * hk, hd))?;
-        let dqk = heads.narrow(2, 0, hq + hk)?;
-        let (cos, sin) = (&self.inp.cos, &self.inp.sin);
-        if !rope::rotates_in_place(&dqk, cos, sin) {
-            return Ok(None);
-        }
-        rope::rope_heads(dqk, cos, sin, true)?;
-        Ok(Some(p))
     }
 }
 

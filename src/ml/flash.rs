@@ -210,26 +210,13 @@ mod launch {
         Ok((a.tensor(o)?, lse))
     }
 
-    /// Where the backward writes dq, dk and dv.
-    pub enum Grads {
-        /// Three tensors, each laid out as its input.
-        Apart,
-        /// One `[b, t, (heads + 2 kv_heads) d]` tensor, each row dq's heads, then dk's, then dv's.
-        Packed,
-    }
-
-    /// The backward's result (see `Grads`).
-    pub enum Written {
-        Apart([Tensor; 3]),
-        Packed(Tensor),
-    }
-
     /// A gradient's first element and strides in the memory the kernels write.
     struct Dest {
         ptr: u64,
         rows: Rows,
     }
 
+    /// `[dq, dk, dv]`, each laid out as its input.
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         a: &Args,
@@ -241,9 +228,36 @@ mod launch {
         lse: &Tensor,
         spans: &CausalSpans,
         scale: f64,
-        grads: Grads,
+    ) -> Result<[Tensor; 3]> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtrMut;
+        let stream = a.dev.cuda_stream();
+        let (mut dq, mut dk, mut dv) = (a.out_like(q)?, a.out_like(k)?, a.out_like(v)?);
+        {
+            let (pq, _gq) = dq.slice.device_ptr_mut(&stream);
+            let (pk, _gk) = dk.slice.device_ptr_mut(&stream);
+            let (pv, _gv) = dv.slice.device_ptr_mut(&stream);
+            let dest = [Dest { ptr: pq, rows: dq.rows }, Dest { ptr: pk, rows: dk.rows }, Dest { ptr: pv, rows: dv.rows }];
+            let no_rope = RopeArg { cos: 0, sin: 0, per_row: 0 };
+            launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &dest, no_rope)?;
+        }
+        Ok([a.tensor(dq)?, a.tensor(dk)?, a.tensor(dv)?])
+    }
+
+    /// The gradients in one `[b, t, (heads + 2 kv_heads) d]` tensor, each row dq's heads, then
+    /// dk's, then dv's; with `rope`'s tables, dq and dk rotated back as they are stored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_packed(
+        a: &Args,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        d_o: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        spans: &CausalSpans,
+        scale: f64,
         rope: Option<(&Tensor, &Tensor)>,
-    ) -> Result<Written> {
+    ) -> Result<Tensor> {
         use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
         let stream = a.dev.cuda_stream();
         let tables = rope.map(|(c, s)| (c.storage_and_layout(), s.storage_and_layout()));
@@ -261,33 +275,18 @@ mod launch {
             (arg, gc, gs)
         });
         let rope = reads.as_ref().map_or(RopeArg { cos: 0, sin: 0, per_row: 0 }, |r| r.0);
-        match grads {
-            Grads::Apart => {
-                let (mut dq, mut dk, mut dv) = (a.out_like(q)?, a.out_like(k)?, a.out_like(v)?);
-                {
-                    let (pq, _gq) = dq.slice.device_ptr_mut(&stream);
-                    let (pk, _gk) = dk.slice.device_ptr_mut(&stream);
-                    let (pv, _gv) = dv.slice.device_ptr_mut(&stream);
-                    let dest = [Dest { ptr: pq, rows: dq.rows }, Dest { ptr: pk, rows: dk.rows }, Dest { ptr: pv, rows: dv.rows }];
-                    launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &dest, rope)?;
-                }
-                Ok(Written::Apart([a.tensor(dq)?, a.tensor(dk)?, a.tensor(dv)?]))
-            }
-            Grads::Packed => {
-                let (b, t, d, h, kvh) = (a.b, a.t, a.d, a.h, a.kvh);
-                let width = (h + 2 * kvh) * d;
-                // SAFETY: the kernels write every element: each row's heads of dq, dk and dv
-                let mut slice = unsafe { a.dev.alloc::<bf16>(b * t * width)? };
-                {
-                    let (p, _g) = slice.device_ptr_mut(&stream);
-                    let rows = Rows { b: (t * width) as i64, h: d as i64, r: width as i64 };
-                    let at = |heads: usize| Dest { ptr: p + 2 * (heads * d) as u64, rows };
-                    launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &[at(0), at(h), at(h + kvh)], rope)?;
-                }
-                let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, a.dev.clone()));
-                Ok(Written::Packed(Tensor::from_storage(storage, (b, t, width), BackpropOp::none(), false)))
-            }
+        let (b, t, d, h, kvh) = (a.b, a.t, a.d, a.h, a.kvh);
+        let width = (h + 2 * kvh) * d;
+        // SAFETY: the kernels write every element: each row's heads of dq, dk and dv
+        let mut slice = unsafe { a.dev.alloc::<bf16>(b * t * width)? };
+        {
+            let (p, _g) = slice.device_ptr_mut(&stream);
+            let rows = Rows { b: (t * width) as i64, h: d as i64, r: width as i64 };
+            let at = |heads: usize| Dest { ptr: p + 2 * (heads * d) as u64, rows };
+            launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &[at(0), at(h), at(h + kvh)], rope)?;
         }
+        let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, a.dev.clone()));
+        Ok(Tensor::from_storage(storage, (b, t, width), BackpropOp::none(), false))
     }
 
     /// The backward's kernels, writing dq, dk and dv to `dest`, memory of the sizes their
@@ -439,10 +438,7 @@ pub fn backward(
     #[cfg(feature = "cuda")]
     {
         let bf = |x: &Tensor| x.to_dtype(DType::BF16);
-        match launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, launch::Grads::Apart, None)? {
-            launch::Written::Apart(g) => Ok(g),
-            launch::Written::Packed(_) => unreachable!("asked for the gradients apart"),
-        }
+        launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -476,10 +472,7 @@ pub fn backward_packed(
     #[cfg(feature = "cuda")]
     {
         let bf = |x: &Tensor| x.to_dtype(DType::BF16);
-        match launch::backward(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, launch::Grads::Packed, rope)? {
-            launch::Written::Packed(g) => Ok(g),
-            launch::Written::Apart(_) => unreachable!("asked for the gradients packed"),
-        }
+        launch::backward_packed(&launch::Args::new(q, k)?, q, k, v, &bf(d_o)?, &bf(o)?, lse, spans, scale, rope)
     }
     #[cfg(not(feature = "cuda"))]
     {

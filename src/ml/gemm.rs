@@ -66,13 +66,13 @@ fn on_cublas(c_dtype: DType, a: &Tensor, b: &Tensor) -> bool {
 /// (beta = 1; the caller must own `acc`), which may also be an `[m, n]` view of some columns of
 /// a wider row-major matrix (written in place there); otherwise a product and a sum.
 pub fn accumulate(acc: Tensor, a: &Tensor, b: &Tensor, alpha: f64) -> Result<Tensor> {
-    let (m, k, n) = dims(Some(acc.elem_count()), a, b)?;
+    let (m, _, n) = dims(Some(acc.elem_count()), a, b)?;
     if !on_cublas(acc.dtype(), a, b) {
         let product = scaled(a.matmul(b)?, alpha)?.to_dtype(acc.dtype())?.reshape(acc.shape())?;
         return acc + product;
     }
     let acc = if row_strided(&acc, m, n) { acc } else { acc.contiguous()? };
-    acc.inplace_op1(&Accumulate { a, b, m, k, n, alpha })?;
+    accumulate_in_place(&acc, a, b, alpha)?;
     Ok(acc)
 }
 

@@ -758,19 +758,23 @@ impl AttentionPlan {
 
     /// `backward`'s gradients packed in one `[b, t, (heads + 2 kv_heads) d]` tensor (dq's heads,
     /// dk's, dv's in each row: `flash::backward_packed`) where the flash kernels run; `None`
-    /// elsewhere.
-    /// With `rope`, RoPE's tables `(cos, sin)` that the kernels rotate dq and dk back with
+    /// elsewhere. With `rope`, RoPE's tables `(cos, sin)` that the kernels rotate dq and dk back with
     /// (`flash::rope_tables_fit`).
     #[allow(clippy::too_many_arguments)]
     pub fn backward_packed(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: Option<&Tensor>, rope: Option<(&Tensor, &Tensor)>) -> Result<Option<Tensor>> {
         if !self.flash {
             return Ok(None);
         }
-        let lse = match lse {
-            Some(lse) => lse.clone(),
-            None => super::flash::forward(q, k, v, &self.spans, self.scale)?.1,
-        };
+        let lse = self.flash_lse(q, k, v, lse)?;
         super::flash::backward_packed(q, k, v, d_o, o, &lse, &self.spans, self.scale, rope).map(Some)
+    }
+
+    /// The flash kernels' log-sum-exp of the forward: `lse` where kept, else recomputed.
+    fn flash_lse(&self, q: &Tensor, k: &Tensor, v: &Tensor, lse: Option<&Tensor>) -> Result<Tensor> {
+        match lse {
+            Some(lse) => Ok(lse.clone()),
+            None => Ok(super::flash::forward(q, k, v, &self.spans, self.scale)?.1),
+        }
     }
 
     /// `[dq, dk, dv]` for the output gradient `d_o` (q's dtype, contiguous), given the forward's
@@ -781,10 +785,7 @@ impl AttentionPlan {
     pub fn backward(&self, q: &Tensor, k: &Tensor, v: &Tensor, d_o: &Tensor, o: &Tensor, lse: Option<&Tensor>) -> Result<[Tensor; 3]> {
         let (b, h, kvh, t, d) = (self.b, self.h, self.kvh, self.t, self.d);
         if self.flash {
-            let lse = match lse {
-                Some(lse) => lse.clone(),
-                None => super::flash::forward(q, k, v, &self.spans, self.scale)?.1,
-            };
+            let lse = self.flash_lse(q, k, v, lse)?;
             return super::flash::backward(q, k, v, d_o, o, &lse, &self.spans, self.scale);
         }
         let dsum = super::fused::head_dot(d_o, o, d)?.unsqueeze(3)?;

@@ -22,10 +22,7 @@ pub fn rope_pair(q: Tensor, k: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool
     if (bk, tk, dk) != (b, t, d) || d % 2 != 0 {
         candle_core::bail!("rope: keys {:?} do not fit queries {:?}", k.shape(), q.shape());
     }
-    let table = |x: &Tensor| x.dims() == [t, d / 2] || x.dims() == [b, t, d / 2];
-    if !table(cos) || !table(sin) {
-        candle_core::bail!("rope: tables {:?} and {:?} do not fit queries {:?}", cos.shape(), sin.shape(), q.shape());
-    }
+    check_tables(cos, sin, &q)?;
     let (Some(ldq), Some(ldk)) = (in_place_rows(&q, cos, sin), in_place_rows(&k, cos, sin)) else {
         let sin = if inverse { sin.neg()? } else { sin.clone() };
         let q = candle_nn::rotary_emb::rope_thd(&q.contiguous()?, cos, &sin)?;
@@ -43,10 +40,7 @@ pub fn rope_pair(q: Tensor, k: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool
 /// slices of one storage would have the kernel's launch lock that storage twice.
 pub fn rope_heads(x: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Result<Tensor> {
     let (b, t, h, d) = x.dims4()?;
-    let table = |y: &Tensor| y.dims() == [t, d / 2] || y.dims() == [b, t, d / 2];
-    if d % 2 != 0 || !table(cos) || !table(sin) {
-        candle_core::bail!("rope: tables {:?} and {:?} do not fit {:?}", cos.shape(), sin.shape(), x.shape());
-    }
+    check_tables(cos, sin, &x)?;
     let Some(ld) = in_place_rows(&x, cos, sin) else {
         let sin = if inverse { sin.neg()? } else { sin.clone() };
         return candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, &sin);
@@ -54,6 +48,17 @@ pub fn rope_heads(x: Tensor, cos: &Tensor, sin: &Tensor, inverse: bool) -> Resul
     let per_row_tables = cos.rank() == 3;
     x.inplace_op1(&RopePair { k: None, cos, sin, rows: b * t, ldq: ld, ldk: 0, t, hq: h, hk: 0, d, per_row_tables, sign: if inverse { -1.0 } else { 1.0 } })?;
     Ok(x)
+}
+
+/// An error unless `cos` and `sin` are tables for `x` `[b, t, h, d]` (even `d`): `[t, d/2]` or
+/// `[b, t, d/2]`.
+fn check_tables(cos: &Tensor, sin: &Tensor, x: &Tensor) -> Result<()> {
+    let (b, t, _, d) = x.dims4()?;
+    let table = |y: &Tensor| y.dims() == [t, d / 2] || y.dims() == [b, t, d / 2];
+    if d % 2 != 0 || !table(cos) || !table(sin) {
+        candle_core::bail!("rope: tables {:?} and {:?} do not fit {:?}", cos.shape(), sin.shape(), x.shape());
+    }
+    Ok(())
 }
 
 /// Whether `rope_heads` rotates `x` in its own storage (the kernel's case), rather than into a
