@@ -114,6 +114,10 @@ pub struct BenchArgs {
     pub lora_r: usize,
     #[arg(long, value_delimiter = ',', default_value = "q_proj,k_proj,v_proj,o_proj")]
     pub lora_target_modules: Vec<String>,
+    /// The adapters' dropout probability in `bench train` (the reference's 0.05 by default; 0:
+    /// no masks drawn).
+    #[arg(long, default_value_t = 0.05)]
+    pub lora_dropout: f32,
     /// Activation checkpointing in `bench train` (each decoder block recomputed in the backward).
     #[arg(long)]
     pub gradient_checkpointing: bool,
@@ -335,6 +339,9 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             return hf_losses(&HfLosses { model, adapter, lora_alpha: *lora_alpha, ids, labels, steps: *steps, lr: *lr }, &device, *base_format);
         }
     };
+    if !(0.0..1.0).contains(&args.lora_dropout) {
+        anyhow::bail!("--lora-dropout: {} is not a probability below 1", args.lora_dropout);
+    }
     let device = parse_device(&args.device)?;
     // what the CUDA context itself holds, before any weight is loaded
     let context_bytes = gpu_used(&device);
@@ -418,7 +425,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                 // read per micro-batch would drain the queue each time
                 let mut step_loss = Tensor::zeros((), DType::F32, &device)?;
                 for (mi, (batch, labels)) in micro_batches.iter().enumerate() {
-                    let ctx = LoraCtx::training(Some((0.05, 1 + mi as u64)), hp.recomputed_layers())
+                    let ctx = LoraCtx::training((args.lora_dropout > 0.0).then_some((args.lora_dropout, 1 + mi as u64)), hp.recomputed_layers())
                         .with_mlp_recompute(hp.recomputed_mlp_layers())
                         .with_mlp_parking(parking.as_ref())
                         .with_kept_norms(!hp.gradient_checkpointing)
@@ -484,6 +491,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
             }),
             "mlp_offload": training && hp.offloads_mlp(),
             "micro_batch": training.then_some(micro),
+            "lora_dropout": training.then_some(args.lora_dropout),
             "host_embeddings": llama.host_embeddings().is_some(),
             "host_embeddings_mapped": llama.host_embeddings().unwrap_or(false),
             "graph": graph.is_some(),
@@ -511,4 +519,31 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         println!("{report}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Command, Settings};
+    use clap::Parser;
+
+    fn bench_of(args: &[&str]) -> super::BenchCommand {
+        let all = ["arbiter", "bench", "train", "--random-init"].iter().chain(args).copied();
+        match Settings::try_parse_from(all).unwrap().command {
+            Command::Bench(b) => b,
+            other => panic!("not a bench command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn lora_dropout_defaults_to_the_reference_and_is_refused_outside_a_probability() {
+        match bench_of(&[]) {
+            super::BenchCommand::Train(a) => assert_eq!(a.lora_dropout, 0.05),
+            other => panic!("{other:?}"),
+        }
+        for bad in ["1", "-0.1", "NaN"] {
+            // refused before any model is built
+            let e = super::bench(&bench_of(&[&format!("--lora-dropout={bad}")])).unwrap_err().to_string();
+            assert!(e.starts_with("--lora-dropout: "), "{bad}: {e}");
+        }
+    }
 }
