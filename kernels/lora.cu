@@ -16,7 +16,8 @@
 // 16 (of 64 for `lora_down_wide`, the forward's 16-byte variant), R one of 8, 16, 32, 64, rows * K
 // below 2^32 (element indices in 32 bits). A warp takes 16 rows: for the forward, four warps split the
 // k-steps of one row tile (and blocks split them further where there are few row tiles); for
-// dx, 64 columns; for the gradient of A, 16 columns of x and a split of the rows.
+// dx, 64 columns; for the gradient of A, 16 columns of x and a split of the rows (`lora_grad_a_wide`,
+// where x's rows start on 16-byte boundaries, stages each tile's masked rows in shared memory).
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -420,6 +421,105 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
     }
 }
 
+// Four 8x8 bf16 matrices from shared memory, transposed, each lane giving one row address
+// (ldmatrix x4 .trans); after the stores it reads, which a __syncwarp orders across lanes.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p)))
+                 : "memory");
+}
+
+// As `lora_grad_a` where x's rows start on 16-byte boundaries (x aligned, K a multiple of 8),
+// the same fragments and sums: each lane reads 16 bytes (8 columns) of one of the tile's rows,
+// masks and scales them as four column pairs (one `pair_keep` each, no exchange between lanes),
+// and stages them in shared memory, from which ldmatrix .trans gives the A fragment of x^T.
+// Without dropout or scaling the adapters share one staged tile. The next tile's row is read
+// while the current one is multiplied.
+template <int R>
+__device__ void lora_grad_a_wide(const bf16* x, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1,
+                                 const bf16* gh2, uint32_t threshold, float scale, size_t chunk, float* part) {
+    // 48-byte rows: ldmatrix's eight row reads fall on distinct banks
+    constexpr int PITCH = 24;
+    __shared__ __align__(16) bf16 stage[4][MAX_M][16 * PITCH];
+    const bf16* gh[MAX_M] = {gh0, gh1, gh2};
+    const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3, warp = threadIdx.x >> 5;
+    const int c0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
+    if (c0 >= K) return;
+    const size_t begin = blockIdx.y * chunk, end = min(rows, begin + chunk);
+    const bool masked = threshold != 0, scaled = masked || scale != 1.0f;
+    // this lane's share of a tile: row lr, columns col..col+7
+    const int lr = lane >> 1, col = c0 + 8 * (lane & 1);
+    // its row address for ldmatrix: matrix lane / 8 is rows 8 (lane / 16) and columns
+    // 8 ((lane / 8) % 2) of the staged tile (a0: rows 0-7 x columns 0-7, a1: columns 8-15, a2 and
+    // a3: rows 8-15)
+    const int ld_at = (((lane >> 4) << 3) + (lane & 7)) * PITCH + (((lane >> 3) & 1) << 3);
+    bf16* mine = &stage[warp][0][0];
+    const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+    auto fetch = [&](size_t r0) {
+        const size_t row = r0 + lr;
+        return row < end ? *reinterpret_cast<const uint4*>(x + row * K + col) : zero4;
+    };
+    float acc[MAX_M][R / 8][4] = {};
+    uint4 next = begin < end ? fetch(begin) : zero4;
+    for (size_t r0 = begin; r0 < end; r0 += 16) {
+        const uint4 cur = next;
+        if (r0 + 16 < end) next = fetch(r0 + 16);
+        const uint32_t w[4] = {cur.x, cur.y, cur.z, cur.w};
+        const uint32_t row = (uint32_t)(r0 + lr);
+        __syncwarp();  // the last tile's ldmatrix reads are done before the stage is overwritten
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m >= grp.n || (m > 0 && !scaled)) break;
+            uint32_t o[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const uint32_t keep = masked ? pair_keep(grp.seed[m], (row * (uint32_t)K + col + 2 * e) >> 1, threshold) : 3u;
+                o[e] = scaled ? mask_pair(w[e], keep, scale) : w[e];
+            }
+            *reinterpret_cast<uint4*>(mine + m * 16 * PITCH + lr * PITCH + (col - c0)) = make_uint4(o[0], o[1], o[2], o[3]);
+        }
+        __syncwarp();
+        const bool whole = r0 + 16 <= end && rows % 2 == 0;
+        const size_t rr[4] = {r0 + 2 * i, r0 + 2 * i + 1, r0 + 2 * i + 8, r0 + 2 * i + 9};
+        const bf16 zero = __float2bfloat16(0.0f);
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m >= grp.n) break;
+            uint32_t af[4];
+            ldmatrix_x4_trans(af, mine + (scaled ? m : 0) * 16 * PITCH + ld_at);
+            const bf16* q = gh[m];
+#pragma unroll
+            for (int nt = 0; nt < R / 8; ++nt) {
+                const bf16* p = q + (size_t)(nt * 8 + g) * rows;
+                uint32_t b0, b1;
+                if (whole) {
+                    b0 = ld32(p + rr[0]);
+                    b1 = ld32(p + rr[2]);
+                } else {
+                    b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
+                    b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
+                }
+                mma(acc[m][nt], af, b0, b1);
+            }
+        }
+    }
+    const int ca = c0 + g, cb = c0 + g + 8;
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= grp.n) break;
+        float* out = part + ((size_t)blockIdx.y * grp.n + m) * K * R;
+#pragma unroll
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const int n = nt * 8 + 2 * i;
+            out[(size_t)ca * R + n] = acc[m][nt][0];
+            out[(size_t)ca * R + n + 1] = acc[m][nt][1];
+            out[(size_t)cb * R + n] = acc[m][nt][2];
+            out[(size_t)cb * R + n + 1] = acc[m][nt][3];
+        }
+    }
+}
+
 }  // namespace
 
 // dA_m [R, K] (f32) = the sum of the splits' parts, in split order; added to dA_m with accumulate.
@@ -475,6 +575,13 @@ extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, s
                                                 float* part) {                                                       \
         lora_grad_a<R>(x, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold,  \
                        scale, chunk, part);                                                                          \
+    }                                                                                                                \
+    extern "C" __global__ void lora_grad_a_wide_r##R(const bf16* x, size_t rows, int K, uint64_t s0, uint64_t s1,    \
+                                                     uint64_t s2, int n, const bf16* gh0, const bf16* gh1,           \
+                                                     const bf16* gh2, uint32_t threshold, float scale, size_t chunk, \
+                                                     float* part) {                                                  \
+        lora_grad_a_wide<R>(x, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2,        \
+                            threshold, scale, chunk, part);                                                          \
     }
 
 LORA(8)

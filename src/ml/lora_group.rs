@@ -225,7 +225,10 @@ mod cuda {
         let (rows, k) = x.dims2()?;
         let r = members[0].a.dim(0)?;
         let (threshold, scale) = super::dropout::mask_params(p);
-        let func = dev.get_or_load_custom_func(&format!("lora_grad_a_r{r}"), "lora", KERNELS)?.into_cuda_function();
+        // rows read 16 bytes at a time where they start on 16-byte boundaries
+        let wide = x.layout().start_offset() % 8 == 0 && k % 8 == 0;
+        let name = format!("lora_grad_a{}_r{r}", if wide { "_wide" } else { "" });
+        let func = dev.get_or_load_custom_func(&name, "lora", KERNELS)?.into_cuda_function();
         // one wave of blocks of four warps, each warp 16 columns of a split of the rows: a
         // second, mostly idle wave would take as long as the first
         let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).w()?.max(1) as usize;
@@ -331,7 +334,15 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let mut out = Vec::new();
     let bf = |t: Tensor| t.to_dtype(DType::BF16);
-    for (rows, k, r, n, p) in [(77usize, 576usize, 16usize, 3usize, 0.1f32), (64, 576, 16, 1, 0.0), (50, 1536, 8, 2, 0.05), (33, 272, 32, 3, 0.2), (40, 128, 64, 2, 0.1)] {
+    // the last case's x starts 4 elements into its buffer: rows off 16-byte boundaries
+    for (rows, k, r, n, p, offset) in [
+        (77usize, 576usize, 16usize, 3usize, 0.1f32, 0usize),
+        (64, 576, 16, 1, 0.0, 0),
+        (50, 1536, 8, 2, 0.05, 0),
+        (33, 272, 32, 3, 0.2, 0),
+        (40, 128, 64, 2, 0.1, 0),
+        (45, 576, 16, 3, 0.1, 4),
+    ] {
         let x = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
         let dx = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
         let a: Vec<Tensor> = (0..n).map(|_| bf((Tensor::randn(0f32, 1.0, (r, k), &cpu)? * 0.1)?)).collect::<Result<_>>()?;
@@ -359,7 +370,12 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let (a_d, gh_d) = (a.iter().map(on).collect::<Result<Vec<_>>>()?, ght.iter().map(on).collect::<Result<Vec<_>>>()?);
         let m: Vec<Member> = a_d.iter().zip(&seeds).map(|(a, &seed)| Member { a, seed }).collect();
         let gh_refs: Vec<&Tensor> = gh_d.iter().collect();
-        let x_d = on(&x)?;
+        let x_d = if offset == 0 {
+            on(&x)?
+        } else {
+            let flat = Tensor::cat(&[&Tensor::zeros(offset, DType::BF16, &cpu)?, &x.flatten_all()?], 0)?;
+            on(&flat)?.narrow(0, offset, rows * k)?.reshape((rows, k))?
+        };
         let got_down = down(&x_d, &m, p)?;
         let got_dx = add_dx(on(&dx)?.copy()?, &m, &gh_refs, p)?;
         // the adapters' part alone, written into fresh memory
@@ -381,7 +397,8 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             cases.push(("lora group dA", w, g));
         }
         for (kernel, want, got) in cases {
-            out.push(KernelCheck::relative(kernel, format!("r{r} x{n} p{p}"), (rows, k), &want, &got, 1.0 / 128.0)?);
+            let at = if offset == 0 { String::new() } else { format!(" at offset {offset}") };
+            out.push(KernelCheck::relative(kernel, format!("r{r} x{n} p{p}{at}"), (rows, k), &want, &got, 1.0 / 128.0)?);
         }
     }
     Ok(out)
