@@ -338,6 +338,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     for (rows, k, r, n, p, offset) in [
         (77usize, 576usize, 16usize, 3usize, 0.1f32, 0usize),
         (64, 576, 16, 1, 0.0, 0),
+        (48, 576, 16, 3, 0.0, 0),
         (50, 1536, 8, 2, 0.05, 0),
         (33, 272, 32, 3, 0.2, 0),
         (40, 128, 64, 2, 0.1, 0),
