@@ -873,19 +873,7 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
     use super::lora::LoraConfig;
     use candle_core::Var;
     let err = |e: super::MlError| candle_core::Error::Msg(e.to_string());
-    let cfg = Config {
-        hidden_size: 256,
-        intermediate_size: 512,
-        num_layers: 3,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        vocab_size: 1000,
-        max_position_embeddings: 512,
-        rope_interleaved: false,
-    };
+    let cfg = Config::small(3);
     let fused = Llama::random(cfg.clone(), WeightFormat::Dense(DType::BF16), 11, device).map_err(err)?;
     if !fused.has_fused_qkv() {
         return Ok(Vec::new());

@@ -97,19 +97,7 @@ pub fn check_device(device: &candle_core::Device) -> candle_core::Result<Vec<sup
     use super::llama::{Config, WeightFormat};
     use super::lora::LoraConfig;
     let err = |e: MlError| candle_core::Error::Msg(e.to_string());
-    let cfg = Config {
-        hidden_size: 256,
-        intermediate_size: 512,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 64,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10_000.0,
-        vocab_size: 1000,
-        max_position_embeddings: 512,
-        rope_interleaved: false,
-    };
+    let cfg = Config::small(2);
     let llama = Llama::random(cfg.clone(), WeightFormat::Dense(DType::BF16), 7, device).map_err(err)?;
     let targets: Vec<String> = ["q_proj", "k_proj", "v_proj", "o_proj"].map(String::from).into();
     let mut vars = Vec::new();

@@ -167,6 +167,24 @@ impl Config {
         }
     }
 
+    /// A small shape for the device checks of whole blocks: hidden 256, four heads of 64 (two
+    /// kv heads), MLP 512, vocabulary 1000.
+    pub(crate) fn small(num_layers: usize) -> Config {
+        Config {
+            hidden_size: 256,
+            intermediate_size: 512,
+            num_layers,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 64,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            vocab_size: 1000,
+            max_position_embeddings: 512,
+            rope_interleaved: false,
+        }
+    }
+
     /// Input and output features of a projection.
     pub fn proj_shape(&self, p: Proj) -> (usize, usize) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
