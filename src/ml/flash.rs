@@ -69,6 +69,10 @@ mod launch {
     // SAFETY: two u64 and an i32, laid out (and padded to 24 bytes) as the kernels' `Rope`
     unsafe impl DeviceRepr for RopeArg {}
 
+    impl RopeArg {
+        const NONE: RopeArg = RopeArg { cos: 0, sin: 0, per_row: 0 };
+    }
+
     /// `x` as the kernels read it: rows of `d` contiguous and every row on a 16-byte boundary
     /// (the kernels copy 16-byte pieces). A `[b, t, heads, d]` tensor transposed to
     /// `[b, heads, t, d]` qualifies as it is; anything else is copied.
@@ -237,8 +241,7 @@ mod launch {
             let (pk, _gk) = dk.slice.device_ptr_mut(&stream);
             let (pv, _gv) = dv.slice.device_ptr_mut(&stream);
             let dest = [Dest { ptr: pq, rows: dq.rows }, Dest { ptr: pk, rows: dk.rows }, Dest { ptr: pv, rows: dv.rows }];
-            let no_rope = RopeArg { cos: 0, sin: 0, per_row: 0 };
-            launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &dest, no_rope)?;
+            launch_backward(a, q, k, v, d_o, o, lse, spans, scale, &dest, RopeArg::NONE)?;
         }
         Ok([a.tensor(dq)?, a.tensor(dk)?, a.tensor(dv)?])
     }
@@ -274,7 +277,7 @@ mod launch {
             let arg = RopeArg { cos: pc + 2 * cl.start_offset() as u64, sin: ps + 2 * sl.start_offset() as u64, per_row: (cl.dims().len() == 3) as i32 };
             (arg, gc, gs)
         });
-        let rope = reads.as_ref().map_or(RopeArg { cos: 0, sin: 0, per_row: 0 }, |r| r.0);
+        let rope = reads.as_ref().map_or(RopeArg::NONE, |r| r.0);
         let (b, t, d, h, kvh) = (a.b, a.t, a.d, a.h, a.kvh);
         let width = (h + 2 * kvh) * d;
         // SAFETY: the kernels write every element: each row's heads of dq, dk and dv
