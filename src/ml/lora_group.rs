@@ -226,7 +226,7 @@ mod cuda {
         let r = members[0].a.dim(0)?;
         let (threshold, scale) = super::dropout::mask_params(p);
         // rows read 16 bytes at a time where they start on 16-byte boundaries
-        let wide = x.layout().start_offset() % 8 == 0 && k % 8 == 0;
+        let wide = x.layout().start_offset().is_multiple_of(8) && k.is_multiple_of(8);
         let name = format!("lora_grad_a{}_r{r}", if wide { "_wide" } else { "" });
         let func = dev.get_or_load_custom_func(&name, "lora", KERNELS)?.into_cuda_function();
         // one wave of blocks of four warps, each warp 16 columns of a split of the rows: a
