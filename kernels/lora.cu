@@ -29,8 +29,6 @@ namespace {
 typedef __nv_bfloat16 bf16;
 
 constexpr int MAX_M = 3;
-// Row tiles of 16 per warp in lora_dx (`DX_TILES` in lora_group.rs).
-constexpr int DX_TILES = 4;
 
 __device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
@@ -226,10 +224,13 @@ __device__ __forceinline__ void gh_fragment(uint32_t* f, const bf16* ght, size_t
     f[3] = pack(at(c + 8, rb, vb), at(c + 9, rb, vb));
 }
 
-// A warp per 64 columns (COLS / 8 n-tiles) of TILES tiles of 16 rows: for each tile its dx is
-// loaded first, then the products of every adapter added, then stored. A's B operands for the
-// warp's columns do not change from tile to tile: at ranks up to 16 (6 registers per n-tile and
-// adapter at most) they are loaded once, before the first tile.
+// A warp per 64 columns (COLS / 8 n-tiles) and a range of tiles of 16 rows: the grid's warps are
+// dealt out as a whole number of slots per column chunk (the few left over idle), each slot a
+// contiguous range of the tiles, so that one wave of warps takes it all with no partial last wave
+// (the host sizes the grid to the resident warps). For each tile its dx is loaded first, then the
+// products of every adapter added, then stored. A's B operands for the warp's columns do not
+// change from tile to tile: at ranks up to 16 (6 registers per n-tile and adapter at most) they
+// are loaded once, before the first tile.
 template <int R>
 __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1, const bf16* gh2,
                         uint32_t threshold, float scale, int accumulate) {
@@ -238,10 +239,13 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
     constexpr bool HOIST = R <= 16;
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
     const size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
-    const size_t chunks = (K + COLS - 1) / COLS;
-    const size_t t0 = warp / chunks * DX_TILES;
+    const size_t total = ((size_t)gridDim.x * blockDim.x) >> 5;
+    const size_t chunks = (K + COLS - 1) / COLS, slots = total / chunks;
+    if (warp >= slots * chunks) return;
+    const size_t tiles = (rows + 15) / 16, slot = warp / chunks;
+    const size_t first = tiles * slot / slots, last = tiles * (slot + 1) / slots;
     const int c0 = (int)(warp % chunks) * COLS;
-    if (t0 * 16 >= rows) return;
+    if (first >= last) return;
     // the B operand pair of A at n-tile nt, k-step ks of adapter m
     auto b_of = [&](int m, int nt, int ks, uint32_t* b) {
         const bf16* a = grp.a[m] + c0 + nt * 8 + g;
@@ -257,7 +261,7 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
             for (int nt = 0; nt < NT; ++nt)
                 if (m < grp.n && c0 + nt * 8 < K) b_of(m, nt, 0, bh[m][nt]);
     }
-    for (size_t tile = t0; tile < t0 + DX_TILES && tile * 16 < rows; ++tile) {
+    for (size_t tile = first; tile < last; ++tile) {
         const size_t ra = tile * 16 + g, rb = ra + 8;
         const bool va = ra < rows, vb = rb < rows;
         __nv_bfloat162 da[NT], db[NT];
