@@ -333,6 +333,50 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
     }
 }
 
+// acc (a warp's 16 columns of x by R) += af (the A fragment of x^T over one row tile) times
+// gh's B fragment for the tile's rows rr (2i, 2i+1, 2i+8, 2i+9 past its first), from gh's
+// transpose [R, rows]: row pairs are adjacent there, read as one word where the tile is whole and
+// the pair on a word boundary, else element by element, zero at or past `end`.
+template <int R>
+__device__ __forceinline__ void grad_a_products(float (&acc)[R / 8][4], const uint32_t* af, const bf16* ght, size_t rows,
+                                                const size_t* rr, size_t end, bool whole, int g) {
+    const bf16 zero = __float2bfloat16(0.0f);
+#pragma unroll
+    for (int nt = 0; nt < R / 8; ++nt) {
+        const bf16* p = ght + (size_t)(nt * 8 + g) * rows;
+        uint32_t b0, b1;
+        if (whole) {
+            b0 = ld32(p + rr[0]);
+            b1 = ld32(p + rr[2]);
+        } else {
+            b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
+            b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
+        }
+        mma(acc[nt], af, b0, b1);
+    }
+}
+
+// A warp's sums for the n adapters (16 columns of x from c0, by R; lane 4g + i) into its
+// split's part [splits, n, K, R].
+template <int R>
+__device__ __forceinline__ void grad_a_store(const float (&acc)[MAX_M][R / 8][4], int n, int K, int c0, int g, int i,
+                                             float* part) {
+    const int ca = c0 + g, cb = c0 + g + 8;
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= n) break;
+        float* out = part + ((size_t)blockIdx.y * n + m) * K * R;
+#pragma unroll
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const int c = nt * 8 + 2 * i;
+            out[(size_t)ca * R + c] = acc[m][nt][0];
+            out[(size_t)ca * R + c + 1] = acc[m][nt][1];
+            out[(size_t)cb * R + c] = acc[m][nt][2];
+            out[(size_t)cb * R + c + 1] = acc[m][nt][3];
+        }
+    }
+}
+
 // One block: four warps, each 16 columns of x; blockIdx.y: a split of `chunk` rows. The partial
 // products go to part [splits, n, K, R] (f32).
 template <int R>
@@ -392,37 +436,10 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
                                     pack(__float2bfloat16(vb[0]), __float2bfloat16(vb[1])),
                                     pack(__float2bfloat16(va[2]), __float2bfloat16(va[3])),
                                     pack(__float2bfloat16(vb[2]), __float2bfloat16(vb[3]))};
-            // gh's B fragment from its transpose [R, rows]: row pairs are adjacent there, read
-            // as one word where the tile is whole and the pair on a word boundary
-            const bf16* q = gh[m];
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt) {
-                const bf16* p = q + (size_t)(nt * 8 + g) * rows;
-                uint32_t b0, b1;
-                if (whole) {
-                    b0 = ld32(p + rr[0]);
-                    b1 = ld32(p + rr[2]);
-                } else {
-                    b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
-                    b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
-                }
-                mma(acc[m][nt], af, b0, b1);
-            }
+            grad_a_products<R>(acc[m], af, gh[m], rows, rr, end, whole, g);
         }
     }
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-        if (m >= grp.n) break;
-        float* out = part + ((size_t)blockIdx.y * grp.n + m) * K * R;
-#pragma unroll
-        for (int nt = 0; nt < R / 8; ++nt) {
-            const int n = nt * 8 + 2 * i;
-            out[(size_t)ca * R + n] = acc[m][nt][0];
-            out[(size_t)ca * R + n + 1] = acc[m][nt][1];
-            out[(size_t)cb * R + n] = acc[m][nt][2];
-            out[(size_t)cb * R + n + 1] = acc[m][nt][3];
-        }
-    }
+    grad_a_store<R>(acc, grp.n, K, c0, g, i, part);
 }
 
 // Four 8x8 bf16 matrices from shared memory, transposed, each lane giving one row address
@@ -486,42 +503,15 @@ __device__ void lora_grad_a_wide(const bf16* x, size_t rows, int K, Group grp, c
         __syncwarp();
         const bool whole = r0 + 16 <= end && rows % 2 == 0;
         const size_t rr[4] = {r0 + 2 * i, r0 + 2 * i + 1, r0 + 2 * i + 8, r0 + 2 * i + 9};
-        const bf16 zero = __float2bfloat16(0.0f);
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) {
             if (m >= grp.n) break;
             uint32_t af[4];
             ldmatrix_x4_trans(af, mine + (scaled ? m : 0) * 16 * PITCH + ld_at);
-            const bf16* q = gh[m];
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt) {
-                const bf16* p = q + (size_t)(nt * 8 + g) * rows;
-                uint32_t b0, b1;
-                if (whole) {
-                    b0 = ld32(p + rr[0]);
-                    b1 = ld32(p + rr[2]);
-                } else {
-                    b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
-                    b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
-                }
-                mma(acc[m][nt], af, b0, b1);
-            }
+            grad_a_products<R>(acc[m], af, gh[m], rows, rr, end, whole, g);
         }
     }
-    const int ca = c0 + g, cb = c0 + g + 8;
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-        if (m >= grp.n) break;
-        float* out = part + ((size_t)blockIdx.y * grp.n + m) * K * R;
-#pragma unroll
-        for (int nt = 0; nt < R / 8; ++nt) {
-            const int n = nt * 8 + 2 * i;
-            out[(size_t)ca * R + n] = acc[m][nt][0];
-            out[(size_t)ca * R + n + 1] = acc[m][nt][1];
-            out[(size_t)cb * R + n] = acc[m][nt][2];
-            out[(size_t)cb * R + n + 1] = acc[m][nt][3];
-        }
-    }
+    grad_a_store<R>(acc, grp.n, K, c0, g, i, part);
 }
 
 }  // namespace
