@@ -29,8 +29,6 @@ namespace {
 typedef __nv_bfloat16 bf16;
 
 constexpr int MAX_M = 3;
-// Row tiles of 16 per warp in lora_dx (`DX_TILES` in lora_group.rs).
-constexpr int DX_TILES = 4;
 
 __device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
@@ -226,10 +224,13 @@ __device__ __forceinline__ void gh_fragment(uint32_t* f, const bf16* ght, size_t
     f[3] = pack(at(c + 8, rb, vb), at(c + 9, rb, vb));
 }
 
-// A warp per 64 columns (COLS / 8 n-tiles) of TILES tiles of 16 rows: for each tile its dx is
-// loaded first, then the products of every adapter added, then stored. A's B operands for the
-// warp's columns do not change from tile to tile: at ranks up to 16 (6 registers per n-tile and
-// adapter at most) they are loaded once, before the first tile.
+// A warp per 64 columns (COLS / 8 n-tiles) and a range of tiles of 16 rows: the grid's warps are
+// dealt out as a whole number of slots per column chunk (the few left over idle), each slot a
+// contiguous range of the tiles, so that one wave of warps takes it all with no partial last wave
+// (the host sizes the grid to the resident warps). For each tile its dx is loaded first, then the
+// products of every adapter added, then stored. A's B operands for the warp's columns do not
+// change from tile to tile: at ranks up to 16 (6 registers per n-tile and adapter at most) they
+// are loaded once, before the first tile.
 template <int R>
 __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1, const bf16* gh2,
                         uint32_t threshold, float scale, int accumulate) {
@@ -238,10 +239,13 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
     constexpr bool HOIST = R <= 16;
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
     const size_t warp = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;
-    const size_t chunks = (K + COLS - 1) / COLS;
-    const size_t t0 = warp / chunks * DX_TILES;
+    const size_t total = ((size_t)gridDim.x * blockDim.x) >> 5;
+    const size_t chunks = (K + COLS - 1) / COLS, slots = total / chunks;
+    if (warp >= slots * chunks) return;
+    const size_t tiles = (rows + 15) / 16, slot = warp / chunks;
+    const size_t first = tiles * slot / slots, last = tiles * (slot + 1) / slots;
     const int c0 = (int)(warp % chunks) * COLS;
-    if (t0 * 16 >= rows) return;
+    if (first >= last) return;
     // the B operand pair of A at n-tile nt, k-step ks of adapter m
     auto b_of = [&](int m, int nt, int ks, uint32_t* b) {
         const bf16* a = grp.a[m] + c0 + nt * 8 + g;
@@ -257,7 +261,7 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
             for (int nt = 0; nt < NT; ++nt)
                 if (m < grp.n && c0 + nt * 8 < K) b_of(m, nt, 0, bh[m][nt]);
     }
-    for (size_t tile = t0; tile < t0 + DX_TILES && tile * 16 < rows; ++tile) {
+    for (size_t tile = first; tile < last; ++tile) {
         const size_t ra = tile * 16 + g, rb = ra + 8;
         const bool va = ra < rows, vb = rb < rows;
         __nv_bfloat162 da[NT], db[NT];
@@ -329,6 +333,50 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
     }
 }
 
+// acc (a warp's 16 columns of x by R) += af (the A fragment of x^T over one row tile) times
+// gh's B fragment for the tile's rows rr (2i, 2i+1, 2i+8, 2i+9 past its first), from gh's
+// transpose [R, rows]: row pairs are adjacent there, read as one word where the tile is whole and
+// the pair on a word boundary, else element by element, zero at or past `end`.
+template <int R>
+__device__ __forceinline__ void grad_a_products(float (&acc)[R / 8][4], const uint32_t* af, const bf16* ght, size_t rows,
+                                                const size_t* rr, size_t end, bool whole, int g) {
+    const bf16 zero = __float2bfloat16(0.0f);
+#pragma unroll
+    for (int nt = 0; nt < R / 8; ++nt) {
+        const bf16* p = ght + (size_t)(nt * 8 + g) * rows;
+        uint32_t b0, b1;
+        if (whole) {
+            b0 = ld32(p + rr[0]);
+            b1 = ld32(p + rr[2]);
+        } else {
+            b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
+            b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
+        }
+        mma(acc[nt], af, b0, b1);
+    }
+}
+
+// A warp's sums for the n adapters (16 columns of x from c0, by R; lane 4g + i) into its
+// split's part [splits, n, K, R].
+template <int R>
+__device__ __forceinline__ void grad_a_store(const float (&acc)[MAX_M][R / 8][4], int n, int K, int c0, int g, int i,
+                                             float* part) {
+    const int ca = c0 + g, cb = c0 + g + 8;
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= n) break;
+        float* out = part + ((size_t)blockIdx.y * n + m) * K * R;
+#pragma unroll
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const int c = nt * 8 + 2 * i;
+            out[(size_t)ca * R + c] = acc[m][nt][0];
+            out[(size_t)ca * R + c + 1] = acc[m][nt][1];
+            out[(size_t)cb * R + c] = acc[m][nt][2];
+            out[(size_t)cb * R + c + 1] = acc[m][nt][3];
+        }
+    }
+}
+
 // One block: four warps, each 16 columns of x; blockIdx.y: a split of `chunk` rows. The partial
 // products go to part [splits, n, K, R] (f32).
 template <int R>
@@ -388,37 +436,10 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
                                     pack(__float2bfloat16(vb[0]), __float2bfloat16(vb[1])),
                                     pack(__float2bfloat16(va[2]), __float2bfloat16(va[3])),
                                     pack(__float2bfloat16(vb[2]), __float2bfloat16(vb[3]))};
-            // gh's B fragment from its transpose [R, rows]: row pairs are adjacent there, read
-            // as one word where the tile is whole and the pair on a word boundary
-            const bf16* q = gh[m];
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt) {
-                const bf16* p = q + (size_t)(nt * 8 + g) * rows;
-                uint32_t b0, b1;
-                if (whole) {
-                    b0 = ld32(p + rr[0]);
-                    b1 = ld32(p + rr[2]);
-                } else {
-                    b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
-                    b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
-                }
-                mma(acc[m][nt], af, b0, b1);
-            }
+            grad_a_products<R>(acc[m], af, gh[m], rows, rr, end, whole, g);
         }
     }
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-        if (m >= grp.n) break;
-        float* out = part + ((size_t)blockIdx.y * grp.n + m) * K * R;
-#pragma unroll
-        for (int nt = 0; nt < R / 8; ++nt) {
-            const int n = nt * 8 + 2 * i;
-            out[(size_t)ca * R + n] = acc[m][nt][0];
-            out[(size_t)ca * R + n + 1] = acc[m][nt][1];
-            out[(size_t)cb * R + n] = acc[m][nt][2];
-            out[(size_t)cb * R + n + 1] = acc[m][nt][3];
-        }
-    }
+    grad_a_store<R>(acc, grp.n, K, c0, g, i, part);
 }
 
 // Four 8x8 bf16 matrices from shared memory, transposed, each lane giving one row address
@@ -482,42 +503,15 @@ __device__ void lora_grad_a_wide(const bf16* x, size_t rows, int K, Group grp, c
         __syncwarp();
         const bool whole = r0 + 16 <= end && rows % 2 == 0;
         const size_t rr[4] = {r0 + 2 * i, r0 + 2 * i + 1, r0 + 2 * i + 8, r0 + 2 * i + 9};
-        const bf16 zero = __float2bfloat16(0.0f);
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) {
             if (m >= grp.n) break;
             uint32_t af[4];
             ldmatrix_x4_trans(af, mine + (scaled ? m : 0) * 16 * PITCH + ld_at);
-            const bf16* q = gh[m];
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt) {
-                const bf16* p = q + (size_t)(nt * 8 + g) * rows;
-                uint32_t b0, b1;
-                if (whole) {
-                    b0 = ld32(p + rr[0]);
-                    b1 = ld32(p + rr[2]);
-                } else {
-                    b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
-                    b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
-                }
-                mma(acc[m][nt], af, b0, b1);
-            }
+            grad_a_products<R>(acc[m], af, gh[m], rows, rr, end, whole, g);
         }
     }
-    const int ca = c0 + g, cb = c0 + g + 8;
-#pragma unroll
-    for (int m = 0; m < MAX_M; ++m) {
-        if (m >= grp.n) break;
-        float* out = part + ((size_t)blockIdx.y * grp.n + m) * K * R;
-#pragma unroll
-        for (int nt = 0; nt < R / 8; ++nt) {
-            const int n = nt * 8 + 2 * i;
-            out[(size_t)ca * R + n] = acc[m][nt][0];
-            out[(size_t)ca * R + n + 1] = acc[m][nt][1];
-            out[(size_t)cb * R + n] = acc[m][nt][2];
-            out[(size_t)cb * R + n + 1] = acc[m][nt][3];
-        }
-    }
+    grad_a_store<R>(acc, grp.n, K, c0, g, i, part);
 }
 
 }  // namespace

@@ -125,7 +125,7 @@ pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DTyp
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, Device, InplaceOp1, Layout, Result, Storage, Tensor};
@@ -134,9 +134,6 @@ mod cuda {
     use super::{Member, MAX_MEMBERS};
 
     const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
-
-    /// Row tiles of 16 that each warp of `lora_dx` takes (`DX_TILES` in the kernel).
-    const DX_TILES: usize = 4;
 
     fn device(x: &Tensor) -> Result<&CudaDevice> {
         match x.device() {
@@ -164,6 +161,14 @@ mod cuda {
             *o = m.seed;
         }
         s
+    }
+
+    /// Blocks of `func` (128 threads, no dynamic shared memory) resident on the whole device at
+    /// once: one wave.
+    fn resident_blocks(dev: &CudaDevice, func: &CudaFunction) -> Result<usize> {
+        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).w()?.max(1) as usize;
+        let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?.max(1) as usize;
+        Ok(per_sm * sms)
     }
 
     /// `warps` warps, four per block.
@@ -231,10 +236,8 @@ mod cuda {
         let func = dev.get_or_load_custom_func(&name, "lora", KERNELS)?.into_cuda_function();
         // one wave of blocks of four warps, each warp 16 columns of a split of the rows: a
         // second, mostly idle wave would take as long as the first
-        let per_sm = func.occupancy_max_active_blocks_per_multiprocessor(128, 0, None).w()?.max(1) as usize;
-        let sms = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).w()?.max(1) as usize;
         let col_blocks = k.div_ceil(64);
-        let splits = (per_sm * sms / col_blocks).clamp(1, rows.div_ceil(16).max(1));
+        let splits = (resident_blocks(dev, &func)? / col_blocks).clamp(1, rows.div_ceil(16).max(1));
         let chunk = rows.div_ceil(splits).div_ceil(16).max(1) * 16;
         let splits = rows.div_ceil(chunk).max(1);
         let n = members.len();
@@ -312,14 +315,19 @@ mod cuda {
             let s = seeds(self.members);
             let (rows64, k32, n) = (rows as u64, k as i32, self.members.len() as i32);
             let mut dxv = st.as_cuda_slice_mut::<bf16>()?.slice_mut(o1..o2);
-            let func = dev.get_or_load_custom_func(&format!("lora_dx_r{r}"), "lora", KERNELS)?;
-            let mut b = func.builder();
+            let func = dev.get_or_load_custom_func(&format!("lora_dx_r{r}"), "lora", KERNELS)?.into_cuda_function();
+            // one wave of warps: as many slots of tiles per 64-column chunk as fit (the kernel
+            // deals the tiles out), at most one per tile
+            let chunks = k.div_ceil(64);
+            let slots = (resident_blocks(&dev, &func)? * 4 / chunks).clamp(1, rows.div_ceil(16).max(1));
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&func);
             b.arg(&mut dxv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
             b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n).arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2));
             let accumulate = self.accumulate as i32;
             b.arg(&threshold).arg(&scale).arg(&accumulate);
             // SAFETY: argument types and order match the kernel's signature
-            unsafe { b.launch(warps(rows.div_ceil(16).div_ceil(DX_TILES) * k.div_ceil(64))) }.w()?;
+            unsafe { b.launch(warps(slots * chunks)) }.w()?;
             Ok(())
         }
     }
@@ -334,7 +342,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let mut out = Vec::new();
     let bf = |t: Tensor| t.to_dtype(DType::BF16);
-    // the last case's x starts 4 elements into its buffer: rows off 16-byte boundaries
+    // the sixth case's x starts 4 elements into its buffer: rows off 16-byte boundaries
     for (rows, k, r, n, p, offset) in [
         (77usize, 576usize, 16usize, 3usize, 0.1f32, 0usize),
         (64, 576, 16, 1, 0.0, 0),
@@ -343,6 +351,8 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         (33, 272, 32, 3, 0.2, 0),
         (40, 128, 64, 2, 0.1, 0),
         (45, 576, 16, 3, 0.1, 4),
+        // more row tiles than one wave of the input gradient's warps has slots per column chunk
+        (20000, 128, 16, 2, 0.1, 0),
     ] {
         let x = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
         let dx = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
