@@ -14,7 +14,9 @@
 // `dropout::keep` do, and a kept element of x is x * scale rounded to bf16 before its product,
 // as the unfused masked copy is. threshold 0 (no dropout) skips the masks. K is a multiple of
 // 16 (of 64 for `lora_down_wide`, the forward's 16-byte variant), R one of 8, 16, 32, 64, rows * K
-// below 2^32 (element indices in 32 bits). A warp takes 16 rows: for the forward, four warps split the
+// below 2^32 (element indices in 32 bits). x's rows lie ldx elements apart (ldx >= K: x may be some
+// columns of a wider matrix, as may h, whose rows lie ldh apart); the masks still index the
+// element as row * K + col. A warp takes 16 rows: for the forward, four warps split the
 // k-steps of one row tile (and blocks split them further where there are few row tiles); for
 // dx, 64 columns; for the gradient of A, 16 columns of x and a split of the rows (`lora_grad_a_wide`,
 // where x's rows start on 16-byte boundaries, stages each tile's masked rows in shared memory).
@@ -63,8 +65,8 @@ __device__ __forceinline__ int2 warp_share(int units, int warp) {
 // The forward's end: the block's four warps sum their products in shared memory and warp 0
 // writes h (one split of the k-steps) or its split's f32 part [split, n, rows, R].
 template <int R>
-__device__ void down_store(float (&acc)[MAX_M][R / 8][4], int n, bf16* const* h, size_t rows, size_t ra, size_t rb,
-                           bool va, bool vb, float* part) {
+__device__ void down_store(float (&acc)[MAX_M][R / 8][4], int n, bf16* const* h, size_t ldh, size_t rows, size_t ra,
+                           size_t rb, bool va, bool vb, float* part) {
     __shared__ float red[3][MAX_M][R / 8][4][32];
     const int lane = threadIdx.x & 31, i = lane & 3, warp = threadIdx.x >> 5;
     if (warp > 0) {
@@ -92,8 +94,8 @@ __device__ void down_store(float (&acc)[MAX_M][R / 8][4], int n, bf16* const* h,
         for (int nt = 0; nt < R / 8; ++nt) {
             const int col = nt * 8 + 2 * i;
             if (gridDim.y == 1) {
-                if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * R + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
-                if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * R + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+                if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * ldh + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
+                if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * ldh + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
             } else {
                 float* out = part + ((size_t)blockIdx.y * n + m) * rows * R;
                 if (va) *reinterpret_cast<float2*>(out + ra * R + col) = make_float2(acc[m][nt][0], acc[m][nt][1]);
@@ -107,8 +109,8 @@ __device__ void down_store(float (&acc)[MAX_M][R / 8][4], int n, bf16* const* h,
 // four warps take a quarter of that split each and sum in shared memory. With one split the
 // block writes h, else its f32 part [split, n, rows, R] (summed by lora_down_sum).
 template <int R>
-__device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0, bf16* h1, bf16* h2,
-                          uint32_t threshold, float scale, float* part) {
+__device__ void lora_down(const bf16* x, size_t ldx, size_t rows, int K, Group grp, bf16* h0, bf16* h1, bf16* h2,
+                          size_t ldh, uint32_t threshold, float scale, float* part) {
     bf16* h[MAX_M] = {h0, h1, h2};
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3, warp = threadIdx.x >> 5;
     const size_t r0 = blockIdx.x * (size_t)16;
@@ -125,10 +127,10 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
         for (int s = 0; s < STEPS; ++s) {
             const int c = (k1 + s) * 16 + 2 * i;
             const bool in = k1 + s < w1;
-            xs[s][0] = va && in ? ld32(x + ra * K + c) : 0u;
-            xs[s][1] = vb && in ? ld32(x + rb * K + c) : 0u;
-            xs[s][2] = va && in ? ld32(x + ra * K + c + 8) : 0u;
-            xs[s][3] = vb && in ? ld32(x + rb * K + c + 8) : 0u;
+            xs[s][0] = va && in ? ld32(x + ra * ldx + c) : 0u;
+            xs[s][1] = vb && in ? ld32(x + rb * ldx + c) : 0u;
+            xs[s][2] = va && in ? ld32(x + ra * ldx + c + 8) : 0u;
+            xs[s][3] = vb && in ? ld32(x + rb * ldx + c + 8) : 0u;
         }
 #pragma unroll
         for (int s = 0; s < STEPS; ++s) {
@@ -151,7 +153,7 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
             }
         }
     }
-    down_store<R>(acc, grp.n, h, rows, ra, rb, va, vb, part);
+    down_store<R>(acc, grp.n, h, ldh, rows, ra, rb, va, vb, part);
 }
 
 // As `lora_down` where K is a multiple of 64, in 64-column chunks (blockIdx.y splits the chunks,
@@ -161,8 +163,8 @@ __device__ void lora_down(const bf16* x, size_t rows, int K, Group grp, bf16* h0
 // per row, and k-step s reads its words 2s and 2s+1 (a0/a1 and a2/a3, b0 and b1). Each word is
 // an aligned column pair, masked by its own `pair_keep` as in `lora_down`.
 template <int R>
-__device__ void lora_down_wide(const bf16* x, size_t rows, int K, Group grp, bf16* h0, bf16* h1, bf16* h2,
-                               uint32_t threshold, float scale, float* part) {
+__device__ void lora_down_wide(const bf16* x, size_t ldx, size_t rows, int K, Group grp, bf16* h0, bf16* h1,
+                               bf16* h2, size_t ldh, uint32_t threshold, float scale, float* part) {
     bf16* h[MAX_M] = {h0, h1, h2};
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3, warp = threadIdx.x >> 5;
     const size_t r0 = blockIdx.x * (size_t)16;
@@ -175,10 +177,10 @@ __device__ void lora_down_wide(const bf16* x, size_t rows, int K, Group grp, bf1
     for (int ch = w0; ch < w1; ++ch) {
         const int lo = ch * 64 + 8 * i, hi = lo + 32;
         uint4 xq[4];
-        xq[0] = va ? *reinterpret_cast<const uint4*>(x + ra * K + lo) : zero;
-        xq[1] = va ? *reinterpret_cast<const uint4*>(x + ra * K + hi) : zero;
-        xq[2] = vb ? *reinterpret_cast<const uint4*>(x + rb * K + lo) : zero;
-        xq[3] = vb ? *reinterpret_cast<const uint4*>(x + rb * K + hi) : zero;
+        xq[0] = va ? *reinterpret_cast<const uint4*>(x + ra * ldx + lo) : zero;
+        xq[1] = va ? *reinterpret_cast<const uint4*>(x + ra * ldx + hi) : zero;
+        xq[2] = vb ? *reinterpret_cast<const uint4*>(x + rb * ldx + lo) : zero;
+        xq[3] = vb ? *reinterpret_cast<const uint4*>(x + rb * ldx + hi) : zero;
         // words 0-3: columns lo..lo+7, words 4-7: hi..hi+7, of row a (xw[0]) and row b (xw[1])
         const uint32_t* xw[2] = {reinterpret_cast<const uint32_t*>(&xq[0]), reinterpret_cast<const uint32_t*>(&xq[2])};
 #pragma unroll
@@ -208,7 +210,7 @@ __device__ void lora_down_wide(const bf16* x, size_t rows, int K, Group grp, bf1
             }
         }
     }
-    down_store<R>(acc, grp.n, h, rows, ra, rb, va, vb, part);
+    down_store<R>(acc, grp.n, h, ldh, rows, ra, rb, va, vb, part);
 }
 
 // The A fragment of gh (rows ra, rb; the k-step at column k0, zero past R) from its transpose
@@ -380,7 +382,7 @@ __device__ __forceinline__ void grad_a_store(const float (&acc)[MAX_M][R / 8][4]
 // One block: four warps, each 16 columns of x; blockIdx.y: a split of `chunk` rows. The partial
 // products go to part [splits, n, K, R] (f32).
 template <int R>
-__device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1,
+__device__ void lora_grad_a(const bf16* x, size_t ldx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1,
                             const bf16* gh2, uint32_t threshold, float scale, size_t chunk, float* part) {
     const bf16* gh[MAX_M] = {gh0, gh1, gh2};
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
@@ -400,8 +402,8 @@ __device__ void lora_grad_a(const bf16* x, size_t rows, int K, Group grp, const 
         const bf16 zero = __float2bfloat16(0.0f);
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            xa[j] = rr[j] < end ? x[rr[j] * K + ca] : zero;
-            xb[j] = rr[j] < end ? x[rr[j] * K + cb] : zero;
+            xa[j] = rr[j] < end ? x[rr[j] * ldx + ca] : zero;
+            xb[j] = rr[j] < end ? x[rr[j] * ldx + cb] : zero;
         }
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) {
@@ -458,7 +460,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* p) {
 // Without dropout or scaling the adapters share one staged tile. The next tile's row is read
 // while the current one is multiplied.
 template <int R>
-__device__ void lora_grad_a_wide(const bf16* x, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1,
+__device__ void lora_grad_a_wide(const bf16* x, size_t ldx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1,
                                  const bf16* gh2, uint32_t threshold, float scale, size_t chunk, float* part) {
     // 48-byte rows: ldmatrix's eight row reads fall on distinct banks
     constexpr int PITCH = 24;
@@ -479,7 +481,7 @@ __device__ void lora_grad_a_wide(const bf16* x, size_t rows, int K, Group grp, c
     const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
     auto fetch = [&](size_t r0) {
         const size_t row = r0 + lr;
-        return row < end ? *reinterpret_cast<const uint4*>(x + row * K + col) : zero4;
+        return row < end ? *reinterpret_cast<const uint4*>(x + row * ldx + col) : zero4;
     };
     float acc[MAX_M][R / 8][4] = {};
     uint4 next = begin < end ? fetch(begin) : zero4;
@@ -531,31 +533,33 @@ extern "C" __global__ void lora_grad_a_sum(const float* part, int splits, int n,
     }
 }
 
-// h_m [rows, R] (bf16) = the sum of the forward's k-split parts, in split order.
+// h_m [rows, R] (bf16, rows ldh apart) = the sum of the forward's k-split parts, in split order.
 extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, size_t rows, int R, bf16* h0, bf16* h1,
-                                         bf16* h2) {
+                                         bf16* h2, size_t ldh) {
     const size_t per = rows * R, total = per * n;
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)blockDim.x * gridDim.x) {
         const int m = e / per;
         const size_t at = e % per;
         float s = 0.0f;
         for (int sp = 0; sp < splits; ++sp) s += part[((size_t)sp * n + m) * per + at];
-        (m == 0 ? h0 : m == 1 ? h1 : h2)[at] = __float2bfloat16(s);
+        (m == 0 ? h0 : m == 1 ? h1 : h2)[at / R * ldh + at % R] = __float2bfloat16(s);
     }
 }
 
 #define LORA(R)                                                                                                      \
-    extern "C" __global__ void lora_down_r##R(const bf16* x, size_t rows, int K, const bf16* a0, const bf16* a1,      \
-                                              const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,          \
-                                              bf16* h0, bf16* h1, bf16* h2, uint32_t threshold, float scale,         \
-                                              float* part) {                                                         \
-        lora_down<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale, part);         \
+    extern "C" __global__ void lora_down_r##R(const bf16* x, size_t ldx, size_t rows, int K, const bf16* a0,          \
+                                              const bf16* a1, const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, \
+                                              int n, bf16* h0, bf16* h1, bf16* h2, size_t ldh, uint32_t threshold,   \
+                                              float scale, float* part) {                                            \
+        lora_down<R>(x, ldx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, ldh, threshold, scale,       \
+                     part);                                                                                          \
     }                                                                                                                \
-    extern "C" __global__ void lora_down_wide_r##R(const bf16* x, size_t rows, int K, const bf16* a0,                 \
+    extern "C" __global__ void lora_down_wide_r##R(const bf16* x, size_t ldx, size_t rows, int K, const bf16* a0,     \
                                                    const bf16* a1, const bf16* a2, uint64_t s0, uint64_t s1,         \
-                                                   uint64_t s2, int n, bf16* h0, bf16* h1, bf16* h2,                 \
+                                                   uint64_t s2, int n, bf16* h0, bf16* h1, bf16* h2, size_t ldh,     \
                                                    uint32_t threshold, float scale, float* part) {                   \
-        lora_down_wide<R>(x, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, threshold, scale, part);    \
+        lora_down_wide<R>(x, ldx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, ldh, threshold, scale,  \
+                          part);                                                                                     \
     }                                                                                                                \
     extern "C" __global__ void lora_dx_r##R(bf16* dx, size_t rows, int K, const bf16* a0, const bf16* a1,             \
                                             const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,            \
@@ -563,18 +567,18 @@ extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, s
                                             float scale, int accumulate) {                                           \
         lora_dx<R>(dx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold, scale, accumulate); \
     }                                                                                                                \
-    extern "C" __global__ void lora_grad_a_r##R(const bf16* x, size_t rows, int K, uint64_t s0, uint64_t s1,         \
-                                                uint64_t s2, int n, const bf16* gh0, const bf16* gh1,                \
+    extern "C" __global__ void lora_grad_a_r##R(const bf16* x, size_t ldx, size_t rows, int K, uint64_t s0,          \
+                                                uint64_t s1, uint64_t s2, int n, const bf16* gh0, const bf16* gh1,   \
                                                 const bf16* gh2, uint32_t threshold, float scale, size_t chunk,      \
                                                 float* part) {                                                       \
-        lora_grad_a<R>(x, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold,  \
-                       scale, chunk, part);                                                                          \
+        lora_grad_a<R>(x, ldx, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2,        \
+                       threshold, scale, chunk, part);                                                               \
     }                                                                                                                \
-    extern "C" __global__ void lora_grad_a_wide_r##R(const bf16* x, size_t rows, int K, uint64_t s0, uint64_t s1,    \
-                                                     uint64_t s2, int n, const bf16* gh0, const bf16* gh1,           \
-                                                     const bf16* gh2, uint32_t threshold, float scale, size_t chunk, \
-                                                     float* part) {                                                  \
-        lora_grad_a_wide<R>(x, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2,        \
+    extern "C" __global__ void lora_grad_a_wide_r##R(const bf16* x, size_t ldx, size_t rows, int K, uint64_t s0,     \
+                                                     uint64_t s1, uint64_t s2, int n, const bf16* gh0,               \
+                                                     const bf16* gh1, const bf16* gh2, uint32_t threshold,           \
+                                                     float scale, size_t chunk, float* part) {                       \
+        lora_grad_a_wide<R>(x, ldx, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2,   \
                             threshold, scale, chunk, part);                                                          \
     }
 

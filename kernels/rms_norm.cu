@@ -1,6 +1,7 @@
 // RMSNorm, one warp per row (eight rows per 256-thread block), f32 arithmetic, 16 bytes per
 // access where the rows allow it; long rows (a large model's hidden size) take a block each and
-// keep their pieces in registers (`_row` kernels).
+// keep their pieces in registers (`_row` kernels). The forward's output rows lie ldy elements apart
+// (ldy >= n: the norm may fill the first columns of a wider matrix).
 //
 // forward:  y = x * r * w with r = 1 / sqrt(mean(x^2) + eps)
 // backward: with u = g * w, dx = r * u - x * r^3 * mean(u * x), plus the residual stream's
@@ -28,12 +29,12 @@ __device__ __forceinline__ bool rows_vectorized(int n, const void* a, const void
 }
 
 template <typename T>
-__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int n, float eps) {
+__device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int n, int ldy, float eps) {
     constexpr int V = Vec<T>::n;
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (row >= rows) return;
     const T* xr = x + (size_t)row * n;
-    T* yr = y + (size_t)row * n;
+    T* yr = y + (size_t)row * ldy;
     const bool vec = rows_vectorized<T>(n, xr, yr, w, nullptr);
     float ss = 0.0f;
     if (vec) {
@@ -130,7 +131,7 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
 }
 
 template <typename T>
-__device__ void rms_norm_fwd_row(const T* x, const T* w, T* y, int n, float eps) {
+__device__ void rms_norm_fwd_row(const T* x, const T* w, T* y, int n, int ldy, float eps) {
     constexpr int V = Vec<T>::n;
     __shared__ float red[ROW_THREADS / 32];
     const size_t base = (size_t)blockIdx.x * n;
@@ -157,7 +158,7 @@ __device__ void rms_norm_fwd_row(const T* x, const T* w, T* y, int n, float eps)
         load16(w + c * V, wv);
 #pragma unroll
         for (int j = 0; j < V; ++j) v[j] *= r * wv[j];
-        store16(y + base + c * V, v);
+        store16(y + (size_t)blockIdx.x * ldy + c * V, v);
     }
 }
 
@@ -219,8 +220,9 @@ __device__ void rms_norm_bwd_row(const T* x, const T* g, const T* w, const T* re
 
 #define RMS_NORM_ROW(SUFFIX, T)                                                                             \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS) rms_norm_fwd_row_##SUFFIX(const T* x, const T* w, \
-                                                                                      T* y, int n, float eps) { \
-        rms_norm_fwd_row<T>(x, w, y, n, eps);                                                              \
+                                                                                      T* y, int n, int ldy,     \
+                                                                                      float eps) {              \
+        rms_norm_fwd_row<T>(x, w, y, n, ldy, eps);                                                         \
     }                                                                                                      \
     extern "C" __global__ void __launch_bounds__(ROW_THREADS) rms_norm_bwd_row_##SUFFIX(                   \
         const T* x, const T* g, const T* w, const T* res, T* dx, int n, float eps) {                      \
@@ -232,8 +234,8 @@ RMS_NORM_ROW(bf16, __nv_bfloat16)
 
 #define RMS_NORM(SUFFIX, T)                                                                          \
     extern "C" __global__ void rms_norm_fwd_##SUFFIX(const T* x, const T* w, T* y, int rows, int n, \
-                                                     float eps) {                                    \
-        rms_norm_fwd<T>(x, w, y, rows, n, eps);                                                      \
+                                                     int ldy, float eps) {                           \
+        rms_norm_fwd<T>(x, w, y, rows, n, ldy, eps);                                                 \
     }                                                                                                \
     extern "C" __global__ void rms_norm_bwd_##SUFFIX(const T* x, const T* g, const T* w, const T* res, \
                                                      T* dx, int rows, int n, float eps) {            \

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use crate::ml::classifier;
 use crate::ml::llama::{known_shape, Batch, Llama};
-use crate::ml::lora::{BlockGrads, Lora, LoraConfig, LoraCtx};
+use crate::ml::lora::{BlockGrads, Lora, LoraConfig, LoraCtx, Widened};
 use crate::ml::model::{BaseFormat, BaseModel};
 use crate::ml::offload::Parking;
 
@@ -302,9 +302,10 @@ fn hf_losses(a: &HfLosses<'_>, device: &Device, fmt: BaseFormat) -> anyhow::Resu
     let batch = Batch::right_padded(&rows, 0, device)?;
     let labels = Tensor::from_vec(a.labels.to_vec(), a.labels.len(), device)?;
     let mut losses = Vec::with_capacity(a.steps);
+    let widened = Widened::default();
     for _ in 0..a.steps {
         let step_grads = BlockGrads::default();
-        let ctx = LoraCtx::training(None, 0).with_grads(&step_grads);
+        let ctx = LoraCtx::training(None, 0).with_widened(&widened).with_grads(&step_grads);
         let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), &batch)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         losses.push(loss.to_scalar::<f32>()?);
@@ -394,6 +395,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         }
         // host memory for the parked activations, kept across the steps
         let parking = hp.offloads_mlp().then(Parking::default);
+        let widened = Widened::default();
         let infer = LoraCtx::default();
         let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };
         let head_infer = head.as_tensor().detach();
@@ -429,6 +431,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                         .with_mlp_recompute(hp.recomputed_mlp_layers())
                         .with_mlp_parking(parking.as_ref())
                         .with_kept_norms(!hp.gradient_checkpointing)
+                        .with_widened(&widened)
                         .with_grads(&step_grads);
                     let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), batch)?;
                     sample();

@@ -30,9 +30,9 @@ use std::sync::{Arc, Mutex};
 use candle_core::{DType, Result, Tensor, D};
 
 use super::llama::{Block, BlockInputs, Proj};
-use super::lora::{BlockGrads, Lora, LoraCtx};
+use super::lora::{BlockGrads, Lora, LoraCtx, Widened};
 use super::fused;
-use super::norm::rms_norm_backward_add;
+use super::norm::{rms_norm_backward_add, rms_norm_forward_wide};
 use super::lora_group::{self, Member};
 use super::offload::Parked;
 use super::ops::{self, AttentionPlan, CastFactors, FrozenLinear, FrozenWeight, LoraParts};
@@ -119,6 +119,8 @@ struct Layer {
     /// A block that keeps all its activations keeps the attention norm's output as well
     /// (`LoraCtx::keep_norms`).
     keep_norm: bool,
+    /// A training run's widened weights (`LoraCtx::widened`).
+    widened: Option<Widened>,
 }
 
 impl Layer {
@@ -134,7 +136,7 @@ impl Layer {
                 }
             }
         }
-        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some(), chunk_mlp: false, keep_norm: false })
+        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some(), chunk_mlp: false, keep_norm: false, widened: None })
     }
 
     fn eps(&self) -> f32 {
@@ -273,14 +275,14 @@ impl Layer {
             let g2 = as_rows(&g.to_dtype(dtype)?, rows, m.cast.bs.dim(0)?)?;
             let h = lora_h.get(&m.proj).ok_or_else(|| missing("no kept product"))?;
             // dB = scale g^T h
-            grads.add_product(m.b, &g2.t()?, &h.reshape((rows, h.elem_count() / rows.max(1)))?, m.parts.scale)?;
+            grads.add_product(m.b, &g2.t()?, &as_rows(h, rows, h.elem_count() / rows.max(1))?, m.parts.scale)?;
             // (g2 (scale B))^T [r, rows], as the group's kernels read it
             ght.push(gemm::product(&m.cast.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
         }
         let (members, prob) = Adapted::members(&group);
         let ght: Vec<&Tensor> = ght.iter().collect();
         {
-            let x = x()?.reshape((rows, n_in))?;
+            let x = as_rows(&x()?, rows, n_in)?;
             for (m, da) in group.iter().zip(lora_group::grad_a(&x, &members, &ght, prob, group[0].a.dtype())?) {
                 grads.add(m.a, &da)?;
             }
@@ -410,13 +412,19 @@ impl Layer {
     fn forward_whole(&self, x: &Tensor, keep: Keep) -> Result<(Tensor, Option<Saved>)> {
         let cfg = &self.inp.cfg;
         let mut lora_h = (keep != Keep::Nothing).then(BTreeMap::new);
-        let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
-        let [q, k, v] = match self.fused_qkv(&h, lora_h.as_mut())? {
-            Some(qkv) => qkv,
+        let ([q, k, v], h) = match self.widened_qkv(x, lora_h.as_mut())? {
+            Some(done) => done,
             None => {
-                let [q, k, v] = self.linears([Proj::Q, Proj::K, Proj::V], &h, lora_h.as_mut())?;
-                let (q, k) = self.rope_qk(self.heads(&q, cfg.num_heads)?, self.heads(&k, cfg.num_kv_heads)?, false)?;
-                [q, k, self.heads(&v, cfg.num_kv_heads)?]
+                let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
+                let qkv = match self.fused_qkv(&h, lora_h.as_mut())? {
+                    Some(qkv) => qkv,
+                    None => {
+                        let [q, k, v] = self.linears([Proj::Q, Proj::K, Proj::V], &h, lora_h.as_mut())?;
+                        let (q, k) = self.rope_qk(self.heads(&q, cfg.num_heads)?, self.heads(&k, cfg.num_kv_heads)?, false)?;
+                        [q, k, self.heads(&v, cfg.num_kv_heads)?]
+                    }
+                };
+                (qkv, h)
             }
         };
         // kept where the backward would otherwise recompute it (`norm_for`)
@@ -464,7 +472,7 @@ impl Layer {
             return Ok(None);
         }
         let cfg = &self.inp.cfg;
-        let (b, t, hq, hk, hd) = (self.inp.b, self.inp.t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n_in = h.dim(D::Minus1)?;
         let rows = h.elem_count() / n_in.max(1);
         let h2 = h.reshape((rows, n_in))?;
@@ -483,13 +491,74 @@ impl Layer {
                 }
             }
         }
+        self.split_qkv(y).map(Some)
+    }
+
+    /// q (rotated), k (rotated) and v `[b, heads, t, hd]` as views of the packed projections `y`
+    /// `[rows, q_out + 2 kv_out]`, q's and k's heads rotated there as one tensor, in place (or,
+    /// where the kernel does not apply, into a new one).
+    fn split_qkv(&self, y: Tensor) -> Result<[Tensor; 3]> {
+        let cfg = &self.inp.cfg;
+        let (b, t, hq, hk, hd) = (self.inp.b, self.inp.t, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let heads = y.reshape((b, t, hq + 2 * hk, hd))?;
-        // q's and k's heads rotated as one tensor, in place (or, where the kernel does not
-        // apply, into a new one)
         let qk = rope::rope_heads(heads.narrow(2, 0, hq + hk)?, &self.inp.cos, &self.inp.sin, false)?;
         let (q, k) = (qk.narrow(2, 0, hq)?, qk.narrow(2, hq, hk)?);
         let v = heads.narrow(2, hq + hk, hk)?;
-        Ok(Some([q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?]))
+        Ok([q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?])
+    }
+
+    /// q, k and v as `fused_qkv` gives them, and the attention norm's output `[rows, hidden]`,
+    /// from one GEMM over widened operands (`Widened`): the norm is written into the first
+    /// columns of `[rows, hidden + n r]`, the adapters' `dropout(h) A^T` into the rest
+    /// (`lora_group::down_into`), and q, k and v's weights, widened by the adapters' `scale · B`
+    /// in those columns, give the frozen products and the adapters' at once. `None` where the
+    /// run keeps no widened weights, `fused_qkv` would not apply, or the weight's copy would
+    /// cost more memory traffic than it saves: the widened weight `[out, hidden + n r]` is
+    /// copied once, the product's extra pass reads and writes `[rows, out]` at every forward.
+    /// With `lora_h`, the adapters' r-wide products are left there (views of those columns).
+    #[allow(clippy::type_complexity)]
+    fn widened_qkv(&self, x: &Tensor, mut lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Option<([Tensor; 3], Tensor)>> {
+        let projs = [Proj::Q, Proj::K, Proj::V];
+        let (Some(cache), Some(fused)) = (self.widened.as_ref(), self.blk.qkv.as_ref()) else { return Ok(None) };
+        let FrozenWeight::Dense(w) = fused.weight() else { return Ok(None) };
+        if !self.by_row(x) || w.dtype() != x.dtype() {
+            return Ok(None);
+        }
+        let Some(group) = self.group(&projs, None) else { return Ok(None) };
+        let (members, prob) = Adapted::members(&group);
+        let n_in = x.dim(D::Minus1)?;
+        let rows = x.elem_count() / n_in.max(1);
+        let x2 = x.reshape((rows, n_in))?;
+        let r = members[0].a.dim(0)?;
+        let width = n_in + group.len() * r;
+        if width >= 2 * rows || !width.is_multiple_of(8) || !lora_group::fused(&x2, &members) {
+            return Ok(None);
+        }
+        let cfg = &self.inp.cfg;
+        let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let wide = rms_norm_forward_wide(&x2, &self.blk.attn_norm, self.eps(), width)?;
+        let h = wide.narrow(1, 0, n_in)?;
+        let hs = lora_group::down_into(&h, &members, prob, &wide.narrow(1, n_in, width - n_in)?)?;
+        let blocks: Vec<(usize, usize, &Tensor)> = group
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let first = match m.proj {
+                    Proj::Q => 0,
+                    Proj::K => hq,
+                    _ => hq + hk,
+                };
+                (first * hd, n_in + i * r, &m.cast.bs)
+            })
+            .collect();
+        let ww = cache.weight(self.li, 0, w, width, &blocks)?;
+        let y = gemm::product(&wide, &ww.t()?, 1.0, x.dtype())?;
+        if let Some(kept) = lora_h.as_deref_mut() {
+            for (m, hm) in group.iter().zip(hs) {
+                kept.insert(m.proj, hm);
+            }
+        }
+        Ok(Some((self.split_qkv(y)?, h)))
     }
 
     /// `mid + down(silu(gate) * up)` for a frozen down_proj, the product made for about 16 MiB
@@ -793,6 +862,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
         // the last block that computes every row: its forward ends at the step's peak of memory
         layer.chunk_mlp = li + 1 + usize::from(inp.last.is_some()) == blocks.len();
         layer.keep_norm = ctx.keep_norms;
+        layer.widened = ctx.widened.clone();
         let mlp_only = li >= ctx.recompute_layers && li - ctx.recompute_layers < ctx.recompute_mlp_layers;
         let keep = if li < ctx.recompute_layers {
             Keep::Nothing
@@ -893,8 +963,13 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
     let batch = Batch::right_padded(&rows, 0, device).map_err(err)?;
     let onehot = Tensor::from_vec(vec![1f32, 0., 0., 0., 1., 0., 0., 0., 1.], (3, 3), device)?;
     // the logits and each factor's gradient through one model
-    let run = |llama: &Llama| -> Result<Vec<Tensor>> {
+    let run_with = |llama: &Llama, widened: Option<&Widened>| -> Result<Vec<Tensor>> {
         let ctx = LoraCtx::training(Some((0.1, 5)), 0);
+        // widened: with the attention norm kept, as a view of the widened operand's columns
+        let ctx = match widened {
+            Some(w) => ctx.with_widened(w).with_kept_norms(true),
+            None => ctx,
+        };
         let logits = classifier::logits(llama, Some((&lora, &ctx)), &head, &batch).map_err(err)?;
         let loss = (candle_nn::ops::log_softmax(&logits, 1)? * &onehot)?.sum_all()?.neg()?;
         let g = loss.backward()?;
@@ -904,13 +979,20 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
         }
         Ok(out)
     };
-    let (want, got) = (run(&apart)?, run(&fused)?);
+    let widened = Widened::default();
+    let want = run_with(&apart, None)?;
+    let (got, got_wide) = (run_with(&fused, None)?, run_with(&fused, Some(&widened))?);
+    if widened.is_empty() {
+        candle_core::bail!("fused q/k/v block check: no weight was widened");
+    }
     let mut checks = Vec::new();
-    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-        let kernel = if i == 0 { "fused q/k/v block logits" } else { "fused q/k/v block factor gradient" };
-        let what = if i == 0 { "logits".to_string() } else { vars[i - 1].0.clone() };
-        let check = super::KernelCheck::relative(kernel, format!("bf16 {what}"), (0, 0), &w.to_device(&candle_core::Device::Cpu)?, g, 2f32.powi(-5))?;
-        checks.push(check);
+    for (names, got) in [(["fused q/k/v block logits", "fused q/k/v block factor gradient"], got), (["widened q/k/v block logits", "widened q/k/v block factor gradient"], got_wide)] {
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let kernel = names[usize::from(i > 0)];
+            let what = if i == 0 { "logits".to_string() } else { vars[i - 1].0.clone() };
+            let check = super::KernelCheck::relative(kernel, format!("bf16 {what}"), (0, 0), &w.to_device(&candle_core::Device::Cpu)?, g, 2f32.powi(-5))?;
+            checks.push(check);
+        }
     }
     Ok(checks)
 }

@@ -75,13 +75,16 @@ pub struct LoraCtx {
     /// output too, where the backward reads it (adapted q, k or v), instead of recomputing it:
     /// for a run without activation checkpointing, whose memory is not at a premium.
     pub keep_norms: bool,
+    /// With `block_grads`: the run's frozen weights widened by their adapters' B factors
+    /// (`Widened`), kept from step to step; `None`: none made.
+    pub widened: Option<Widened>,
 }
 
 impl LoraCtx {
     /// The context of a training forward: hand-written block backwards, the first
     /// `recompute_layers` blocks under activation checkpointing.
     pub fn training(dropout: Option<(f32, u64)>, recompute_layers: usize) -> LoraCtx {
-        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0, mlp_parking: None, keep_norms: false }
+        LoraCtx { dropout, block_grads: Some(BlockGrads::default()), recompute_layers, recompute_mlp_layers: 0, mlp_parking: None, keep_norms: false, widened: None }
     }
 
     /// The same context with `recompute_mlp_layers` blocks, after the recomputed ones,
@@ -105,6 +108,12 @@ impl LoraCtx {
         self
     }
 
+    /// The same context with the run's widened weights in `widened` (shared from step to step).
+    pub fn with_widened(mut self, widened: &Widened) -> LoraCtx {
+        self.widened = Some(widened.clone());
+        self
+    }
+
     /// The same context leaving its decoder blocks' gradients in `grads` (shared): a step's
     /// micro-batches sum their gradients there.
     pub fn with_grads(mut self, grads: &BlockGrads) -> LoraCtx {
@@ -117,6 +126,48 @@ impl LoraCtx {
     /// (taken out of it).
     pub fn take_grad(&self, grads: &candle_core::backprop::GradStore, v: &Tensor) -> Option<Tensor> {
         grads.get(v).cloned().or_else(|| self.block_grads.as_ref().and_then(|s| s.take(v)))
+    }
+}
+
+/// A training run's frozen weights widened by their adapters' B factors, by layer and group of
+/// linears: `[out, in + n r]`, the frozen weight in the first `in` columns and each of the n
+/// adapters' `scale · B` `[out_m, r]` in its linear's rows of its own r columns (zeros
+/// elsewhere). With the input widened alike by the adapters' `dropout(x) A^T` (`[rows, in + n r]`),
+/// one GEMM gives the frozen product and the adapters' sum: where the adapters' products were
+/// accumulated by GEMMs of their own, each read and wrote the whole `[rows, out]` output once
+/// more. The frozen part is copied once for the run; the B columns are written at each forward.
+#[derive(Debug, Clone, Default)]
+pub struct Widened {
+    weights: Arc<Mutex<HashMap<(usize, u8), Tensor>>>,
+}
+
+impl Widened {
+    /// Layer `layer`'s weight of group `group` widened to `width` columns: `base` `[out, in]`
+    /// (contiguous) first, copied the first time; then each `(row, column, bs)` of `blocks`
+    /// written at that row and column (`bs` `[out_m, r]` contiguous, of `base`'s dtype).
+    pub(super) fn weight(&self, layer: usize, group: u8, base: &Tensor, width: usize, blocks: &[(usize, usize, &Tensor)]) -> candle_core::Result<Tensor> {
+        let w = {
+            let mut map = self.weights.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?;
+            let out = base.dim(0)?;
+            match map.get(&(layer, group)) {
+                Some(w) if w.dims() == [out, width] && w.dtype() == base.dtype() => w.clone(),
+                _ => {
+                    let w = Tensor::zeros((out, width), base.dtype(), base.device())?;
+                    w.slice_set(&base.contiguous()?, 1, 0)?;
+                    map.insert((layer, group), w.clone());
+                    w
+                }
+            }
+        };
+        for &(row, col, bs) in blocks {
+            w.narrow(0, row, bs.dim(0)?)?.slice_set(&bs.contiguous()?, 1, col)?;
+        }
+        Ok(w)
+    }
+
+    /// Whether no weight has been widened yet.
+    pub fn is_empty(&self) -> bool {
+        self.weights.lock().map_or(true, |m| m.is_empty())
     }
 }
 

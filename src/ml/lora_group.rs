@@ -32,11 +32,12 @@ pub struct Member<'a> {
     pub seed: u64,
 }
 
-/// Whether the kernels take this group: on CUDA, a contiguous bf16 input `[rows, in]` with `in`
-/// a multiple of 16 and fewer than 2^32 elements, one to three adapters of one rank (8, 16, 32
-/// or 64) with contiguous bf16 factors.
+/// Whether the kernels take this group: on CUDA, a bf16 input `[rows, in]` with `in` a multiple
+/// of 16 and fewer than 2^32 elements, its rows contiguous (`row_pairs`: the input may be some
+/// columns of a wider matrix), one to three adapters of one rank (8, 16, 32 or 64) with
+/// contiguous bf16 factors.
 pub fn fused(x: &Tensor, members: &[Member]) -> bool {
-    x.dims2().is_ok_and(|(rows, k)| fused_shape(x.device(), x.dtype(), rows, k, members)) && whole_pairs(x)
+    x.dims2().is_ok_and(|(rows, k)| fused_shape(x.device(), x.dtype(), rows, k, members)) && row_pairs(x).is_some()
 }
 
 /// `fused` for an input of this device, dtype and shape, whatever its layout.
@@ -58,6 +59,16 @@ fn whole_pairs(t: &Tensor) -> bool {
     t.is_contiguous() && t.layout().start_offset().is_multiple_of(2)
 }
 
+/// The distance between the rows of a 2-D `t` whose rows are each contiguous and lie an even
+/// number of elements apart from an even element on (contiguous, or some columns of a wider
+/// row-major matrix): the kernels read its bf16 pairs as 32-bit words, row by row.
+fn row_pairs(t: &Tensor) -> Option<usize> {
+    let (rows, k) = t.dims2().ok()?;
+    let st = t.stride();
+    let ld = if rows <= 1 { k } else { st[0] };
+    ((st[1] == 1 || k <= 1) && ld >= k && ld.is_multiple_of(2) && t.layout().start_offset().is_multiple_of(2)).then_some(ld)
+}
+
 /// `fused` for `x` and the transposed gradients `ght` `[r, rows]` of these adapters.
 fn fused_with(x: &Tensor, members: &[Member], ght: &[&Tensor]) -> Result<bool> {
     if members.len() != ght.len() {
@@ -76,6 +87,28 @@ pub fn down(x: &Tensor, members: &[Member], p: f32) -> Result<Vec<Tensor>> {
         return cuda::down(x, members, p);
     }
     members.iter().map(|m| ops::linear_nt(&dropout::masked(x, p, m.seed)?, m.a)).collect()
+}
+
+/// `down` written into `dest` `[rows, n r]` (bf16, its rows contiguous: some columns of a wider
+/// matrix, say), adapter m's product in columns `m r .. (m + 1) r`, and returned as views of
+/// those columns. Only where the kernels take the group (`fused`): the caller lays out a GEMM's
+/// operand around it.
+pub fn down_into(x: &Tensor, members: &[Member], p: f32, dest: &Tensor) -> Result<Vec<Tensor>> {
+    let r = members.first().map_or(Ok(0), |m| m.a.dim(0))?;
+    let (rows, width) = dest.dims2()?;
+    if !fused(x, members) || dest.dtype() != DType::BF16 || row_pairs(dest).is_none() || width != members.len() * r || rows != x.dim(0)? {
+        candle_core::bail!("lora group: no kernel writes {} products of rank {r} into {:?}", members.len(), dest.shape());
+    }
+    #[cfg(feature = "cuda")]
+    {
+        cuda::down_into(x, members, p, dest)?;
+        return (0..members.len()).map(|m| dest.narrow(1, m * r, r)).collect();
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = p;
+        candle_core::bail!("lora group: built without CUDA")
+    }
 }
 
 /// `dx + Σ dropout(gh_m A_m)` in `dx`'s dtype and shape, for `dx` `[rows, in]` and each
@@ -125,7 +158,7 @@ pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DTyp
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{CudaStorage, Device, InplaceOp1, Layout, Result, Storage, Tensor};
@@ -146,6 +179,19 @@ mod cuda {
         let (o1, o2) = t.layout().contiguous_offsets().ok_or_else(|| candle_core::Error::Msg("lora group: input not contiguous".into()))?;
         match s {
             Storage::Cuda(c) => Ok(c.as_cuda_slice::<bf16>()?.slice(o1..o2)),
+            _ => candle_core::bail!("lora group: input not on the CUDA device"),
+        }
+    }
+
+    /// A row-strided `t` (`super::row_pairs`): the elements from its first to its last, and the
+    /// distance between its rows.
+    fn rows_view<'a>(s: &'a Storage, t: &Tensor) -> Result<(CudaView<'a, bf16>, usize)> {
+        let ld = super::row_pairs(t).ok_or_else(|| candle_core::Error::Msg("lora group: input rows not contiguous".into()))?;
+        let (rows, k) = t.dims2()?;
+        let start = t.layout().start_offset();
+        let end = start + if rows == 0 { 0 } else { (rows - 1) * ld + k };
+        match s {
+            Storage::Cuda(c) => Ok((c.as_cuda_slice::<bf16>()?.slice(start..end), ld)),
             _ => candle_core::bail!("lora group: input not on the CUDA device"),
         }
     }
@@ -182,6 +228,41 @@ mod cuda {
 
     pub fn down(x: &Tensor, members: &[Member], p: f32) -> Result<Vec<Tensor>> {
         let dev = device(x)?;
+        let rows = x.dim(0)?;
+        let r = members[0].a.dim(0)?;
+        // SAFETY: the kernel (or, split, the sum) writes every element of each output
+        let mut outs = members.iter().map(|_| unsafe { dev.alloc::<bf16>(rows * r) }).collect::<Result<Vec<_>>>()?;
+        {
+            let stream = dev.cuda_stream();
+            let ptrs: Vec<_> = outs.iter_mut().map(|o| o.device_ptr_mut(&stream)).collect();
+            let at: Vec<u64> = ptrs.iter().map(|(p, _)| *p).collect();
+            launch_down(dev, x, members, p, &at, r)?;
+        }
+        Ok(outs.into_iter().map(|o| tensor(o, dev, (rows, r))).collect())
+    }
+
+    pub fn down_into(x: &Tensor, members: &[Member], p: f32, dest: &Tensor) -> Result<()> {
+        let dev = device(x)?;
+        let r = members[0].a.dim(0)?;
+        let ld = super::row_pairs(dest).ok_or_else(|| candle_core::Error::Msg("lora group: destination rows not contiguous".into()))?;
+        // the address of dest's first element, taken under a read lock that is let go before the
+        // launch: dest is often a view of the same storage as x (columns of one wide matrix),
+        // whose lock the launch takes in turn. The kernel writes only dest's columns, which
+        // nothing else reads meanwhile (every op runs on the one stream, in order).
+        let first = {
+            let (g, l) = dest.storage_and_layout();
+            let Storage::Cuda(cs) = &*g else { candle_core::bail!("lora group: destination not on the CUDA device") };
+            let stream = dev.cuda_stream();
+            let (base, _read) = cs.as_cuda_slice::<bf16>()?.device_ptr(&stream);
+            base + 2 * l.start_offset() as u64
+        };
+        let at: Vec<u64> = (0..members.len()).map(|m| first + 2 * (m * r) as u64).collect();
+        launch_down(dev, x, members, p, &at, ld)
+    }
+
+    /// The forward kernel (and, split, the sum) writing adapter m's `[rows, r]` product at device
+    /// address `at[m]`, its rows `ldh` elements apart.
+    fn launch_down(dev: &CudaDevice, x: &Tensor, members: &[Member], p: f32, at: &[u64], ldh: usize) -> Result<()> {
         let (rows, k) = x.dims2()?;
         let r = members[0].a.dim(0)?;
         let n = members.len();
@@ -190,39 +271,38 @@ mod cuda {
         // split over more blocks too, some 528 in all (four per SM), each keeping eight or more
         let tiles = rows.div_ceil(16).max(1);
         let splits = 528usize.div_ceil(tiles).clamp(1, (k / 16 / 8).max(1));
-        // SAFETY: the kernel (or, split, the sum) writes every element of each output, and with
-        // splits every element of every split's part
-        let outs = members.iter().map(|_| unsafe { dev.alloc::<bf16>(rows * r) }).collect::<Result<Vec<_>>>()?;
+        // SAFETY: with splits every element of every split's part is written
         let part = unsafe { dev.alloc::<f32>(if splits > 1 { splits * n * rows * r } else { 1 })? };
         let x_guard = x.storage_and_layout().0;
         let a_guards: Vec<_> = members.iter().map(|m| m.a.storage_and_layout().0).collect();
-        let xv = view(&x_guard, x)?;
+        let (xv, ldx) = rows_view(&x_guard, x)?;
         let a = a_guards.iter().zip(members).map(|(g, m)| view(g, m.a)).collect::<Result<Vec<_>>>()?;
         let s = seeds(members);
-        let (rows64, k32, n32) = (rows as u64, k as i32, n as i32);
+        let (rows64, k32, n32, ldx64, ldh64) = (rows as u64, k as i32, n as i32, ldx as u64, ldh as u64);
         // 64-column chunks read 16 bytes at a time where the rows and factors allow
         let aligned = |t: &Tensor| t.layout().start_offset() % 8 == 0;
-        let wide = k % 64 == 0 && aligned(x) && members.iter().all(|m| aligned(m.a));
+        let wide = k % 64 == 0 && aligned(x) && ldx % 8 == 0 && members.iter().all(|m| aligned(m.a));
         let func = dev.get_or_load_custom_func(&format!("lora_down{}_r{r}", if wide { "_wide" } else { "" }), "lora", KERNELS)?;
         let mut b = func.builder();
-        b.arg(&xv).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
-        b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));
+        b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
+        b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(at, 0)).arg(slot(at, 1)).arg(slot(at, 2)).arg(&ldh64);
         b.arg(&threshold).arg(&scale).arg(&part);
         let cfg = LaunchConfig { grid_dim: (tiles as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: argument types and order match the kernel's signature
+        // SAFETY: argument types and order match the kernel's signature; each `at` holds `rows`
+        // rows of `r` elements `ldh` apart, which nothing else reads or writes meanwhile
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         if splits > 1 {
             let func = dev.get_or_load_custom_func("lora_down_sum", "lora", KERNELS)?;
             let (splits32, r32) = (splits as i32, r as i32);
             let mut b = func.builder();
-            b.arg(&part).arg(&splits32).arg(&n32).arg(&rows64).arg(&r32).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2));
+            b.arg(&part).arg(&splits32).arg(&n32).arg(&rows64).arg(&r32).arg(slot(at, 0)).arg(slot(at, 1)).arg(slot(at, 2)).arg(&ldh64);
             let total = n * rows * r;
             let cfg = LaunchConfig { grid_dim: (total.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: argument types and order match the kernel's signature
             unsafe { b.launch(cfg) }.w()?;
         }
-        Ok(outs.into_iter().map(|o| tensor(o, dev, (rows, r))).collect())
+        Ok(())
     }
 
     pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Vec<Tensor>> {
@@ -230,8 +310,10 @@ mod cuda {
         let (rows, k) = x.dims2()?;
         let r = members[0].a.dim(0)?;
         let (threshold, scale) = super::dropout::mask_params(p);
+        let x_guard = x.storage_and_layout().0;
+        let (xv, ldx) = rows_view(&x_guard, x)?;
         // rows read 16 bytes at a time where they start on 16-byte boundaries
-        let wide = x.layout().start_offset().is_multiple_of(8) && k.is_multiple_of(8);
+        let wide = x.layout().start_offset().is_multiple_of(8) && ldx.is_multiple_of(8);
         let name = format!("lora_grad_a{}_r{r}", if wide { "_wide" } else { "" });
         let func = dev.get_or_load_custom_func(&name, "lora", KERNELS)?.into_cuda_function();
         // one wave of blocks of four warps, each warp 16 columns of a split of the rows: a
@@ -244,15 +326,13 @@ mod cuda {
         // SAFETY: each split's warps write every column of every adapter's part (zeros for no rows)
         let part = unsafe { dev.alloc::<f32>(splits * n * k * r)? };
         let outs = (0..n).map(|_| unsafe { dev.alloc::<f32>(r * k) }).collect::<Result<Vec<_>>>()?;
-        let x_guard = x.storage_and_layout().0;
         let g_guards: Vec<_> = ght.iter().map(|g| g.storage_and_layout().0).collect();
-        let xv = view(&x_guard, x)?;
         let g = g_guards.iter().zip(ght).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
         let s = seeds(members);
-        let (rows64, k32, n32, chunk64) = (rows as u64, k as i32, n as i32, chunk as u64);
+        let (rows64, k32, n32, chunk64, ldx64) = (rows as u64, k as i32, n as i32, chunk as u64, ldx as u64);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&func);
-        b.arg(&xv).arg(&rows64).arg(&k32).arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32);
+        b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32).arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32);
         b.arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2)).arg(&threshold).arg(&scale).arg(&chunk64).arg(&part);
         let cfg = LaunchConfig { grid_dim: (col_blocks as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: argument types and order match the kernel's signature
@@ -342,18 +422,28 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let mut out = Vec::new();
     let bf = |t: Tensor| t.to_dtype(DType::BF16);
-    // the sixth case's x starts 4 elements into its buffer: rows off 16-byte boundaries
-    for (rows, k, r, n, p, offset) in [
-        (77usize, 576usize, 16usize, 3usize, 0.1f32, 0usize),
-        (64, 576, 16, 1, 0.0, 0),
-        (48, 576, 16, 3, 0.0, 0),
-        (50, 1536, 8, 2, 0.05, 0),
-        (33, 272, 32, 3, 0.2, 0),
-        (40, 128, 64, 2, 0.1, 0),
-        (45, 576, 16, 3, 0.1, 4),
+    // the seventh case's x starts 4 elements into its buffer: rows off 16-byte boundaries. With
+    // `wide`, x is the first k columns of a `[rows, k + n r + wide]` matrix and the forward's
+    // products are written into the next n r (`down_into`), as for a widened GEMM's operand:
+    // rows 16-byte aligned (wide 0), or not (wide 2: the kernels that read 32-bit words)
+    for (rows, k, r, n, p, offset, wide) in [
+        (77usize, 576usize, 16usize, 3usize, 0.1f32, 0usize, None),
+        (64, 576, 16, 1, 0.0, 0, None),
+        (48, 576, 16, 3, 0.0, 0, None),
+        (50, 1536, 8, 2, 0.05, 0, None),
+        (33, 272, 32, 3, 0.2, 0, None),
+        (40, 128, 64, 2, 0.1, 0, None),
+        (45, 576, 16, 3, 0.1, 4, None),
         // more row tiles than one wave of the input gradient's warps has slots per column chunk
-        (20000, 128, 16, 2, 0.1, 0),
+        (20000, 128, 16, 2, 0.1, 0, None),
+        // the k-steps split over blocks (few row tiles), then not (the forward's direct store)
+        (77, 576, 16, 3, 0.1, 0, Some(0usize)),
+        (9000, 576, 16, 3, 0.1, 0, Some(0)),
+        (45, 576, 16, 2, 0.1, 0, Some(2)),
     ] {
+        if wide.is_some() && !device.is_cuda() {
+            continue;
+        }
         let x = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
         let dx = bf(Tensor::randn(0f32, 1.0, (rows, k), &cpu)?)?;
         let a: Vec<Tensor> = (0..n).map(|_| bf((Tensor::randn(0f32, 1.0, (r, k), &cpu)? * 0.1)?)).collect::<Result<_>>()?;
@@ -381,13 +471,32 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let (a_d, gh_d) = (a.iter().map(on).collect::<Result<Vec<_>>>()?, ght.iter().map(on).collect::<Result<Vec<_>>>()?);
         let m: Vec<Member> = a_d.iter().zip(&seeds).map(|(a, &seed)| Member { a, seed }).collect();
         let gh_refs: Vec<&Tensor> = gh_d.iter().collect();
-        let x_d = if offset == 0 {
+        let outer = match wide {
+            Some(extra) => Some(on(&Tensor::cat(&[&x, &Tensor::zeros((rows, n * r + extra), DType::BF16, &cpu)?], 1)?)?),
+            None => None,
+        };
+        let x_d = if let Some(outer) = &outer {
+            outer.narrow(1, 0, k)?
+        } else if offset == 0 {
             on(&x)?
         } else {
             let flat = Tensor::cat(&[&Tensor::zeros(offset, DType::BF16, &cpu)?, &x.flatten_all()?], 0)?;
             on(&flat)?.narrow(0, offset, rows * k)?.reshape((rows, k))?
         };
-        let got_down = down(&x_d, &m, p)?;
+        let got_down = match &outer {
+            Some(outer) => {
+                let got = down_into(&x_d, &m, p, &outer.narrow(1, k, n * r)?)?;
+                // x's columns and those past the products untouched
+                let kept = (outer.narrow(1, 0, k)?.to_dtype(DType::F32)? - x.to_device(device)?.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?;
+                let past = outer.narrow(1, k + n * r, outer.dim(1)? - k - n * r)?.to_dtype(DType::F32)?.abs()?.flatten_all()?;
+                let past = if past.elem_count() == 0 { 0.0 } else { past.max(0)?.to_scalar::<f32>()? };
+                if kept.to_scalar::<f32>()? != 0.0 || past != 0.0 {
+                    candle_core::bail!("lora group check: down_into wrote outside its columns");
+                }
+                got
+            }
+            None => down(&x_d, &m, p)?,
+        };
         let got_dx = add_dx(on(&dx)?.copy()?, &m, &gh_refs, p)?;
         // the adapters' part alone, written into fresh memory
         let got_part = super::lora_group::dx(rows, k, DType::BF16, device, &m, &gh_refs, p)?;
@@ -398,7 +507,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let got_da = grad_a(&x_d, &m, &gh_refs, p, DType::F32)?;
         let mut cases: Vec<(&'static str, Tensor, Tensor)> = Vec::new();
         for (w, g) in want_down.into_iter().zip(got_down) {
-            cases.push(("lora group down", w, g));
+            cases.push((if wide.is_some() { "lora group down into" } else { "lora group down" }, w, g));
         }
         cases.push(("lora group dx", want_dx, got_dx));
         if let Some(got_part) = got_part {
@@ -408,7 +517,11 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             cases.push(("lora group dA", w, g));
         }
         for (kernel, want, got) in cases {
-            let at = if offset == 0 { String::new() } else { format!(" at offset {offset}") };
+            let at = match (offset, wide) {
+                (_, Some(extra)) => format!(" in rows of {}", k + n * r + extra),
+                (0, None) => String::new(),
+                _ => format!(" at offset {offset}"),
+            };
             out.push(KernelCheck::relative(kernel, format!("r{r} x{n} p{p}{at}"), (rows, k), &want, &got, 1.0 / 128.0)?);
         }
     }

@@ -17,6 +17,9 @@ struct RmsNormRows<'a> {
     /// The residual stream's gradient, added to the result.
     residual: Option<&'a Tensor>,
     eps: f32,
+    /// The forward's output rows: this many elements (at least the input's), the norm in the
+    /// first columns and the rest left for the caller to fill (zeros on the CPU).
+    width: Option<usize>,
 }
 
 impl RmsNormRows<'_> {
@@ -33,7 +36,21 @@ impl RmsNormRows<'_> {
     }
 
     fn out_shape(&self, shape: &Shape) -> Shape {
-        shape.clone()
+        match self.width {
+            Some(w) => {
+                let mut dims = shape.dims().to_vec();
+                if let Some(last) = dims.last_mut() {
+                    *last = w;
+                }
+                Shape::from(dims)
+            }
+            None => shape.clone(),
+        }
+    }
+
+    /// The output's row length.
+    fn ldy(&self, n: usize) -> usize {
+        self.width.unwrap_or(n).max(n)
     }
 
     fn cpu<T: WithDType>(&self, x: &[T], shape: &Shape) -> Result<CpuStorage> {
@@ -41,8 +58,9 @@ impl RmsNormRows<'_> {
         let w: Vec<f64> = self.weight.to_dtype(DType::F64)?.to_vec1()?;
         let eps = self.eps as f64;
         let Some(grad) = self.grad else {
-            let mut y = vec![T::from_f64(0.0); x.len()];
-            y.par_chunks_mut(n.max(1)).zip(x.par_chunks(n.max(1))).for_each(|(out, xr)| {
+            let ldy = self.ldy(n);
+            let mut y = vec![T::from_f64(0.0); x.len() / n.max(1) * ldy];
+            y.par_chunks_mut(ldy.max(1)).zip(x.par_chunks(n.max(1))).for_each(|(out, xr)| {
                 let r = 1.0 / (xr.iter().map(|v| v.to_f64() * v.to_f64()).sum::<f64>() / n as f64 + eps).sqrt();
                 for ((o, xv), wv) in out.iter_mut().zip(xr).zip(&w) {
                     *o = T::from_f64(xv.to_f64() * r * wv);
@@ -89,7 +107,9 @@ impl RmsNormRows<'_> {
         let size = std::mem::size_of::<T>();
         let pieces = n * size / 16;
         let aligned = |t: Option<&Tensor>, offset: usize| t.is_none_or(|t| t.layout().start_offset() * size % 16 == 0) && offset * size % 16 == 0;
+        let ldy = if self.grad.is_some() { n } else { self.ldy(n) };
         let by_row = (n * size).is_multiple_of(16)
+            && (ldy * size).is_multiple_of(16)
             && (256..=1024).contains(&pieces)
             && aligned(Some(weight), o1)
             && aligned(self.grad, 0)
@@ -100,8 +120,8 @@ impl RmsNormRows<'_> {
             (LaunchConfig { grid_dim: (rows.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }, "")
         };
         // SAFETY: every element is written by the kernel
-        let out = unsafe { dev.alloc::<T>(rows * n)? };
-        let (rows_i, n_i) = (rows as i32, n as i32);
+        let out = unsafe { dev.alloc::<T>(rows * ldy)? };
+        let (rows_i, n_i, ldy_i) = (rows as i32, n as i32, ldy as i32);
         let Some(grad) = self.grad else {
             let func = dev.get_or_load_custom_func(&format!("rms_norm_fwd{row}_{suffix}"), "rms_norm", KERNELS)?;
             let mut b = func.builder();
@@ -109,7 +129,7 @@ impl RmsNormRows<'_> {
             if !by_row {
                 b.arg(&rows_i);
             }
-            b.arg(&n_i).arg(&self.eps);
+            b.arg(&n_i).arg(&ldy_i).arg(&self.eps);
             // SAFETY: argument types and order match the kernel's signature
             unsafe { b.launch(cfg) }.w()?;
             drop(b);
@@ -165,14 +185,26 @@ pub fn rms_norm_backward_add(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f3
     let grad = grad.to_dtype(dtype)?.contiguous()?;
     let weight = weight.to_dtype(dtype)?.contiguous()?;
     let residual = residual.map(|r| r.to_dtype(dtype)?.contiguous()).transpose()?;
-    x.contiguous()?.apply_op1_no_bwd(&RmsNormRows { grad: Some(&grad), weight: &weight, residual: residual.as_ref(), eps })
+    x.contiguous()?.apply_op1_no_bwd(&RmsNormRows { grad: Some(&grad), weight: &weight, residual: residual.as_ref(), eps, width: None })
 }
 
 /// `x / rms(x) * weight` over the last dimension, in `x`'s dtype, by the row kernel (f64 arithmetic
 /// on the CPU). No autograd.
 pub fn rms_norm_forward(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let weight = weight.to_dtype(x.dtype())?.contiguous()?;
-    x.contiguous()?.apply_op1_no_bwd(&RmsNormRows { grad: None, weight: &weight, residual: None, eps })
+    x.contiguous()?.apply_op1_no_bwd(&RmsNormRows { grad: None, weight: &weight, residual: None, eps, width: None })
+}
+
+/// `rms_norm_forward` into the first columns of a new `[.., width]` tensor (`width` at least
+/// `x`'s last dimension), the rest of each row left for the caller to write (zeros on the CPU,
+/// unwritten memory on CUDA): the norm as the first part of a wider GEMM operand, with no copy.
+pub fn rms_norm_forward_wide(x: &Tensor, weight: &Tensor, eps: f32, width: usize) -> Result<Tensor> {
+    let n = x.dims().last().copied().unwrap_or(0);
+    if width < n {
+        candle_core::bail!("rms-norm: rows of {width} cannot hold {n} columns");
+    }
+    let weight = weight.to_dtype(x.dtype())?.contiguous()?;
+    x.contiguous()?.apply_op1_no_bwd(&RmsNormRows { grad: None, weight: &weight, residual: None, eps, width: Some(width) })
 }
 
 /// The kernels (backward with and without the residual, forward) on `device` against the CPU
@@ -200,6 +232,9 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             let want = rms_norm_forward(&x, &w, 1e-5)?;
             let got = rms_norm_forward(&x.to_device(device)?, &w.to_device(device)?, 1e-5)?;
             out.push(KernelCheck::relative("rms-norm", format!("{dtype:?}"), (0, n), &want, &got, tol)?);
+            // into the first columns of wider rows (48 more: three rank-16 products' room)
+            let wide = rms_norm_forward_wide(&x.to_device(device)?, &w.to_device(device)?, 1e-5, n + 48)?;
+            out.push(KernelCheck::relative("rms-norm into wider rows", format!("{dtype:?}"), (0, n), &want, &wide.narrow(1, 0, n)?, tol)?);
         }
     }
     Ok(out)
@@ -241,6 +276,20 @@ mod tests {
         let want = candle_nn::ops::rms_norm_slow(&x, &w, 1e-5)?;
         let d = (want - rms_norm_forward(&x, &w, 1e-5)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
         assert!(d < 1e-12, "{d}");
+        Ok(())
+    }
+
+    /// Into wider rows: the same norm in the first columns, zeros after them on the CPU.
+    #[test]
+    fn wide_rows_hold_the_norm_first() -> Result<()> {
+        let x = Tensor::randn(0f64, 1.0, (7, 40), &Device::Cpu)?;
+        let w = Tensor::randn(1f64, 0.3, 40, &Device::Cpu)?;
+        let wide = rms_norm_forward_wide(&x, &w, 1e-5, 48)?;
+        assert_eq!(wide.dims(), [7, 48]);
+        let d = (rms_norm_forward(&x, &w, 1e-5)? - wide.narrow(1, 0, 40)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?;
+        assert!(d == 0.0, "{d}");
+        assert_eq!(wide.narrow(1, 40, 8)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f64>()?, 0.0);
+        assert!(rms_norm_forward_wide(&x, &w, 1e-5, 39).is_err());
         Ok(())
     }
 

@@ -18,7 +18,7 @@ use super::calibrate::{self, Calibration, LengthCalibration, LengthModel};
 use super::classifier;
 use super::fsutil;
 use super::llama::Batch;
-use super::lora::{BlockGrads, Lora, LoraConfig, LoraCtx};
+use super::lora::{BlockGrads, Lora, LoraConfig, LoraCtx, Widened};
 use super::offload::Parking;
 use super::model::BaseModel;
 use super::observe::{EvalMetrics, TrainObserver};
@@ -385,6 +385,8 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
     let head_t = head.as_tensor().clone();
     // host memory for the activations parked there, kept across the steps
     let parking = hp.offloads_mlp().then(Parking::default);
+    // the frozen weights widened by the adapters' factors, kept across the steps
+    let widened = Widened::default();
     let mut step_losses: Vec<f64> = Vec::new();
     while state.step < total_steps {
         let epoch = (state.step / steps_per_epoch) as usize;
@@ -413,6 +415,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
                 .with_mlp_recompute(hp.recomputed_mlp_layers())
                 .with_mlp_parking(parking.as_ref())
                 .with_kept_norms(!hp.gradient_checkpointing)
+                .with_widened(&widened)
                 .with_grads(&step_grads);
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             // each micro-batch weighs by its share of the group's rows
