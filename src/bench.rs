@@ -305,7 +305,7 @@ fn hf_losses(a: &HfLosses<'_>, device: &Device, fmt: BaseFormat) -> anyhow::Resu
     let widened = Widened::default();
     for _ in 0..a.steps {
         let step_grads = BlockGrads::default();
-        let ctx = LoraCtx::training(None, 0).with_widened(&widened).with_grads(&step_grads);
+        let ctx = LoraCtx::training(None, 0).with_widened(Some(&widened)).with_grads(&step_grads);
         let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), &batch)?;
         let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
         losses.push(loss.to_scalar::<f32>()?);
@@ -395,7 +395,8 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
         }
         // host memory for the parked activations, kept across the steps
         let parking = hp.offloads_mlp().then(Parking::default);
-        let widened = Widened::default();
+        // as the trainer: widened weights unless under activation checkpointing
+        let widened = (!hp.gradient_checkpointing).then(Widened::default);
         let infer = LoraCtx::default();
         let (model, adapter) = if args.lora_r > 0 { served.parts(&llama, &infer) } else { (&llama, None) };
         let head_infer = head.as_tensor().detach();
@@ -431,7 +432,7 @@ pub fn bench(cmd: &BenchCommand) -> anyhow::Result<()> {
                         .with_mlp_recompute(hp.recomputed_mlp_layers())
                         .with_mlp_parking(parking.as_ref())
                         .with_kept_norms(!hp.gradient_checkpointing)
-                        .with_widened(&widened)
+                        .with_widened(widened.as_ref())
                         .with_grads(&step_grads);
                     let logits = classifier::logits(&llama, Some((&lora, &ctx)), head.as_tensor(), batch)?;
                     sample();

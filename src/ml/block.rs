@@ -967,7 +967,7 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
         let ctx = LoraCtx::training(Some((0.1, 5)), 0);
         // widened: with the attention norm kept, as a view of the widened operand's columns
         let ctx = match widened {
-            Some(w) => ctx.with_widened(w).with_kept_norms(true),
+            Some(w) => ctx.with_widened(Some(w)).with_kept_norms(true),
             None => ctx,
         };
         let logits = classifier::logits(llama, Some((&lora, &ctx)), &head, &batch).map_err(err)?;

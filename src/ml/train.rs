@@ -385,8 +385,10 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
     let head_t = head.as_tensor().clone();
     // host memory for the activations parked there, kept across the steps
     let parking = hp.offloads_mlp().then(Parking::default);
-    // the frozen weights widened by the adapters' factors, kept across the steps
-    let widened = Widened::default();
+    // the frozen weights widened by the adapters' factors, kept across the steps: a copy of the
+    // adapted attention weights, which a run under activation checkpointing, short of memory,
+    // does without
+    let widened = (!hp.gradient_checkpointing).then(Widened::default);
     let mut step_losses: Vec<f64> = Vec::new();
     while state.step < total_steps {
         let epoch = (state.step / steps_per_epoch) as usize;
@@ -415,7 +417,7 @@ pub fn train(spec: &TrainSpec<'_>, obs: &dyn TrainObserver) -> Result<TrainSumma
                 .with_mlp_recompute(hp.recomputed_mlp_layers())
                 .with_mlp_parking(parking.as_ref())
                 .with_kept_norms(!hp.gradient_checkpointing)
-                .with_widened(&widened)
+                .with_widened(widened.as_ref())
                 .with_grads(&step_grads);
             let logits = classifier::logits(&base.llama, Some((&lora, &ctx)), &head_t, &batch)?;
             // each micro-batch weighs by its share of the group's rows
