@@ -57,8 +57,9 @@ struct Saved {
     mlp: Option<(Tensor, Tensor)>,
     /// Each adapted linear's `dropout(x) A^T` `[rows, r]`, so the backward need not redo it.
     lora_h: BTreeMap<Proj, Tensor>,
-    /// The attention norm's output `[b, t, hidden]` where the layer keeps it (`Layer::keep_norm`);
-    /// else the backward recomputes it.
+    /// The attention norm's output `[b, t, hidden]` (or a `[rows, hidden]` view of wider rows:
+    /// `Layer::widened_qkv`) where the layer keeps it (`Layer::keep_norm`); else the backward
+    /// recomputes it.
     norm: Option<Tensor>,
 }
 
@@ -515,9 +516,11 @@ impl Layer {
     /// run keeps no widened weights, `fused_qkv` would not apply, or the weight's copy would
     /// cost more memory traffic than it saves: the widened weight `[out, hidden + n r]` is
     /// copied once, the product's extra pass reads and writes `[rows, out]` at every forward.
-    /// With `lora_h`, the adapters' r-wide products are left there (views of those columns).
+    /// With `lora_h`, the adapters' r-wide products are left there: views of those columns,
+    /// which keep the whole widened operand alive until the backward (where the run keeps the
+    /// norm too, as a run without activation checkpointing does, that costs nothing more).
     #[allow(clippy::type_complexity)]
-    fn widened_qkv(&self, x: &Tensor, mut lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Option<([Tensor; 3], Tensor)>> {
+    fn widened_qkv(&self, x: &Tensor, lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Option<([Tensor; 3], Tensor)>> {
         let projs = [Proj::Q, Proj::K, Proj::V];
         let (Some(cache), Some(fused)) = (self.widened.as_ref(), self.blk.qkv.as_ref()) else { return Ok(None) };
         let FrozenWeight::Dense(w) = fused.weight() else { return Ok(None) };
@@ -551,9 +554,9 @@ impl Layer {
                 (first * hd, n_in + i * r, &m.cast.bs)
             })
             .collect();
-        let ww = cache.weight(self.li, 0, w, width, &blocks)?;
+        let ww = cache.weight(self.li, WIDE_QKV, w, width, &blocks)?;
         let y = gemm::product(&wide, &ww.t()?, 1.0, x.dtype())?;
-        if let Some(kept) = lora_h.as_deref_mut() {
+        if let Some(kept) = lora_h {
             for (m, hm) in group.iter().zip(hs) {
                 kept.insert(m.proj, hm);
             }
@@ -803,6 +806,9 @@ impl Adapted<'_> {
     }
 }
 
+/// The group of linears whose weights a layer widens (`lora::Widened`'s key).
+const WIDE_QKV: u8 = 0;
+
 /// Whether `FrozenLinear::forward_into` accumulates into a slice of `acc` in place: a dense
 /// weight of `acc`'s float dtype on CUDA (cuBLAS with beta = 1).
 fn in_place(base: &FrozenLinear, acc: &Tensor) -> bool {
@@ -933,10 +939,12 @@ pub(super) fn inference_block(blk: &Block, li: usize, x: &Tensor, lora: &Lora, d
 /// `Block::qkv`, the adapters accumulated into its columns, RoPE in place, the packed and
 /// rotated attention gradients, one input-gradient GEMM, the adapters' input gradients written
 /// first) against the same model and batch with the three weights apart
-/// (`Llama::with_qkv_apart`), adapters on q, k, v and o with dropout: the logits and every
-/// factor's gradient within 2^-5 of the reference's largest magnitude (both bf16; the paths sum
-/// the same products in other orders, some rounded once more or less). Nothing where the weights
-/// are never fused (the CPU).
+/// (`Llama::with_qkv_apart`), adapters on q, k, v and o with dropout; and the same through a
+/// widened weight (`widened_qkv`: one GEMM for q, k and v's frozen products and the adapters',
+/// the norm kept as a view of the widened operand). The logits and every factor's gradient
+/// within 2^-5 of the reference's largest magnitude (both bf16; the paths sum the same products
+/// in other orders, some rounded once more or less). Nothing where the weights are never fused
+/// (the CPU).
 pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelCheck>> {
     use super::classifier;
     use super::llama::{Batch, Config, Llama, WeightFormat};

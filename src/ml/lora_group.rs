@@ -280,8 +280,8 @@ mod cuda {
         let s = seeds(members);
         let (rows64, k32, n32, ldx64, ldh64) = (rows as u64, k as i32, n as i32, ldx as u64, ldh as u64);
         // 64-column chunks read 16 bytes at a time where the rows and factors allow
-        let aligned = |t: &Tensor| t.layout().start_offset() % 8 == 0;
-        let wide = k % 64 == 0 && aligned(x) && ldx % 8 == 0 && members.iter().all(|m| aligned(m.a));
+        let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
+        let wide = k.is_multiple_of(64) && aligned(x) && ldx.is_multiple_of(8) && members.iter().all(|m| aligned(m.a));
         let func = dev.get_or_load_custom_func(&format!("lora_down{}_r{r}", if wide { "_wide" } else { "" }), "lora", KERNELS)?;
         let mut b = func.builder();
         b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
