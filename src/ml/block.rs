@@ -472,8 +472,6 @@ impl Layer {
         if group.is_none() && self.adapted(&projs) {
             return Ok(None);
         }
-        let cfg = &self.inp.cfg;
-        let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let n_in = h.dim(D::Minus1)?;
         let rows = h.elem_count() / n_in.max(1);
         let h2 = h.reshape((rows, n_in))?;
@@ -481,12 +479,8 @@ impl Layer {
         if let Some(group) = group {
             let (members, prob) = Adapted::members(&group);
             for (m, hm) in group.iter().zip(lora_group::down(&h2, &members, prob)?) {
-                let (first, heads) = match m.proj {
-                    Proj::Q => (0, hq),
-                    Proj::K => (hq, hk),
-                    _ => (hq + hk, hk),
-                };
-                gemm::accumulate_in_place(&y.narrow(1, first * hd, heads * hd)?, &hm, &m.cast.bs.t()?, 1.0)?;
+                let (first, width) = self.qkv_columns(m.proj);
+                gemm::accumulate_in_place(&y.narrow(1, first, width)?, &hm, &m.cast.bs.t()?, 1.0)?;
                 if let Some(kept) = lora_h.as_deref_mut() {
                     kept.insert(m.proj, hm);
                 }
@@ -506,6 +500,19 @@ impl Layer {
         let (q, k) = (qk.narrow(2, 0, hq)?, qk.narrow(2, hq, hk)?);
         let v = heads.narrow(2, hq + hk, hk)?;
         Ok([q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?])
+    }
+
+    /// The first column and the width of projection `p`'s output among q, k and v's packed side
+    /// by side (`Block::qkv`'s rows).
+    fn qkv_columns(&self, p: Proj) -> (usize, usize) {
+        let cfg = &self.inp.cfg;
+        let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (first, heads) = match p {
+            Proj::Q => (0, hq),
+            Proj::K => (hq, hk),
+            _ => (hq + hk, hk),
+        };
+        (first * hd, heads * hd)
     }
 
     /// q, k and v as `fused_qkv` gives them, and the attention norm's output `[rows, hidden]`,
@@ -537,22 +544,13 @@ impl Layer {
         if width >= 2 * rows || !width.is_multiple_of(8) || !lora_group::fused(&x2, &members) {
             return Ok(None);
         }
-        let cfg = &self.inp.cfg;
-        let (hq, hk, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let wide = rms_norm_forward_wide(&x2, &self.blk.attn_norm, self.eps(), width)?;
         let h = wide.narrow(1, 0, n_in)?;
         let hs = lora_group::down_into(&h, &members, prob, &wide.narrow(1, n_in, width - n_in)?)?;
         let blocks: Vec<(usize, usize, &Tensor)> = group
             .iter()
             .enumerate()
-            .map(|(i, m)| {
-                let first = match m.proj {
-                    Proj::Q => 0,
-                    Proj::K => hq,
-                    _ => hq + hk,
-                };
-                (first * hd, n_in + i * r, &m.cast.bs)
-            })
+            .map(|(i, m)| (self.qkv_columns(m.proj).0, n_in + i * r, &m.cast.bs))
             .collect();
         let ww = cache.weight(self.li, WIDE_QKV, w, width, &blocks)?;
         let y = gemm::product(&wide, &ww.t()?, 1.0, x.dtype())?;

@@ -191,8 +191,7 @@ pub fn rms_norm_backward_add(x: &Tensor, grad: &Tensor, weight: &Tensor, eps: f3
 /// `x / rms(x) * weight` over the last dimension, in `x`'s dtype, by the row kernel (f64 arithmetic
 /// on the CPU). No autograd.
 pub fn rms_norm_forward(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    let weight = weight.to_dtype(x.dtype())?.contiguous()?;
-    x.contiguous()?.apply_op1_no_bwd(&RmsNormRows { grad: None, weight: &weight, residual: None, eps, width: None })
+    rms_norm_forward_wide(x, weight, eps, x.dims().last().copied().unwrap_or(0))
 }
 
 /// `rms_norm_forward` into the first columns of a new `[.., width]` tensor (`width` at least
