@@ -46,8 +46,12 @@ struct Saved {
     k: Tensor,
     /// `[b, kv_heads, t, head_dim]`.
     v: Tensor,
-    /// Attention output `[b, t, heads * head_dim]` (o_proj's input).
+    /// Attention output `[b, t, heads * head_dim]` (o_proj's input), or a `[rows, heads *
+    /// head_dim]` view of wider rows (`Layer::widened_o`).
     y: Tensor,
+    /// Where `y` is such a view, the same output as `[b, heads, t, head_dim]`, a view of those
+    /// rows too (the flash backward reads it in place; `y` cannot be reshaped without a copy).
+    o: Option<Tensor>,
     /// Each query's log-sum-exp from the flash kernels `[b, heads, t]` (see `ops::AttentionPlan`).
     lse: Option<Tensor>,
     /// The residual stream after attention `[b, t, hidden]`.
@@ -61,6 +65,32 @@ struct Saved {
     /// `Layer::widened_qkv`) where the layer keeps it (`Layer::keep_norm`); else the backward
     /// recomputes it.
     norm: Option<Tensor>,
+    /// Where q, k and v ran over widened operands (`Layer::widened_qkv`): their adapters' r-wide
+    /// products side by side, `[rows, n r]` (a view of the widened input), and the widened
+    /// weight, from which the backward takes the adapters' B gradients and `gh` in one GEMM
+    /// each.
+    qkv_products: Option<(Tensor, Tensor)>,
+}
+
+/// q, k and v from one GEMM over widened operands (`Layer::widened_qkv`) and what the backward
+/// reads of it.
+struct WideQkv {
+    qkv: [Tensor; 3],
+    /// The attention norm's output `[rows, hidden]`, a view of the widened input.
+    norm: Tensor,
+    /// `Saved::qkv_products`.
+    products: (Tensor, Tensor),
+}
+
+/// The attention's output and o_proj's sum with the residual.
+struct Attended {
+    /// o_proj's input (`Saved::y`).
+    y: Tensor,
+    /// `Saved::o`.
+    o: Option<Tensor>,
+    lse: Option<Tensor>,
+    /// `x + o_proj(y)`.
+    mid: Tensor,
 }
 
 /// What the last block keeps where it computes only each row's last position
@@ -237,19 +267,14 @@ impl Layer {
     ///
     /// With `fused`, the linears' weights as one matrix and their output gradients as one
     /// `[rows, outs]` tensor (each of `outs`' gradients a slice of its columns): the frozen
-    /// weights' input gradient is one GEMM over the two.
-    fn linears_backward(
-        &self,
-        outs: &[(Proj, &Tensor)],
-        x: impl Fn() -> Result<Tensor>,
-        grads: &BlockGrads,
-        lora_h: &BTreeMap<Proj, Tensor>,
-        fused: Option<(&FrozenLinear, &Tensor)>,
-    ) -> Result<Tensor> {
+    /// weights' input gradient is one GEMM over the two; and where the forward ran over a
+    /// widened weight (`Packed::widened`), the adapters' B gradients and `gh` are one GEMM each
+    /// over the packed gradient.
+    fn linears_backward(&self, outs: &[(Proj, &Tensor)], x: impl Fn() -> Result<Tensor>, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>, fused: Option<Packed>) -> Result<Tensor> {
         let missing = |what: &str| candle_core::Error::Msg(format!("linears backward: {what}"));
         let projs: Vec<Proj> = outs.iter().map(|(p, _)| *p).collect();
         let Some(group) = self.group(&projs, Some(lora_h)) else {
-            if let Some((w, g)) = fused.filter(|_| !self.adapted(&projs)) {
+            if let Some(Packed { weight: w, grad: g, .. }) = fused.filter(|_| !self.adapted(&projs)) {
                 let dx = w.input_grad(g, g.dtype())?;
                 let first = outs.first().map(|(_, g)| *g).ok_or_else(|| missing("no linear"))?;
                 let mut shape = first.dims().to_vec();
@@ -271,14 +296,31 @@ impl Layer {
         let n_in = self.blk.proj[outs[0].0 as usize].in_features();
         let rows = first.elem_count() / first.dim(D::Minus1)?.max(1);
         let mut ght = Vec::with_capacity(group.len());
-        for m in &group {
-            let g = outs.iter().find(|(p, _)| *p == m.proj).map(|(_, g)| *g).ok_or_else(|| missing("no gradient"))?;
-            let g2 = as_rows(&g.to_dtype(dtype)?, rows, m.cast.bs.dim(0)?)?;
-            let h = lora_h.get(&m.proj).ok_or_else(|| missing("no kept product"))?;
-            // dB = scale g^T h
-            grads.add_product(m.b, &g2.t()?, &as_rows(h, rows, h.elem_count() / rows.max(1))?, m.parts.scale)?;
-            // (g2 (scale B))^T [r, rows], as the group's kernels read it
-            ght.push(gemm::product(&m.cast.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
+        let r = group[0].cast.a.dim(0)?;
+        match fused.as_ref().and_then(|f| f.widened.map(|w| (f.grad, w))).filter(|(g, (h, _))| g.dim(0).ok() == Some(rows) && h.dims() == [rows, group.len() * r]) {
+            Some((g, (h, w))) => {
+                // every adapter at once: scale g^T h `[outs, n r]` (f32), each adapter's B
+                // gradient its block of rows and columns; and (g (scale B))^T `[n r, rows]`
+                // from the widened weight's B columns, block-diagonal
+                let db = gemm::product(&g.t()?, h, group[0].parts.scale, DType::F32)?;
+                let all_ght = gemm::product(&w.narrow(1, n_in, group.len() * r)?.t()?, &g.t()?, 1.0, dtype)?;
+                for (i, m) in group.iter().enumerate() {
+                    let (first, width) = self.qkv_columns(m.proj);
+                    grads.add(m.b, &db.narrow(0, first, width)?.narrow(1, i * r, r)?)?;
+                    ght.push(all_ght.narrow(0, i * r, r)?);
+                }
+            }
+            None => {
+                for m in &group {
+                    let g = outs.iter().find(|(p, _)| *p == m.proj).map(|(_, g)| *g).ok_or_else(|| missing("no gradient"))?;
+                    let g2 = as_rows(&g.to_dtype(dtype)?, rows, m.cast.bs.dim(0)?)?;
+                    let h = lora_h.get(&m.proj).ok_or_else(|| missing("no kept product"))?;
+                    // dB = scale g^T h
+                    grads.add_product(m.b, &g2.t()?, &as_rows(h, rows, h.elem_count() / rows.max(1))?, m.parts.scale)?;
+                    // (g2 (scale B))^T [r, rows], as the group's kernels read it
+                    ght.push(gemm::product(&m.cast.bs.t()?, &g2.t()?, 1.0, g2.dtype())?);
+                }
+            }
         }
         let (members, prob) = Adapted::members(&group);
         let ght: Vec<&Tensor> = ght.iter().collect();
@@ -295,7 +337,7 @@ impl Layer {
         let adapters_written = lora_first.is_some();
         let mut dx = lora_first;
         match fused {
-            Some((w, g)) => {
+            Some(Packed { weight: w, grad: g, .. }) => {
                 dx = Some(match dx {
                     Some(acc) => w.input_grad_into(acc, g)?,
                     None => w.input_grad(g, g.dtype())?,
@@ -413,8 +455,8 @@ impl Layer {
     fn forward_whole(&self, x: &Tensor, keep: Keep) -> Result<(Tensor, Option<Saved>)> {
         let cfg = &self.inp.cfg;
         let mut lora_h = (keep != Keep::Nothing).then(BTreeMap::new);
-        let ([q, k, v], h) = match self.widened_qkv(x, lora_h.as_mut())? {
-            Some(done) => done,
+        let ([q, k, v], h, qkv_products) = match self.widened_qkv(x, lora_h.as_mut())? {
+            Some(WideQkv { qkv, norm, products }) => (qkv, norm, Some(products)),
             None => {
                 let h = ops::rms_norm(x, &self.blk.attn_norm, self.eps())?;
                 let qkv = match self.fused_qkv(&h, lora_h.as_mut())? {
@@ -425,15 +467,22 @@ impl Layer {
                         [q, k, self.heads(&v, cfg.num_kv_heads)?]
                     }
                 };
-                (qkv, h)
+                (qkv, h, None)
             }
         };
         // kept where the backward would otherwise recompute it (`norm_for`)
         let norm = (self.keep_norm && keep == Keep::All && self.adapted(&[Proj::Q, Proj::K, Proj::V])).then_some(h);
-        let (y, lse) = self.plan(&q, &k)?.forward_saving(&q, &k, &v)?;
-        let y = self.merge(&y)?;
-        let mid = self.linear_plus(Proj::O, &y, x, lora_h.as_mut())?;
-        let attention = (keep != Keep::Nothing).then_some((q, k, v, y, lse));
+        let plan = self.plan(&q, &k)?;
+        let Attended { y, o, lse, mid } = match self.widened_o(&plan, [&q, &k, &v], x, lora_h.as_mut())? {
+            Some(done) => done,
+            None => {
+                let (y, lse) = plan.forward_saving(&q, &k, &v)?;
+                let y = self.merge(&y)?;
+                let mid = self.linear_plus(Proj::O, &y, x, lora_h.as_mut())?;
+                Attended { y, o: None, lse, mid }
+            }
+        };
+        let attention = (keep != Keep::Nothing).then_some((q, k, v, y, o, lse));
         let [gate, up] = self.gate_up(&mid, lora_h.as_mut())?;
         let base = &self.blk.proj[Proj::Down as usize];
         let frozen_down = self.lora.parts(base, self.li, Proj::Down, self.dropout).is_none();
@@ -454,7 +503,7 @@ impl Layer {
             };
             (out, mlp)
         };
-        let saved = attention.map(|(q, k, v, y, lse)| Saved { q, k, v, y, lse, mid, mlp, lora_h: lora_h.unwrap_or_default(), norm });
+        let saved = attention.map(|(q, k, v, y, o, lse)| Saved { q, k, v, y, o, lse, mid, mlp, lora_h: lora_h.unwrap_or_default(), norm, qkv_products });
         Ok((out, saved))
     }
 
@@ -526,8 +575,7 @@ impl Layer {
     /// With `lora_h`, the adapters' r-wide products are left there: views of those columns,
     /// which keep the whole widened operand alive until the backward (where the run keeps the
     /// norm too, as a run without activation checkpointing does, that costs nothing more).
-    #[allow(clippy::type_complexity)]
-    fn widened_qkv(&self, x: &Tensor, lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Option<([Tensor; 3], Tensor)>> {
+    fn widened_qkv(&self, x: &Tensor, lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Option<WideQkv>> {
         let projs = [Proj::Q, Proj::K, Proj::V];
         let (Some(cache), Some(fused)) = (self.widened.as_ref(), self.blk.qkv.as_ref()) else { return Ok(None) };
         let FrozenWeight::Dense(w) = fused.weight() else { return Ok(None) };
@@ -559,7 +607,50 @@ impl Layer {
                 kept.insert(m.proj, hm);
             }
         }
-        Ok(Some((self.split_qkv(y)?, h)))
+        let products = (wide.narrow(1, n_in, width - n_in)?, ww);
+        Ok(Some(WideQkv { qkv: self.split_qkv(y)?, norm: h, products }))
+    }
+
+    /// The attention and `x + o_proj(y)` from one GEMM over widened operands, as `widened_qkv`
+    /// does for q, k and v: the flash forward writes its output `y` into rows a head wider
+    /// (`AttentionPlan::forward_into_rows`), o's adapter its `dropout(y) A^T` into that room
+    /// (`lora_group::down_into`), and o_proj's weight widened by `scale · B` in those columns
+    /// gives the frozen product and the adapter's, with the residual read as the GEMM's addend
+    /// (`gemm::product_plus`). Where the widened weight costs more than it saves, or the flash
+    /// kernels, the group's kernels or the run's widened weights are not there: `None`.
+    fn widened_o(&self, plan: &AttentionPlan, [q, k, v]: [&Tensor; 3], x: &Tensor, lora_h: Option<&mut BTreeMap<Proj, Tensor>>) -> Result<Option<Attended>> {
+        let cfg = &self.inp.cfg;
+        let base = &self.blk.proj[Proj::O as usize];
+        let (Some(cache), FrozenWeight::Dense(w)) = (self.widened.as_ref(), base.weight()) else { return Ok(None) };
+        if !self.by_row(x) || w.dtype() != x.dtype() {
+            return Ok(None);
+        }
+        let Some(group) = self.group(&[Proj::O], None) else { return Ok(None) };
+        let (members, prob) = Adapted::members(&group);
+        let (heads, hd) = (cfg.num_heads, cfg.head_dim);
+        let (n_in, hidden) = (heads * hd, x.dim(D::Minus1)?);
+        let rows = x.elem_count() / hidden.max(1);
+        let r = members[0].a.dim(0)?;
+        let width = n_in + r;
+        let extra = r.div_ceil(hd);
+        let fits = lora_group::fused_shape(x.device(), x.dtype(), rows, n_in, &members) && ((heads + extra) * hd).is_multiple_of(8) && x.is_contiguous();
+        if width >= 2 * rows || !width.is_multiple_of(8) || !fits {
+            return Ok(None);
+        }
+        let Some((wide, lse)) = plan.forward_into_rows(q, k, v, extra)? else { return Ok(None) };
+        let (b, t) = (self.inp.b, self.inp.t);
+        let o = wide.reshape((b, t, heads + extra, hd))?.transpose(1, 2)?.narrow(1, 0, heads)?;
+        let wide = wide.reshape((rows, (heads + extra) * hd))?;
+        let y = wide.narrow(1, 0, n_in)?;
+        let hs = lora_group::down_into(&y, &members, prob, &wide.narrow(1, n_in, r)?)?;
+        let ww = cache.weight(self.li, WIDE_O, w, width, &[(0, n_in, &group[0].cast.bs)])?;
+        let mid = gemm::product_plus(&x.reshape((rows, hidden))?, &wide.narrow(1, 0, width)?, &ww.t()?)?.reshape(x.shape())?;
+        if let Some(kept) = lora_h {
+            for (m, hm) in group.iter().zip(hs) {
+                kept.insert(m.proj, hm);
+            }
+        }
+        Ok(Some(Attended { y, o: Some(o), lse: Some(lse), mid }))
     }
 
     /// `mid + down(silu(gate) * up)` for a frozen down_proj, the product made for about 16 MiB
@@ -723,7 +814,7 @@ impl Layer {
     fn backward_whole(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
         let cfg = &self.inp.cfg;
         let eps = self.eps();
-        let Saved { q, k, v, y, lse, mid, mlp, lora_h, norm } = saved;
+        let Saved { q, k, v, y, o, lse, mid, mlp, lora_h, norm, qkv_products } = saved;
         let grad = grad.to_dtype(x.dtype())?;
         // recomputed as the forward ran them: dropout masks are drawn from their seeds, and the
         // forward's r-wide products are already in `lora_h`
@@ -738,7 +829,10 @@ impl Layer {
         // attention: mid = x + o(attention(rope(q(h)), rope(k(h)), v(h))), h = norm(x)
         let d_y = self.linears_backward(&[(Proj::O, &d_mid)], || Ok(y.clone()), grads, &lora_h, None)?;
         let d_o = self.heads(&d_y, cfg.num_heads)?;
-        let o = self.heads(&y, cfg.num_heads)?;
+        let o = match o {
+            Some(o) => o,
+            None => self.heads(&y, cfg.num_heads)?,
+        };
         drop((d_y, y));
         let plan = self.plan(&q, &k)?;
         // with q, k and v's weights in one matrix, their gradients come packed as that matrix's
@@ -776,12 +870,24 @@ impl Layer {
             None => self.norm_for(&[Proj::Q, Proj::K, Proj::V], x, &self.blk.attn_norm)?,
         };
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
-        let fused = self.blk.qkv.as_ref().zip(packed.as_ref());
+        let products = qkv_products.as_ref().map(|(h, w)| (h, w));
+        let fused = self.blk.qkv.as_ref().zip(packed.as_ref()).map(|(w, g)| Packed { weight: w, grad: g, widened: products });
         let d_h = self.linears_backward(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h, fused)?;
-        drop((h, dq, dk, dv, packed));
+        drop((h, dq, dk, dv, packed, qkv_products));
         let d_h = d_h.reshape(x.shape())?;
         rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
     }
+}
+
+/// Linears that read one input as one matrix (`Block::qkv`), their output gradients packed as
+/// its output lies `[rows, outs]`, and, where the forward ran over the matrix widened by the
+/// adapters (`Layer::widened_qkv`), the adapters' r-wide products side by side `[rows, n r]`
+/// and the widened weight.
+#[derive(Clone, Copy)]
+struct Packed<'a> {
+    weight: &'a FrozenLinear,
+    grad: &'a Tensor,
+    widened: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 /// One adapted linear of a group that reads one input: its projection, parts, factors cast for
@@ -804,8 +910,10 @@ impl Adapted<'_> {
     }
 }
 
-/// The group of linears whose weights a layer widens (`lora::Widened`'s key).
+/// The groups of linears whose weights a layer widens (`lora::Widened`'s key): q, k and v's,
+/// and o's.
 const WIDE_QKV: u8 = 0;
+const WIDE_O: u8 = 1;
 
 /// Whether `FrozenLinear::forward_into` accumulates into a slice of `acc` in place: a dense
 /// weight of `acc`'s float dtype on CUDA (cuBLAS with beta = 1).
@@ -937,9 +1045,11 @@ pub(super) fn inference_block(blk: &Block, li: usize, x: &Tensor, lora: &Lora, d
 /// `Block::qkv`, the adapters accumulated into its columns, RoPE in place, the packed and
 /// rotated attention gradients, one input-gradient GEMM, the adapters' input gradients written
 /// first) against the same model and batch with the three weights apart
-/// (`Llama::with_qkv_apart`), adapters on q, k, v and o with dropout; and the same through a
-/// widened weight (`widened_qkv`: one GEMM for q, k and v's frozen products and the adapters',
-/// the norm kept as a view of the widened operand). The logits and every factor's gradient
+/// (`Llama::with_qkv_apart`), adapters on q, k, v and o with dropout; and the same through
+/// widened weights (`widened_qkv`: one GEMM for q, k and v's frozen products and the adapters',
+/// the norm kept as a view of the widened operand, their B gradients and `gh` one GEMM each
+/// over the packed gradient; `widened_o`: the attention written into wider rows, o's frozen
+/// product, its adapter's and the residual from one GEMM). The logits and every factor's gradient
 /// within 2^-5 of the reference's largest magnitude (both bf16; the paths sum the same products
 /// in other orders, some rounded once more or less). Nothing where the weights are never fused
 /// (the CPU).
@@ -988,8 +1098,10 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
     let widened = Widened::default();
     let want = run_with(&apart, None)?;
     let (got, got_wide) = (run_with(&fused, None)?, run_with(&fused, Some(&widened))?);
-    if widened.is_empty() {
-        candle_core::bail!("fused q/k/v block check: no weight was widened");
+    // q/k/v's and o's weights of every block but the last, which computes only the rows the
+    // classifier reads (`forward_last`)
+    if widened.len() != 2 * (cfg.num_layers - 1) {
+        candle_core::bail!("fused q/k/v block check: {} weights widened, not q/k/v's and o's of {} blocks", widened.len(), cfg.num_layers - 1);
     }
     let mut checks = Vec::new();
     for (names, got) in [(["fused q/k/v block logits", "fused q/k/v block factor gradient"], got), (["widened q/k/v block logits", "widened q/k/v block factor gradient"], got_wide)] {

@@ -171,6 +171,17 @@ mod launch {
             Ok(Out { slice, rows, by_row, heads })
         }
 
+        /// `out_like` for rows of `heads + extra` heads (`[b, t, (heads + extra) d]`), the
+        /// kernel writing the first `heads` of each row.
+        fn out_rows(&self, extra: usize) -> Result<Out> {
+            let (t, d, width) = (self.t, self.d, (self.h + extra) * self.d);
+            // SAFETY: the kernel writes every element of the first `heads` heads of each row;
+            // the caller writes or never reads the rest
+            let slice = unsafe { self.dev.alloc::<bf16>(self.b * t * width)? };
+            let rows = Rows { b: (t * width) as i64, h: d as i64, r: width as i64 };
+            Ok(Out { slice, rows, by_row: true, heads: self.h })
+        }
+
         fn tensor(&self, out: Out) -> Result<Tensor> {
             let (b, t, d, heads) = (self.b, self.t, self.d, out.heads);
             let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(out.slice, self.dev.clone()));
@@ -187,13 +198,20 @@ mod launch {
         }
     }
 
-    pub fn forward(a: &Args, q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64, tiles: Tiles) -> Result<(Tensor, Tensor)> {
+    /// The output `[b, heads, t, d]` (laid out as `q`), or with `extra` heads, `[b, t, (heads +
+    /// extra) d]`: each row's heads first, the last `extra · d` elements of each row left
+    /// unwritten. And each query's log-sum-exp.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(a: &Args, q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64, tiles: Tiles, extra: Option<usize>) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = (readable(q)?, readable(k)?, readable(v)?);
         let starts = spans.device_starts();
         let (qg, kg, vg, sg) = (q.storage_and_layout().0, k.storage_and_layout().0, v.storage_and_layout().0, starts.storage_and_layout().0);
         let ((qs, sq), (ks, sk), (vs, sv)) = (view(&qg, &q)?, view(&kg, &k)?, view(&vg, &v)?);
         let ss = cuda_slice_of!(sg, starts, u32);
-        let o = a.out_like(&q)?;
+        let o = match extra {
+            Some(extra) => a.out_rows(extra)?,
+            None => a.out_like(&q)?,
+        };
         let lse = a.f32s(a.b * a.h * a.t)?;
         let smem = 4 * 64 * a.pitch_bytes();
         let (name, rows) = match tiles {
@@ -211,7 +229,11 @@ mod launch {
         unsafe { bld.launch(a.cfg_tiles(a.h, rows, smem)) }.w()?;
         drop(bld);
         let lse = Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(lse, a.dev.clone())), (a.b, a.h, a.t), BackpropOp::none(), false);
-        Ok((a.tensor(o)?, lse))
+        let o = match extra {
+            Some(extra) => Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(o.slice, a.dev.clone())), (a.b, a.t, (a.h + extra) * a.d), BackpropOp::none(), false),
+            None => a.tensor(o)?,
+        };
+        Ok((o, lse))
     }
 
     /// A gradient's first element and strides in the memory the kernels write.
@@ -412,14 +434,26 @@ pub fn forward(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f
 }
 
 fn forward_tiles(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64, tiles: Tiles) -> Result<(Tensor, Tensor)> {
+    launch_forward(q, k, v, spans, scale, tiles, None)
+}
+
+/// `forward` with the output written into rows `extra` heads wider: `[b, t, (heads + extra) d]`,
+/// each row's heads (as `[b, t, heads, d]` lies) first and its last `extra · d` elements left
+/// for the caller (a GEMM's operand widened by an adapter's r-wide product, say). The
+/// `[b, heads, t, d]` output is a view of it: `narrow(2, 0, heads · d)` of each row.
+pub fn forward_into_rows(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64, extra: usize) -> Result<(Tensor, Tensor)> {
+    launch_forward(q, k, v, spans, scale, Tiles::chosen(), Some(extra))
+}
+
+fn launch_forward(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64, tiles: Tiles, extra: Option<usize>) -> Result<(Tensor, Tensor)> {
     check(q, k, v, spans)?;
     #[cfg(feature = "cuda")]
     {
-        launch::forward(&launch::Args::new(q, k)?, q, k, v, spans, scale, tiles)
+        launch::forward(&launch::Args::new(q, k)?, q, k, v, spans, scale, tiles, extra)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (v, scale, tiles);
+        let _ = (v, scale, tiles, extra);
         unreachable!("check refuses every tensor without the cuda feature")
     }
 }
@@ -611,6 +645,14 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
                 }
             }
         }
+        // the output written into rows a head wider (`forward_into_rows`), its heads read back
+        // as a view by the backward, as o_proj's widened operand is
+        let on = |x: &Tensor| -> Result<Tensor> { x.transpose(1, 2)?.contiguous()?.to_device(device)?.transpose(1, 2) };
+        let (wide, lse) = forward_into_rows(&on(&q)?, &on(&k)?, &on(&v)?, &spans_dev, scale, 1)?;
+        let got = wide.reshape((b, t, h + 1, d))?.transpose(1, 2)?.narrow(1, 0, h)?;
+        let grads = backward(&on(&q)?, &on(&k)?, &on(&v)?, &on(&d_o)?, &got, &lse, &spans_dev, scale)?;
+        out.push(KernelCheck { kernel: "flash attention into wider rows", dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(&want, &got)?, tolerance: 2f32.powi(-7) * max(&vf)? });
+        out.push(KernelCheck { kernel: "flash attention into wider rows dq", dtype: "BF16".into(), chunk: (0, d), max_abs_diff: diff(&dq, &grads[0])?, tolerance: 2f32.powi(-5) * max(&dq)? });
     }
     Ok(out)
 }

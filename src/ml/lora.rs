@@ -170,7 +170,12 @@ impl Widened {
 
     /// Whether no weight has been widened yet.
     pub fn is_empty(&self) -> bool {
-        self.weights.lock().map_or(true, |m| m.is_empty())
+        self.len() == 0
+    }
+
+    /// How many weights have been widened (one per layer and group of linears).
+    pub fn len(&self) -> usize {
+        self.weights.lock().map_or(0, |m| m.len())
     }
 }
 

@@ -41,7 +41,7 @@ pub fn fused(x: &Tensor, members: &[Member]) -> bool {
 }
 
 /// `fused` for an input of this device, dtype and shape, whatever its layout.
-fn fused_shape(device: &Device, dtype: DType, rows: usize, k: usize, members: &[Member]) -> bool {
+pub fn fused_shape(device: &Device, dtype: DType, rows: usize, k: usize, members: &[Member]) -> bool {
     let Some(first) = members.first() else { return false };
     let Ok((r, _)) = first.a.dims2() else { return false };
     cfg!(feature = "cuda")

@@ -739,6 +739,16 @@ impl AttentionPlan {
         Ok((self.chunked_forward(q, k, v)?, None))
     }
 
+    /// `forward_saving` through the flash kernels, the output written into rows `extra` heads
+    /// wider (`flash::forward_into_rows`): `[b, t, (h + extra) d]` and the log-sum-exp. `None`
+    /// where the flash kernels do not run.
+    pub fn forward_into_rows(&self, q: &Tensor, k: &Tensor, v: &Tensor, extra: usize) -> Result<Option<(Tensor, Tensor)>> {
+        if !self.flash {
+            return Ok(None);
+        }
+        super::flash::forward_into_rows(q, k, v, &self.spans, self.scale, extra).map(Some)
+    }
+
     fn chunked_forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, h, d) = (self.b, self.h, self.d);
         let scale = self.scale as f32;
