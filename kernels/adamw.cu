@@ -75,17 +75,19 @@ extern "C" __global__ void adamw_step(const uint64_t* table, const float* sum_sq
 }
 
 // The trained factors in bf16 for a step's forwards, every one in one launch: segment y of the
-// table (four u64: the f32 source, the bf16 destination, n, the scale's f32 bits) becomes
-// bf16(bf16(x) * scale), the scale already rounded to bf16 by the host. A product of two bf16
+// table (six u64: the f32 source, the bf16 destination, n, the scale's f32 bits, cols, ld)
+// becomes bf16(bf16(x) * scale), the scale already rounded to bf16 by the host; element i goes to
+// row i / cols, column i % cols of a destination whose rows lie ld apart (cols = ld = n: a
+// contiguous one; else some columns of a wider matrix). A product of two bf16
 // values is exact in f32, so this is the one rounding of a bf16 multiply: the same values as a
 // cast followed by a scaling in bf16.
 extern "C" __global__ void factor_casts(const uint64_t* table) {
-    const uint64_t* s = table + 4 * (size_t)blockIdx.y;
+    const uint64_t* s = table + 6 * (size_t)blockIdx.y;
     const float* x = reinterpret_cast<const float*>(s[0]);
     __nv_bfloat16* y = reinterpret_cast<__nv_bfloat16*>(s[1]);
-    const uint64_t n = s[2];
+    const uint64_t n = s[2], cols = s[4], ld = s[5];
     const float scale = __uint_as_float((uint32_t)s[3]);
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)blockDim.x * gridDim.x) {
-        y[i] = __float2bfloat16(__bfloat162float(__float2bfloat16(x[i])) * scale);
+        y[(i / cols) * ld + i % cols] = __float2bfloat16(__bfloat162float(__float2bfloat16(x[i])) * scale);
     }
 }

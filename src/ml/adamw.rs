@@ -178,16 +178,27 @@ impl InplaceOp2 for Update {
     }
 }
 
-/// `bf16(bf16(x) · scale)` of each `(x, scale)`, f32 tensors on one CUDA device, in one launch
-/// (`factor_casts`): the trained factors in the activations' dtype for a step's forwards, the
-/// same values as a cast then a scaling in bf16, which took two launches per factor. The results
-/// are views of one buffer, each starting 128 bytes apart at least. `None` where the tensors are
-/// not all contiguous f32 on the same CUDA device (the caller casts them one by one).
-pub(crate) fn cast_scaled_bf16(xs: &[(&Tensor, f64)]) -> Result<Option<Vec<Tensor>>> {
-    let Some((first, _)) = xs.first() else { return Ok(Some(Vec::new())) };
+/// `bf16(bf16(x) · scale)` of each `(x, scale, into)`, f32 tensors on one CUDA device, in one
+/// launch (`factor_casts`): the trained factors in the activations' dtype for a step's forwards,
+/// the same values as a cast then a scaling in bf16, which took two launches per factor. Each
+/// result is written into `into` where given (a bf16 matrix of `x`'s shape whose rows are each
+/// contiguous: a block of a widened weight, say) and is that tensor; the others are views of one
+/// new buffer, each starting 128 bytes apart at least. `None` where the tensors are not all
+/// contiguous f32 on the same CUDA device (the caller casts them one by one); an error where an
+/// `into` does not fit its source.
+pub(crate) fn cast_scaled_bf16(xs: &[(&Tensor, f64, Option<&Tensor>)]) -> Result<Option<Vec<Tensor>>> {
+    let Some((first, _, _)) = xs.first() else { return Ok(Some(Vec::new())) };
     let Device::Cuda(dev) = first.device() else { return Ok(None) };
-    if xs.iter().any(|(x, _)| x.dtype() != DType::F32 || !x.is_contiguous() || !x.device().same_device(first.device())) {
+    if xs.iter().any(|(x, _, _)| x.dtype() != DType::F32 || !x.is_contiguous() || !x.device().same_device(first.device())) {
         return Ok(None);
+    }
+    for (x, _, into) in xs {
+        if let Some(into) = into {
+            let fits = into.dims() == x.dims() && into.rank() == 2 && into.dtype() == DType::BF16 && into.stride()[1] == 1 && into.device().same_device(x.device());
+            if !fits {
+                candle_core::bail!("factor casts: {:?} cannot be written into {:?} {:?}", x.shape(), into.layout(), into.dtype());
+            }
+        }
     }
     #[cfg(feature = "cuda")]
     return cuda::cast_scaled_bf16(dev, xs).map(Some);
@@ -266,14 +277,18 @@ mod cuda {
         Ok(())
     }
 
-    /// See `super::cast_scaled_bf16`; every tensor is contiguous f32 on `dev`.
-    pub(super) fn cast_scaled_bf16(dev: &CudaDevice, xs: &[(&Tensor, f64)]) -> Result<Vec<Tensor>> {
-        // each result starts on a 64-element (128-byte) boundary of the one buffer
+    /// See `super::cast_scaled_bf16`; every source is contiguous f32 on `dev`, every `into` a
+    /// bf16 matrix of its source's shape with contiguous rows.
+    pub(super) fn cast_scaled_bf16(dev: &CudaDevice, xs: &[(&Tensor, f64, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
+        // each result not written elsewhere starts on a 64-element (128-byte) boundary of the
+        // one buffer
         let mut starts = Vec::with_capacity(xs.len());
         let mut total = 0;
-        for (x, _) in xs {
+        for (x, _, into) in xs {
             starts.push(total);
-            total += x.elem_count().div_ceil(64) * 64;
+            if into.is_none() {
+                total += x.elem_count().div_ceil(64) * 64;
+            }
         }
         let n = xs.len();
         if n > 65_535 {
@@ -284,17 +299,33 @@ mod cuda {
         // never read
         let mut out = unsafe { dev.alloc::<half::bf16>(total.max(1))? };
         let (base, out_write) = out.device_ptr_mut(&stream);
-        let locks: Vec<_> = xs.iter().map(|(x, _)| x.storage_and_layout()).collect();
-        let mut table = Vec::with_capacity(4 * n);
+        let locks: Vec<_> = xs.iter().map(|(x, _, _)| x.storage_and_layout()).collect();
+        // the destinations' addresses, each taken under a read lock let go before the launch
+        // (the kernel writes only the given blocks, which nothing else reads meanwhile: every op
+        // runs on the one stream, in order)
+        let mut dests = Vec::with_capacity(n);
+        for ((x, _, into), start) in xs.iter().zip(&starts) {
+            let n = x.elem_count() as u64;
+            dests.push(match into {
+                Some(into) => {
+                    let (g, l) = into.storage_and_layout();
+                    let Storage::Cuda(cs) = &*g else { candle_core::bail!("factor casts: a destination is not on the cuda device") };
+                    let (p, _read) = cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream);
+                    (p + 2 * l.start_offset() as u64, into.dim(1)? as u64, l.stride()[0] as u64)
+                }
+                None => (base + 2 * *start as u64, n, n),
+            });
+        }
+        let mut table = Vec::with_capacity(6 * n);
         let mut reads = Vec::with_capacity(n);
         let mut longest = 1;
-        for (((x, scale), (g, l)), start) in xs.iter().zip(&locks).zip(&starts) {
+        for (((x, scale, _), (g, l)), (dst, cols, ld)) in xs.iter().zip(&locks).zip(&dests) {
             let Storage::Cuda(cs) = &**g else { candle_core::bail!("factor casts: a tensor is not on the cuda device") };
             let (p, read) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
             reads.push(read);
             // the scale as the bf16 scaling would round it
             let scale = half::bf16::from_f64(*scale).to_f32();
-            table.extend_from_slice(&[p + 4 * l.start_offset() as u64, base + 2 * *start as u64, x.elem_count() as u64, scale.to_bits() as u64]);
+            table.extend_from_slice(&[p + 4 * l.start_offset() as u64, *dst, x.elem_count() as u64, scale.to_bits() as u64, (*cols).max(1), *ld]);
             longest = longest.max(x.elem_count());
         }
         let table = stream.clone_htod(&table).w()?;
@@ -308,7 +339,13 @@ mod cuda {
         drop(b);
         drop((reads, out_write));
         let flat = Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())), total.max(1), BackpropOp::none(), false);
-        xs.iter().zip(starts).map(|((x, _), start)| flat.narrow(0, start, x.elem_count())?.reshape(x.shape())).collect()
+        xs.iter()
+            .zip(starts)
+            .map(|((x, _, into), start)| match into {
+                Some(into) => Ok((*into).clone()),
+                None => flat.narrow(0, start, x.elem_count())?.reshape(x.shape()),
+            })
+            .collect()
     }
 }
 
@@ -353,12 +390,31 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             Ok((x, *s))
         })
         .collect::<Result<_>>()?;
-    let refs: Vec<(&Tensor, f64)> = on_dev.iter().map(|(x, s)| (x, *s)).collect();
+    let refs: Vec<(&Tensor, f64, Option<&Tensor>)> = on_dev.iter().map(|(x, s)| (x, *s, None)).collect();
     if let Some(got) = cast_scaled_bf16(&refs)? {
         for ((x, scale), got) in xs.iter().zip(got) {
             let want = (x.to_dtype(DType::BF16)? * *scale)?;
             out.push(KernelCheck::relative("factor-casts", "BF16".into(), (0, 0), &want, &got, 0.0)?);
         }
+    }
+    // the second written into columns 600.. of a wider matrix's rows 5.., the first and third
+    // into new memory: the block bit for bit, the rest of the matrix as it was
+    let wide = Tensor::randn(0f32, 1.0, (600, 640), &cpu)?.to_dtype(DType::BF16)?;
+    let wide_dev = wide.to_device(device)?;
+    let block = wide_dev.narrow(0, 5, 576)?.narrow(1, 600, 16)?;
+    let refs: Vec<(&Tensor, f64, Option<&Tensor>)> = on_dev.iter().enumerate().map(|(i, (x, s))| (x, *s, (i == 1).then_some(&block))).collect();
+    if let Some(got) = cast_scaled_bf16(&refs)? {
+        for ((x, scale), got) in xs.iter().zip(got) {
+            let want = (x.to_dtype(DType::BF16)? * *scale)?;
+            out.push(KernelCheck::relative("factor-casts into a wider matrix", "BF16".into(), (0, 0), &want, &got, 0.0)?);
+        }
+        let mut rest = wide_dev.to_device(&cpu)?;
+        let mut want_rest = wide.clone();
+        for t in [&mut rest, &mut want_rest] {
+            // the block zeroed on both sides: everything else must be untouched
+            *t = t.slice_assign(&[5..581, 600..616], &Tensor::zeros((576, 16), DType::BF16, &cpu)?)?;
+        }
+        out.push(KernelCheck::relative("factor-casts into a wider matrix, the rest", "BF16".into(), (0, 0), &want_rest, &rest, 0.0)?);
     }
     Ok(out)
 }

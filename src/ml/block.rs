@@ -595,10 +595,10 @@ impl Layer {
         let wide = rms_norm_forward_wide(&x2, &self.blk.attn_norm, self.eps(), width)?;
         let h = wide.narrow(1, 0, n_in)?;
         let hs = lora_group::down_into(&h, &members, prob, &wide.narrow(1, n_in, width - n_in)?)?;
-        let blocks: Vec<(usize, usize, &Tensor)> = group
+        let blocks: Vec<(Proj, usize, usize, &CastFactors)> = group
             .iter()
             .enumerate()
-            .map(|(i, m)| (self.qkv_columns(m.proj).0, n_in + i * r, &m.cast.bs))
+            .map(|(i, m)| (m.proj, self.qkv_columns(m.proj).0, n_in + i * r, m.cast))
             .collect();
         let ww = cache.weight(self.li, WIDE_QKV, w, width, &blocks)?;
         let y = gemm::product(&wide, &ww.t()?, 1.0, x.dtype())?;
@@ -643,7 +643,7 @@ impl Layer {
         let wide = wide.reshape((rows, (heads + extra) * hd))?;
         let y = wide.narrow(1, 0, n_in)?;
         let hs = lora_group::down_into(&y, &members, prob, &wide.narrow(1, n_in, r)?)?;
-        let ww = cache.weight(self.li, WIDE_O, w, width, &[(0, n_in, &group[0].cast.bs)])?;
+        let ww = cache.weight(self.li, WIDE_O, w, width, &[(Proj::O, 0, n_in, group[0].cast)])?;
         let mid = gemm::product_plus(&x.reshape((rows, hidden))?, &wide.narrow(1, 0, width)?, &ww.t()?)?.reshape(x.shape())?;
         if let Some(kept) = lora_h {
             for (m, hm) in group.iter().zip(hs) {
@@ -967,7 +967,7 @@ const FETCH_AHEAD: usize = 2;
 pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &LoraCtx, grads: &BlockGrads, inp: &Arc<BlockInputs>) -> Result<Tensor> {
     let mut pending = Vec::with_capacity(blocks.len());
     let mut h = x.detach();
-    grads.cast_ahead(lora, h.dtype())?;
+    grads.cast_ahead(lora, h.dtype(), ctx.widened.as_ref())?;
     for (li, blk) in blocks.iter().enumerate() {
         let _span = tracing::trace_span!("block", layer = li).entered();
         let mut layer = Layer::new(blk, li, lora, ctx.dropout, inp, Some((h.dtype(), grads)), li + 1 == blocks.len())?;
@@ -1098,13 +1098,25 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<super::KernelChe
     let widened = Widened::default();
     let want = run_with(&apart, None)?;
     let (got, got_wide) = (run_with(&fused, None)?, run_with(&fused, Some(&widened))?);
+    // a second step: each B now cast straight into its block of the widened weights, which are
+    // zeroed first (a cast that missed its block would leave zeros there)
+    let zeroed = lora.factors().map(|((layer, p), (_, b))| widened.zero_block(*layer, *p, b.dims())).collect::<Result<Vec<bool>>>()?;
+    if zeroed.iter().filter(|z| **z).count() != 4 * (cfg.num_layers - 1) {
+        candle_core::bail!("fused q/k/v block check: {:?} blocks of the widened weights", zeroed);
+    }
+    let got_cast_into = run_with(&fused, Some(&widened))?;
     // q/k/v's and o's weights of every block but the last, which computes only the rows the
     // classifier reads (`forward_last`)
     if widened.len() != 2 * (cfg.num_layers - 1) {
         candle_core::bail!("fused q/k/v block check: {} weights widened, not q/k/v's and o's of {} blocks", widened.len(), cfg.num_layers - 1);
     }
     let mut checks = Vec::new();
-    for (names, got) in [(["fused q/k/v block logits", "fused q/k/v block factor gradient"], got), (["widened q/k/v block logits", "widened q/k/v block factor gradient"], got_wide)] {
+    let cases = [
+        (["fused q/k/v block logits", "fused q/k/v block factor gradient"], got),
+        (["widened q/k/v block logits", "widened q/k/v block factor gradient"], got_wide),
+        (["widened block, factors cast into it, logits", "widened block, factors cast into it, factor gradient"], got_cast_into),
+    ];
+    for (names, got) in cases {
         for (i, (w, g)) in want.iter().zip(&got).enumerate() {
             let kernel = names[usize::from(i > 0)];
             let what = if i == 0 { "logits".to_string() } else { vars[i - 1].0.clone() };

@@ -142,13 +142,18 @@ impl LoraCtx {
 #[derive(Debug, Clone, Default)]
 pub struct Widened {
     weights: Arc<Mutex<HashMap<(usize, u8), Tensor>>>,
+    /// Where each adapted linear's `scale · B` lies, by layer and linear: its group's weight,
+    /// first row and first column (`block`).
+    blocks: Arc<Mutex<HashMap<(usize, Proj), (u8, usize, usize)>>>,
 }
 
 impl Widened {
     /// Layer `layer`'s weight of group `group` widened to `width` columns: `base` `[out, in]`
-    /// (contiguous) first, copied the first time; then each `(row, column, bs)` of `blocks`
-    /// written at that row and column (`bs` `[out_m, r]` contiguous, of `base`'s dtype).
-    pub(super) fn weight(&self, layer: usize, group: u8, base: &Tensor, width: usize, blocks: &[(usize, usize, &Tensor)]) -> candle_core::Result<Tensor> {
+    /// (contiguous) first, copied the first time; then each `(linear, row, column, factors)` of
+    /// `blocks` recorded there (`block`) and its `scale · B` (`[out_m, r]`, of `base`'s dtype)
+    /// written at that row and column, unless the step's cast wrote it there already
+    /// (`CastFactors::in_widened`).
+    pub(super) fn weight(&self, layer: usize, group: u8, base: &Tensor, width: usize, blocks: &[(Proj, usize, usize, &CastFactors)]) -> candle_core::Result<Tensor> {
         let w = {
             let mut map = self.weights.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?;
             let out = base.dim(0)?;
@@ -162,10 +167,42 @@ impl Widened {
                 }
             }
         };
-        for &(row, col, bs) in blocks {
-            w.narrow(0, row, bs.dim(0)?)?.slice_set(&bs.contiguous()?, 1, col)?;
+        let mut at = self.blocks.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?;
+        for &(proj, row, col, c) in blocks {
+            at.insert((layer, proj), (group, row, col));
+            if !c.in_widened {
+                w.narrow(0, row, c.bs.dim(0)?)?.slice_set(&c.bs.contiguous()?, 1, col)?;
+            }
         }
         Ok(w)
+    }
+
+    /// Linear `proj`'s block of layer `layer`'s widened weight, `dims` `[out, r]`, as a view
+    /// that a step's cast of `scale · B` writes into (`BlockGrads::cast_ahead`); `None` before
+    /// the weight is made, or where the block does not have those dims.
+    pub(super) fn block(&self, layer: usize, proj: Proj, dims: &[usize]) -> candle_core::Result<Option<Tensor>> {
+        let Some(&(group, row, col)) = self.blocks.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?.get(&(layer, proj)) else { return Ok(None) };
+        let Some(w) = self.weights.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?.get(&(layer, group)).cloned() else { return Ok(None) };
+        let &[out, r] = dims else { return Ok(None) };
+        let (rows, width) = w.dims2()?;
+        if row + out > rows || col + r > width {
+            return Ok(None);
+        }
+        Ok(Some(w.narrow(0, row, out)?.narrow(1, col, r)?))
+    }
+
+    /// Zeros linear `proj`'s block of layer `layer`'s widened weight (`block`); whether there is
+    /// such a block.
+    pub(super) fn zero_block(&self, layer: usize, proj: Proj, dims: &[usize]) -> candle_core::Result<bool> {
+        let Some(block) = self.block(layer, proj, dims)? else { return Ok(false) };
+        let (rows, col) = {
+            let at = self.blocks.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?;
+            let &(group, row, col) = at.get(&(layer, proj)).ok_or_else(|| candle_core::Error::Msg("widened block gone".into()))?;
+            let w = self.weights.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?.get(&(layer, group)).cloned();
+            (w.ok_or_else(|| candle_core::Error::Msg("widened weight gone".into()))?.narrow(0, row, dims[0])?, col)
+        };
+        rows.slice_set(&block.zeros_like()?, 1, col)?;
+        Ok(true)
     }
 
     /// Whether no weight has been widened yet.
@@ -207,17 +244,19 @@ impl BlockGrads {
     /// forward, as `LoraParts::cast` would, where one launch does them all
     /// (`adamw::cast_scaled_bf16`: bf16 activations on CUDA); `cast` then finds them. Cast one
     /// by one, the small factors cost three launches per adapted linear, some 1 % of the
-    /// 135M shape's step on a GPU.
-    pub(super) fn cast_ahead(&self, lora: &Lora, dtype: DType) -> candle_core::Result<()> {
+    /// 135M shape's step on a GPU. A `scale · B` whose block the run's `widened` weights hold
+    /// (made by an earlier forward) is written straight there, not copied in by each forward.
+    pub(super) fn cast_ahead(&self, lora: &Lora, dtype: DType, widened: Option<&Widened>) -> candle_core::Result<()> {
         if dtype != DType::BF16 || lora.prepared {
             return Ok(());
         }
         let mut map = self.casts.lock().map_err(|_| candle_core::Error::Msg("cast factors poisoned".into()))?;
-        let todo: Vec<(&Tensor, &Tensor)> = lora.factors.values().filter(|(a, b)| !map.contains_key(&(a.id(), b.id()))).map(|(a, b)| (a, b)).collect();
-        let xs: Vec<(&Tensor, f64)> = todo.iter().flat_map(|&(a, b)| [(a, 1.0), (b, lora.scale)]).collect();
+        let todo: Vec<(&(usize, Proj), &Tensor, &Tensor)> = lora.factors.iter().filter(|(_, (a, b))| !map.contains_key(&(a.id(), b.id()))).map(|(k, (a, b))| (k, a, b)).collect();
+        let blocks = todo.iter().map(|&(&(layer, p), _, b)| widened.map_or(Ok(None), |w| w.block(layer, p, b.dims()))).collect::<candle_core::Result<Vec<_>>>()?;
+        let xs: Vec<(&Tensor, f64, Option<&Tensor>)> = todo.iter().zip(&blocks).flat_map(|(&(_, a, b), into)| [(a, 1.0, None), (b, lora.scale, into.as_ref())]).collect();
         let Some(cast) = super::adamw::cast_scaled_bf16(&xs)? else { return Ok(()) };
-        for ((a, b), pair) in todo.into_iter().zip(cast.chunks_exact(2)) {
-            map.insert((a.id(), b.id()), CastFactors { a: pair[0].clone(), bs: pair[1].clone() });
+        for ((_, a, b), (pair, into)) in todo.into_iter().zip(cast.chunks_exact(2).zip(&blocks)) {
+            map.insert((a.id(), b.id()), CastFactors { a: pair[0].clone(), bs: pair[1].clone(), in_widened: into.is_some() });
         }
         Ok(())
     }
@@ -491,7 +530,7 @@ mod tests {
         let calls = std::cell::Cell::new(0);
         let cast = |scale: f64| {
             calls.set(calls.get() + 1);
-            Ok(CastFactors { a: a.to_dtype(DType::BF16)?, bs: (b.to_dtype(DType::BF16)? * scale)? })
+            Ok(CastFactors { a: a.to_dtype(DType::BF16)?, bs: (b.to_dtype(DType::BF16)? * scale)?, in_widened: false })
         };
         let first = step.cast(&a, &b, || cast(2.0)).unwrap();
         // the step's later micro-batches get the first cast, not a new one

@@ -407,7 +407,7 @@ impl LoraParts {
     /// casts them once per block and its backward reuses them.
     pub fn cast(&self, a: &Tensor, b: &Tensor, dtype: DType) -> Result<CastFactors> {
         // the scale goes on the small B factor, not on the [tokens, out] product
-        Ok(CastFactors { a: a.to_dtype(dtype)?, bs: (b.to_dtype(dtype)? * self.scale)? })
+        Ok(CastFactors { a: a.to_dtype(dtype)?, bs: (b.to_dtype(dtype)? * self.scale)?, in_widened: false })
     }
 
     /// `x W^T + scale · dropout(x) A^T B^T`, outside any graph, from the factors as stored (or
@@ -475,7 +475,7 @@ impl LoraParts {
             Some(h) => h.reshape((rows, ad.dim(0)?))?,
             None => xd.matmul(&ad.t()?)?, // [rows, r]
         };
-        let gh = g2.matmul(bs)?; // [rows, r]
+        let gh = super::gemm::product(&g2, bs, 1.0, dtype)?; // [rows, r]
         // dA = gh^T dropout(x), dB = scale g^T h
         grads.add_product(keys.0, &gh.t()?, &xd, 1.0)?;
         grads.add_product(keys.1, &g2.t()?, &h, self.scale)?;
@@ -496,11 +496,13 @@ impl LoraParts {
 }
 
 /// One adapted linear's factors in the activations' dtype (`LoraParts::cast`): A `[r, in]` and
-/// `scale · B` `[out, r]`.
+/// `scale · B` `[out, r]`, which `in_widened` is a view of a widened weight's block
+/// (`lora::Widened::block`; its rows lie that weight's width apart).
 #[derive(Clone, Debug)]
 pub struct CastFactors {
     pub a: Tensor,
     pub bs: Tensor,
+    pub in_widened: bool,
 }
 
 struct LoraLinear {
