@@ -3,8 +3,10 @@
 //   g = c g,  m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,
 //   p = p (1 - lr wd) - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
 // where c = max_norm / (norm + 1e-6) when the norm of all gradients exceeds max_norm (> 0), else
-// 1. The variables come as a table of segments, four u64 each: the variable, its gradient, its
-// state [m; v] (2n floats) and n. Block row y of the grid walks segment y.
+// 1. The variables come as a table of segments, six u64 each: the variable, its gradient, its
+// state [m; v] (2n floats), n, and the gradient's row length and row stride (both n for a
+// contiguous one; a gradient may be a block of a wider matrix, its rows that far apart). Block
+// row y of the grid walks segment y.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -13,12 +15,15 @@ struct Segment {
     float* p;
     const float* g;
     float* state;
-    uint64_t n;
+    uint64_t n, cols, ld;
+
+    // element i of the gradient
+    __device__ __forceinline__ float grad(uint64_t i) const { return cols == n ? g[i] : g[(i / cols) * ld + i % cols]; }
 };
 
 __device__ __forceinline__ Segment segment(const uint64_t* table, unsigned y) {
-    const uint64_t* s = table + 4 * (size_t)y;
-    return Segment{reinterpret_cast<float*>(s[0]), reinterpret_cast<const float*>(s[1]), reinterpret_cast<float*>(s[2]), s[3]};
+    const uint64_t* s = table + 6 * (size_t)y;
+    return Segment{reinterpret_cast<float*>(s[0]), reinterpret_cast<const float*>(s[1]), reinterpret_cast<float*>(s[2]), s[3], s[4], s[5]};
 }
 
 // partial[y * gridDim.x + x] = the sum of g^2 over block (x, y)'s elements of segment y
@@ -28,7 +33,8 @@ extern "C" __global__ void grad_sq_partials(const uint64_t* table, float* partia
     const Segment s = segment(table, blockIdx.y);
     float acc = 0.0f;
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < s.n; i += (uint64_t)blockDim.x * gridDim.x) {
-        acc += s.g[i] * s.g[i];
+        const float g = s.grad(i);
+        acc += g * g;
     }
     red[threadIdx.x] = acc;
     __syncthreads();
@@ -64,7 +70,7 @@ extern "C" __global__ void adamw_step(const uint64_t* table, const float* sum_sq
         if (norm > max_norm) c = max_norm / (norm + 1e-6f);
     }
     for (uint64_t i = blockIdx.x * (uint64_t)blockDim.x + threadIdx.x; i < s.n; i += (uint64_t)blockDim.x * gridDim.x) {
-        const float g = s.g[i] * c;
+        const float g = s.grad(i) * c;
         const float m = b1 * s.state[i] + (1.0f - b1) * g;
         const float v = b2 * s.state[s.n + i] + (1.0f - b2) * g * g;
         s.state[i] = m;

@@ -47,11 +47,16 @@ impl AdamW {
             .iter()
             .zip(&self.vars)
             .map(|(g, (_, var))| {
-                let g = g.to_dtype(DType::F32)?.flatten_all()?.contiguous()?;
+                let g = g.to_dtype(DType::F32)?;
                 if g.elem_count() != var.elem_count() {
                     candle_core::bail!("AdamW: gradient of {:?} for a variable of {:?}", g.shape(), var.shape());
                 }
-                Ok(g)
+                // on CUDA the step reads a gradient whose rows lie apart (a block of a wider
+                // matrix) where it is; elsewhere, and any other layout, contiguous
+                if g.device().is_cuda() && (g.is_contiguous() || cuda_rows(&g).is_some()) {
+                    return Ok(g);
+                }
+                g.flatten_all()?.contiguous()
             })
             .collect::<Result<Vec<_>>>()?;
         self.t += 1;
@@ -178,6 +183,14 @@ impl InplaceOp2 for Update {
     }
 }
 
+/// A 2-D f32 `t`'s row length and row stride where its rows are each contiguous, lie evenly
+/// apart and do not overlap (the adamw kernels' strided gradients).
+fn cuda_rows(t: &Tensor) -> Option<(usize, usize)> {
+    let (rows, cols) = t.dims2().ok()?;
+    let st = t.stride();
+    (t.dtype() == DType::F32 && (st[1] == 1 || cols <= 1) && (st[0] >= cols || rows <= 1)).then_some((cols, if rows <= 1 { cols } else { st[0] }))
+}
+
 /// `bf16(bf16(x) · scale)` of each `(x, scale, into)`, f32 tensors on one CUDA device, in one
 /// launch (`factor_casts`): the trained factors in the activations' dtype for a step's forwards,
 /// the same values as a cast then a scaling in bf16, which took two launches per factor. Each
@@ -221,32 +234,44 @@ mod cuda {
     const KERNELS: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
 
     /// The step of every variable in one launch (two more sum the gradients' squares when
-    /// clipping). Variables, gradients and moments are contiguous f32 on `dev`.
+    /// clipping). Variables and moments are contiguous f32 on `dev`, gradients contiguous or
+    /// with rows apart (`super::cuda_rows`).
     pub(super) fn step(dev: &CudaDevice, vars: &[(String, Var)], state: &[Tensor], grads: &[Tensor], m: &Moments, u: &Update, max_norm: f32) -> Result<()> {
         let stream = dev.cuda_stream();
         let tensors: Vec<&Tensor> = vars.iter().map(|(_, v)| v.as_tensor()).chain(grads).chain(state).collect();
         let locks: Vec<_> = tensors.iter().map(|t| t.storage_and_layout()).collect();
+        // each gradient's row length and stride
+        let rows: Vec<(u64, u64)> = grads
+            .iter()
+            .map(|g| match (g.is_contiguous(), super::cuda_rows(g)) {
+                (true, _) => Ok((g.elem_count() as u64, g.elem_count() as u64)),
+                (false, Some((cols, ld))) => Ok((cols as u64, ld as u64)),
+                (false, None) => Err(candle_core::Error::Msg(format!("adamw: a gradient {:?} neither contiguous nor in rows", g.layout()))),
+            })
+            .collect::<Result<_>>()?;
+        let n = vars.len();
         // the address of each tensor's first element; the kernels write the variables and the
         // moments through theirs (every op runs on the one stream, in order)
         let mut addr = Vec::with_capacity(tensors.len());
         let mut reads = Vec::with_capacity(tensors.len());
-        for (t, (g, l)) in tensors.iter().zip(&locks) {
+        for (i, (t, (g, l))) in tensors.iter().zip(&locks).enumerate() {
             let Storage::Cuda(cs) = &**g else { candle_core::bail!("adamw: a tensor is not on the cuda device") };
-            if !l.is_contiguous() {
+            let is_grad = (n..2 * n).contains(&i);
+            if !l.is_contiguous() && !is_grad {
                 candle_core::bail!("adamw: {:?} is not contiguous", t.shape());
             }
             let (p, read) = cs.as_cuda_slice::<f32>()?.device_ptr(&stream);
             addr.push(p + 4 * l.start_offset() as u64);
             reads.push(read);
         }
-        let n = vars.len();
         if n > 65_535 {
             candle_core::bail!("adamw: {n} variables, more than a grid has rows");
         }
-        let mut table = Vec::with_capacity(4 * n);
+        let mut table = Vec::with_capacity(6 * n);
         let mut longest = 1;
         for (i, (_, v)) in vars.iter().enumerate() {
-            table.extend_from_slice(&[addr[i], addr[n + i], addr[2 * n + i], v.elem_count() as u64]);
+            let (cols, ld) = rows[i];
+            table.extend_from_slice(&[addr[i], addr[n + i], addr[2 * n + i], v.elem_count() as u64, cols.max(1), ld]);
             longest = longest.max(v.elem_count());
         }
         let table = stream.clone_htod(&table).w()?;
@@ -358,12 +383,25 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let init: Vec<Tensor> = shapes.iter().map(|&s| Tensor::randn(0f32, 1.0, s, &cpu)).collect::<Result<_>>()?;
     let grads: Vec<Vec<Tensor>> =
         (0..3).map(|_| shapes.iter().map(|&s| Tensor::randn(0f32, 1.0, s, &cpu)).collect::<Result<_>>()).collect::<Result<_>>()?;
-    let run = |dev: &Device, max_norm: f64| -> Result<Tensor> {
+    // with `in_rows`, the second gradient on the device is a block of a wider matrix, its rows
+    // 20 elements apart (as q, k and v's B gradients come from one GEMM)
+    let run = |dev: &Device, max_norm: f64, in_rows: bool| -> Result<Tensor> {
         let vars: Vec<(String, Var)> =
             init.iter().enumerate().map(|(i, t)| Ok((format!("w{i}"), Var::from_tensor(&t.to_device(dev)?)?))).collect::<Result<_>>()?;
         let mut opt = AdamW::new(vars.clone(), 0.01)?;
         for g in &grads {
-            let g: Vec<Tensor> = g.iter().map(|g| g.to_device(dev)).collect::<Result<_>>()?;
+            let g: Vec<Tensor> = g
+                .iter()
+                .enumerate()
+                .map(|(i, g)| {
+                    if in_rows && i == 1 {
+                        let (r, c) = g.dims2()?;
+                        Tensor::cat(&[&Tensor::ones((r, 3), DType::F32, &cpu)?, g, &Tensor::ones((r, 20 - 3 - c), DType::F32, &cpu)?], 1)?.to_device(dev)?.narrow(1, 3, c)
+                    } else {
+                        g.to_device(dev)
+                    }
+                })
+                .collect::<Result<_>>()?;
             opt.step(&g, 1e-2, max_norm)?;
         }
         let flat: Vec<Tensor> = vars.iter().map(|(_, v)| v.as_tensor().flatten_all()?.to_device(&cpu)).collect::<Result<_>>()?;
@@ -371,8 +409,8 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     };
     let mut out = Vec::new();
     // the gradients' norm is about sqrt(37 * 300 + 16 * 9) = 106: clipped to 10
-    for (kernel, max_norm) in [("adamw", 0.0), ("adamw-clipped", 10.0)] {
-        let (want, got) = (run(&cpu, max_norm)?, run(device, max_norm)?);
+    for (kernel, max_norm, in_rows) in [("adamw", 0.0, false), ("adamw-clipped", 10.0, false), ("adamw, a gradient in rows of a wider matrix", 0.0, true), ("adamw-clipped, a gradient in rows of a wider matrix", 10.0, true)] {
+        let (want, got) = (run(&cpu, max_norm, false)?, run(device, max_norm, in_rows)?);
         out.push(KernelCheck::relative(kernel, "F32".into(), (0, 0), &want, &got, 1e-6)?);
     }
     // the factors' casts against candle's cast and bf16 scaling on the CPU, bit for bit: scales

@@ -152,6 +152,9 @@ struct Layer {
     keep_norm: bool,
     /// A training run's widened weights (`LoraCtx::widened`).
     widened: Option<Widened>,
+    /// Whether the backward computes the gradient of the block's input: not for the first
+    /// block where nothing reads it (`trained_blocks`).
+    input_grad: bool,
 }
 
 impl Layer {
@@ -167,7 +170,7 @@ impl Layer {
                 }
             }
         }
-        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some(), chunk_mlp: false, keep_norm: false, widened: None })
+        Ok(Layer { blk: blk.clone(), li, lora, cast, dropout, inp: inp.clone(), pruned: last && inp.last.is_some(), chunk_mlp: false, keep_norm: false, widened: None, input_grad: true })
     }
 
     fn eps(&self) -> f32 {
@@ -271,9 +274,21 @@ impl Layer {
     /// widened weight (`Packed::widened`), the adapters' B gradients and `gh` are one GEMM each
     /// over the packed gradient.
     fn linears_backward(&self, outs: &[(Proj, &Tensor)], x: impl Fn() -> Result<Tensor>, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>, fused: Option<Packed>) -> Result<Tensor> {
+        self.linears_backward_to(outs, x, grads, lora_h, fused, true)?.ok_or_else(|| candle_core::Error::Msg("linears backward: no input gradient".into()))
+    }
+
+    /// `linears_backward`, the input gradient left out (`None`) unless `needs_dx`: the factors'
+    /// gradients alone.
+    fn linears_backward_to(&self, outs: &[(Proj, &Tensor)], x: impl Fn() -> Result<Tensor>, grads: &BlockGrads, lora_h: &BTreeMap<Proj, Tensor>, fused: Option<Packed>, needs_dx: bool) -> Result<Option<Tensor>> {
         let missing = |what: &str| candle_core::Error::Msg(format!("linears backward: {what}"));
         let projs: Vec<Proj> = outs.iter().map(|(p, _)| *p).collect();
         let Some(group) = self.group(&projs, Some(lora_h)) else {
+            if !needs_dx {
+                for (p, g) in outs {
+                    self.linear_backward(*p, &x, g, grads, None, lora_h, false)?;
+                }
+                return Ok(None);
+            }
             if let Some(Packed { weight: w, grad: g, .. }) = fused.filter(|_| !self.adapted(&projs)) {
                 let dx = w.input_grad(g, g.dtype())?;
                 let first = outs.first().map(|(_, g)| *g).ok_or_else(|| missing("no linear"))?;
@@ -281,13 +296,13 @@ impl Layer {
                 if let Some(last) = shape.last_mut() {
                     *last = w.in_features();
                 }
-                return dx.reshape(shape);
+                return dx.reshape(shape).map(Some);
             }
             let mut acc = None;
             for (p, g) in outs {
-                acc = Some(self.linear_backward(*p, &x, g, grads, acc.take(), lora_h)?);
+                acc = self.linear_backward(*p, &x, g, grads, acc.take(), lora_h, true)?;
             }
-            return acc.ok_or_else(|| missing("no linear"));
+            return acc.ok_or_else(|| missing("no linear")).map(Some);
         };
         // the A gradients first, while the recomputed input is the only full-size tensor made
         // here: then the frozen weights' input gradients, summed by their GEMMs
@@ -330,6 +345,9 @@ impl Layer {
                 grads.add(m.a, &da)?;
             }
         }
+        if !needs_dx {
+            return Ok(None);
+        }
         // on the kernels' path the adapters' masked input gradients are written first and the
         // frozen weights' GEMMs accumulate onto them (the sum read in their epilogues, not by a
         // pass of its own); elsewhere the GEMMs' sum first, the adapters' added to it
@@ -360,26 +378,32 @@ impl Layer {
         }
         let dx = dx.reshape((rows, n_in))?;
         let dx = if adapters_written { dx } else { lora_group::add_dx(dx, &members, &ght, prob)? };
-        dx.reshape(shape)
+        dx.reshape(shape).map(Some)
     }
 
     /// The input gradient of linear `p` for the output gradient `grad`, added to `acc` when
     /// given (the gradients of linears that share an input are summed by the GEMMs themselves);
     /// the LoRA factors' gradients go to `grads`. The linear's input `x` is only computed when
     /// the linear has an adapter (the frozen weight's input gradient does not read it).
-    fn linear_backward(&self, p: Proj, x: impl FnOnce() -> Result<Tensor>, grad: &Tensor, grads: &BlockGrads, acc: Option<Tensor>, lora_h: &BTreeMap<Proj, Tensor>) -> Result<Tensor> {
+    /// Without `needs_dx`, only the factors' gradients (`None`).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(&self, p: Proj, x: impl FnOnce() -> Result<Tensor>, grad: &Tensor, grads: &BlockGrads, acc: Option<Tensor>, lora_h: &BTreeMap<Proj, Tensor>, needs_dx: bool) -> Result<Option<Tensor>> {
         let base = &self.blk.proj[p as usize];
         match self.lora.parts(base, self.li, p, self.dropout) {
             Some((parts, a, b)) => {
                 // `new` cast every adapted linear's factors for a training block
                 let c = self.cast.get(&p).ok_or_else(|| candle_core::Error::Msg("lora backward: factors not cast".into()))?;
                 // the gradients are keyed by the factors' ids
-                let dx = parts.backward(&x()?, lora_h.get(&p), c, (a, b), grad, true, acc, grads)?;
-                dx.ok_or_else(|| candle_core::Error::Msg("lora backward skipped the input gradient".into()))
+                let dx = parts.backward(&x()?, lora_h.get(&p), c, (a, b), grad, needs_dx, acc, grads)?;
+                if needs_dx && dx.is_none() {
+                    candle_core::bail!("lora backward skipped the input gradient");
+                }
+                Ok(dx)
             }
+            None if !needs_dx => Ok(None),
             None => match acc {
-                Some(acc) => base.input_grad_into(acc, grad),
-                None => base.input_grad(grad, grad.dtype()),
+                Some(acc) => base.input_grad_into(acc, grad).map(Some),
+                None => base.input_grad(grad, grad.dtype()).map(Some),
             },
         }
     }
@@ -742,10 +766,12 @@ impl Layer {
         1.0 / (self.inp.cfg.head_dim as f64).sqrt()
     }
 
-    fn backward(&self, x: &Tensor, kept: Kept, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+    /// The gradient of the block's input (`None` where `input_grad` is off), the factors'
+    /// gradients left in `grads`.
+    fn backward(&self, x: &Tensor, kept: Kept, grad: &Tensor, grads: &BlockGrads) -> Result<Option<Tensor>> {
         match kept {
             Kept::Whole(saved) => self.backward_whole(x, saved, grad, grads),
-            Kept::Last(saved) => self.backward_last(x, saved, grad, grads),
+            Kept::Last(saved) => self.backward_last(x, saved, grad, grads).map(Some),
         }
     }
 
@@ -811,7 +837,7 @@ impl Layer {
         rms_norm_backward_add(mid, &d_h, &self.blk.ffn_norm, self.eps(), Some(grad))
     }
 
-    fn backward_whole(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Tensor> {
+    fn backward_whole(&self, x: &Tensor, saved: Saved, grad: &Tensor, grads: &BlockGrads) -> Result<Option<Tensor>> {
         let cfg = &self.inp.cfg;
         let eps = self.eps();
         let Saved { q, k, v, y, o, lse, mid, mlp, lora_h, norm, qkv_products } = saved;
@@ -872,10 +898,11 @@ impl Layer {
         let normed = || h.clone().ok_or_else(|| candle_core::Error::Msg("attention norm not recomputed".into()));
         let products = qkv_products.as_ref().map(|(h, w)| (h, w));
         let fused = self.blk.qkv.as_ref().zip(packed.as_ref()).map(|(w, g)| Packed { weight: w, grad: g, widened: products });
-        let d_h = self.linears_backward(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h, fused)?;
+        let d_h = self.linears_backward_to(&[(Proj::Q, &dq), (Proj::K, &dk), (Proj::V, &dv)], normed, grads, &lora_h, fused, self.input_grad)?;
         drop((h, dq, dk, dv, packed, qkv_products));
+        let Some(d_h) = d_h else { return Ok(None) };
         let d_h = d_h.reshape(x.shape())?;
-        rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid))
+        rms_norm_backward_add(x, &d_h, &self.blk.attn_norm, eps, Some(&d_mid)).map(Some)
     }
 }
 
@@ -964,7 +991,12 @@ const FETCH_AHEAD: usize = 2;
 /// first block's input gradient. One node rather than one per block: candle gives each node's
 /// input a fresh zero gradient and adds the node's result to it, a full-size pass per block.
 /// Dropout masks are pure functions of their seeds, so a recomputed forward draws the same ones.
-pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &LoraCtx, grads: &BlockGrads, inp: &Arc<BlockInputs>) -> Result<Tensor> {
+/// Without `input_grad` (nothing reads the gradient of `x`, tracked only for the node to be
+/// recorded: frozen embeddings) the first block's backward stops at its factors' gradients:
+/// q, k and v's input gradient, the attention norm's backward and the sum into `x`'s gradient
+/// are left out.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &LoraCtx, grads: &BlockGrads, inp: &Arc<BlockInputs>, input_grad: bool) -> Result<Tensor> {
     let mut pending = Vec::with_capacity(blocks.len());
     let mut h = x.detach();
     grads.cast_ahead(lora, h.dtype(), ctx.widened.as_ref())?;
@@ -975,6 +1007,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
         layer.chunk_mlp = li + 1 + usize::from(inp.last.is_some()) == blocks.len();
         layer.keep_norm = ctx.keep_norms;
         layer.widened = ctx.widened.clone();
+        layer.input_grad = input_grad || li > 0;
         let mlp_only = li >= ctx.recompute_layers && li - ctx.recompute_layers < ctx.recompute_mlp_layers;
         let keep = if li < ctx.recompute_layers {
             Keep::Nothing
@@ -1007,7 +1040,7 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
     let pending = Mutex::new(pending);
     let grads = grads.clone();
     let parking = ctx.mlp_parking.clone().unwrap_or_default();
-    ops::with_grad("decoder-blocks", x, h, move |_, _, grad| {
+    ops::with_grad_or_none("decoder-blocks", x, h, move |_, _, grad| {
         let mut pending = pending.lock().map_err(|_| candle_core::Error::Msg("decoder blocks: poisoned lock".into()))?;
         let mut g = grad.detach();
         while let Some(Pending { layer, x, saved, parked }) = pending.pop() {
@@ -1025,10 +1058,14 @@ pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &Lo
                 (None, _) => layer.forward(&x, Keep::All)?.1.ok_or_else(|| candle_core::Error::Msg("decoder block: nothing kept".into()))?,
             };
             let li = layer.li;
-            g = layer.backward(&x, saved, &g, &grads)?;
+            match layer.backward(&x, saved, &g, &grads)? {
+                Some(next) => g = next,
+                // the first block without its input's gradient: the last of the walk
+                None => return Ok(None),
+            }
             super::pool::trace(g.device(), "block backward", li);
         }
-        Ok(g)
+        Ok(Some(g))
     })
 }
 

@@ -707,8 +707,11 @@ impl Llama {
         let eps = cfg.rms_norm_eps as f32;
         let mut x = self.embed_ids(&inputs.ids)?;
         let trained = lora.and_then(|(l, ctx)| ctx.block_grads.clone().map(|grads| (l, ctx, grads)));
-        if trained.is_some() {
-            // the first block's input must be tracked for its node to be recorded
+        // whether a gradient of the first block's input is read: only where it was tracked
+        // already; else it is tracked only for the blocks' node to be recorded (the embeddings
+        // are frozen), and the blocks' backward leaves it out
+        let input_grad = x.track_op();
+        if trained.is_some() && !input_grad {
             x = Var::from_tensor(&x)?.as_tensor().clone();
         }
         // outside autograd (no tracked factors, an untracked input): the inference blocks
@@ -719,7 +722,7 @@ impl Llama {
         // with `last`, the last block computes only each row's last position (`LastRows`)
         let last_only = inputs.blocks.last.is_some();
         if let Some((l, ctx, grads)) = &trained {
-            x = super::block::trained_blocks(&self.blocks, &x, l, ctx, grads, &inputs.blocks)?;
+            x = super::block::trained_blocks(&self.blocks, &x, l, ctx, grads, &inputs.blocks, input_grad)?;
         } else {
             for (li, blk) in self.blocks.iter().enumerate() {
                 let _span = tracing::trace_span!("block", layer = li).entered();

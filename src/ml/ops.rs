@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, 
 use super::causal_softmax::{self, CausalSpans};
 use super::lora::BlockGrads;
 
-type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync>;
+type Backward = Box<dyn Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync>;
 type Backward3 = Box<dyn Fn([&Tensor; 3], &Tensor, &Tensor) -> Result<[Tensor; 3]> + Send + Sync>;
 
 /// Attaches a backward function to a value computed outside the graph: the result equals
@@ -52,7 +52,7 @@ impl CustomOp1 for WithGrad {
     }
 
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        (self.backward)(arg, res, grad_res).map(Some)
+        (self.backward)(arg, res, grad_res)
     }
 }
 
@@ -137,6 +137,17 @@ pub fn with_grad(
     x: &Tensor,
     value: Tensor,
     backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    with_grad_or_none(name, x, value, move |x, res, grad| backward(x, res, grad).map(Some))
+}
+
+/// `with_grad` whose backward may give `x` no gradient (`None`): where `x` is tracked only so
+/// that the node is recorded, and nothing reads its gradient.
+pub fn with_grad_or_none(
+    name: &'static str,
+    x: &Tensor,
+    value: Tensor,
+    backward: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Option<Tensor>> + Send + Sync + 'static,
 ) -> Result<Tensor> {
     if !x.track_op() {
         return Ok(value);
