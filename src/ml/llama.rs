@@ -404,7 +404,10 @@ impl Llama {
         let ids = ids.flatten_all()?;
         let x = match &self.host_table {
             Some(table) => table.rows(&ids, &self.device)?,
-            None => self.embed.index_select(&ids, 0)?,
+            None => match super::host_table::device_rows(&self.embed, &ids)? {
+                Some(rows) => rows,
+                None => self.embed.index_select(&ids, 0)?,
+            },
         };
         x.reshape((b, t, self.cfg.hidden_size))
     }

@@ -140,6 +140,7 @@ pub fn check_kernels(device: &candle_core::Device) -> candle_core::Result<Vec<Ke
     checks.extend(lora_group::check_device(device)?);
     checks.extend(offload::check_device(device)?);
     checks.extend(block::check_device(device)?);
+    checks.extend(host_table::check_device(device)?);
     Ok(checks)
 }
 
