@@ -144,11 +144,106 @@ pub fn product_plus(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
     candle_core::bail!("gemm: no cuBLAS on {:?}", a.device())
 }
 
+/// One matrix of a batch `[n, rows, cols]`: how each lies (`Operand`) and the elements from one
+/// to the next (0: the same matrix for every pair).
+#[derive(Debug, Clone, Copy)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Batched {
+    each: Operand,
+    stride: usize,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn batched(t: &Tensor) -> Option<Batched> {
+    let (n, r, c) = t.dims3().ok()?;
+    let st = t.stride();
+    let each = if (st[2] == 1 || c <= 1) && st[1] >= c && (st[1] > 0 || r <= 1) {
+        Operand { transposed: false, ld: st[1].max(c).max(1) }
+    } else if (st[1] == 1 || r <= 1) && st[2] >= r && (st[2] > 0 || c <= 1) {
+        Operand { transposed: true, ld: st[2].max(r).max(1) }
+    } else {
+        return None;
+    };
+    (n <= 1 || st[0] > 0).then_some(Batched { each, stride: if n <= 1 { 0 } else { st[0] } })
+}
+
+/// `a_i b_i` for each of `n` pairs, `a` `[n, m, k]` and `b` `[n, k, p]` of one float dtype: a new
+/// `[n, m, p]` tensor in `out`, or with `acc` (`[n, m, p]`, contiguous, of dtype `out`) added to
+/// it, in `acc`'s own storage. On CUDA, with bf16 or f32 operands whose matrices are each
+/// row-major or transposed views, evenly apart, one strided-batched cuBLAS call (bf16 operands
+/// into an f32 result: the f32 products of bf16 data, with no f32 copy of it); elsewhere
+/// candle's batched matmul.
+pub fn batched_product(a: &Tensor, b: &Tensor, acc: Option<Tensor>, out: DType) -> Result<Tensor> {
+    let (n, m, k) = a.dims3()?;
+    let (n2, k2, p) = b.dims3()?;
+    if n != n2 || k != k2 || acc.as_ref().is_some_and(|c| c.dims() != [n, m, p] || c.dtype() != out) {
+        candle_core::bail!("gemm: {:?} @ {:?} into {:?} does not fit", a.shape(), b.shape(), acc.as_ref().map(|c| c.shape().clone()));
+    }
+    let fits = a.device().is_cuda()
+        && a.dtype() == b.dtype()
+        && matches!(a.dtype(), DType::F32 | DType::BF16)
+        && (out == a.dtype() || out == DType::F32)
+        && batched(a).is_some()
+        && batched(b).is_some()
+        && acc.as_ref().is_none_or(|c| c.is_contiguous());
+    if !fits {
+        let product = a.to_dtype(out)?.matmul(&b.to_dtype(out)?)?;
+        return match acc {
+            Some(c) => c + product,
+            None => Ok(product),
+        };
+    }
+    if let Some(acc) = acc {
+        // the caller owns `acc`: the GEMM adds into its storage (beta = 1)
+        acc.inplace_op1(&AccumulateBatched { a, b, dims: (n, m, k, p) })?;
+        return Ok(acc);
+    }
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = a.device() {
+        // SAFETY: the GEMM (beta = 0) writes every element
+        let mut storage = match out {
+            DType::BF16 => candle_core::CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n * m * p)? }, dev.clone()),
+            _ => candle_core::CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n * m * p)? }, dev.clone()),
+        };
+        cuda::gemm_batched(&mut storage, 0, a, b, (n, m, k, p), 0.0)?;
+        return Ok(Tensor::from_storage(candle_core::Storage::Cuda(storage), (n, m, p), candle_core::op::BackpropOp::none(), false));
+    }
+    let _ = (n, m, k, p);
+    candle_core::bail!("gemm: no cuBLAS on {:?}", a.device())
+}
+
 fn scaled(t: Tensor, alpha: f64) -> Result<Tensor> {
     if alpha == 1.0 {
         Ok(t)
     } else {
         t * alpha
+    }
+}
+
+/// `c_i [m, p] += a_i [m, k] @ b_i [k, p]` for each of a contiguous `c`'s `n` matrices, in
+/// place (one strided-batched cuBLAS call, beta = 1).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct AccumulateBatched<'a> {
+    a: &'a Tensor,
+    b: &'a Tensor,
+    dims: (usize, usize, usize, usize),
+}
+
+impl candle_core::InplaceOp1 for AccumulateBatched<'_> {
+    fn name(&self) -> &'static str {
+        "accumulate-batched-gemm"
+    }
+
+    fn cpu_fwd(&self, _: &mut candle_core::CpuStorage, _: &candle_core::Layout) -> Result<()> {
+        candle_core::bail!("accumulate-batched-gemm: the CPU adds the product")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &candle_core::Layout) -> Result<()> {
+        if !l.is_contiguous() {
+            candle_core::bail!("accumulate-batched-gemm: {:?} is not contiguous", l)
+        }
+        cuda::gemm_batched(s, l.start_offset(), self.a, self.b, self.dims, 1.0)
     }
 }
 
@@ -259,6 +354,79 @@ mod cuda {
                         pc as *mut _,
                         data_type(c_dtype),
                         ldc as i32,
+                        sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .w()?;
+            }};
+        }
+        match (a.dtype(), c_dtype) {
+            (DType::BF16, DType::BF16) => go!(bf16, bf16),
+            (DType::BF16, DType::F32) => go!(bf16, f32),
+            (DType::F32, DType::F32) => go!(f32, f32),
+            (ab, c) => candle_core::bail!("gemm: {ab:?} operands into a {c:?} result"),
+        }
+        Ok(())
+    }
+
+    /// `c_i = beta · c_i + a_i b_i` for `n` pairs (`a` `[n, m, k]`, `b` `[n, k, p]`, as `batched`
+    /// describes them) on `c`'s storage from element `start` (`[n, m, p]` contiguous).
+    pub(super) fn gemm_batched(c: &mut CudaStorage, start: usize, a: &Tensor, b: &Tensor, (n, m, k, p): (usize, usize, usize, usize), beta: f32) -> Result<()> {
+        if n == 0 || m == 0 || p == 0 {
+            return Ok(());
+        }
+        let dev = c.device().clone();
+        let stream = dev.cuda_stream();
+        let blas = dev.cublas_handle();
+        let (ba, bb) = match (super::batched(a), super::batched(b)) {
+            (Some(ba), Some(bb)) => (ba, bb),
+            _ => candle_core::bail!("gemm: batches {:?} and {:?} are neither row-major nor transposed", a.layout(), b.layout()),
+        };
+        let (ga, gb) = (a.storage_and_layout().0, b.storage_and_layout().0);
+        let (sa, sb) = match (&*ga, &*gb) {
+            (Storage::Cuda(sa), Storage::Cuda(sb)) => (sa, sb),
+            _ => candle_core::bail!("gemm: operands not on the cuda device"),
+        };
+        let (oa_start, ob_start) = (a.layout().start_offset(), b.layout().start_offset());
+        let c_dtype = c.dtype();
+        let op = |o: Operand| if o.transposed { sys::cublasOperation_t::CUBLAS_OP_T } else { sys::cublasOperation_t::CUBLAS_OP_N };
+        let alpha = 1.0f32;
+        // as `gemm`: row-major c_i = a_i b_i is column-major c_i^T = b_i^T a_i^T
+        macro_rules! go {
+            ($tab:ty, $tc:ty) => {{
+                let va = sa.as_cuda_slice::<$tab>()?.slice(oa_start..oa_start + (n - 1) * ba.stride + ba.each.span(m, k));
+                let vb = sb.as_cuda_slice::<$tab>()?.slice(ob_start..ob_start + (n - 1) * bb.stride + bb.each.span(k, p));
+                let (pa, _ga) = va.device_ptr(&stream);
+                let (pb, _gb) = vb.device_ptr(&stream);
+                let mut cs = c.as_cuda_slice_mut::<$tc>()?.slice_mut(start..start + n * m * p);
+                let (pc, _gc) = cs.device_ptr_mut(&stream);
+                // SAFETY: a, b and c hold n matrices of m·k, k·p and m·p elements from these
+                // pointers, `stride` apart, laid out as `batched` found; alpha and beta are f32
+                // for the f32 compute type
+                unsafe {
+                    result::gemm_strided_batched_ex(
+                        *blas.handle(),
+                        op(bb.each),
+                        op(ba.each),
+                        p as i32,
+                        m as i32,
+                        k as i32,
+                        (&alpha) as *const f32 as *const _,
+                        pb as *const _,
+                        data_type(b.dtype()),
+                        bb.each.ld as i32,
+                        bb.stride as i64,
+                        pa as *const _,
+                        data_type(a.dtype()),
+                        ba.each.ld as i32,
+                        ba.stride as i64,
+                        (&beta) as *const f32 as *const _,
+                        pc as *mut _,
+                        data_type(c_dtype),
+                        p as i32,
+                        (m * p) as i64,
+                        n as i32,
                         sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                         sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
                     )
@@ -490,6 +658,18 @@ pub fn check_device(device: &candle_core::Device) -> Result<Vec<KernelCheck>> {
         let want = a_r.t()?.matmul(&round(&acc)?)?;
         let got = product(&a_view.t()?, &acc.to_device(device)?.to_dtype(dtype)?, 1.0, DType::F32)?;
         push("gemm-product-strided", &want, got, rel)?;
+        // batched: 6 pairs of [3, 40] (row-major, each a slice of a wider row) @ the transposes
+        // of [50, 40] (as keys are read), into f32 and accumulated into it
+        let qa = Tensor::randn(0f32, 1.0, (6, 3, 48), &cpu)?;
+        let kb = Tensor::randn(0f32, 1.0, (6, 50, 40), &cpu)?;
+        let (qa_r, kb_r) = (round(&qa.narrow(2, 8, 40)?)?, round(&kb)?);
+        let want = qa_r.matmul(&kb_r.transpose(1, 2)?)?;
+        let (qa_d, kb_d) = (qa.to_device(device)?.to_dtype(dtype)?.narrow(2, 8, 40)?, kb.to_device(device)?.to_dtype(dtype)?);
+        let got = batched_product(&qa_d, &kb_d.transpose(1, 2)?, None, DType::F32)?;
+        push("gemm-batched", &want, got.copy()?, rel)?;
+        let want_twice = (&want * 2.0)?;
+        let got = batched_product(&qa_d, &kb_d.transpose(1, 2)?, Some(got), DType::F32)?;
+        push("gemm-batched-accumulate", &want_twice, got, rel)?;
     }
     Ok(out)
 }
