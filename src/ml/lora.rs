@@ -137,15 +137,18 @@ impl LoraCtx {
 /// one GEMM gives the frozen product and the adapters' sum: where the adapters' products were
 /// accumulated by GEMMs of their own, each read and wrote the whole `[rows, out]` output once
 /// more. The frozen part is copied once for the run (the trainer keeps none under activation
-/// checkpointing: at the 8B shape the copies are 1.5 GiB); the B columns are written at each
-/// forward.
+/// checkpointing: at the 8B shape q/k/v's copies are 1.5 GiB, o's 1.0); the B columns are written by each
+/// step's cast of the factors (`BlockGrads::cast_ahead`; by the first step's forward, which
+/// makes the weight).
 #[derive(Debug, Clone, Default)]
 pub struct Widened {
     weights: Arc<Mutex<HashMap<(usize, u8), Tensor>>>,
-    /// Where each adapted linear's `scale · B` lies, by layer and linear: its group's weight,
-    /// first row and first column (`block`).
-    blocks: Arc<Mutex<HashMap<(usize, Proj), (u8, usize, usize)>>>,
+    /// Where each adapted linear's `scale · B` lies, by layer and linear (`block`).
+    blocks: Arc<Mutex<HashMap<(usize, Proj), BlockAt>>>,
 }
+
+/// A widened weight's block: its group's key, first row and first column.
+type BlockAt = (u8, usize, usize);
 
 impl Widened {
     /// Layer `layer`'s weight of group `group` widened to `width` columns: `base` `[out, in]`
