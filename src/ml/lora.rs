@@ -137,9 +137,9 @@ impl LoraCtx {
 /// one GEMM gives the frozen product and the adapters' sum: where the adapters' products were
 /// accumulated by GEMMs of their own, each read and wrote the whole `[rows, out]` output once
 /// more. The frozen part is copied once for the run (the trainer keeps none under activation
-/// checkpointing: at the 8B shape q/k/v's copies are 1.5 GiB, o's 1.0); the B columns are written by each
-/// step's cast of the factors (`BlockGrads::cast_ahead`; by the first step's forward, which
-/// makes the weight).
+/// checkpointing: at the 8B shape q/k/v's copies are 1.5 GiB, o's 1.0); the B columns are
+/// written by each step's cast of the factors (`BlockGrads::cast_ahead`; by the first step's
+/// forward, which makes the weight).
 #[derive(Debug, Clone, Default)]
 pub struct Widened {
     weights: Arc<Mutex<HashMap<(usize, u8), Tensor>>>,
