@@ -1,6 +1,7 @@
 // Rows of a token embedding table held in page-locked host memory, mapped into the device's
 // address space: the GPU reads each looked-up row over the bus, in stream order, so no host
-// copy or synchronisation stands between a batch's ids (on the device) and its embeddings.
+// copy or synchronisation stands between a batch's ids (on the device) and its embeddings. The
+// same kernels gather the rows of a table held on the device itself.
 //
 //   embed_gather_16  rows whose byte size is a multiple of 16 and a 16-byte aligned table:
 //                    16-byte loads and stores

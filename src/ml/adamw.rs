@@ -207,7 +207,12 @@ pub(crate) fn cast_scaled_bf16(xs: &[(&Tensor, f64, Option<&Tensor>)]) -> Result
     }
     for (x, _, into) in xs {
         if let Some(into) = into {
-            let fits = into.dims() == x.dims() && into.rank() == 2 && into.dtype() == DType::BF16 && into.stride()[1] == 1 && into.device().same_device(x.device());
+            let fits = into.dims() == x.dims()
+                && into.rank() == 2
+                && into.dtype() == DType::BF16
+                && into.stride()[1] == 1
+                && (into.dim(0)? <= 1 || into.stride()[0] >= into.dim(1)?)
+                && into.device().same_device(x.device());
             if !fits {
                 candle_core::bail!("factor casts: {:?} cannot be written into {:?} {:?}", x.shape(), into.layout(), into.dtype());
             }

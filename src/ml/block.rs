@@ -994,7 +994,8 @@ const FETCH_AHEAD: usize = 2;
 /// Without `input_grad` (nothing reads the gradient of `x`, tracked only for the node to be
 /// recorded: frozen embeddings) the first block's backward stops at its factors' gradients:
 /// q, k and v's input gradient, the attention norm's backward and the sum into `x`'s gradient
-/// are left out.
+/// are left out (unless that block is also the last, computing only the last rows: a one-block
+/// model's backward gives the gradient all the same).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn trained_blocks(blocks: &[Block], x: &Tensor, lora: &Lora, ctx: &LoraCtx, grads: &BlockGrads, inp: &Arc<BlockInputs>, input_grad: bool) -> Result<Tensor> {
     let mut pending = Vec::with_capacity(blocks.len());

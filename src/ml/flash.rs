@@ -440,7 +440,8 @@ fn forward_tiles(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale:
 /// `forward` with the output written into rows `extra` heads wider: `[b, t, (heads + extra) d]`,
 /// each row's heads (as `[b, t, heads, d]` lies) first and its last `extra · d` elements left
 /// for the caller (a GEMM's operand widened by an adapter's r-wide product, say). The
-/// `[b, heads, t, d]` output is a view of it: `narrow(2, 0, heads · d)` of each row.
+/// `[b, heads, t, d]` output is a view of it: reshaped to `[b, t, heads + extra, d]`,
+/// transposed to `[b, heads + extra, t, d]`, then `narrow(1, 0, heads)`.
 pub fn forward_into_rows(q: &Tensor, k: &Tensor, v: &Tensor, spans: &CausalSpans, scale: f64, extra: usize) -> Result<(Tensor, Tensor)> {
     launch_forward(q, k, v, spans, scale, Tiles::chosen(), Some(extra))
 }

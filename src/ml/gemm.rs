@@ -145,7 +145,7 @@ pub fn product_plus(c: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
 }
 
 /// One matrix of a batch `[n, rows, cols]`: how each lies (`Operand`) and the elements from one
-/// to the next (0: the same matrix for every pair).
+/// to the next (0 for a batch of one; a larger batch's matrices lie apart).
 #[derive(Debug, Clone, Copy)]
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Batched {

@@ -3,7 +3,8 @@
 //! device's address space, and one kernel (`kernels/embed.cu`) reads the looked-up rows over the
 //! bus in stream order: the ids stay on the device, nothing waits for the host, and a captured
 //! forward (a CUDA graph) replays the lookup like any other kernel. Where the memory cannot be
-//! mapped, the rows are looked up on the host and copied.
+//! mapped, the rows are looked up on the host and copied. The same kernel gathers the rows of
+//! a table held on the device (`device_rows`), 16 bytes at a time.
 
 #[cfg(feature = "cuda")]
 use candle_core::DType;

@@ -138,8 +138,9 @@ impl LoraCtx {
 /// accumulated by GEMMs of their own, each read and wrote the whole `[rows, out]` output once
 /// more. The frozen part is copied once for the run (the trainer keeps none under activation
 /// checkpointing: at the 8B shape q/k/v's copies are 1.5 GiB, o's 1.0); the B columns are
-/// written by each step's cast of the factors (`BlockGrads::cast_ahead`; by the first step's
-/// forward, which makes the weight).
+/// written by each step's cast of the factors where one launch casts them all
+/// (`BlockGrads::cast_ahead`: bf16 on CUDA), else by each forward (and by the forward that
+/// makes the weight).
 #[derive(Debug, Clone, Default)]
 pub struct Widened {
     weights: Arc<Mutex<HashMap<(usize, u8), Tensor>>>,
@@ -157,23 +158,28 @@ impl Widened {
     /// written at that row and column, unless the step's cast wrote it there already
     /// (`CastFactors::in_widened`).
     pub(super) fn weight(&self, layer: usize, group: u8, base: &Tensor, width: usize, blocks: &[(Proj, usize, usize, &CastFactors)]) -> candle_core::Result<Tensor> {
-        let w = {
+        // a weight made here holds none of the blocks yet: every one is written, whatever a cast
+        // wrote into the weight it replaces
+        let (w, made) = {
             let mut map = self.weights.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?;
             let out = base.dim(0)?;
             match map.get(&(layer, group)) {
-                Some(w) if w.dims() == [out, width] && w.dtype() == base.dtype() => w.clone(),
+                Some(w) if w.dims() == [out, width] && w.dtype() == base.dtype() => (w.clone(), false),
                 _ => {
                     let w = Tensor::zeros((out, width), base.dtype(), base.device())?;
                     w.slice_set(&base.contiguous()?, 1, 0)?;
                     map.insert((layer, group), w.clone());
-                    w
+                    (w, true)
                 }
             }
         };
         let mut at = self.blocks.lock().map_err(|_| candle_core::Error::Msg("widened weights poisoned".into()))?;
+        if made {
+            at.retain(|&(l, _), &mut (g, _, _)| l != layer || g != group);
+        }
         for &(proj, row, col, c) in blocks {
             at.insert((layer, proj), (group, row, col));
-            if !c.in_widened {
+            if made || !c.in_widened {
                 w.narrow(0, row, c.bs.dim(0)?)?.slice_set(&c.bs.contiguous()?, 1, col)?;
             }
         }
@@ -524,6 +530,27 @@ fn splitmix(mut z: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_widened_weight_made_anew_gets_every_block_even_one_cast_into_the_old() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let base = Tensor::ones((4, 3), DType::F32, &dev)?;
+        let cast = |v: f32, in_widened: bool| -> candle_core::Result<CastFactors> {
+            Ok(CastFactors { a: Tensor::zeros((2, 3), DType::F32, &dev)?, bs: (Tensor::ones((4, 2), DType::F32, &dev)? * v as f64)?, in_widened })
+        };
+        let wide = Widened::default();
+        let w = wide.weight(0, 0, &base, 5, &[(Proj::Q, 0, 3, &cast(2.0, false)?)])?;
+        assert_eq!(w.narrow(1, 3, 2)?.sum_all()?.to_scalar::<f32>()?, 16.0);
+        assert!(wide.block(0, Proj::Q, &[4, 2])?.is_some());
+        // the same shape: a block the step's cast wrote is left as it is
+        let w = wide.weight(0, 0, &base, 5, &[(Proj::Q, 0, 3, &cast(3.0, true)?)])?;
+        assert_eq!(w.narrow(1, 3, 2)?.sum_all()?.to_scalar::<f32>()?, 16.0);
+        // another width: a new weight, which must get the block whatever the cast says
+        let w = wide.weight(0, 0, &base, 7, &[(Proj::Q, 0, 5, &cast(3.0, true)?)])?;
+        assert_eq!(w.narrow(1, 5, 2)?.sum_all()?.to_scalar::<f32>()?, 24.0);
+        assert_eq!(w.narrow(1, 3, 2)?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        Ok(())
+    }
 
     #[test]
     fn a_step_casts_each_factor_once_and_the_next_step_again() {

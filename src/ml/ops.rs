@@ -678,8 +678,8 @@ pub fn last_query_attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, s
 }
 
 /// The gradients of q, k and v (in their dtype) of `last_query_attention` for its output
-/// gradient `dy` `[b, h * d]`, from its probabilities `p`. One wide copy of k or v at a time:
-/// this runs where a training step's memory peaks.
+/// gradient `dy` `[b, h * d]`, from its probabilities `p`. Off the bf16 batched GEMMs, one wide
+/// copy of k or v at a time: this runs where a training step's memory peaks.
 pub fn last_query_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: &Tensor, dy: &Tensor, scale: f64) -> Result<[Tensor; 3]> {
     let (b, h, _, d) = q.dims4()?;
     let kvh = k.dim(1)?;
@@ -710,9 +710,11 @@ pub fn last_query_attention_backward(q: &Tensor, k: &Tensor, v: &Tensor, p: &Ten
 }
 
 /// Whether `last_query_attention` runs as strided-batched GEMMs of the bf16 data: on CUDA, q
-/// `[b, h, 1, d]`, k and v `[b, kv_heads, t, d]`, all bf16 and contiguous.
+/// `[b, h, 1, d]`, k and v `[b, kv_heads, t, d]`, all bf16, contiguous and untracked (the GEMMs
+/// record no graph; a tracked forward, the reference of the hand-written backwards, takes
+/// candle's differentiable ops).
 fn bf16_batches(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    q.device().is_cuda() && [q, k, v].iter().all(|x| x.dtype() == DType::BF16 && x.is_contiguous()) && q.dim(2).is_ok_and(|n| n == 1)
+    q.device().is_cuda() && [q, k, v].iter().all(|x| x.dtype() == DType::BF16 && x.is_contiguous() && !x.track_op()) && q.dim(2).is_ok_and(|n| n == 1)
 }
 
 /// `[b, kv_heads, t, d]` as `[b kv_heads, t, d]`.
