@@ -43,11 +43,9 @@ __device__ __forceinline__ void store16(__nv_bfloat16* p, const float* v) {
     *reinterpret_cast<uint4*>(p) = x;
 }
 
-// Which elements of pair k (elements 2k and 2k + 1) the mask seeded with `seed` keeps: bit 1
-// for 2k, bit 0 for 2k + 1. A 32-bit hash of the pair's index mixed with the seed (lowbias32:
-// two multiplies, three shifts); element 2k is kept iff its upper 16 bits reach the threshold
-// (p * 2^16), element 2k + 1 iff the lower 16 do. `dropout::keep` is the CPU's copy.
-__device__ __forceinline__ uint32_t pair_keep(uint64_t seed, uint64_t k, uint32_t threshold) {
+// The 32-bit hash behind the masks: pair k's index mixed with the seed (lowbias32: two
+// multiplies, three shifts). `dropout::keep` is the CPU's copy.
+__device__ __forceinline__ uint32_t pair_hash(uint64_t seed, uint64_t k) {
     uint32_t z = ((uint32_t)k ^ (uint32_t)seed) + (uint32_t)(k >> 32) * 0x9e3779b9u;
     z ^= (uint32_t)(seed >> 32);
     z ^= z >> 16;
@@ -55,7 +53,23 @@ __device__ __forceinline__ uint32_t pair_keep(uint64_t seed, uint64_t k, uint32_
     z ^= z >> 15;
     z *= 0x846ca68bu;
     z ^= z >> 16;
+    return z;
+}
+
+// Which elements of pair k (elements 2k and 2k + 1) the mask seeded with `seed` keeps: bit 1
+// for 2k, bit 0 for 2k + 1. Element 2k is kept iff the hash's upper 16 bits reach the threshold
+// (p * 2^16), element 2k + 1 iff the lower 16 do.
+__device__ __forceinline__ uint32_t pair_keep(uint64_t seed, uint64_t k, uint32_t threshold) {
+    const uint32_t z = pair_hash(seed, k);
     return ((z >> 16) >= threshold ? 2u : 0u) | ((z & 0xffffu) >= threshold ? 1u : 0u);
+}
+
+// `pair_keep`'s decisions as a mask of a bf16 pair's word (threshold below 2^16): 0xffff in the
+// low half where element 2k is kept, in the high half where 2k + 1 is. A word ANDed with it is
+// the pair masked, unscaled.
+__device__ __forceinline__ uint32_t pair_halves(uint64_t seed, uint64_t k, uint32_t threshold) {
+    const uint32_t z = pair_hash(seed, k), t = threshold << 16;
+    return (z >= t ? 0x0000ffffu : 0u) | ((z << 16) >= t ? 0xffff0000u : 0u);
 }
 
 // c (16x8 f32) += a (16x16 bf16, row-major) * b (16x8 bf16, column-major): mma.sync m16n8k16.

@@ -38,14 +38,6 @@ __device__ __forceinline__ uint32_t pack(bf16 lo, bf16 hi) {
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
 }
 
-// Both elements of a pair (low half: the even column) masked by `keep` (pair_keep's bits) and
-// scaled, rounded to bf16.
-__device__ __forceinline__ uint32_t mask_pair(uint32_t v, uint32_t keep, float scale) {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v));
-    const __nv_bfloat162 r = __floats2bfloat162_rn(keep & 2u ? f.x * scale : 0.0f, keep & 1u ? f.y * scale : 0.0f);
-    return *reinterpret_cast<const uint32_t*>(&r);
-}
-
 struct Group {
     const bf16* a[MAX_M];
     uint64_t seed[MAX_M];
@@ -66,7 +58,7 @@ __device__ __forceinline__ int2 warp_share(int units, int warp) {
 // writes h (one split of the k-steps) or its split's f32 part [split, n, rows, R].
 template <int R>
 __device__ void down_store(float (&acc)[MAX_M][R / 8][4], int n, bf16* const* h, size_t ldh, size_t rows, size_t ra,
-                           size_t rb, bool va, bool vb, float* part) {
+                           size_t rb, bool va, bool vb, float scale, float* part) {
     __shared__ float red[3][MAX_M][R / 8][4][32];
     const int lane = threadIdx.x & 31, i = lane & 3, warp = threadIdx.x >> 5;
     if (warp > 0) {
@@ -93,6 +85,8 @@ __device__ void down_store(float (&acc)[MAX_M][R / 8][4], int n, bf16* const* h,
 #pragma unroll
         for (int nt = 0; nt < R / 8; ++nt) {
             const int col = nt * 8 + 2 * i;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[m][nt][j] *= scale;
             if (gridDim.y == 1) {
                 if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * ldh + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
                 if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * ldh + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
@@ -143,7 +137,7 @@ __device__ void lora_down(const bf16* x, size_t ldx, size_t rows, int K, Group g
                 if (m >= grp.n) break;
                 uint32_t af[4];
 #pragma unroll
-                for (int j = 0; j < 4; ++j) af[j] = threshold ? mask_pair(xs[s][j], pair_keep(grp.seed[m], pair[j], threshold), scale) : xs[s][j];
+                for (int j = 0; j < 4; ++j) af[j] = threshold ? xs[s][j] & pair_halves(grp.seed[m], pair[j], threshold) : xs[s][j];
                 const bf16* a = grp.a[m];
 #pragma unroll
                 for (int nt = 0; nt < R / 8; ++nt) {
@@ -153,7 +147,54 @@ __device__ void lora_down(const bf16* x, size_t ldx, size_t rows, int K, Group g
             }
         }
     }
-    down_store<R>(acc, grp.n, h, ldh, rows, ra, rb, va, vb, part);
+    down_store<R>(acc, grp.n, h, ldh, rows, ra, rb, va, vb, scale, part);
+}
+
+// One 64-column chunk of `lora_down_wide`'s products for rows ra, rb: xq holds their columns
+// lo..lo+7, hi..hi+7 (lo = 64 ch + 8i, hi = lo + 32), 16 bytes each (row a: xq[0], xq[1]; row b:
+// xq[2], xq[3]).
+template <int R>
+__device__ __forceinline__ void down_chunk(float (&acc)[MAX_M][R / 8][4], const uint4 (&xq)[4], int lo, int hi, size_t ra,
+                                           size_t rb, int K, const Group& grp, uint32_t threshold) {
+    const int g = (threadIdx.x & 31) >> 2;
+    // words 0-3: columns lo..lo+7, words 4-7: hi..hi+7, of row a (xw[0]) and row b (xw[1])
+    const uint32_t* xw[2] = {reinterpret_cast<const uint32_t*>(&xq[0]), reinterpret_cast<const uint32_t*>(&xq[2])};
+#pragma unroll
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= grp.n) break;
+        uint32_t xm[2][8];
+#pragma unroll
+        for (int rw = 0; rw < 2; ++rw) {
+            const uint32_t row = (uint32_t)(rw ? rb : ra);
+#pragma unroll
+            for (int w = 0; w < 8; ++w) {
+                const uint32_t col = (uint32_t)(w < 4 ? lo + 2 * w : hi + 2 * (w - 4));
+                xm[rw][w] = threshold ? xw[rw][w] & pair_halves(grp.seed[m], (row * K + col) >> 1, threshold) : xw[rw][w];
+            }
+        }
+        const bf16* a = grp.a[m];
+#pragma unroll
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const bf16* arow = a + (size_t)(nt * 8 + g) * K;
+            uint4 aq[2] = {*reinterpret_cast<const uint4*>(arow + lo), *reinterpret_cast<const uint4*>(arow + hi)};
+            const uint32_t* aw = reinterpret_cast<const uint32_t*>(aq);
+#pragma unroll
+            for (int s = 0; s < 4; ++s) {
+                const uint32_t af[4] = {xm[0][2 * s], xm[1][2 * s], xm[0][2 * s + 1], xm[1][2 * s + 1]};
+                mma(acc[m][nt], af, aw[2 * s], aw[2 * s + 1]);
+            }
+        }
+    }
+}
+
+// Columns lo..lo+7 and hi..hi+7 of rows ra (if va) and rb (if vb) of x, 16 bytes each.
+__device__ __forceinline__ void down_fetch(uint4 (&xq)[4], const bf16* x, size_t ldx, size_t ra, size_t rb, bool va,
+                                           bool vb, int lo, int hi) {
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    xq[0] = va ? *reinterpret_cast<const uint4*>(x + ra * ldx + lo) : zero;
+    xq[1] = va ? *reinterpret_cast<const uint4*>(x + ra * ldx + hi) : zero;
+    xq[2] = vb ? *reinterpret_cast<const uint4*>(x + rb * ldx + lo) : zero;
+    xq[3] = vb ? *reinterpret_cast<const uint4*>(x + rb * ldx + hi) : zero;
 }
 
 // As `lora_down` where K is a multiple of 64, in 64-column chunks (blockIdx.y splits the chunks,
@@ -161,7 +202,7 @@ __device__ void lora_down(const bf16* x, size_t ldx, size_t rows, int K, Group g
 // any order, so each chunk's columns are dealt to the mma fragments permuted, the same way for x
 // and for A: lane i takes columns 8i..8i+7 and 32+8i..32+8i+7 of the chunk, two 16-byte loads
 // per row, and k-step s reads its words 2s and 2s+1 (a0/a1 and a2/a3, b0 and b1). Each word is
-// an aligned column pair, masked by its own `pair_keep` as in `lora_down`.
+// an aligned column pair, masked by its own `pair_halves` as in `lora_down`.
 template <int R>
 __device__ void lora_down_wide(const bf16* x, size_t ldx, size_t rows, int K, Group grp, bf16* h0, bf16* h1,
                                bf16* h2, size_t ldh, uint32_t threshold, float scale, float* part) {
@@ -171,46 +212,48 @@ __device__ void lora_down_wide(const bf16* x, size_t ldx, size_t rows, int K, Gr
     const size_t ra = r0 + g, rb = r0 + g + 8;
     const bool va = ra < rows, vb = rb < rows;
     const int2 ws = warp_share(K / 64, warp);
-    const int w0 = ws.x, w1 = ws.y;
     float acc[MAX_M][R / 8][4] = {};
-    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-    for (int ch = w0; ch < w1; ++ch) {
+    for (int ch = ws.x; ch < ws.y; ++ch) {
         const int lo = ch * 64 + 8 * i, hi = lo + 32;
         uint4 xq[4];
-        xq[0] = va ? *reinterpret_cast<const uint4*>(x + ra * ldx + lo) : zero;
-        xq[1] = va ? *reinterpret_cast<const uint4*>(x + ra * ldx + hi) : zero;
-        xq[2] = vb ? *reinterpret_cast<const uint4*>(x + rb * ldx + lo) : zero;
-        xq[3] = vb ? *reinterpret_cast<const uint4*>(x + rb * ldx + hi) : zero;
-        // words 0-3: columns lo..lo+7, words 4-7: hi..hi+7, of row a (xw[0]) and row b (xw[1])
-        const uint32_t* xw[2] = {reinterpret_cast<const uint32_t*>(&xq[0]), reinterpret_cast<const uint32_t*>(&xq[2])};
+        down_fetch(xq, x, ldx, ra, rb, va, vb, lo, hi);
+        down_chunk<R>(acc, xq, lo, hi, ra, rb, K, grp, threshold);
+    }
+    down_store<R>(acc, grp.n, h, ldh, rows, ra, rb, va, vb, scale, part);
+}
+
+// As `lora_down_wide` where the row tiles are many: a warp per tile (four per block) takes all
+// of its chunks, the next chunk's x read while the current one is multiplied, and writes its
+// rows of h itself (no sums across warps).
+template <int R>
+__device__ void lora_down_tiles(const bf16* x, size_t ldx, size_t rows, int K, Group grp, bf16* h0, bf16* h1,
+                                bf16* h2, size_t ldh, uint32_t threshold, float scale) {
+    bf16* h[MAX_M] = {h0, h1, h2};
+    const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
+    const size_t r0 = (blockIdx.x * (size_t)(blockDim.x >> 5) + (threadIdx.x >> 5)) * 16;
+    if (r0 >= rows) return;
+    const size_t ra = r0 + g, rb = r0 + g + 8;
+    const bool va = ra < rows, vb = rb < rows;
+    const int chunks = K / 64;
+    float acc[MAX_M][R / 8][4] = {};
+    uint4 next[4];
+    down_fetch(next, x, ldx, ra, rb, va, vb, 8 * i, 8 * i + 32);
+    for (int ch = 0; ch < chunks; ++ch) {
+        const int lo = ch * 64 + 8 * i, hi = lo + 32;
+        const uint4 xq[4] = {next[0], next[1], next[2], next[3]};
+        if (ch + 1 < chunks) down_fetch(next, x, ldx, ra, rb, va, vb, lo + 64, hi + 64);
+        down_chunk<R>(acc, xq, lo, hi, ra, rb, K, grp, threshold);
+    }
 #pragma unroll
-        for (int m = 0; m < MAX_M; ++m) {
-            if (m >= grp.n) break;
-            uint32_t xm[2][8];
+    for (int m = 0; m < MAX_M; ++m) {
+        if (m >= grp.n) break;
 #pragma unroll
-            for (int rw = 0; rw < 2; ++rw) {
-                const uint32_t row = (uint32_t)(rw ? rb : ra);
-#pragma unroll
-                for (int w = 0; w < 8; ++w) {
-                    const uint32_t col = (uint32_t)(w < 4 ? lo + 2 * w : hi + 2 * (w - 4));
-                    xm[rw][w] = threshold ? mask_pair(xw[rw][w], pair_keep(grp.seed[m], (row * K + col) >> 1, threshold), scale) : xw[rw][w];
-                }
-            }
-            const bf16* a = grp.a[m];
-#pragma unroll
-            for (int nt = 0; nt < R / 8; ++nt) {
-                const bf16* arow = a + (size_t)(nt * 8 + g) * K;
-                uint4 aq[2] = {*reinterpret_cast<const uint4*>(arow + lo), *reinterpret_cast<const uint4*>(arow + hi)};
-                const uint32_t* aw = reinterpret_cast<const uint32_t*>(aq);
-#pragma unroll
-                for (int s = 0; s < 4; ++s) {
-                    const uint32_t af[4] = {xm[0][2 * s], xm[1][2 * s], xm[0][2 * s + 1], xm[1][2 * s + 1]};
-                    mma(acc[m][nt], af, aw[2 * s], aw[2 * s + 1]);
-                }
-            }
+        for (int nt = 0; nt < R / 8; ++nt) {
+            const int col = nt * 8 + 2 * i;
+            if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * ldh + col) = __floats2bfloat162_rn(acc[m][nt][0] * scale, acc[m][nt][1] * scale);
+            if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * ldh + col) = __floats2bfloat162_rn(acc[m][nt][2] * scale, acc[m][nt][3] * scale);
         }
     }
-    down_store<R>(acc, grp.n, h, ldh, rows, ra, rb, va, vb, part);
 }
 
 // The A fragment of gh (rows ra, rb; the k-step at column k0, zero past R) from its transpose
@@ -383,7 +426,7 @@ __device__ __forceinline__ void grad_a_store(const float (&acc)[MAX_M][R / 8][4]
 // products go to part [splits, n, K, R] (f32).
 template <int R>
 __device__ void lora_grad_a(const bf16* x, size_t ldx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1,
-                            const bf16* gh2, uint32_t threshold, float scale, size_t chunk, float* part) {
+                            const bf16* gh2, uint32_t threshold, size_t chunk, float* part) {
     const bf16* gh[MAX_M] = {gh0, gh1, gh2};
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3;
     const int c0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 16;
@@ -428,16 +471,13 @@ __device__ void lora_grad_a(const bf16* x, size_t ldx, size_t rows, int K, Group
                     keep |= (((nib >> (1 - odd)) & 1u) | (((nib >> (3 - odd)) & 1u) << 1)) << (2 * j);
                 }
             }
-            float va[4], vb[4];
+            bf16 va[4], vb[4];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                va[j] = (keep >> (2 * j)) & 1u ? __bfloat162float(xa[j]) * scale : 0.0f;
-                vb[j] = (keep >> (2 * j + 1)) & 1u ? __bfloat162float(xb[j]) * scale : 0.0f;
+                va[j] = (keep >> (2 * j)) & 1u ? xa[j] : zero;
+                vb[j] = (keep >> (2 * j + 1)) & 1u ? xb[j] : zero;
             }
-            const uint32_t af[4] = {pack(__float2bfloat16(va[0]), __float2bfloat16(va[1])),
-                                    pack(__float2bfloat16(vb[0]), __float2bfloat16(vb[1])),
-                                    pack(__float2bfloat16(va[2]), __float2bfloat16(va[3])),
-                                    pack(__float2bfloat16(vb[2]), __float2bfloat16(vb[3]))};
+            const uint32_t af[4] = {pack(va[0], va[1]), pack(vb[0], vb[1]), pack(va[2], va[3]), pack(vb[2], vb[3])};
             grad_a_products<R>(acc[m], af, gh[m], rows, rr, end, whole, g);
         }
     }
@@ -453,24 +493,39 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const bf16* p) {
                  : "memory");
 }
 
+// An 8x8 bf16 matrix of a fragment (lane l: row l / 4, columns 2 (l % 4) and + 1) transposed
+// in registers (movmatrix .trans).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t a) {
+    uint32_t d;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(a));
+    return d;
+}
+
 // As `lora_grad_a` where x's rows start on 16-byte boundaries (x aligned, K a multiple of 8),
 // the same fragments and sums: each lane reads 16 bytes (8 columns) of one of the tile's rows,
-// masks and scales them as four column pairs (one `pair_keep` each, no exchange between lanes),
-// and stages them in shared memory, from which ldmatrix .trans gives the A fragment of x^T.
-// Without dropout or scaling the adapters share one staged tile. The next tile's row is read
-// while the current one is multiplied.
+// masks them as four column pairs (one `pair_halves` each, no exchange between lanes), and
+// stages them in shared memory, from which ldmatrix .trans gives the A fragment of x^T. Without
+// dropout the adapters share one staged tile. The next tile's row is read while the current one
+// is multiplied.
+//
+// With dx (not null, [rows, K] contiguous) the same pass writes the adapters' input gradient
+// Σ_m dropout_m(gh_m A_m) for the warp's 16 columns of each tile, as `lora_dx` with accumulate 0
+// would, each mask drawn once for both: gh's A fragments are its B fragments of the A gradient's
+// products transposed in registers (movmatrix), A's B fragments for the warp's columns are loaded
+// once, and the keep bits a lane drew for its staged pairs reach the lanes that hold those
+// elements of the products by four shuffles.
 template <int R>
 __device__ void lora_grad_a_wide(const bf16* x, size_t ldx, size_t rows, int K, Group grp, const bf16* gh0, const bf16* gh1,
-                                 const bf16* gh2, uint32_t threshold, float scale, size_t chunk, float* part) {
+                                 const bf16* gh2, uint32_t threshold, float scale, size_t chunk, float* part, bf16* dx) {
     // 48-byte rows: ldmatrix's eight row reads fall on distinct banks
-    constexpr int PITCH = 24;
+    constexpr int PITCH = 24, NT = R / 8, KS = (R + 15) / 16;
     __shared__ __align__(16) bf16 stage[4][MAX_M][16 * PITCH];
     const bf16* gh[MAX_M] = {gh0, gh1, gh2};
     const int lane = threadIdx.x & 31, g = lane >> 2, i = lane & 3, warp = threadIdx.x >> 5;
     const int c0 = (blockIdx.x * (blockDim.x >> 5) + warp) * 16;
     if (c0 >= K) return;
     const size_t begin = blockIdx.y * chunk, end = min(rows, begin + chunk);
-    const bool masked = threshold != 0, scaled = masked || scale != 1.0f;
+    const bool masked = threshold != 0;
     // this lane's share of a tile: row lr, columns col..col+7
     const int lr = lane >> 1, col = c0 + 8 * (lane & 1);
     // its row address for ldmatrix: matrix lane / 8 is rows 8 (lane / 16) and columns
@@ -483,34 +538,133 @@ __device__ void lora_grad_a_wide(const bf16* x, size_t ldx, size_t rows, int K, 
         const size_t row = r0 + lr;
         return row < end ? *reinterpret_cast<const uint4*>(x + row * ldx + col) : zero4;
     };
-    float acc[MAX_M][R / 8][4] = {};
-    uint4 next = begin < end ? fetch(begin) : zero4;
-    for (size_t r0 = begin; r0 < end; r0 += 16) {
-        const uint4 cur = next;
-        if (r0 + 16 < end) next = fetch(r0 + 16);
-        const uint32_t w[4] = {cur.x, cur.y, cur.z, cur.w};
-        const uint32_t row = (uint32_t)(r0 + lr);
-        __syncwarp();  // the last tile's ldmatrix reads are done before the stage is overwritten
+    // dx's B operands: A_m's rows of k-step ks, the warp's columns c0 + 8 nt2 + g
+    uint32_t ba[MAX_M][KS][2][2] = {};
+    if (dx) {
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) {
-            if (m >= grp.n || (m > 0 && !scaled)) break;
-            uint32_t o[4];
+            if (m >= grp.n) break;
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const uint32_t keep = masked ? pair_keep(grp.seed[m], (row * (uint32_t)K + col + 2 * e) >> 1, threshold) : 3u;
-                o[e] = scaled ? mask_pair(w[e], keep, scale) : w[e];
-            }
-            *reinterpret_cast<uint4*>(mine + m * 16 * PITCH + lr * PITCH + (col - c0)) = make_uint4(o[0], o[1], o[2], o[3]);
+            for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+                for (int nt2 = 0; nt2 < 2; ++nt2) {
+                    const bf16* a = grp.a[m] + c0 + nt2 * 8 + g;
+                    const int k = ks * 16 + 2 * i;
+                    ba[m][ks][nt2][0] = pack(a[(size_t)k * K], a[(size_t)(k + 1) * K]);
+                    ba[m][ks][nt2][1] = k + 8 < R ? pack(a[(size_t)(k + 8) * K], a[(size_t)(k + 9) * K]) : 0u;
+                }
         }
-        __syncwarp();
+    }
+    const bf16 zero = __float2bfloat16(0.0f);
+    // gh's B fragments for the rows r0 + {2i, 2i+1, 2i+8, 2i+9} of the tile at r0: row pairs
+    // adjacent in its transpose, read as one word where the tile is whole, else element by
+    // element, zero past `end`
+    auto fetch_gh = [&](size_t r0, uint32_t (&b)[MAX_M][NT][2]) {
         const bool whole = r0 + 16 <= end && rows % 2 == 0;
         const size_t rr[4] = {r0 + 2 * i, r0 + 2 * i + 1, r0 + 2 * i + 8, r0 + 2 * i + 9};
 #pragma unroll
         for (int m = 0; m < MAX_M; ++m) {
             if (m >= grp.n) break;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const bf16* p = gh[m] + (size_t)(nt * 8 + g) * rows;
+                if (whole) {
+                    b[m][nt][0] = ld32(p + rr[0]);
+                    b[m][nt][1] = ld32(p + rr[2]);
+                } else {
+                    b[m][nt][0] = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
+                    b[m][nt][1] = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
+                }
+            }
+        }
+    };
+    float acc[MAX_M][NT][4] = {};
+    // the next tile's x and gh are read while the current one is multiplied
+    uint4 next = begin < end ? fetch(begin) : zero4;
+    uint32_t gh_next[MAX_M][NT][2] = {};
+    if (begin < end) fetch_gh(begin, gh_next);
+    for (size_t r0 = begin; r0 < end; r0 += 16) {
+        const uint4 cur = next;
+        uint32_t b[MAX_M][NT][2];
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) b[m][nt][0] = gh_next[m][nt][0], b[m][nt][1] = gh_next[m][nt][1];
+        if (r0 + 16 < end) {
+            next = fetch(r0 + 16);
+            fetch_gh(r0 + 16, gh_next);
+        }
+        const uint32_t w[4] = {cur.x, cur.y, cur.z, cur.w};
+        const uint32_t row = (uint32_t)(r0 + lr);
+        // bit 8 m + 2 e: adapter m keeps the even element of this lane's pair e, + 1 the odd one
+        uint32_t bits = 0xffffffu;
+        __syncwarp();  // the last tile's ldmatrix reads are done before the stage is overwritten
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m >= grp.n || (m > 0 && !masked)) break;
+            uint32_t o[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                if (masked) {
+                    const uint32_t keep = pair_halves(grp.seed[m], (row * (uint32_t)K + col + 2 * e) >> 1, threshold);
+                    o[e] = w[e] & keep;
+                    bits ^= ((~keep & 1u) | ((~keep >> 15) & 2u)) << (8 * m + 2 * e);
+                } else {
+                    o[e] = w[e];
+                }
+            }
+            *reinterpret_cast<uint4*>(mine + m * 16 * PITCH + lr * PITCH + (col - c0)) = make_uint4(o[0], o[1], o[2], o[3]);
+        }
+        __syncwarp();
+        // the keep bits of the product elements this lane holds: rows g (.x: columns 0-7,
+        // .y: 8-15) and g + 8 (.z, .w), pair i of each
+        uint4 kb = make_uint4(bits, bits, bits, bits);
+        if (dx && masked) {
+            kb.x = __shfl_sync(0xffffffffu, bits, 2 * g);
+            kb.y = __shfl_sync(0xffffffffu, bits, 2 * g + 1);
+            kb.z = __shfl_sync(0xffffffffu, bits, 2 * g + 16);
+            kb.w = __shfl_sync(0xffffffffu, bits, 2 * g + 17);
+        }
+        float sum[2][4] = {};
+#pragma unroll
+        for (int m = 0; m < MAX_M; ++m) {
+            if (m >= grp.n) break;
             uint32_t af[4];
-            ldmatrix_x4_trans(af, mine + (scaled ? m : 0) * 16 * PITCH + ld_at);
-            grad_a_products<R>(acc[m], af, gh[m], rows, rr, end, whole, g);
+            ldmatrix_x4_trans(af, mine + (masked ? m : 0) * 16 * PITCH + ld_at);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma(acc[m][nt], af, b[m][nt][0], b[m][nt][1]);
+            if (!dx) continue;
+            // gh's A fragment of k-step ks (rows g, g + 8; columns 16 ks + 2i, + 8) from the B
+            // fragments of n-tiles 2 ks and 2 ks + 1 (rows 2i and 2i + 8, column g) transposed
+            float c[2][4] = {};
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks) {
+                uint32_t ga[4];
+                ga[0] = movmatrix_trans(b[m][2 * ks][0]);
+                ga[1] = movmatrix_trans(b[m][2 * ks][1]);
+                ga[2] = 2 * ks + 1 < NT ? movmatrix_trans(b[m][(2 * ks + 1) % NT][0]) : 0u;
+                ga[3] = 2 * ks + 1 < NT ? movmatrix_trans(b[m][(2 * ks + 1) % NT][1]) : 0u;
+#pragma unroll
+                for (int nt2 = 0; nt2 < 2; ++nt2) mma(c[nt2], ga, ba[m][ks][nt2][0], ba[m][ks][nt2][1]);
+            }
+            const int sh = 8 * m + 2 * i;
+#pragma unroll
+            for (int nt2 = 0; nt2 < 2; ++nt2) {
+                const uint32_t ka = (nt2 ? kb.y : kb.x) >> sh, kc = (nt2 ? kb.w : kb.z) >> sh;
+                sum[nt2][0] += ka & 1u ? c[nt2][0] : 0.0f;
+                sum[nt2][1] += ka & 2u ? c[nt2][1] : 0.0f;
+                sum[nt2][2] += kc & 1u ? c[nt2][2] : 0.0f;
+                sum[nt2][3] += kc & 2u ? c[nt2][3] : 0.0f;
+            }
+        }
+        if (dx) {
+            const size_t ra = r0 + g, rb = ra + 8;
+#pragma unroll
+            for (int nt2 = 0; nt2 < 2; ++nt2) {
+                const int cc = c0 + nt2 * 8 + 2 * i;
+                if (ra < end) *reinterpret_cast<__nv_bfloat162*>(dx + ra * K + cc) = __floats2bfloat162_rn(sum[nt2][0] * scale, sum[nt2][1] * scale);
+                if (rb < end) *reinterpret_cast<__nv_bfloat162*>(dx + rb * K + cc) = __floats2bfloat162_rn(sum[nt2][2] * scale, sum[nt2][3] * scale);
+            }
         }
     }
     grad_a_store<R>(acc, grp.n, K, c0, g, i, part);
@@ -518,15 +672,17 @@ __device__ void lora_grad_a_wide(const bf16* x, size_t ldx, size_t rows, int K, 
 
 }  // namespace
 
-// dA_m [R, K] (f32) = the sum of the splits' parts, in split order; added to dA_m with accumulate.
-extern "C" __global__ void lora_grad_a_sum(const float* part, int splits, int n, int K, int R, float* d0, float* d1,
-                                           float* d2, int accumulate) {
+// dA_m [R, K] (f32) = scale times the sum of the splits' parts, in split order (the masked x is
+// not scaled in the products); added to dA_m with accumulate.
+extern "C" __global__ void lora_grad_a_sum(const float* part, int splits, int n, int K, int R, float scale, float* d0,
+                                           float* d1, float* d2, int accumulate) {
     const size_t per = (size_t)K * R, total = per * n;
     for (size_t e = blockIdx.x * (size_t)blockDim.x + threadIdx.x; e < total; e += (size_t)blockDim.x * gridDim.x) {
         const int m = e / per;
         const size_t kr = e % per;
         float s = 0.0f;
         for (int sp = 0; sp < splits; ++sp) s += part[((size_t)sp * n + m) * per + kr];
+        s *= scale;
         const size_t k = kr / R, r = kr % R;
         float* o = (m == 0 ? d0 : m == 1 ? d1 : d2) + r * K + k;
         *o = accumulate ? *o + s : s;
@@ -561,6 +717,13 @@ extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, s
         lora_down_wide<R>(x, ldx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, ldh, threshold, scale,  \
                           part);                                                                                     \
     }                                                                                                                \
+    extern "C" __global__ void lora_down_tiles_r##R(const bf16* x, size_t ldx, size_t rows, int K, const bf16* a0,    \
+                                                    const bf16* a1, const bf16* a2, uint64_t s0, uint64_t s1,        \
+                                                    uint64_t s2, int n, bf16* h0, bf16* h1, bf16* h2, size_t ldh,    \
+                                                    uint32_t threshold, float scale) {                               \
+        lora_down_tiles<R>(x, ldx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, h0, h1, h2, ldh, threshold,        \
+                           scale);                                                                                   \
+    }                                                                                                                \
     extern "C" __global__ void lora_dx_r##R(bf16* dx, size_t rows, int K, const bf16* a0, const bf16* a1,             \
                                             const bf16* a2, uint64_t s0, uint64_t s1, uint64_t s2, int n,            \
                                             const bf16* gh0, const bf16* gh1, const bf16* gh2, uint32_t threshold,   \
@@ -569,17 +732,17 @@ extern "C" __global__ void lora_down_sum(const float* part, int splits, int n, s
     }                                                                                                                \
     extern "C" __global__ void lora_grad_a_r##R(const bf16* x, size_t ldx, size_t rows, int K, uint64_t s0,          \
                                                 uint64_t s1, uint64_t s2, int n, const bf16* gh0, const bf16* gh1,   \
-                                                const bf16* gh2, uint32_t threshold, float scale, size_t chunk,      \
-                                                float* part) {                                                       \
+                                                const bf16* gh2, uint32_t threshold, size_t chunk, float* part) {    \
         lora_grad_a<R>(x, ldx, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2,        \
-                       threshold, scale, chunk, part);                                                               \
+                       threshold, chunk, part);                                                                      \
     }                                                                                                                \
-    extern "C" __global__ void lora_grad_a_wide_r##R(const bf16* x, size_t ldx, size_t rows, int K, uint64_t s0,     \
-                                                     uint64_t s1, uint64_t s2, int n, const bf16* gh0,               \
-                                                     const bf16* gh1, const bf16* gh2, uint32_t threshold,           \
-                                                     float scale, size_t chunk, float* part) {                       \
-        lora_grad_a_wide<R>(x, ldx, rows, K, Group{{nullptr, nullptr, nullptr}, {s0, s1, s2}, n}, gh0, gh1, gh2,   \
-                            threshold, scale, chunk, part);                                                          \
+    extern "C" __global__ void lora_grad_a_wide_r##R(const bf16* x, size_t ldx, size_t rows, int K, const bf16* a0,  \
+                                                     const bf16* a1, const bf16* a2, uint64_t s0, uint64_t s1,       \
+                                                     uint64_t s2, int n, const bf16* gh0, const bf16* gh1,           \
+                                                     const bf16* gh2, uint32_t threshold, float scale, size_t chunk, \
+                                                     float* part, bf16* dx) {                                        \
+        lora_grad_a_wide<R>(x, ldx, rows, K, Group{{a0, a1, a2}, {s0, s1, s2}, n}, gh0, gh1, gh2, threshold, scale,  \
+                            chunk, part, dx);                                                                        \
     }
 
 LORA(8)

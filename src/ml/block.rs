@@ -339,19 +339,21 @@ impl Layer {
         }
         let (members, prob) = Adapted::members(&group);
         let ght: Vec<&Tensor> = ght.iter().collect();
-        {
+        // on the kernels' path the adapters' masked input gradients are written first (with the
+        // A gradients, from one pass over x) and the frozen weights' GEMMs accumulate onto them
+        // (the sum read in their epilogues, not by a pass of its own); elsewhere the GEMMs' sum
+        // first, the adapters' added to it
+        let lora_first = {
             let x = as_rows(&x()?, rows, n_in)?;
-            for (m, da) in group.iter().zip(lora_group::grad_a(&x, &members, &ght, prob, group[0].a.dtype())?) {
+            let (das, dx) = lora_group::backward(&x, &members, &ght, prob, group[0].a.dtype(), needs_dx)?;
+            for (m, da) in group.iter().zip(das) {
                 grads.add(m.a, &da)?;
             }
-        }
+            dx
+        };
         if !needs_dx {
             return Ok(None);
         }
-        // on the kernels' path the adapters' masked input gradients are written first and the
-        // frozen weights' GEMMs accumulate onto them (the sum read in their epilogues, not by a
-        // pass of its own); elsewhere the GEMMs' sum first, the adapters' added to it
-        let lora_first = lora_group::dx(rows, n_in, dtype, first.device(), &members, &ght, prob)?;
         let adapters_written = lora_first.is_some();
         let mut dx = lora_first;
         match fused {

@@ -154,6 +154,22 @@ pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DTyp
     members.iter().zip(ght).map(|(m, g)| gemm::product(g, &dropout::masked(x, p, m.seed)?, 1.0, out)).collect()
 }
 
+/// `grad_a` and, with `with_dx`, `dx` (`None` where the kernels do not take the group, as
+/// `dx` gives): where `x`'s rows start on 16-byte boundaries one launch writes both, each
+/// adapter's mask drawn once for the two.
+pub fn backward(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DType, with_dx: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    if with_dx && fused_with(x, members, ght)? && out == DType::F32 {
+        #[cfg(feature = "cuda")]
+        if let Some(both) = cuda::grad_a_dx(x, members, ght, p)? {
+            return Ok(both);
+        }
+    }
+    let das = grad_a(x, members, ght, p, out)?;
+    let (rows, k) = x.dims2()?;
+    let dx = if with_dx { dx(rows, k, x.dtype(), x.device(), members, ght, p)? } else { None };
+    Ok((das, dx))
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -282,6 +298,24 @@ mod cuda {
         // 64-column chunks read 16 bytes at a time where the rows and factors allow
         let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
         let wide = k.is_multiple_of(64) && aligned(x) && ldx.is_multiple_of(8) && members.iter().all(|m| aligned(m.a));
+        if wide {
+            // many row tiles: a warp per tile, all of its chunks, where the blocks of four fill
+            // at least half a wave
+            let func = dev.get_or_load_custom_func(&format!("lora_down_tiles_r{r}"), "lora", KERNELS)?.into_cuda_function();
+            let blocks = tiles.div_ceil(4);
+            if 2 * blocks >= resident_blocks(dev, &func)? {
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&func);
+                b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
+                b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(at, 0)).arg(slot(at, 1)).arg(slot(at, 2)).arg(&ldh64);
+                b.arg(&threshold).arg(&scale);
+                let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+                // SAFETY: argument types and order match the kernel's signature; each `at` holds
+                // `rows` rows of `r` elements `ldh` apart, which nothing else reads or writes meanwhile
+                unsafe { b.launch(cfg) }.w()?;
+                return Ok(());
+            }
+        }
         let func = dev.get_or_load_custom_func(&format!("lora_down{}_r{r}", if wide { "_wide" } else { "" }), "lora", KERNELS)?;
         let mut b = func.builder();
         b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
@@ -306,14 +340,36 @@ mod cuda {
     }
 
     pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Vec<Tensor>> {
+        Ok(launch_grad_a(x, members, ght, p, false)?.0)
+    }
+
+    /// `grad_a` and the adapters' input gradient alone from one launch, where `x`'s rows start on
+    /// 16-byte boundaries (else `None`).
+    pub fn grad_a_dx(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Option<(Vec<Tensor>, Option<Tensor>)>> {
+        if !wide_rows(x) {
+            return Ok(None);
+        }
+        launch_grad_a(x, members, ght, p, true).map(Some)
+    }
+
+    /// Whether `x`'s rows start on 16-byte boundaries: the kernels read them 16 bytes at a time.
+    fn wide_rows(x: &Tensor) -> bool {
+        x.layout().start_offset().is_multiple_of(8) && super::row_pairs(x).is_some_and(|ld| ld.is_multiple_of(8))
+    }
+
+    /// The A gradients' kernel and the sum of its splits; with `with_dx` (x's rows on 16-byte
+    /// boundaries) the kernel writes the adapters' input gradient `[rows, in]` too.
+    fn launch_grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, with_dx: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
         let dev = device(x)?;
         let (rows, k) = x.dims2()?;
         let r = members[0].a.dim(0)?;
         let (threshold, scale) = super::dropout::mask_params(p);
+        let wide = wide_rows(x);
+        if with_dx && !wide {
+            candle_core::bail!("lora group: the input gradient comes with the A gradients only for rows on 16-byte boundaries");
+        }
         let x_guard = x.storage_and_layout().0;
         let (xv, ldx) = rows_view(&x_guard, x)?;
-        // rows read 16 bytes at a time where they start on 16-byte boundaries
-        let wide = x.layout().start_offset().is_multiple_of(8) && ldx.is_multiple_of(8);
         let name = format!("lora_grad_a{}_r{r}", if wide { "_wide" } else { "" });
         let func = dev.get_or_load_custom_func(&name, "lora", KERNELS)?.into_cuda_function();
         // one wave of blocks of four warps, each warp 16 columns of a split of the rows: a
@@ -323,31 +379,49 @@ mod cuda {
         let chunk = rows.div_ceil(splits).div_ceil(16).max(1) * 16;
         let splits = rows.div_ceil(chunk).max(1);
         let n = members.len();
-        // SAFETY: each split's warps write every column of every adapter's part (zeros for no rows)
+        // SAFETY: each split's warps write every column of every adapter's part (zeros for no
+        // rows), and with dx every element of it
         let part = unsafe { dev.alloc::<f32>(splits * n * k * r)? };
         let outs = (0..n).map(|_| unsafe { dev.alloc::<f32>(r * k) }).collect::<Result<Vec<_>>>()?;
+        let dx = if with_dx { Some(unsafe { dev.alloc::<bf16>(rows * k)? }) } else { None };
         let g_guards: Vec<_> = ght.iter().map(|g| g.storage_and_layout().0).collect();
         let g = g_guards.iter().zip(ght).map(|(s, t)| view(s, t)).collect::<Result<Vec<_>>>()?;
+        let a_guards: Vec<_> = members.iter().map(|m| m.a.storage_and_layout().0).collect();
+        let a = a_guards.iter().zip(members).map(|(g, m)| view(g, m.a)).collect::<Result<Vec<_>>>()?;
         let s = seeds(members);
         let (rows64, k32, n32, chunk64, ldx64) = (rows as u64, k as i32, n as i32, chunk as u64, ldx as u64);
         let stream = dev.cuda_stream();
+        let null = 0u64;
         let mut b = stream.launch_builder(&func);
-        b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32).arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32);
-        b.arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2)).arg(&threshold).arg(&scale).arg(&chunk64).arg(&part);
+        b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32);
+        if wide {
+            b.arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
+        }
+        b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(&g, 0)).arg(slot(&g, 1)).arg(slot(&g, 2)).arg(&threshold);
+        if wide {
+            b.arg(&scale);
+        }
+        b.arg(&chunk64).arg(&part);
+        if wide {
+            match &dx {
+                Some(d) => b.arg(d),
+                None => b.arg(&null),
+            };
+        }
         let cfg = LaunchConfig { grid_dim: (col_blocks as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: argument types and order match the kernel's signature
+        // SAFETY: argument types and order match the kernel's signature (a null dx: none written)
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
         let func = dev.get_or_load_custom_func("lora_grad_a_sum", "lora", KERNELS)?;
         let (splits32, r32, accumulate) = (splits as i32, r as i32, 0i32);
         let mut b = func.builder();
-        b.arg(&part).arg(&splits32).arg(&n32).arg(&k32).arg(&r32).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2)).arg(&accumulate);
+        b.arg(&part).arg(&splits32).arg(&n32).arg(&k32).arg(&r32).arg(&scale).arg(slot(&outs, 0)).arg(slot(&outs, 1)).arg(slot(&outs, 2)).arg(&accumulate);
         let total = n * k * r;
         let cfg = LaunchConfig { grid_dim: (total.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: argument types and order match the kernel's signature; every output element is written
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
-        Ok(outs.into_iter().map(|o| tensor(o, dev, (r, k))).collect())
+        Ok((outs.into_iter().map(|o| tensor(o, dev, (r, k))).collect(), dx.map(|d| tensor(d, dev, (rows, k)))))
     }
 
     pub fn add_dx(dx: Tensor, members: &[Member], ght: &[&Tensor], p: f32) -> Result<Tensor> {
@@ -439,6 +513,8 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         // the k-steps split over blocks (few row tiles), then not (the forward's direct store)
         (77, 576, 16, 3, 0.1, 0, Some(0usize)),
         (9000, 576, 16, 3, 0.1, 0, Some(0)),
+        // so many row tiles that the forward gives each its own warp
+        (20000, 576, 16, 3, 0.1, 0, Some(0)),
         (45, 576, 16, 2, 0.1, 0, Some(2)),
     ] {
         if wide.is_some() && !device.is_cuda() {
@@ -452,10 +528,11 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let seeds: Vec<u64> = (0..n as u64).map(|i| 1000 + 17 * i).collect();
         let members = |a: &[Tensor]| -> Vec<(Tensor, u64)> { a.iter().cloned().zip(seeds.iter().copied()).collect() };
         let f32s = |t: &Tensor| t.to_dtype(DType::F32);
-        // the reference: the masked input rounded to bf16 as the kernels do, products in f32
+        // the reference: products in f32 of the masked, scaled input (the kernels multiply by
+        // the unscaled masked input and scale the f32 sums)
         let want_down: Vec<Tensor> = members(&a)
             .iter()
-            .map(|(a, s)| ops::linear_nt(&f32s(&dropout::masked(&x, p, *s)?)?, &f32s(a)?))
+            .map(|(a, s)| ops::linear_nt(&dropout::masked(&f32s(&x)?, p, *s)?, &f32s(a)?))
             .collect::<Result<_>>()?;
         let mut want_dx = f32s(&dx)?;
         for ((a, s), g) in members(&a).iter().zip(&gh) {
@@ -465,7 +542,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         let want_da: Vec<Tensor> = members(&a)
             .iter()
             .zip(&gh)
-            .map(|((_, s), g)| f32s(g)?.t()?.matmul(&f32s(&dropout::masked(&x, p, *s)?)?))
+            .map(|((_, s), g)| f32s(g)?.t()?.matmul(&dropout::masked(&f32s(&x)?, p, *s)?))
             .collect::<Result<_>>()?;
         let on = |t: &Tensor| t.to_device(device);
         let (a_d, gh_d) = (a.iter().map(on).collect::<Result<Vec<_>>>()?, ght.iter().map(on).collect::<Result<Vec<_>>>()?);
@@ -508,15 +585,24 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
             candle_core::bail!("lora group check: the adapters' input gradient alone not written by the kernel");
         }
         let got_da = grad_a(&x_d, &m, &gh_refs, p, DType::F32)?;
+        // both from one call (one launch where x's rows start on 16-byte boundaries)
+        let (got_da_both, got_part_both) = backward(&x_d, &m, &gh_refs, p, DType::F32, true)?;
+        if device.is_cuda() && got_part_both.is_none() {
+            candle_core::bail!("lora group check: the input gradient not written with the A gradients");
+        }
         let mut cases: Vec<(&'static str, Tensor, Tensor)> = Vec::new();
         for (w, g) in want_down.into_iter().zip(got_down) {
             cases.push((if wide.is_some() { "lora group down into" } else { "lora group down" }, w, g));
         }
         cases.push(("lora group dx", want_dx, got_dx));
         if let Some(got_part) = got_part {
-            cases.push(("lora group dx alone", want_part, got_part));
+            cases.push(("lora group dx alone", want_part.clone(), got_part));
         }
-        for (w, g) in want_da.into_iter().zip(got_da) {
+        if let Some(got) = got_part_both {
+            cases.push(("lora group dx with dA", want_part, got));
+        }
+        for ((w, g), g_both) in want_da.into_iter().zip(got_da).zip(got_da_both) {
+            cases.push(("lora group dA with dx", w.clone(), g_both));
             cases.push(("lora group dA", w, g));
         }
         for (kernel, want, got) in cases {
