@@ -681,6 +681,8 @@ extern "C" __global__ void lora_grad_a_sum(const float* part, int splits, int n,
         const int m = e / per;
         const size_t kr = e % per;
         float s = 0.0f;
+        // in split order; unrolled, the loads go out ahead of the sums
+#pragma unroll 8
         for (int sp = 0; sp < splits; ++sp) s += part[((size_t)sp * n + m) * per + kr];
         s *= scale;
         const size_t k = kr / R, r = kr % R;

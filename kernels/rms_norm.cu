@@ -1,7 +1,9 @@
 // RMSNorm, one warp per row (eight rows per 256-thread block), f32 arithmetic, 16 bytes per
-// access where the rows allow it; long rows (a large model's hidden size) take a block each and
-// keep their pieces in registers (`_row` kernels). The forward's output rows lie ldy elements apart
-// (ldy >= n: the norm may fill the first columns of a wider matrix).
+// access where the rows allow it, the lanes keeping their pieces of a row of up to 96 such
+// pieces in registers between the reduction and the output; long rows (a large model's hidden
+// size) take a block each and keep their pieces in registers (`_row` kernels). The forward's
+// output rows lie ldy elements apart (ldy >= n: the norm may fill the first columns of a wider
+// matrix).
 //
 // forward:  y = x * r * w with r = 1 / sqrt(mean(x^2) + eps)
 // backward: with u = g * w, dx = r * u - x * r^3 * mean(u * x), plus the residual stream's
@@ -15,6 +17,10 @@
 #include "common.cuh"
 
 namespace {
+
+// 16-byte pieces of a row that a warp's lanes keep in registers (three each, at most): rows of
+// up to 768 bf16 elements (384 f32) are read once.
+constexpr int WARP_PIECES = 3;
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
@@ -37,6 +43,37 @@ __device__ void rms_norm_fwd(const T* x, const T* w, T* y, int rows, int n, int 
     T* yr = y + (size_t)row * ldy;
     const bool vec = rows_vectorized<T>(n, xr, yr, w, nullptr);
     float ss = 0.0f;
+    if (vec && n / V <= 32 * WARP_PIECES) {
+        // the lane's pieces of the row kept in registers: x read once
+        uint4 xs[WARP_PIECES];
+#pragma unroll
+        for (int p = 0; p < WARP_PIECES; ++p) {
+            const int c = lane + 32 * p;
+            if (c >= n / V) break;
+            xs[p] = *reinterpret_cast<const uint4*>(xr + c * V);
+        }
+#pragma unroll
+        for (int p = 0; p < WARP_PIECES; ++p) {
+            if (lane + 32 * p >= n / V) break;
+            float v[V];
+            load16(reinterpret_cast<const T*>(&xs[p]), v);
+#pragma unroll
+            for (int j = 0; j < V; ++j) ss += v[j] * v[j];
+        }
+        const float r = rsqrtf(warp_sum(ss) / n + eps);
+#pragma unroll
+        for (int p = 0; p < WARP_PIECES; ++p) {
+            const int c = lane + 32 * p;
+            if (c >= n / V) break;
+            float v[V], wv[V];
+            load16(reinterpret_cast<const T*>(&xs[p]), v);
+            load16(w + c * V, wv);
+#pragma unroll
+            for (int j = 0; j < V; ++j) v[j] *= r * wv[j];
+            store16(yr + c * V, v);
+        }
+        return;
+    }
     if (vec) {
         for (int c = lane; c < n / V; c += 32) {
             float v[V];
@@ -74,6 +111,47 @@ __device__ void rms_norm_bwd(const T* x, const T* g, const T* w, const T* res, T
     T* out = dx + base;
     const bool vec = rows_vectorized<T>(n, xr, gr, out, rr) && aligned16(w);
     float sxx = 0.0f, sux = 0.0f;
+    if (vec && n / V <= 32 * WARP_PIECES) {
+        // the lane's pieces of x and g kept in registers: each read once
+        uint4 xs[WARP_PIECES], gs[WARP_PIECES];
+#pragma unroll
+        for (int p = 0; p < WARP_PIECES; ++p) {
+            const int c = lane + 32 * p;
+            if (c >= n / V) break;
+            xs[p] = *reinterpret_cast<const uint4*>(xr + c * V);
+            gs[p] = *reinterpret_cast<const uint4*>(gr + c * V);
+        }
+#pragma unroll
+        for (int p = 0; p < WARP_PIECES; ++p) {
+            const int c = lane + 32 * p;
+            if (c >= n / V) break;
+            float xv[V], gv[V], wv[V];
+            load16(reinterpret_cast<const T*>(&xs[p]), xv);
+            load16(reinterpret_cast<const T*>(&gs[p]), gv);
+            load16(w + c * V, wv);
+#pragma unroll
+            for (int j = 0; j < V; ++j) {
+                sxx += xv[j] * xv[j];
+                sux += gv[j] * wv[j] * xv[j];
+            }
+        }
+        const float r = rsqrtf(warp_sum(sxx) / n + eps);
+        const float c3 = r * r * r * warp_sum(sux) / n;
+#pragma unroll
+        for (int p = 0; p < WARP_PIECES; ++p) {
+            const int c = lane + 32 * p;
+            if (c >= n / V) break;
+            float xv[V], gv[V], wv[V], rv[V];
+            load16(reinterpret_cast<const T*>(&xs[p]), xv);
+            load16(reinterpret_cast<const T*>(&gs[p]), gv);
+            load16(w + c * V, wv);
+            if (rr) load16(rr + c * V, rv);
+#pragma unroll
+            for (int j = 0; j < V; ++j) xv[j] = r * gv[j] * wv[j] - xv[j] * c3 + (rr ? rv[j] : 0.0f);
+            store16(out + c * V, xv);
+        }
+        return;
+    }
     if (vec) {
         for (int c = lane; c < n / V; c += 32) {
             float xv[V], gv[V], wv[V];

@@ -14,20 +14,22 @@
 
 namespace {
 
-template <typename T>
+// I: the index type of the work items (32 bits where they fit: 64-bit divisions cost dozens of
+// instructions each).
+template <typename T, typename I>
 __device__ void rope_qk(T* q, T* k, const T* cos, const T* sin, size_t rows, size_t ldq, size_t ldk, int t, int hq,
                         int hk, int d, int per_row_tables, float sign) {
     constexpr int V = Vec<T>::n;
     const int half = d / 2, chunks = half / V, heads = hq + hk;
-    const size_t n = rows * heads * chunks;
-    const size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)blockDim.x * gridDim.x;
-    for (size_t i = tid; i < n; i += stride) {
-        const int c = i % chunks;
-        const size_t rest = i / chunks;
-        const int h = rest % heads;
-        const size_t row = rest / heads;
+    const I n = (I)(rows * heads * chunks);
+    const I tid = blockIdx.x * (I)blockDim.x + threadIdx.x, stride = (I)blockDim.x * gridDim.x;
+    for (I i = tid; i < n; i += stride) {
+        const int c = i % (I)chunks;
+        const I rest = i / (I)chunks;
+        const int h = rest % (I)heads;
+        const size_t row = rest / (I)heads;
         T* p = h < hq ? q + row * ldq + h * d : k + row * ldk + (h - hq) * d;
-        const size_t cs = (per_row_tables ? row : row % t) * half + c * V;
+        const size_t cs = (per_row_tables ? row : (size_t)((I)row % (I)t)) * half + c * V;
         float x1[V], x2[V], cv[V], sv[V], y1[V], y2[V];
         load16(p + c * V, x1);
         load16(p + half + c * V, x2);
@@ -50,7 +52,10 @@ __device__ void rope_qk(T* q, T* k, const T* cos, const T* sin, size_t rows, siz
     extern "C" __global__ void rope_qk_##SUFFIX(T* q, T* k, const T* cos, const T* sin, size_t rows,       \
                                                 size_t ldq, size_t ldk, int t, int hq, int hk, int d,     \
                                                 int per_row_tables, float sign) {                         \
-        rope_qk<T>(q, k, cos, sin, rows, ldq, ldk, t, hq, hk, d, per_row_tables, sign);                   \
+        if (rows * (hq + hk) * (d / 2 / Vec<T>::n) + (size_t)blockDim.x * gridDim.x < ((size_t)1 << 32)) \
+            rope_qk<T, uint32_t>(q, k, cos, sin, rows, ldq, ldk, t, hq, hk, d, per_row_tables, sign);     \
+        else                                                                                              \
+            rope_qk<T, size_t>(q, k, cos, sin, rows, ldq, ldk, t, hq, hk, d, per_row_tables, sign);       \
     }
 
 ROPE(f32, float)
