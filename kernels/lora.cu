@@ -8,18 +8,21 @@
 //   lora_grad_a_sum                                         the splits summed in a fixed order
 //
 // with A_m [R, K] bf16 and gh_m = g_m (scale B_m) given as its transpose [R, rows] bf16.
-// Unfused, each linear drew its masked copy of x twice (forward, backward) and its masked input
-// gradient once, a full-size pass each, besides three skinny GEMMs. Here the masks are drawn in
-// registers with `pair_keep` over the element's index row * K + col, as `dropout.cu` and
-// `dropout::keep` do, and a kept element of x is x * scale rounded to bf16 before its product,
-// as the unfused masked copy is. threshold 0 (no dropout) skips the masks. K is a multiple of
-// 16 (of 64 for `lora_down_wide`, the forward's 16-byte variant), R one of 8, 16, 32, 64, rows * K
-// below 2^32 (element indices in 32 bits). x's rows lie ldx elements apart (ldx >= K: x may be some
+// `lora_grad_a_wide` can write lora_dx's sum (accumulate 0) in the same pass, each mask drawn
+// once for both. Unfused, each linear drew its masked copy of x twice (forward, backward) and
+// its masked input gradient once, a full-size pass each, besides three skinny GEMMs. Here the
+// masks are drawn in registers with `pair_keep` (or `pair_halves`) over the element's index
+// row * K + col, as `dropout.cu` and `dropout::keep` do; the products take x masked but not
+// scaled (exact in bf16), and the dropout scale multiplies their f32 sums. threshold 0 (no
+// dropout) skips the masks. K is a multiple of 16 (of 64 for `lora_down_wide` and
+// `lora_down_tiles`, the forward's 16-byte variants), R one of 8, 16, 32, 64, rows * K below
+// 2^32 (element indices in 32 bits). x's rows lie ldx elements apart (ldx >= K: x may be some
 // columns of a wider matrix, as may h, whose rows lie ldh apart); the masks still index the
-// element as row * K + col. A warp takes 16 rows: for the forward, four warps split the
-// k-steps of one row tile (and blocks split them further where there are few row tiles); for
-// dx, 64 columns; for the gradient of A, 16 columns of x and a split of the rows (`lora_grad_a_wide`,
-// where x's rows start on 16-byte boundaries, stages each tile's masked rows in shared memory).
+// element as row * K + col. A warp takes 16 rows: for the forward, all of a row tile's k-steps
+// where the tiles are many (`lora_down_tiles`), else four warps split the k-steps of one row
+// tile (and blocks split them further where there are few row tiles); for dx, 64 columns; for
+// the gradient of A, 16 columns of x and a split of the rows (`lora_grad_a_wide`, where x's
+// rows start on 16-byte boundaries, stages each tile's masked rows in shared memory).
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -36,6 +39,38 @@ __device__ __forceinline__ uint32_t ld32(const bf16* p) { return *reinterpret_ca
 
 __device__ __forceinline__ uint32_t pack(bf16 lo, bf16 hi) {
     return (uint32_t)__bfloat16_as_ushort(lo) | ((uint32_t)__bfloat16_as_ushort(hi) << 16);
+}
+
+// A's B operand pair for k-step ks, column col (its rows 16 ks + 2i, + 1 and + 8, + 9, zero
+// past R), from A [R, K] row-major.
+template <int R>
+__device__ __forceinline__ void a_operand(uint32_t* b, const bf16* a, int K, int col, int ks, int i) {
+    const bf16* p = a + col;
+    const int k = ks * 16 + 2 * i;
+    b[0] = pack(p[(size_t)k * K], p[(size_t)(k + 1) * K]);
+    b[1] = k + 8 < R ? pack(p[(size_t)(k + 8) * K], p[(size_t)(k + 9) * K]) : 0u;
+}
+
+// gh's B operand pair for one n-tile (p: its row of gh's transpose) and a tile's rows rr (2i,
+// 2i+1, 2i+8, 2i+9 past its first): row pairs adjacent there, read as one word where the tile
+// is whole and the pair on a word boundary, else element by element, zero at or past `end`.
+__device__ __forceinline__ void gh_operand(uint32_t* b, const bf16* p, const size_t* rr, size_t end, bool whole) {
+    const bf16 zero = __float2bfloat16(0.0f);
+    if (whole) {
+        b[0] = ld32(p + rr[0]);
+        b[1] = ld32(p + rr[2]);
+    } else {
+        b[0] = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
+        b[1] = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
+    }
+}
+
+// Rows ra (if va) and rb (if vb) of an m16n8 accumulator times mul, as bf16 pairs at column col
+// of h (rows ldh apart).
+__device__ __forceinline__ void store_pairs(bf16* h, size_t ldh, size_t ra, size_t rb, bool va, bool vb, int col,
+                                            const float* acc, float mul) {
+    if (va) *reinterpret_cast<__nv_bfloat162*>(h + ra * ldh + col) = __floats2bfloat162_rn(acc[0] * mul, acc[1] * mul);
+    if (vb) *reinterpret_cast<__nv_bfloat162*>(h + rb * ldh + col) = __floats2bfloat162_rn(acc[2] * mul, acc[3] * mul);
 }
 
 struct Group {
@@ -88,8 +123,7 @@ __device__ void down_store(float (&acc)[MAX_M][R / 8][4], int n, bf16* const* h,
 #pragma unroll
             for (int j = 0; j < 4; ++j) acc[m][nt][j] *= scale;
             if (gridDim.y == 1) {
-                if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * ldh + col) = __floats2bfloat162_rn(acc[m][nt][0], acc[m][nt][1]);
-                if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * ldh + col) = __floats2bfloat162_rn(acc[m][nt][2], acc[m][nt][3]);
+                store_pairs(h[m], ldh, ra, rb, va, vb, col, acc[m][nt], 1.0f);
             } else {
                 float* out = part + ((size_t)blockIdx.y * n + m) * rows * R;
                 if (va) *reinterpret_cast<float2*>(out + ra * R + col) = make_float2(acc[m][nt][0], acc[m][nt][1]);
@@ -249,9 +283,7 @@ __device__ void lora_down_tiles(const bf16* x, size_t ldx, size_t rows, int K, G
         if (m >= grp.n) break;
 #pragma unroll
         for (int nt = 0; nt < R / 8; ++nt) {
-            const int col = nt * 8 + 2 * i;
-            if (va) *reinterpret_cast<__nv_bfloat162*>(h[m] + ra * ldh + col) = __floats2bfloat162_rn(acc[m][nt][0] * scale, acc[m][nt][1] * scale);
-            if (vb) *reinterpret_cast<__nv_bfloat162*>(h[m] + rb * ldh + col) = __floats2bfloat162_rn(acc[m][nt][2] * scale, acc[m][nt][3] * scale);
+            store_pairs(h[m], ldh, ra, rb, va, vb, nt * 8 + 2 * i, acc[m][nt], scale);
         }
     }
 }
@@ -292,12 +324,7 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
     const int c0 = (int)(warp % chunks) * COLS;
     if (first >= last) return;
     // the B operand pair of A at n-tile nt, k-step ks of adapter m
-    auto b_of = [&](int m, int nt, int ks, uint32_t* b) {
-        const bf16* a = grp.a[m] + c0 + nt * 8 + g;
-        const int k = ks * 16 + 2 * i;
-        b[0] = pack(a[(size_t)k * K], a[(size_t)(k + 1) * K]);
-        b[1] = k + 8 < R ? pack(a[(size_t)(k + 8) * K], a[(size_t)(k + 9) * K]) : 0u;
-    };
+    auto b_of = [&](int m, int nt, int ks, uint32_t* b) { a_operand<R>(b, grp.a[m], K, c0 + nt * 8 + g, ks, i); };
     uint32_t bh[HOIST ? MAX_M : 1][HOIST ? NT : 1][2];
     if constexpr (HOIST) {
 #pragma unroll
@@ -356,7 +383,7 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
                     sum[3] += kb & 1u ? c[3] * scale : 0.0f;
                 } else {
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) sum[j] += c[j];
+                    for (int j = 0; j < 4; ++j) sum[j] += c[j] * scale;
                 }
             }
             if (va) {
@@ -385,19 +412,11 @@ __device__ void lora_dx(bf16* dx, size_t rows, int K, Group grp, const bf16* gh0
 template <int R>
 __device__ __forceinline__ void grad_a_products(float (&acc)[R / 8][4], const uint32_t* af, const bf16* ght, size_t rows,
                                                 const size_t* rr, size_t end, bool whole, int g) {
-    const bf16 zero = __float2bfloat16(0.0f);
 #pragma unroll
     for (int nt = 0; nt < R / 8; ++nt) {
-        const bf16* p = ght + (size_t)(nt * 8 + g) * rows;
-        uint32_t b0, b1;
-        if (whole) {
-            b0 = ld32(p + rr[0]);
-            b1 = ld32(p + rr[2]);
-        } else {
-            b0 = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
-            b1 = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
-        }
-        mma(acc[nt], af, b0, b1);
+        uint32_t b[2];
+        gh_operand(b, ght + (size_t)(nt * 8 + g) * rows, rr, end, whole);
+        mma(acc[nt], af, b[0], b[1]);
     }
 }
 
@@ -547,18 +566,10 @@ __device__ void lora_grad_a_wide(const bf16* x, size_t ldx, size_t rows, int K, 
 #pragma unroll
             for (int ks = 0; ks < KS; ++ks)
 #pragma unroll
-                for (int nt2 = 0; nt2 < 2; ++nt2) {
-                    const bf16* a = grp.a[m] + c0 + nt2 * 8 + g;
-                    const int k = ks * 16 + 2 * i;
-                    ba[m][ks][nt2][0] = pack(a[(size_t)k * K], a[(size_t)(k + 1) * K]);
-                    ba[m][ks][nt2][1] = k + 8 < R ? pack(a[(size_t)(k + 8) * K], a[(size_t)(k + 9) * K]) : 0u;
-                }
+                for (int nt2 = 0; nt2 < 2; ++nt2) a_operand<R>(ba[m][ks][nt2], grp.a[m], K, c0 + nt2 * 8 + g, ks, i);
         }
     }
-    const bf16 zero = __float2bfloat16(0.0f);
-    // gh's B fragments for the rows r0 + {2i, 2i+1, 2i+8, 2i+9} of the tile at r0: row pairs
-    // adjacent in its transpose, read as one word where the tile is whole, else element by
-    // element, zero past `end`
+    // gh's B fragments for the rows r0 + {2i, 2i+1, 2i+8, 2i+9} of the tile at r0
     auto fetch_gh = [&](size_t r0, uint32_t (&b)[MAX_M][NT][2]) {
         const bool whole = r0 + 16 <= end && rows % 2 == 0;
         const size_t rr[4] = {r0 + 2 * i, r0 + 2 * i + 1, r0 + 2 * i + 8, r0 + 2 * i + 9};
@@ -566,16 +577,7 @@ __device__ void lora_grad_a_wide(const bf16* x, size_t ldx, size_t rows, int K, 
         for (int m = 0; m < MAX_M; ++m) {
             if (m >= grp.n) break;
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                const bf16* p = gh[m] + (size_t)(nt * 8 + g) * rows;
-                if (whole) {
-                    b[m][nt][0] = ld32(p + rr[0]);
-                    b[m][nt][1] = ld32(p + rr[2]);
-                } else {
-                    b[m][nt][0] = pack(rr[0] < end ? p[rr[0]] : zero, rr[1] < end ? p[rr[1]] : zero);
-                    b[m][nt][1] = pack(rr[2] < end ? p[rr[2]] : zero, rr[3] < end ? p[rr[3]] : zero);
-                }
-            }
+            for (int nt = 0; nt < NT; ++nt) gh_operand(b[m][nt], gh[m] + (size_t)(nt * 8 + g) * rows, rr, end, whole);
         }
     };
     float acc[MAX_M][NT][4] = {};

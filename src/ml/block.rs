@@ -10,7 +10,7 @@
 //! go to the context's `BlockGrads`), with SwiGLU and attention's row sums fused (`fused`), RoPE
 //! of q and k in one pass (`rope`), and the adapters of the linears that read one input (q/k/v,
 //! gate/up) run as a group (`lora_group`): one pass over the input for their r-wide products,
-//! one adding their masked input gradients, one for their A gradients. The
+//! one for their A gradients and masked input gradients. The
 //! norm outputs and `silu(gate) * up` are recomputed rather than kept, and only when a linear
 //! that reads them has an adapter. Under activation checkpointing nothing but the block's input is
 //! kept and the backward reruns the forward first; it can cover only the first blocks
@@ -304,8 +304,8 @@ impl Layer {
             }
             return acc.ok_or_else(|| missing("no linear")).map(Some);
         };
-        // the A gradients first, while the recomputed input is the only full-size tensor made
-        // here: then the frozen weights' input gradients, summed by their GEMMs
+        // the A gradients first (with the adapters' input gradient, where one pass writes both),
+        // then the frozen weights' input gradients, summed by their GEMMs
         let first = outs.first().map(|(_, g)| *g).ok_or_else(|| missing("no linear"))?;
         let dtype = first.dtype();
         let n_in = self.blk.proj[outs[0].0 as usize].in_features();
@@ -345,7 +345,7 @@ impl Layer {
         // first, the adapters' added to it
         let lora_first = {
             let x = as_rows(&x()?, rows, n_in)?;
-            let (das, dx) = lora_group::backward(&x, &members, &ght, prob, group[0].a.dtype(), needs_dx)?;
+            let (das, dx) = lora_group::backward(&x, &members, &ght, prob, group[0].a.dtype(), needs_dx.then_some(dtype))?;
             for (m, da) in group.iter().zip(das) {
                 grads.add(m.a, &da)?;
             }

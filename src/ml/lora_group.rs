@@ -6,6 +6,7 @@
 //! - `add_dx`: the adapters' part of the input gradient, `dx += Σ dropout(gh A)`, in place, or
 //!   `dx`: that part alone, for the frozen weights' GEMMs to accumulate onto;
 //! - `grad_a`: the gradients of the A factors, `gh^T dropout(x)` (f32);
+//! - `backward`: `grad_a` and `dx` together, from one pass over `x` where its rows allow;
 //!
 //! where `gh` is a linear's output gradient times its scaled B, which the callers give as its
 //! transpose `[r, rows]` (`ght`, what one GEMM writes as readily): the kernels read its row pairs
@@ -154,11 +155,11 @@ pub fn grad_a(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DTyp
     members.iter().zip(ght).map(|(m, g)| gemm::product(g, &dropout::masked(x, p, m.seed)?, 1.0, out)).collect()
 }
 
-/// `grad_a` and, with `with_dx`, `dx` (`None` where the kernels do not take the group, as
-/// `dx` gives): where `x`'s rows start on 16-byte boundaries one launch writes both, each
-/// adapter's mask drawn once for the two.
-pub fn backward(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DType, with_dx: bool) -> Result<(Vec<Tensor>, Option<Tensor>)> {
-    if with_dx && fused_with(x, members, ght)? && out == DType::F32 {
+/// `grad_a` and, with `dx_dtype`, `dx` in that dtype (`None` where the kernels do not take the
+/// group, as `dx` gives): where `x`'s rows start on 16-byte boundaries one launch writes both,
+/// each adapter's mask drawn once for the two.
+pub fn backward(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DType, dx_dtype: Option<DType>) -> Result<(Vec<Tensor>, Option<Tensor>)> {
+    if dx_dtype == Some(x.dtype()) && fused_with(x, members, ght)? && out == DType::F32 {
         #[cfg(feature = "cuda")]
         if let Some(both) = cuda::grad_a_dx(x, members, ght, p)? {
             return Ok(both);
@@ -166,7 +167,10 @@ pub fn backward(x: &Tensor, members: &[Member], ght: &[&Tensor], p: f32, out: DT
     }
     let das = grad_a(x, members, ght, p, out)?;
     let (rows, k) = x.dims2()?;
-    let dx = if with_dx { dx(rows, k, x.dtype(), x.device(), members, ght, p)? } else { None };
+    let dx = match dx_dtype {
+        Some(dtype) => dx(rows, k, dtype, x.device(), members, ght, p)?,
+        None => None,
+    };
     Ok((das, dx))
 }
 
@@ -295,38 +299,38 @@ mod cuda {
         let a = a_guards.iter().zip(members).map(|(g, m)| view(g, m.a)).collect::<Result<Vec<_>>>()?;
         let s = seeds(members);
         let (rows64, k32, n32, ldx64, ldh64) = (rows as u64, k as i32, n as i32, ldx as u64, ldh as u64);
-        // 64-column chunks read 16 bytes at a time where the rows and factors allow
-        let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(8);
-        let wide = k.is_multiple_of(64) && aligned(x) && ldx.is_multiple_of(8) && members.iter().all(|m| aligned(m.a));
-        if wide {
-            // many row tiles: a warp per tile, all of its chunks, where the blocks of four fill
-            // at least half a wave
-            let func = dev.get_or_load_custom_func(&format!("lora_down_tiles_r{r}"), "lora", KERNELS)?.into_cuda_function();
-            let blocks = tiles.div_ceil(4);
-            if 2 * blocks >= resident_blocks(dev, &func)? {
-                let stream = dev.cuda_stream();
-                let mut b = stream.launch_builder(&func);
-                b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
-                b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(at, 0)).arg(slot(at, 1)).arg(slot(at, 2)).arg(&ldh64);
-                b.arg(&threshold).arg(&scale);
-                let cfg = LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-                // SAFETY: argument types and order match the kernel's signature; each `at` holds
-                // `rows` rows of `r` elements `ldh` apart, which nothing else reads or writes meanwhile
-                unsafe { b.launch(cfg) }.w()?;
-                return Ok(());
+        // 64-column chunks read 16 bytes at a time where the rows and factors allow; where the
+        // row tiles are many, a warp per tile, all of its chunks, if the blocks of four fill at
+        // least half a wave (no split parts)
+        let wide = k.is_multiple_of(64) && wide_rows(x) && members.iter().all(|m| m.a.layout().start_offset().is_multiple_of(8));
+        let per_tile = match wide {
+            true => {
+                let func = dev.get_or_load_custom_func(&format!("lora_down_tiles_r{r}"), "lora", KERNELS)?.into_cuda_function();
+                (2 * tiles.div_ceil(4) >= resident_blocks(dev, &func)?).then_some(func)
             }
-        }
-        let func = dev.get_or_load_custom_func(&format!("lora_down{}_r{r}", if wide { "_wide" } else { "" }), "lora", KERNELS)?;
-        let mut b = func.builder();
+            false => None,
+        };
+        let tiled = per_tile.is_some();
+        let (func, cfg) = match per_tile {
+            Some(func) => (func, LaunchConfig { grid_dim: (tiles.div_ceil(4) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 }),
+            None => (
+                dev.get_or_load_custom_func(&format!("lora_down{}_r{r}", if wide { "_wide" } else { "" }), "lora", KERNELS)?.into_cuda_function(),
+                LaunchConfig { grid_dim: (tiles as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 },
+            ),
+        };
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&func);
         b.arg(&xv).arg(&ldx64).arg(&rows64).arg(&k32).arg(slot(&a, 0)).arg(slot(&a, 1)).arg(slot(&a, 2));
         b.arg(&s[0]).arg(&s[1]).arg(&s[2]).arg(&n32).arg(slot(at, 0)).arg(slot(at, 1)).arg(slot(at, 2)).arg(&ldh64);
-        b.arg(&threshold).arg(&scale).arg(&part);
-        let cfg = LaunchConfig { grid_dim: (tiles as u32, splits as u32, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        b.arg(&threshold).arg(&scale);
+        if !tiled {
+            b.arg(&part);
+        }
         // SAFETY: argument types and order match the kernel's signature; each `at` holds `rows`
         // rows of `r` elements `ldh` apart, which nothing else reads or writes meanwhile
         unsafe { b.launch(cfg) }.w()?;
         drop(b);
-        if splits > 1 {
+        if splits > 1 && !tiled {
             let func = dev.get_or_load_custom_func("lora_down_sum", "lora", KERNELS)?;
             let (splits32, r32) = (splits as i32, r as i32);
             let mut b = func.builder();
@@ -488,10 +492,9 @@ mod cuda {
 }
 
 /// The kernels on `device` against the unfused formulas on the CPU (f32 products of the same
-/// bf16-rounded inputs, the same masks), for groups of one to three adapters, each rank, with
-/// and without dropout, and a row count that leaves a partial tile. Tolerances relative to the
-/// largest reference value: 2^-7 (the kernels' bf16 outputs rounded once, the masked input rounded
-/// to bf16 on both sides).
+/// bf16 inputs, masked and scaled in f32, the same masks), for groups of one to three adapters,
+/// each rank, with and without dropout, and a row count that leaves a partial tile. Tolerances
+/// relative to the largest reference value: 2^-7 (the kernels' bf16 outputs rounded once).
 pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
     let cpu = Device::Cpu;
     let mut out = Vec::new();
@@ -586,7 +589,7 @@ pub fn check_device(device: &Device) -> Result<Vec<KernelCheck>> {
         }
         let got_da = grad_a(&x_d, &m, &gh_refs, p, DType::F32)?;
         // both from one call (one launch where x's rows start on 16-byte boundaries)
-        let (got_da_both, got_part_both) = backward(&x_d, &m, &gh_refs, p, DType::F32, true)?;
+        let (got_da_both, got_part_both) = backward(&x_d, &m, &gh_refs, p, DType::F32, Some(DType::BF16))?;
         if device.is_cuda() && got_part_both.is_none() {
             candle_core::bail!("lora group check: the input gradient not written with the A gradients");
         }
